@@ -1,0 +1,246 @@
+"""How a value becomes a number: ``round_to(x, fmt, mode)``.
+
+The rounding works on the IEEE bit pattern of the input with integer
+operations only. This matters: XLA:CPU flushes subnormal floats in
+arithmetic (``jnp.float32(1e-40) * 2 == 0`` under jit), so any scheme that
+scales by powers of two would lose the subnormals of bf16 (which are float32
+subnormals) or of float64 inputs. Integer operations are also immune to the
+compiler's floating-point rewrites, so jit and eager agree bit for bit.
+
+The result has the dtype of the input (float32 or float64) and is exactly a
+value of ``fmt`` (or ±inf / NaN per the format's overflow policy), carried in
+that dtype. Inputs are taken as exact values: an f64 input is rounded once,
+never through float32 (unlike ``ml_dtypes``' float64 → bfloat16 cast).
+
+Semantics (IEEE 754 where it speaks):
+
+* The value is rounded to ``p`` significant bits at the spacing
+  ``2**(max(e, emin) - p + 1)`` (gradual underflow). With
+  ``subnormals=False`` the spacing is ``2**(e - p + 1)`` and a nonzero result
+  below ``2**emin`` becomes a zero of the same sign (flush to zero).
+* A rounded magnitude above the format's largest finite value overflows:
+  if the rounding direction moved away from zero (RNE, RU for positive, RD for
+  negative, a stochastic round up) the result is the format's overflow value
+  (inf, NaN, or the largest finite value when saturating); otherwise it is
+  the largest finite value, as IEEE prescribes for RZ.
+* NaN stays NaN; ±inf becomes ±inf, NaN (``overflow="nan"``) or ±max
+  (``"saturate"``).
+* Stochastic rounding rounds up with probability ``(x - RD(x)) / ulp``,
+  exactly, using random integers as wide as the input type.
+"""
+
+from __future__ import annotations
+
+import enum
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .formats import Format, parse
+
+
+class Mode(str, enum.Enum):
+    RNE = "rne"  # round to nearest, ties to even
+    RZ = "rz"  # toward zero
+    RU = "ru"  # toward +inf
+    RD = "rd"  # toward -inf
+    SR = "sr"  # stochastic
+
+    @classmethod
+    def parse(cls, m: "str | Mode") -> "Mode":
+        if isinstance(m, Mode):
+            return m
+        aliases = {"nearest": "rne", "rn": "rne", "even": "rne", "zero": "rz", "up": "ru",
+                   "down": "rd", "stochastic": "sr"}
+        key = str(m).lower()
+        key = aliases.get(key, key)
+        try:
+            return cls(key)
+        except ValueError:
+            raise ValueError(f"unknown rounding mode {m!r}; use one of rne, rz, ru, rd, sr") from None
+
+
+MODES = tuple(Mode)
+
+
+class _Carrier:
+    """Bit layout of a float dtype."""
+
+    def __init__(self, dtype):
+        self.dtype = jnp.dtype(dtype)
+        if self.dtype == jnp.float32:
+            self.width, self.pc, self.bias = 32, 24, 127
+            self.u, self.i = jnp.uint32, jnp.int32
+        elif self.dtype == jnp.float64:
+            self.width, self.pc, self.bias = 64, 53, 1023
+            self.u, self.i = jnp.uint64, jnp.int64
+        else:
+            raise TypeError(f"round_to takes float32 or float64 arrays, got {self.dtype}")
+        self.emin = 1 - self.bias
+        self.qmin = self.emin - self.pc + 1  # exponent of the smallest subnormal
+        self.emax = self.bias
+
+    def pattern_of_pow2(self, k, valid):
+        """Bit pattern (magnitude) of 2**k for integer arrays k within range."""
+        U = self.u
+        normal = k >= self.emin
+        e_field = jnp.where(normal, k + self.bias, 0).astype(U)
+        sub_shift = jnp.clip(k - self.qmin, 0, self.width - 1).astype(U)
+        pat = jnp.where(normal, e_field << (self.pc - 1), U(1) << sub_shift)
+        return jnp.where(valid, pat, U(0))
+
+    def pattern_of_value(self, significand: int, exponent: int) -> int | None:
+        """Host-side: magnitude pattern of significand * 2**exponent, or None if out of range."""
+        from fractions import Fraction
+
+        v = Fraction(significand) * Fraction(2) ** exponent
+        if v == 0:
+            return 0
+        n = v.numerator.bit_length() - v.denominator.bit_length()
+        e = n if Fraction(2) ** n <= v else n - 1
+        if e > self.emax:
+            return None
+        if e < self.emin:
+            m = v / Fraction(2) ** self.qmin
+            if m.denominator != 1:
+                return None
+            return int(m)
+        m = v / Fraction(2) ** (e - self.pc + 1)
+        if m.denominator != 1:
+            return None
+        return ((e + self.bias) << (self.pc - 1)) | (int(m) - (1 << (self.pc - 1)))
+
+
+def _bitlen(c: _Carrier, m):
+    return c.width - lax.clz(m).astype(c.i)
+
+
+@partial(jax.jit, static_argnames=("fmt", "mode"))
+def _round_impl(x, key, fmt: Format, mode: Mode):
+    c = _Carrier(x.dtype)
+    U, I = c.u, c.i
+    W = c.width
+    bits = lax.bitcast_convert_type(x, U)
+    sign_bit = U(1) << U(W - 1)
+    neg = (bits & sign_bit) != 0
+    mag = bits & ~sign_bit
+    frac_mask = (U(1) << U(c.pc - 1)) - U(1)
+    E = (mag >> U(c.pc - 1)).astype(I)
+    frac = mag & frac_mask
+    is_special = E == (2 * c.bias + 1)  # inf or nan
+    is_nan = is_special & (frac != 0)
+    is_inf = is_special & (frac == 0)
+    sub = E == 0
+    m = jnp.where(sub, frac, frac | (U(1) << U(c.pc - 1)))  # integer significand
+    k = jnp.where(sub, c.qmin, E - c.bias - (c.pc - 1))  # value = m * 2**k
+    e = k + _bitlen(c, m) - 1  # floor(log2|x|) for m != 0
+
+    p = fmt.p
+    if fmt.subnormals:
+        qexp = jnp.maximum(e, fmt.emin) - p + 1
+    else:
+        qexp = e - p + 1
+    d = jnp.maximum(qexp - k, 0)  # bits of m to drop
+    dc = jnp.minimum(d, W - 1).astype(U)
+    drop_all = d >= W
+    q = jnp.where(drop_all, U(0), m >> dc)
+    rem = jnp.where(drop_all, m, m - (q << dc))
+    # comparison of rem with half = 2**(d-1): rem < 2**pc <= 2**(W-2), so for d >= W it is below half
+    half = jnp.where((d >= 1) & ~drop_all, U(1) << (jnp.maximum(dc, U(1)) - U(1)), U(0))
+    above_half = jnp.where(drop_all, False, (d >= 1) & (rem > half))
+    at_half = jnp.where(drop_all, False, (d >= 1) & (rem == half))
+    inexact = rem != 0
+
+    if mode is Mode.RNE:
+        up = above_half | (at_half & ((q & U(1)) == 1))
+    elif mode is Mode.RZ:
+        up = jnp.zeros_like(inexact)
+    elif mode is Mode.RU:
+        up = inexact & ~neg
+    elif mode is Mode.RD:
+        up = inexact & neg
+    else:  # stochastic: up with probability rem / 2**d
+        r = jax.random.bits(key, x.shape, dtype=U)
+        in_range = (d >= 1) & (d <= W)
+        sh = jnp.clip(W - d, 0, W - 1).astype(U)
+        thresh = jnp.where(d == W, rem, rem << sh)  # rem * 2**(W-d) < 2**W
+        deep = d > W  # rem/2**d < 2**-(W - pc): compare against the top random bits
+        thresh_deep = rem >> jnp.clip(d - W, 0, W - 1).astype(U)
+        up = jnp.where(in_range, r < thresh, False) | (deep & (r < thresh_deep))
+        up = up & inexact
+
+    # Result magnitude pattern.
+    shallow = d <= c.pc - 1  # rounding only touches fraction bits of the pattern
+    ds = jnp.minimum(d, c.pc - 1).astype(U)
+    pat_shallow = ((mag >> ds) + up.astype(U)) << ds
+    pat_deep = jnp.where(up, c.pattern_of_pow2(qexp, True), U(0))
+    pat = jnp.where(shallow, pat_shallow, pat_deep)
+    went_up = up  # magnitude increased by the rounding
+
+    # Overflow.
+    xmax_pat = c.pattern_of_value(fmt.top_significand, fmt.emax - p + 1)
+    inf_pat = U((2 * c.bias + 1) << (c.pc - 1))
+    nan_pat = inf_pat | (U(1) << U(c.pc - 2))
+    if xmax_pat is None:  # the format reaches beyond the carrier: only the carrier's inf overflows
+        over = pat >= inf_pat
+        xmax_p = inf_pat
+    else:
+        over = pat > U(xmax_pat)
+        xmax_p = U(xmax_pat)
+    overflow_value = {"inf": inf_pat, "nan": nan_pat, "saturate": xmax_p}[fmt.overflow]
+    # Overflow goes to the overflow value when the rounding moved away from zero.
+    if mode is Mode.RNE:
+        away = jnp.ones_like(went_up)
+    elif mode is Mode.RZ:
+        away = jnp.zeros_like(went_up)
+    elif mode is Mode.RU:
+        away = ~neg
+    elif mode is Mode.RD:
+        away = neg
+    else:
+        away = went_up
+    pat = jnp.where(over, jnp.where(away, overflow_value, xmax_p), pat)
+
+    # Flush to zero without subnormals.
+    if not fmt.subnormals:
+        tiny_pat = c.pattern_of_value(1, fmt.emin)
+        if tiny_pat is not None:
+            pat = jnp.where(pat < U(tiny_pat), U(0), pat)
+
+    # Specials.
+    inf_result = {"inf": inf_pat, "nan": nan_pat, "saturate": xmax_p}[fmt.overflow]
+    pat = jnp.where(is_inf, inf_result, pat)
+    pat = jnp.where(is_nan, nan_pat, pat)
+    out_neg = neg & ~(pat >= nan_pat)  # keep NaN positive-canonical
+    if not fmt.signed_zero:
+        out_neg = out_neg & (pat != 0)
+    out = pat | jnp.where(out_neg, sign_bit, U(0))
+    return lax.bitcast_convert_type(out, x.dtype)
+
+
+def round_to(x, fmt: "Format | str", mode: "Mode | str" = Mode.RNE, *, key=None):
+    """Round every element of ``x`` (float32 or float64) to ``fmt``.
+
+    Returns an array of the same dtype whose values are values of ``fmt``.
+    ``mode`` is one of ``rne`` (default), ``rz``, ``ru``, ``rd``, ``sr``;
+    stochastic rounding needs a ``jax.random`` key.
+
+    >>> import jax.numpy as jnp
+    >>> float(round_to(jnp.float32(1 + 2**-8 + 2**-20), "bf16"))
+    1.0078125
+    """
+    fmt = parse(fmt)
+    mode = Mode.parse(mode)
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"round_to takes floating-point arrays, got {x.dtype}")
+    if x.dtype not in (jnp.float32, jnp.float64):
+        x = x.astype(jnp.float32)
+    if mode is Mode.SR:
+        if key is None:
+            raise ValueError("stochastic rounding needs an explicit PRNG key: round_to(x, fmt, 'sr', key=...)")
+    else:
+        key = jax.random.key(0) if key is None else key
+    return _round_impl(x, key, fmt, mode)

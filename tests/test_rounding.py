@@ -1,0 +1,238 @@
+"""round_to against independent oracles, exhaustively for the small formats."""
+
+from __future__ import annotations
+
+import functools
+import math
+from fractions import Fraction
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from collapse_sim.formats import parse
+from collapse_sim.rounding import Mode, round_to
+from oracles import format_values, fraction_round, mpfr_round
+
+DET_MODES = ["rne", "rz", "ru", "rd"]
+EXHAUSTIVE = ["bf16", "fp16", "e4m3fn", "e5m2"]
+
+
+@functools.lru_cache(maxsize=None)
+def _test_points(fmt):
+    """Values, midpoints, and the inputs one ulp of f32 / f64 either side of each midpoint.
+
+    Returns (f64 points, f32 points) including both signs; f32 points are those
+    exactly representable in float32.
+    """
+    vals = format_values(fmt)
+    # one more value past the top: 2^(emax+1) closes the last interval (overflow set)
+    vals_ext = vals + [Fraction(2) ** (fmt.emax + 1)]
+    pts = set(float(v) for v in vals)
+    mids = [(a + b) / 2 for a, b in zip(vals_ext[:-1], vals_ext[1:])]
+    mids.append(Fraction(fmt.max_exact) + (Fraction(2) ** (fmt.emax - fmt.p + 1)) / 2)
+    for m in mids:
+        fm = float(m)
+        assert Fraction(fm) == m
+        pts.add(fm)
+        pts.add(math.nextafter(fm, math.inf))
+        pts.add(math.nextafter(fm, -math.inf))
+        f32 = np.float32(fm)
+        pts.add(float(np.nextafter(f32, np.float32(np.inf))))
+        pts.add(float(np.nextafter(f32, np.float32(-np.inf))))
+    for v in vals[:4] + vals[-4:]:
+        pts.add(math.nextafter(float(v), math.inf))
+        pts.add(math.nextafter(float(v), -math.inf))
+    pos = sorted(p for p in pts if p >= 0)
+    allp = np.array(pos + [-p for p in pos], dtype=np.float64)
+    f32_ok = allp.astype(np.float32).astype(np.float64) == allp
+    return allp, allp[f32_ok]
+
+
+def _same(a, b):
+    """Bitwise equality of float arrays, NaNs of any payload counted equal."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    both_nan = np.isnan(a) & np.isnan(b)
+    eq = (a.view(np.uint64) == b.view(np.uint64)) | both_nan
+    return eq
+
+
+@pytest.mark.parametrize("name", EXHAUSTIVE)
+@pytest.mark.parametrize("mode", DET_MODES)
+def test_exhaustive_against_mpfr(name, mode):
+    fmt = parse(name)
+    p64, p32 = _test_points(fmt)
+    expected = np.array([mpfr_round(float(x), fmt, mode) for x in p64])
+    got64 = np.asarray(round_to(jnp.asarray(p64), fmt, mode))
+    ok = _same(got64, expected)
+    assert ok.all(), f"f64 inputs: {p64[~ok][:5]} -> {got64[~ok][:5]}, expected {expected[~ok][:5]}"
+    exp32 = np.array([mpfr_round(float(x), fmt, mode) for x in p32])
+    got32 = np.asarray(round_to(jnp.asarray(p32, dtype=jnp.float32), fmt, mode)).astype(np.float64)
+    ok = _same(got32, exp32)
+    assert ok.all(), f"f32 inputs: {p32[~ok][:5]} -> {got32[~ok][:5]}, expected {exp32[~ok][:5]}"
+
+
+@pytest.mark.parametrize("name", ["e4m3", "e4m3fnuz", "e5m2fnuz", "e3m4", "e2m3fn", "e3m2fn", "e2m1fn",
+                                  "tf32", "p=3,emax=3,subnormals=false", "p=6,emin=-4,emax=5,overflow=saturate"])
+@pytest.mark.parametrize("mode", DET_MODES)
+def test_other_formats_against_fractions(name, mode):
+    fmt = parse(name)
+    if (fmt.emax - fmt.emin) * 2**fmt.p > 50_000:  # tf32: every value is too many; the neighbourhood of the extremes and 1 suffices
+        p64 = np.array([1 + k * 2.0**-13 for k in range(-40, 40)] + [fmt.max * (1 + t) for t in (0, 2**-12, 2**-11, 2**-10)]
+                       + [fmt.min_subnormal * t for t in (0.25, 0.5, 0.75, 1, 1.5, 2.5)])
+        p64 = np.concatenate([p64, -p64])
+    else:
+        p64, _ = _test_points(fmt)
+    expected = np.array([fraction_round(float(x), fmt, mode) for x in p64])
+    got = np.asarray(round_to(jnp.asarray(p64), fmt, mode))
+    ok = _same(got, expected)
+    assert ok.all(), f"{p64[~ok][:5]} -> {got[~ok][:5]}, expected {expected[~ok][:5]}"
+
+
+def test_mpfr_and_fraction_oracles_agree():
+    fmt = parse("fp16")
+    p64, _ = _test_points(fmt)
+    sample = p64[:: max(1, len(p64) // 3000)]
+    for mode in DET_MODES:
+        for x in sample:
+            a, b = mpfr_round(float(x), fmt, mode), fraction_round(float(x), fmt, mode)
+            assert _same([a], [b]).all(), (x, mode, a, b)
+
+
+@pytest.mark.parametrize(
+    "x,dtype,fmt,mode,expected",
+    [
+        (1 + 2.0**-8 + 2.0**-40, jnp.float64, "bf16", "rne", 1.0078125),  # ml_dtypes gives 1.0 (double rounding)
+        (65519.0, jnp.float32, "fp16", "rne", 65504.0),
+        (65520.0, jnp.float32, "fp16", "rne", math.inf),
+        (65520.0, jnp.float32, "p=11,emax=15,overflow=saturate", "rne", 65504.0),
+        (464.0, jnp.float32, "e4m3fn", "rne", 448.0),
+        (465.0, jnp.float32, "e4m3fn", "rne", math.nan),
+        (465.0, jnp.float32, "p=4,emin=-6,emax=8,maxsig=14,overflow=saturate", "rne", 448.0),
+        (-65520.0, jnp.float32, "fp16", "rz", -65504.0),
+        (1e9, jnp.float64, "fp16", "rd", 65504.0),
+        (1e9, jnp.float64, "fp16", "ru", math.inf),
+        (-1e9, jnp.float64, "fp16", "rd", -math.inf),
+        (math.inf, jnp.float32, "e4m3fn", "rne", math.nan),
+        (math.inf, jnp.float32, "e2m1fn", "rne", 6.0),
+        (2.0**-134, jnp.float32, "bf16", "rne", 0.0),  # half the smallest subnormal ties to 0
+        (1.5 * 2.0**-134, jnp.float32, "bf16", "rne", 2.0**-133),
+        (2.0**-149, jnp.float32, "bf16", "ru", 2.0**-133),
+        (-(2.0**-149), jnp.float32, "bf16", "rd", -(2.0**-133)),
+        (-(2.0**-149), jnp.float32, "bf16", "ru", -0.0),
+        (-(2.0**-30), jnp.float64, "e4m3fnuz", "rne", 0.0),  # no negative zero
+    ],
+)
+def test_known_hard_cases(x, dtype, fmt, mode, expected):
+    got = float(round_to(jnp.asarray(x, dtype=dtype), fmt, mode))
+    assert _same([got], [expected]).all(), (got, expected)
+
+
+def test_bf16_exp_midpoint_needs_f64_carrier():
+    import mpmath
+
+    x = 6.84375
+    with mpmath.workprec(200):
+        man, exp = mpmath.exp(mpmath.mpf(x)).man_exp
+    exact = Fraction(int(man)) * Fraction(2) ** int(exp)
+    assert fraction_round(exact, parse("bf16"), "rne") == 940.0
+    assert float(round_to(jnp.exp(jnp.float64(x)), "bf16")) == 940.0
+    # why it is hard: exp(x) lies within one float32 ulp of the bf16 midpoint 938, so an
+    # f32 exp with an error of one ulp may land on either side; an f64 carrier cannot
+    assert abs(exact - 938) < Fraction(2) ** (9 - 23)
+
+
+def test_cpfloat_overflow_and_underflow_sets():
+    """The boundary sets of CPFloat's tests, for every mode and both signs."""
+    for name in ["bf16", "fp16", "e4m3fn", "e5m2", "e4m3"]:
+        fmt = parse(name)
+        b = float(fmt.max_exact + Fraction(2) ** (fmt.emax - fmt.p + 1) / 2)  # RNE overflow threshold
+        xmin = fmt.min_subnormal
+        pts = [math.nextafter(fmt.max, math.inf), math.nextafter(b, 0), b, math.nextafter(b, math.inf),
+               xmin / 2, math.nextafter(xmin / 2, 0), math.nextafter(xmin / 2, 1), math.nextafter(xmin, 0),
+               xmin, math.nextafter(xmin, 1)]
+        pts = np.array(pts + [-p for p in pts])
+        for mode in DET_MODES:
+            expected = np.array([fraction_round(float(x), fmt, mode) for x in pts])
+            got = np.asarray(round_to(jnp.asarray(pts), fmt, mode))
+            assert _same(got, expected).all(), (name, mode, pts, got, expected)
+        # explicit expectations, not only oracle agreement
+        r = np.asarray(round_to(jnp.asarray([math.nextafter(b, 0), b], jnp.float64), fmt, "rne"))
+        assert r[0] == fmt.max
+        if fmt.top_significand % 2 == 0:  # e4m3fn: the tie at b goes to the even max, 448
+            assert r[1] == fmt.max
+        else:
+            assert (np.isinf(r[1]) if fmt.overflow == "inf" else np.isnan(r[1]) if fmt.overflow == "nan" else r[1] == fmt.max)
+        r = np.asarray(round_to(jnp.asarray([xmin / 2, math.nextafter(xmin / 2, 1)], jnp.float64), fmt, "rne"))
+        assert r[0] == 0.0 and r[1] == xmin
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16", "e4m3fn"])
+def test_stochastic_rounding_frequencies(name):
+    """P(round up) = (x - RD x)/ulp; observed frequency within 5 binomial sigmas."""
+    fmt = parse(name)
+    n = 20000
+    key = jax.random.key(1234)
+    for frac in [Fraction(1, 8), Fraction(1, 2), Fraction(13, 16), Fraction(1, 64)]:
+        for base in [Fraction(1), Fraction(3, 2), fmt.min_subnormal and Fraction(fmt.min_subnormal) * 3]:
+            ulp = fmt.ulp(base)
+            x = float(base + frac * ulp)
+            key, sub = jax.random.split(key)
+            r = np.asarray(round_to(jnp.full((n,), x), fmt, "sr", key=sub))
+            lo, hi = float(base), float(base + ulp)
+            assert set(np.unique(r)) <= {lo, hi}
+            f = float(frac)
+            freq = np.mean(r == hi)
+            sigma = math.sqrt(f * (1 - f) / n)
+            assert abs(freq - f) <= 5 * sigma, (name, x, freq, f)
+    # exact values are never moved
+    r = np.asarray(round_to(jnp.full((1000,), 1.5), fmt, "sr", key=key))
+    assert (r == 1.5).all()
+
+
+def test_stochastic_needs_key():
+    with pytest.raises(ValueError, match="PRNG key"):
+        round_to(jnp.float32(1.0), "bf16", "sr")
+
+
+def test_jit_and_eager_agree():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(4096) * 10.0 ** np.random.default_rng(1).integers(-45, 38, 4096), jnp.float32)
+    for mode in DET_MODES:
+        eager = round_to(x, "bf16", mode)
+        jitted = jax.jit(lambda v, m=mode: round_to(v, "bf16", m))(x)
+        assert (np.asarray(eager).view(np.uint32) == np.asarray(jitted).view(np.uint32)).all()
+
+
+@given(
+    x=st.floats(allow_nan=False, allow_infinity=True, width=64),
+    p=st.integers(2, 25),
+    emax=st.integers(1, 127),
+    mode=st.sampled_from(DET_MODES),
+)
+@example(x=1 + 2.0**-8 + 2.0**-40, p=8, emax=127, mode="rne")
+@example(x=5e-324, p=2, emax=1, mode="ru")
+@example(x=-1.7976931348623157e308, p=25, emax=127, mode="rz")
+def test_random_custom_formats_against_fractions(x, p, emax, mode):
+    fmt = parse(f"p={p},emax={emax}")
+    got = float(round_to(jnp.float64(x), fmt, mode))
+    assert _same([got], [fraction_round(x, fmt, mode)]).all()
+
+
+@given(x=st.floats(allow_nan=False, allow_infinity=False, width=32), mode=st.sampled_from(DET_MODES))
+def test_f32_inputs_bf16_match_ml_dtypes_from_f32(x, mode):
+    """ml_dtypes is right from float32 (one rounding) for RNE: an extra sanity check."""
+    got = float(round_to(jnp.float32(x), "bf16", mode))
+    assert _same([got], [fraction_round(float(np.float32(x)), parse("bf16"), mode)]).all()
+    if mode == "rne":
+        import ml_dtypes
+
+        assert _same([got], [float(np.float32(x).astype(ml_dtypes.bfloat16))]).all()
+
+
+def test_mode_parse():
+    assert Mode.parse("nearest") is Mode.RNE
+    with pytest.raises(ValueError, match="unknown rounding mode"):
+        Mode.parse("banana")
