@@ -59,7 +59,7 @@ class Format:
     overflow: Overflow = "inf"
     max_significand: int | None = None
     signed_zero: bool = True
-    description: str = ""
+    description: str = dataclasses.field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.p, int) or self.p < 1:
@@ -262,8 +262,8 @@ def parse(spec: str | Format) -> Format:
         raise FormatError(f"format description {text!r} needs an exponent range emax=...")
     p, emax = _int("p"), _int("emax")
     emin = _int("emin") if "emin" in fields else 1 - emax
-    return Format(
-        name=fields.get("name", text.replace(" ", "")),
+    fmt = Format(
+        name=fields.get("name", "custom"),
         p=p,
         emin=emin,
         emax=emax,
@@ -273,6 +273,7 @@ def parse(spec: str | Format) -> Format:
         signed_zero=_bool("signed_zero") if "signed_zero" in fields else True,
         description="custom",
     )
+    return fmt if "name" in fields else dataclasses.replace(fmt, name=fmt.spec())
 
 
 def builtin_formats() -> list[Format]:

@@ -120,3 +120,68 @@ def format_values(fmt: Format) -> list[Fraction]:
         top = fmt.top_significand if e == fmt.emax else 2**fmt.p - 1
         vals += [Fraction(m) * Fraction(2) ** (e - fmt.p + 1) for m in range(2 ** (fmt.p - 1), top + 1)]
     return vals
+
+
+# --- op-by-op oracle: mpmath for the value, exact rationals for the rounding ---
+
+import mpmath.libmp as _mlib
+
+_WORK = 240  # bits; far more than 2p + 2 for every p the emulator takes
+
+
+def _mpf(x: Fraction):
+    return _mlib.from_rational(x.numerator, x.denominator, _WORK + 64, "n")
+
+
+def _frac(v) -> Fraction:
+    p, q = _mlib.to_rational(v)
+    return Fraction(int(p), int(q))
+
+
+def _sticky(r: Fraction, exact: bool) -> Fraction:
+    """r is the value truncated toward zero at _WORK bits; push it strictly inside the
+    interval to the next _WORK-bit number when the truncation lost something."""
+    if exact or r == 0:
+        return r
+    e = abs(r).numerator.bit_length() - abs(r).denominator.bit_length() + 1
+    tiny = Fraction(2) ** (e - _WORK - 4)
+    return r + tiny if r > 0 else r - tiny
+
+
+def mp_op(op: str, a: float, b: float | None, fmt: Format, mode: str) -> float:
+    """One elementary op computed by mpmath, rounded once to fmt (with its exponent range)."""
+    fa = Fraction(a)
+    fb = Fraction(b) if b is not None else None
+    if op == "add":
+        v = _frac(_mlib.mpf_add(_mpf(fa), _mpf(fb), 0))  # prec 0: exact
+    elif op == "sub":
+        v = _frac(_mlib.mpf_sub(_mpf(fa), _mpf(fb), 0))
+    elif op == "mul":
+        v = _frac(_mlib.mpf_mul(_mpf(fa), _mpf(fb), 0))
+    elif op == "div":
+        r = _frac(_mlib.mpf_div(_mpf(fa), _mpf(fb), _WORK, "d"))
+        v = _sticky(r, r * fb == fa)
+    elif op == "sqrt":
+        r = _frac(_mlib.mpf_sqrt(_mpf(fa), _WORK, "d"))
+        v = _sticky(r, r * r == fa)
+    elif op == "exp":
+        r = _frac(_mlib.mpf_exp(_mpf(fa), _WORK, "d"))
+        v = _sticky(r, fa == 0)
+    else:
+        raise ValueError(op)
+    neg_zero = v == 0 and _neg_zero_result(op, a, b, mode)
+    return fraction_round(v, fmt, mode, negative_zero=neg_zero)
+
+
+def _neg_zero_result(op, a, b, mode):
+    sa = math.copysign(1, a) < 0
+    if op in ("sqrt", "exp"):
+        return sa and op == "sqrt"
+    sb = math.copysign(1, b) < 0
+    if op in ("mul", "div"):
+        return sa != sb
+    if op == "sub":
+        sb = not sb
+    if a == 0 and b == 0:
+        return sa and sb if mode != "rd" else (sa or sb)
+    return mode == "rd"  # exact cancellation x + (-x): +0, except -0 when rounding down

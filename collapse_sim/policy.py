@@ -1,0 +1,163 @@
+"""Where rounding happens: precision policies.
+
+A :class:`Policy` names the format of each role and the order of reductions:
+
+* ``storage``: weights and activations between ops (inputs are rounded to it).
+* ``compute``: results of elementary ops (+ − × ÷ √ exp max).
+* ``accumulate``: running sums inside reductions (softmax denominators, dots).
+* ``softmax``: the format the softmax is evaluated in (scores are rounded to
+  it, exp/sum/divide happen in it, probabilities go back to ``compute``).
+* ``order``: ``sequential``, ``pairwise``, ``blocked(b)``, ``kahan`` or ``exact``.
+* ``mode``: the rounding mode of every op (default round-to-nearest-even).
+* ``max_subtract``: whether softmax subtracts the row maximum first.
+
+A policy is a frozen, hashable dataclass (so it is static under ``jax.jit``)
+and reads from a jmp-like string:
+
+>>> str(Policy.parse("bf16"))
+'storage=bf16,compute=bf16,accumulate=bf16,softmax=bf16,order=pairwise,mode=rne,max_subtract=true'
+>>> Policy.parse("compute=bf16,accumulate=fp32,order=blocked(32)").order
+Order(kind='blocked', block=32)
+
+Roles not named take the ``compute`` format (``storage`` too); a single
+format name (or description) sets every role. A custom format inside a
+policy string goes in parentheses: ``compute=(p=5,emax=15),accumulate=fp32``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from .formats import Format, FormatError, parse as parse_format
+from .rounding import Mode
+
+ORDER_KINDS = ("sequential", "pairwise", "blocked", "kahan", "exact")
+
+
+class PolicyError(ValueError):
+    """A policy string or combination that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Order:
+    """How a reduction visits its terms.
+
+    * ``sequential``: left to right, rounding after every add (a naive loop).
+    * ``pairwise``: pad to a power of two with zeros, add neighbours
+      ``x[2i] + x[2i+1]`` level by level, rounding every add.
+    * ``blocked(b)``: consecutive blocks of ``b`` terms, each summed exactly
+      and rounded once to the accumulate format (a tensor-core step), the block
+      sums added left to right in the accumulate format.
+    * ``kahan``: compensated summation, all ops in the accumulate format.
+    * ``exact``: the exact sum, rounded once.
+
+    Every order ends with one rounding of the accumulated value to ``compute``.
+    """
+
+    kind: str
+    block: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ORDER_KINDS:
+            raise PolicyError(f"unknown reduction order {self.kind!r}; use one of sequential, pairwise, blocked(b), kahan, exact")
+        if self.kind == "blocked":
+            if not isinstance(self.block, int) or self.block < 1:
+                raise PolicyError(f"blocked order needs a block size >= 1, got {self.block!r}")
+        elif self.block is not None:
+            raise PolicyError(f"order {self.kind!r} takes no block size")
+
+    @classmethod
+    def parse(cls, text: "str | Order") -> "Order":
+        if isinstance(text, Order):
+            return text
+        t = text.strip().lower()
+        m = re.fullmatch(r"blocked\((\d+)\)|blocked:(\d+)", t)
+        if m:
+            return cls("blocked", int(m.group(1) or m.group(2)))
+        if t == "blocked":
+            raise PolicyError("blocked order needs a block size: blocked(b)")
+        return cls(t)
+
+    def __str__(self) -> str:
+        return f"blocked({self.block})" if self.kind == "blocked" else self.kind
+
+
+_ROLES = ("storage", "compute", "accumulate", "softmax")
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    storage: Format
+    compute: Format
+    accumulate: Format
+    softmax: Format
+    order: Order = Order("pairwise")
+    mode: Mode = Mode.RNE
+    max_subtract: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode is Mode.SR:
+            raise PolicyError("stochastic rounding is available through round_to(..., key=...), not as a policy mode")
+
+    @classmethod
+    def uniform(cls, fmt: "Format | str", order: "Order | str" = "pairwise", **kw) -> "Policy":
+        f = parse_format(fmt)
+        return cls(f, f, f, f, Order.parse(order), **kw)
+
+    @classmethod
+    def parse(cls, text: "str | Policy") -> "Policy":
+        if isinstance(text, Policy):
+            return text
+        if not isinstance(text, str) or not text.strip():
+            raise PolicyError(f"empty policy: {text!r}")
+        first_key = text.split("=", 1)[0].strip().lower()
+        if "=" not in text or first_key in ("p", "emax", "emin"):
+            try:
+                return cls.uniform(text)
+            except FormatError as e:
+                raise PolicyError(str(e)) from None
+        fields: dict[str, str] = {}
+        # split on commas that are not inside parentheses
+        for part in re.split(r",(?![^()]*\))", text):
+            if "=" not in part:
+                raise PolicyError(f"policy {text!r}: expected role=value, got {part.strip()!r}")
+            k, v = (s.strip() for s in part.split("=", 1))
+            k = k.lower()
+            if k not in (*_ROLES, "order", "mode", "max_subtract"):
+                raise PolicyError(f"policy {text!r}: unknown key {k!r} (keys: {', '.join(_ROLES)}, order, mode, max_subtract)")
+            fields[k] = v
+        if "compute" not in fields:
+            raise PolicyError(f"policy {text!r} needs compute=FORMAT")
+        try:
+            compute = parse_format(_unparen(fields["compute"]))
+            fmts = {r: parse_format(_unparen(fields[r])) if r in fields else compute for r in _ROLES}
+        except FormatError as e:
+            raise PolicyError(f"policy {text!r}: {e}") from None
+        ms = fields.get("max_subtract", "true").lower()
+        if ms not in ("true", "false"):
+            raise PolicyError(f"policy {text!r}: max_subtract must be true or false")
+        try:
+            mode = Mode.parse(fields.get("mode", "rne"))
+        except ValueError as e:
+            raise PolicyError(f"policy {text!r}: {e}") from None
+        return cls(order=Order.parse(fields.get("order", "pairwise")), mode=mode, max_subtract=ms == "true", **fmts)
+
+    def formats(self) -> tuple[Format, ...]:
+        return (self.storage, self.compute, self.accumulate, self.softmax)
+
+    def __str__(self) -> str:
+        roles = ",".join(f"{r}={_fmt_str(getattr(self, r))}" for r in _ROLES)
+        return f"{roles},order={self.order},mode={self.mode.value},max_subtract={str(self.max_subtract).lower()}"
+
+
+def _unparen(v: str) -> str:
+    v = v.strip()
+    return v[1:-1] if v.startswith("(") and v.endswith(")") else v
+
+
+def _fmt_str(f: Format) -> str:
+    """A built-in's name, or a custom format's description in parentheses."""
+    from .formats import BUILTINS
+
+    return f.name if BUILTINS.get(f.name.lower()) == f else f"({f.spec()})"

@@ -1,0 +1,250 @@
+"""Policies and the emulated elementary ops against mpmath, op by op, bit for bit."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from collapse_sim.backends.emulated import CarrierError, Emulator, carrier_for, exact_sum
+from collapse_sim.formats import parse
+from collapse_sim.policy import Order, Policy, PolicyError
+from collapse_sim.rounding import round_to
+from oracles import format_values, fraction_round, mp_op
+
+MODES = ["rne", "rz", "ru", "rd"]
+
+
+def _bits(a):
+    a = np.asarray(a, np.float64)
+    return np.where(np.isnan(a), np.nan, a).view(np.uint64)
+
+
+def _eq(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return ((a.view(np.uint64) == b.view(np.uint64)) | (np.isnan(a) & np.isnan(b))).all()
+
+
+# --- policies -------------------------------------------------------------
+
+def test_policy_roundtrip_and_hashable():
+    for text in ["bf16", "compute=bf16,accumulate=fp32,softmax=fp32,order=blocked(32)",
+                 "storage=fp16,compute=fp16,order=kahan,mode=rz,max_subtract=false",
+                 "compute=(p=5,emax=15),accumulate=fp32", "p=6,emax=20"]:
+        p = Policy.parse(text)
+        assert Policy.parse(str(p)) == p
+        assert hash(p) == hash(Policy.parse(str(p)))
+    assert Policy.parse("bf16").order == Order("pairwise")
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ("compute=bf17", "unknown format"), ("compute=bf16,order=zigzag", "unknown reduction order"),
+    ("compute=bf16,order=blocked", "block size"), ("accumulate=fp32", "needs compute"),
+    ("compute=bf16,colour=red", "unknown key"), ("compute=bf16,mode=sr", "stochastic"),
+    ("", "empty"),
+])
+def test_policy_errors(bad, msg):
+    with pytest.raises(PolicyError, match=msg):
+        Policy.parse(bad)
+
+
+def test_carrier_choice_and_refusal():
+    assert carrier_for(parse("fp16")) == jnp.float32
+    assert carrier_for(parse("e4m3fn")) == jnp.float32
+    assert carrier_for(parse("bf16")) == jnp.float64  # bf16 subnormals are f32 subnormals, flushed by XLA
+    assert carrier_for(parse("fp32")) == jnp.float64
+    with pytest.raises(CarrierError, match="p=53 > 25"):
+        Emulator("fp64")
+    with pytest.raises(CarrierError, match="p=26"):
+        Emulator("p=26,emax=100")
+
+
+# --- elementary ops ---------------------------------------------------------
+
+def _grid_value(draw, fmt):
+    """A value of fmt: random, or one of the edge values."""
+    vals = [fmt.max, fmt.min_subnormal, fmt.min_normal, 1.0, float(1 + Fraction(fmt.eps)), 0.0]
+    kind = draw(st.integers(0, 3))
+    if kind == 0:
+        v = draw(st.sampled_from(vals))
+    else:
+        e = draw(st.integers(fmt.emin - fmt.p, fmt.emax))
+        m = draw(st.floats(1.0, 2.0))
+        v = float(round_to(jnp.float64(m * 2.0**e), fmt))
+        if not math.isfinite(v):
+            v = fmt.max
+    return -v if draw(st.booleans()) else v
+
+
+@st.composite
+def op_case(draw):
+    p = draw(st.integers(2, 25))
+    emax = draw(st.integers(2, 60 if p > 11 else 30))
+    fmt = parse(f"p={p},emax={emax}")
+    op = draw(st.sampled_from(["add", "sub", "mul", "div", "sqrt", "exp"]))
+    a = _grid_value(draw, fmt)
+    b = _grid_value(draw, fmt)
+    if op == "sqrt":
+        a = abs(a)
+    if op == "exp":
+        a = float(round_to(jnp.float64(draw(st.floats(-2.0 * emax, 2.0 * emax))), fmt))
+    if op == "div" and b == 0:
+        b = 1.0
+    if op in ("add", "sub") and draw(st.booleans()):
+        # adversarial: b chosen so that a + b lands on or next to a midpoint
+        ulp = fmt.ulp(a) if a != 0 else Fraction(fmt.min_subnormal)
+        b = float(round_to(jnp.float64(float(ulp / 2 * draw(st.sampled_from([1, -1, 3, -3])))), fmt))
+    return fmt, op, a, b, draw(st.sampled_from(MODES))
+
+
+@given(op_case())
+@example((parse("bf16"), "add", 256.0, 1.0, "rne"))
+@example((parse("fp16"), "mul", 65504.0, 1.0009765625, "rne"))
+@example((parse("bf16"), "exp", 6.84375, 0.0, "rne"))
+@example((parse("p=2,emax=2"), "div", 1.0, 3.0, "rne"))
+@example((parse("p=25,emax=60"), "sqrt", 2.0, 0.0, "rd"))
+def test_ops_bit_exact_against_mpmath(case):
+    fmt, op, a, b, mode = case
+    emu = Emulator(Policy.uniform(fmt, mode=__import__("collapse_sim").Mode.parse(mode)))
+    A, B = jnp.asarray(a, emu.dtype), jnp.asarray(b, emu.dtype)
+    fn = {"add": emu.add, "sub": emu.sub, "mul": emu.mul, "div": emu.div,
+          "sqrt": lambda x, y: emu.sqrt(x), "exp": lambda x, y: emu.exp(x)}[op]
+    got = fn(A, B)
+    got_jit = jax.jit(fn)(A, B)
+    expected = mp_op(op, a, None if op in ("sqrt", "exp") else b, fmt, mode)
+    assert _eq(got, expected), (fmt, op, a, b, mode, float(got), expected)
+    assert _eq(got, got_jit)
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_exp_correctly_rounded_on_every_input(name):
+    """exp of every finite value of the format (both signs), against mpmath."""
+    fmt = parse(name)
+    vals = [float(v) for v in format_values(fmt)]
+    xs = np.array(vals + [-v for v in vals[1:]])
+    xs = xs[np.abs(xs) < 200]  # beyond, exp under/overflows every format here: checked below
+    emu = Emulator(Policy.uniform(fmt))
+    got = np.asarray(jax.jit(emu.exp)(jnp.asarray(xs, emu.dtype)), np.float64)
+    expected = np.array([mp_op("exp", float(x), None, fmt, "rne") for x in xs])
+    bad = ~((got.view(np.uint64) == expected.view(np.uint64)) | (np.isnan(got) & np.isnan(expected)))
+    assert not bad.any(), list(zip(xs[bad][:5], got[bad][:5], expected[bad][:5]))
+    big = np.asarray(emu.exp(jnp.asarray([200.0, -200.0], emu.dtype)))
+    assert math.isinf(big[0]) and big[1] == 0.0
+
+
+def test_division_is_not_rewritten_to_reciprocal():
+    emu = Emulator("fp16")
+    rng = np.random.default_rng(0)
+    a = round_to(jnp.asarray(rng.uniform(0.5, 2, 2000), jnp.float32), "fp16")
+    b = round_to(jnp.asarray(rng.uniform(0.5, 2, 1), jnp.float32), "fp16")
+    got = np.asarray(jax.jit(lambda a, b: emu.div(a, b))(a, b[0]))
+    expected = np.array([mp_op("div", float(x), float(b[0]), parse("fp16"), "rne") for x in np.asarray(a)])
+    assert (got.astype(np.float64) == expected).all()
+
+
+# --- reductions -------------------------------------------------------------
+
+def _py_sum(xs, order, acc, out, mode="rne"):
+    """The orders of collapse_sim.policy.Order, written again with exact rationals."""
+    r = lambda v: Fraction(fraction_round(v, acc, mode))  # noqa: E731
+    xs = [Fraction(x) for x in xs]
+    if order.kind == "sequential":
+        s = xs[0]
+        for x in xs[1:]:
+            s = r(s + x)
+    elif order.kind == "pairwise":
+        size = 1
+        while size < len(xs):
+            size *= 2
+        level = xs + [Fraction(0)] * (size - len(xs))
+        while len(level) > 1:
+            level = [r(level[i] + level[i + 1]) for i in range(0, len(level), 2)]
+        s = level[0]
+    elif order.kind == "kahan":
+        s, c = xs[0], Fraction(0)
+        for x in xs[1:]:
+            y = r(x - c)
+            t = r(s + y)
+            c = r(r(t - s) - y)
+            s = t
+    elif order.kind == "exact":
+        return fraction_round(sum(xs, Fraction(0)), out, mode)
+    elif order.kind == "blocked":
+        b = order.block
+        blocks = [r(sum(xs[i:i + b], Fraction(0))) for i in range(0, len(xs), b)]
+        s = blocks[0]
+        for x in blocks[1:]:
+            s = r(s + x)
+    return fraction_round(s, out, mode)
+
+
+def test_sum_of_ones_bf16():
+    ones = jnp.ones(10_000)
+    got = {o: float(Emulator(f"compute=bf16,order={o}").sum(ones)) for o in ["sequential", "pairwise", "exact"]}
+    assert got == {"sequential": 256.0, "pairwise": 9984.0, "exact": 9984.0}
+    assert float(Emulator("compute=fp16,order=sequential").sum(ones)) == 2048.0
+    assert float(Emulator("compute=bf16,accumulate=fp32,order=sequential").sum(ones)) == 9984.0
+
+
+@settings(max_examples=40)
+@given(
+    p=st.integers(2, 25),
+    order=st.sampled_from([Order("sequential"), Order("pairwise"), Order("kahan"), Order("exact"),
+                           Order("blocked", 3), Order("blocked", 8)]),
+    n=st.integers(1, 40),
+    seed=st.integers(0, 2**32 - 1),
+    spread=st.integers(0, 40),
+    mode=st.sampled_from(MODES),
+)
+def test_reductions_match_rational_reference(p, order, n, seed, spread, mode):
+    fmt = parse(f"p={p},emax=64")
+    acc = parse(f"p={min(25, p + 3)},emax=64")
+    rng = np.random.default_rng(seed)
+    raw = rng.standard_normal(n) * 2.0 ** rng.integers(-spread, spread + 1, n)
+    xs = np.asarray(round_to(jnp.asarray(raw), fmt))
+    from collapse_sim import Mode
+
+    emu = Emulator(Policy(fmt, fmt, acc, fmt, order, mode=Mode.parse(mode)))
+    got = float(emu.sum(jnp.asarray(xs, emu.dtype)))
+    expected = _py_sum(list(xs), order, acc, fmt, mode)
+    assert _eq(got, expected), (list(xs), got, expected)
+
+
+@given(st.lists(st.floats(-1e30, 1e30, allow_subnormal=False), min_size=1, max_size=60), st.sampled_from(MODES))
+@example([2.0**60, 1.0, -(2.0**60)], "rne")
+@example([1.0, 2.0**-200, -(2.0**-200)], "rz")
+@example([1.0, 2.0**-300], "ru")
+@example([0.5, 2.0**-40], "rne")
+def test_exact_sum_is_correctly_rounded(xs, mode):
+    for fmt in (parse("bf16"), parse("fp32")):
+        got = float(exact_sum(jnp.asarray(xs, jnp.float64), fmt, __import__("collapse_sim").Mode.parse(mode)))
+        expected = fraction_round(sum(map(Fraction, xs), Fraction(0)), fmt, mode)
+        assert _eq(got, expected), (fmt.name, got, expected)
+
+
+def test_dot_and_matmul_shapes_and_exact_order():
+    emu = Emulator("compute=bf16,order=exact")
+    rng = np.random.default_rng(3)
+    a = emu.store(rng.standard_normal((4, 16)))
+    b = emu.store(rng.standard_normal((16, 5)))
+    c = emu.matmul(a, b)
+    assert c.shape == (4, 5)
+    for i in range(4):
+        for j in range(5):
+            exact = sum(Fraction(float(a[i, k])) * Fraction(float(b[k, j])) for k in range(16))
+            assert float(c[i, j]) == fraction_round(exact, parse("bf16"), "rne")
+
+
+def test_emulator_needs_x64():
+    jax.config.update("jax_enable_x64", False)
+    try:
+        with pytest.raises(RuntimeError, match="enable_x64"):
+            Emulator("bf16")
+    finally:
+        jax.config.update("jax_enable_x64", True)
