@@ -51,7 +51,7 @@ class Format:
       description: a few words for the formats table.
     """
 
-    name: str
+    name: str = dataclasses.field(compare=False)
     p: int
     emin: int
     emax: int
@@ -263,7 +263,7 @@ def parse(spec: str | Format) -> Format:
     p, emax = _int("p"), _int("emax")
     emin = _int("emin") if "emin" in fields else 1 - emax
     fmt = Format(
-        name=fields.get("name", "custom"),
+        name=fields.get("name", text),
         p=p,
         emin=emin,
         emax=emax,
@@ -273,7 +273,12 @@ def parse(spec: str | Format) -> Format:
         signed_zero=_bool("signed_zero") if "signed_zero" in fields else True,
         description="custom",
     )
-    return fmt if "name" in fields else dataclasses.replace(fmt, name=fmt.spec())
+    if "name" in fields:
+        return fmt
+    for known in BUILTINS.values():  # the same numbers as a built-in: that format
+        if known == fmt:
+            return known
+    return dataclasses.replace(fmt, name=fmt.spec())
 
 
 def builtin_formats() -> list[Format]:

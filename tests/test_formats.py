@@ -1,0 +1,103 @@
+"""Format constants against ml_dtypes' own tables and bit patterns, and the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from fractions import Fraction
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from collapse_sim.cli import main
+from collapse_sim.formats import NUMPY_DTYPES, FormatError, builtin_formats, parse
+from collapse_sim.rounding import round_to
+from oracles import format_values
+
+
+@pytest.mark.parametrize("name", sorted(NUMPY_DTYPES))
+def test_constants_match_ml_dtypes(name):
+    fmt = parse(name)
+    dt = np.dtype(getattr(ml_dtypes, NUMPY_DTYPES[name], None) or NUMPY_DTYPES[name])
+    fi = ml_dtypes.finfo(dt) if dt.kind == "V" or "float8" in str(dt) or "float6" in str(dt) or "float4" in str(dt) or "bfloat" in str(dt) else np.finfo(dt)
+    assert float(fi.max) == fmt.max
+    assert float(fi.smallest_normal) == fmt.min_normal
+    assert float(fi.smallest_subnormal) == fmt.min_subnormal
+    assert float(fi.eps) == fmt.eps
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(NUMPY_DTYPES) if n not in ("fp32", "fp64")])
+def test_value_set_matches_every_bit_pattern(name):
+    """The finite values of the format, from its definition, are exactly ml_dtypes' decoded patterns."""
+    fmt = parse(name)
+    dt = np.dtype(getattr(ml_dtypes, NUMPY_DTYPES[name], None) or NUMPY_DTYPES[name])
+    nbits = dt.itemsize * 8
+    # ml_dtypes stores sub-byte types in one byte; only low bits are meaningful
+    width = {"e2m3fn": 6, "e3m2fn": 6, "e2m1fn": 4}.get(name, nbits)
+    pats = np.arange(2**width, dtype=np.uint16 if nbits == 16 else np.uint8)
+    with np.errstate(invalid="ignore"):
+        vals = pats.view(dt).astype(np.float64)
+    finite = np.unique(np.abs(vals[np.isfinite(vals)]))
+    expected = np.array([float(v) for v in format_values(fmt)])
+    assert np.array_equal(finite, expected)
+    if not fmt.signed_zero:
+        assert not np.any((vals == 0) & np.signbit(vals))
+
+
+@pytest.mark.parametrize("name", ["e4m3fn", "e5m2", "e4m3", "e4m3fnuz", "e5m2fnuz", "e3m4", "e2m3fn", "e3m2fn", "e2m1fn", "fp16", "bf16"])
+def test_rne_from_float32_matches_ml_dtypes(name):
+    """From float32 inputs ml_dtypes rounds once, so it must agree with round_to (RNE)."""
+    fmt = parse(name)
+    dt = np.dtype(getattr(ml_dtypes, NUMPY_DTYPES[name], None) or NUMPY_DTYPES[name])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(20000) * 2.0 ** rng.integers(fmt.emin - fmt.p - 2, fmt.emax + 3, 20000)
+    x = np.clip(x, -3e38, 3e38).astype(np.float32)
+    ours = np.asarray(round_to(jnp.asarray(x), fmt)).astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        theirs = x.astype(dt).astype(np.float64)
+    same = (ours == theirs) | (np.isnan(ours) & np.isnan(theirs))
+    assert same.all(), (x[~same][:5], ours[~same][:5], theirs[~same][:5])
+
+
+def test_ml_dtypes_double_rounding_from_float64_is_real():
+    """Why ml_dtypes is not our oracle for float64 inputs."""
+    x = 1 + 2.0**-8 + 2.0**-40
+    assert float(np.float64(x).astype(ml_dtypes.bfloat16)) == 1.0
+    assert float(round_to(jnp.float64(x), "bf16")) == 1.0078125
+
+
+def test_properties():
+    bf16 = parse("bf16")
+    assert bf16.unit_roundoff == 2.0**-8 and bf16.eps == 2.0**-7
+    assert bf16.ulp(1.0) == Fraction(1, 128) and bf16.ulp(0.0) == Fraction(2) ** -133
+    assert parse("fp16").max == 65504.0 and parse("e4m3fn").max == 448.0
+    assert parse("p=11,emax=15") == parse("fp16")
+    for f in builtin_formats():
+        assert parse(f.spec()) == f
+
+
+@pytest.mark.parametrize("bad", ["bf17", "p=0,emax=3", "p=3", "p=x,emax=2", "p=3,emax=2,emin=5", "p=3,emax=2,colour=red", ""])
+def test_bad_formats(bad):
+    with pytest.raises(FormatError):
+        parse(bad)
+
+
+def test_cli_formats_table(capsys):
+    assert main(["formats"]) == 0
+    out = capsys.readouterr().out
+    assert "bf16" in out and "e4m3fn" in out and "448" in out
+
+
+def test_cli_bad_format_one_sentence():
+    r = subprocess.run([sys.executable, "-m", "collapse_sim.cli", "formats", "bf17"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "unknown format 'bf17'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_round(capsys):
+    assert main(["round", "65520", "65519", "-f", "fp16"]) == 0
+    assert capsys.readouterr().out.split() == ["65520", "->", "inf", "65519", "->", "65504.0"]
