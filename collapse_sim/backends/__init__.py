@@ -1,0 +1,28 @@
+"""The same arithmetic three ways.
+
+* ``native``: plain JAX dtypes; XLA decides internal precision (what the stack does).
+* ``emulated``: every op rounded to a policy's formats, reduction order explicit (what the format does).
+* ``reference``: mpmath, op for op in the same order, at any precision (ground truth).
+
+``make_backend(name, spec)`` builds one from a name and a format/policy/precision string.
+"""
+
+from __future__ import annotations
+
+
+def make_backend(kind: str, spec: str):
+    """``make_backend("native", "bf16")``, ``("emulated", "compute=bf16,order=pairwise")``,
+    ``("reference", "256")`` (precision in bits) or ``("reference", "bf16")`` (a policy)."""
+    if kind == "native":
+        from .native import NativeBackend
+
+        return NativeBackend(spec)
+    if kind == "emulated":
+        from .emulated import EmulatedBackend
+
+        return EmulatedBackend(spec)
+    if kind == "reference":
+        from .reference import ReferenceBackend
+
+        return ReferenceBackend(spec)
+    raise ValueError(f"unknown backend {kind!r}; use native, emulated or reference")

@@ -73,6 +73,10 @@ class Emulator:
         require_x64()
         self.dtype = jnp.dtype(carrier_for(*self.policy.formats()))
         self.mode = self.policy.mode
+        fmts = self.policy.formats()
+        # every reduction term is a format value or a product of two: multiples of
+        # 2**(2 qmin) below 2**(2 emax + 2)
+        self.bounds = (2 * min(f.min_exponent_of_quantum for f in fmts), 2 * max(f.emax for f in fmts) + 2)
 
     def __hash__(self) -> int:
         return hash(self.policy)
@@ -127,7 +131,8 @@ class Emulator:
         """Sum along ``axis`` in the policy's order, accumulating in ``accumulate``,
         then rounding once to ``out_fmt`` (default: compute)."""
         x = jnp.moveaxis(jnp.asarray(x, self.dtype), axis, -1)
-        return reduce_sum(x, order or self.policy.order, self.policy.accumulate, out_fmt or self.policy.compute, self.mode)
+        return reduce_sum(x, order or self.policy.order, self.policy.accumulate, out_fmt or self.policy.compute, self.mode,
+                          bounds=self.bounds)
 
     def dot(self, a, b, out_fmt: Format | None = None, order: Order | None = None):
         """Vector dot product over the last axis (batched over the rest).
@@ -141,7 +146,8 @@ class Emulator:
         order = order or self.policy.order
         if order.kind not in ("exact", "blocked"):
             prod = self.rnd(prod, self.policy.accumulate)
-        return reduce_sum(prod, order, self.policy.accumulate, out_fmt or self.policy.compute, self.mode)
+        return reduce_sum(prod, order, self.policy.accumulate, out_fmt or self.policy.compute, self.mode,
+                          bounds=self.bounds)
 
     def matmul(self, a, b, out_fmt=None, order=None):
         """``a @ b`` for a: (..., m, k), b: (k, n), each entry a :meth:`dot`."""
@@ -169,7 +175,11 @@ def carrier_add(a, b, mode):
         return s
     bb = s - a
     err = (a - (s - bb)) + (b - bb)
-    return _round_to_odd(s, err)
+    s = _round_to_odd(s, err)
+    if mode is Mode.RD:  # IEEE 754 §6.3: an exact zero sum is -0 when rounding down, unless both are +0
+        both_plus_zero = (a == 0) & (b == 0) & ~jnp.signbit(a) & ~jnp.signbit(b)
+        s = jnp.where((s == 0) & ~both_plus_zero, -jnp.zeros_like(s), s)
+    return s
 
 
 def _round_to_odd(s, err):
@@ -188,7 +198,10 @@ def _round_to_odd(s, err):
 # Reductions over the last axis.
 
 
-def reduce_sum(x, order: Order, acc: Format, out: Format, mode):
+def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, bounds=(-1074, 1024)):
+    """Reduce the last axis. Masked-out terms must be zeros; ``valid`` (same shape)
+    is needed only by ``kahan``, whose state would change on trailing zeros.
+    ``bounds`` = (kmin, kmax) of the terms for the exact superaccumulator."""
     if x.shape[-1] == 0:
         return jnp.zeros(x.shape[:-1], x.dtype)
     r = functools.partial(round_to, mode=mode)
@@ -201,15 +214,15 @@ def reduce_sum(x, order: Order, acc: Format, out: Format, mode):
     elif order.kind == "pairwise":
         s = _pairwise(x, add)
     elif order.kind == "kahan":
-        s = _kahan(x, add)
+        s = _kahan(x, add, valid)
     elif order.kind == "exact":
-        return exact_sum(x, out, mode)
+        return exact_sum(x, out, mode, *bounds)
     elif order.kind == "blocked":
         n = x.shape[-1]
         b = order.block
         nb = -(-n // b)
         xp = jnp.concatenate([x, jnp.zeros((*x.shape[:-1], nb * b - n), x.dtype)], axis=-1)
-        blocks = exact_sum(xp.reshape(*x.shape[:-1], nb, b), acc, mode)
+        blocks = exact_sum(xp.reshape(*x.shape[:-1], nb, b), acc, mode, *bounds)
         s = _sequential(blocks, add)
     else:  # pragma: no cover - Order validates kinds
         raise ValueError(order)
@@ -236,17 +249,19 @@ def _pairwise(x, add):
     return x[..., 0]
 
 
-def _kahan(x, add):
+def _kahan(x, add, valid=None):
     xs = jnp.moveaxis(x, -1, 0)
+    vs = jnp.ones(xs.shape, bool) if valid is None else jnp.moveaxis(valid, -1, 0)
 
-    def step(carry, v):
+    def step(carry, inp):
         s, c = carry
+        v, ok = inp
         y = add(v, -c)
         t = add(s, y)
-        c = add(add(t, -s), -y)
-        return (t, c), None
+        c2 = add(add(t, -s), -y)
+        return (jnp.where(ok, t, s), jnp.where(ok, c2, c)), None
 
-    (s, _), _ = lax.scan(step, (xs[0], jnp.zeros_like(xs[0])), xs[1:])
+    (s, _), _ = lax.scan(step, (xs[0], jnp.zeros_like(xs[0])), (xs[1:], vs[1:]))
     return s
 
 
@@ -256,7 +271,7 @@ def _kahan(x, add):
 _LIMB = 32
 
 
-def exact_sum(x, out: Format, mode):
+def exact_sum(x, out: Format, mode, kmin: int = -1074, kmax: int = 1024):
     """Correctly rounded sum of the last axis of ``x`` (exact, then one rounding to ``out``).
 
     Each float64 term ``m * 2**k`` (53-bit integer m) is split into 32-bit limbs
@@ -265,6 +280,10 @@ def exact_sum(x, out: Format, mode):
     bits plus a sticky bit give a float64 that rounds to ``out`` exactly as the
     exact sum would (the sticky bit sits below >= 33 kept bits, p + 2 <= 27).
     Non-finite terms give the plain float sum (inf or NaN).
+
+    ``kmin``/``kmax`` bound the terms (every term is a multiple of ``2**kmin``
+    and below ``2**kmax`` in magnitude); narrower bounds mean fewer limbs. A
+    term outside them makes the result NaN, never a silently wrong number.
     """
     dtype = x.dtype
     x64 = x.astype(jnp.float64)
@@ -274,7 +293,15 @@ def exact_sum(x, out: Format, mode):
     frac = bits & jnp.uint64((1 << 52) - 1)
     m = jnp.where(E == 0, frac, frac | jnp.uint64(1 << 52))
     k = jnp.where(E == 0, -1074, E - 1075)  # value = m * 2**k, k in [-1074, 971]
-    off = k + 1074 + _LIMB  # one zero limb below everything
+    # normalise m so that its lowest set bit is bit 0: then k >= kmin is the condition
+    tz = jnp.where(m == 0, 0, 63 - lax.clz(m & (~m + jnp.uint64(1))).astype(jnp.int64))
+    m = m >> tz.astype(jnp.uint64)
+    k = k + tz
+    blen_m = 64 - lax.clz(m).astype(jnp.int64)
+    outside = (m != 0) & ((k < kmin) | (k + blen_m > kmax))
+    k = jnp.where(m == 0, kmin, k)
+    kbase = kmin - _LIMB  # one zero limb below everything
+    off = k - kbase
     j = off // _LIMB
     rsh = (off % _LIMB).astype(jnp.uint64)
     ml = m & jnp.uint64(0xFFFFFFFF)
@@ -287,24 +314,24 @@ def exact_sum(x, out: Format, mode):
     c2 = (hi >> jnp.uint64(32)).astype(jnp.int64)
     sgn = jnp.where(neg, -1, 1).astype(jnp.int64)
     c0, c1, c2 = c0 * sgn, c1 * sgn, c2 * sgn
-    nlimbs = (971 + 1074 + 53) // _LIMB + 4
-    limbs = []
-    for L in range(nlimbs):
-        v = jnp.where(j == L, c0, 0) + jnp.where(j + 1 == L, c1, 0) + jnp.where(j + 2 == L, c2, 0)
-        limbs.append(jnp.sum(v, axis=-1))
-    # carry propagation (arithmetic shifts floor toward -inf)
-    for L in range(nlimbs - 1):
-        carry = limbs[L] >> _LIMB
-        limbs[L] = limbs[L] - (carry << _LIMB)
-        limbs[L + 1] = limbs[L + 1] + carry
-    top_neg = limbs[-1] < 0
-    # negate a negative total: -(sum) with limbs in [0, 2^32) after renormalising
-    limbs = [jnp.where(top_neg, -v, v) for v in limbs]
-    for L in range(nlimbs - 1):
-        carry = limbs[L] >> _LIMB
-        limbs[L] = limbs[L] - (carry << _LIMB)
-        limbs[L + 1] = limbs[L + 1] + carry
-    A = jnp.stack(limbs, axis=-1)  # (..., nlimbs), all in [0, 2^32)
+    nlimbs = (kmax - kbase) // _LIMB + 4  # + room for carries of up to 2**63 terms
+    lidx = jnp.arange(nlimbs).reshape((1,) * j.ndim + (nlimbs,))
+    jj = j[..., None]
+    contrib = (jnp.where(jj == lidx, c0[..., None], 0) + jnp.where(jj + 1 == lidx, c1[..., None], 0)
+               + jnp.where(jj + 2 == lidx, c2[..., None], 0))
+    A = jnp.sum(contrib, axis=-2)  # (..., nlimbs) int64, exact
+
+    def normalise(A):
+        def step(L, A):
+            carry = A[..., L] >> _LIMB
+            A = A.at[..., L].add(-(carry << _LIMB))
+            return A.at[..., L + 1].add(carry)
+
+        return lax.fori_loop(0, nlimbs - 1, step, A)
+
+    A = normalise(A)
+    top_neg = A[..., -1] < 0
+    A = normalise(jnp.where(top_neg[..., None], -A, A))  # magnitude, limbs in [0, 2^32)
     nz = A != 0
     idx = jnp.arange(nlimbs).reshape((1,) * (A.ndim - 1) + (nlimbs,))
     h = jnp.max(jnp.where(nz, idx, 0), axis=-1)  # highest nonzero limb (0 if all zero)
@@ -320,16 +347,210 @@ def exact_sum(x, out: Format, mode):
     kept = W >> su
     sticky = sticky | ((W & ((jnp.uint64(1) << su) - jnp.uint64(1))) != 0)
     approx_int = (kept << jnp.uint64(1)) | sticky.astype(jnp.uint64)  # <= 53 bits: exact in float64
-    scale = s - 1 + _LIMB * (h - 1) - 1074 - _LIMB
+    scale = s - 1 + _LIMB * (h - 1) + kbase
     val = approx_int.astype(jnp.float64)
     half1 = scale // 2
     val = val * _pow2(half1) * _pow2(scale - half1)
     val = jnp.where(top_neg, -val, val)
     finite = jnp.all(jnp.isfinite(x64), axis=-1)
     val = jnp.where(finite, val, jnp.sum(x64, axis=-1))
+    val = jnp.where(jnp.any(outside, axis=-1) & finite, jnp.nan, val)
     return round_to(val, out, mode).astype(dtype)
 
 
 def _pow2(k):
     """2.0**k as float64 for integer arrays k in [-1022, 1023], built from bits."""
     return lax.bitcast_convert_type(((k + 1023).astype(jnp.uint64)) << jnp.uint64(52), jnp.float64)
+
+
+# --------------------------------------------------------------------------
+# The model backend.
+
+_BLOCK_ELEMS = 1 << 21  # elements of one (queries x keys x head-dim) block
+
+
+class EmulatedBackend:
+    """Model primitives of collapse_sim.model, every op rounded per the policy.
+
+    Attention for query i over key columns 0..qpos_i (causal; a window zeroes
+    the columns before ``qpos_i - w + 1``):
+
+        s_ij = round_c(round_c(dot(q_i, k_j)) * scale) [+ alibi bias]  → softmax format
+        m_i  = max_j s_ij (if max_subtract)
+        e_ij = exp(s_ij - m_i) in the softmax format (masked: exact 0)
+        α_ij = e_ij / Σ_j e_ij   (sum in the policy's order, accumulate format)
+        out_i = Σ_j α_ij v_j     (α in the compute format; dot in the policy's order)
+
+    Reductions run over all key columns with masked terms as exact zeros,
+    which is the same (bit for bit) as running over the prefix only for every
+    order (kahan skips masked terms explicitly). Queries are processed in
+    blocks, so memory is O(block · N · d_h), never N × N × d_h.
+    """
+
+    kind = "emulated"
+
+    def __init__(self, policy: "Policy | str"):
+        self.emu = Emulator(policy)
+        self.policy = self.emu.policy
+        self.dtype = self.emu.dtype
+        self.label = f"emulated:{self.policy}"
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.label))
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.label == self.label
+
+    def run(self, fn, config, arrays, tokens, probe):
+        """Run a traceable model function under jit (cached per config and shape)."""
+        from ._jit import run_jitted
+
+        return run_jitted(self, fn, config, arrays, tokens, probe)
+
+    def describe(self) -> dict:
+        return {"backend": "emulated", "policy": str(self.policy), "carrier": str(self.dtype)}
+
+    # data
+    def store(self, x):
+        return self.emu.store(jnp.asarray(x, jnp.float64))
+
+    def const(self, c, like):
+        return jnp.broadcast_to(self.store(jnp.float64(c)), like.shape)
+
+    def take(self, table, idx):
+        return table[jnp.asarray(idx)]
+
+    def col(self, v, like):
+        return jnp.broadcast_to(v[:, None], like.shape)
+
+    def row(self, v, like):
+        return jnp.broadcast_to(v[None, :], like.shape)
+
+    def cols(self, x, sl):
+        return x[:, sl]
+
+    def ncols(self, x):
+        return x.shape[1]
+
+    def concat_cols(self, xs):
+        return jnp.concatenate(xs, axis=1)
+
+    def interleave_cols(self, a, b):
+        return jnp.stack([a, b], axis=-1).reshape(a.shape[0], -1)
+
+    def to_numpy(self, x):
+        import numpy as np
+
+        return np.asarray(x, dtype=np.float64)
+
+    # arithmetic
+    def add(self, a, b):
+        a, b = jnp.broadcast_arrays(a, b)
+        return self.emu.add(a, b)
+
+    def sub(self, a, b):
+        a, b = jnp.broadcast_arrays(a, b)
+        return self.emu.sub(a, b)
+
+    def mul(self, a, b):
+        a, b = jnp.broadcast_arrays(a, b)
+        return self.emu.mul(a, b)
+
+    def div(self, a, b):
+        return self.emu.div(a, b)
+
+    def sqrt(self, a):
+        return self.emu.sqrt(a)
+
+    def relu(self, x):
+        return jnp.maximum(x, jnp.zeros_like(x))  # exact
+
+    def mean(self, x):
+        n = x.shape[-1]
+        s = self.emu.sum(x)
+        return self.emu.div(s, jnp.full(s.shape, float(n), self.dtype))
+
+    def linear(self, x, w):
+        return _linear(self.emu, x, w)
+
+    def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None):
+        del kpos  # keys sit at positions 0..Nk-1
+        return _emulated_attention(self.emu, q, k, v, jnp.asarray(qpos), scale, alibi, window, self_kv)
+
+
+def _blocks(n: int, per_row: int) -> tuple[int, int]:
+    b = max(1, min(n, _BLOCK_ELEMS // max(1, per_row)))
+    return b, -(-n // b)
+
+
+def _pad_rows(a, nb, b):
+    pad = nb * b - a.shape[0]
+    return jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]).reshape(nb, b, *a.shape[1:])
+
+
+def _linear(emu: Emulator, x, w):
+    n, din = x.shape
+    dout = w.shape[1]
+    b, nb = _blocks(n, din * dout)
+    wt = w.T  # (dout, din)
+
+    def block(xb):
+        ae, be = jnp.broadcast_arrays(xb[:, None, :], wt[None, :, :])
+        return emu.dot(ae, be)
+
+    out = lax.map(block, _pad_rows(x, nb, b))
+    return out.reshape(nb * b, dout)[:n]
+
+
+def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
+    pol = emu.policy
+    mode = emu.mode
+    dt = emu.dtype
+    if self_kv is not None:
+        k = jnp.concatenate([k, jnp.zeros((1, k.shape[1]), dt)])
+        v = jnp.concatenate([v, jnp.zeros((1, v.shape[1]), dt)])
+    nk, dh = k.shape
+    cols = jnp.arange(nk)
+    sc = emu.store(jnp.float64(scale))
+    kp = self_kv[0] if self_kv is not None else jnp.zeros_like(q)
+    vp = self_kv[1] if self_kv is not None else jnp.zeros_like(q)
+
+    def block(args):
+        qb, pb, kpb, vpb = args  # (B, dh), (B,), (B, dh), (B, dh)
+        is_self = cols[None, :] == pb[:, None]  # (B, nk)
+        K = jnp.broadcast_to(k[None], (qb.shape[0], nk, dh))
+        if self_kv is not None:
+            K = jnp.where(is_self[:, :, None], kpb[:, None, :], K)
+        Q = jnp.broadcast_to(qb[:, None, :], K.shape)
+        s = emu.dot(Q, K)  # (B, nk), compute format
+        s = emu.mul(s, jnp.broadcast_to(sc, s.shape))
+        if alibi is not None:
+            bias = round_to((-alibi * (pb[:, None] - cols[None, :])).astype(jnp.float64), pol.storage, mode).astype(dt)
+            s = emu.add(s, bias)
+        s = round_to(s, pol.softmax, mode)
+        valid = cols[None, :] <= pb[:, None]
+        if window is not None:
+            valid = valid & (cols[None, :] > pb[:, None] - window)
+        if pol.max_subtract:
+            m = jnp.max(jnp.where(valid, s, jnp.asarray(-jnp.inf, dt)), axis=-1)
+            s = emu.sub(s, jnp.broadcast_to(m[:, None], s.shape), pol.softmax)
+        e = emu.exp(s, pol.softmax)
+        e = jnp.where(valid, e, jnp.zeros_like(e))
+        den = reduce_sum(e, pol.order, pol.accumulate, pol.softmax, mode, valid, emu.bounds)
+        alpha = emu.div(e, jnp.broadcast_to(den[:, None], e.shape), pol.softmax)
+        alpha = round_to(alpha, pol.compute, mode)
+        V = jnp.broadcast_to(v[None], K.shape)
+        if self_kv is not None:
+            V = jnp.where(is_self[:, :, None], vpb[:, None, :], V)
+        A = jnp.broadcast_to(alpha[:, :, None], V.shape)
+        prod = A * V  # exact in the carrier
+        prod = jnp.swapaxes(prod, 1, 2)  # (B, dh, nk): reduce over keys
+        if pol.order.kind not in ("exact", "blocked"):
+            prod = round_to(prod, pol.accumulate, mode)
+        vmask = jnp.broadcast_to(valid[:, None, :], prod.shape)
+        return reduce_sum(prod, pol.order, pol.accumulate, pol.compute, mode, vmask, emu.bounds)
+
+    nq = q.shape[0]
+    b, nb = _blocks(nq, nk * dh)
+    out = lax.map(block, (_pad_rows(q, nb, b), _pad_rows(qpos, nb, b), _pad_rows(kp, nb, b), _pad_rows(vp, nb, b)))
+    return out.reshape(nb * b, dh)[:nq]

@@ -1,0 +1,139 @@
+"""Plain JAX dtypes: what the compiler and hardware do.
+
+On XLA:CPU, bf16/fp16 ops are computed in float32 and rounded at the end of
+fused regions, sums and dots accumulate in float32, subnormals are flushed,
+and ``a / broadcast(b)`` may become ``a * (1/b)``. This backend answers "what
+does this stack do", not "what does the format do" (that is ``emulated``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..formats import NUMPY_DTYPES, parse as parse_format
+
+_QBLOCK_ELEMS = 1 << 24
+
+
+class NativeBackend:
+    kind = "native"
+
+    def __init__(self, dtype: str):
+        fmt = parse_format(dtype)
+        name = NUMPY_DTYPES.get(fmt.name)
+        if name is None:
+            raise ValueError(f"format {fmt.name} has no native JAX dtype")
+        if name == "float64" and not jax.config.jax_enable_x64:
+            raise RuntimeError("float64 needs JAX x64: call collapse_sim.enable_x64() at program start")
+        self.fmt = fmt
+        self.dtype = jnp.dtype(name)
+        self.label = f"native:{fmt.name}"
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.label))
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.label == self.label
+
+    def run(self, fn, config, arrays, tokens, probe):
+        """Run a traceable model function under jit (cached per config and shape)."""
+        from ._jit import run_jitted
+
+        return run_jitted(self, fn, config, arrays, tokens, probe)
+
+    def describe(self) -> dict:
+        return {"backend": "native", "dtype": str(self.dtype), "device": str(jax.devices()[0])}
+
+    # data
+    def store(self, x):
+        return jnp.asarray(np.asarray(x, np.float64)).astype(self.dtype)
+
+    def const(self, c, like):
+        return jnp.full(like.shape, c, dtype=jnp.float64).astype(self.dtype)
+
+    def take(self, table, idx):
+        return table[jnp.asarray(idx)]
+
+    def col(self, v, like):
+        return jnp.broadcast_to(v[:, None], like.shape)
+
+    def row(self, v, like):
+        return jnp.broadcast_to(v[None, :], like.shape)
+
+    def cols(self, x, sl):
+        return x[:, sl]
+
+    def ncols(self, x):
+        return x.shape[1]
+
+    def concat_cols(self, xs):
+        return jnp.concatenate(xs, axis=1)
+
+    def interleave_cols(self, a, b):
+        return jnp.stack([a, b], axis=-1).reshape(a.shape[0], -1)
+
+    def to_numpy(self, x):
+        return np.asarray(jnp.asarray(x).astype(jnp.float32 if self.dtype != jnp.float64 else jnp.float64), np.float64)
+
+    # arithmetic
+    add = staticmethod(jnp.add)
+    sub = staticmethod(jnp.subtract)
+    mul = staticmethod(jnp.multiply)
+    div = staticmethod(jnp.divide)
+    sqrt = staticmethod(jnp.sqrt)
+
+    def relu(self, x):
+        return jnp.maximum(x, jnp.zeros_like(x))
+
+    def mean(self, x):
+        return jnp.mean(x, axis=-1)
+
+    def linear(self, x, w):
+        return x @ w
+
+    def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None):
+        return _native_attention(q, k, v, jnp.asarray(qpos), scale, alibi, window, self_kv, self.dtype)
+
+
+def _native_attention(q, k, v, qpos, scale, alibi, window, self_kv, dtype):
+    nk = k.shape[0]
+    if self_kv is not None:
+        k = jnp.concatenate([k, jnp.zeros((1, k.shape[1]), k.dtype)])
+        v = jnp.concatenate([v, jnp.zeros((1, v.shape[1]), v.dtype)])
+        nk += 1
+    cols = jnp.arange(nk)
+    sc = jnp.asarray(scale, jnp.float64).astype(dtype) if jax.config.jax_enable_x64 else jnp.asarray(scale, dtype)
+
+    def block(args):
+        qb, pb, kpb, vpb = args
+        s = (qb @ k.T) * sc
+        if self_kv is not None:
+            s_self = jnp.sum(qb * kpb, axis=-1) * sc
+            s = jnp.where(cols[None, :] == pb[:, None], s_self[:, None], s)
+        if alibi is not None:
+            s = s + (-alibi * (pb[:, None] - cols[None, :])).astype(dtype)
+        valid = cols[None, :] <= pb[:, None]
+        if window is not None:
+            valid = valid & (cols[None, :] > pb[:, None] - window)
+        s = jnp.where(valid, s, jnp.asarray(-jnp.inf, dtype))
+        a = jax.nn.softmax(s, axis=-1)
+        if self_kv is None:
+            return a @ v
+        is_self = cols[None, :] == pb[:, None]
+        a_self = jnp.sum(jnp.where(is_self, a, jnp.zeros_like(a)), axis=-1)
+        return jnp.where(is_self, jnp.zeros_like(a), a) @ v + a_self[:, None] * vpb
+
+    nq = q.shape[0]
+    bq = max(1, min(nq, _QBLOCK_ELEMS // max(1, nk)))
+    nb = -(-nq // bq)
+    pad = nb * bq - nq
+    kp = self_kv[0] if self_kv is not None else jnp.zeros_like(q)
+    vp = self_kv[1] if self_kv is not None else jnp.zeros_like(q)
+
+    def padded(a):
+        return jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]).reshape(nb, bq, *a.shape[1:])
+
+    out = jax.lax.map(block, (padded(q), padded(qpos), padded(kp), padded(vp)))
+    return out.reshape(nb * bq, -1)[:nq]

@@ -1,0 +1,311 @@
+"""The decoder of PAPER.md §1, written once against a backend.
+
+    x^(0)_i   = E[t_i] (+ P[i] for absolute encodings)
+    h_i       = norm1(x_i)
+    z_i       = W_o · concat_h Σ_{j≤i} α^h_ij (W_v h_j)^h + x_i
+    x'_i      = ψ(norm2(z_i)) + z_i,      ψ(u) = W_2 relu(W_1 u + b_1) + b_2
+    y_i       = norm3(x^(L)_i)
+    α^h_ij    = softmax_j( (W_q h_i)^h · (W_k h_j)^h / √d_h  [+ ALiBi] )   (RoPE rotates q, k)
+
+With ``value_proj=False`` and ``out_proj=False`` the value is ``norm1(x_j)`` itself,
+as in the paper. ``norm="none"`` drops the norms (the paper's Prop. B.9 setting),
+``d_ff=0`` drops the MLP.
+
+Because attention is causal, one pass over a stream of length N gives the
+last-token representation of every prefix (row i of ``y`` is the output for
+the prefix ``t_1..t_i``). A *probe* token after every prefix is handled in the
+same pass, using the stream's keys and values (``forward(..., probe=...)``).
+
+Weights live as float64 numpy arrays (`Params`); a backend rounds them to its
+storage format. Save/load: ``save(path)`` writes ``path.json`` (config) and
+``path.npz`` with arrays named ``embed``, ``pos`` (learned PE), and per layer
+``l{ℓ}.{wq,wk,wv,wo,n1_g,n1_b,n2_g,n2_b,w1,b1,w2,b2}``, plus ``n3_g``, ``n3_b``.
+Shapes: ``embed (vocab, d)``, ``wq/wk/wv/wo (d, d)`` acting as ``x @ W``,
+``w1 (d, d_ff)``, ``w2 (d_ff, d)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import positional
+
+
+class ConfigError(ValueError):
+    """A model configuration or weight file that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    d: int = 64
+    n_layers: int = 1
+    n_heads: int = 1
+    d_ff: int = 0
+    vocab: int = 16
+    pe: str = "sinusoidal"
+    norm: str = "layernorm"  # layernorm | rmsnorm | none
+    window: int | None = None
+    value_proj: bool = True
+    out_proj: bool = False
+    max_len: int = 16384  # learned PE table length
+    norm_eps: float = 1e-5
+    # initialisation
+    seed: int = 0
+    embed_std: float = 1.0
+    qk_std: float | None = None  # default 1/sqrt(d): q, k entries of variance ~1 ... see init
+    v_std: float | None = None
+    ff_std: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.pe not in positional.KINDS:
+            raise ConfigError(f"unknown positional encoding {self.pe!r}; use one of {', '.join(positional.KINDS)}")
+        if self.norm not in ("layernorm", "rmsnorm", "none"):
+            raise ConfigError(f"unknown norm {self.norm!r}; use layernorm, rmsnorm or none")
+        for name in ("d", "n_layers", "n_heads", "vocab"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d % self.n_heads:
+            raise ConfigError(f"d={self.d} is not divisible by n_heads={self.n_heads}")
+        if self.pe == "rope" and (self.d // self.n_heads) % 2:
+            raise ConfigError("RoPE needs an even head dimension")
+        if self.window is not None and self.window < 1:
+            raise ConfigError(f"window must be >= 1, got {self.window}")
+        if not self.value_proj and self.out_proj is False and self.n_heads != 1:
+            raise ConfigError("without value/output projections the model must have one head")
+
+    @property
+    def dh(self) -> int:
+        return self.d // self.n_heads
+
+
+@dataclasses.dataclass
+class Params:
+    config: ModelConfig
+    arrays: dict[str, np.ndarray]
+
+    def __getitem__(self, k: str) -> np.ndarray:
+        return self.arrays[k]
+
+    def save(self, path: "str | Path") -> None:
+        path = Path(path)
+        path.with_suffix(".json").write_text(json.dumps(dataclasses.asdict(self.config), indent=1))
+        np.savez(path.with_suffix(".npz"), **self.arrays)
+
+    @classmethod
+    def load(cls, path: "str | Path") -> "Params":
+        path = Path(path)
+        try:
+            cfg = ModelConfig(**json.loads(path.with_suffix(".json").read_text()))
+        except (OSError, TypeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read model config {path.with_suffix('.json')}: {e}") from None
+        with np.load(path.with_suffix(".npz")) as z:
+            arrays = {k: np.asarray(z[k], dtype=np.float64) for k in z.files}
+        p = cls(cfg, arrays)
+        p.validate()
+        return p
+
+    def validate(self) -> None:
+        c = self.config
+        expected = _shapes(c)
+        for k, shape in expected.items():
+            if k not in self.arrays:
+                raise ConfigError(f"weights lack array {k!r} (shape {shape})")
+            if self.arrays[k].shape != shape:
+                raise ConfigError(f"array {k!r} has shape {self.arrays[k].shape}, expected {shape}")
+            if not np.all(np.isfinite(self.arrays[k])):
+                raise ConfigError(f"array {k!r} has non-finite weights")
+
+
+def _shapes(c: ModelConfig) -> dict[str, tuple]:
+    s: dict[str, tuple] = {"embed": (c.vocab, c.d)}
+    if c.pe == "learned":
+        s["pos"] = (c.max_len, c.d)
+    for layer in range(c.n_layers):
+        p = f"l{layer}."
+        s[p + "wq"] = s[p + "wk"] = (c.d, c.d)
+        if c.value_proj:
+            s[p + "wv"] = (c.d, c.d)
+        if c.out_proj:
+            s[p + "wo"] = (c.d, c.d)
+        if c.norm != "none":
+            s[p + "n1_g"] = s[p + "n2_g"] = (c.d,)
+            if c.norm == "layernorm":
+                s[p + "n1_b"] = s[p + "n2_b"] = (c.d,)
+        if c.d_ff:
+            s[p + "w1"], s[p + "b1"], s[p + "w2"], s[p + "b2"] = (c.d, c.d_ff), (c.d_ff,), (c.d_ff, c.d), (c.d,)
+    if c.norm != "none":
+        s["n3_g"] = (c.d,)
+        if c.norm == "layernorm":
+            s["n3_b"] = (c.d,)
+    return s
+
+
+def init_params(config: ModelConfig) -> Params:
+    """Seeded Gaussian initialisation.
+
+    Embeddings ~ N(0, embed_std²). W_q, W_k ~ N(0, qk_std²) with default
+    ``1/√d`` so that (for unit-variance inputs) queries and keys have unit
+    variance; W_v likewise; norm gains 1, biases 0; MLP weights ``1/√fan_in``.
+    """
+    c = config
+    rng = np.random.default_rng(c.seed)
+    qk = c.qk_std if c.qk_std is not None else 1 / np.sqrt(c.d)
+    vs = c.v_std if c.v_std is not None else 1 / np.sqrt(c.d)
+    arrays: dict[str, np.ndarray] = {}
+    for k, shape in _shapes(c).items():
+        name = k.split(".")[-1]
+        if k == "embed":
+            a = rng.standard_normal(shape) * c.embed_std
+        elif k == "pos":
+            a = rng.standard_normal(shape) * c.embed_std
+        elif name in ("wq", "wk"):
+            a = rng.standard_normal(shape) * qk
+        elif name in ("wv", "wo"):
+            a = rng.standard_normal(shape) * vs
+        elif name.endswith("_g"):
+            a = np.ones(shape)
+        elif name.endswith("_b") or name in ("b1", "b2"):
+            a = np.zeros(shape)
+        else:  # w1, w2
+            std = c.ff_std if c.ff_std is not None else 1 / np.sqrt(shape[0])
+            a = rng.standard_normal(shape) * std
+        arrays[k] = a
+    return Params(c, arrays)
+
+
+# --------------------------------------------------------------------------
+# The forward pass, against a backend (see collapse_sim.backends).
+
+
+def forward(params: Params, tokens, backend, probe=None):
+    """Run the decoder.
+
+    Args:
+      params: weights.
+      tokens: int array (N,): the stream.
+      backend: a backend object (native / emulated / reference).
+      probe: optional int array (N,): ``probe[n]`` is appended after the prefix
+        ``tokens[:n+1]`` (at position n+1).
+
+    Returns ``y`` (N, d) and, with a probe, ``y_probe`` (N, d), in the
+    backend's array type; ``y[n]`` is the last-token output for the prefix of
+    length n+1, ``y_probe[n]`` that for ``tokens[:n+1] + [probe[n]]``.
+    """
+    c = params.config
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or tokens.size == 0:
+        raise ConfigError("tokens must be a non-empty 1-d array")
+    if tokens.min() < 0 or tokens.max() >= c.vocab:
+        raise ConfigError(f"token ids must lie in [0, {c.vocab})")
+    N = tokens.size
+    need = N + (1 if probe is not None else 0)
+    if c.pe == "learned" and need > c.max_len:
+        raise ConfigError(f"learned positional table has {c.max_len} rows, the input needs {need}")
+    if probe is not None:
+        probe = np.asarray(probe)
+        if probe.shape != tokens.shape:
+            raise ConfigError("probe must have one token per prefix (same length as tokens)")
+        if probe.min() < 0 or probe.max() >= c.vocab:
+            raise ConfigError(f"probe token ids must lie in [0, {c.vocab})")
+    return backend.run(_forward_impl, c, params.arrays, tokens, probe)
+
+
+def _forward_impl(c: ModelConfig, arrays, tokens, probe, B):
+    """The forward pass proper (traceable: the native and emulated backends jit it)."""
+    N = tokens.shape[0]
+    need = N + (1 if probe is not None else 0)
+    W = {k: B.store(v) for k, v in arrays.items()}
+    pos = np.arange(N)
+    x = B.take(W["embed"], tokens)
+    xp = None
+    if probe is not None:
+        xp = B.take(W["embed"], probe)
+    if c.pe in ("sinusoidal", "learned"):
+        table = B.store(positional.sinusoidal(need, c.d)) if c.pe == "sinusoidal" else B.take(W["pos"], np.arange(need))
+        x = B.add(x, B.take(table, pos))
+        if xp is not None:
+            xp = B.add(xp, B.take(table, pos + 1))
+    for layer in range(c.n_layers):
+        x, xp = _layer(c, W, f"l{layer}.", x, xp, pos, B)
+    y = _norm(c, W, "n3", x, B)
+    if xp is None:
+        return y
+    return y, _norm(c, W, "n3", xp, B)
+
+
+def _norm(c: ModelConfig, W, name: str, x, B):
+    if c.norm == "none":
+        return x
+    g = W[name + "_g"]
+    if c.norm == "layernorm":
+        mu = B.mean(x)
+        xc = B.sub(x, B.col(mu, like=x))
+        var = B.mean(B.mul(xc, xc))
+    else:
+        xc = x
+        var = B.mean(B.mul(x, x))
+    den = B.sqrt(B.add(var, B.const(c.norm_eps, like=var)))
+    y = B.mul(B.div(xc, B.col(den, like=xc)), B.row(g, like=x))
+    if c.norm == "layernorm":
+        y = B.add(y, B.row(W[name + "_b"], like=x))
+    return y
+
+
+def _layer(c: ModelConfig, W, p: str, x, xp, pos, B):
+    h = _norm(c, W, p + "n1", x, B)
+    hp = _norm(c, W, p + "n1", xp, B) if xp is not None else None
+
+    def proj(u, name):
+        return B.linear(u, W[p + name]) if (p + name) in W else u
+
+    q, k, v = proj(h, "wq"), proj(h, "wk"), proj(h, "wv")
+    qp = kp = vp = None
+    if hp is not None:
+        qp, kp, vp = proj(hp, "wq"), proj(hp, "wk"), proj(hp, "wv")
+    heads, heads_p = [], []
+    dh = c.dh
+    slopes = positional.alibi_slopes(c.n_heads) if c.pe == "alibi" else None
+    for hd in range(c.n_heads):
+        sl = slice(hd * dh, (hd + 1) * dh)
+        qh, kh, vh = B.cols(q, sl), B.cols(k, sl), B.cols(v, sl)
+        if c.pe == "rope":
+            qh, kh = _rope(qh, pos, B), _rope(kh, pos, B)
+        slope = None if slopes is None else float(slopes[hd])
+        heads.append(B.attention(qh, kh, vh, pos, pos, scale=1 / np.sqrt(dh), alibi=slope, window=c.window))
+        if hp is not None:
+            qph, kph, vph = B.cols(qp, sl), B.cols(kp, sl), B.cols(vp, sl)
+            if c.pe == "rope":
+                qph, kph = _rope(qph, pos + 1, B), _rope(kph, pos + 1, B)
+            heads_p.append(B.attention(qph, kh, vh, pos + 1, pos, scale=1 / np.sqrt(dh), alibi=slope,
+                                       window=c.window, self_kv=(kph, vph)))
+    a = B.concat_cols(heads)
+    a = proj(a, "wo")
+    z = B.add(a, x)
+    ap = zp = None
+    if hp is not None:
+        ap = proj(B.concat_cols(heads_p), "wo")
+        zp = B.add(ap, xp)
+
+    def mlp(u):
+        if not c.d_ff:
+            return u
+        h2 = _norm(c, W, p + "n2", u, B)
+        f1 = B.linear(h2, W[p + "w1"])
+        f = B.relu(B.add(f1, B.row(W[p + "b1"], like=f1)))
+        f2 = B.linear(f, W[p + "w2"])
+        return B.add(B.add(f2, B.row(W[p + "b2"], like=f2)), u)
+
+    return mlp(z), (mlp(zp) if zp is not None else None)
+
+
+def _rope(x, positions, B):
+    cos, sin = positional.rope_tables(positions, B.ncols(x))
+    C, S = B.store(cos), B.store(sin)
+    x0, x1 = B.cols(x, slice(0, None, 2)), B.cols(x, slice(1, None, 2))
+    r0 = B.sub(B.mul(x0, C), B.mul(x1, S))
+    r1 = B.add(B.mul(x0, S), B.mul(x1, C))
+    return B.interleave_cols(r0, r1)
