@@ -7,6 +7,9 @@
     y_i       = norm3(x^(L)_i)
     α^h_ij    = softmax_j( (W_q h_i)^h · (W_k h_j)^h / √d_h  [+ ALiBi] )   (RoPE rotates q, k)
 
+``ape="scores"`` adds absolute encodings to the inputs of W_q and W_k only (at
+every layer), the setting of Thm 4.2 where positions enter the score function;
+``ape="residual"`` (default) adds them to the embeddings, as GPT-style models do.
 With ``value_proj=False`` and ``out_proj=False`` the value is ``norm1(x_j)`` itself,
 as in the paper. ``norm="none"`` drops the norms (the paper's Prop. B.9 setting),
 ``d_ff=0`` drops the MLP.
@@ -49,6 +52,7 @@ class ModelConfig:
     pe: str = "sinusoidal"
     norm: str = "layernorm"  # layernorm | rmsnorm | none
     window: int | None = None
+    ape: str = "residual"  # absolute PE: added to the residual stream, or only to the q/k inputs ("scores")
     value_proj: bool = True
     out_proj: bool = False
     max_len: int = 16384  # learned PE table length
@@ -72,6 +76,8 @@ class ModelConfig:
             raise ConfigError(f"d={self.d} is not divisible by n_heads={self.n_heads}")
         if self.pe == "rope" and (self.d // self.n_heads) % 2:
             raise ConfigError("RoPE needs an even head dimension")
+        if self.ape not in ("residual", "scores"):
+            raise ConfigError(f"ape must be 'residual' or 'scores', got {self.ape!r}")
         if self.window is not None and self.window < 1:
             raise ConfigError(f"window must be >= 1, got {self.window}")
         if not self.value_proj and self.out_proj is False and self.n_heads != 1:
@@ -224,13 +230,18 @@ def _forward_impl(c: ModelConfig, arrays, tokens, probe, B):
     xp = None
     if probe is not None:
         xp = B.take(W["embed"], probe)
+    pe = pe_p = None
     if c.pe in ("sinusoidal", "learned"):
         table = B.store(positional.sinusoidal(need, c.d)) if c.pe == "sinusoidal" else B.take(W["pos"], np.arange(need))
-        x = B.add(x, B.take(table, pos))
-        if xp is not None:
-            xp = B.add(xp, B.take(table, pos + 1))
+        pe = B.take(table, pos)
+        pe_p = B.take(table, pos + 1) if xp is not None else None
+        if c.ape == "residual":
+            x = B.add(x, pe)
+            if xp is not None:
+                xp = B.add(xp, pe_p)
+            pe = pe_p = None
     for layer in range(c.n_layers):
-        x, xp = _layer(c, W, f"l{layer}.", x, xp, pos, B)
+        x, xp = _layer(c, W, f"l{layer}.", x, xp, pos, B, pe, pe_p)
     y = _norm(c, W, "n3", x, B)
     if xp is None:
         return y
@@ -255,17 +266,19 @@ def _norm(c: ModelConfig, W, name: str, x, B):
     return y
 
 
-def _layer(c: ModelConfig, W, p: str, x, xp, pos, B):
+def _layer(c: ModelConfig, W, p: str, x, xp, pos, B, pe=None, pe_p=None):
     h = _norm(c, W, p + "n1", x, B)
     hp = _norm(c, W, p + "n1", xp, B) if xp is not None else None
 
     def proj(u, name):
         return B.linear(u, W[p + name]) if (p + name) in W else u
 
-    q, k, v = proj(h, "wq"), proj(h, "wk"), proj(h, "wv")
+    hqk = B.add(h, pe) if pe is not None else h  # ape="scores": positions enter q and k only
+    q, k, v = proj(hqk, "wq"), proj(hqk, "wk"), proj(h, "wv")
     qp = kp = vp = None
     if hp is not None:
-        qp, kp, vp = proj(hp, "wq"), proj(hp, "wk"), proj(hp, "wv")
+        hqkp = B.add(hp, pe_p) if pe_p is not None else hp
+        qp, kp, vp = proj(hqkp, "wq"), proj(hqkp, "wk"), proj(hp, "wv")
     heads, heads_p = [], []
     dh = c.dh
     slopes = positional.alibi_slopes(c.n_heads) if c.pe == "alibi" else None

@@ -48,7 +48,9 @@ class NativeBackend:
 
     # data
     def store(self, x):
-        return jnp.asarray(np.asarray(x, np.float64)).astype(self.dtype)
+        if isinstance(x, np.ndarray) or np.isscalar(x):
+            x = np.asarray(x, np.float64)
+        return jnp.asarray(x).astype(self.dtype)
 
     def const(self, c, like):
         return jnp.full(like.shape, c, dtype=jnp.float64).astype(self.dtype)

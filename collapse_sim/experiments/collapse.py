@@ -1,0 +1,80 @@
+"""Where do distinct inputs become identical? The collapse sweep.
+
+For a model, a family and a list of backends, one forward pass per run gives
+both members of every pair n = 1..N; the table holds, per (backend, n), the
+L1 and L∞ distances between the two last-token outputs, whether they are
+bitwise identical, and whether either is non-finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from ..families import Pairs, make_pairs
+from ..model import Params, forward
+
+
+@dataclasses.dataclass
+class CollapseResult:
+    backend: str
+    fmt: str
+    ns: np.ndarray
+    l1: np.ndarray
+    linf: np.ndarray
+    identical: np.ndarray
+    nonfinite: np.ndarray
+    scale: float  # max |y| over both members: the representation's scale
+    seconds: float
+
+    def first_identical(self) -> int | None:
+        hit = np.nonzero(self.identical & ~self.nonfinite)[0]
+        return int(self.ns[hit[0]]) if hit.size else None
+
+    def collapsed_from(self) -> int | None:
+        """Smallest n from which every pair up to N is identical (None if the last is not)."""
+        ok = self.identical & ~self.nonfinite
+        if not ok[-1]:
+            return None
+        bad = np.nonzero(~ok)[0]
+        return int(self.ns[bad[-1] + 1]) if bad.size else int(self.ns[0])
+
+    def rows(self) -> list[dict]:
+        return [{"n": int(n), "backend": self.backend, "format": self.fmt, "dist_l1": float(a), "dist_linf": float(b),
+                 "bitwise_identical": bool(c), "nonfinite": bool(d)}
+                for n, a, b, c, d in zip(self.ns, self.l1, self.linf, self.identical, self.nonfinite)]
+
+
+def _outputs(params: Params, pairs: Pairs, backend, progress=None):
+    outs = []
+    for i, run in enumerate(pairs.runs):
+        t0 = time.time()
+        res = forward(params, run.tokens, backend, probe=run.probe)
+        if run.probe is None:
+            y, yp = backend.to_numpy(res), None
+        else:
+            y, yp = backend.to_numpy(res[0]), backend.to_numpy(res[1])
+        outs.append({"y": y, "p": yp})
+        if progress:
+            progress(f"{backend.label}: run {i + 1}/{len(pairs.runs)} (N={run.tokens.size}) in {time.time() - t0:.1f}s")
+    return outs
+
+
+def collapse_sweep(params: Params, family: str, n_max: int, backend, fmt_name: str, *, seed: int = 0,
+                   sep: int | None = None, progress=None) -> CollapseResult:
+    t0 = time.time()
+    pairs = make_pairs(family, n_max, params.config.vocab, seed=seed, sep=sep)
+    outs = _outputs(params, pairs, backend, progress)
+    ra, ka, ia = pairs.a
+    rb, kb, ib = pairs.b
+    A = outs[ra][ka][ia]
+    B = outs[rb][kb][ib]
+    nonfinite = ~(np.all(np.isfinite(A), axis=1) & np.all(np.isfinite(B), axis=1))
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(A - B)
+    identical = np.all((A == B) | (np.isnan(A) & np.isnan(B)), axis=1)
+    scale = float(np.nanmax(np.abs(np.concatenate([A, B])[np.isfinite(np.concatenate([A, B]))]), initial=0.0))
+    return CollapseResult(backend.label, fmt_name, pairs.ns, diff.sum(axis=1), diff.max(axis=1), identical,
+                          nonfinite, scale, time.time() - t0)
