@@ -525,7 +525,7 @@ def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
         s = emu.dot(Q, K)  # (B, nk), compute format
         s = emu.mul(s, jnp.broadcast_to(sc, s.shape))
         if alibi is not None:
-            bias = round_to((-alibi * (pb[:, None] - cols[None, :])).astype(jnp.float64), pol.storage, mode).astype(dt)
+            bias = round_to(-alibi * (pb[:, None] - cols[None, :]).astype(jnp.float64), pol.storage, mode).astype(dt)
             s = emu.add(s, bias)
         s = round_to(s, pol.softmax, mode)
         valid = cols[None, :] <= pb[:, None]

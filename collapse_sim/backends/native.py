@@ -115,7 +115,7 @@ def _native_attention(q, k, v, qpos, scale, alibi, window, self_kv, dtype):
             s_self = jnp.sum(qb * kpb, axis=-1) * sc
             s = jnp.where(cols[None, :] == pb[:, None], s_self[:, None], s)
         if alibi is not None:
-            s = s + (-alibi * (pb[:, None] - cols[None, :])).astype(dtype)
+            s = s + (-alibi * (pb[:, None] - cols[None, :]).astype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)).astype(dtype)
         valid = cols[None, :] <= pb[:, None]
         if window is not None:
             valid = valid & (cols[None, :] > pb[:, None] - window)

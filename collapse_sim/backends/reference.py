@@ -181,6 +181,11 @@ def _is_neg(v) -> bool:
 
 def _gt(m1: int, e1: int, m2: int, e2: int) -> bool:
     """m1 * 2**e1 > m2 * 2**e2 for non-negative integers."""
+    if m1 == 0 or m2 == 0:
+        return m1 > 0 and m2 == 0
+    t1, t2 = m1.bit_length() + e1, m2.bit_length() + e2  # magnitudes in [2^(t-1), 2^t)
+    if t1 != t2:
+        return t1 > t2
     e = min(e1, e2)
     return (m1 << (e1 - e)) > (m2 << (e2 - e))
 
