@@ -98,7 +98,9 @@ def cmd_collapse(args) -> int:
     enable_x64()
     if args.max_len <= 0:
         raise UsageError(f"--max-len must be positive, got {args.max_len}")
-    fmts = [f.strip() for f in args.format.split(",") if f.strip()]
+    import re
+
+    fmts = [f.strip().removeprefix("(").removesuffix(")") for f in re.split(r",(?![^()]*\))", args.format) if f.strip()]
     for f in fmts:
         parse(f)
     try:
@@ -201,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("collapse", help="distance between paired inputs for every n, per format; first collapse length")
     p.add_argument("--family", required=True, choices=NAMES)
-    p.add_argument("--format", default="bf16,fp16,fp32", help="comma-separated formats (default bf16,fp16,fp32)")
+    p.add_argument("--format", default="bf16,fp16,fp32", help="comma-separated formats (default bf16,fp16,fp32); custom ones in parentheses: '(p=5,emax=15)'")
     p.add_argument("--backend", default="emulated", choices=["emulated", "native", "reference"])
     p.add_argument("--order", default="pairwise", help="reduction order for emulated/reference (default pairwise)")
     p.add_argument("--max-len", type=int, required=True)

@@ -101,7 +101,10 @@ def reproduce(out: str = "collapse-report", quick: bool = False) -> int:
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
     lines = ["# collapse_sim report", "",
-             f"Mode: {'quick' if quick else 'full'}.", ""]
+             f"Mode: {'quick' if quick else 'full'}.", "",
+             "Status: this report covers the number-format layer (formats, rounding, reduction orders)",
+             "and the v vs v* collapse sweep. The paper's Fig. 9/10 reproductions, the copying/counting",
+             "families across formats and the remedies are not in it yet.", ""]
     sections = [("formats", _section_formats), ("rounding", _section_rounding), ("sums", _section_sums)]
     from . import experiments  # noqa: F401  (registers experiment sections, if any)
 

@@ -5,4 +5,6 @@ from __future__ import annotations
 
 def report_sections(quick: bool) -> list:
     """(name, fn(lines, outdir)) pairs for ``collapse-sim reproduce``."""
-    return []
+    from .report_collapse import collapse_sections
+
+    return collapse_sections(quick)
