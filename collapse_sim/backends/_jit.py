@@ -25,3 +25,45 @@ def run_jitted(backend, fn, config, arrays: dict, tokens, probe):
     t = jnp.asarray(tokens, jnp.int32)
     pr = jnp.asarray(probe, jnp.int32) if probe is not None else jnp.zeros_like(t)
     return f(vals, t, pr)
+
+
+class JaxBackendBase:
+    """What the native and emulated backends share: jit-cached runs and array plumbing.
+
+    Subclasses set ``kind`` and ``label`` (the label identifies the arithmetic, so
+    two backends with equal labels share compiled code).
+    """
+
+    kind = ""
+    label = ""
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.label))
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.label == self.label
+
+    def run(self, fn, config, arrays, tokens, probe):
+        """Run a traceable model function under jit (cached per config and shape)."""
+        return run_jitted(self, fn, config, arrays, tokens, probe)
+
+    def take(self, table, idx):
+        return table[jnp.asarray(idx)]
+
+    def col(self, v, like):
+        return jnp.broadcast_to(v[:, None], like.shape)
+
+    def row(self, v, like):
+        return jnp.broadcast_to(v[None, :], like.shape)
+
+    def cols(self, x, sl):
+        return x[:, sl]
+
+    def ncols(self, x):
+        return x.shape[1]
+
+    def concat_cols(self, xs):
+        return jnp.concatenate(xs, axis=1)
+
+    def interleave_cols(self, a, b):
+        return jnp.stack([a, b], axis=-1).reshape(a.shape[0], -1)

@@ -32,6 +32,7 @@ from jax import lax
 from ..formats import Format, parse as parse_format
 from ..policy import Order, Policy
 from ..rounding import Mode, round_to
+from ._jit import JaxBackendBase
 
 
 class CarrierError(ValueError):
@@ -369,7 +370,7 @@ def _pow2(k):
 _BLOCK_ELEMS = 1 << 21  # elements of one (queries x keys x head-dim) block
 
 
-class EmulatedBackend:
+class EmulatedBackend(JaxBackendBase):
     """Model primitives of collapse_sim.model, every op rounded per the policy.
 
     Attention for query i over key columns 0..qpos_i (causal; a window zeroes
@@ -395,18 +396,6 @@ class EmulatedBackend:
         self.dtype = self.emu.dtype
         self.label = f"emulated:{self.policy}"
 
-    def __hash__(self) -> int:
-        return hash((self.kind, self.label))
-
-    def __eq__(self, other) -> bool:
-        return type(other) is type(self) and other.label == self.label
-
-    def run(self, fn, config, arrays, tokens, probe):
-        """Run a traceable model function under jit (cached per config and shape)."""
-        from ._jit import run_jitted
-
-        return run_jitted(self, fn, config, arrays, tokens, probe)
-
     def describe(self) -> dict:
         return {"backend": "emulated", "policy": str(self.policy), "carrier": str(self.dtype)}
 
@@ -416,27 +405,6 @@ class EmulatedBackend:
 
     def const(self, c, like):
         return jnp.broadcast_to(self.store(jnp.float64(c)), like.shape)
-
-    def take(self, table, idx):
-        return table[jnp.asarray(idx)]
-
-    def col(self, v, like):
-        return jnp.broadcast_to(v[:, None], like.shape)
-
-    def row(self, v, like):
-        return jnp.broadcast_to(v[None, :], like.shape)
-
-    def cols(self, x, sl):
-        return x[:, sl]
-
-    def ncols(self, x):
-        return x.shape[1]
-
-    def concat_cols(self, xs):
-        return jnp.concatenate(xs, axis=1)
-
-    def interleave_cols(self, a, b):
-        return jnp.stack([a, b], axis=-1).reshape(a.shape[0], -1)
 
     def to_numpy(self, x):
         import numpy as np

@@ -13,11 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..formats import NUMPY_DTYPES, parse as parse_format
+from ._jit import JaxBackendBase
 
 _QBLOCK_ELEMS = 1 << 24
 
 
-class NativeBackend:
+class NativeBackend(JaxBackendBase):
     kind = "native"
 
     def __init__(self, dtype: str):
@@ -31,18 +32,6 @@ class NativeBackend:
         self.dtype = jnp.dtype(name)
         self.label = f"native:{fmt.name}"
 
-    def __hash__(self) -> int:
-        return hash((self.kind, self.label))
-
-    def __eq__(self, other) -> bool:
-        return type(other) is type(self) and other.label == self.label
-
-    def run(self, fn, config, arrays, tokens, probe):
-        """Run a traceable model function under jit (cached per config and shape)."""
-        from ._jit import run_jitted
-
-        return run_jitted(self, fn, config, arrays, tokens, probe)
-
     def describe(self) -> dict:
         return {"backend": "native", "dtype": str(self.dtype), "device": str(jax.devices()[0])}
 
@@ -54,27 +43,6 @@ class NativeBackend:
 
     def const(self, c, like):
         return jnp.full(like.shape, c, dtype=jnp.float64).astype(self.dtype)
-
-    def take(self, table, idx):
-        return table[jnp.asarray(idx)]
-
-    def col(self, v, like):
-        return jnp.broadcast_to(v[:, None], like.shape)
-
-    def row(self, v, like):
-        return jnp.broadcast_to(v[None, :], like.shape)
-
-    def cols(self, x, sl):
-        return x[:, sl]
-
-    def ncols(self, x):
-        return x.shape[1]
-
-    def concat_cols(self, xs):
-        return jnp.concatenate(xs, axis=1)
-
-    def interleave_cols(self, a, b):
-        return jnp.stack([a, b], axis=-1).reshape(a.shape[0], -1)
 
     def to_numpy(self, x):
         return np.asarray(jnp.asarray(x).astype(jnp.float32 if self.dtype != jnp.float64 else jnp.float64), np.float64)
