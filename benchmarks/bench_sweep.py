@@ -1,0 +1,155 @@
+"""Sweep costs, as ratios measured in one run.
+
+    python benchmarks/bench_sweep.py [--n 4096] [--loop-lengths 16] [--mem-n 65536] [--ref-n 16]
+
+1. Prefix trick: one forward over a length-N stream (all n <= N) against a loop
+   that runs each prefix separately (timed on --loop-lengths evenly spaced
+   lengths and extrapolated to all N, compile excluded), native float32.
+2. Emulated bf16 forward against native float32 at N (compile excluded).
+3. Peak resident memory of an emulated bf16 forward at --mem-n, d = 64, L = 2
+   (in a subprocess, from getrusage).
+4. Reference backend tokens/s at 53 and 256 bits against plain mpmath matrices
+   doing the same forward (mpmath.matrix products and elementwise softmax).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def _timed(fn, repeat=3):
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _block(y):
+    import jax
+
+    return jax.block_until_ready(y)
+
+
+def prefix_vs_loop(n, k):
+    from collapse_sim.backends import make_backend
+    from collapse_sim.model import ModelConfig, forward, init_params
+
+    P = init_params(ModelConfig(d=64, n_layers=1, vocab=16, pe="sinusoidal", seed=0))
+    toks = np.random.default_rng(0).integers(0, 16, n)
+    be = make_backend("native", "fp32")
+    t_one = _timed(lambda: _block(forward(P, toks, be)))
+    lengths = np.unique(np.linspace(1, n, k).astype(int))
+    per = []
+    for m in lengths:
+        per.append(_timed(lambda m=m: _block(forward(P, toks[:m], be)), repeat=1))
+    # cost of the loop over every length: integrate the measured per-length cost
+    t_loop = float(np.trapezoid(per, lengths)) if len(lengths) > 1 else per[0] * n
+    return t_one, t_loop
+
+
+def emulated_vs_native(n):
+    from collapse_sim.backends import make_backend
+    from collapse_sim.model import ModelConfig, forward, init_params
+
+    P = init_params(ModelConfig(d=64, n_layers=1, vocab=16, pe="sinusoidal", seed=0))
+    toks = np.random.default_rng(0).integers(0, 16, n)
+    nat, emu = make_backend("native", "fp32"), make_backend("emulated", "bf16")
+    return _timed(lambda: _block(forward(P, toks, nat))), _timed(lambda: _block(forward(P, toks, emu)), repeat=1)
+
+
+def peak_memory(n):
+    code = f"""
+import collapse_sim as cs, numpy as np, resource, jax
+cs.enable_x64()
+from collapse_sim.backends import make_backend
+from collapse_sim.model import ModelConfig, forward, init_params
+P = init_params(ModelConfig(d=64, n_layers=2, vocab=16, pe="sinusoidal", seed=0, max_len={n + 8}))
+y = forward(P, np.random.default_rng(0).integers(0, 16, {n}), make_backend("emulated", "bf16"))
+jax.block_until_ready(y)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if r.returncode:
+        return None, time.perf_counter() - t0, r.stderr[-500:]
+    return int(r.stdout.split()[-1]) * 1024, time.perf_counter() - t0, ""
+
+
+def reference_speed(n, prec):
+    import mpmath
+
+    from collapse_sim.backends import make_backend
+    from collapse_sim.model import ModelConfig, forward, init_params
+
+    P = init_params(ModelConfig(d=16, n_layers=1, vocab=16, pe="none", norm="none", seed=0))
+    toks = np.random.default_rng(0).integers(0, 16, n)
+    be = make_backend("reference", str(prec))
+    t_ref = _timed(lambda: forward(P, toks, be), repeat=1)
+
+    def plain():
+        ctx = mpmath.MPContext()
+        ctx.prec = prec
+        X = ctx.matrix([[ctx.mpf(float(v)) for v in P["embed"][t]] for t in toks])
+        Wq, Wk, Wv = (ctx.matrix(P[f"l0.{w}"].tolist()) for w in ("wq", "wk", "wv"))
+        Q, K, V = X * Wq, X * Wk, X * Wv
+        S = Q * K.T
+        out = ctx.matrix(n, X.cols)
+        for i in range(n):
+            e = [ctx.exp(S[i, j] / ctx.sqrt(X.cols)) for j in range(i + 1)]
+            den = ctx.fsum(e)
+            for c in range(X.cols):
+                out[i, c] = ctx.fsum(e[j] / den * V[j, c] for j in range(i + 1)) + X[i, c]
+        return out
+
+    t_plain = _timed(plain, repeat=1)
+    return t_ref, t_plain
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--loop-lengths", type=int, default=16)
+    ap.add_argument("--mem-n", type=int, default=65536)
+    ap.add_argument("--ref-n", type=int, default=16)
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: prefix,emulated,memory,reference")
+    args = ap.parse_args(argv)
+    import collapse_sim as cs
+
+    cs.enable_x64()
+    skip = set(args.skip.split(","))
+    res = {}
+    if "prefix" not in skip:
+        one, loop = prefix_vs_loop(args.n, args.loop_lengths)
+        res["prefix"] = {"one_pass_s": one, "per_length_loop_s": loop, "ratio": loop / one}
+        print(f"prefix trick, N={args.n}: one pass {one:.3f}s, loop over every length ~{loop:.1f}s: ratio {loop / one:.0f}x (target >= 100x)")
+    if "emulated" not in skip:
+        nat, emu = emulated_vs_native(args.n)
+        res["emulated"] = {"native_f32_s": nat, "emulated_bf16_s": emu, "ratio": emu / nat}
+        print(f"forward N={args.n}: native f32 {nat:.3f}s, emulated bf16 {emu:.2f}s: ratio {emu / nat:.1f}x (target <= 4x)")
+    if "memory" not in skip:
+        peak, secs, err = peak_memory(args.mem_n)
+        res["memory"] = {"n": args.mem_n, "peak_bytes": peak, "seconds": secs, "error": err}
+        if peak is None:
+            print(f"memory N={args.mem_n}: failed after {secs:.0f}s: {err}")
+        else:
+            print(f"memory N={args.mem_n}, d=64, L=2, emulated bf16: peak RSS {peak / 2**30:.2f} GiB in {secs:.0f}s (target < 2 GB)")
+    if "reference" not in skip:
+        for prec in (53, 256):
+            t_ref, t_plain = reference_speed(args.ref_n, prec)
+            res[f"reference_{prec}"] = {"ref_s": t_ref, "plain_mpmath_s": t_plain, "speedup": t_plain / t_ref}
+            print(f"reference prec={prec}, N={args.ref_n}, d=16: {args.ref_n / t_ref:.1f} tokens/s; plain mpmath "
+                  f"{args.ref_n / t_plain:.1f} tokens/s: speedup {t_plain / t_ref:.2f}x (target >= 20x)")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
