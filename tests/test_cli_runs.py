@@ -17,7 +17,7 @@ def test_reproduce_quick_writes_report_with_figures(tmp_path):
     text = (out / "report.md").read_text()
     for section in ["## Formats", "## Rounding", "## Reduction order", "## Representational collapse", "## Provenance"]:
         assert section in text
-    figs = [line.split("(")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
+    figs = [line.rsplit("](", 1)[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
     assert figs and all((out / f).exists() for f in figs)
     assert "MISMATCH" not in text
 

@@ -3,6 +3,8 @@
 * ``native``: plain JAX dtypes; XLA decides internal precision (what the stack does).
 * ``emulated``: every op rounded to a policy's formats, reduction order explicit (what the format does).
 * ``reference``: mpmath, op for op in the same order, at any precision (ground truth).
+* ``interval``: mpmath interval arithmetic; encloses the exact-arithmetic values, so it
+  certifies that two representations differ (``interval.certify_distinct``).
 
 ``make_backend(name, spec)`` builds one from a name and a format/policy/precision string.
 """
@@ -21,6 +23,10 @@ def make_backend(kind: str, spec: str):
         from .emulated import EmulatedBackend
 
         return EmulatedBackend(spec)
+    if kind == "interval":
+        from .interval import IntervalBackend
+
+        return IntervalBackend(spec)
     if kind == "reference":
         from .reference import ReferenceBackend
 
