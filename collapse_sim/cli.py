@@ -23,11 +23,9 @@ def _fmt_num(x: float) -> str:
 
 
 def cmd_formats(args) -> int:
-    from .formats import builtin_formats, parse, table_rows
+    from .formats import parse, table_rows
 
-    rows = table_rows() if not args.format else [
-        _row(parse(f)) for f in args.format
-    ]
+    rows = table_rows([parse(f) for f in args.format] if args.format else None)
     cols = ["name", "p", "emin", "emax", "subnormals", "overflow", "u", "eps", "max", "min_normal", "min_subnormal"]
     if args.json:
         import json
@@ -39,14 +37,7 @@ def cmd_formats(args) -> int:
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)) + "  description")
     for r, row in zip(rows, cells):
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)) + "  " + str(r["description"]))
-    del builtin_formats
     return 0
-
-
-def _row(f):
-    return {"name": f.name, "p": f.p, "emin": f.emin, "emax": f.emax, "subnormals": f.subnormals,
-            "overflow": f.overflow, "u": f.unit_roundoff, "eps": f.eps, "max": f.max,
-            "min_normal": f.min_normal, "min_subnormal": f.min_subnormal, "description": f.description}
 
 
 def cmd_round(args) -> int:

@@ -289,10 +289,10 @@ def builtin_formats() -> list[Format]:
     return sorted(seen.values(), key=lambda f: (-f.p, -f.emax, f.name))
 
 
-def table_rows() -> list[dict[str, object]]:
-    """One row per built-in format with its properties (for ``collapse-sim formats``)."""
+def table_rows(formats: "list[Format] | None" = None) -> list[dict[str, object]]:
+    """One row per format (default: the built-ins) with its properties (for ``collapse-sim formats``)."""
     rows = []
-    for f in builtin_formats():
+    for f in builtin_formats() if formats is None else formats:
         rows.append({
             "name": f.name, "p": f.p, "emin": f.emin, "emax": f.emax,
             "subnormals": f.subnormals, "overflow": f.overflow,

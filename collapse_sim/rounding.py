@@ -177,7 +177,6 @@ def _round_impl(x, key, fmt: Format, mode: Mode):
     pat_shallow = ((mag >> ds) + up.astype(U)) << ds
     pat_deep = jnp.where(up, c.pattern_of_pow2(qexp, True), U(0))
     pat = jnp.where(shallow, pat_shallow, pat_deep)
-    went_up = up  # magnitude increased by the rounding
 
     # Overflow.
     xmax_pat = c.pattern_of_value(fmt.top_significand, fmt.emax - p + 1)
@@ -192,15 +191,15 @@ def _round_impl(x, key, fmt: Format, mode: Mode):
     overflow_value = {"inf": inf_pat, "nan": nan_pat, "saturate": xmax_p}[fmt.overflow]
     # Overflow goes to the overflow value when the rounding moved away from zero.
     if mode is Mode.RNE:
-        away = jnp.ones_like(went_up)
+        away = jnp.ones_like(up)
     elif mode is Mode.RZ:
-        away = jnp.zeros_like(went_up)
+        away = jnp.zeros_like(up)
     elif mode is Mode.RU:
         away = ~neg
     elif mode is Mode.RD:
         away = neg
-    else:
-        away = went_up
+    else:  # stochastic: away from zero exactly when it rounded up in magnitude
+        away = up
     pat = jnp.where(over, jnp.where(away, overflow_value, xmax_p), pat)
 
     # Flush to zero without subnormals.

@@ -21,11 +21,6 @@ from oracles import format_values, fraction_round, mp_op
 MODES = ["rne", "rz", "ru", "rd"]
 
 
-def _bits(a):
-    a = np.asarray(a, np.float64)
-    return np.where(np.isnan(a), np.nan, a).view(np.uint64)
-
-
 def _eq(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return ((a.view(np.uint64) == b.view(np.uint64)) | (np.isnan(a) & np.isnan(b))).all()

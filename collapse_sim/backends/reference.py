@@ -289,7 +289,7 @@ def to_float(a) -> np.ndarray:
     a = np.asarray(a, dtype=object)
     out = np.empty(a.shape, dtype=np.float64)
     for idx, v in np.ndenumerate(a):
-        out[idx] = mlib.to_float(v) if v[1] != 0 or v in (mlib.fzero, _NZERO) else mlib.to_float(v)
+        out[idx] = mlib.to_float(v)
     return out
 
 
