@@ -18,8 +18,10 @@ import mpmath
 import numpy as np
 from mpmath.ctx_iv import MPIntervalContext
 
+from .reference import ObjectArrayBackend
 
-class IntervalBackend:
+
+class IntervalBackend(ObjectArrayBackend):
     kind = "interval"
 
     def __init__(self, prec: "int | str" = 128):
@@ -37,9 +39,6 @@ class IntervalBackend:
 
     def describe(self) -> dict:
         return {"backend": "interval", "prec": self.prec}
-
-    def run(self, fn, config, arrays, tokens, probe):
-        return fn(config, arrays, np.asarray(tokens), None if probe is None else np.asarray(probe), self)
 
     def _relu1(self, x):
         if x.a >= 0:
@@ -61,27 +60,6 @@ class IntervalBackend:
         out.fill(self.ctx.mpf(float(c)))
         return out
 
-    def take(self, table, idx):
-        return table[np.asarray(idx)]
-
-    def col(self, v, like):
-        return np.broadcast_to(v[:, None], like.shape)
-
-    def row(self, v, like):
-        return np.broadcast_to(v[None, :], like.shape)
-
-    def cols(self, x, sl):
-        return x[:, sl]
-
-    def ncols(self, x):
-        return x.shape[1]
-
-    def concat_cols(self, xs):
-        return np.concatenate(xs, axis=1)
-
-    def interleave_cols(self, a, b):
-        return np.stack([a, b], axis=-1).reshape(a.shape[0], -1)
-
     def to_numpy(self, x):
         """Midpoints as float64."""
         out = np.empty(np.shape(x), dtype=np.float64)
@@ -90,21 +68,6 @@ class IntervalBackend:
         return out
 
     # arithmetic
-    def add(self, a, b):
-        return self._add(a, b)
-
-    def sub(self, a, b):
-        return self._sub(a, b)
-
-    def mul(self, a, b):
-        return self._mul(a, b)
-
-    def div(self, a, b):
-        return self._div(a, b)
-
-    def sqrt(self, a):
-        return self._sqrt(a)
-
     def relu(self, x):
         return self._relu(x)
 

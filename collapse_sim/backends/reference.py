@@ -304,7 +304,51 @@ def to_mpf(a) -> np.ndarray:
 
 
 
-class ReferenceBackend:
+class ObjectArrayBackend:
+    """Array plumbing of the Python-number backends (numpy object arrays, run eagerly).
+    Subclasses set the element-wise ufuncs ``_add _sub _mul _div _sqrt``."""
+
+    def add(self, a, b):
+        return self._add(a, b)
+
+    def sub(self, a, b):
+        return self._sub(a, b)
+
+    def mul(self, a, b):
+        return self._mul(a, b)
+
+    def div(self, a, b):
+        return self._div(a, b)
+
+    def sqrt(self, a):
+        return self._sqrt(a)
+
+    def run(self, fn, config, arrays, tokens, probe):
+        return fn(config, arrays, np.asarray(tokens), None if probe is None else np.asarray(probe), self)
+
+    def take(self, table, idx):
+        return table[np.asarray(idx)]
+
+    def col(self, v, like):
+        return np.broadcast_to(v[:, None], like.shape)
+
+    def row(self, v, like):
+        return np.broadcast_to(v[None, :], like.shape)
+
+    def cols(self, x, sl):
+        return x[:, sl]
+
+    def ncols(self, x):
+        return x.shape[1]
+
+    def concat_cols(self, xs):
+        return np.concatenate(xs, axis=1)
+
+    def interleave_cols(self, a, b):
+        return np.stack([a, b], axis=-1).reshape(a.shape[0], -1)
+
+
+class ReferenceBackend(ObjectArrayBackend):
     """Model primitives in mpmath, in the emulated backend's exact order.
 
     ``ReferenceBackend("256")`` (digits only: a precision in bits) is a
@@ -331,9 +375,6 @@ class ReferenceBackend:
         self._div = np.frompyfunc(c.div, 2, 1)
         self._sqrt = np.frompyfunc(c.sqrt, 1, 1)
 
-    def run(self, fn, config, arrays, tokens, probe):
-        return fn(config, arrays, np.asarray(tokens), None if probe is None else np.asarray(probe), self)
-
     def describe(self) -> dict:
         return {"backend": "reference", "policy": str(self.policy), "mpmath_backend": mlib.BACKEND}
 
@@ -347,46 +388,10 @@ class ReferenceBackend:
         out.fill(v)
         return out
 
-    def take(self, table, idx):
-        return table[np.asarray(idx)]
-
-    def col(self, v, like):
-        return np.broadcast_to(v[:, None], like.shape)
-
-    def row(self, v, like):
-        return np.broadcast_to(v[None, :], like.shape)
-
-    def cols(self, x, sl):
-        return x[:, sl]
-
-    def ncols(self, x):
-        return x.shape[1]
-
-    def concat_cols(self, xs):
-        return np.concatenate(xs, axis=1)
-
-    def interleave_cols(self, a, b):
-        return np.stack([a, b], axis=-1).reshape(a.shape[0], -1)
-
     def to_numpy(self, x):
         return to_float(x)
 
     # arithmetic
-    def add(self, a, b):
-        return self._add(a, b)
-
-    def sub(self, a, b):
-        return self._sub(a, b)
-
-    def mul(self, a, b):
-        return self._mul(a, b)
-
-    def div(self, a, b):
-        return self._div(a, b)
-
-    def sqrt(self, a):
-        return self._sqrt(a)
-
     def relu(self, x):
         return np.frompyfunc(lambda v: v if (v[1] != 0 and not v[0]) else mlib.fzero, 1, 1)(x)
 
