@@ -13,6 +13,7 @@ Tokens: 0 and 1 are the digits, ``PLUS`` = 2, ``SEP`` = 3 (a comma), and
 | ``repeat_last`` | a random sequence v of length n vs v with its last token repeated (Thm 4.2) |
 | ``ones`` | ``1^n`` vs ``1^(n+1)`` |
 | ``first_copy`` | ``0 1^n`` vs ``1 1^n`` (copy the first token) |
+| ``zero_ones`` | ``0 1^n`` vs ``0 1^(n+1)`` (count the ones after a distinct first token) |
 | ``last_copy`` | ``1^n 0`` vs ``1^(n+1)`` (copy the last token) |
 | ``count_bernoulli`` | a Bernoulli(p) 0/1 string s vs ``s 1`` (count the ones) |
 | ``sum_ones`` | ``1+1+…+1`` with k ones vs k+1 ones (n = k) |
@@ -28,7 +29,7 @@ import numpy as np
 
 ZERO, ONE, PLUS, SEP = 0, 1, 2, 3
 FIRST_FREE = 4
-NAMES = ("repeat_last", "ones", "first_copy", "last_copy", "count_bernoulli", "sum_ones")
+NAMES = ("repeat_last", "ones", "first_copy", "zero_ones", "last_copy", "count_bernoulli", "sum_ones")
 
 
 class FamilyError(ValueError):
@@ -91,6 +92,9 @@ def make_pairs(name: str, n_max: int, vocab: int, *, seed: int = 0, p: float = 0
         sa, idx = _with_sep(np.concatenate([[ZERO], np.full(n_max, ONE)]), sep)
         sb, _ = _with_sep(np.concatenate([[ONE], np.full(n_max, ONE)]), sep)
         return Pairs((Run(sa), Run(sb)), ns, (0, "y", idx[1:]), (1, "y", idx[1:]))
+    if name == "zero_ones":
+        stream, idx = _with_sep(np.concatenate([[ZERO], np.full(n_max + 1, ONE)]), sep)
+        return Pairs((Run(stream),), ns, (0, "y", idx[1:-1]), (0, "y", idx[2:]))
     if name == "last_copy":
         stream, idx = _with_sep(np.full(n_max + 1, ONE), sep)
         probe = np.full_like(stream, ZERO)

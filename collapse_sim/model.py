@@ -220,8 +220,13 @@ def forward(params: Params, tokens, backend, probe=None):
     return backend.run(_forward_impl, c, params.arrays, tokens, probe)
 
 
-def _forward_impl(c: ModelConfig, arrays, tokens, probe, B):
-    """The forward pass proper (traceable: the native and emulated backends jit it)."""
+def _forward_impl(c: ModelConfig, arrays, tokens, probe, B, delta0=None):
+    """The forward pass proper (traceable: the native and emulated backends jit it).
+
+    ``delta0`` (N, d), if given, is added to the layer-0 representations v^(0): the
+    handle for Jacobians ∂y/∂v^(0) (collapse_sim.theory.trace). Intermediate values
+    pass through ``B.tap(name, x)``; norm scales and attention weights through
+    ``B.freeze`` (identity except on analysis backends)."""
     N = tokens.shape[0]
     need = N + (1 if probe is not None else 0)
     W = {k: B.store(v) for k, v in arrays.items()}
@@ -240,8 +245,11 @@ def _forward_impl(c: ModelConfig, arrays, tokens, probe, B):
             if xp is not None:
                 xp = B.add(xp, pe_p)
             pe = pe_p = None
+    if delta0 is not None:
+        x = B.add(x, delta0)
     for layer in range(c.n_layers):
         x, xp = _layer(c, W, f"l{layer}.", x, xp, pos, B, pe, pe_p)
+    x = B.tap(f"l{c.n_layers}.x", x)
     y = _norm(c, W, "n3", x, B)
     if xp is None:
         return y
@@ -259,7 +267,7 @@ def _norm(c: ModelConfig, W, name: str, x, B):
     else:
         xc = x
         var = B.mean(B.mul(x, x))
-    den = B.sqrt(B.add(var, B.const(c.norm_eps, like=var)))
+    den = B.freeze(B.tap(name + "_sigma", B.sqrt(B.add(var, B.const(c.norm_eps, like=var)))))
     y = B.mul(B.div(xc, B.col(den, like=xc)), B.row(g, like=x))
     if c.norm == "layernorm":
         y = B.add(y, B.row(W[name + "_b"], like=x))
@@ -267,6 +275,7 @@ def _norm(c: ModelConfig, W, name: str, x, B):
 
 
 def _layer(c: ModelConfig, W, p: str, x, xp, pos, B, pe=None, pe_p=None):
+    x = B.tap(p + "x", x)
     h = _norm(c, W, p + "n1", x, B)
     hp = _norm(c, W, p + "n1", xp, B) if xp is not None else None
 
@@ -288,6 +297,7 @@ def _layer(c: ModelConfig, W, p: str, x, xp, pos, B, pe=None, pe_p=None):
         if c.pe == "rope":
             qh, kh = _rope(qh, pos, B), _rope(kh, pos, B)
         slope = None if slopes is None else float(slopes[hd])
+        qh, kh, vh = B.tap(f"{p}q{hd}", qh), B.tap(f"{p}k{hd}", kh), B.tap(f"{p}v{hd}", vh)
         heads.append(B.attention(qh, kh, vh, pos, pos, scale=1 / np.sqrt(dh), alibi=slope, window=c.window))
         if hp is not None:
             qph, kph, vph = B.cols(qp, sl), B.cols(kp, sl), B.cols(vp, sl)
@@ -297,7 +307,7 @@ def _layer(c: ModelConfig, W, p: str, x, xp, pos, B, pe=None, pe_p=None):
                                        window=c.window, self_kv=(kph, vph)))
     a = B.concat_cols(heads)
     a = proj(a, "wo")
-    z = B.add(a, x)
+    z = B.tap(p + "z", B.add(a, x))
     ap = zp = None
     if hp is not None:
         ap = proj(B.concat_cols(heads_p), "wo")

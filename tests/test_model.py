@@ -136,7 +136,7 @@ def test_first_copy_closed_form():
 
 
 def test_families_shapes():
-    for name in ["repeat_last", "ones", "first_copy", "last_copy", "count_bernoulli", "sum_ones"]:
+    for name in ["repeat_last", "ones", "first_copy", "zero_ones", "last_copy", "count_bernoulli", "sum_ones"]:
         for sep in (None, 3):
             pr = make_pairs(name, 20, 8, sep=sep)
             assert pr.ns.tolist() == list(range(1, 21))

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._hooks import AnalysisHooks
+
 
 @functools.lru_cache(maxsize=64)
 def _compiled(backend, fn, config, names: tuple[str, ...], with_probe: bool):
@@ -27,7 +29,7 @@ def run_jitted(backend, fn, config, arrays: dict, tokens, probe):
     return f(vals, t, pr)
 
 
-class JaxBackendBase:
+class JaxBackendBase(AnalysisHooks):
     """What the native and emulated backends share: jit-cached runs and array plumbing.
 
     Subclasses set ``kind`` and ``label`` (the label identifies the arithmetic, so

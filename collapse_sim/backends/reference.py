@@ -25,6 +25,7 @@ import numpy as np
 from ..formats import Format, parse as parse_format
 from ..policy import Order, Policy
 from ..rounding import Mode
+from ._hooks import AnalysisHooks
 
 # mpmath has no signed zero: the reference's zeros are all +0, and comparisons
 # with the other backends treat -0 and +0 as equal.
@@ -304,7 +305,7 @@ def to_mpf(a) -> np.ndarray:
 
 
 
-class ObjectArrayBackend:
+class ObjectArrayBackend(AnalysisHooks):
     """Array plumbing of the Python-number backends (numpy object arrays, run eagerly).
     Subclasses set the element-wise ufuncs ``_add _sub _mul _div _sqrt``."""
 

@@ -1,0 +1,153 @@
+"""Theorem 4.2 / B.3 (representational collapse) with explicit constants.
+
+For a stream v = t_1..t_N, row i of the model's output is y(t_1..t_i) and the
+"repeat the last token" partner is y(t_1..t_i t_i). Causality makes every
+representation of the shared prefix identical in both, so only the last row
+differs; ``collapse_bound`` bounds ‖y_n − y*_{n+1}‖₂ layer by layer from the
+weights' spectral norms and the float64 trace of v alone (the partner is never
+run). Per layer ℓ, with Δ = ‖v_n^(ℓ) − v*_{n+1}^(ℓ)‖₂:
+
+* norm Lipschitz constant over the ball of radius Δ around v_n (LayerNorm:
+  ‖g‖_∞ / √(max(0, std − Δ/√d)² + ε); RMSNorm alike with the RMS; none: 1);
+* score band: for j in the common support, s*_j − s_j lies in an interval of width
+  w = 2·ε_q·max‖k_j‖/√d_h (ε_q: how far the query can move, including the RoPE
+  step ‖(R_1 − I)q_n‖ and, for ``ape="scores"``, ‖PE[n+1] − PE[n]‖); ALiBi only
+  shifts the band, which softmax ignores;
+* total variation of the two attention rows (mass on the new key n+1 and on the
+  key a sliding window drops included):
+  TV ≤ min(2, 2·tanh(w/4) + 2·max(p_out, q_out)), with
+  q_out = α*_{n+1,n+1} ≤ e^{S⁺} / (e^{S⁺} + Σ_j e^{s_j − slope − ε_q‖k_j‖/√d_h});
+* head output: ‖Σ_j (α_j − α*_j) w_j‖ ≤ TV · max_j ‖w_j − w_n‖ (the weights differ
+  by a zero-sum vector), the new value within ‖W_v‖·Lip·Δ of w_n;
+* z: Δ_z ≤ Δ + ‖W_o‖ · (Σ_h Δ_h²)^½; MLP: Δ' ≤ Δ_z + ‖W_1‖‖W_2‖ · (norm₂ step);
+* every norm step is min(Lip · Δ, 2√d‖g‖_∞): the image of a norm has diameter 2√d‖g‖_∞.
+
+With Δ^(0) = 0 (no absolute PE in the residual stream) every term is O(1/n)
+(q_out ≤ e^{range}/(n+1)); with sinusoidal APE in the residual Δ^(0) =
+‖PE[n+1] − PE[n]‖ does not decay and neither does the bound. proofs/thm42_collapse.md
+derives each step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import positional
+from ..model import Params
+from .trace import Trace, rope_shift, trace
+
+
+def _spec(W) -> float:
+    return float(np.linalg.norm(W, 2))
+
+
+def norm_lipschitz(params: Params, name: str, X: np.ndarray, radius: np.ndarray) -> np.ndarray:
+    """Upper bound on the Lipschitz constant of norm ``name`` over the ℓ2 ball of the
+    given radius around each row of X (std and RMS are 1/√d-Lipschitz)."""
+    c = params.config
+    if c.norm == "none":
+        return np.ones(X.shape[0])
+    g = float(np.max(np.abs(params[name + "_g"])))
+    if c.norm == "layernorm":
+        s = np.std(X, axis=1)
+    else:
+        s = np.sqrt(np.mean(X * X, axis=1))
+    lo = np.maximum(0.0, s - radius / np.sqrt(c.d))
+    return g / np.sqrt(lo * lo + c.norm_eps)
+
+
+def norm_step(params: Params, name: str, X: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """Bound on ‖norm(x) − norm(x')‖₂ for ‖x − x'‖₂ ≤ delta around each row x of X:
+    the Lipschitz bound, capped by the diameter 2√d‖g‖_∞ of the norm's image
+    (‖(x − μ)/σ‖₂ ≤ √d; the bias cancels)."""
+    c = params.config
+    if c.norm == "none":
+        return delta
+    cap = 2 * np.sqrt(c.d) * float(np.max(np.abs(params[name + "_g"])))
+    return np.minimum(norm_lipschitz(params, name, X, delta) * delta, cap)
+
+
+def _pe_step(params: Params, N: int) -> np.ndarray:
+    """‖PE[i+1] − PE[i]‖₂ for i = 0..N-1 (zero without an absolute encoding)."""
+    c = params.config
+    if c.pe == "sinusoidal":
+        T = positional.sinusoidal(N + 1, c.d)
+    elif c.pe == "learned":
+        T = params["pos"][: N + 1]
+    else:
+        return np.zeros(N)
+    return np.linalg.norm(T[1:] - T[:-1], axis=1)
+
+
+def collapse_bound(params: Params, tokens, tr: Trace | None = None) -> np.ndarray:
+    """Upper bound on ‖y(t_1..t_n) − y(t_1..t_n t_n)‖₂ for every n = 1..N (array of N)."""
+    c = params.config
+    tr = tr or trace(params, tokens)
+    N = tr.tokens.size
+    pe_step = _pe_step(params, N)
+    delta = pe_step.copy() if c.ape == "residual" else np.zeros(N)
+    pe_scores = pe_step if c.ape == "scores" else np.zeros(N)
+    idx = np.arange(N)
+    dh = c.dh
+    scale = 1 / np.sqrt(dh)
+    slopes = positional.alibi_slopes(c.n_heads) if c.pe == "alibi" else np.zeros(c.n_heads)
+    for l in range(c.n_layers):
+        p = f"l{l}."
+        dh_in = norm_step(params, p + "n1", tr.x[l], delta)  # how far norm1(v) can move
+        dqk_in = dh_in + pe_scores
+        da2 = np.zeros(N)
+        for h in range(c.n_heads):
+            sl = slice(h * dh, (h + 1) * dh)
+            nq = _spec(params[p + "wq"][:, sl])
+            nk = _spec(params[p + "wk"][:, sl])
+            nv = _spec(params[p + "wv"][:, sl]) if c.value_proj else 1.0
+            q, k, v, A = tr.q[l, h], tr.k[l, h], tr.v[l, h], tr.attn[l, h]
+            eq = nq * dqk_in + (rope_shift(q) if c.pe == "rope" else 0.0)
+            ek = nk * dqk_in + (rope_shift(k) if c.pe == "rope" else 0.0)
+            kn = np.linalg.norm(k, axis=1)
+            S = (q @ k.T) * scale - slopes[h] * (idx[:, None] - idx[None, :])
+            lo_j = idx[:, None] + 2 - (c.window or N + 2)  # common support: lo_j <= j <= i
+            common = (idx[None, :] <= idx[:, None]) & (idx[None, :] >= lo_j)
+            kmax = np.max(np.where(common, kn[None, :], 0.0), axis=1)
+            width = 2 * eq * kmax * scale
+            if c.window is not None:
+                drop = idx + 1 - c.window
+                p_out = np.where(drop >= 0, A[idx, np.maximum(drop, 0)], 0.0)
+            else:
+                p_out = np.zeros(N)
+            s_top = (np.sum(q * k, axis=1) + eq * kn + np.linalg.norm(q, axis=1) * ek + eq * ek) * scale
+            low = S - slopes[h] - eq[:, None] * kn[None, :] * scale - s_top[:, None]
+            low = np.where(common, low, -np.inf)
+            m = np.max(low, axis=1)
+            lse = np.where(np.isfinite(m), m + np.log(np.sum(np.exp(low - np.where(np.isfinite(m), m, 0)[:, None]), axis=1)), -np.inf)
+            q_out = 1.0 / (1.0 + np.exp(lse))  # e^{S+} / (e^{S+} + Σ e^{low})
+            tv = np.minimum(2.0, 2 * np.tanh(width / 4) + 2 * np.maximum(p_out, q_out))
+            valid = (idx[None, :] <= idx[:, None]) & (idx[None, :] >= idx[:, None] + 1 - (c.window or N + 1))
+            dist = np.sqrt(np.maximum(0.0, np.sum(v * v, 1)[None, :] + np.sum(v * v, 1)[:, None] - 2 * v @ v.T))
+            radius = np.maximum(np.max(np.where(valid, dist, 0.0), axis=1), nv * dh_in)
+            da2 += (tv * radius) ** 2
+        no = _spec(params[p + "wo"]) if c.out_proj else 1.0
+        dz = delta + no * np.sqrt(da2)
+        if c.d_ff:
+            delta = dz + _spec(params[p + "w1"]) * _spec(params[p + "w2"]) * norm_step(params, p + "n2", tr.z[l], dz)
+        else:
+            delta = dz
+    return norm_step(params, "n3", tr.x[c.n_layers], delta)
+
+
+def observed_distance(params: Params, tokens, prec: int = 256) -> np.ndarray:
+    """‖y(t_1..t_n) − y(t_1..t_n t_n)‖₂ for n = 1..N in the mpmath reference at ``prec`` bits."""
+    from ..backends import make_backend
+    from ..model import forward
+
+    r = make_backend("reference", str(prec))
+    y, yp = forward(params, np.asarray(tokens), r, probe=np.asarray(tokens))
+    y, yp = r.to_numpy(y), r.to_numpy(yp)
+    return np.linalg.norm(y - yp, axis=1), np.maximum(np.max(np.abs(y), axis=1), np.max(np.abs(yp), axis=1))
+
+
+def predicted_collapse_length(bound: np.ndarray, scale: np.ndarray, p: int) -> int | None:
+    """First n at which the bound falls below the format's resolution at the
+    representation's scale, 2^-p · ‖y_n‖₂ (None if it never does up to N)."""
+    hit = np.nonzero(bound < 2.0**-p * scale)[0]
+    return int(hit[0]) + 1 if hit.size else None
