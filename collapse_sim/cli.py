@@ -77,7 +77,6 @@ def _backend_for(kind: str, fmt_name: str, order: str):
 
 
 def cmd_collapse(args) -> int:
-    import csv
     import json
     from pathlib import Path
 
@@ -122,13 +121,7 @@ def cmd_collapse(args) -> int:
         r = collapse_sweep(params, args.family, args.max_len, be, fname, seed=args.seed, sep=args.sep,
                            progress=lambda m: print(f"[collapse]   {m}", flush=True))
         results.append(r)
-    rows = [row for r in results for row in r.rows()]
-    tmp = out / "collapse.csv.tmp"
-    with tmp.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(out / "collapse.csv")
+    _write_csv(out / "collapse.csv", [row for r in results for row in r.rows()])
     from .report import provenance
 
     meta = {"provenance": provenance(), "config": dataclasses_asdict(c), "family": args.family, "sep": args.sep,
@@ -156,6 +149,171 @@ def dataclasses_asdict(c):
     import dataclasses
 
     return dataclasses.asdict(c)
+
+
+def _write_csv(path, rows) -> None:
+    import csv
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def cmd_theorem(args) -> int:
+    from . import enable_x64
+    from .theory import EDGES, STATEMENTS, Case
+
+    enable_x64()
+    if args.list or args.name is None:
+        for s in STATEMENTS.values():
+            print(f"{s.name:7s} {s.title}")
+        print("b10     Cor. 6.2/B.10: identical low-precision outputs for counts that differ exactly")
+        return 0
+    if args.instances < 1:
+        raise UsageError(f"--instances must be >= 1, got {args.instances}")
+    if args.max_n < 1:
+        raise UsageError(f"--max-n must be >= 1, got {args.max_n}")
+    if args.name == "b10":
+        return _theorem_b10(args)
+    if args.name not in STATEMENTS:
+        raise UsageError(f"unknown statement {args.name!r}; run 'collapse-sim theorem --list'")
+    import numpy as np
+
+    stmt = STATEMENTS[args.name]
+    rng = np.random.default_rng(args.seed)
+    edges = [None, *EDGES]
+    print(f"{stmt.name}: {stmt.title}")
+    print(f"{'case':26s} {'quantity':48s} {'observed':>12s} {'bound':>12s} {'obs/bound':>10s}  holds")
+    failed = 0
+    worst = 0.0
+    for k in range(args.instances):
+        case = Case(int(rng.integers(2**32)), int(rng.integers(1, args.max_n + 1)), edges[k % len(edges)] if k < len(edges) else None)
+        for c in stmt.check(case):
+            t = c.tightness
+            worst = max(worst, t) if t == t else worst
+            failed += not c.holds
+            print(f"seed={case.seed % 10**6:<6d} n={case.length:<3d} {str(case.edge or ''):9s} {c.quantity[:48]:48s} "
+                  f"{_fmt_num(c.observed):>12s} {_fmt_num(c.bound):>12s} {_fmt_num(t):>10s}  {'yes' if c.holds else 'NO'}")
+    print(f"{args.instances} instances; largest observed/bound {worst:.4g}; "
+          + ("every check holds" if not failed else f"{failed} checks FAIL: counterexamples above"))
+    return 1 if failed else 0
+
+
+def _theorem_b10(args) -> int:
+    from .model import ModelConfig, init_params
+    from .theory.counting import b10_confusions
+
+    params = init_params(ModelConfig(d=8, n_layers=1, vocab=6, pe="alibi", seed=args.seed))
+    n_max = args.max_n
+    if n_max > 512:
+        raise UsageError("b10 runs the reference and interval backends (O(n^2 d) Python arithmetic): use --max-n <= 512")
+    print(f"b10: count_bernoulli, ALiBi, d=8, one layer, n = 1..{n_max}, emulated {args.format} vs exact (intervals)")
+    hits, same_exact = b10_confusions(params, "count_bernoulli", n_max, f"compute={args.format},order=pairwise", seed=args.seed)
+    print(f"lengths where the pair is bitwise identical in {args.format} but certified distinct exactly: "
+          f"{', '.join(map(str, hits)) if hits.size else 'none up to n=' + str(n_max)}")
+    if same_exact.size:
+        print(f"lengths where even the exact outputs could not be separated at 128 bits: {', '.join(map(str, same_exact))}")
+    if hits.size:
+        print("at each such n one of the two counts is answered wrongly by any readout")
+    return 0
+
+
+def _model_from_args(args, max_len: int):
+    from .model import ConfigError, ModelConfig, Params, init_params
+
+    try:
+        if getattr(args, "weights", None):
+            return Params.load(args.weights)
+        return init_params(ModelConfig(d=args.d, n_layers=args.layers, n_heads=args.heads, d_ff=args.d_ff, vocab=args.vocab,
+                                       pe=args.pe, norm=args.norm, seed=args.seed, max_len=max(16384, max_len + 8)))
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_oversquash(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from . import enable_x64
+    from .formats import parse
+
+    enable_x64()
+    if not 1 <= args.n <= 512:
+        raise UsageError(f"--n must lie in 1..512 (the Jacobian is n·d×d per format), got {args.n}")
+    fmts = [parse(f).name for f in args.format.split(",") if f.strip()]
+    for f in fmts:
+        if f not in ("fp64", "fp32", "bf16", "fp16"):
+            raise UsageError(f"format {f} cannot be differentiated natively; autodiff runs in fp64, fp32, bf16 or fp16")
+    params = _model_from_args(args, args.n)
+    toks = np.random.default_rng(args.seed).integers(0, params.config.vocab, args.n)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from .experiments.oversquash import oversquash_profile
+    from .plots import plot_oversquash
+
+    print(f"[oversquash] n={args.n}, d={params.config.d}, L={params.config.n_layers}, formats {', '.join(fmts)}", flush=True)
+    r = oversquash_profile(params, toks, fmts, progress=lambda m: print(f"[oversquash]   {m}", flush=True))
+    _write_csv(out / "oversquash.csv", r.rows())
+    plot_oversquash(r, out / "oversquash.png", title=f"n={args.n}, pe={params.config.pe}, L={params.config.n_layers}")
+    key = f"{fmts[0]} (frozen)"
+    prof = r.profiles[key]
+    print(f"{key}: first token {prof[0]:.4g}, middle {prof[args.n // 2]:.4g}, last {prof[-1]:.4g}; "
+          f"bound holds at every i: {bool(np.all(r.profiles['fp64 (frozen)'] <= r.bound * (1 + 1e-12)))}; "
+          f"largest observed/bound {np.max(r.profiles['fp64 (frozen)'] / r.bound):.4g}")
+    print(f"wrote {out / 'oversquash.csv'}, {out / 'oversquash.png'}")
+    return 0
+
+
+def cmd_scaling(args) -> int:
+    import json
+    from pathlib import Path
+
+    from . import enable_x64
+    from .families import NAMES
+
+    enable_x64()
+    try:
+        lo, hi = (int(v) for v in args.p.split(".."))
+    except ValueError:
+        raise UsageError(f"--p must look like 4..16, got {args.p!r}") from None
+    if not 2 <= lo < hi <= 25:
+        raise UsageError(f"--p must satisfy 2 <= lo < hi <= 25 (the f64 carrier's limit), got {args.p}")
+    if args.family not in NAMES:
+        raise UsageError(f"unknown family {args.family!r}")
+    if args.max_len < 4:
+        raise UsageError(f"--max-len must be >= 4, got {args.max_len}")
+    from .plots import plot_scaling
+    from .report import provenance
+    from .theory.scaling import scaling_model, scaling_sweep, slope_tolerance
+
+    params = scaling_model(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ps = list(range(lo, hi + 1))
+    print(f"[scaling] family {args.family}, p = {lo}..{hi}, n ≤ {args.max_len}, one attention layer, d = 4", flush=True)
+    r = scaling_sweep(params, args.family, ps, args.max_len, seed=args.seed,
+                      progress=lambda m: print(f"[scaling]   {m}", flush=True))
+    _write_csv(out / "scaling.csv", r.rows())
+    (out / "scaling.json").write_text(json.dumps({"provenance": provenance(), "family": args.family, "p": ps,
+                                                  "max_len": args.max_len, "rate": r.rate, "slope": r.slope,
+                                                  "predicted_slope": r.predicted_slope}, indent=1, default=str))
+    plot_scaling(r, out / "scaling.png")
+    print(f"{'p':>3s} {'measured n*':>12s} {'predicted n*':>13s}")
+    for row in r.rows():
+        print(f"{row['p']:>3d} {str(row['measured_first_collapse']):>12s} {str(row['predicted_first_collapse']):>13s}")
+    if r.slope is None:
+        print(f"fewer than two formats collapsed within n ≤ {args.max_len}: no fit; raise --max-len")
+    else:
+        print(f"exact distance decays like n^-{r.rate:.3f}: predicted slope 1/r = {r.predicted_slope:.3f}; "
+              f"fitted slope {r.slope:.3f} (±{slope_tolerance(ps, 1.5):.3f} for a 1.5-octave scatter)")
+    print(f"wrote {out / 'scaling.csv'}, {out / 'scaling.json'}, {out / 'scaling.png'}")
+    return 0
 
 
 def cmd_reproduce(args) -> int:
@@ -214,6 +372,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-limit", type=float, default=8.0, help="refuse runs estimated above this many GiB")
     p.add_argument("--out", default="collapse-out")
     p.set_defaults(func=cmd_collapse)
+
+    p = sub.add_parser("theorem", help="check one statement on random instances: observed vs bound")
+    p.add_argument("name", nargs="?", help="statement name (see --list), or b10")
+    p.add_argument("--list", action="store_true", help="list the statements")
+    p.add_argument("--instances", type=int, default=10)
+    p.add_argument("--max-n", type=int, default=24, help="largest length of a random instance")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", default="e4m3fn", help="format for b10 (default e4m3fn, fp8; bf16 needs n in the thousands at d=8)")
+    p.set_defaults(func=cmd_theorem)
+
+    p = sub.add_parser("oversquash", help="sensitivity profile dy_n/dv_i over i per format, with the path-sum bound")
+    p.add_argument("--n", type=int, default=32)
+    p.add_argument("--format", default="fp64,fp32,bf16,fp16", help="native dtypes to differentiate in")
+    p.add_argument("--pe", default="none", choices=KINDS)
+    p.add_argument("--norm", default="layernorm", choices=["layernorm", "rmsnorm", "none"])
+    p.add_argument("--d", type=int, default=16)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--d-ff", type=int, default=0)
+    p.add_argument("--vocab", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", default=None)
+    p.add_argument("--out", default="oversquash-out")
+    p.set_defaults(func=cmd_oversquash)
+
+    p = sub.add_parser("scaling", help="first-collapse length against significand bits p: the scaling law")
+    p.add_argument("--family", default="zero_ones", choices=NAMES)
+    p.add_argument("--p", default="4..16", help="range of significand bits, e.g. 4..16")
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=11, help="seed of the fixed one-layer model")
+    p.add_argument("--out", default="scaling-out")
+    p.set_defaults(func=cmd_scaling)
 
     p = sub.add_parser("reproduce", help="run the checks and experiments and write a report")
     p.add_argument("--out", default="collapse-report", help="output directory (default: collapse-report)")

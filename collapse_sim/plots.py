@@ -41,6 +41,12 @@ def plot_collapse(results, path: "str | Path", title: str = "") -> Path:
     ax.legend(fontsize=7)
     ax.text(0.01, 0.01, "dashed: format spacing at the output's scale (eps·max|y|); dotted: identical from here on",
             transform=ax.transAxes, fontsize=6, alpha=0.8)
+    return _save(fig, path)
+
+
+def _save(fig, path: "str | Path") -> Path:
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     tmp = path.with_suffix(".tmp.png")
     fig.tight_layout()
@@ -48,3 +54,53 @@ def plot_collapse(results, path: "str | Path", title: str = "") -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def plot_oversquash(result, path: "str | Path", title: str = "") -> Path:
+    """‖∂y_n/∂v_i‖ over i per format, with the path-sum bound of Thm 5.1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    i = np.arange(1, result.n + 1)
+    for name, prof in result.profiles.items():
+        ax.plot(i, prof, marker=".", lw=1.0, ls="--" if "full" in name else "-", label=name)
+    ax.plot(i, result.bound, color="k", lw=1.5, label="path-sum bound C·[Π(Λ̄/β₁+I)]_(n,i)")
+    ax.set_yscale("log")
+    ax.set_xlabel("input position i")
+    ax.set_ylabel("‖∂y_n / ∂v_i^(0)‖₂")
+    ax.set_title(title or f"over-squashing profile, n = {result.n}")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_scaling(result, path: "str | Path", title: str = "") -> Path:
+    """log2 of the first-collapse length against p, measured and predicted, with the fit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ps = np.array(result.ps, float)
+    m = np.array([np.nan if v is None else v for v in result.measured], float)
+    q = np.array([np.nan if v is None else v for v in result.predicted], float)
+    ax.plot(ps, np.log2(m), "o", label="measured first collapse (emulated)")
+    ax.plot(ps, np.log2(q), "s", mfc="none", label="predicted: exact distance < 1 ulp")
+    ok = np.isfinite(m)
+    if result.slope is not None:
+        b = np.mean(np.log2(m[ok]) - result.slope * ps[ok])
+        ax.plot(ps, result.slope * ps + b, "-", lw=1, label=f"fit: slope {result.slope:.3f}")
+        b2 = np.mean(np.log2(m[ok]) - result.predicted_slope * ps[ok])
+        ax.plot(ps, result.predicted_slope * ps + b2, ":", lw=1, label=f"theory: slope 1/r = {result.predicted_slope:.3f}")
+    ax.set_xlabel("significand bits p")
+    ax.set_ylabel("log2 n*")
+    ax.set_title(title or f"collapse scaling law, family {result.family}")
+    ax.grid(True, alpha=0.25)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -48,3 +48,43 @@ def test_collapse_bad_input_one_sentence_nothing_written(tmp_path, args, msg):
     assert r.returncode == 2, r.stderr
     assert msg in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def test_theorem_command(capsys):
+    assert main(["theorem", "b4", "--instances", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "every check holds" in out and "2(e−1)/(e+1)" in out
+    assert main(["theorem", "thm51", "--instances", "1", "--max-n", "4"]) == 0
+    assert main(["theorem", "--list"]) == 0
+    assert "thm42" in capsys.readouterr().out
+
+
+def test_oversquash_and_scaling_commands(tmp_path, capsys):
+    o = tmp_path / "os"
+    assert main(["oversquash", "--n", "6", "--d", "4", "--format", "fp64,bf16", "--out", str(o)]) == 0
+    with (o / "oversquash.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6 and {"path_sum_bound", "fp64 (frozen)", "bf16 (frozen)", "fp64 (full model)"} <= set(rows[0])
+    assert all(float(r["fp64 (frozen)"]) <= float(r["path_sum_bound"]) * (1 + 1e-9) for r in rows)
+    assert (o / "oversquash.png").exists()
+    s = tmp_path / "sc"
+    assert main(["scaling", "--p", "4..6", "--max-len", "64", "--out", str(s)]) == 0
+    assert "predicted slope" in capsys.readouterr().out
+    assert (s / "scaling.png").exists() and (s / "scaling.csv").exists()
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["theorem", "nope"], "unknown statement"),
+    (["theorem", "b1", "--instances", "0"], "--instances must be >= 1"),
+    (["oversquash", "--n", "0"], "--n must lie in"),
+    (["oversquash", "--format", "e4m3fn"], "cannot be differentiated natively"),
+    (["scaling", "--p", "4-16"], "--p must look like"),
+    (["scaling", "--p", "4..30"], "carrier"),
+])
+def test_theory_commands_bad_input(tmp_path, argv, msg):
+    r = subprocess.run([sys.executable, "-m", "collapse_sim.cli", *argv, "--out", str(tmp_path / "x")]
+                       if argv[0] != "theorem" else [sys.executable, "-m", "collapse_sim.cli", *argv],
+                       capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert msg in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "x").exists()

@@ -157,6 +157,18 @@ def test_collapse_scaling_law():
     assert abs(r.slope - r.predicted_slope) <= sc.slope_tolerance(ps, 1.5)
 
 
+def test_cor_b10_fp8_confuses_counts_that_differ_exactly():
+    """Cor. B.10: with ALiBi (decaying positions) the count pair s vs s·1 becomes bitwise
+    identical in fp8 at lengths where intervals certify the exact outputs differ."""
+    from collapse_sim.model import ModelConfig, init_params
+    from collapse_sim.theory.counting import b10_confusions
+
+    P = init_params(ModelConfig(d=8, n_layers=1, vocab=6, pe="alibi", seed=0))
+    hits, exact_equal = b10_confusions(P, "count_bernoulli", 64, "compute=e4m3fn,order=pairwise")
+    assert hits.size > 0
+    assert not set(hits) & set(exact_equal)
+
+
 def test_strategies_produce_valid_objects():
     from hypothesis import strategies as st
 

@@ -92,9 +92,10 @@ def path_sum_bound(params: Params, tokens, tr: Trace | None = None, variant: str
 VARIANTS = ("consistent", "beta1-in-C", "no-beta1", "extra-index", "missing-index")
 
 
-def sensitivity(params: Params, tokens, *, frozen: bool = True) -> np.ndarray:
-    """‖∂y_n/∂v_i^(0)‖₂ (spectral norm of the d×d block) for every i, by jax autodiff."""
-    J = jacobian(params, tokens, frozen=frozen)
+def sensitivity(params: Params, tokens, *, frozen: bool = True, dtype: str = "fp64") -> np.ndarray:
+    """‖∂y_n/∂v_i^(0)‖₂ (spectral norm of the d×d block) for every i, by jax autodiff
+    (natively in ``dtype``)."""
+    J = jacobian(params, tokens, frozen=frozen, dtype=dtype)
     return np.array([np.linalg.norm(Ji, 2) for Ji in J])
 
 

@@ -41,9 +41,10 @@ def exact_pair_outputs(params: Params, family: str, n_max: int, *, seed: int = 0
 
 
 def predicted_first_collapse(A: np.ndarray, B: np.ndarray, p: int) -> int | None:
-    """First n at which every coordinate's exact difference is below half an ulp of the
-    p-bit format: the earliest length at which the two can round to the same numbers."""
-    ok = np.all(np.abs(A - B) < ulp(A, p) / 2, axis=1)
+    """First n at which every coordinate's exact difference is below one ulp of the
+    p-bit format at that coordinate: two reals further apart than an ulp never round to
+    the same number, closer ones can."""
+    ok = np.all(np.abs(A - B) < ulp(A, p), axis=1)
     hit = np.nonzero(ok)[0]
     return int(hit[0]) + 1 if hit.size else None
 

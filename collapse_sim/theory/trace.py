@@ -24,10 +24,10 @@ from ..model import Params, _forward_impl
 class AnalysisBackend(NativeBackend):
     """float64, eager, full attention matrices; records taps."""
 
-    def __init__(self, frozen: bool = False):
-        super().__init__("fp64")
+    def __init__(self, frozen: bool = False, dtype: str = "fp64"):
+        super().__init__(dtype)
         self.frozen = frozen
-        self.label = "analysis:fp64" + (":frozen" if frozen else "")
+        self.label = f"analysis:{self.fmt.name}" + (":frozen" if frozen else "")
         self.records: dict = {}
         self._attn: list = []
 
@@ -42,14 +42,14 @@ class AnalysisBackend(NativeBackend):
         if self_kv is not None:
             raise ValueError("the analysis backend does not take probe tokens")
         qpos, kpos = jnp.asarray(qpos), jnp.asarray(kpos)
-        s = (q @ k.T) * scale
+        s = (q @ k.T) * jnp.asarray(scale, q.dtype)
         if alibi is not None:
-            s = s - alibi * (qpos[:, None] - kpos[None, :]).astype(jnp.float64)
+            s = s - jnp.asarray(alibi, s.dtype) * (qpos[:, None] - kpos[None, :]).astype(s.dtype)
         valid = kpos[None, :] <= qpos[:, None]
         if window is not None:
             valid = valid & (kpos[None, :] > qpos[:, None] - window)
         a = jax.nn.softmax(jnp.where(valid, s, -jnp.inf), axis=-1)
-        a = self.freeze(jnp.where(valid, a, 0.0))
+        a = self.freeze(jnp.where(valid, a, jnp.zeros_like(a)))
         self._attn.append(a)
         return a @ v
 
@@ -72,7 +72,7 @@ class Trace:
 
 def _run(params: Params, tokens, backend, delta0=None):
     c = params.config
-    W = {k: jnp.asarray(v, jnp.float64) for k, v in params.arrays.items()}
+    W = {k: jnp.asarray(v, jnp.float64) for k, v in params.arrays.items()}  # rounded to the dtype by B.store
     return _forward_impl(c, W, np.asarray(tokens), None, backend, delta0=delta0)
 
 
@@ -90,21 +90,24 @@ def trace(params: Params, tokens) -> Trace:
                  sig, *({(l, h): R[f"l{l}.{w}{h}"] for l in range(L) for h in range(H)} for w in "qkv"), attn, y)
 
 
-def jacobian(params: Params, tokens, *, frozen: bool = True) -> np.ndarray:
+def jacobian(params: Params, tokens, *, frozen: bool = True, dtype: str = "fp64") -> np.ndarray:
     """``J[i] = ∂y_n/∂v_i^(0)`` (d × d) for the last token n of ``tokens``, i = 1..n.
 
     ``frozen=True`` holds attention weights and norm scales constant (Thm 5.1's
-    assumptions); ``frozen=False`` differentiates the model as it is."""
+    assumptions); ``frozen=False`` differentiates the model as it is. ``dtype`` runs
+    the forward and its reverse-mode derivative natively in that JAX dtype."""
     if not jax.config.jax_enable_x64:
         raise RuntimeError("Jacobians need JAX x64: call collapse_sim.enable_x64() at program start")
     tokens = np.asarray(tokens)
     N, d = tokens.size, params.config.d
 
-    def last(delta):
-        return _run(params, tokens, AnalysisBackend(frozen), delta0=delta)[-1]
+    B = AnalysisBackend(frozen, dtype)
 
-    J = jax.jacrev(last)(jnp.zeros((N, d), jnp.float64))  # (d_out, N, d_in)
-    return np.transpose(np.asarray(J), (1, 0, 2))
+    def last(delta):
+        return _run(params, tokens, B, delta0=delta)[-1]
+
+    J = jax.jacrev(last)(jnp.zeros((N, d), B.dtype))  # (d_out, N, d_in)
+    return np.transpose(np.asarray(J, np.float64), (1, 0, 2))
 
 
 def rope_shift(x: np.ndarray) -> np.ndarray:
