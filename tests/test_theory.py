@@ -140,6 +140,25 @@ def test_thm42_bound_decays_like_one_over_n_without_positions():
     assert np.min(collapse_bound(Ps, toks)[200:]) > 0.1 * np.max(collapse_bound(Ps, toks))
 
 
+def test_predicted_collapse_length_from_the_bound():
+    """n*(fmt): the first n where Thm 4.2's bound drops below 2^-p·‖y_n‖. It exists for a
+    one-layer model without positions and grows with p; it never exists when sinusoidal
+    APE enters the residual stream (the bound does not decay)."""
+    from collapse_sim.model import ModelConfig, init_params
+    from collapse_sim.theory.collapse import collapse_bound, predicted_collapse_length
+    from collapse_sim.theory.trace import trace
+
+    toks = np.random.default_rng(0).integers(0, 6, 600)
+    P = init_params(ModelConfig(d=8, n_layers=1, vocab=6, pe="none", seed=3))
+    tr = trace(P, toks)
+    b, scale = collapse_bound(P, toks, tr), np.linalg.norm(tr.y, axis=1)
+    ns = [predicted_collapse_length(b, scale, p) for p in (3, 4, 5)]
+    assert all(n is not None for n in ns) and ns == sorted(ns) and ns[0] < ns[-1]
+    Ps = init_params(ModelConfig(d=8, n_layers=1, vocab=6, pe="sinusoidal", seed=3))
+    trs = trace(Ps, toks)
+    assert predicted_collapse_length(collapse_bound(Ps, toks, trs), np.linalg.norm(trs.y, axis=1), 3) is None
+
+
 def test_collapse_scaling_law():
     """log2 of the first-collapse length against p = 4..16 (custom formats, emulated, one
     compile each) has slope 1/r, r the decay exponent of the exact distance (r = 2 for

@@ -147,7 +147,12 @@ def observed_distance(params: Params, tokens, prec: int = 256) -> np.ndarray:
 
 
 def predicted_collapse_length(bound: np.ndarray, scale: np.ndarray, p: int) -> int | None:
-    """First n at which the bound falls below the format's resolution at the
-    representation's scale, 2^-p · ‖y_n‖₂ (None if it never does up to N)."""
-    hit = np.nonzero(bound < 2.0**-p * scale)[0]
-    return int(hit[0]) + 1 if hit.size else None
+    """The n from which on (up to N) the bound stays below the format's resolution at
+    the representation's scale, 2^-p · ‖y_n‖₂; None if it is not below at n = N.
+    (Short lengths can be below by accident: at n = 1 without positions v and v*
+    are the same point.)"""
+    below = bound < 2.0**-p * scale
+    if not below[-1]:
+        return None
+    above = np.nonzero(~below)[0]
+    return int(above[-1]) + 2 if above.size else 1
