@@ -1,7 +1,13 @@
 """How a value becomes a number: ``round_to(x, fmt, mode)``.
 
 The rounding works on the IEEE bit pattern of the input with integer
-operations only. This matters: XLA:CPU flushes subnormal floats in
+operations only, except for a fast round-to-nearest-even path
+(``_round_rne_fast``: ``lax.reduce_precision`` on the bit pattern in the normal
+range, a magic-constant add behind an optimisation barrier for the fixed-quantum
+subnormal range, then the format's overflow rule), used when the format's
+subnormals are normal carrier numbers (bf16 from float64, fp16 and fp8 from
+either). bf16 from float32 takes the fast path only for arrays with no element
+below bf16's normal range. This matters: XLA:CPU flushes subnormal floats in
 arithmetic (``jnp.float32(1e-40) * 2 == 0`` under jit), so any scheme that
 scales by powers of two would lose the subnormals of bf16 (which are float32
 subnormals) or of float64 inputs. Integer operations are also immune to the
@@ -117,8 +123,80 @@ def _bitlen(c: _Carrier, m):
     return c.width - lax.clz(m).astype(c.i)
 
 
+def fast_path_applies(fmt: Format, dtype) -> bool:
+    """Whether round-to-nearest-even to ``fmt`` from ``dtype`` has the fast path: the
+    format's normal range lies inside the carrier's normal range and p < the carrier's."""
+    c = _Carrier(dtype)
+    return fmt.p < c.pc and fmt.emin >= c.emin and c.pattern_of_value(1, fmt.emin) is not None
+
+
+def _magic_tiny_ok(fmt: Format, c: "_Carrier") -> bool:
+    """The format's smallest subnormal is a normal carrier number (XLA:CPU flushes
+    carrier subnormals in arithmetic, so only then may the tiny range use float adds)."""
+    return fmt.subnormals and fmt.emin - fmt.p + 1 >= c.emin
+
+
+def _round_rne_fast(x, fmt: Format):
+    """Round-to-nearest-even without data-dependent branches.
+
+    Normal range of the format: the spacing is fixed by the input's own exponent, so
+    rounding is ``lax.reduce_precision`` to p bits at the carrier's exponent width (an
+    integer rounding of the bit pattern). Below it, with subnormals: the spacing is the
+    fixed quantum 2^q (q = emin − p + 1), and ``(x + C) − C`` with C = 1.5·2^(q + pc − 1)
+    rounds to a multiple of 2^q, ties to even (C's binade has spacing 2^q); the sign of
+    a zero result is restored from x. Without subnormals: results below 2^emin flush to
+    a zero of x's sign. Then the format's overflow rule, canonical NaN, unsigned zero.
+    Equal bit for bit to the general path (tests/test_rounding.py).
+    """
+    c = _Carrier(x.dtype)
+    ebits = {32: 8, 64: 11}[c.width]
+    r = lax.reduce_precision(x, exponent_bits=ebits, mantissa_bits=fmt.p - 1)
+    U = c.u
+    W = c.width
+    sign_bit = U(1) << U(W - 1)
+    xbits = lax.bitcast_convert_type(x, U)
+    xsign = xbits & sign_bit
+    tiny_pat = U(c.pattern_of_value(1, fmt.emin))
+    if fmt.subnormals:
+        C = jnp.asarray(1.5 * 2.0 ** (fmt.emin - fmt.p + 1 + c.pc - 1), x.dtype)
+        small = lax.optimization_barrier(x + C) - C
+        small_bits = lax.bitcast_convert_type(small, U) & ~sign_bit
+        r_bits = jnp.where((xbits & ~sign_bit) < tiny_pat, small_bits | xsign, lax.bitcast_convert_type(r, U))
+    else:
+        r_bits = lax.bitcast_convert_type(r, U)
+        r_bits = jnp.where((r_bits & ~sign_bit) < tiny_pat, xsign, r_bits)
+    mag = r_bits & ~sign_bit
+    xmax_pat = c.pattern_of_value(fmt.top_significand, fmt.emax - fmt.p + 1)
+    inf_pat = U((2 * c.bias + 1) << (c.pc - 1))
+    nan_pat = inf_pat | (U(1) << U(c.pc - 2))
+    xmax_p = inf_pat if xmax_pat is None else U(xmax_pat)
+    over = (mag >= inf_pat) if xmax_pat is None else (mag > xmax_p)
+    overflow_value = {"inf": inf_pat, "nan": nan_pat, "saturate": xmax_p}[fmt.overflow]
+    pat = jnp.where(over, overflow_value, mag)
+    is_nan = jnp.isnan(x)
+    pat = jnp.where(is_nan, nan_pat, pat)
+    out_neg = (xsign != 0) & ~is_nan & ~(pat >= nan_pat)
+    if not fmt.signed_zero:
+        out_neg = out_neg & (pat != 0)
+    return lax.bitcast_convert_type(pat | jnp.where(out_neg, sign_bit, U(0)), x.dtype)
+
+
 @partial(jax.jit, static_argnames=("fmt", "mode"))
 def _round_impl(x, key, fmt: Format, mode: Mode):
+    if mode is Mode.RNE and fast_path_applies(fmt, x.dtype):
+        c = _Carrier(x.dtype)
+        if not fmt.subnormals or _magic_tiny_ok(fmt, c):
+            return _round_rne_fast(x, fmt)
+        # the format's subnormals are carrier subnormals (bf16 from float32): arrays
+        # holding any value below the normal range take the general path
+        tiny_pat = c.u(c.pattern_of_value(1, fmt.emin))
+        mag = lax.bitcast_convert_type(x, c.u) & ~(c.u(1) << c.u(c.width - 1))
+        tiny = (mag < tiny_pat) & (mag != 0)
+        return lax.cond(jnp.any(tiny), lambda v: _round_general(v, key, fmt, mode), lambda v: _round_rne_fast(v, fmt), x)
+    return _round_general(x, key, fmt, mode)
+
+
+def _round_general(x, key, fmt: Format, mode: Mode):
     c = _Carrier(x.dtype)
     U, I = c.u, c.i
     W = c.width
