@@ -172,20 +172,26 @@ def test_bad_config():
         forward(init_params(ModelConfig(d=4, vocab=3, pe="none")), np.array([5]), make_backend("reference", "53"))
 
 
-def test_interval_backend_encloses_and_certifies():
-    """Intervals contain the 256-bit reference; v vs v* is certified distinct in exact
-    arithmetic even where a low-precision format makes the two identical."""
+@pytest.mark.parametrize("spec", ["128", "arb128"])
+def test_interval_backend_encloses_and_certifies(spec):
+    """Intervals (mpmath) and balls (arb) contain the 256-bit reference; v vs v* is
+    certified distinct in exact arithmetic even where a low-precision format makes the
+    two identical."""
     from collapse_sim.backends.interval import certify_distinct, widths
 
     c = ModelConfig(d=8, n_layers=2, n_heads=2, d_ff=8, vocab=6, pe="none", seed=2)
     P = init_params(c)
     toks = np.array([4, 5, 4, 4, 5, 5, 4, 5])
-    iv = make_backend("interval", "128")
+    iv = make_backend("interval", spec)
     y, yp = forward(P, toks, iv, probe=toks)
     r = make_backend("reference", "256")
     yr = r.to_numpy(forward(P, toks, r))
-    lo = np.vectorize(lambda v: float(v.a))(y)
-    hi = np.vectorize(lambda v: float(v.b))(y)
+    if spec.startswith("arb"):
+        lo = np.vectorize(lambda v: float(v.lower()))(y)
+        hi = np.vectorize(lambda v: float(v.upper()))(y)
+    else:
+        lo = np.vectorize(lambda v: float(v.a))(y)
+        hi = np.vectorize(lambda v: float(v.b))(y)
     assert np.all((lo <= yr) & (yr <= hi))
     assert np.max(widths(y)) < 2.0**-100
     cert = certify_distinct(y, yp)

@@ -3,8 +3,10 @@
 * ``native``: plain JAX dtypes; XLA decides internal precision (what the stack does).
 * ``emulated``: every op rounded to a policy's formats, reduction order explicit (what the format does).
 * ``reference``: mpmath, op for op in the same order, at any precision (ground truth).
-* ``interval``: mpmath interval arithmetic; encloses the exact-arithmetic values, so it
-  certifies that two representations differ (``interval.certify_distinct``).
+* ``interval``: interval arithmetic; encloses the exact-arithmetic values, so it
+  certifies that two representations differ (``interval.certify_distinct``). ``"128"``
+  uses mpmath's interval context, ``"arb128"`` python-flint's arb balls (fast: C matrix
+  products; the high-precision reference to use for long inputs).
 
 ``make_backend(name, spec)`` builds one from a name and a format/policy/precision string.
 """
@@ -24,6 +26,10 @@ def make_backend(kind: str, spec: str):
 
         return EmulatedBackend(spec)
     if kind == "interval":
+        if str(spec).startswith("arb"):
+            from .interval import ArbBackend
+
+            return ArbBackend(str(spec)[3:].lstrip(":"))
         from .interval import IntervalBackend
 
         return IntervalBackend(spec)
