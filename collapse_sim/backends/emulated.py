@@ -27,6 +27,7 @@ from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ..formats import Format, parse as parse_format
@@ -407,8 +408,6 @@ class EmulatedBackend(JaxBackendBase):
         return jnp.broadcast_to(self.store(jnp.float64(c)), like.shape)
 
     def to_numpy(self, x):
-        import numpy as np
-
         return np.asarray(x, dtype=np.float64)
 
     # arithmetic
@@ -443,7 +442,34 @@ class EmulatedBackend(JaxBackendBase):
 
     def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None):
         del kpos  # keys sit at positions 0..Nk-1
+        if isinstance(qpos, np.ndarray) and qpos.size >= 2 * _SEGMENTS and np.all(np.diff(qpos) >= 0):
+            return _causal_segments(self.emu, q, k, v, qpos, scale, alibi, window, self_kv)
         return _emulated_attention(self.emu, q, k, v, jnp.asarray(qpos), scale, alibi, window, self_kv)
+
+
+_SEGMENTS = 8  # query segments with their own causal key length (one compiled body each)
+
+
+def _causal_segments(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, window, self_kv):
+    """Causal attention in ``_SEGMENTS`` runs of queries, each over the keys it can see.
+
+    Query positions are static and non-decreasing, so the queries of a segment need
+    keys ``0..max(qpos)`` only. Dropping the trailing (masked, exactly zero) columns
+    changes no sum of any order: sequential and blocked sums add exact zeros at the
+    end, pairwise trees over any power-of-two padding at least as long agree, kahan
+    skips masked terms and exact sums ignore zeros (proofs/reduction_orders.md). It
+    saves about 44% of the work."""
+    nq = q.shape[0]
+    bounds = np.linspace(0, nq, _SEGMENTS + 1).astype(int)
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if a == b:
+            continue
+        top = int(qpos[b - 1])
+        kl = min(k.shape[0], top if self_kv is not None else top + 1)
+        skv = None if self_kv is None else (self_kv[0][a:b], self_kv[1][a:b])
+        outs.append(_emulated_attention(emu, q[a:b], k[:kl], v[:kl], jnp.asarray(qpos[a:b]), scale, alibi, window, skv))
+    return jnp.concatenate(outs, axis=0)
 
 
 def _blocks(n: int, per_row: int) -> tuple[int, int]:
