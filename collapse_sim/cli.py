@@ -316,6 +316,27 @@ def cmd_scaling(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .experiments.sweep import SweepError, SweepSpec, run_sweep
+
+    try:
+        spec = SweepSpec.from_json(args.spec)
+        if args.executor == "dask" and not args.scheduler:
+            raise SweepError("--executor dask needs --scheduler ADDRESS (e.g. tcp://host:8786)")
+        r = run_sweep(spec, args.out, executor=args.executor, scheduler=args.scheduler)
+    except SweepError as e:
+        raise UsageError(str(e)) from None
+    from .results import load_table
+
+    df = load_table(args.out)
+    print(f"[sweep] ran {r['run']} cells, skipped {r['skipped']} already done; table: {len(df)} rows in {args.out}/cells/*.parquet")
+    first = df[df["bitwise_identical"] & ~df["nonfinite"]].groupby(["format", "family", "pe", "seed"])["n"].min()
+    if len(first):
+        print("first bitwise-identical n per cell:")
+        print(first.to_string())
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     from .report import reproduce
 
@@ -404,6 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=11, help="seed of the fixed one-layer model")
     p.add_argument("--out", default="scaling-out")
     p.set_defaults(func=cmd_scaling)
+
+    p = sub.add_parser("sweep", help="run a grid of collapse cells from a JSON spec; resumable; in-process or on dask")
+    p.add_argument("spec", help="sweep spec JSON (see collapse_sim.experiments.sweep)")
+    p.add_argument("--out", default="sweep-out")
+    p.add_argument("--executor", default="inprocess", choices=["inprocess", "dask"])
+    p.add_argument("--scheduler", default=None, help="dask scheduler address, e.g. tcp://127.0.0.1:8786")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("reproduce", help="run the checks and experiments and write a report")
     p.add_argument("--out", default="collapse-report", help="output directory (default: collapse-report)")

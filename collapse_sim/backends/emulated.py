@@ -442,12 +442,13 @@ class EmulatedBackend(JaxBackendBase):
 
     def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None):
         del kpos  # keys sit at positions 0..Nk-1
-        if isinstance(qpos, np.ndarray) and qpos.size >= 2 * _SEGMENTS and np.all(np.diff(qpos) >= 0):
+        if isinstance(qpos, np.ndarray) and qpos.size >= _SEGMENT_MIN and np.all(np.diff(qpos) >= 0):
             return _causal_segments(self.emu, q, k, v, qpos, scale, alibi, window, self_kv)
         return _emulated_attention(self.emu, q, k, v, jnp.asarray(qpos), scale, alibi, window, self_kv)
 
 
 _SEGMENTS = 8  # query segments with their own causal key length (one compiled body each)
+_SEGMENT_MIN = 512  # shorter inputs run unsegmented: the saving would not pay for the extra compiles
 
 
 def _causal_segments(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, window, self_kv):
@@ -509,6 +510,10 @@ def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
     kp = self_kv[0] if self_kv is not None else jnp.zeros_like(q)
     vp = self_kv[1] if self_kv is not None else jnp.zeros_like(q)
 
+    if alibi is not None:  # -slope·distance for every distance, rounded once (a gather per block)
+        maxd = max(nk, int(qpos.shape[0])) + 1
+        bias_table = round_to(-alibi * jnp.arange(maxd, dtype=jnp.float64), pol.storage, mode).astype(dt)
+
     def block(args):
         qb, pb, kpb, vpb = args  # (B, dh), (B,), (B, dh), (B, dh)
         is_self = cols[None, :] == pb[:, None]  # (B, nk)
@@ -519,7 +524,8 @@ def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
         s = emu.dot(Q, K)  # (B, nk), compute format
         s = emu.mul(s, jnp.broadcast_to(sc, s.shape))
         if alibi is not None:
-            bias = round_to(-alibi * (pb[:, None] - cols[None, :]).astype(jnp.float64), pol.storage, mode).astype(dt)
+            dist = jnp.clip(pb[:, None] - cols[None, :], 0, bias_table.shape[0] - 1)  # masked entries: any valid index
+            bias = bias_table[dist]
             s = emu.add(s, bias)
         s = round_to(s, pol.softmax, mode)
         valid = cols[None, :] <= pb[:, None]
