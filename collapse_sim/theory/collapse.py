@@ -135,8 +135,9 @@ def collapse_bound(params: Params, tokens, tr: Trace | None = None) -> np.ndarra
     return norm_step(params, "n3", tr.x[c.n_layers], delta)
 
 
-def observed_distance(params: Params, tokens, prec: int = 256) -> np.ndarray:
-    """‖y(t_1..t_n) − y(t_1..t_n t_n)‖₂ for n = 1..N in the mpmath reference at ``prec`` bits."""
+def observed_distance(params: Params, tokens, prec: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """‖y(t_1..t_n) − y(t_1..t_n t_n)‖₂ for n = 1..N in the mpmath reference at ``prec``
+    bits, and the scale max(|y|, |y*|) per n."""
     from ..backends import make_backend
     from ..model import forward
 
