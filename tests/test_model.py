@@ -225,3 +225,33 @@ def test_interval_backend_encloses_and_certifies(spec):
     ye, ype = forward(P, toks, e, probe=toks)
     same = np.all(e.to_numpy(ye) == e.to_numpy(ype), axis=1)
     assert (same & cert).any()
+
+
+def test_sharded_attention_equals_unsharded_on_four_fake_devices():
+    """The emulated attention's query axis split over 4 devices (XLA's fake host
+    devices, set before JAX starts, hence a subprocess) gives the same bits, probes
+    included, for two policies."""
+    import os
+    import subprocess
+    import sys
+
+    code = '''
+import collapse_sim as cs
+cs.enable_x64()
+import jax, numpy as np
+from collapse_sim.backends.emulated import EmulatedBackend
+from collapse_sim.model import ModelConfig, forward, init_params
+assert jax.device_count() == 4, jax.device_count()
+P = init_params(ModelConfig(d=8, n_layers=2, n_heads=2, vocab=6, pe="sinusoidal", seed=1))
+toks = np.random.default_rng(0).integers(0, 6, 37)
+for pol in ["bf16", "compute=fp16,accumulate=fp32,order=sequential"]:
+    a, b = EmulatedBackend(pol), EmulatedBackend(pol, shard=True)
+    assert b.shard and a.label != b.label
+    for u, w in zip(forward(P, toks, a, probe=toks), forward(P, toks, b, probe=toks)):
+        u, w = np.asarray(u), np.asarray(w)
+        assert u.shape == w.shape and np.array_equal(u.view(np.uint64), w.view(np.uint64)), pol
+print("ok")
+'''
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

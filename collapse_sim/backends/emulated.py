@@ -391,11 +391,12 @@ class EmulatedBackend(JaxBackendBase):
 
     kind = "emulated"
 
-    def __init__(self, policy: "Policy | str"):
+    def __init__(self, policy: "Policy | str", *, shard: bool = False):
         self.emu = Emulator(policy)
         self.policy = self.emu.policy
         self.dtype = self.emu.dtype
-        self.label = f"emulated:{self.policy}"
+        self.shard = shard and jax.device_count() > 1
+        self.label = f"emulated:{self.policy}" + (f":sharded{jax.device_count()}" if self.shard else "")
 
     def describe(self) -> dict:
         return {"backend": "emulated", "policy": str(self.policy), "carrier": str(self.dtype)}
@@ -442,6 +443,8 @@ class EmulatedBackend(JaxBackendBase):
 
     def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None):
         del kpos  # keys sit at positions 0..Nk-1
+        if self.shard:
+            return _sharded(self.emu, q, k, v, np.asarray(qpos), scale, alibi, window, self_kv)
         if isinstance(qpos, np.ndarray) and qpos.size >= _SEGMENT_MIN and np.all(np.diff(qpos) >= 0):
             return _causal_segments(self.emu, q, k, v, qpos, scale, alibi, window, self_kv)
         return _emulated_attention(self.emu, q, k, v, jnp.asarray(qpos), scale, alibi, window, self_kv)
@@ -471,6 +474,31 @@ def _causal_segments(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, win
         skv = None if self_kv is None else (self_kv[0][a:b], self_kv[1][a:b])
         outs.append(_emulated_attention(emu, q[a:b], k[:kl], v[:kl], jnp.asarray(qpos[a:b]), scale, alibi, window, skv))
     return jnp.concatenate(outs, axis=0)
+
+
+def _sharded(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, window, self_kv):
+    """The query axis split over every device (``jax.shard_map``), keys and values
+    replicated: each query row is computed exactly as unsharded, so the bits agree.
+    Test on CPU with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``."""
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    ndev = jax.device_count()
+    mesh = Mesh(np.array(jax.devices()), ("q",))
+    nq = q.shape[0]
+    pad = -nq % ndev
+    qp = jnp.concatenate([q, jnp.zeros((pad, q.shape[1]), q.dtype)])
+    pos = jnp.asarray(np.concatenate([qpos, np.full(pad, qpos[-1] if nq else 0)]))
+    kp = self_kv[0] if self_kv is not None else jnp.zeros_like(q)
+    vp = self_kv[1] if self_kv is not None else jnp.zeros_like(q)
+    kp = jnp.concatenate([kp, jnp.zeros((pad, kp.shape[1]), kp.dtype)])
+    vp = jnp.concatenate([vp, jnp.zeros((pad, vp.shape[1]), vp.dtype)])
+
+    def local(qs, ps, kps, vps, k_, v_):
+        skv = (kps, vps) if self_kv is not None else None
+        return _emulated_attention(emu, qs, k_, v_, ps, scale, alibi, window, skv)
+
+    f = jax.shard_map(local, mesh=mesh, in_specs=(P("q"), P("q"), P("q"), P("q"), P(), P()), out_specs=P("q"))
+    return f(qp, pos, kp, vp, k, v)[:nq]
 
 
 def _blocks(n: int, per_row: int) -> tuple[int, int]:
