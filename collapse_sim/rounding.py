@@ -123,6 +123,32 @@ def _bitlen(c: _Carrier, m):
     return c.width - lax.clz(m).astype(c.i)
 
 
+class _Limits:
+    """The format's top end as carrier magnitude patterns: largest finite value,
+    canonical NaN, the value an overflow becomes, and the overflow test."""
+
+    def __init__(self, c: "_Carrier", fmt: Format):
+        U = c.u
+        self.inf = U((2 * c.bias + 1) << (c.pc - 1))
+        self.nan = self.inf | (U(1) << U(c.pc - 2))
+        xmax_pat = c.pattern_of_value(fmt.top_significand, fmt.emax - fmt.p + 1)
+        self.beyond_carrier = xmax_pat is None  # only the carrier's inf overflows
+        self.xmax = self.inf if self.beyond_carrier else U(xmax_pat)
+        self.overflow = {"inf": self.inf, "nan": self.nan, "saturate": self.xmax}[fmt.overflow]
+
+    def over(self, pat):
+        return pat >= self.inf if self.beyond_carrier else pat > self.xmax
+
+
+def _signed(c: "_Carrier", fmt: Format, pat, neg, lim: _Limits, dtype):
+    """Attach the sign (NaN stays positive-canonical; no -0 in unsigned-zero formats)."""
+    sign_bit = c.u(1) << c.u(c.width - 1)
+    out_neg = neg & ~(pat >= lim.nan)
+    if not fmt.signed_zero:
+        out_neg = out_neg & (pat != 0)
+    return lax.bitcast_convert_type(pat | jnp.where(out_neg, sign_bit, c.u(0)), dtype)
+
+
 def fast_path_applies(fmt: Format, dtype) -> bool:
     """Whether round-to-nearest-even to ``fmt`` from ``dtype`` has the fast path: the
     format's normal range lies inside the carrier's normal range and p < the carrier's."""
@@ -166,19 +192,10 @@ def _round_rne_fast(x, fmt: Format):
         r_bits = lax.bitcast_convert_type(r, U)
         r_bits = jnp.where((r_bits & ~sign_bit) < tiny_pat, xsign, r_bits)
     mag = r_bits & ~sign_bit
-    xmax_pat = c.pattern_of_value(fmt.top_significand, fmt.emax - fmt.p + 1)
-    inf_pat = U((2 * c.bias + 1) << (c.pc - 1))
-    nan_pat = inf_pat | (U(1) << U(c.pc - 2))
-    xmax_p = inf_pat if xmax_pat is None else U(xmax_pat)
-    over = (mag >= inf_pat) if xmax_pat is None else (mag > xmax_p)
-    overflow_value = {"inf": inf_pat, "nan": nan_pat, "saturate": xmax_p}[fmt.overflow]
-    pat = jnp.where(over, overflow_value, mag)
-    is_nan = jnp.isnan(x)
-    pat = jnp.where(is_nan, nan_pat, pat)
-    out_neg = (xsign != 0) & ~is_nan & ~(pat >= nan_pat)
-    if not fmt.signed_zero:
-        out_neg = out_neg & (pat != 0)
-    return lax.bitcast_convert_type(pat | jnp.where(out_neg, sign_bit, U(0)), x.dtype)
+    lim = _Limits(c, fmt)
+    pat = jnp.where(lim.over(mag), lim.overflow, mag)  # RNE always rounds away on overflow; ±inf lands here too
+    pat = jnp.where(jnp.isnan(x), lim.nan, pat)
+    return _signed(c, fmt, pat, xsign != 0, lim, x.dtype)
 
 
 @partial(jax.jit, static_argnames=("fmt", "mode"))
@@ -257,16 +274,8 @@ def _round_general(x, key, fmt: Format, mode: Mode):
     pat = jnp.where(shallow, pat_shallow, pat_deep)
 
     # Overflow.
-    xmax_pat = c.pattern_of_value(fmt.top_significand, fmt.emax - p + 1)
-    inf_pat = U((2 * c.bias + 1) << (c.pc - 1))
-    nan_pat = inf_pat | (U(1) << U(c.pc - 2))
-    if xmax_pat is None:  # the format reaches beyond the carrier: only the carrier's inf overflows
-        over = pat >= inf_pat
-        xmax_p = inf_pat
-    else:
-        over = pat > U(xmax_pat)
-        xmax_p = U(xmax_pat)
-    overflow_value = {"inf": inf_pat, "nan": nan_pat, "saturate": xmax_p}[fmt.overflow]
+    lim = _Limits(c, fmt)
+    over = lim.over(pat)
     # Overflow goes to the overflow value when the rounding moved away from zero.
     if mode is Mode.RNE:
         away = jnp.ones_like(up)
@@ -278,7 +287,7 @@ def _round_general(x, key, fmt: Format, mode: Mode):
         away = neg
     else:  # stochastic: away from zero exactly when it rounded up in magnitude
         away = up
-    pat = jnp.where(over, jnp.where(away, overflow_value, xmax_p), pat)
+    pat = jnp.where(over, jnp.where(away, lim.overflow, lim.xmax), pat)
 
     # Flush to zero without subnormals.
     if not fmt.subnormals:
@@ -287,14 +296,9 @@ def _round_general(x, key, fmt: Format, mode: Mode):
             pat = jnp.where(pat < U(tiny_pat), U(0), pat)
 
     # Specials.
-    inf_result = {"inf": inf_pat, "nan": nan_pat, "saturate": xmax_p}[fmt.overflow]
-    pat = jnp.where(is_inf, inf_result, pat)
-    pat = jnp.where(is_nan, nan_pat, pat)
-    out_neg = neg & ~(pat >= nan_pat)  # keep NaN positive-canonical
-    if not fmt.signed_zero:
-        out_neg = out_neg & (pat != 0)
-    out = pat | jnp.where(out_neg, sign_bit, U(0))
-    return lax.bitcast_convert_type(out, x.dtype)
+    pat = jnp.where(is_inf, lim.overflow, pat)
+    pat = jnp.where(is_nan, lim.nan, pat)
+    return _signed(c, fmt, pat, neg, lim, x.dtype)
 
 
 def round_to(x, fmt: "Format | str", mode: "Mode | str" = Mode.RNE, *, key=None):
