@@ -48,16 +48,20 @@ class IntervalBackend(ObjectArrayBackend):
         return self.ctx.mpf([0, x.b])
 
     # data
+    def _num(self, v: float):
+        """An exact float64 value as a number of this engine."""
+        return self.ctx.mpf(v)
+
     def store(self, x):
         x = np.asarray(x, dtype=np.float64)
         out = np.empty(x.shape, dtype=object)
         for idx, v in np.ndenumerate(x):
-            out[idx] = self.ctx.mpf(float(v))
+            out[idx] = self._num(float(v))
         return out
 
     def const(self, c, like):
         out = np.empty(np.shape(like), dtype=object)
-        out.fill(self.ctx.mpf(float(c)))
+        out.fill(self._num(float(c)))
         return out
 
     def to_numpy(self, x):
@@ -72,7 +76,7 @@ class IntervalBackend(ObjectArrayBackend):
         return self._relu(x)
 
     def _sum(self, xs):
-        s = self.ctx.mpf(0)
+        s = self._num(0.0)
         for x in xs:
             s = s + x
         return s
@@ -190,21 +194,19 @@ class ArbBackend(IntervalBackend):
         return x.union(self._zero)  # straddles 0: a ball holding [0, upper] (and more)
 
     # data
+    def _num(self, v: float):
+        return self.flint.arb(v)
+
     def store(self, x):
         """float64 values as exact balls; weights are converted once per backend (cached by value)."""
         x = np.asarray(x, dtype=np.float64)
         key = (x.shape, x.tobytes())
         hit = self._stored.get(key)
         if hit is None:
-            hit = np.array([self.flint.arb(float(v)) for v in x.ravel()], dtype=object).reshape(x.shape)
+            hit = super().store(x)
             if len(self._stored) < 256:
                 self._stored[key] = hit
         return hit
-
-    def const(self, c, like):
-        out = np.empty(np.shape(like), dtype=object)
-        out.fill(self.flint.arb(float(c)))
-        return out
 
     def to_numpy(self, x):
         return np.asarray(self._mid(np.asarray(x, dtype=object)), dtype=np.float64).reshape(np.shape(x))
@@ -226,16 +228,12 @@ class ArbBackend(IntervalBackend):
     def _matmul(self, a, b):
         return self._arr(self._mat(a) * self._mat(b))
 
-    def _sum(self, xs):
-        s = self._zero
-        for x in xs:
-            s = s + x
-        return s
+    def _rowsum(self, x):
+        ones = np.full((x.shape[-1], 1), self._num(1.0), dtype=object)
+        return self._matmul(x, ones)[:, 0]
 
     def mean(self, x):
-        ones = np.empty((x.shape[-1], 1), dtype=object)
-        ones.fill(self.flint.arb(1))
-        return self._div(self._matmul(x, ones)[:, 0], self.flint.arb(x.shape[-1]))
+        return self._div(self._rowsum(x), self._num(float(x.shape[-1])))
 
     def linear(self, x, w):
         return self._matmul(x, w)
@@ -280,10 +278,7 @@ class ArbBackend(IntervalBackend):
             E = np.full(S.shape, self._zero, dtype=object)
             ii, jj = np.nonzero(valid)
             E[ii, jj] = self._exp(self._sub(S[ii, jj], np.array([arb(float(v)) for v in shift], dtype=object)[ii]))
-            ones = np.empty((E.shape[1], 1), dtype=object)
-            ones.fill(arb(1))
-            den = self._matmul(E, ones)[:, 0]
-            A = self._div(E, den[:, None])
+            A = self._div(E, self._rowsum(E)[:, None])
             if self_kv is None:
                 out[r0:r1] = self._matmul(A, v)
             else:
