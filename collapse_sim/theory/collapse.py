@@ -34,11 +34,7 @@ import numpy as np
 
 from .. import positional
 from ..model import Params
-from .trace import Trace, rope_shift, trace
-
-
-def _spec(W) -> float:
-    return float(np.linalg.norm(W, 2))
+from .trace import Trace, gain_max, rope_shift, spectral_norm as _spec, trace
 
 
 def norm_lipschitz(params: Params, name: str, X: np.ndarray, radius: np.ndarray) -> np.ndarray:
@@ -47,7 +43,7 @@ def norm_lipschitz(params: Params, name: str, X: np.ndarray, radius: np.ndarray)
     c = params.config
     if c.norm == "none":
         return np.ones(X.shape[0])
-    g = float(np.max(np.abs(params[name + "_g"])))
+    g = gain_max(params, name)
     if c.norm == "layernorm":
         s = np.std(X, axis=1)
     else:
@@ -63,7 +59,7 @@ def norm_step(params: Params, name: str, X: np.ndarray, delta: np.ndarray) -> np
     c = params.config
     if c.norm == "none":
         return delta
-    cap = 2 * np.sqrt(c.d) * float(np.max(np.abs(params[name + "_g"])))
+    cap = 2 * np.sqrt(c.d) * gain_max(params, name)
     return np.minimum(norm_lipschitz(params, name, X, delta) * delta, cap)
 
 

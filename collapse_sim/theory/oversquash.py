@@ -23,15 +23,7 @@ import mpmath
 import numpy as np
 
 from ..model import Params
-from .trace import Trace, jacobian, trace
-
-
-def _spec(W) -> float:
-    return float(np.linalg.norm(W, 2))
-
-
-def _gmax(params: Params, name: str) -> float:
-    return float(np.max(np.abs(params[name + "_g"]))) if params.config.norm != "none" else 1.0
+from .trace import Trace, gain_max as _gmax, jacobian, spectral_norm as _spec, trace
 
 
 def _beta(tr: Trace, name: str) -> float:

@@ -110,6 +110,16 @@ def jacobian(params: Params, tokens, *, frozen: bool = True, dtype: str = "fp64"
     return np.transpose(np.asarray(J, np.float64), (1, 0, 2))
 
 
+def spectral_norm(W) -> float:
+    """‖W‖₂, the operator norm of ``x ↦ x @ W``."""
+    return float(np.linalg.norm(W, 2))
+
+
+def gain_max(params: Params, name: str) -> float:
+    """‖g‖_∞ of norm ``name`` (1 without norms): its Jacobian is ≤ ‖g‖_∞/σ."""
+    return float(np.max(np.abs(params[name + "_g"]))) if params.config.norm != "none" else 1.0
+
+
 def rope_shift(x: np.ndarray) -> np.ndarray:
     """``‖(R_1 − I) x_i‖`` per row: how far a RoPE-rotated vector moves when its
     position grows by one (R_{i+1} R_i^{-1} = R_1)."""
