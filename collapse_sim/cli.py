@@ -62,20 +62,6 @@ def cmd_round(args) -> int:
     return 0
 
 
-def _backend_for(kind: str, fmt_name: str, order: str):
-    from .backends import make_backend
-    from .formats import parse
-
-    fmt = parse(fmt_name)
-    if kind == "reference":
-        return make_backend("reference", f"compute={fmt_name},order={order}")
-    if kind == "native" or fmt.name == "fp64":
-        return make_backend("native", fmt.name)  # fp64 runs natively: its ops are IEEE binary64 already
-    from .policy import Policy
-
-    return make_backend("emulated", str(Policy.uniform(fmt, order)))
-
-
 def cmd_collapse(args) -> int:
     import json
     from pathlib import Path
@@ -109,7 +95,9 @@ def cmd_collapse(args) -> int:
         raise UsageError(f"estimated memory {est / 2**30:.1f} GiB exceeds --mem-limit {args.mem_limit} GiB; lower --max-len")
     if args.backend == "reference" and args.max_len > 128:
         raise UsageError("the reference backend is O(N^2 d) Python arithmetic; use --max-len <= 128 with it")
-    backends = [(_backend_for(args.backend, f, args.order), parse(f).name) for f in fmts]
+    from .backends import backend_for_format
+
+    backends = [(backend_for_format(args.backend, f, args.order), parse(f).name) for f in fmts]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from .experiments.collapse import collapse_sweep

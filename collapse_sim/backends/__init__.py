@@ -38,3 +38,19 @@ def make_backend(kind: str, spec: str):
 
         return ReferenceBackend(spec)
     raise ValueError(f"unknown backend {kind!r}; use native, emulated or reference")
+
+
+def backend_for_format(kind: str, fmt_name: str, order: str = "pairwise"):
+    """The backend of ``kind`` that runs every op in one format: ``reference`` and
+    ``emulated`` use the uniform policy of that format and reduction ``order``;
+    ``native`` the format's JAX dtype. fp64 always runs natively (its ops are IEEE
+    binary64 already)."""
+    from ..formats import parse
+    from ..policy import Policy
+
+    fmt = parse(fmt_name)
+    if kind == "reference":
+        return make_backend("reference", f"compute={fmt_name},order={order}")
+    if kind == "native" or fmt.name == "fp64":
+        return make_backend("native", fmt.name)
+    return make_backend("emulated", str(Policy.uniform(fmt, order)))

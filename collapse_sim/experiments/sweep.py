@@ -136,13 +136,13 @@ def run_cell(cell: dict, spec: SweepSpec):
     collapse_sim.enable_x64()
     import pandas as pd
 
-    from ..cli import _backend_for
+    from ..backends import backend_for_format
     from ..model import init_params
     from ..report import provenance
     from .collapse import collapse_sweep
 
     params = init_params(spec.config(cell))
-    be = _backend_for(cell["backend"], cell["format"], cell["order"])
+    be = backend_for_format(cell["backend"], cell["format"], cell["order"])
     t0 = time.time()
     res = collapse_sweep(params, cell["family"], cell["max_len"], be, cell["format"], seed=cell["seed"], sep=cell["sep"])
     df = pd.DataFrame(res.rows())
