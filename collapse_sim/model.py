@@ -87,6 +87,13 @@ class ModelConfig:
     def dh(self) -> int:
         return self.d // self.n_heads
 
+    def computation(self) -> "ModelConfig":
+        """This config with the initialisation-only fields at their defaults: what the
+        forward pass depends on (the key of its compiled code)."""
+        init_only = ("seed", "embed_std", "qk_std", "v_std", "ff_std")
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in init_only}
+        return dataclasses.replace(self, **defaults)
+
 
 @dataclasses.dataclass
 class Params:

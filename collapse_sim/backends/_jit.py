@@ -19,14 +19,8 @@ def _compiled(backend, fn, config, names: tuple[str, ...], with_probe: bool):
     return jax.jit(f)
 
 
-_INIT_ONLY = {"seed": 0, "embed_std": 1.0, "qk_std": None, "v_std": None, "ff_std": None}
-
-
 def run_jitted(backend, fn, config, arrays: dict, tokens, probe):
-    import dataclasses
-
-    if dataclasses.is_dataclass(config):  # initialisation-only fields do not change the computation
-        config = dataclasses.replace(config, **{k: v for k, v in _INIT_ONLY.items() if hasattr(config, k)})
+    config = config.computation()  # configs differing only in initialisation share compiled code
     names = tuple(sorted(arrays))
     dt = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
     vals = tuple(jnp.asarray(np.asarray(arrays[k]), dt) for k in names)
