@@ -47,30 +47,29 @@ class CollapseResult:
                 for n, a, b, c, d in zip(self.ns, self.l1, self.linf, self.identical, self.nonfinite)]
 
 
-def _outputs(params: Params, pairs: Pairs, backend, progress=None):
+def pair_outputs(params: Params, pairs: Pairs, backend, *, raw: bool = False, progress=None):
+    """Both members of every pair, ``(A, B)``, each (n, d): float64 arrays, or the
+    backend's own numbers with ``raw=True`` (e.g. intervals). One forward per run."""
+    convert = (lambda a: a) if raw else backend.to_numpy
     outs = []
     for i, run in enumerate(pairs.runs):
         t0 = time.time()
         res = forward(params, run.tokens, backend, probe=run.probe)
         if run.probe is None:
-            y, yp = backend.to_numpy(res), None
+            outs.append({"y": convert(res), "p": None})
         else:
-            y, yp = backend.to_numpy(res[0]), backend.to_numpy(res[1])
-        outs.append({"y": y, "p": yp})
+            outs.append({"y": convert(res[0]), "p": convert(res[1])})
         if progress:
             progress(f"{backend.label}: run {i + 1}/{len(pairs.runs)} (N={run.tokens.size}) in {time.time() - t0:.1f}s")
-    return outs
+    (ra, ka, ia), (rb, kb, ib) = pairs.a, pairs.b
+    return outs[ra][ka][ia], outs[rb][kb][ib]
 
 
 def collapse_sweep(params: Params, family: str, n_max: int, backend, fmt_name: str, *, seed: int = 0,
                    sep: int | None = None, progress=None) -> CollapseResult:
     t0 = time.time()
     pairs = make_pairs(family, n_max, params.config.vocab, seed=seed, sep=sep)
-    outs = _outputs(params, pairs, backend, progress)
-    ra, ka, ia = pairs.a
-    rb, kb, ib = pairs.b
-    A = outs[ra][ka][ia]
-    B = outs[rb][kb][ib]
+    A, B = pair_outputs(params, pairs, backend, progress=progress)
     nonfinite = ~(np.all(np.isfinite(A), axis=1) & np.all(np.isfinite(B), axis=1))
     with np.errstate(invalid="ignore"):
         diff = np.abs(A - B)

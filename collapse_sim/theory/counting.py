@@ -39,16 +39,10 @@ def b10_confusions(params: Params, family: str, n_max: int, policy: str, *, seed
     any readout gives both members the same answer, so one of the two counts is wrong."""
     from ..backends import make_backend
     from ..backends.interval import certify_distinct
-    from ..experiments.collapse import collapse_sweep
+    from ..experiments.collapse import collapse_sweep, pair_outputs
     from ..families import make_pairs
 
     res = collapse_sweep(params, family, n_max, make_backend("reference", policy), policy, seed=seed)
     pairs = make_pairs(family, n_max, params.config.vocab, seed=seed)
-    iv = make_backend("interval", "128")
-    outs = []
-    for run in pairs.runs:
-        o = forward(params, run.tokens, iv, probe=run.probe)
-        outs.append({"y": o, "p": None} if run.probe is None else {"y": o[0], "p": o[1]})
-    (ra, ka, ia), (rb, kb, ib) = pairs.a, pairs.b
-    distinct = certify_distinct(outs[ra][ka][ia], outs[rb][kb][ib])
+    distinct = certify_distinct(*pair_outputs(params, pairs, make_backend("interval", "128"), raw=True))
     return res.ns[res.identical & distinct], res.ns[~distinct]

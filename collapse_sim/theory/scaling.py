@@ -32,12 +32,9 @@ def ulp(y: np.ndarray, p: int) -> np.ndarray:
 def exact_pair_outputs(params: Params, family: str, n_max: int, *, seed: int = 0):
     """float64 outputs (the 'exact' values to format precision ≤ 25) of both members, per n."""
     from ..backends import make_backend
-    from ..experiments.collapse import _outputs
+    from ..experiments.collapse import pair_outputs
 
-    pairs = make_pairs(family, n_max, params.config.vocab, seed=seed)
-    outs = _outputs(params, pairs, make_backend("native", "fp64"))
-    (ra, ka, ia), (rb, kb, ib) = pairs.a, pairs.b
-    return outs[ra][ka][ia], outs[rb][kb][ib]
+    return pair_outputs(params, make_pairs(family, n_max, params.config.vocab, seed=seed), make_backend("native", "fp64"))
 
 
 def predicted_first_collapse(A: np.ndarray, B: np.ndarray, p: int) -> int | None:
