@@ -3,7 +3,6 @@ the corrected statements against their variants; the collapse scaling law."""
 
 from __future__ import annotations
 
-import os
 from fractions import Fraction
 
 import mpmath

@@ -22,7 +22,6 @@ The emulated backend needs JAX float64 (``collapse_sim.enable_x64()``).
 from __future__ import annotations
 
 import functools
-import math
 from fractions import Fraction
 
 import jax
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ..formats import Format, parse as parse_format
+from ..formats import Format
 from ..policy import Order, Policy
 from ..rounding import Mode, round_to
 from ._jit import JaxBackendBase

@@ -16,13 +16,12 @@ This path is written for clarity, not speed: Python loops over mpf values.
 
 from __future__ import annotations
 
-import math
 
 import mpmath
 import mpmath.libmp as mlib
 import numpy as np
 
-from ..formats import Format, parse as parse_format
+from ..formats import Format
 from ..policy import Order, Policy
 from ..rounding import Mode
 from ._hooks import AnalysisHooks

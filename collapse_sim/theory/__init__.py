@@ -27,7 +27,6 @@ import dataclasses
 import math
 from typing import Callable
 
-import numpy as np
 
 EDGES = ("n=1", "equal", "dominant", "maxnorm")
 
