@@ -104,3 +104,53 @@ def plot_scaling(result, path: "str | Path", title: str = "") -> Path:
     ax.grid(True, alpha=0.25)
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_curves(series, path: "str | Path", *, title: str, xlabel: str = "n", ylabel: str = "",
+                hlines=(), bands=(), note: str = "", x_min: float | None = None) -> Path:
+    """Curves on log-log axes. ``series``: dicts with ``label``, ``x``, ``y`` and optional
+    ``color``, ``ls``, ``lw``; zeros (bitwise identical) cannot be drawn on a log axis
+    and are marked as ticks along the bottom edge in the curve's colour. ``hlines``:
+    (label, y, color or None); ``bands``: dicts with ``label``, ``x``, ``lo``, ``hi``;
+    ``x_min``: points left of it are not drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.transforms as mtransforms
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    bottom = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
+    for j, b in enumerate(bands):
+        c = b.get("color", colors[j % len(colors)])
+        keep = np.asarray(b["x"]) >= (x_min or -np.inf)
+        ax.fill_between(np.asarray(b["x"])[keep], np.asarray(b["lo"])[keep], np.asarray(b["hi"])[keep], color=c,
+                        alpha=0.25, lw=0, label=b["label"])
+    for i, s in enumerate(series):
+        c = s.get("color") or colors[(i + len(bands)) % len(colors)]
+        x, y = np.asarray(s["x"], float), np.asarray(s["y"], float)
+        keep = x >= (x_min or -np.inf)
+        x, y = x[keep], y[keep]
+        ax.plot(x, np.where(y > 0, y, np.nan), color=c, ls=s.get("ls", "-"), lw=s.get("lw", 1.1), label=s["label"])
+        zero = y == 0
+        if zero.any():
+            ax.plot(x[zero], np.full(int(zero.sum()), 0.01), "|", color=c, ms=6, transform=bottom,
+                    label=f"{s['label']}: bitwise identical")
+        bad = ~np.isfinite(y)
+        if bad.any():
+            ax.plot(x[bad], np.full(int(bad.sum()), 0.97), "x", color=c, ms=4, transform=bottom,
+                    label=f"{s['label']}: non-finite")
+    for label, y, c in hlines:
+        ax.axhline(y, color=c or "k", ls="--", lw=0.9, alpha=0.8, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=6, ncol=2)
+    if note:
+        ax.text(0.01, 0.05, note, transform=ax.transAxes, fontsize=6, alpha=0.8)
+    return _save(fig, path)

@@ -101,21 +101,24 @@ def reproduce(out: str = "collapse-report", quick: bool = False) -> int:
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
     lines = ["# collapse_sim report", "",
-             f"Mode: {'quick' if quick else 'full'}.", "",
-             "Status: this report covers the number-format layer (formats, rounding, reduction orders)",
-             "and the v vs v* collapse sweep. The paper's Fig. 9/10 reproductions, the copying/counting",
-             "families across formats and the remedies are not in it yet.", ""]
+             f"Mode: {'quick (smaller lengths and fewer formats; run without --quick for the full sizes)' if quick else 'full'}.", "",
+             "Contents: the number formats and their rounding; the paper's synthetic experiments (Fig. 8, 9, 10);",
+             "the copying and counting families; the remedies; first-collapse lengths next to the paper's readings;",
+             "where we disagree with the paper and why; provenance and wall time. *Emulated* means every",
+             "operation rounded to the format as IEEE arithmetic in that format would (see docs/backends.md);",
+             "the reference is 256-bit arb ball arithmetic (python-flint).", ""]
     sections = [("formats", _section_formats), ("rounding", _section_rounding), ("sums", _section_sums)]
     from . import experiments  # noqa: F401  (registers experiment sections, if any)
 
     sections += experiments.report_sections(quick)
     for name, fn in sections:
-        print(f"[reproduce] {name} ...", flush=True)
+        print(f"[reproduce] {name} ... ({time.time() - t0:.0f} s so far)", flush=True)
         fn(lines) if name in ("formats", "rounding", "sums") else fn(lines, outdir)
     wall = time.time() - t0
     prov = provenance()
     lines += ["## Provenance", "", "```json", json.dumps(prov, indent=1), "```", "",
-              f"Wall time: {wall:.1f} s.", ""]
+              f"Wall time ({'quick' if quick else 'full'} run): {wall:.1f} s ({wall / 60:.1f} min) on "
+              f"{os.cpu_count()} CPU cores.", ""]
     tmp = outdir / "report.md.tmp"
     tmp.write_text("\n".join(lines))
     tmp.replace(outdir / "report.md")

@@ -15,7 +15,7 @@ def test_reproduce_quick_writes_report_with_figures(tmp_path):
     out = tmp_path / "rep"
     assert main(["reproduce", "--quick", "--out", str(out)]) == 0
     text = (out / "report.md").read_text()
-    for section in ["## Formats", "## Rounding", "## Reduction order", "## Representational collapse", "## Provenance"]:
+    for section in ["## Formats", "## Rounding", "## Reduction order", "## Fig. 8", "## Fig. 9", "## Fig. 10", "## Copying and counting", "## Remedies", "## First-collapse lengths", "## Where we disagree", "## Provenance"]:
         assert section in text
     figs = [line.rsplit("](", 1)[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
     assert figs and all((out / f).exists() for f in figs)

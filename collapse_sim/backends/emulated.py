@@ -524,6 +524,24 @@ def _linear(emu: Emulator, x, w):
     return out.reshape(nb * b, dout)[:n]
 
 
+def masked_softmax(emu: Emulator, s, valid):
+    """Softmax of each row of ``s`` over its ``valid`` entries, as the attention does it:
+    scores rounded to the softmax format, the row maximum subtracted (if the policy
+    says so), exp, the denominator reduced in the policy's order and accumulate
+    format, one division, weights rounded to the compute format. Masked entries are
+    exact zeros, which leave every reduction order's result unchanged."""
+    pol, mode = emu.policy, emu.mode
+    s = round_to(jnp.asarray(s, emu.dtype), pol.softmax, mode)
+    if pol.max_subtract:
+        m = jnp.max(jnp.where(valid, s, jnp.asarray(-jnp.inf, emu.dtype)), axis=-1)
+        s = emu.sub(s, jnp.broadcast_to(m[:, None], s.shape), pol.softmax)
+    e = emu.exp(s, pol.softmax)
+    e = jnp.where(valid, e, jnp.zeros_like(e))
+    den = reduce_sum(e, pol.order, pol.accumulate, pol.softmax, mode, valid, emu.bounds)
+    alpha = emu.div(e, jnp.broadcast_to(den[:, None], e.shape), pol.softmax)
+    return round_to(alpha, pol.compute, mode)
+
+
 def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
     pol = emu.policy
     mode = emu.mode
@@ -554,18 +572,10 @@ def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
             dist = jnp.clip(pb[:, None] - cols[None, :], 0, bias_table.shape[0] - 1)  # masked entries: any valid index
             bias = bias_table[dist]
             s = emu.add(s, bias)
-        s = round_to(s, pol.softmax, mode)
         valid = cols[None, :] <= pb[:, None]
         if window is not None:
             valid = valid & (cols[None, :] > pb[:, None] - window)
-        if pol.max_subtract:
-            m = jnp.max(jnp.where(valid, s, jnp.asarray(-jnp.inf, dt)), axis=-1)
-            s = emu.sub(s, jnp.broadcast_to(m[:, None], s.shape), pol.softmax)
-        e = emu.exp(s, pol.softmax)
-        e = jnp.where(valid, e, jnp.zeros_like(e))
-        den = reduce_sum(e, pol.order, pol.accumulate, pol.softmax, mode, valid, emu.bounds)
-        alpha = emu.div(e, jnp.broadcast_to(den[:, None], e.shape), pol.softmax)
-        alpha = round_to(alpha, pol.compute, mode)
+        alpha = masked_softmax(emu, s, valid)
         V = jnp.broadcast_to(v[None], K.shape)
         if self_kv is not None:
             V = jnp.where(is_self[:, :, None], vpb[:, None, :], V)

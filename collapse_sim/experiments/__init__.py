@@ -5,6 +5,6 @@ from __future__ import annotations
 
 def report_sections(quick: bool) -> list:
     """(name, fn(lines, outdir)) pairs for ``collapse-sim reproduce``."""
-    from .report_collapse import collapse_sections
+    from .paper import paper_sections
 
-    return collapse_sections(quick)
+    return paper_sections(quick)

@@ -29,8 +29,8 @@ class CollapseResult:
     scale: float  # max |y| over both members: the representation's scale
     seconds: float
 
-    def first_identical(self) -> int | None:
-        hit = np.nonzero(self.identical & ~self.nonfinite)[0]
+    def first_identical(self, n_min: int = 1) -> int | None:
+        hit = np.nonzero(self.identical & ~self.nonfinite & (self.ns >= n_min))[0]
         return int(self.ns[hit[0]]) if hit.size else None
 
     def collapsed_from(self) -> int | None:
@@ -47,14 +47,31 @@ class CollapseResult:
                 for n, a, b, c, d in zip(self.ns, self.l1, self.linf, self.identical, self.nonfinite)]
 
 
-def pair_outputs(params: Params, pairs: Pairs, backend, *, raw: bool = False, progress=None):
+def pad_stream(tokens: np.ndarray, probe: np.ndarray | None, bucket: int | None):
+    """The stream (and probe) padded with token 0 up to a multiple of ``bucket``.
+
+    Attention is causal, so tokens after position i leave every output at or before
+    i unchanged; in the emulated backend bit for bit (masked terms are exact zeros,
+    which change no reduction order). Runs of different lengths that pad to the same
+    bucket share one compiled forward."""
+    if not bucket:
+        return tokens, probe
+    extra = -tokens.size % bucket
+    pad = lambda a: None if a is None else np.concatenate([a, np.zeros(extra, a.dtype)])  # noqa: E731
+    return pad(tokens), pad(probe)
+
+
+def pair_outputs(params: Params, pairs: Pairs, backend, *, raw: bool = False, progress=None,
+                 bucket: int | None = None):
     """Both members of every pair, ``(A, B)``, each (n, d): float64 arrays, or the
-    backend's own numbers with ``raw=True`` (e.g. intervals). One forward per run."""
+    backend's own numbers with ``raw=True`` (e.g. intervals). One forward per run;
+    ``bucket`` pads each run's stream (see :func:`pad_stream`)."""
     convert = (lambda a: a) if raw else backend.to_numpy
     outs = []
     for i, run in enumerate(pairs.runs):
         t0 = time.time()
-        res = forward(params, run.tokens, backend, probe=run.probe)
+        tokens, probe = pad_stream(run.tokens, run.probe, bucket)
+        res = forward(params, tokens, backend, probe=probe)
         if run.probe is None:
             outs.append({"y": convert(res), "p": None})
         else:
@@ -66,10 +83,10 @@ def pair_outputs(params: Params, pairs: Pairs, backend, *, raw: bool = False, pr
 
 
 def collapse_sweep(params: Params, family: str, n_max: int, backend, fmt_name: str, *, seed: int = 0,
-                   sep: int | None = None, progress=None) -> CollapseResult:
+                   sep: int | None = None, progress=None, bucket: int | None = None) -> CollapseResult:
     t0 = time.time()
     pairs = make_pairs(family, n_max, params.config.vocab, seed=seed, sep=sep)
-    A, B = pair_outputs(params, pairs, backend, progress=progress)
+    A, B = pair_outputs(params, pairs, backend, progress=progress, bucket=bucket)
     nonfinite = ~(np.all(np.isfinite(A), axis=1) & np.all(np.isfinite(B), axis=1))
     with np.errstate(invalid="ignore"):
         diff = np.abs(A - B)
