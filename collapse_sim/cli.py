@@ -95,9 +95,17 @@ def cmd_collapse(args) -> int:
         raise UsageError(f"estimated memory {est / 2**30:.1f} GiB exceeds --mem-limit {args.mem_limit} GiB; lower --max-len")
     if args.backend == "reference" and args.max_len > 128:
         raise UsageError("the reference backend is O(N^2 d) Python arithmetic; use --max-len <= 128 with it")
+    if args.shard:
+        import jax
+
+        if args.backend != "emulated":
+            raise UsageError("--shard applies to the emulated backend only")
+        if jax.device_count() < 2:
+            raise UsageError("--shard needs more than one JAX device; on CPU set "
+                             "XLA_FLAGS=--xla_force_host_platform_device_count=K before starting")
     from .backends import backend_for_format
 
-    backends = [(backend_for_format(args.backend, f, args.order), parse(f).name) for f in fmts]
+    backends = [(backend_for_format(args.backend, f, args.order, shard=args.shard), parse(f).name) for f in fmts]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from .experiments.collapse import collapse_sweep
@@ -364,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="bf16,fp16,fp32", help="comma-separated formats (default bf16,fp16,fp32); custom ones in parentheses: '(p=5,emax=15)'")
     p.add_argument("--backend", default="emulated", choices=["emulated", "native", "reference"])
     p.add_argument("--order", default="pairwise", help="reduction order for emulated/reference (default pairwise)")
+    p.add_argument("--shard", action="store_true",
+                   help="split the emulated attention's queries over all JAX devices (same bits as unsharded)")
     p.add_argument("--max-len", type=int, required=True)
     p.add_argument("--pe", default="sinusoidal", choices=KINDS)
     p.add_argument("--ape", default="residual", choices=["residual", "scores"],

@@ -88,3 +88,31 @@ def test_theory_commands_bad_input(tmp_path, argv, msg):
     assert r.returncode == 2, r.stderr
     assert msg in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_collapse_shard_flag_same_table_on_four_fake_devices(tmp_path):
+    """`collapse --shard` on 4 fake CPU devices writes the same distances as an unsharded run."""
+    import os
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    args = ["--family", "repeat_last", "--format", "bf16", "--max-len", "30", "--d", "8", "--pe", "rope", "--vocab", "8"]
+    tables = []
+    for extra, name in (([], "plain"), (["--shard"], "sharded")):
+        out = tmp_path / name
+        r = subprocess.run([sys.executable, "-c", "import sys; from collapse_sim.cli import main; sys.exit(main(sys.argv[1:]))",
+                            "collapse", *args, *extra, "--out", str(out)],
+                           capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        with (out / "collapse.csv").open() as fh:
+            tables.append([{k: v for k, v in row.items() if k != "backend"} for row in csv.DictReader(fh)])
+    assert tables[0] == tables[1] and len(tables[0]) == 30
+
+
+def test_collapse_shard_refused_on_one_device(tmp_path, capsys):
+    import jax
+
+    if jax.device_count() > 1:
+        pytest.skip("this process has several devices")
+    out = tmp_path / "s"
+    assert main(["collapse", "--family", "ones", "--max-len", "10", "--shard", "--out", str(out)]) == 2
+    assert "more than one JAX device" in capsys.readouterr().err and not out.exists()

@@ -40,11 +40,11 @@ def make_backend(kind: str, spec: str):
     raise ValueError(f"unknown backend {kind!r}; use native, emulated or reference")
 
 
-def backend_for_format(kind: str, fmt_name: str, order: str = "pairwise"):
+def backend_for_format(kind: str, fmt_name: str, order: str = "pairwise", *, shard: bool = False):
     """The backend of ``kind`` that runs every op in one format: ``reference`` and
     ``emulated`` use the uniform policy of that format and reduction ``order``;
     ``native`` the format's JAX dtype. fp64 always runs natively (its ops are IEEE
-    binary64 already)."""
+    binary64 already). ``shard`` splits emulated attention over all JAX devices."""
     from ..formats import parse
     from ..policy import Policy
 
@@ -53,4 +53,8 @@ def backend_for_format(kind: str, fmt_name: str, order: str = "pairwise"):
         return make_backend("reference", f"compute={fmt_name},order={order}")
     if kind == "native" or fmt.name == "fp64":
         return make_backend("native", fmt.name)
+    if shard:
+        from .emulated import EmulatedBackend
+
+        return EmulatedBackend(Policy.uniform(fmt, order), shard=True)
     return make_backend("emulated", str(Policy.uniform(fmt, order)))
