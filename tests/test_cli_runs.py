@@ -104,7 +104,9 @@ def test_collapse_shard_flag_same_table_on_four_fake_devices(tmp_path):
                            capture_output=True, text=True, env=env, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
         with (out / "collapse.csv").open() as fh:
-            tables.append([{k: v for k, v in row.items() if k != "backend"} for row in csv.DictReader(fh)])
+            rows = list(csv.DictReader(fh))
+        assert all(("sharded4" in row["backend"]) == (name == "sharded") for row in rows)
+        tables.append([{k: v for k, v in row.items() if k != "backend"} for row in rows])
     assert tables[0] == tables[1] and len(tables[0]) == 30
 
 
