@@ -107,12 +107,13 @@ def plot_scaling(result, path: "str | Path", title: str = "") -> Path:
 
 
 def plot_curves(series, path: "str | Path", *, title: str, xlabel: str = "n", ylabel: str = "",
-                hlines=(), bands=(), note: str = "", x_min: float | None = None) -> Path:
+                hlines=(), bands=(), note: str = "", x_min: float | None = None, smooth: bool = False) -> Path:
     """Curves on log-log axes. ``series``: dicts with ``label``, ``x``, ``y`` and optional
     ``color``, ``ls``, ``lw``; zeros (bitwise identical) cannot be drawn on a log axis
     and are marked as ticks along the bottom edge in the curve's colour. ``hlines``:
     (label, y, color or None); ``bands``: dicts with ``label``, ``x``, ``lo``, ``hi``;
-    ``x_min``: points left of it are not drawn."""
+    ``x_min``: points left of it are not drawn; ``smooth``: each curve drawn faintly with
+    its rolling median (:func:`rolling_median`) on top."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,7 +134,12 @@ def plot_curves(series, path: "str | Path", *, title: str, xlabel: str = "n", yl
         x, y = np.asarray(s["x"], float), np.asarray(s["y"], float)
         keep = x >= (x_min or -np.inf)
         x, y = x[keep], y[keep]
-        ax.plot(x, np.where(y > 0, y, np.nan), color=c, ls=s.get("ls", "-"), lw=s.get("lw", 1.1), label=s["label"])
+        if smooth and x.size > 50:
+            ax.plot(x, np.where(y > 0, y, np.nan), color=c, ls=s.get("ls", "-"), lw=0.5, alpha=0.3)
+            xm, ym = rolling_median(x, y)
+            ax.plot(xm, ym, color=c, ls=s.get("ls", "-"), lw=s.get("lw", 1.1) + 0.6, label=s["label"])
+        else:
+            ax.plot(x, np.where(y > 0, y, np.nan), color=c, ls=s.get("ls", "-"), lw=s.get("lw", 1.1), label=s["label"])
         zero = y == 0
         if zero.any():
             ax.plot(x[zero], np.full(int(zero.sum()), 0.01), "|", color=c, ms=6, transform=bottom,
@@ -151,6 +157,24 @@ def plot_curves(series, path: "str | Path", *, title: str, xlabel: str = "n", yl
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=6, ncol=2)
+    if smooth:
+        note = (note + "; " if note else "") + "thick: rolling median over ±10% of n; faint: every n"
     if note:
-        ax.text(0.01, 0.05, note, transform=ax.transAxes, fontsize=6, alpha=0.8)
+        ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=6, alpha=0.8)
     return _save(fig, path)
+
+
+def rolling_median(x, y, width: float = 0.1, points: int = 200):
+    """Median of ``y`` over x ∈ [t/(1+width), t·(1+width)] at ``points`` log-spaced t:
+    a readable trend of curves that jump by orders of magnitude from one n to the next
+    (zeros count as zeros, non-finite values are skipped)."""
+    import numpy as np
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ts = np.unique(np.geomspace(x.min(), x.max(), points))
+    out = np.full(ts.size, np.nan)
+    for i, t in enumerate(ts):
+        w = y[(x >= t / (1 + width)) & (x <= t * (1 + width)) & np.isfinite(y)]
+        if w.size:
+            out[i] = np.median(w)
+    return ts, np.where(out > 0, out, np.nan)
