@@ -158,7 +158,7 @@ class ArbBackend(IntervalBackend):
         try:
             import flint
         except ImportError:  # pragma: no cover - depends on the environment
-            raise ImportError("the arb interval engine needs python-flint: pip install 'collapse-sim[flint]'") from None
+            raise ImportError("the arb interval engine needs python-flint (a core dependency): pip install 'python-flint>=0.9'") from None
         self.flint = flint
         self.prec = int(prec)
         self.label = f"interval:arb{self.prec}"
