@@ -92,3 +92,16 @@ def test_first_below_and_decay_fit():
     assert fit.reaches(2.0**-7) == pytest.approx(384.0, rel=1e-9)
     flat = decay_fit(ns, np.full(ns.size, 2.0))
     assert flat.reaches(2.0**-7) is None
+
+
+def test_identical_share_counts_finite_identical_pairs_from_n_min():
+    from collapse_sim.experiments.collapse import CollapseResult
+
+    ns = np.arange(1, 9)
+    ident = np.array([1, 1, 0, 1, 1, 0, 1, 1], bool)
+    nonfinite = np.array([0, 0, 0, 0, 1, 0, 0, 0], bool)  # a NaN pair never counts as identical
+    r = CollapseResult("emulated", "bf16", ns, ns * 0.0, ns * 0.0, ident, nonfinite, 1.0, 0.0)
+    assert r.identical_share() == 5 / 8
+    assert r.identical_share(4) == 3 / 5  # n = 4..8: identical and finite at 4, 7, 8
+    assert r.identical_share(9) == 0.0
+    assert r.first_identical(3) == 4 and r.collapsed_from() == 7

@@ -53,8 +53,6 @@ def backend_for_format(kind: str, fmt_name: str, order: str = "pairwise", *, sha
         return make_backend("reference", f"compute={fmt_name},order={order}")
     if kind == "native" or fmt.name == "fp64":
         return make_backend("native", fmt.name)
-    if shard:
-        from .emulated import EmulatedBackend
+    from .emulated import EmulatedBackend
 
-        return EmulatedBackend(Policy.uniform(fmt, order), shard=True)
-    return make_backend("emulated", str(Policy.uniform(fmt, order)))
+    return EmulatedBackend(Policy.uniform(fmt, order), shard=shard)

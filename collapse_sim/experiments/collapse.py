@@ -33,6 +33,11 @@ class CollapseResult:
         hit = np.nonzero(self.identical & ~self.nonfinite & (self.ns >= n_min))[0]
         return int(self.ns[hit[0]]) if hit.size else None
 
+    def identical_share(self, n_min: int = 1) -> float:
+        """Share of the pairs with n >= n_min that are bitwise identical (and finite)."""
+        ok = (self.identical & ~self.nonfinite)[self.ns >= n_min]
+        return float(ok.mean()) if ok.size else 0.0
+
     def collapsed_from(self) -> int | None:
         """Smallest n from which every pair up to N is identical (None if the last is not)."""
         ok = self.identical & ~self.nonfinite

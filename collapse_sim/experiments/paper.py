@@ -127,17 +127,13 @@ def _log(msg: str) -> None:
     print(f"[reproduce]   {msg}", flush=True)
 
 
-def _emulated(policy: "Policy | str"):
-    return make_backend("emulated", str(Policy.parse(policy)))
-
-
 def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str, sep: int | None = None,
                  ref: bool = True, ref_n: int | None = None) -> dict[str, CollapseResult]:
     """The collapse sweep of one model and family in every emulated policy (a format
     name or a policy string), native float64 and (up to ``ref_n``) the arb reference.
     Keys: the policies as given, "fp64", REF."""
     out: dict[str, CollapseResult] = {}
-    runs = [(f, _emulated(Policy.parse(f)), BUCKET) for f in formats]
+    runs = [(f, make_backend("emulated", f), BUCKET) for f in formats]
     runs.append(("fp64", make_backend("native", "fp64"), None))
     ref_n = ctx.sizes.ref_n if ref_n is None else ref_n
     if ref and ref_n:
@@ -180,12 +176,11 @@ def _collapse_rows(res: dict[str, CollapseResult], formats, n_max: int) -> list[
     for f in formats:
         r = res[f]
         big = r.ns >= N_MIN
-        ident = (r.identical & ~r.nonfinite)[big]
         nf = int(r.nonfinite.sum())
         lines.append(
             f"| {f} | {eps(f):.3g} | {_fmt_n(first_below(f64.ns, f64.l1, eps(f)), n_max)} | "
             f"{_fmt_n(first_below(f64.ns, f64.linf, eps(f)), n_max)} | {_fmt_n(r.first_identical(N_MIN), n_max)} | "
-            f"{_fmt_n(r.collapsed_from(), n_max)} | {ident.mean():.1%} | {np.nanmin(r.l1[big]):.3g} | "
+            f"{_fmt_n(r.collapsed_from(), n_max)} | {r.identical_share(N_MIN):.1%} | {np.nanmin(r.l1[big]):.3g} | "
             f"{nf if not nf else f'**{nf}** (overflow)'} |")
     return lines
 
@@ -196,26 +191,25 @@ _TABLE_HEAD = ["| format | eps = 2^(1−p) | float64 ‖·‖₁ first below eps
                "|---|---|---|---|---|---|---|---|---|"]
 
 
-def _fit_line(res: dict[str, CollapseResult]) -> tuple[Decay, str]:
+def _fit_line(res: dict[str, CollapseResult], fit: Decay) -> str:
+    """The float64 decay fit (as stored by :func:`_comparison`) and the agreement with the reference."""
     f64 = res["fp64"]
-    fit = decay_fit(f64.ns, f64.l1)
     text = f"Float64 over n ∈ [{max(N_MIN, int(f64.ns[-1]) // 10):,}, {int(f64.ns[-1]):,}]: {fit.describe()}."
     agree = ref_agreement(res)
     if agree is not None:
         text += (f" Float64 vs the 256-bit reference (n ≤ {int(res[REF].ns[-1]):,}): largest relative difference of "
                  f"the L1 distance {agree:.2g}.")
-    return fit, text
+    return text
 
 
 def _ident_cell(r: CollapseResult) -> str:
     """Where the pair is bitwise identical in the format (n ≥ N_MIN)."""
-    big = r.ns >= N_MIN
-    ident = (r.identical & ~r.nonfinite)[big]
+    share = r.identical_share(N_MIN)
     nf = f"; **{int(r.nonfinite.sum())} non-finite**" if r.nonfinite.any() else ""
-    if not ident.any():
+    if not share:
         return "never" + nf
     cf = r.collapsed_from()
-    return f"first {r.first_identical(N_MIN):,}, " + (f"all from {cf:,}" if cf else "not at N") + f" ({ident.mean():.0%}){nf}"
+    return f"first {r.first_identical(N_MIN):,}, " + (f"all from {cf:,}" if cf else "not at N") + f" ({share:.0%}){nf}"
 
 
 def _median_top(r: CollapseResult) -> float:
@@ -238,14 +232,17 @@ def _eps_lines(formats):
             for f in formats]
 
 
-def _comparison(ctx: Context, experiment: str, setup: str, res: dict[str, CollapseResult], n_max: int) -> None:
+def _comparison(ctx: Context, experiment: str, setup: str, res: dict[str, CollapseResult], n_max: int) -> dict:
+    """Append (and return) the paper-comparison row of one model run, with its float64 decay fit."""
     f64, bf = res["fp64"], res.get("bf16")
-    ctx.comparison.append(dict(
+    row = dict(
         experiment=experiment, setup=setup, paper=PAPER_READING.get(experiment, "—"), n_max=n_max,
         cross_l1=first_below(f64.ns, f64.l1, PAPER_LINE), cross_linf=first_below(f64.ns, f64.linf, PAPER_LINE),
         fit=decay_fit(f64.ns, f64.l1),
         bf16_first=bf.first_identical(N_MIN) if bf else None, bf16_from=bf.collapsed_from() if bf else None,
-        bf16_floor=float(np.min(bf.l1[bf.ns >= N_MIN])) if bf else None))
+        bf16_floor=float(np.min(bf.l1[bf.ns >= N_MIN])) if bf else None)
+    ctx.comparison.append(row)
+    return row
 
 
 # --- Fig. 8 -------------------------------------------------------------------------------------
@@ -263,9 +260,9 @@ def section_fig8(ctx: Context, lines: list[str]) -> None:
               "distance can vanish, so both placements run.", ""]
     for setup, over in FIG8_SETUPS:
         res = run_backends(ctx, _model(**over), "repeat_last", n, sz.fig8_formats, tag=f"Fig. 8, {setup}")
-        _comparison(ctx, "Fig. 8", setup, res, n)
+        row = _comparison(ctx, "Fig. 8", setup, res, n)
         ctx.findings[("fig8", over["ape"])] = res
-        lines += [f"### {setup}", "", *_TABLE_HEAD, *_collapse_rows(res, sz.fig8_formats, n), "", _fit_line(res)[1], ""]
+        lines += [f"### {setup}", "", *_TABLE_HEAD, *_collapse_rows(res, sz.fig8_formats, n), "", _fit_line(res, row["fit"]), ""]
         png = plot_curves(_curves(res), ctx.outdir / f"fig8_{over['ape']}.png",
                           title=f"Fig. 8: v vs v*, {setup}, d = 64", ylabel="‖y_n − y*_(n+1)‖₁",
                           hlines=_eps_lines(sz.fig8_formats), x_min=N_MIN,
@@ -394,11 +391,11 @@ def section_fig10(ctx: Context, lines: list[str]) -> None:
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
     for (setup, over), c in zip(FIG10_SETUPS, colors):
         res = run_backends(ctx, _model(**over), "repeat_last", n, sz.fig10_formats, tag=f"Fig. 10, {setup}")
-        _comparison(ctx, "Fig. 10", setup, res, n)
+        row = _comparison(ctx, "Fig. 10", setup, res, n)
         ctx.findings[("fig10", setup)] = res
         for line in _collapse_rows(res, sz.fig10_formats, n):
             table.append(f"| {setup} " + line)
-        fits.append(f"- {setup}: {_fit_line(res)[1]}")
+        fits.append(f"- {setup}: {_fit_line(res, row['fit'])}")
         series.append(dict(label=f"{setup}: float64", x=res["fp64"].ns, y=res["fp64"].l1, color=c, lw=1.4))
         series.append(dict(label=f"{setup}: bf16", x=res["bf16"].ns, y=res["bf16"].l1, color=c, lw=0.7, ls="--"))
     lines += ["| setup " + _TABLE_HEAD[0], "|---" + _TABLE_HEAD[1], *table, "", *fits, ""]
@@ -522,6 +519,14 @@ def _pe_step_norm(d: int = 64) -> float:
     return float(np.linalg.norm(pe[1] - pe[0]))
 
 
+_RUN_KIND = {"fig8": "Fig. 8", "fig10": "Fig. 10", "family": "family", "remedy": "remedy"}
+
+
+def _run_label(key: tuple) -> str:
+    """A findings key as the report names the run: ("fig8", "residual") -> "Fig. 8, residual"."""
+    return f"{_RUN_KIND.get(key[0], key[0])}, " + " / ".join(str(k) for k in key[1:])
+
+
 def disagreements(ctx: Context) -> list[str]:
     """One paragraph per disagreement (or agreement) with the paper, each citing the
     numbers measured in this run."""
@@ -544,8 +549,8 @@ def disagreements(ctx: Context) -> list[str]:
         res = F.get(("fig8", ape))
         if res is None:
             continue
-        fit, n = decay_fit(res["fp64"].ns, res["fp64"].l1), int(res["fp64"].ns[-1])
         c = rows[("Fig. 8", label)]
+        fit, n = c["fit"], int(res["fp64"].ns[-1])
         crossed = c["cross_l1"] is not None
         head = (f"**Fig. 8, {label}: "
                 + ("crosses the bf16 line" if crossed else "no collapse") + f" by n = {n:,}** (paper ≈ 500). ")
@@ -567,13 +572,13 @@ def disagreements(ctx: Context) -> list[str]:
     if fig10:
         parts = []
         for setup, res in fig10:
-            fit = decay_fit(res["fp64"].ns, res["fp64"].l1)
             c = rows[("Fig. 10", setup)]
+            fit = c["fit"]
             parts.append(f"{setup}: n^{fit.slope:+.2f}, "
                          + (f"‖·‖₁ below 2^-7 from n = {c['cross_l1']:,}" if c["cross_l1"] else
                             (f"extrapolated to 2^-7 near {fit.reach_text()}" if fit.reaches(PAPER_LINE) else "no decay"))
                          + (f", ‖·‖∞ below it from n = {c['cross_linf']:,}" if c["cross_linf"] else ""))
-        slopes = {setup: decay_fit(res["fp64"].ns, res["fp64"].l1).slope for setup, res in fig10}
+        slopes = {setup: rows[("Fig. 10", setup)]["fit"].slope for setup, _ in fig10}
         fast = [k for k, v in slopes.items() if v <= -0.8]
         slow = [k for k, v in slopes.items() if -0.8 < v <= -0.2]
         flat = [k for k, v in slopes.items() if not v <= -0.2]
@@ -609,8 +614,8 @@ def disagreements(ctx: Context) -> list[str]:
             if cross is None:
                 continue
             beyond = r.ns >= cross
-            share = float(np.mean((r.identical & ~r.nonfinite)[beyond]))
-            after.append(f"{key[1]}: float64 ‖·‖₁ first below 2^-7 at n = {cross:,}; beyond it bf16 is bitwise "
+            share = r.identical_share(cross)
+            after.append(f"{_run_label(key)}: float64 ‖·‖₁ first below 2^-7 at n = {cross:,}; beyond it bf16 is bitwise "
                          f"identical for {share:.0%} of n, with median bf16 ‖·‖₁ {np.median(r.l1[beyond]):.3g} against "
                          f"float64's {np.median(f64.l1[beyond]):.3g}")
     if after:
@@ -623,7 +628,7 @@ def disagreements(ctx: Context) -> list[str]:
     nonfinite = {}
     for key, res in F.items():
         if isinstance(key, tuple) and "e4m3fn" in res and res["e4m3fn"].nonfinite.any():
-            nonfinite[" / ".join(str(k) for k in key[1:])] = int(res["e4m3fn"].nonfinite.sum())
+            nonfinite[_run_label(key)] = int(res["e4m3fn"].nonfinite.sum())
     if nonfinite:
         worst = sorted(nonfinite.items(), key=lambda kv: -kv[1])[:3]
         out.append(f"**fp8 (e4m3fn) overflows.** {len(nonfinite)} of the e4m3fn runs produced NaN outputs (most: "
@@ -638,9 +643,7 @@ def disagreements(ctx: Context) -> list[str]:
     if exact:
         bits = []
         for setup, res in exact:
-            r = res["bf16"]
-            big = r.ns >= N_MIN
-            bits.append(f"{setup}: bf16 identical for {np.mean((r.identical & ~r.nonfinite)[big]):.0%} of n")
+            bits.append(f"{setup}: bf16 identical for {res['bf16'].identical_share(N_MIN):.0%} of n")
         out.append("**Counting: exact collapse, but rounding breaks the tie.** `1^n` vs `1^(n+1)` is identical in exact "
                    "arithmetic (the 256-bit reference gives distance 0) whenever positions stay out of the values: "
                    + ", ".join(s for s, _ in exact) + " (Prop. B.9; whatever the weights, all values are equal and "
@@ -679,9 +682,7 @@ def disagreements(ctx: Context) -> list[str]:
         key = (sm, "ones")
         if key in rem:
             pol = next(k for k in rem[key] if k not in ("fp64", REF))
-            r = rem[key][pol]
-            big = r.ns >= N_MIN
-            sh = float(np.mean((r.identical & ~r.nonfinite)[big]))
+            sh = rem[key][pol].identical_share(N_MIN)
             said.append(f"With an fp32 softmax in a bf16 model, `1^n` vs `1^(n+1)` is bitwise identical for {sh:.0%} of n"
                         + (": less rounding noise in the weights brings back the exact-arithmetic identity, which "
                            "hurts counting." if sh > 0.5 else "."))
