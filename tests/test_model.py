@@ -23,6 +23,8 @@ def _same(a, b):
     (dict(pe="alibi", n_heads=2, window=4, norm="rmsnorm"), "compute=(p=6,emax=20),accumulate=(p=12,emax=40),order=blocked(3)"),
     (dict(pe="sinusoidal", ape="scores"), "compute=fp16,accumulate=fp32,softmax=fp32,order=sequential"),
     (dict(pe="learned", max_len=32), "compute=bf16,order=kahan,mode=rz"),
+    (dict(pe="rope", n_heads=2, d_ff=16), "compute=bf16,order=exact"),
+    (dict(pe="sinusoidal", norm="rmsnorm"), "storage=bf16,compute=bf16,accumulate=fp32,order=blocked(3),mode=ru"),
 ])
 def test_emulated_equals_reference_bit_for_bit(cfg, policy):
     """Full forward passes (L = 2, d = 8, n = 12) with a probe after every prefix."""
@@ -54,6 +56,35 @@ def test_causal_segments_equal_full_attention(policy):
         full = _emulated_attention(e.emu, q, k, v, jnp.asarray(qpos), 0.5, alibi, window, skv)
         seg = _causal_segments(e.emu, q, k, v, qpos, 0.5, alibi, window, skv)
         assert _same(full, seg)
+
+
+@pytest.mark.parametrize("policy", ["compute=bf16,order=exact", "compute=bf16,accumulate=fp32,order=blocked(4)",
+                                    "compute=(p=3,emax=100),accumulate=(p=7,emax=100),order=blocked(3),mode=rd"])
+def test_certified_attention_equals_op_by_op(policy, monkeypatch):
+    """Attention from float64 matrix products (certified) gives the op-by-op bits, with
+    probes, ALiBi and a window. Some queries carry ±2^40 entries against keys with
+    ±2^40 entries, whose products cancel: their blocks cannot be certified and must
+    fall back to the op-by-op path."""
+    import jax.numpy as jnp
+
+    from collapse_sim.backends import emulated
+
+    e = make_backend("emulated", policy)
+    rng = np.random.default_rng(5)
+    n, dh = 40, 8
+    q, k, v, kp, vp = (rng.standard_normal((n, dh)) for _ in range(5))
+    q[:3, :2], k[:, 0], k[:, 1] = 2.0**40, 2.0**40, -(2.0**40)
+    q[3:, :2] = 0.0
+    q, k, v, kp, vp = (e.store(a) for a in (q, k, v, kp, vp))
+    _, ok = emulated.certified_matmul(e.emu, q, k.T)
+    assert not np.asarray(ok)[:3].any() and np.asarray(ok)[3:].all()  # the fallback is exercised
+    pos = np.arange(n)
+    for qpos, skv, alibi, window in ((pos, None, None, None), (pos + 1, (kp, vp), 0.25, 7)):
+        fast = emulated._emulated_attention(e.emu, q, k, v, jnp.asarray(qpos), 0.5, alibi, window, skv)
+        with monkeypatch.context() as m:
+            m.setattr(emulated, "_certified", lambda emu: False)
+            slow = emulated._emulated_attention(e.emu, q, k, v, jnp.asarray(qpos), 0.5, alibi, window, skv)
+        assert np.array_equal(np.asarray(fast).view(np.uint64), np.asarray(slow).view(np.uint64))
 
 
 def test_native_f64_close_to_reference_256():

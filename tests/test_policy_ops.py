@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from collapse_sim.backends.emulated import CarrierError, Emulator, carrier_for, exact_sum
+from collapse_sim.backends.emulated import CarrierError, Emulator, carrier_for, certified_matmul, certified_sum, certify, exact_sum
 from collapse_sim.formats import parse
 from collapse_sim.policy import Order, Policy, PolicyError
 from collapse_sim.rounding import round_to
@@ -221,6 +222,81 @@ def test_exact_sum_is_correctly_rounded(xs, mode):
         got = float(exact_sum(jnp.asarray(xs, jnp.float64), fmt, __import__("collapse_sim").Mode.parse(mode)))
         expected = fraction_round(sum(map(Fraction, xs), Fraction(0)), fmt, mode)
         assert _eq(got, expected), (fmt.name, got, expected)
+
+
+@given(st.lists(st.floats(-1e30, 1e30, allow_subnormal=False), min_size=1, max_size=60), st.sampled_from(MODES),
+       st.sampled_from(["bf16", "fp16", "fp32", "p=3,emax=200"]))
+@example([1.0, 2.0**-8], "rne", "bf16")  # an exact midpoint: the float64 sum cannot be certified
+@example([2.0**60, 1.0, -(2.0**60)], "rne", "bf16")  # float64 loses the 1
+@example([1.0, -1.0], "rd", "bf16")  # exact cancellation: +0 as exact_sum gives it
+@example([0.0, -0.0], "rd", "fp32")
+def test_certified_sum_equals_exact_sum(xs, mode, fmt):
+    """Bit for bit (zeros' signs included), whether the float64 sum was certified or not."""
+    x = jnp.asarray(xs + [0.0] * (64 - len(xs)), jnp.float64)  # one shape: one compile per (format, mode)
+    got, want = _sum_both(fmt, mode)(x)
+    assert _eq(got, want), xs
+
+
+@functools.lru_cache(maxsize=None)
+def _sum_both(fmt, mode):
+    from collapse_sim import Mode
+
+    f, m = parse(fmt), Mode.parse(mode)
+    return jax.jit(lambda x: (certified_sum(x, f, m), exact_sum(x, f, m)))
+
+
+def test_certify_refuses_midpoints_and_cancellation():
+    """The check must fail exactly where a float64 sum cannot decide the rounding."""
+    bf = parse("bf16")
+    from collapse_sim import Mode
+
+    for xs in ([1.0, 2.0**-8], [2.0**60, 1.0, -(2.0**60)], [1.0, -1.0]):
+        x = jnp.asarray(xs, jnp.float64)
+        _, ok = certify(jnp.sum(x), jnp.sum(jnp.abs(x)), len(xs), bf, Mode.RNE)
+        assert not bool(ok), xs
+    x = jnp.asarray([1.0, 2.0**-10], jnp.float64)  # a quarter ulp from 1: certified
+    r, ok = certify(jnp.sum(x), jnp.sum(jnp.abs(x)), 2, bf, Mode.RNE)
+    assert bool(ok) and float(r) == 1.0
+
+
+@pytest.mark.parametrize("policy", ["compute=bf16,order=exact", "compute=bf16,accumulate=fp32,order=blocked(8)",
+                                    "compute=(p=3,emax=100),order=exact", "compute=(p=3,emax=100),order=blocked(5),mode=ru",
+                                    "compute=fp16,accumulate=fp32,order=blocked(16),mode=rz"])
+def test_certified_matmul_equals_op_by_op_where_certified(policy):
+    """Where certified_matmul says ok, its bits are Emulator.matmul's (exact superaccumulator
+    and rounded adds). Rows 0-9 carry ±2^80 products that cancel, so float64 loses the
+    small terms: those entries must be refused, the others certified."""
+    emu = Emulator(policy)
+    rng = np.random.default_rng(7)
+    a, b = rng.integers(-6, 7, (20, 37)).astype(float), rng.standard_normal((37, 11))
+    plant = emu.policy.compute.emax >= 80
+    if plant:
+        a[:10, :2], a[10:, :2], b[0], b[1] = 2.0**40, 0.0, 2.0**40, -(2.0**40)
+    a, b = emu.store(a), emu.store(b)
+    j = rng.integers(0, 37, 20)
+    t = emu.store(rng.standard_normal((20, 11))) * emu.store(rng.standard_normal((20, 1)))  # exact products
+    dot = jax.jit(jax.vmap(functools.partial(_dot_of_products, emu)))
+    for extra in (None, (jnp.asarray(j), t)):
+        x = a if extra is None else a.at[np.arange(20), j].set(0.0)  # the extra term takes x[i, j[i]]'s place
+        r, ok = certified_matmul(emu, x, b, extra)
+        terms = x[:, None, :] * b.T[None, :, :]  # (20, 11, 37) exact products
+        if extra is not None:
+            terms = terms.at[np.arange(20), :, j].set(t)
+        want = np.asarray(dot(terms.reshape(220, 37))).reshape(20, 11)
+        okn = np.asarray(ok)
+        if plant:
+            assert not okn[:10].any() and okn[10:].all()
+        else:
+            assert okn.all()
+        assert _eq(np.asarray(r)[okn], want[okn])
+
+
+def _dot_of_products(emu, terms):  # vmapped: its cond becomes a select, both branches run
+    """Reduce exact products in the policy's order as Emulator.dot does (exact/blocked)."""
+    from collapse_sim.backends.emulated import reduce_sum
+
+    pol = emu.policy
+    return reduce_sum(terms, pol.order, pol.accumulate, pol.compute, emu.mode, bounds=emu.bounds)
 
 
 def test_dot_and_matmul_shapes_and_exact_order():

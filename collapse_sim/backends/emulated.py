@@ -217,13 +217,13 @@ def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, boun
     elif order.kind == "kahan":
         s = _kahan(x, add, valid)
     elif order.kind == "exact":
-        return exact_sum(x, out, mode, *bounds)
+        return certified_sum(x, out, mode, *bounds)
     elif order.kind == "blocked":
         n = x.shape[-1]
         b = order.block
         nb = -(-n // b)
         xp = jnp.concatenate([x, jnp.zeros((*x.shape[:-1], nb * b - n), x.dtype)], axis=-1)
-        blocks = exact_sum(xp.reshape(*x.shape[:-1], nb, b), acc, mode, *bounds)
+        blocks = certified_sum(xp.reshape(*x.shape[:-1], nb, b), acc, mode, *bounds)
         s = _sequential(blocks, add)
     else:  # pragma: no cover - Order validates kinds
         raise ValueError(order)
@@ -264,6 +264,152 @@ def _kahan(x, add, valid=None):
 
     (s, _), _ = lax.scan(step, (xs[0], jnp.zeros_like(xs[0])), (xs[1:], vs[1:]))
     return s
+
+
+# --------------------------------------------------------------------------
+# Certified rounding of exact sums from float64 evaluations.
+#
+# Rounding an exact sum needs the exact sum only where it lies close to a rounding
+# boundary of the target format. A float64 evaluation s of a sum of k terms, in any
+# order (a tree, a BLAS kernel, with or without FMA), satisfies |s - S| <= γ_k Σ|t_i|
+# with γ_k = k u / (1 - k u), u = 2^-53 (Higham 2002, §3.1 and §4.2), provided no
+# partial result is subnormal (XLA:CPU flushes them). If rounding both ends of an
+# interval that contains S gives the same bits, every point in between rounds to
+# them too (rounding is monotone), so S does. Where the check fails, the exact
+# superaccumulator decides. Products of two format values are exact float64
+# numbers, so the same holds for dot products evaluated by float64 matrix products.
+#
+# Often the float64 evaluation is exact: if every term is a multiple of 2^q and
+# Σ|t| < 2^(53+q), every partial sum (in any order) is a float64 number. Then the
+# interval has width zero and even an exact midpoint (common: a block of bf16
+# products has far fewer than 53 significant bits) is certified.
+
+_U64 = 2.0**-53
+_NO_BITS = 4096  # lowest-set-bit exponent given to zeros: above every real one
+
+
+def lsb_exponent(x):
+    """The exponent of the lowest set bit of each float64 value: x is a multiple of
+    2**lsb_exponent(x). Zeros get 4096."""
+    bits = lax.bitcast_convert_type(jnp.asarray(x, jnp.float64), jnp.uint64)
+    E = ((bits >> jnp.uint64(52)) & jnp.uint64(0x7FF)).astype(jnp.int64)
+    frac = bits & jnp.uint64((1 << 52) - 1)
+    m = jnp.where(E == 0, frac, frac | jnp.uint64(1 << 52))
+    k = jnp.where(E == 0, -1074, E - 1075)
+    tz = 63 - lax.clz(m & (~m + jnp.uint64(1))).astype(jnp.int64)
+    return jnp.where(m == 0, _NO_BITS, k + tz)
+
+
+def _exact_in_float64(a, q):
+    """Whether a sum of terms that are multiples of ``2**q``, whose absolute values sum to
+    (a float64 evaluation) ``a``, is evaluated exactly in float64 in any order:
+    ``a (1 + γ) < 2**(floor(log2 a) + 1) <= 2**(52 + q)`` keeps every partial sum below
+    ``2**(53 + q)``."""
+    ea = ((lax.bitcast_convert_type(jnp.asarray(a, jnp.float64), jnp.uint64) >> jnp.uint64(52))
+          & jnp.uint64(0x7FF)).astype(jnp.int64) - 1023
+    return (ea + 2 <= 52 + q) & jnp.isfinite(a)
+
+
+def certify(s, a, k: int, fmt: Format, mode, exact=None):
+    """``(r, ok)``: ``r`` is the rounding of ``s`` to ``fmt`` and ``ok`` marks where it is
+    provably the rounding of the exact sum ``S``.
+
+    ``s`` is a float64 evaluation (any order) of a sum of ``k`` terms and ``a`` one of the
+    sum of their absolute values. ``a`` underestimates Σ|t| by at most a factor
+    ``1 - γ_k``, so ``|s - S| <= 2 γ_k a`` for ``k u <= 1/2``; the interval is widened
+    further by ``2^-51 |s|`` (so that ``s ± e`` evaluated in float64 still encloses
+    ``S``) and by ``k 2^-1020`` (terms flushed to zero if they were subnormal). Where
+    ``exact`` is true (see :func:`_exact_in_float64`) ``s`` is ``S`` and the width is zero.
+    An all-zero sum (``a == 0``) is ``+0``, as in :func:`exact_sum`."""
+    s = jnp.asarray(s, jnp.float64)
+    a = jnp.asarray(a, jnp.float64)
+    if 2 * k * _U64 > 1:  # pragma: no cover - 2^52 terms
+        raise ValueError("too many terms to certify a float64 sum")
+    g = k * _U64 / (1 - k * _U64)
+    e = 4 * g * a + 2.0**-51 * jnp.abs(s) + k * 2.0**-1020
+    if exact is not None:
+        e = jnp.where(exact, jnp.zeros_like(e), e)
+    lo = round_to(s - e, fmt, mode)
+    hi = round_to(s + e, fmt, mode)
+    same = lax.bitcast_convert_type(lo, jnp.uint64) == lax.bitcast_convert_type(hi, jnp.uint64)
+    zero = a == 0
+    ok = zero | (same & jnp.isfinite(s) & jnp.isfinite(a))
+    return jnp.where(zero, jnp.zeros_like(hi), hi), ok
+
+
+def certified_sum(x, out: Format, mode, kmin: int = -1074, kmax: int = 1024):
+    """:func:`exact_sum`'s result (bit for bit, where every term is inside the bounds),
+    from a float64 sum wherever :func:`certify` vouches for it; the superaccumulator runs
+    only if some element of the batch cannot be certified."""
+    x64 = jnp.asarray(x).astype(jnp.float64)
+    a = jnp.sum(jnp.abs(x64), axis=-1)
+    exact = _exact_in_float64(a, jnp.min(lsb_exponent(x64), axis=-1))
+    r, ok = certify(jnp.sum(x64, axis=-1), a, x.shape[-1], out, mode, exact)
+
+    def fallback():
+        return jnp.where(ok, r, exact_sum(x64, out, mode, kmin, kmax))
+
+    return _cond(jnp.all(ok), lambda: r, fallback).astype(x.dtype)
+
+
+def _cond(pred, if_true, if_false):
+    """``lax.cond`` under a trace; a Python branch on concrete values (eager calls then
+    compile only the branch they take)."""
+    if isinstance(pred, jax.core.Tracer):
+        return lax.cond(pred, if_true, if_false)
+    return if_true() if bool(pred) else if_false()
+
+
+def certified_matmul(emu: "Emulator", x, w, extra=None):
+    """``x @ w`` (x: (m, k), w: (k, n)) in the policy's ``exact`` or ``blocked(b)`` order,
+    from float64 matrix products, and where it is certified.
+
+    ``exact``: one float64 product (and one of absolute values) per entry, certified to
+    round like the exact dot product to ``compute``. ``blocked(b)``: the contraction axis
+    in blocks of ``b``, each block's dot certified to round like its exact value to
+    ``accumulate``, block results added left to right in ``accumulate`` (rounded adds),
+    then rounded to ``compute``: the same arithmetic as :meth:`Emulator.dot`.
+
+    ``extra = (j, t)`` puts the term ``t[i]`` (shape (m, n), an exact product) at
+    contraction index ``j[i]`` of row ``i``, where ``x[i, j[i]]`` must be zero (an
+    attention query's own key and value, which take the place of the stream's).
+    Returns ``(r, ok)`` with ``ok`` of shape (m, n): where it is false, ``r`` is not
+    certified and the caller must use the op-by-op result.
+    """
+    pol, mode = emu.policy, emu.mode
+    x = jnp.asarray(x).astype(jnp.float64)
+    w = jnp.asarray(w).astype(jnp.float64)
+    m, k = x.shape
+    b = k if pol.order.kind == "exact" else pol.order.block
+    nb = -(-k // b)
+    pad = nb * b - k
+    xr = jnp.concatenate([x, jnp.zeros((m, pad), x.dtype)], axis=1).reshape(m, nb, b)
+    wr = jnp.concatenate([w, jnp.zeros((pad, w.shape[1]), w.dtype)], axis=0).reshape(nb, b, -1)
+    hi = lax.Precision.HIGHEST
+    S = jnp.einsum("mcb,cbn->mnc", xr, wr, precision=hi)  # (m, n, nb) block sums
+    A = jnp.einsum("mcb,cbn->mnc", jnp.abs(xr), jnp.abs(wr), precision=hi)
+    # every product is a multiple of 2**(lowest bit of its row of x + lowest bit of its column of w)
+    q = jnp.min(lsb_exponent(x), axis=1)[:, None] + jnp.min(lsb_exponent(w), axis=0)[None, :]
+    terms = b
+    if extra is not None:
+        j, t = extra
+        at = (jnp.arange(nb)[None, :] == (j // b)[:, None])[:, None, :]  # (m, 1, nb)
+        t = jnp.asarray(t).astype(jnp.float64)
+        q = jnp.minimum(q, lsb_exponent(t))
+        t = t[:, :, None]
+        S = S + jnp.where(at, t, 0.0)
+        A = A + jnp.where(at, jnp.abs(t), 0.0)
+        terms = b + 1
+    if pol.order.kind == "exact":
+        r, ok = certify(S[..., 0], A[..., 0], terms, pol.compute, mode, _exact_in_float64(A[..., 0], q))
+        return r.astype(emu.dtype), ok
+    r, ok = certify(S, A, terms, pol.accumulate, mode, _exact_in_float64(A, q[..., None]))
+
+    def add(u, v):
+        return round_to(carrier_add(u, v, mode), pol.accumulate, mode)
+
+    r = round_to(_sequential(r, add), pol.compute, mode)
+    return r.astype(emu.dtype), jnp.all(ok, axis=-1)
 
 
 # --------------------------------------------------------------------------
@@ -510,15 +656,26 @@ def _pad_rows(a, nb, b):
     return jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]).reshape(nb, b, *a.shape[1:])
 
 
+def _certified(emu: Emulator) -> bool:
+    """Whether dot products can come from float64 matrix products (:func:`certified_matmul`)."""
+    return emu.policy.order.kind in ("exact", "blocked")
+
+
 def _linear(emu: Emulator, x, w):
     n, din = x.shape
     dout = w.shape[1]
     b, nb = _blocks(n, din * dout)
     wt = w.T  # (dout, din)
 
-    def block(xb):
+    def op_by_op(xb):
         ae, be = jnp.broadcast_arrays(xb[:, None, :], wt[None, :, :])
         return emu.dot(ae, be)
+
+    def block(xb):
+        if not _certified(emu):
+            return op_by_op(xb)
+        r, ok = certified_matmul(emu, xb, w)
+        return _cond(jnp.all(ok), lambda: r, lambda: op_by_op(xb))
 
     out = lax.map(block, _pad_rows(x, nb, b))
     return out.reshape(nb * b, dout)[:n]
@@ -589,5 +746,42 @@ def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
 
     nq = q.shape[0]
     b, nb = _blocks(nq, nk * dh)
+    if _certified(emu):
+        # whole rows of scores from float64 matrix products; op by op (in sub-blocks of b
+        # rows) only for a block where some dot product cannot be certified
+        t = max(1, min(-(-nq // b), _BLOCK_ELEMS // (4 * nk * b)))
+        bf = b * t
+
+        def block_certified(args):
+            qb, pb, kpb, vpb = args
+            is_self = cols[None, :] == pb[:, None]
+            s, ok_s = certified_matmul(emu, qb, k.T)
+            if self_kv is not None:
+                s = jnp.where(is_self, emu.dot(qb, kpb)[:, None], s)
+                ok_s = ok_s | is_self
+            s = emu.mul(s, jnp.broadcast_to(sc, s.shape))
+            if alibi is not None:
+                dist = jnp.clip(pb[:, None] - cols[None, :], 0, bias_table.shape[0] - 1)
+                s = emu.add(s, bias_table[dist])
+            valid = cols[None, :] <= pb[:, None]
+            if window is not None:
+                valid = valid & (cols[None, :] > pb[:, None] - window)
+            alpha = masked_softmax(emu, s, valid)
+            extra = None
+            if self_kv is not None:
+                a_self = jnp.sum(jnp.where(is_self, alpha, jnp.zeros_like(alpha)), axis=-1)  # one nonzero term
+                extra = (pb, a_self[:, None] * vpb)
+                alpha = jnp.where(is_self, jnp.zeros_like(alpha), alpha)
+            o, ok_o = certified_matmul(emu, alpha, v, extra)
+
+            def op_by_op():
+                sub = tuple(a.reshape(t, b, *a.shape[1:]) for a in args)
+                return lax.map(block, sub).reshape(bf, dh)
+
+            return _cond(jnp.all(ok_s) & jnp.all(ok_o), lambda: o, op_by_op)
+
+        nbf = -(-nq // bf)
+        args = (_pad_rows(q, nbf, bf), _pad_rows(qpos, nbf, bf), _pad_rows(kp, nbf, bf), _pad_rows(vp, nbf, bf))
+        return lax.map(block_certified, args).reshape(nbf * bf, dh)[:nq]
     out = lax.map(block, (_pad_rows(q, nb, b), _pad_rows(qpos, nb, b), _pad_rows(kp, nb, b), _pad_rows(vp, nb, b)))
     return out.reshape(nb * b, dh)[:nq]
