@@ -1,13 +1,17 @@
 """Sweep costs, as ratios measured in one run.
 
     python benchmarks/bench_sweep.py [--n 4096] [--loop-lengths 16] [--mem-n 65536] [--ref-n 16]
+                                     [--policies P1,P2] [--mem-policy P] [--skip PARTS]
 
 1. Prefix trick: one forward over a length-N stream (all n <= N) against a loop
    that runs each prefix separately (timed on --loop-lengths evenly spaced
    lengths and extrapolated to all N, compile excluded), native float32.
-2. Emulated bf16 forward against native float32 at N (compile excluded).
-3. Peak resident memory of an emulated bf16 forward at --mem-n, d = 64, L = 2
-   (in a subprocess, from getrusage).
+2. Emulated forwards against native float32 at N (compile excluded), one per
+   policy of --policies: bf16 pairwise (every product and add rounded), bf16 with
+   exact dot products, and bf16 with fp32 accumulation in blocks of 32 (the last
+   two run as certified float64 matrix products, see backends/emulated.py).
+3. Peak resident memory of an emulated forward (--mem-policy) at --mem-n, d = 64,
+   L = 2 (in a subprocess, from getrusage).
 4. Reference tokens/s at 53 and 256 bits against plain mpmath matrices doing the
    same forward (mpmath.matrix products and elementwise softmax): the arb-ball
    reference (interval backend on python-flint, rigorous enclosures, C matrix
@@ -58,24 +62,33 @@ def prefix_vs_loop(n, k):
     return t_one, t_loop
 
 
-def emulated_vs_native(n):
+def emulated_vs_native(n, policies):
+    """Seconds of one forward: native f32 (timed again after each policy, the ratio uses
+    the mean of the two readings around it) and each emulated policy (compile excluded)."""
     from collapse_sim.backends import make_backend
     from collapse_sim.model import ModelConfig, forward, init_params
 
     P = init_params(ModelConfig(d=64, n_layers=1, vocab=16, pe="sinusoidal", seed=0))
     toks = np.random.default_rng(0).integers(0, 16, n)
-    nat, emu = make_backend("native", "fp32"), make_backend("emulated", "bf16")
-    return _timed(lambda: _block(forward(P, toks, nat))), _timed(lambda: _block(forward(P, toks, emu)), repeat=1)
+    nat = make_backend("native", "fp32")
+    t_nat = [_timed(lambda: _block(forward(P, toks, nat)))]
+    out = []
+    for pol in policies:
+        emu = make_backend("emulated", pol)
+        t_emu = _timed(lambda: _block(forward(P, toks, emu)), repeat=1)
+        t_nat.append(_timed(lambda: _block(forward(P, toks, nat))))
+        out.append((pol, (t_nat[-2] + t_nat[-1]) / 2, t_emu))
+    return out
 
 
-def peak_memory(n):
+def peak_memory(n, policy="bf16"):
     code = f"""
 import collapse_sim as cs, numpy as np, resource, jax
 cs.enable_x64()
 from collapse_sim.backends import make_backend
 from collapse_sim.model import ModelConfig, forward, init_params
 P = init_params(ModelConfig(d=64, n_layers=2, vocab=16, pe="sinusoidal", seed=0, max_len={n + 8}))
-y = forward(P, np.random.default_rng(0).integers(0, 16, {n}), make_backend("emulated", "bf16"))
+y = forward(P, np.random.default_rng(0).integers(0, 16, {n}), make_backend("emulated", {policy!r}))
 jax.block_until_ready(y)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
@@ -126,6 +139,9 @@ def main(argv=None):
     ap.add_argument("--loop-lengths", type=int, default=16)
     ap.add_argument("--mem-n", type=int, default=65536)
     ap.add_argument("--ref-n", type=int, default=16)
+    ap.add_argument("--mem-policy", default="bf16", help="emulated policy of the memory run (default: bf16, pairwise)")
+    ap.add_argument("--policies", default="bf16,compute=bf16;order=exact,storage=bf16;compute=bf16;accumulate=fp32;order=blocked(32)",
+                    help="emulated policies timed against native f32 (commas between policies, ';' inside one)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: prefix,emulated,memory,reference")
     args = ap.parse_args(argv)
     import collapse_sim as cs
@@ -138,16 +154,17 @@ def main(argv=None):
         res["prefix"] = {"one_pass_s": one, "per_length_loop_s": loop, "ratio": loop / one}
         print(f"prefix trick, N={args.n}: one pass {one:.3f}s, loop over every length ~{loop:.1f}s: ratio {loop / one:.0f}x (target >= 100x)")
     if "emulated" not in skip:
-        nat, emu = emulated_vs_native(args.n)
-        res["emulated"] = {"native_f32_s": nat, "emulated_bf16_s": emu, "ratio": emu / nat}
-        print(f"forward N={args.n}: native f32 {nat:.3f}s, emulated bf16 {emu:.2f}s: ratio {emu / nat:.1f}x (target <= 4x)")
+        res["emulated"] = []
+        for pol, nat, emu in emulated_vs_native(args.n, [p.replace(";", ",") for p in args.policies.split(",")]):
+            res["emulated"].append({"policy": pol, "native_f32_s": nat, "emulated_s": emu, "ratio": emu / nat})
+            print(f"forward N={args.n}: native f32 {nat:.3f}s, emulated {pol} {emu:.2f}s: ratio {emu / nat:.1f}x (target <= 4x)")
     if "memory" not in skip:
-        peak, secs, err = peak_memory(args.mem_n)
+        peak, secs, err = peak_memory(args.mem_n, args.mem_policy)
         res["memory"] = {"n": args.mem_n, "peak_bytes": peak, "seconds": secs, "error": err}
         if peak is None:
             print(f"memory N={args.mem_n}: failed after {secs:.0f}s: {err}")
         else:
-            print(f"memory N={args.mem_n}, d=64, L=2, emulated bf16: peak RSS {peak / 2**30:.2f} GiB in {secs:.0f}s (target < 2 GB)")
+            print(f"memory N={args.mem_n}, d=64, L=2, emulated {args.mem_policy}: peak RSS {peak / 2**30:.2f} GiB in {secs:.0f}s (target < 2 GB)")
     if "reference" not in skip:
         for prec in (53, 256):
             t_ref, t_arb, t_plain = reference_speed(args.ref_n, prec)

@@ -514,6 +514,7 @@ def _pow2(k):
 # The model backend.
 
 _BLOCK_ELEMS = 1 << 21  # elements of one (queries x keys x head-dim) block
+_EXACT_SHRINK = 8  # exact and blocked orders: the superaccumulator holds ~20 int64 limbs per term
 
 
 class EmulatedBackend(JaxBackendBase):
@@ -664,7 +665,7 @@ def _certified(emu: Emulator) -> bool:
 def _linear(emu: Emulator, x, w):
     n, din = x.shape
     dout = w.shape[1]
-    b, nb = _blocks(n, din * dout)
+    b, nb = _blocks(n, din * dout * (_EXACT_SHRINK if _certified(emu) else 1))
     wt = w.T  # (dout, din)
 
     def op_by_op(xb):
@@ -745,7 +746,7 @@ def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
         return reduce_sum(prod, pol.order, pol.accumulate, pol.compute, mode, vmask, emu.bounds)
 
     nq = q.shape[0]
-    b, nb = _blocks(nq, nk * dh)
+    b, nb = _blocks(nq, nk * dh * (_EXACT_SHRINK if _certified(emu) else 1))
     if _certified(emu):
         # whole rows of scores from float64 matrix products; op by op (in sub-blocks of b
         # rows) only for a block where some dot product cannot be certified
