@@ -717,6 +717,17 @@ def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
         maxd = max(nk, int(qpos.shape[0])) + 1
         bias_table = round_to(-alibi * jnp.arange(maxd, dtype=jnp.float64), pol.storage, mode).astype(dt)
 
+    def weights(s, pb):
+        """Raw scores (B, nk) of queries at positions pb -> attention weights and the key mask."""
+        s = emu.mul(s, jnp.broadcast_to(sc, s.shape))
+        if alibi is not None:
+            dist = jnp.clip(pb[:, None] - cols[None, :], 0, bias_table.shape[0] - 1)  # masked entries: any valid index
+            s = emu.add(s, bias_table[dist])
+        valid = cols[None, :] <= pb[:, None]
+        if window is not None:
+            valid = valid & (cols[None, :] > pb[:, None] - window)
+        return masked_softmax(emu, s, valid), valid
+
     def block(args):
         qb, pb, kpb, vpb = args  # (B, dh), (B,), (B, dh), (B, dh)
         is_self = cols[None, :] == pb[:, None]  # (B, nk)
@@ -724,16 +735,7 @@ def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
         if self_kv is not None:
             K = jnp.where(is_self[:, :, None], kpb[:, None, :], K)
         Q = jnp.broadcast_to(qb[:, None, :], K.shape)
-        s = emu.dot(Q, K)  # (B, nk), compute format
-        s = emu.mul(s, jnp.broadcast_to(sc, s.shape))
-        if alibi is not None:
-            dist = jnp.clip(pb[:, None] - cols[None, :], 0, bias_table.shape[0] - 1)  # masked entries: any valid index
-            bias = bias_table[dist]
-            s = emu.add(s, bias)
-        valid = cols[None, :] <= pb[:, None]
-        if window is not None:
-            valid = valid & (cols[None, :] > pb[:, None] - window)
-        alpha = masked_softmax(emu, s, valid)
+        alpha, valid = weights(emu.dot(Q, K), pb)  # scores: (B, nk), compute format
         V = jnp.broadcast_to(v[None], K.shape)
         if self_kv is not None:
             V = jnp.where(is_self[:, :, None], vpb[:, None, :], V)
@@ -760,14 +762,7 @@ def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
             if self_kv is not None:
                 s = jnp.where(is_self, emu.dot(qb, kpb)[:, None], s)
                 ok_s = ok_s | is_self
-            s = emu.mul(s, jnp.broadcast_to(sc, s.shape))
-            if alibi is not None:
-                dist = jnp.clip(pb[:, None] - cols[None, :], 0, bias_table.shape[0] - 1)
-                s = emu.add(s, bias_table[dist])
-            valid = cols[None, :] <= pb[:, None]
-            if window is not None:
-                valid = valid & (cols[None, :] > pb[:, None] - window)
-            alpha = masked_softmax(emu, s, valid)
+            alpha, _ = weights(s, pb)
             extra = None
             if self_kv is not None:
                 a_self = jnp.sum(jnp.where(is_self, alpha, jnp.zeros_like(alpha)), axis=-1)  # one nonzero term
