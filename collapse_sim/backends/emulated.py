@@ -288,16 +288,23 @@ _U64 = 2.0**-53
 _NO_BITS = 4096  # lowest-set-bit exponent given to zeros: above every real one
 
 
-def lsb_exponent(x):
-    """The exponent of the lowest set bit of each float64 value: x is a multiple of
-    2**lsb_exponent(x). Zeros get 4096."""
-    bits = lax.bitcast_convert_type(jnp.asarray(x, jnp.float64), jnp.uint64)
+def _odd_significand(x64):
+    """``(m, k)`` with ``|x| = m * 2**k`` and ``m`` odd (``m = 0`` for zeros), from the
+    bits of finite float64 values."""
+    bits = lax.bitcast_convert_type(x64, jnp.uint64)
     E = ((bits >> jnp.uint64(52)) & jnp.uint64(0x7FF)).astype(jnp.int64)
     frac = bits & jnp.uint64((1 << 52) - 1)
     m = jnp.where(E == 0, frac, frac | jnp.uint64(1 << 52))
-    k = jnp.where(E == 0, -1074, E - 1075)
-    tz = 63 - lax.clz(m & (~m + jnp.uint64(1))).astype(jnp.int64)
-    return jnp.where(m == 0, _NO_BITS, k + tz)
+    k = jnp.where(E == 0, -1074, E - 1075)  # |x| = m * 2**k, k in [-1074, 971]
+    tz = jnp.where(m == 0, 0, 63 - lax.clz(m & (~m + jnp.uint64(1))).astype(jnp.int64))
+    return m >> tz.astype(jnp.uint64), k + tz
+
+
+def lsb_exponent(x):
+    """The exponent of the lowest set bit of each float64 value: x is a multiple of
+    2**lsb_exponent(x). Zeros get 4096."""
+    m, k = _odd_significand(jnp.asarray(x, jnp.float64))
+    return jnp.where(m == 0, _NO_BITS, k)
 
 
 def _exact_in_float64(a, q):
@@ -434,16 +441,9 @@ def exact_sum(x, out: Format, mode, kmin: int = -1074, kmax: int = 1024):
     """
     dtype = x.dtype
     x64 = x.astype(jnp.float64)
-    bits = lax.bitcast_convert_type(x64, jnp.uint64)
-    neg = (bits >> jnp.uint64(63)) != 0
-    E = ((bits >> jnp.uint64(52)) & jnp.uint64(0x7FF)).astype(jnp.int64)
-    frac = bits & jnp.uint64((1 << 52) - 1)
-    m = jnp.where(E == 0, frac, frac | jnp.uint64(1 << 52))
-    k = jnp.where(E == 0, -1074, E - 1075)  # value = m * 2**k, k in [-1074, 971]
-    # normalise m so that its lowest set bit is bit 0: then k >= kmin is the condition
-    tz = jnp.where(m == 0, 0, 63 - lax.clz(m & (~m + jnp.uint64(1))).astype(jnp.int64))
-    m = m >> tz.astype(jnp.uint64)
-    k = k + tz
+    neg = jnp.signbit(x64)
+    # m odd (its lowest set bit is bit 0): then k >= kmin is the condition
+    m, k = _odd_significand(x64)
     blen_m = 64 - lax.clz(m).astype(jnp.int64)
     outside = (m != 0) & ((k < kmin) | (k + blen_m > kmax))
     k = jnp.where(m == 0, kmin, k)
