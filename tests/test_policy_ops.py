@@ -259,6 +259,49 @@ def test_certify_refuses_midpoints_and_cancellation():
     assert bool(ok) and float(r) == 1.0
 
 
+@functools.lru_cache(maxsize=None)
+def _cell_check(fmt):
+    from collapse_sim.backends.emulated import _inside_cell
+
+    f = parse(fmt)
+    return jax.jit(lambda s, e: (lambda r: (r, _inside_cell(s, e, r, f)))(round_to(s, f)))
+
+
+@given(st.sampled_from(["bf16", "fp16", "fp32", "p=3,emax=10"]), st.integers(-1, 1), st.integers(0, 7),
+       st.integers(-12, 12), st.sampled_from([-1, 1]), st.integers(-3, 60), st.integers(0, 60), st.booleans())
+@example("bf16", 0, 0, 0, 1, 0, 60, False)  # exactly a midpoint above 1: never certified, whatever the width
+@example("bf16", 0, 0, 0, -1, 1, 60, True)  # just below 1: the cell is narrower below a power of two
+@example("p=3,emax=10", -1, 0, -12, 1, 30, 40, False)  # near zero, below the smallest subnormal
+def test_inside_cell_means_every_point_rounds_alike(fmt, binade, sig, ebase, sign, dj, ej, at_value):
+    """Where the cell test accepts ``[s - e, s + e]``, the exact rounding (rationals) of both
+    ends and of ``s`` is ``r``, bit for bit (sign of zero included): a certificate that
+    accepted an interval crossing a rounding boundary would fail here. ``s`` sits at a
+    format value or a midpoint, moved by ±2^-dj of the spacing; ``e`` is 2^-ej of it."""
+    f = parse(fmt)
+    ex = max(f.emin, min(f.emax - 1, ebase * (f.emax // 12) + binade))
+    spacing = Fraction(2) ** (ex - f.p + 1)
+    base = Fraction(2) ** ex + sig * spacing + (0 if at_value else spacing / 2)
+    if ebase == -12 and binade == -1:  # the subnormal range and zero
+        base = sig * Fraction(2) ** (f.emin - f.p + 1) / 2
+    s_exact = sign * (base + Fraction(sign) * spacing * Fraction(2) ** -dj)
+    s = float(s_exact)
+    e = float(spacing * Fraction(2) ** -ej)
+    r, ok = _cell_check(fmt)(jnp.float64(s), jnp.float64(e))
+    if not bool(ok):
+        return
+    want = float(r)
+    for point in (Fraction(s) - Fraction(e), Fraction(s), Fraction(s) + Fraction(e)):
+        got = fraction_round(point, f, "rne")
+        assert got == want and math.copysign(1, got) == math.copysign(1, want), (s, e, point, got, want)
+
+
+def test_inside_cell_accepts_clear_cases_and_refuses_boundaries():
+    check = _cell_check("bf16")
+    for s, e, want in ((1 + 2.0**-10, 2.0**-40, True), (1 - 2.0**-11, 2.0**-40, True), (-(2.0**-135), 2.0**-160, True),
+                       (1 + 2.0**-8, 0.0, False), (1 - 2.0**-9 - 2.0**-30, 2.0**-29, False), (2.0**-140, 2.0**-139, False)):
+        assert bool(check(jnp.float64(s), jnp.float64(e))[1]) is want, (s, e)
+
+
 @pytest.mark.parametrize("policy", ["compute=bf16,order=exact", "compute=bf16,accumulate=fp32,order=blocked(8)",
                                     "compute=(p=3,emax=100),order=exact", "compute=(p=3,emax=100),order=blocked(5),mode=ru",
                                     "compute=fp16,accumulate=fp32,order=blocked(16),mode=rz"])

@@ -199,6 +199,15 @@ def _round_to_odd(s, err):
 # Reductions over the last axis.
 
 
+def _rounded_add(acc: Format, mode):
+    """One correctly rounded add in the accumulate format."""
+
+    def add(u, v):
+        return round_to(carrier_add(u, v, mode), acc, mode)
+
+    return add
+
+
 def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, bounds=(-1074, 1024)):
     """Reduce the last axis. Masked-out terms must be zeros; ``valid`` (same shape)
     is needed only by ``kahan``, whose state would change on trailing zeros.
@@ -206,10 +215,7 @@ def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, boun
     if x.shape[-1] == 0:
         return jnp.zeros(x.shape[:-1], x.dtype)
     r = functools.partial(round_to, mode=mode)
-
-    def add(u, v):  # one correctly rounded add in the accumulate format
-        return r(carrier_add(u, v, mode), acc)
-
+    add = _rounded_add(acc, mode)
     if order.kind == "sequential":
         s = _sequential(x, add)
     elif order.kind == "pairwise":
@@ -307,14 +313,58 @@ def lsb_exponent(x):
     return jnp.where(m == 0, _NO_BITS, k)
 
 
+def _exponent(x64):
+    """floor(log2|x|) of normal float64 values, from their bits; -1023 for zeros and
+    subnormals (which are below 2**-1022 = 2**(-1023 + 1))."""
+    bits = lax.bitcast_convert_type(jnp.asarray(x64, jnp.float64), jnp.uint64)
+    return ((bits >> jnp.uint64(52)) & jnp.uint64(0x7FF)).astype(jnp.int64) - 1023
+
+
 def _exact_in_float64(a, q):
     """Whether a sum of terms that are multiples of ``2**q``, whose absolute values sum to
-    (a float64 evaluation) ``a``, is evaluated exactly in float64 in any order:
-    ``a (1 + γ) < 2**(floor(log2 a) + 1) <= 2**(52 + q)`` keeps every partial sum below
-    ``2**(53 + q)``."""
-    ea = ((lax.bitcast_convert_type(jnp.asarray(a, jnp.float64), jnp.uint64) >> jnp.uint64(52))
-          & jnp.uint64(0x7FF)).astype(jnp.int64) - 1023
-    return (ea + 2 <= 52 + q) & jnp.isfinite(a)
+    (a float64 evaluation, or a float64 upper bound) ``a``, is evaluated exactly in
+    float64 in any order: ``a (1 + γ) < 2**(floor(log2 a) + 1) <= 2**(52 + q)`` keeps
+    every partial sum below ``2**(53 + q)``."""
+    return (_exponent(a) + 2 <= 52 + q) & jnp.isfinite(a)
+
+
+def _interval_width(s, a, k: int, exact=None):
+    """Half-width ``e`` of an interval around the float64 evaluation ``s`` that holds
+    the exact sum (see :func:`certify`)."""
+    if 2 * k * _U64 > 1:  # pragma: no cover - 2^52 terms
+        raise ValueError("too many terms to certify a float64 sum")
+    g = k * _U64 / (1 - k * _U64)
+    e = 4 * g * a + 2.0**-51 * jnp.abs(s) + k * 2.0**-1020
+    if exact is not None:
+        e = jnp.where(exact, jnp.zeros_like(e), e)
+    return e
+
+
+def _cell_check_applies(fmt: Format, mode) -> bool:
+    return mode is Mode.RNE and fmt.subnormals and fmt.signed_zero and fmt.p < 52
+
+
+def _inside_cell(s, e, r, fmt: Format):
+    """Round to nearest: whether ``[s - e, s + e]`` lies strictly inside the rounding
+    cell of ``r = round(s)``, so that every point of it rounds to ``r``.
+
+    For ``r != 0`` (then ``s`` has ``r``'s sign), with ``E = floor(log2|r|)``: the cell
+    reaches ``H = 2**(max(E, emin) - p)`` (half the spacing) away from zero, and as far
+    toward zero, or half that where ``|r|`` is a power of two above ``2**emin`` (the
+    spacing below is finer). ``|r|`` at the largest finite value is refused (the
+    overflow threshold lies beyond it). For ``r = 0``: ``H = 2**(emin - p)`` on both
+    sides, and the interval must not contain zero (the sign of a zero result is the
+    sign of the exact sum). ``δ = |s| - |r|`` is exact (r is s rounded to fewer bits),
+    and ``fl(δ + e) < H`` implies ``δ + e < H`` for a power of two ``H``."""
+    bits = lax.bitcast_convert_type(r, jnp.uint64)
+    E = _exponent(r)
+    H = _pow2(jnp.maximum(E, fmt.emin) - fmt.p)
+    pow2 = ((bits & jnp.uint64((1 << 52) - 1)) == 0) & (E > fmt.emin)
+    Hdn = jnp.where(pow2, H * 0.5, H)
+    delta = jnp.abs(s) - jnp.abs(r)
+    nonzero = (delta + e < H) & (e - delta < Hdn) & (jnp.abs(r) < fmt.max)
+    zero = (jnp.abs(s) + e < H) & (jnp.abs(s) > e)
+    return jnp.where(r == 0, zero, nonzero)
 
 
 def certify(s, a, k: int, fmt: Format, mode, exact=None):
@@ -322,41 +372,58 @@ def certify(s, a, k: int, fmt: Format, mode, exact=None):
     provably the rounding of the exact sum ``S``.
 
     ``s`` is a float64 evaluation (any order) of a sum of ``k`` terms and ``a`` one of the
-    sum of their absolute values. ``a`` underestimates Σ|t| by at most a factor
-    ``1 - γ_k``, so ``|s - S| <= 2 γ_k a`` for ``k u <= 1/2``; the interval is widened
-    further by ``2^-51 |s|`` (so that ``s ± e`` evaluated in float64 still encloses
-    ``S``) and by ``k 2^-1020`` (terms flushed to zero if they were subnormal). Where
-    ``exact`` is true (see :func:`_exact_in_float64`) ``s`` is ``S`` and the width is zero.
-    An all-zero sum (``a == 0``) is ``+0``, as in :func:`exact_sum`."""
+    sum of their absolute values (or a float64 evaluation of an upper bound of it).
+    ``a`` underestimates Σ|t| by at most a factor ``1 - γ_k``, so ``|s - S| <= 2 γ_k a``
+    for ``k u <= 1/2``; the interval is widened further by ``2^-51 |s|`` (so that
+    ``s ± e`` evaluated in float64 still encloses ``S``) and by ``k 2^-1020`` (terms
+    flushed to zero if they were subnormal). Where ``exact`` is true (see
+    :func:`_exact_in_float64`) ``s`` is ``S`` and the width is zero. An all-zero sum
+    (``a == 0``) is ``+0``, as in :func:`exact_sum`.
+
+    Round to nearest (formats with subnormals and signed zeros): one rounding and a
+    test that the interval lies inside ``r``'s rounding cell (:func:`_inside_cell`).
+    Other modes: both ends of the interval are rounded, and the result is certified
+    where they give the same bits."""
     s = jnp.asarray(s, jnp.float64)
     a = jnp.asarray(a, jnp.float64)
-    if 2 * k * _U64 > 1:  # pragma: no cover - 2^52 terms
-        raise ValueError("too many terms to certify a float64 sum")
-    g = k * _U64 / (1 - k * _U64)
-    e = 4 * g * a + 2.0**-51 * jnp.abs(s) + k * 2.0**-1020
-    if exact is not None:
-        e = jnp.where(exact, jnp.zeros_like(e), e)
-    lo = round_to(s - e, fmt, mode)
-    hi = round_to(s + e, fmt, mode)
-    same = lax.bitcast_convert_type(lo, jnp.uint64) == lax.bitcast_convert_type(hi, jnp.uint64)
+    e = _interval_width(s, a, k, exact)
     zero = a == 0
-    ok = zero | (same & jnp.isfinite(s) & jnp.isfinite(a))
-    return jnp.where(zero, jnp.zeros_like(hi), hi), ok
+    finite = jnp.isfinite(s) & jnp.isfinite(a)
+    if _cell_check_applies(fmt, mode):
+        r = round_to(s, fmt, mode)
+        ok = _inside_cell(s, e, r, fmt)
+        if exact is not None:
+            ok = ok | exact
+    else:
+        lo = round_to(s - e, fmt, mode)
+        r = round_to(s + e, fmt, mode)
+        ok = lax.bitcast_convert_type(lo, jnp.uint64) == lax.bitcast_convert_type(r, jnp.uint64)
+    return jnp.where(zero, jnp.zeros_like(r), r), zero | (ok & finite)
+
+
+def _merge(first, second):
+    """Results of two certificates: the first where it holds, else the second."""
+    (r1, ok1), (r2, ok2) = first, second
+    return jnp.where(ok1, r1, r2), ok1 | ok2
 
 
 def certified_sum(x, out: Format, mode, kmin: int = -1074, kmax: int = 1024):
     """:func:`exact_sum`'s result (bit for bit, where every term is inside the bounds),
-    from a float64 sum wherever :func:`certify` vouches for it; the superaccumulator runs
-    only if some element of the batch cannot be certified."""
+    from a float64 sum wherever :func:`certify` vouches for it. Three stages, each run
+    only if the one before left some element of the batch uncertified: the interval
+    from γ_k; then with exactness (the terms' lowest set bits, a pass over them); then
+    the superaccumulator."""
     x64 = jnp.asarray(x).astype(jnp.float64)
+    k = x.shape[-1]
     a = jnp.sum(jnp.abs(x64), axis=-1)
-    exact = _exact_in_float64(a, jnp.min(lsb_exponent(x64), axis=-1))
-    r, ok = certify(jnp.sum(x64, axis=-1), a, x.shape[-1], out, mode, exact)
+    s = jnp.sum(x64, axis=-1)
+    first = certify(s, a, k, out, mode)
 
-    def fallback():
-        return jnp.where(ok, r, exact_sum(x64, out, mode, kmin, kmax))
+    def with_exactness():
+        r, ok = _merge(first, certify(s, a, k, out, mode, _exact_in_float64(a, jnp.min(lsb_exponent(x64), axis=-1))))
+        return _cond(jnp.all(ok), lambda: r, lambda: jnp.where(ok, r, exact_sum(x64, out, mode, kmin, kmax)))
 
-    return _cond(jnp.all(ok), lambda: r, fallback).astype(x.dtype)
+    return _cond(jnp.all(first[1]), lambda: first[0], with_exactness).astype(x.dtype)
 
 
 def _cond(pred, if_true, if_false):
@@ -367,15 +434,47 @@ def _cond(pred, if_true, if_false):
     return if_true() if bool(pred) else if_false()
 
 
-def certified_matmul(emu: "Emulator", x, w, extra=None):
+def _blocked(a, b: int, axis: int):
+    """``a`` zero-padded along ``axis`` (the contraction axis) to whole blocks of ``b`` and
+    split: x (m, k) -> (m, nb, b) for axis 1, w (k, n) -> (nb, b, n) for axis 0."""
+    k = a.shape[axis]
+    nb = -(-k // b)
+    pad = [(0, 0), (0, 0)]
+    pad[axis] = (0, nb * b - k)
+    a = jnp.pad(a, pad)
+    return a.reshape(a.shape[0], nb, b) if axis == 1 else a.reshape(nb, b, a.shape[1])
+
+
+def _block_size(emu: "Emulator", k: int) -> int:
+    return k if emu.policy.order.kind == "exact" else emu.policy.order.block
+
+
+def matmul_stats(emu: "Emulator", w):
+    """What :func:`certified_matmul` needs of its right operand ``w`` (k, n), computed
+    once for many left operands: per column, the lowest set bit, and per block of the
+    contraction axis the 2-norm and the largest magnitude."""
+    w = jnp.asarray(w).astype(jnp.float64)
+    wr = _blocked(w, _block_size(emu, w.shape[0]), 0)
+    return (jnp.min(lsb_exponent(w), axis=0), jnp.sqrt(jnp.sum(wr * wr, axis=1)).T, jnp.max(jnp.abs(wr), axis=1).T)
+
+
+def certified_matmul(emu: "Emulator", x, w, extra=None, *, w_stats=None, x_quanta=True):
     """``x @ w`` (x: (m, k), w: (k, n)) in the policy's ``exact`` or ``blocked(b)`` order,
     from float64 matrix products, and where it is certified.
 
-    ``exact``: one float64 product (and one of absolute values) per entry, certified to
-    round like the exact dot product to ``compute``. ``blocked(b)``: the contraction axis
-    in blocks of ``b``, each block's dot certified to round like its exact value to
-    ``accumulate``, block results added left to right in ``accumulate`` (rounded adds),
-    then rounded to ``compute``: the same arithmetic as :meth:`Emulator.dot`.
+    ``exact``: one float64 product per entry, certified to round like the exact dot
+    product to ``compute``. ``blocked(b)``: the contraction axis in blocks of ``b``,
+    each block's dot certified to round like its exact value to ``accumulate``, block
+    results added left to right in ``accumulate`` (rounded adds), then rounded to
+    ``compute``: the same arithmetic as :meth:`Emulator.dot`.
+
+    The certificate first bounds Σ|t| by the lesser of ‖x_i‖₂‖w_j‖₂ (Cauchy–Schwarz)
+    and ‖x_i‖₁‖w_j‖∞ (Hölder), with γ_{k+3} covering their float64 evaluation; the
+    exactness test (every product is a multiple of 2^(lowest bit of its row of x +
+    lowest bit of its column of w)) reads x's bits only if ``x_quanta`` (leave it off
+    for a large x). Only if that leaves some entry uncertified is the product of
+    absolute values formed and the exactness test made in full, as a second try.
+    ``w_stats``: :func:`matmul_stats` of ``w``, when it serves many calls.
 
     ``extra = (j, t)`` puts the term ``t[i]`` (shape (m, n), an exact product) at
     contraction index ``j[i]`` of row ``i``, where ``x[i, j[i]]`` must be zero (an
@@ -386,36 +485,48 @@ def certified_matmul(emu: "Emulator", x, w, extra=None):
     pol, mode = emu.policy, emu.mode
     x = jnp.asarray(x).astype(jnp.float64)
     w = jnp.asarray(w).astype(jnp.float64)
-    m, k = x.shape
-    b = k if pol.order.kind == "exact" else pol.order.block
-    nb = -(-k // b)
-    pad = nb * b - k
-    xr = jnp.concatenate([x, jnp.zeros((m, pad), x.dtype)], axis=1).reshape(m, nb, b)
-    wr = jnp.concatenate([w, jnp.zeros((pad, w.shape[1]), w.dtype)], axis=0).reshape(nb, b, -1)
+    b = _block_size(emu, x.shape[1])
+    xr, wr = _blocked(x, b, 1), _blocked(w, b, 0)
+    nb = xr.shape[1]
+    qw, w2, wi = matmul_stats(emu, w) if w_stats is None else w_stats
     hi = lax.Precision.HIGHEST
-    S = jnp.einsum("mcb,cbn->mnc", xr, wr, precision=hi)  # (m, n, nb) block sums
-    A = jnp.einsum("mcb,cbn->mnc", jnp.abs(xr), jnp.abs(wr), precision=hi)
-    # every product is a multiple of 2**(lowest bit of its row of x + lowest bit of its column of w)
-    q = jnp.min(lsb_exponent(x), axis=1)[:, None] + jnp.min(lsb_exponent(w), axis=0)[None, :]
+    if nb == 1:  # a plain matrix product (the einsum's layout would cost a transposing copy)
+        S = jnp.matmul(x, w, precision=hi)[..., None]
+    else:
+        S = jnp.einsum("mcb,cbn->mnc", xr, wr, precision=hi)  # (m, n, nb) block sums
+    x2 = jnp.sqrt(jnp.sum(xr * xr, axis=-1))  # (m, nb)
+    x1 = jnp.sum(jnp.abs(xr), axis=-1)
+    A = jnp.minimum(x2[:, None, :] * w2[None], x1[:, None, :] * wi[None])
     terms = b
+    qt = None
     if extra is not None:
         j, t = extra
         at = (jnp.arange(nb)[None, :] == (j // b)[:, None])[:, None, :]  # (m, 1, nb)
         t = jnp.asarray(t).astype(jnp.float64)
-        q = jnp.minimum(q, lsb_exponent(t))
+        qt = lsb_exponent(t)[..., None]
         t = t[:, :, None]
         S = S + jnp.where(at, t, 0.0)
-        A = A + jnp.where(at, jnp.abs(t), 0.0)
         terms = b + 1
+
+    def with_extra(A):
+        return A if extra is None else A + jnp.where(at, jnp.abs(t), 0.0)
+
+    def quanta():
+        q = (jnp.min(lsb_exponent(x), axis=1)[:, None] + qw[None, :])[..., None]
+        return q if qt is None else jnp.minimum(q, qt)
+
+    fmt = pol.compute if pol.order.kind == "exact" else pol.accumulate
+    A = with_extra(A)
+    first = certify(S, A, terms + 3, fmt, mode, _exact_in_float64(A, quanta()) if x_quanta else None)
+
+    def tighter():
+        A = with_extra(jnp.einsum("mcb,cbn->mnc", jnp.abs(xr), jnp.abs(wr), precision=hi))
+        return _merge(first, certify(S, A, terms, fmt, mode, _exact_in_float64(A, quanta())))
+
+    r, ok = _cond(jnp.all(first[1]), lambda: first, tighter)
     if pol.order.kind == "exact":
-        r, ok = certify(S[..., 0], A[..., 0], terms, pol.compute, mode, _exact_in_float64(A[..., 0], q))
-        return r.astype(emu.dtype), ok
-    r, ok = certify(S, A, terms, pol.accumulate, mode, _exact_in_float64(A, q[..., None]))
-
-    def add(u, v):
-        return round_to(carrier_add(u, v, mode), pol.accumulate, mode)
-
-    r = round_to(_sequential(r, add), pol.compute, mode)
+        return r[..., 0].astype(emu.dtype), ok[..., 0]
+    r = round_to(_sequential(r, _rounded_add(pol.accumulate, mode)), pol.compute, mode)
     return r.astype(emu.dtype), jnp.all(ok, axis=-1)
 
 
@@ -667,6 +778,7 @@ def _linear(emu: Emulator, x, w):
     dout = w.shape[1]
     b, nb = _blocks(n, din * dout * (_EXACT_SHRINK if _certified(emu) else 1))
     wt = w.T  # (dout, din)
+    wstats = matmul_stats(emu, w) if _certified(emu) else None
 
     def op_by_op(xb):
         ae, be = jnp.broadcast_arrays(xb[:, None, :], wt[None, :, :])
@@ -675,7 +787,7 @@ def _linear(emu: Emulator, x, w):
     def block(xb):
         if not _certified(emu):
             return op_by_op(xb)
-        r, ok = certified_matmul(emu, xb, w)
+        r, ok = certified_matmul(emu, xb, w, w_stats=wstats)
         return _cond(jnp.all(ok), lambda: r, lambda: op_by_op(xb))
 
     out = lax.map(block, _pad_rows(x, nb, b))
@@ -689,7 +801,10 @@ def masked_softmax(emu: Emulator, s, valid):
     format, one division, weights rounded to the compute format. Masked entries are
     exact zeros, which leave every reduction order's result unchanged."""
     pol, mode = emu.policy, emu.mode
-    s = round_to(jnp.asarray(s, emu.dtype), pol.softmax, mode)
+    same = pol.softmax == pol.compute  # then both roundings between them are identities
+    s = jnp.asarray(s, emu.dtype)
+    if not same:
+        s = round_to(s, pol.softmax, mode)
     if pol.max_subtract:
         m = jnp.max(jnp.where(valid, s, jnp.asarray(-jnp.inf, emu.dtype)), axis=-1)
         s = emu.sub(s, jnp.broadcast_to(m[:, None], s.shape), pol.softmax)
@@ -697,7 +812,7 @@ def masked_softmax(emu: Emulator, s, valid):
     e = jnp.where(valid, e, jnp.zeros_like(e))
     den = reduce_sum(e, pol.order, pol.accumulate, pol.softmax, mode, valid, emu.bounds)
     alpha = emu.div(e, jnp.broadcast_to(den[:, None], e.shape), pol.softmax)
-    return round_to(alpha, pol.compute, mode)
+    return alpha if same else round_to(alpha, pol.compute, mode)
 
 
 def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
@@ -754,11 +869,12 @@ def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
         # rows) only for a block where some dot product cannot be certified
         t = max(1, min(-(-nq // b), _BLOCK_ELEMS // (4 * nk * b)))
         bf = b * t
+        kstats, vstats = matmul_stats(emu, k.T), matmul_stats(emu, v)  # once for every block
 
         def block_certified(args):
             qb, pb, kpb, vpb = args
             is_self = cols[None, :] == pb[:, None]
-            s, ok_s = certified_matmul(emu, qb, k.T)
+            s, ok_s = certified_matmul(emu, qb, k.T, w_stats=kstats)
             if self_kv is not None:
                 s = jnp.where(is_self, emu.dot(qb, kpb)[:, None], s)
                 ok_s = ok_s | is_self
@@ -768,7 +884,7 @@ def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
                 a_self = jnp.sum(jnp.where(is_self, alpha, jnp.zeros_like(alpha)), axis=-1)  # one nonzero term
                 extra = (pb, a_self[:, None] * vpb)
                 alpha = jnp.where(is_self, jnp.zeros_like(alpha), alpha)
-            o, ok_o = certified_matmul(emu, alpha, v, extra)
+            o, ok_o = certified_matmul(emu, alpha, v, extra, w_stats=vstats, x_quanta=False)
 
             def op_by_op():
                 sub = tuple(a.reshape(t, b, *a.shape[1:]) for a in args)
