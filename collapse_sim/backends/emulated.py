@@ -208,10 +208,11 @@ def _rounded_add(acc: Format, mode):
     return add
 
 
-def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, bounds=(-1074, 1024)):
+def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, bounds=(-1074, 1024), nonneg=False):
     """Reduce the last axis. Masked-out terms must be zeros; ``valid`` (same shape)
     is needed only by ``kahan``, whose state would change on trailing zeros.
-    ``bounds`` = (kmin, kmax) of the terms for the exact superaccumulator."""
+    ``bounds`` = (kmin, kmax) of the terms for the exact superaccumulator; ``nonneg``:
+    no term is negative (saves the exact and blocked orders a pass)."""
     if x.shape[-1] == 0:
         return jnp.zeros(x.shape[:-1], x.dtype)
     r = functools.partial(round_to, mode=mode)
@@ -223,13 +224,13 @@ def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, boun
     elif order.kind == "kahan":
         s = _kahan(x, add, valid)
     elif order.kind == "exact":
-        return certified_sum(x, out, mode, *bounds)
+        return certified_sum(x, out, mode, *bounds, nonneg=nonneg)
     elif order.kind == "blocked":
         n = x.shape[-1]
         b = order.block
         nb = -(-n // b)
         xp = jnp.concatenate([x, jnp.zeros((*x.shape[:-1], nb * b - n), x.dtype)], axis=-1)
-        blocks = certified_sum(xp.reshape(*x.shape[:-1], nb, b), acc, mode, *bounds)
+        blocks = certified_sum(xp.reshape(*x.shape[:-1], nb, b), acc, mode, *bounds, nonneg=nonneg)
         s = _sequential(blocks, add)
     else:  # pragma: no cover - Order validates kinds
         raise ValueError(order)
@@ -394,10 +395,12 @@ def certify(s, a, k: int, fmt: Format, mode, exact=None):
         ok = _inside_cell(s, e, r, fmt)
         if exact is not None:
             ok = ok | exact
-    else:
-        lo = round_to(s - e, fmt, mode)
-        r = round_to(s + e, fmt, mode)
-        ok = lax.bitcast_convert_type(lo, jnp.uint64) == lax.bitcast_convert_type(r, jnp.uint64)
+        # a zero s is certified only where it is the exact sum (or all terms are zero): +0.
+        # (r then does not depend on a, so a bound computed on the fly is never stored)
+        return jnp.where(s == 0, jnp.zeros_like(r), r), zero | (ok & finite)
+    lo = round_to(s - e, fmt, mode)
+    r = round_to(s + e, fmt, mode)
+    ok = lax.bitcast_convert_type(lo, jnp.uint64) == lax.bitcast_convert_type(r, jnp.uint64)
     return jnp.where(zero, jnp.zeros_like(r), r), zero | (ok & finite)
 
 
@@ -407,16 +410,16 @@ def _merge(first, second):
     return jnp.where(ok1, r1, r2), ok1 | ok2
 
 
-def certified_sum(x, out: Format, mode, kmin: int = -1074, kmax: int = 1024):
+def certified_sum(x, out: Format, mode, kmin: int = -1074, kmax: int = 1024, nonneg: bool = False):
     """:func:`exact_sum`'s result (bit for bit, where every term is inside the bounds),
     from a float64 sum wherever :func:`certify` vouches for it. Three stages, each run
     only if the one before left some element of the batch uncertified: the interval
     from γ_k; then with exactness (the terms' lowest set bits, a pass over them); then
-    the superaccumulator."""
+    the superaccumulator. ``nonneg``: no term is negative (then Σ|t| is the sum)."""
     x64 = jnp.asarray(x).astype(jnp.float64)
     k = x.shape[-1]
-    a = jnp.sum(jnp.abs(x64), axis=-1)
     s = jnp.sum(x64, axis=-1)
+    a = s if nonneg else jnp.sum(jnp.abs(x64), axis=-1)
     first = certify(s, a, k, out, mode)
 
     def with_exactness():
@@ -458,7 +461,15 @@ def matmul_stats(emu: "Emulator", w):
     return (jnp.min(lsb_exponent(w), axis=0), jnp.sqrt(jnp.sum(wr * wr, axis=1)).T, jnp.max(jnp.abs(wr), axis=1).T)
 
 
-def certified_matmul(emu: "Emulator", x, w, extra=None, *, w_stats=None, x_quanta=True):
+def row_norms(emu: "Emulator", x, two_norm: bool = True):
+    """Per row of ``x`` (m, k) and block of the contraction axis: the 1-norm and (if
+    ``two_norm``) the 2-norm, each (m, nb), for :func:`certified_matmul`."""
+    x = jnp.asarray(x).astype(jnp.float64)
+    xb = _blocked(x, _block_size(emu, x.shape[1]), 1)
+    return jnp.sum(jnp.abs(xb), axis=-1), (jnp.sqrt(jnp.sum(xb * xb, axis=-1)) if two_norm else None)
+
+
+def certified_matmul(emu: "Emulator", x, w, extra=None, *, w_stats=None, x_norms=None, x_quanta=True, two_norm=True):
     """``x @ w`` (x: (m, k), w: (k, n)) in the policy's ``exact`` or ``blocked(b)`` order,
     from float64 matrix products, and where it is certified.
 
@@ -468,13 +479,17 @@ def certified_matmul(emu: "Emulator", x, w, extra=None, *, w_stats=None, x_quant
     results added left to right in ``accumulate`` (rounded adds), then rounded to
     ``compute``: the same arithmetic as :meth:`Emulator.dot`.
 
-    The certificate first bounds Σ|t| by the lesser of ‖x_i‖₂‖w_j‖₂ (Cauchy–Schwarz)
-    and ‖x_i‖₁‖w_j‖∞ (Hölder), with γ_{k+3} covering their float64 evaluation; the
+    The certificate first bounds Σ|t| by the lesser of ‖x_i‖₁‖w_j‖∞ (Hölder) and, if
+    ``two_norm``, ‖x_i‖₂‖w_j‖₂ (Cauchy–Schwarz; leave it off where x is large and the
+    first is tight, as for attention weights), with γ_{k+3} covering their float64
+    evaluation; the
     exactness test (every product is a multiple of 2^(lowest bit of its row of x +
     lowest bit of its column of w)) reads x's bits only if ``x_quanta`` (leave it off
     for a large x). Only if that leaves some entry uncertified is the product of
     absolute values formed and the exactness test made in full, as a second try.
-    ``w_stats``: :func:`matmul_stats` of ``w``, when it serves many calls.
+    ``w_stats``: :func:`matmul_stats` of ``w``, when it serves many calls; ``x_norms``:
+    :func:`row_norms` of ``x``, when they were computed for a larger batch of rows (then
+    XLA does not fuse the row reductions with the bound, which would store the bound).
 
     ``extra = (j, t)`` puts the term ``t[i]`` (shape (m, n), an exact product) at
     contraction index ``j[i]`` of row ``i``, where ``x[i, j[i]]`` must be zero (an
@@ -494,9 +509,10 @@ def certified_matmul(emu: "Emulator", x, w, extra=None, *, w_stats=None, x_quant
         S = jnp.matmul(x, w, precision=hi)[..., None]
     else:
         S = jnp.einsum("mcb,cbn->mnc", xr, wr, precision=hi)  # (m, n, nb) block sums
-    x2 = jnp.sqrt(jnp.sum(xr * xr, axis=-1))  # (m, nb)
-    x1 = jnp.sum(jnp.abs(xr), axis=-1)
-    A = jnp.minimum(x2[:, None, :] * w2[None], x1[:, None, :] * wi[None])
+    x1, x2 = row_norms(emu, x, two_norm) if x_norms is None else x_norms
+    A = x1[:, None, :] * wi[None]
+    if two_norm:
+        A = jnp.minimum(A, x2[:, None, :] * w2[None])
     terms = b
     qt = None
     if extra is not None:
@@ -810,7 +826,7 @@ def masked_softmax(emu: Emulator, s, valid):
         s = emu.sub(s, jnp.broadcast_to(m[:, None], s.shape), pol.softmax)
     e = emu.exp(s, pol.softmax)
     e = jnp.where(valid, e, jnp.zeros_like(e))
-    den = reduce_sum(e, pol.order, pol.accumulate, pol.softmax, mode, valid, emu.bounds)
+    den = reduce_sum(e, pol.order, pol.accumulate, pol.softmax, mode, valid, emu.bounds, nonneg=True)  # exp >= 0
     alpha = emu.div(e, jnp.broadcast_to(den[:, None], e.shape), pol.softmax)
     return alpha if same else round_to(alpha, pol.compute, mode)
 
@@ -872,9 +888,9 @@ def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
         kstats, vstats = matmul_stats(emu, k.T), matmul_stats(emu, v)  # once for every block
 
         def block_certified(args):
-            qb, pb, kpb, vpb = args
+            qb, pb, kpb, vpb, qn1, qn2 = args
             is_self = cols[None, :] == pb[:, None]
-            s, ok_s = certified_matmul(emu, qb, k.T, w_stats=kstats)
+            s, ok_s = certified_matmul(emu, qb, k.T, w_stats=kstats, x_norms=(qn1, qn2))
             if self_kv is not None:
                 s = jnp.where(is_self, emu.dot(qb, kpb)[:, None], s)
                 ok_s = ok_s | is_self
@@ -884,16 +900,16 @@ def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
                 a_self = jnp.sum(jnp.where(is_self, alpha, jnp.zeros_like(alpha)), axis=-1)  # one nonzero term
                 extra = (pb, a_self[:, None] * vpb)
                 alpha = jnp.where(is_self, jnp.zeros_like(alpha), alpha)
-            o, ok_o = certified_matmul(emu, alpha, v, extra, w_stats=vstats, x_quanta=False)
+            o, ok_o = certified_matmul(emu, alpha, v, extra, w_stats=vstats, x_quanta=False, two_norm=False)
 
             def op_by_op():
-                sub = tuple(a.reshape(t, b, *a.shape[1:]) for a in args)
+                sub = tuple(a.reshape(t, b, *a.shape[1:]) for a in args[:4])
                 return lax.map(block, sub).reshape(bf, dh)
 
             return _cond(jnp.all(ok_s) & jnp.all(ok_o), lambda: o, op_by_op)
 
         nbf = -(-nq // bf)
-        args = (_pad_rows(q, nbf, bf), _pad_rows(qpos, nbf, bf), _pad_rows(kp, nbf, bf), _pad_rows(vp, nbf, bf))
-        return lax.map(block_certified, args).reshape(nbf * bf, dh)[:nq]
+        args = (q, qpos, kp, vp, *row_norms(emu, q))  # the query norms, too, once for every block
+        return lax.map(block_certified, tuple(_pad_rows(a, nbf, bf) for a in args)).reshape(nbf * bf, dh)[:nq]
     out = lax.map(block, (_pad_rows(q, nb, b), _pad_rows(qpos, nb, b), _pad_rows(kp, nb, b), _pad_rows(vp, nb, b)))
     return out.reshape(nb * b, dh)[:nq]
