@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import mpmath
 import numpy as np
 import pytest
@@ -80,11 +81,16 @@ def test_certified_attention_equals_op_by_op(policy, monkeypatch):
     assert not np.asarray(ok)[:3].any() and np.asarray(ok)[3:].all()  # the fallback is exercised
     pos = np.arange(n)
     for qpos, skv, alibi, window in ((pos, None, None, None), (pos + 1, (kp, vp), 0.25, 7)):
-        fast = emulated._emulated_attention(e.emu, q, k, v, jnp.asarray(qpos), 0.5, alibi, window, skv)
+        def att(q, k, v, qpos, skv):
+            return emulated._emulated_attention(e.emu, q, k, v, qpos, 0.5, alibi, window, skv)
+
+        fast = att(q, k, v, jnp.asarray(qpos), skv)  # eager: the uncertified rows' blocks redone in Python
+        traced = jax.jit(att)(q, k, v, jnp.asarray(qpos), skv)  # traced: a loop over those blocks
         with monkeypatch.context() as m:
             m.setattr(emulated, "_certified", lambda emu: False)
-            slow = emulated._emulated_attention(e.emu, q, k, v, jnp.asarray(qpos), 0.5, alibi, window, skv)
-        assert np.array_equal(np.asarray(fast).view(np.uint64), np.asarray(slow).view(np.uint64))
+            slow = att(q, k, v, jnp.asarray(qpos), skv)
+        for got in (fast, traced):
+            assert np.array_equal(np.asarray(got).view(np.uint64), np.asarray(slow).view(np.uint64))
 
 
 def test_native_f64_close_to_reference_256():

@@ -552,7 +552,12 @@ def certified_matmul(emu: "Emulator", x, w, extra=None, *, w_stats=None, x_norms
 _LIMB = 32
 
 
-def exact_sum(x, out: Format, mode, kmin: int = -1074, kmax: int = 1024):
+_EXACT_CHUNK = 4096  # terms per pass of the superaccumulator (its limb table is terms x limbs int64)
+_EXACT_TABLE = 1 << 22  # int64 limb-table entries per pass (32 MiB)
+
+
+def exact_sum(x, out: Format, mode, kmin: int = -1074, kmax: int = 1024, chunk: int = _EXACT_CHUNK,
+              table: int = _EXACT_TABLE):
     """Correctly rounded sum of the last axis of ``x`` (exact, then one rounding to ``out``).
 
     Each float64 term ``m * 2**k`` (53-bit integer m) is split into 32-bit limbs
@@ -560,7 +565,9 @@ def exact_sum(x, out: Format, mode, kmin: int = -1074, kmax: int = 1024):
     int64 (exact for < 2**31 terms), carries are propagated, and the top 64
     bits plus a sticky bit give a float64 that rounds to ``out`` exactly as the
     exact sum would (the sticky bit sits below >= 33 kept bits, p + 2 <= 27).
-    Non-finite terms give the plain float sum (inf or NaN).
+    Non-finite terms give the plain float sum (inf or NaN). Long sums are taken in
+    chunks of ``chunk`` terms (limb sums of chunks add exactly) and large batches a
+    few sums at a time, so the limb table stays below ``table`` entries.
 
     ``kmin``/``kmax`` bound the terms (every term is a multiple of ``2**kmin``
     and below ``2**kmax`` in magnitude); narrower bounds mean fewer limbs. A
@@ -568,32 +575,63 @@ def exact_sum(x, out: Format, mode, kmin: int = -1074, kmax: int = 1024):
     """
     dtype = x.dtype
     x64 = x.astype(jnp.float64)
-    neg = jnp.signbit(x64)
-    # m odd (its lowest set bit is bit 0): then k >= kmin is the condition
-    m, k = _odd_significand(x64)
-    blen_m = 64 - lax.clz(m).astype(jnp.int64)
-    outside = (m != 0) & ((k < kmin) | (k + blen_m > kmax))
-    k = jnp.where(m == 0, kmin, k)
     kbase = kmin - _LIMB  # one zero limb below everything
-    off = k - kbase
-    j = off // _LIMB
-    rsh = (off % _LIMB).astype(jnp.uint64)
-    ml = m & jnp.uint64(0xFFFFFFFF)
-    mh = m >> jnp.uint64(32)
-    lo = ml << rsh  # < 2**64, spans limbs j, j+1
-    hi = mh << rsh  # < 2**53, spans limbs j+1, j+2
-    mask = jnp.uint64(0xFFFFFFFF)
-    c0 = (lo & mask).astype(jnp.int64)
-    c1 = ((lo >> jnp.uint64(32)) + (hi & mask)).astype(jnp.int64)
-    c2 = (hi >> jnp.uint64(32)).astype(jnp.int64)
-    sgn = jnp.where(neg, -1, 1).astype(jnp.int64)
-    c0, c1, c2 = c0 * sgn, c1 * sgn, c2 * sgn
     nlimbs = (kmax - kbase) // _LIMB + 4  # + room for carries of up to 2**63 terms
-    lidx = jnp.arange(nlimbs).reshape((1,) * j.ndim + (nlimbs,))
-    jj = j[..., None]
-    contrib = (jnp.where(jj == lidx, c0[..., None], 0) + jnp.where(jj + 1 == lidx, c1[..., None], 0)
-               + jnp.where(jj + 2 == lidx, c2[..., None], 0))
-    A = jnp.sum(contrib, axis=-2)  # (..., nlimbs) int64, exact
+
+    def limbs(x64):
+        """The limb sums (..., nlimbs) of the terms on the last axis, and whether any is outside the bounds."""
+        neg = jnp.signbit(x64)
+        # m odd (its lowest set bit is bit 0): then k >= kmin is the condition
+        m, k = _odd_significand(x64)
+        blen_m = 64 - lax.clz(m).astype(jnp.int64)
+        outside = jnp.any((m != 0) & ((k < kmin) | (k + blen_m > kmax)), axis=-1)
+        k = jnp.where(m == 0, kmin, k)
+        off = k - kbase
+        j = off // _LIMB
+        rsh = (off % _LIMB).astype(jnp.uint64)
+        ml = m & jnp.uint64(0xFFFFFFFF)
+        mh = m >> jnp.uint64(32)
+        lo = ml << rsh  # < 2**64, spans limbs j, j+1
+        hi = mh << rsh  # < 2**53, spans limbs j+1, j+2
+        mask = jnp.uint64(0xFFFFFFFF)
+        c0 = (lo & mask).astype(jnp.int64)
+        c1 = ((lo >> jnp.uint64(32)) + (hi & mask)).astype(jnp.int64)
+        c2 = (hi >> jnp.uint64(32)).astype(jnp.int64)
+        sgn = jnp.where(neg, -1, 1).astype(jnp.int64)
+        c0, c1, c2 = c0 * sgn, c1 * sgn, c2 * sgn
+        lidx = jnp.arange(nlimbs).reshape((1,) * j.ndim + (nlimbs,))
+        jj = j[..., None]
+        contrib = (jnp.where(jj == lidx, c0[..., None], 0) + jnp.where(jj + 1 == lidx, c1[..., None], 0)
+                   + jnp.where(jj + 2 == lidx, c2[..., None], 0))
+        return jnp.sum(contrib, axis=-2), outside  # (..., nlimbs) int64, exact
+
+    n = x64.shape[-1]
+
+    def limb_sums(x2):  # (rows, n) -> (rows, nlimbs), (rows,)
+        if n <= chunk:
+            return limbs(x2)
+        nc = -(-n // chunk)
+        chunks = jnp.moveaxis(jnp.pad(x2, ((0, 0), (0, nc * chunk - n))).reshape(x2.shape[0], nc, chunk), 1, 0)
+
+        def add_chunk(carry, c):
+            A, outside = limbs(c)
+            return (carry[0] + A, carry[1] | outside), None
+
+        zero = (jnp.zeros((x2.shape[0], nlimbs), jnp.int64), jnp.zeros(x2.shape[0], bool))
+        return lax.scan(add_chunk, zero, chunks)[0]
+
+    batch = x64.shape[:-1]
+    rows = int(np.prod(batch, dtype=np.int64))
+    per_row = min(n, chunk) * nlimbs  # int64 limb table entries per row and pass
+    rb = max(1, table // per_row)
+    x2 = x64.reshape(rows, n)
+    if rows <= rb:
+        A, outside = limb_sums(x2)
+    else:  # many sums: a few rows at a time, so the limb table stays below `table` entries
+        nr = -(-rows // rb)
+        A, outside = lax.map(limb_sums, jnp.pad(x2, ((0, nr * rb - rows), (0, 0))).reshape(nr, rb, n))
+        A, outside = A.reshape(nr * rb, nlimbs)[:rows], outside.reshape(nr * rb)[:rows]
+    A, outside = A.reshape(*batch, nlimbs), outside.reshape(batch)
 
     def normalise(A):
         def step(L, A):
@@ -628,7 +666,7 @@ def exact_sum(x, out: Format, mode, kmin: int = -1074, kmax: int = 1024):
     val = jnp.where(top_neg, -val, val)
     finite = jnp.all(jnp.isfinite(x64), axis=-1)
     val = jnp.where(finite, val, jnp.sum(x64, axis=-1))
-    val = jnp.where(jnp.any(outside, axis=-1) & finite, jnp.nan, val)
+    val = jnp.where(outside & finite, jnp.nan, val)
     return round_to(val, out, mode).astype(dtype)
 
 
@@ -738,6 +776,7 @@ def _causal_segments(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, win
     saves about 44% of the work."""
     nq = q.shape[0]
     bounds = np.linspace(0, nq, _SEGMENTS + 1).astype(int)
+    certified = _certified(emu)
     outs = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         if a == b:
@@ -745,8 +784,13 @@ def _causal_segments(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, win
         top = int(qpos[b - 1])
         kl = min(k.shape[0], top if self_kv is not None else top + 1)
         skv = None if self_kv is None else (self_kv[0][a:b], self_kv[1][a:b])
-        outs.append(_emulated_attention(emu, q[a:b], k[:kl], v[:kl], jnp.asarray(qpos[a:b]), scale, alibi, window, skv))
-    return jnp.concatenate(outs, axis=0)
+        seg = (emu, q[a:b], k[:kl], v[:kl], jnp.asarray(qpos[a:b]), scale, alibi, window, skv)
+        outs.append(_certified_attention(*seg) if certified else (_op_by_op_attention(*seg), None))
+    o = jnp.concatenate([x for x, _ in outs], axis=0)
+    if not certified:
+        return o
+    ok = jnp.concatenate([x for _, x in outs])
+    return _fill_uncertified(emu, o, ok, q, k, v, qpos, scale, alibi, window, self_kv)  # one op-by-op body for all
 
 
 def _sharded(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, window, self_kv):
@@ -832,24 +876,34 @@ def masked_softmax(emu: Emulator, s, valid):
 
 
 def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
-    pol = emu.policy
-    mode = emu.mode
-    dt = emu.dtype
+    """Attention of queries ``q`` at positions ``qpos`` over keys ``0..len(k)-1``: from
+    certified float64 matrix products where the policy allows (exact and blocked
+    orders), op by op for every query row they leave uncertified; op by op otherwise."""
+    if not _certified(emu):
+        return _op_by_op_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv)
+    o, ok = _certified_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv)
+    return _fill_uncertified(emu, o, ok, q, k, v, qpos, scale, alibi, window, self_kv)
+
+
+def _prepare(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
+    """What the op-by-op and certified attention share: keys and values with a slot for
+    a query's own key and value (``self_kv``), and ``weights``, which turns raw scores
+    (B, nk) of queries at positions pb into attention weights and the key mask."""
+    pol, mode, dt = emu.policy, emu.mode, emu.dtype
     if self_kv is not None:
         k = jnp.concatenate([k, jnp.zeros((1, k.shape[1]), dt)])
         v = jnp.concatenate([v, jnp.zeros((1, v.shape[1]), dt)])
-    nk, dh = k.shape
+    nk = k.shape[0]
     cols = jnp.arange(nk)
     sc = emu.store(jnp.float64(scale))
     kp = self_kv[0] if self_kv is not None else jnp.zeros_like(q)
     vp = self_kv[1] if self_kv is not None else jnp.zeros_like(q)
-
+    bias_table = None
     if alibi is not None:  # -slope·distance for every distance, rounded once (a gather per block)
         maxd = max(nk, int(qpos.shape[0])) + 1
         bias_table = round_to(-alibi * jnp.arange(maxd, dtype=jnp.float64), pol.storage, mode).astype(dt)
 
     def weights(s, pb):
-        """Raw scores (B, nk) of queries at positions pb -> attention weights and the key mask."""
         s = emu.mul(s, jnp.broadcast_to(sc, s.shape))
         if alibi is not None:
             dist = jnp.clip(pb[:, None] - cols[None, :], 0, bias_table.shape[0] - 1)  # masked entries: any valid index
@@ -858,6 +912,14 @@ def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
         if window is not None:
             valid = valid & (cols[None, :] > pb[:, None] - window)
         return masked_softmax(emu, s, valid), valid
+
+    return k, v, kp, vp, cols, weights
+
+
+def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
+    pol, mode = emu.policy, emu.mode
+    k, v, kp, vp, cols, weights = _prepare(emu, q, k, v, qpos, scale, alibi, window, self_kv)
+    nk, dh = k.shape
 
     def block(args):
         qb, pb, kpb, vpb = args  # (B, dh), (B,), (B, dh), (B, dh)
@@ -880,36 +942,73 @@ def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
 
     nq = q.shape[0]
     b, nb = _blocks(nq, nk * dh * (_EXACT_SHRINK if _certified(emu) else 1))
-    if _certified(emu):
-        # whole rows of scores from float64 matrix products; op by op (in sub-blocks of b
-        # rows) only for a block where some dot product cannot be certified
-        t = max(1, min(-(-nq // b), _BLOCK_ELEMS // (4 * nk * b)))
-        bf = b * t
-        kstats, vstats = matmul_stats(emu, k.T), matmul_stats(emu, v)  # once for every block
-
-        def block_certified(args):
-            qb, pb, kpb, vpb, qn1, qn2 = args
-            is_self = cols[None, :] == pb[:, None]
-            s, ok_s = certified_matmul(emu, qb, k.T, w_stats=kstats, x_norms=(qn1, qn2))
-            if self_kv is not None:
-                s = jnp.where(is_self, emu.dot(qb, kpb)[:, None], s)
-                ok_s = ok_s | is_self
-            alpha, _ = weights(s, pb)
-            extra = None
-            if self_kv is not None:
-                a_self = jnp.sum(jnp.where(is_self, alpha, jnp.zeros_like(alpha)), axis=-1)  # one nonzero term
-                extra = (pb, a_self[:, None] * vpb)
-                alpha = jnp.where(is_self, jnp.zeros_like(alpha), alpha)
-            o, ok_o = certified_matmul(emu, alpha, v, extra, w_stats=vstats, x_quanta=False, two_norm=False)
-
-            def op_by_op():
-                sub = tuple(a.reshape(t, b, *a.shape[1:]) for a in args[:4])
-                return lax.map(block, sub).reshape(bf, dh)
-
-            return _cond(jnp.all(ok_s) & jnp.all(ok_o), lambda: o, op_by_op)
-
-        nbf = -(-nq // bf)
-        args = (q, qpos, kp, vp, *row_norms(emu, q))  # the query norms, too, once for every block
-        return lax.map(block_certified, tuple(_pad_rows(a, nbf, bf) for a in args)).reshape(nbf * bf, dh)[:nq]
     out = lax.map(block, (_pad_rows(q, nb, b), _pad_rows(qpos, nb, b), _pad_rows(kp, nb, b), _pad_rows(vp, nb, b)))
     return out.reshape(nb * b, dh)[:nq]
+
+
+def _certified_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
+    """``(o, ok)``: attention from float64 matrix products (:func:`certified_matmul`),
+    whole rows of scores at a time; ``ok`` (nq,) marks the query rows whose every dot
+    product was certified. The others must be recomputed op by op."""
+    k, v, kp, vp, cols, weights = _prepare(emu, q, k, v, qpos, scale, alibi, window, self_kv)
+    nk, dh = k.shape
+    nq = q.shape[0]
+    bf = max(1, min(nq, _BLOCK_ELEMS // (4 * nk)))
+    kstats, vstats = matmul_stats(emu, k.T), matmul_stats(emu, v)  # once for every block
+
+    def block(args):
+        qb, pb, kpb, vpb, qn1, qn2 = args
+        is_self = cols[None, :] == pb[:, None]
+        s, ok_s = certified_matmul(emu, qb, k.T, w_stats=kstats, x_norms=(qn1, qn2))
+        if self_kv is not None:
+            s = jnp.where(is_self, emu.dot(qb, kpb)[:, None], s)
+            ok_s = ok_s | is_self
+        alpha, _ = weights(s, pb)
+        extra = None
+        if self_kv is not None:
+            a_self = jnp.sum(jnp.where(is_self, alpha, jnp.zeros_like(alpha)), axis=-1)  # one nonzero term
+            extra = (pb, a_self[:, None] * vpb)
+            alpha = jnp.where(is_self, jnp.zeros_like(alpha), alpha)
+        o, ok_o = certified_matmul(emu, alpha, v, extra, w_stats=vstats, x_quanta=False, two_norm=False)
+        return o, jnp.all(ok_s, axis=-1) & jnp.all(ok_o, axis=-1)
+
+    nbf = -(-nq // bf)
+    args = (q, qpos, kp, vp, *row_norms(emu, q))  # the query norms, too, once for every block
+    o, ok = lax.map(block, tuple(_pad_rows(a, nbf, bf) for a in args))
+    return o.reshape(nbf * bf, dh)[:nq], ok.reshape(nbf * bf)[:nq]
+
+
+def _fill_uncertified(emu: Emulator, o, ok, q, k, v, qpos, scale, alibi, window, self_kv):
+    """``o`` with every row that ``ok`` leaves uncertified recomputed op by op, in
+    blocks of query rows over all keys (masked keys are exact zeros, which change no
+    reduction order's result). The op-by-op code is compiled once per attention call,
+    never per causal segment, and runs only for the blocks holding such a row."""
+    nq, dh = o.shape
+    nk = k.shape[0] + (self_kv is not None)
+    b, nb = _blocks(nq, nk * dh * _EXACT_SHRINK)
+    qpos = jnp.asarray(qpos)
+    kp = self_kv[0] if self_kv is not None else jnp.zeros_like(q)
+    vp = self_kv[1] if self_kv is not None else jnp.zeros_like(q)
+    rows = tuple(_pad_rows(a, nb, b).reshape(nb * b, *a.shape[1:]) for a in (q, qpos, kp, vp))
+    okp = jnp.concatenate([ok, jnp.ones(nb * b - nq, bool)])
+    out = _pad_rows(o, nb, b).reshape(nb * b, dh)
+
+    def redo(i, out):
+        qb, pb, kpb, vpb = (lax.dynamic_slice_in_dim(a, i * b, b) for a in rows)
+        skv = None if self_kv is None else (kpb, vpb)
+        new = _op_by_op_attention(emu, qb, k, v, pb, scale, alibi, window, skv)
+        keep = lax.dynamic_slice_in_dim(okp, i * b, b)
+        old = lax.dynamic_slice_in_dim(out, i * b, b)
+        return lax.dynamic_update_slice_in_dim(out, jnp.where(keep[:, None], old, new), i * b, 0)
+
+    if not isinstance(okp, jax.core.Tracer):  # eager: a Python loop over the blocks that need it
+        for i in np.flatnonzero(~np.asarray(okp).reshape(nb, b).all(axis=1)):
+            out = redo(int(i), out)
+        return out[:nq]
+
+    def loop():  # over the blocks that need it only (a loop with a cond per block would copy `out` each time)
+        need = ~jnp.all(okp.reshape(nb, b), axis=1)
+        which = jnp.nonzero(need, size=nb, fill_value=0)[0]
+        return lax.fori_loop(0, jnp.sum(need), lambda j, out: redo(which[j], out), out)
+
+    return _cond(jnp.all(ok), lambda: out, loop)[:nq]
