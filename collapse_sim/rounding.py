@@ -3,8 +3,8 @@
 The rounding works on the IEEE bit pattern of the input with integer
 operations only, except for a fast round-to-nearest-even path
 (``_round_rne_fast``: ``lax.reduce_precision`` on the bit pattern in the normal
-range, a scaled round-half-even to an integer multiple of the quantum for the
-fixed-quantum subnormal range, then the format's overflow rule), used when the format's
+range, a magic-constant add behind an optimisation barrier for the fixed-quantum
+subnormal range, then the format's overflow rule), used when the format's
 subnormals are normal carrier numbers (bf16 from float64, fp16 and fp8 from
 either). bf16 from float32 takes the fast path only for arrays with no element
 below bf16's normal range. This matters: XLA:CPU flushes subnormal floats in
@@ -156,9 +156,9 @@ def fast_path_applies(fmt: Format, dtype) -> bool:
     return fmt.p < c.pc and fmt.emin >= c.emin and c.pattern_of_value(1, fmt.emin) is not None
 
 
-def _tiny_range_scales(fmt: Format, c: "_Carrier") -> bool:
+def _magic_tiny_ok(fmt: Format, c: "_Carrier") -> bool:
     """The format's smallest subnormal is a normal carrier number (XLA:CPU flushes
-    carrier subnormals in arithmetic, so only then may the tiny range use float arithmetic)."""
+    carrier subnormals in arithmetic, so only then may the tiny range use float adds)."""
     return fmt.subnormals and fmt.emin - fmt.p + 1 >= c.emin
 
 
@@ -168,11 +168,9 @@ def _round_rne_fast(x, fmt: Format):
     Normal range of the format: the spacing is fixed by the input's own exponent, so
     rounding is ``lax.reduce_precision`` to p bits at the carrier's exponent width (an
     integer rounding of the bit pattern). Below it, with subnormals: the spacing is the
-    fixed quantum 2^q (q = emin − p + 1), and ``roundeven(x·2^-q)·2^q`` rounds to a
-    multiple of 2^q, ties to even (both scalings are exact: 2^q is a normal carrier
-    number and |x·2^-q| < 2^(p-1)); the sign of a zero result is restored from x. No
-    step can be fused away or reassociated, so everything stays one elementwise
-    loop. Without subnormals: results below 2^emin flush to
+    fixed quantum 2^q (q = emin − p + 1), and ``(x + C) − C`` with C = 1.5·2^(q + pc − 1)
+    rounds to a multiple of 2^q, ties to even (C's binade has spacing 2^q); the sign of
+    a zero result is restored from x. Without subnormals: results below 2^emin flush to
     a zero of x's sign. Then the format's overflow rule, canonical NaN, unsigned zero.
     Equal bit for bit to the general path (tests/test_rounding.py).
     """
@@ -186,11 +184,8 @@ def _round_rne_fast(x, fmt: Format):
     xsign = xbits & sign_bit
     tiny_pat = U(c.pattern_of_value(1, fmt.emin))
     if fmt.subnormals:
-        q = fmt.emin - fmt.p + 1
-        if _tiny_range_scales(fmt, c):
-            small = lax.round(x * jnp.asarray(2.0**-q, x.dtype), lax.RoundingMethod.TO_NEAREST_EVEN) * jnp.asarray(2.0**q, x.dtype)
-        else:  # the caller sends arrays with nonzero elements below 2^emin to the general path: only zeros get here
-            small = jnp.zeros_like(x)
+        C = jnp.asarray(1.5 * 2.0 ** (fmt.emin - fmt.p + 1 + c.pc - 1), x.dtype)
+        small = lax.optimization_barrier(x + C) - C
         small_bits = lax.bitcast_convert_type(small, U) & ~sign_bit
         r_bits = jnp.where((xbits & ~sign_bit) < tiny_pat, small_bits | xsign, lax.bitcast_convert_type(r, U))
     else:
@@ -207,7 +202,7 @@ def _round_rne_fast(x, fmt: Format):
 def _round_impl(x, key, fmt: Format, mode: Mode):
     if mode is Mode.RNE and fast_path_applies(fmt, x.dtype):
         c = _Carrier(x.dtype)
-        if not fmt.subnormals or _tiny_range_scales(fmt, c):
+        if not fmt.subnormals or _magic_tiny_ok(fmt, c):
             return _round_rne_fast(x, fmt)
         # the format's subnormals are carrier subnormals (bf16 from float32): arrays
         # holding any value below the normal range take the general path
