@@ -95,6 +95,42 @@ def test_certified_attention_equals_op_by_op(policy, monkeypatch):
             assert np.array_equal(np.asarray(got).view(np.uint64), np.asarray(slow).view(np.uint64))
 
 
+def test_uncertified_rows_are_redone(monkeypatch):
+    """Rows the float64 certificates leave open are redone op by op, bit for bit, in
+    the attention and in linear layers, eager and jitted. Attention: with p = 3 the
+    third query's weights e = (1, 1/8, ~2^-58) sum to just above the midpoint 1.125,
+    which float64 returns exactly: the denominator is refused (no superaccumulator in
+    the certified code) and must round up to 1.25. Linear: rows with ±2^40 products
+    that cancel are refused."""
+    import jax.numpy as jnp
+
+    from collapse_sim.backends import emulated
+
+    e = make_backend("emulated", "compute=(p=3,emax=100),order=exact")
+    q, k, v = (e.store(np.array(a)[:, None]) for a in ([1.0, 1.0, 1.0], [0.0, -2.0, -40.0], [1.0, 2.0, 3.0]))
+    qpos = jnp.arange(3)
+    _, ok = emulated._certified_attention(e.emu, q, k, v, qpos, 1.0, None, None, None)
+    assert np.asarray(ok).tolist() == [True, True, False]
+    rng = np.random.default_rng(9)
+    x, w = rng.integers(-6, 7, (40, 8)).astype(float), rng.standard_normal((8, 5))
+    x[:3, :2], w[0], w[1] = 2.0**40, 2.0**40, -(2.0**40)
+    x, w = e.store(x), e.store(w)
+    assert not np.asarray(emulated.certified_matmul(e.emu, x[:3], w)[1]).any()
+
+    def both():
+        att = emulated._emulated_attention(e.emu, q, k, v, qpos, 1.0, None, None, None)
+        return att, emulated._linear(e.emu, x, w)
+
+    got = [both(), jax.jit(both)()]
+    with monkeypatch.context() as m:
+        m.setattr(emulated, "_certified", lambda emu: False)
+        slow = both()
+    assert float(slow[0][2, 0]) == 1.0  # from the denominator 1.25 (the refused 1.0 gives 1.25)
+    for g in got:
+        for a, b in zip(g, slow):
+            assert np.array_equal(np.asarray(a).view(np.uint64), np.asarray(b).view(np.uint64))
+
+
 def test_native_f64_close_to_reference_256():
     c = ModelConfig(d=8, n_layers=2, n_heads=2, d_ff=16, vocab=4, pe="sinusoidal", seed=5)
     P = init_params(c)

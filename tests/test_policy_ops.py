@@ -212,6 +212,43 @@ def test_reductions_match_rational_reference(p, order, n, seed, spread, mode):
     assert _eq(got, expected), (list(xs), got, expected)
 
 
+@pytest.mark.parametrize("order", [Order("exact"), Order("blocked", 3)])
+@pytest.mark.parametrize("mode", ["rne", "rd"])
+def test_reduction_paths_agree(order, mode):
+    """The exact and blocked orders' three ways to their exact sums (reduce_sum's
+    ``path``): the certified float64 sum with the superaccumulator behind it, the
+    superaccumulator alone, and the certificate alone where it holds, against exact
+    rationals. Rows 0 and 1 lie just past a rounding boundary of the output (p = 5) or
+    accumulate (p = 8) format, where float64 returns the boundary itself, so the
+    certificate must refuse them: for round to nearest 1 + 2^-5 + 2^-60 and
+    1 + 2^-8 + 2^-60 (midpoints), for round down -1 - 2^-60 (a format value)."""
+    from collapse_sim import Mode
+    from collapse_sim.backends.emulated import reduce_sum
+
+    fmt, acc = parse("p=5,emax=64"), parse("p=8,emax=64")
+    emu = Emulator(Policy(fmt, fmt, acc, fmt, order, mode=Mode.parse(mode)))
+    rng = np.random.default_rng(11)
+    raw = rng.standard_normal((30, 24)) * 2.0 ** rng.integers(-20, 21, (30, 24))
+    raw[:2] = 0.0
+    if mode == "rne":
+        raw[0, :3], raw[1, :3] = (1.0, 2.0**-5, 2.0**-60), (1.0, 2.0**-8, 2.0**-60)
+    else:
+        raw[:2, :2] = -1.0, -(2.0**-60)
+    x = round_to(jnp.asarray(raw), fmt)
+
+    @jax.jit
+    def paths(x):
+        red = functools.partial(reduce_sum, order=order, acc=acc, out=fmt, mode=emu.mode, bounds=emu.bounds)
+        return red(x), red(x, path="superacc"), red(x, path="float64")
+
+    cert, sup, (s64, ok) = (jax.tree.map(np.asarray, r) for r in paths(x))
+    for i, row in enumerate(np.asarray(x)):
+        want = _py_sum(list(row), order, acc, fmt, mode)
+        assert _eq(cert[i], want) and _eq(sup[i], want), (i, cert[i], sup[i], want)
+        assert not ok[i] or _eq(s64[i], want), (i, s64[i], want)
+    assert not ok[0 if order.kind == "exact" else 1] and ok[2:].sum() >= 20
+
+
 @given(st.lists(st.floats(-1e30, 1e30, allow_subnormal=False), min_size=1, max_size=60), st.sampled_from(MODES))
 @example([2.0**60, 1.0, -(2.0**60)], "rne")
 @example([1.0, 2.0**-200, -(2.0**-200)], "rz")

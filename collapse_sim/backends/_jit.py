@@ -16,7 +16,7 @@ def _compiled(backend, fn, config, names: tuple[str, ...], with_probe: bool):
     def f(arrays, tokens, probe):
         return fn(config, dict(zip(names, arrays)), tokens, probe if with_probe else None, backend)
 
-    return jax.jit(f)
+    return jax.jit(f, compiler_options=backend.compiler_options() or None)
 
 
 def run_jitted(backend, fn, config, arrays: dict, tokens, probe):
@@ -45,6 +45,10 @@ class JaxBackendBase(AnalysisHooks):
 
     def __eq__(self, other) -> bool:
         return type(other) is type(self) and other.label == self.label
+
+    def compiler_options(self) -> dict:
+        """XLA options this backend compiles with (none: XLA's defaults)."""
+        return {}
 
     def run(self, fn, config, arrays, tokens, probe):
         """Run a traceable model function under jit (cached per config and shape)."""

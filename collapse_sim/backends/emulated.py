@@ -135,12 +135,13 @@ class Emulator:
         return reduce_sum(x, order or self.policy.order, self.policy.accumulate, out_fmt or self.policy.compute, self.mode,
                           bounds=self.bounds)
 
-    def dot(self, a, b, out_fmt: Format | None = None, order: Order | None = None):
+    def dot(self, a, b, out_fmt: Format | None = None, order: Order | None = None, path: str = "certified"):
         """Vector dot product over the last axis (batched over the rest).
 
         Products of two carrier values are exact in the carrier; each is rounded
         to ``accumulate`` (exact if that format has >= 2p bits), then reduced.
-        The ``exact`` and ``blocked`` orders use the exact products.
+        The ``exact`` and ``blocked`` orders use the exact products (``path``: how
+        their exact sums are taken, see :func:`reduce_sum`).
         """
         a, b = jnp.broadcast_arrays(jnp.asarray(a, self.dtype), jnp.asarray(b, self.dtype))
         prod = a * b
@@ -148,7 +149,7 @@ class Emulator:
         if order.kind not in ("exact", "blocked"):
             prod = self.rnd(prod, self.policy.accumulate)
         return reduce_sum(prod, order, self.policy.accumulate, out_fmt or self.policy.compute, self.mode,
-                          bounds=self.bounds)
+                          bounds=self.bounds, path=path)
 
     def matmul(self, a, b, out_fmt=None, order=None):
         """``a @ b`` for a: (..., m, k), b: (k, n), each entry a :meth:`dot`."""
@@ -208,15 +209,37 @@ def _rounded_add(acc: Format, mode):
     return add
 
 
-def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, bounds=(-1074, 1024), nonneg=False):
+_PATHS = ("certified", "float64", "superacc")
+
+
+def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, bounds=(-1074, 1024), nonneg=False,
+               path: str = "certified"):
     """Reduce the last axis. Masked-out terms must be zeros; ``valid`` (same shape)
     is needed only by ``kahan``, whose state would change on trailing zeros.
     ``bounds`` = (kmin, kmax) of the terms for the exact superaccumulator; ``nonneg``:
-    no term is negative (saves the exact and blocked orders a pass)."""
+    no term is negative (saves the exact and blocked orders a pass).
+
+    ``path``: how the exact and blocked orders get their exact sums (all give the
+    same bits). ``"certified"``: float64 sums where :func:`certify` vouches for them,
+    the superaccumulator elsewhere. ``"float64"``: the certificate only, returning
+    ``(s, ok)``; where ``ok`` is false ``s`` is not the result and the caller must
+    redo it (other orders are always ok). ``"superacc"``: :func:`exact_sum` only, for
+    code that redoes what the certificate left open (no certificate, no branches)."""
+    if path not in _PATHS:
+        raise ValueError(f"path must be one of {_PATHS}, not {path!r}")
+    with_ok = path == "float64"
     if x.shape[-1] == 0:
-        return jnp.zeros(x.shape[:-1], x.dtype)
+        s = jnp.zeros(x.shape[:-1], x.dtype)
+        return (s, jnp.ones(s.shape, bool)) if with_ok else s
     r = functools.partial(round_to, mode=mode)
     add = _rounded_add(acc, mode)
+    ok = None
+
+    def exact(x, fmt):
+        if path == "superacc":
+            return exact_sum(x, fmt, mode, *bounds).astype(x.dtype)
+        return certified_sum(x, fmt, mode, *bounds, nonneg=nonneg, exact_fallback=not with_ok)
+
     if order.kind == "sequential":
         s = _sequential(x, add)
     elif order.kind == "pairwise":
@@ -224,17 +247,19 @@ def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, boun
     elif order.kind == "kahan":
         s = _kahan(x, add, valid)
     elif order.kind == "exact":
-        return certified_sum(x, out, mode, *bounds, nonneg=nonneg)
+        return exact(x, out)
     elif order.kind == "blocked":
-        n = x.shape[-1]
         b = order.block
-        nb = -(-n // b)
-        xp = jnp.concatenate([x, jnp.zeros((*x.shape[:-1], nb * b - n), x.dtype)], axis=-1)
-        blocks = certified_sum(xp.reshape(*x.shape[:-1], nb, b), acc, mode, *bounds, nonneg=nonneg)
+        blocks = exact(_blocked(x.reshape(-1, x.shape[-1]), b, 1).reshape(*x.shape[:-1], -1, b), acc)
+        if with_ok:
+            blocks, ok = blocks[0], jnp.all(blocks[1], axis=-1)
         s = _sequential(blocks, add)
     else:  # pragma: no cover - Order validates kinds
         raise ValueError(order)
-    return r(s, out)
+    s = r(s, out)
+    if not with_ok:
+        return s
+    return s, (jnp.ones(s.shape, bool) if ok is None else ok)
 
 
 def _sequential(x, add):
@@ -410,12 +435,17 @@ def _merge(first, second):
     return jnp.where(ok1, r1, r2), ok1 | ok2
 
 
-def certified_sum(x, out: Format, mode, kmin: int = -1074, kmax: int = 1024, nonneg: bool = False):
+def certified_sum(x, out: Format, mode, kmin: int = -1074, kmax: int = 1024, nonneg: bool = False,
+                  exact_fallback: bool = True):
     """:func:`exact_sum`'s result (bit for bit, where every term is inside the bounds),
     from a float64 sum wherever :func:`certify` vouches for it. Three stages, each run
     only if the one before left some element of the batch uncertified: the interval
     from γ_k; then with exactness (the terms' lowest set bits, a pass over them); then
-    the superaccumulator. ``nonneg``: no term is negative (then Σ|t| is the sum)."""
+    the superaccumulator. ``nonneg``: no term is negative (then Σ|t| is the sum).
+
+    Without ``exact_fallback`` the third stage is left out and ``(r, ok)`` returned:
+    where ``ok`` is false, ``r`` is not certified (callers that redo such sums in
+    another way keep the superaccumulator out of their compiled code)."""
     x64 = jnp.asarray(x).astype(jnp.float64)
     k = x.shape[-1]
     s = jnp.sum(x64, axis=-1)
@@ -423,10 +453,13 @@ def certified_sum(x, out: Format, mode, kmin: int = -1074, kmax: int = 1024, non
     first = certify(s, a, k, out, mode)
 
     def with_exactness():
-        r, ok = _merge(first, certify(s, a, k, out, mode, _exact_in_float64(a, jnp.min(lsb_exponent(x64), axis=-1))))
-        return _cond(jnp.all(ok), lambda: r, lambda: jnp.where(ok, r, exact_sum(x64, out, mode, kmin, kmax)))
+        return _merge(first, certify(s, a, k, out, mode, _exact_in_float64(a, jnp.min(lsb_exponent(x64), axis=-1))))
 
-    return _cond(jnp.all(first[1]), lambda: first[0], with_exactness).astype(x.dtype)
+    r, ok = _cond(jnp.all(first[1]), lambda: first, with_exactness)
+    if not exact_fallback:
+        return r.astype(x.dtype), ok
+    r = _cond(jnp.all(ok), lambda: r, lambda: jnp.where(ok, r, exact_sum(x64, out, mode, kmin, kmax)))
+    return r.astype(x.dtype)
 
 
 def _cond(pred, if_true, if_false):
@@ -710,7 +743,15 @@ class EmulatedBackend(JaxBackendBase):
         self.label = f"emulated:{self.policy}" + (f":sharded{jax.device_count()}" if self.shard else "")
 
     def describe(self) -> dict:
-        return {"backend": "emulated", "policy": str(self.policy), "carrier": str(self.dtype)}
+        return {"backend": "emulated", "policy": str(self.policy), "carrier": str(self.dtype),
+                "compiler_options": self.compiler_options()}
+
+    def compiler_options(self) -> dict:
+        """On CPU, XLA's older loop emitters instead of its MLIR fusion emitters. Measured
+        on jax 0.10 (docs/backends.md): the same bits (the arithmetic is explicit), half
+        the compile memory (a forward at N = 4096: 1.26 -> 0.57 GiB peak), a pairwise
+        forward 1.8x faster, the certified orders as fast or faster."""
+        return {"xla_cpu_use_fusion_emitters": False} if jax.default_backend() == "cpu" else {}
 
     # data
     def store(self, x):
@@ -785,12 +826,33 @@ def _causal_segments(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, win
         kl = min(k.shape[0], top if self_kv is not None else top + 1)
         skv = None if self_kv is None else (self_kv[0][a:b], self_kv[1][a:b])
         seg = (emu, q[a:b], k[:kl], v[:kl], jnp.asarray(qpos[a:b]), scale, alibi, window, skv)
-        outs.append(_certified_attention(*seg) if certified else (_op_by_op_attention(*seg), None))
+        run = functools.partial(_certified_attention if certified else _op_by_op_attention, *seg)
+        outs.append(_after(outs[-1][0] if outs else None, run, (b - a, q.shape[1]), certified))
     o = jnp.concatenate([x for x, _ in outs], axis=0)
     if not certified:
         return o
     ok = jnp.concatenate([x for _, x in outs])
     return _fill_uncertified(emu, o, ok, q, k, v, qpos, scale, alibi, window, self_kv)  # one op-by-op body for all
+
+
+def _after(dep, run, shape, with_ok: bool):
+    """``run()`` (``(o, ok)`` if ``with_ok``, else ``(o, None)``), ordered after ``dep``
+    has been computed under a trace. XLA would otherwise schedule the independent
+    causal segments side by side and keep every segment's key and value copies live
+    at once (about 1 GiB at N = 65,536); an optimization barrier does not survive its
+    passes, but a conditional on a predicate it cannot fold does. The predicate
+    (``dep``'s NaN count is not negative) is always true; the other branch is never
+    taken."""
+    def go():
+        r = run()
+        return r if with_ok else (r, jnp.ones(shape[0], bool))
+
+    if dep is None or not isinstance(dep, jax.core.Tracer):
+        r = go()
+    else:
+        never = lambda: (jnp.zeros(shape, dep.dtype), jnp.zeros(shape[0], bool))  # noqa: E731
+        r = lax.cond(jnp.sum(jnp.isnan(dep), dtype=jnp.int32) >= 0, go, never)
+    return r if with_ok else (r[0], None)
 
 
 def _sharded(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, window, self_kv):
@@ -805,8 +867,7 @@ def _sharded(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, window, sel
     pad = -nq % ndev
     qp = jnp.concatenate([q, jnp.zeros((pad, q.shape[1]), q.dtype)])
     pos = jnp.asarray(np.concatenate([qpos, np.full(pad, qpos[-1] if nq else 0)]))
-    kp = self_kv[0] if self_kv is not None else jnp.zeros_like(q)
-    vp = self_kv[1] if self_kv is not None else jnp.zeros_like(q)
+    kp, vp = _own_kv(q, self_kv)
     kp = jnp.concatenate([kp, jnp.zeros((pad, kp.shape[1]), kp.dtype)])
     vp = jnp.concatenate([vp, jnp.zeros((pad, vp.shape[1]), vp.dtype)])
 
@@ -834,32 +895,44 @@ def _certified(emu: Emulator) -> bool:
 
 
 def _linear(emu: Emulator, x, w):
+    """``x @ w``, each entry an :meth:`Emulator.dot`: from certified float64 matrix
+    products in blocks of rows where the policy allows, op by op for the rows they
+    leave uncertified (:func:`_fill_rows`); op by op otherwise."""
     n, din = x.shape
     dout = w.shape[1]
-    b, nb = _blocks(n, din * dout * (_EXACT_SHRINK if _certified(emu) else 1))
     wt = w.T  # (dout, din)
-    wstats = matmul_stats(emu, w) if _certified(emu) else None
 
-    def op_by_op(xb):
+    def op_by_op(xb, path="certified"):
         ae, be = jnp.broadcast_arrays(xb[:, None, :], wt[None, :, :])
-        return emu.dot(ae, be)
+        return emu.dot(ae, be, path=path)
+
+    if not _certified(emu):
+        b, nb = _blocks(n, din * dout)
+        return lax.map(op_by_op, _pad_rows(x, nb, b)).reshape(nb * b, dout)[:n]
+    wstats = matmul_stats(emu, w)
+    bf = max(1, min(n, _BLOCK_ELEMS // (4 * dout)))
+    nbf = -(-n // bf)
 
     def block(xb):
-        if not _certified(emu):
-            return op_by_op(xb)
         r, ok = certified_matmul(emu, xb, w, w_stats=wstats)
-        return _cond(jnp.all(ok), lambda: r, lambda: op_by_op(xb))
+        return r, jnp.all(ok, axis=-1)
 
-    out = lax.map(block, _pad_rows(x, nb, b))
-    return out.reshape(nb * b, dout)[:n]
+    r, ok = lax.map(block, _pad_rows(x, nbf, bf))
+    b, _ = _blocks(n, din * dout * _EXACT_SHRINK)
+    redo = functools.partial(op_by_op, path="superacc")  # where the certificate failed
+    return _fill_rows(r.reshape(nbf * bf, dout)[:n], ok.reshape(nbf * bf)[:n], (x,), redo, b)
 
 
-def masked_softmax(emu: Emulator, s, valid):
+def masked_softmax(emu: Emulator, s, valid, path: str = "certified"):
     """Softmax of each row of ``s`` over its ``valid`` entries, as the attention does it:
     scores rounded to the softmax format, the row maximum subtracted (if the policy
     says so), exp, the denominator reduced in the policy's order and accumulate
     format, one division, weights rounded to the compute format. Masked entries are
-    exact zeros, which leave every reduction order's result unchanged."""
+    exact zeros, which leave every reduction order's result unchanged.
+
+    ``path``: how the denominator's exact sum is taken (:func:`reduce_sum`); with
+    ``"float64"`` the result is ``(alpha, ok)``, ``ok`` marking the rows whose
+    denominator was certified (the other rows must be redone)."""
     pol, mode = emu.policy, emu.mode
     same = pol.softmax == pol.compute  # then both roundings between them are identities
     s = jnp.asarray(s, emu.dtype)
@@ -870,9 +943,14 @@ def masked_softmax(emu: Emulator, s, valid):
         s = emu.sub(s, jnp.broadcast_to(m[:, None], s.shape), pol.softmax)
     e = emu.exp(s, pol.softmax)
     e = jnp.where(valid, e, jnp.zeros_like(e))
-    den = reduce_sum(e, pol.order, pol.accumulate, pol.softmax, mode, valid, emu.bounds, nonneg=True)  # exp >= 0
+    den = reduce_sum(e, pol.order, pol.accumulate, pol.softmax, mode, valid, emu.bounds, nonneg=True,  # exp >= 0
+                     path=path)
+    with_ok = path == "float64"
+    if with_ok:
+        den, ok = den
     alpha = emu.div(e, jnp.broadcast_to(den[:, None], e.shape), pol.softmax)
-    return alpha if same else round_to(alpha, pol.compute, mode)
+    alpha = alpha if same else round_to(alpha, pol.compute, mode)
+    return (alpha, ok) if with_ok else alpha
 
 
 def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
@@ -896,14 +974,13 @@ def _prepare(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
     nk = k.shape[0]
     cols = jnp.arange(nk)
     sc = emu.store(jnp.float64(scale))
-    kp = self_kv[0] if self_kv is not None else jnp.zeros_like(q)
-    vp = self_kv[1] if self_kv is not None else jnp.zeros_like(q)
+    kp, vp = _own_kv(q, self_kv)
     bias_table = None
     if alibi is not None:  # -slope·distance for every distance, rounded once (a gather per block)
         maxd = max(nk, int(qpos.shape[0])) + 1
         bias_table = round_to(-alibi * jnp.arange(maxd, dtype=jnp.float64), pol.storage, mode).astype(dt)
 
-    def weights(s, pb):
+    def weights(s, pb, path="certified"):
         s = emu.mul(s, jnp.broadcast_to(sc, s.shape))
         if alibi is not None:
             dist = jnp.clip(pb[:, None] - cols[None, :], 0, bias_table.shape[0] - 1)  # masked entries: any valid index
@@ -911,12 +988,23 @@ def _prepare(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
         valid = cols[None, :] <= pb[:, None]
         if window is not None:
             valid = valid & (cols[None, :] > pb[:, None] - window)
-        return masked_softmax(emu, s, valid), valid
+        return masked_softmax(emu, s, valid, path), valid
 
     return k, v, kp, vp, cols, weights
 
 
-def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
+def _own_kv(q, self_kv):
+    """Each query's own key and value (``self_kv``), or zeros of ``q``'s shape."""
+    if self_kv is None:
+        return jnp.zeros_like(q), jnp.zeros_like(q)
+    return self_kv
+
+
+def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv, path: str = "certified"):
+    """Attention with every dot product and sum an :class:`Emulator` reduction, in
+    blocks of query rows over all keys. ``path``: how the exact and blocked orders
+    take their exact sums (:func:`reduce_sum`; ``"superacc"`` where the certificate
+    already failed)."""
     pol, mode = emu.policy, emu.mode
     k, v, kp, vp, cols, weights = _prepare(emu, q, k, v, qpos, scale, alibi, window, self_kv)
     nk, dh = k.shape
@@ -928,7 +1016,7 @@ def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
         if self_kv is not None:
             K = jnp.where(is_self[:, :, None], kpb[:, None, :], K)
         Q = jnp.broadcast_to(qb[:, None, :], K.shape)
-        alpha, valid = weights(emu.dot(Q, K), pb)  # scores: (B, nk), compute format
+        alpha, valid = weights(emu.dot(Q, K, path=path), pb, path)  # scores: (B, nk), compute format
         V = jnp.broadcast_to(v[None], K.shape)
         if self_kv is not None:
             V = jnp.where(is_self[:, :, None], vpb[:, None, :], V)
@@ -938,7 +1026,7 @@ def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
         if pol.order.kind not in ("exact", "blocked"):
             prod = round_to(prod, pol.accumulate, mode)
         vmask = jnp.broadcast_to(valid[:, None, :], prod.shape)
-        return reduce_sum(prod, pol.order, pol.accumulate, pol.compute, mode, vmask, emu.bounds)
+        return reduce_sum(prod, pol.order, pol.accumulate, pol.compute, mode, vmask, emu.bounds, path=path)
 
     nq = q.shape[0]
     b, nb = _blocks(nq, nk * dh * (_EXACT_SHRINK if _certified(emu) else 1))
@@ -963,14 +1051,14 @@ def _certified_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, sel
         if self_kv is not None:
             s = jnp.where(is_self, emu.dot(qb, kpb)[:, None], s)
             ok_s = ok_s | is_self
-        alpha, _ = weights(s, pb)
+        (alpha, ok_den), _ = weights(s, pb, "float64")
         extra = None
         if self_kv is not None:
             a_self = jnp.sum(jnp.where(is_self, alpha, jnp.zeros_like(alpha)), axis=-1)  # one nonzero term
             extra = (pb, a_self[:, None] * vpb)
             alpha = jnp.where(is_self, jnp.zeros_like(alpha), alpha)
         o, ok_o = certified_matmul(emu, alpha, v, extra, w_stats=vstats, x_quanta=False, two_norm=False)
-        return o, jnp.all(ok_s, axis=-1) & jnp.all(ok_o, axis=-1)
+        return o, jnp.all(ok_s, axis=-1) & ok_den & jnp.all(ok_o, axis=-1)
 
     nbf = -(-nq // bf)
     args = (q, qpos, kp, vp, *row_norms(emu, q))  # the query norms, too, once for every block
@@ -983,32 +1071,42 @@ def _fill_uncertified(emu: Emulator, o, ok, q, k, v, qpos, scale, alibi, window,
     blocks of query rows over all keys (masked keys are exact zeros, which change no
     reduction order's result). The op-by-op code is compiled once per attention call,
     never per causal segment, and runs only for the blocks holding such a row."""
-    nq, dh = o.shape
     nk = k.shape[0] + (self_kv is not None)
-    b, nb = _blocks(nq, nk * dh * _EXACT_SHRINK)
-    qpos = jnp.asarray(qpos)
-    kp = self_kv[0] if self_kv is not None else jnp.zeros_like(q)
-    vp = self_kv[1] if self_kv is not None else jnp.zeros_like(q)
-    rows = tuple(_pad_rows(a, nb, b).reshape(nb * b, *a.shape[1:]) for a in (q, qpos, kp, vp))
-    okp = jnp.concatenate([ok, jnp.ones(nb * b - nq, bool)])
-    out = _pad_rows(o, nb, b).reshape(nb * b, dh)
+    b, _ = _blocks(o.shape[0], nk * o.shape[1] * _EXACT_SHRINK)
 
-    def redo(i, out):
-        qb, pb, kpb, vpb = (lax.dynamic_slice_in_dim(a, i * b, b) for a in rows)
+    def redo(qb, pb, kpb, vpb):
         skv = None if self_kv is None else (kpb, vpb)
-        new = _op_by_op_attention(emu, qb, k, v, pb, scale, alibi, window, skv)
+        return _op_by_op_attention(emu, qb, k, v, pb, scale, alibi, window, skv, "superacc")
+
+    return _fill_rows(o, ok, (q, jnp.asarray(qpos), *_own_kv(q, self_kv)), redo, b)
+
+
+def _fill_rows(out, ok, args, redo, b: int):
+    """``out`` (n, m) with the rows that ``ok`` (n,) leaves false replaced by ``redo``,
+    which maps blocks of ``b`` rows of each of ``args`` (arrays of n rows) to (b, m)
+    rows. ``redo`` runs only for the blocks holding such a row: a Python loop on
+    concrete values, a ``fori_loop`` over exactly those blocks under a trace (a loop
+    with a cond per block would copy ``out`` each time)."""
+    n, m = out.shape
+    nb = -(-n // b)
+    rows = tuple(_pad_rows(a, nb, b).reshape(nb * b, *a.shape[1:]) for a in args)
+    okp = jnp.concatenate([ok, jnp.ones(nb * b - n, bool)])
+    outp = _pad_rows(out, nb, b).reshape(nb * b, m)
+
+    def one(i, out):
+        new = redo(*(lax.dynamic_slice_in_dim(a, i * b, b) for a in rows))
         keep = lax.dynamic_slice_in_dim(okp, i * b, b)
         old = lax.dynamic_slice_in_dim(out, i * b, b)
         return lax.dynamic_update_slice_in_dim(out, jnp.where(keep[:, None], old, new), i * b, 0)
 
-    if not isinstance(okp, jax.core.Tracer):  # eager: a Python loop over the blocks that need it
+    if not isinstance(okp, jax.core.Tracer):
         for i in np.flatnonzero(~np.asarray(okp).reshape(nb, b).all(axis=1)):
-            out = redo(int(i), out)
-        return out[:nq]
+            outp = one(int(i), outp)
+        return outp[:n]
 
-    def loop():  # over the blocks that need it only (a loop with a cond per block would copy `out` each time)
+    def loop():
         need = ~jnp.all(okp.reshape(nb, b), axis=1)
         which = jnp.nonzero(need, size=nb, fill_value=0)[0]
-        return lax.fori_loop(0, jnp.sum(need), lambda j, out: redo(which[j], out), out)
+        return lax.fori_loop(0, jnp.sum(need), lambda j, out: one(which[j], out), outp)
 
-    return _cond(jnp.all(ok), lambda: out, loop)[:nq]
+    return _cond(jnp.all(ok), lambda: outp, loop)[:n]
