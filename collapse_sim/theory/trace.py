@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import positional
 from ..backends.native import NativeBackend
-from ..model import Params, _forward_impl
+from ..model import Params, _forward_impl, forward_arrays
 
 
 class AnalysisBackend(NativeBackend):
@@ -72,7 +72,8 @@ class Trace:
 
 def _run(params: Params, tokens, backend, delta0=None):
     c = params.config
-    W = {k: jnp.asarray(v, jnp.float64) for k, v in params.arrays.items()}  # rounded to the dtype by B.store
+    arrays = forward_arrays(params, len(tokens))
+    W = {k: jnp.asarray(v, jnp.float64) for k, v in arrays.items()}  # rounded to the dtype by B.store
     return _forward_impl(c, W, np.asarray(tokens), None, backend, delta0=delta0)
 
 
