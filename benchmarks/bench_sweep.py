@@ -1,7 +1,7 @@
 """Sweep costs, as ratios measured in one run.
 
     python benchmarks/bench_sweep.py [--n 4096] [--loop-lengths 16] [--mem-n 65536] [--ref-n 16]
-                                     [--policies P1,P2] [--mem-policy P] [--skip PARTS]
+                                     [--policies P1,P2] [--mem B1:S1,B2:S2] [--skip PARTS]
 
 1. Prefix trick: one forward over a length-N stream (all n <= N) against a loop
    that runs each prefix separately (timed on --loop-lengths evenly spaced
@@ -10,8 +10,10 @@
    policy of --policies: bf16 pairwise (every product and add rounded), bf16 with
    exact dot products, and bf16 with fp32 accumulation in blocks of 32 (the last
    two run as certified float64 matrix products, see backends/emulated.py).
-3. Peak resident memory of an emulated forward (--mem-policy) at --mem-n, d = 64,
-   L = 2 (in a subprocess, from getrusage).
+3. Peak resident memory of a forward at --mem-n, d = 64, L = 2, one subprocess per
+   entry of --mem (``backend:spec``; getrusage's ru_maxrss): native f32, emulated
+   bf16 with exact dot products, emulated bf16 pairwise (the last takes about an
+   hour on 2 cores at N = 65,536).
 4. Reference tokens/s at 53 and 256 bits against plain mpmath matrices doing the
    same forward (mpmath.matrix products and elementwise softmax): the arb-ball
    reference (interval backend on python-flint, rigorous enclosures, C matrix
@@ -81,15 +83,16 @@ def emulated_vs_native(n, policies):
     return out
 
 
-def peak_memory(n, policy="bf16"):
+def peak_memory(n, backend="emulated", spec="bf16"):
     code = f"""
 import collapse_sim as cs, numpy as np, resource, jax
 cs.enable_x64()
 from collapse_sim.backends import make_backend
 from collapse_sim.model import ModelConfig, forward, init_params
 P = init_params(ModelConfig(d=64, n_layers=2, vocab=16, pe="sinusoidal", seed=0, max_len={n + 8}))
-y = forward(P, np.random.default_rng(0).integers(0, 16, {n}), make_backend("emulated", {policy!r}))
+y = forward(P, np.random.default_rng(0).integers(0, 16, {n}), make_backend({backend!r}, {spec!r}))
 jax.block_until_ready(y)
+assert np.isfinite(np.asarray(y)).all(), "non-finite output"
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
     t0 = time.perf_counter()
@@ -139,7 +142,8 @@ def main(argv=None):
     ap.add_argument("--loop-lengths", type=int, default=16)
     ap.add_argument("--mem-n", type=int, default=65536)
     ap.add_argument("--ref-n", type=int, default=16)
-    ap.add_argument("--mem-policy", default="bf16", help="emulated policy of the memory run (default: bf16, pairwise)")
+    ap.add_argument("--mem", default="native:fp32,emulated:compute=bf16;order=exact,emulated:bf16",
+                    help="backend:spec of each memory run (commas between runs, ';' inside one)")
     ap.add_argument("--policies", default="bf16,compute=bf16;order=exact,storage=bf16;compute=bf16;accumulate=fp32;order=blocked(32)",
                     help="emulated policies timed against native f32 (commas between policies, ';' inside one)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: prefix,emulated,memory,reference")
@@ -159,12 +163,17 @@ def main(argv=None):
             res["emulated"].append({"policy": pol, "native_f32_s": nat, "emulated_s": emu, "ratio": emu / nat})
             print(f"forward N={args.n}: native f32 {nat:.3f}s, emulated {pol} {emu:.2f}s: ratio {emu / nat:.1f}x (target <= 4x)")
     if "memory" not in skip:
-        peak, secs, err = peak_memory(args.mem_n, args.mem_policy)
-        res["memory"] = {"n": args.mem_n, "peak_bytes": peak, "seconds": secs, "error": err}
-        if peak is None:
-            print(f"memory N={args.mem_n}: failed after {secs:.0f}s: {err}")
-        else:
-            print(f"memory N={args.mem_n}, d=64, L=2, emulated {args.mem_policy}: peak RSS {peak / 2**30:.2f} GiB in {secs:.0f}s (target < 2 GB)")
+        res["memory"] = []
+        for entry in args.mem.split(","):
+            backend, _, spec = entry.replace(";", ",").partition(":")
+            peak, secs, err = peak_memory(args.mem_n, backend, spec)
+            res["memory"].append({"n": args.mem_n, "backend": backend, "spec": spec, "peak_bytes": peak,
+                                  "seconds": secs, "error": err})
+            if peak is None:
+                print(f"memory N={args.mem_n}, {backend} {spec}: failed after {secs:.0f}s: {err}")
+            else:
+                print(f"memory N={args.mem_n}, d=64, L=2, {backend} {spec}: peak RSS {peak / 2**30:.2f} GiB "
+                      f"({peak / 1e9:.2f} GB) in {secs:.0f}s (target < 2 GB)")
     if "reference" not in skip:
         for prec in (53, 256):
             t_ref, t_arb, t_plain = reference_speed(args.ref_n, prec)
