@@ -826,7 +826,10 @@ def _causal_segments(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, win
         kl = min(k.shape[0], top if self_kv is not None else top + 1)
         skv = None if self_kv is None else (self_kv[0][a:b], self_kv[1][a:b])
         seg = (emu, q[a:b], k[:kl], v[:kl], jnp.asarray(qpos[a:b]), scale, alibi, window, skv)
-        run = functools.partial(_certified_attention if certified else _op_by_op_attention, *seg)
+        if certified:
+            run = functools.partial(_certified_attention, *seg)
+        else:
+            run = lambda seg=seg: (_op_by_op_attention(*seg), None)  # noqa: E731
         outs.append(_after(outs[-1][0] if outs else None, run, (b - a, q.shape[1]), certified))
     o = jnp.concatenate([x for x, _ in outs], axis=0)
     if not certified:
@@ -836,23 +839,17 @@ def _causal_segments(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, win
 
 
 def _after(dep, run, shape, with_ok: bool):
-    """``run()`` (``(o, ok)`` if ``with_ok``, else ``(o, None)``), ordered after ``dep``
-    has been computed under a trace. XLA would otherwise schedule the independent
+    """``run()``, which gives ``(o, ok)`` (``ok`` None unless ``with_ok``), ordered after
+    ``dep`` has been computed under a trace. XLA would otherwise schedule the independent
     causal segments side by side and keep every segment's key and value copies live
     at once (about 1 GiB at N = 65,536); an optimization barrier does not survive its
     passes, but a conditional on a predicate it cannot fold does. The predicate
     (``dep``'s NaN count is not negative) is always true; the other branch is never
     taken."""
-    def go():
-        r = run()
-        return r if with_ok else (r, jnp.ones(shape[0], bool))
-
     if dep is None or not isinstance(dep, jax.core.Tracer):
-        r = go()
-    else:
-        never = lambda: (jnp.zeros(shape, dep.dtype), jnp.zeros(shape[0], bool))  # noqa: E731
-        r = lax.cond(jnp.sum(jnp.isnan(dep), dtype=jnp.int32) >= 0, go, never)
-    return r if with_ok else (r[0], None)
+        return run()
+    never = lambda: (jnp.zeros(shape, dep.dtype), jnp.zeros(shape[0], bool) if with_ok else None)  # noqa: E731
+    return lax.cond(jnp.sum(jnp.isnan(dep), dtype=jnp.int32) >= 0, run, never)
 
 
 def _sharded(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, window, self_kv):
@@ -889,6 +886,16 @@ def _pad_rows(a, nb, b):
     return jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]).reshape(nb, b, *a.shape[1:])
 
 
+def _map_rows(fn, args, b: int):
+    """``fn`` over blocks of ``b`` rows of each of ``args`` (arrays of n rows, zero-padded
+    to whole blocks; ``fn`` takes the tuple of blocks), by ``lax.map``; every output
+    rejoined to n rows."""
+    n = args[0].shape[0]
+    nb = -(-n // b)
+    out = lax.map(fn, tuple(_pad_rows(a, nb, b) for a in args))
+    return jax.tree.map(lambda o: o.reshape(nb * b, *o.shape[2:])[:n], out)
+
+
 def _certified(emu: Emulator) -> bool:
     """Whether dot products can come from float64 matrix products (:func:`certified_matmul`)."""
     return emu.policy.order.kind in ("exact", "blocked")
@@ -907,20 +914,17 @@ def _linear(emu: Emulator, x, w):
         return emu.dot(ae, be, path=path)
 
     if not _certified(emu):
-        b, nb = _blocks(n, din * dout)
-        return lax.map(op_by_op, _pad_rows(x, nb, b)).reshape(nb * b, dout)[:n]
+        return _map_rows(lambda a: op_by_op(a[0]), (x,), _blocks(n, din * dout)[0])
     wstats = matmul_stats(emu, w)
-    bf = max(1, min(n, _BLOCK_ELEMS // (4 * dout)))
-    nbf = -(-n // bf)
 
-    def block(xb):
-        r, ok = certified_matmul(emu, xb, w, w_stats=wstats)
+    def block(a):
+        r, ok = certified_matmul(emu, a[0], w, w_stats=wstats)
         return r, jnp.all(ok, axis=-1)
 
-    r, ok = lax.map(block, _pad_rows(x, nbf, bf))
+    r, ok = _map_rows(block, (x,), max(1, min(n, _BLOCK_ELEMS // (4 * dout))))
     b, _ = _blocks(n, din * dout * _EXACT_SHRINK)
     redo = functools.partial(op_by_op, path="superacc")  # where the certificate failed
-    return _fill_rows(r.reshape(nbf * bf, dout)[:n], ok.reshape(nbf * bf)[:n], (x,), redo, b)
+    return _fill_rows(r, ok, (x,), redo, b)
 
 
 def masked_softmax(emu: Emulator, s, valid, path: str = "certified"):
@@ -1028,10 +1032,8 @@ def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
         vmask = jnp.broadcast_to(valid[:, None, :], prod.shape)
         return reduce_sum(prod, pol.order, pol.accumulate, pol.compute, mode, vmask, emu.bounds, path=path)
 
-    nq = q.shape[0]
-    b, nb = _blocks(nq, nk * dh * (_EXACT_SHRINK if _certified(emu) else 1))
-    out = lax.map(block, (_pad_rows(q, nb, b), _pad_rows(qpos, nb, b), _pad_rows(kp, nb, b), _pad_rows(vp, nb, b)))
-    return out.reshape(nb * b, dh)[:nq]
+    b, _ = _blocks(q.shape[0], nk * dh * (_EXACT_SHRINK if _certified(emu) else 1))
+    return _map_rows(block, (q, qpos, kp, vp), b)
 
 
 def _certified_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
@@ -1039,9 +1041,8 @@ def _certified_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, sel
     whole rows of scores at a time; ``ok`` (nq,) marks the query rows whose every dot
     product was certified. The others must be recomputed op by op."""
     k, v, kp, vp, cols, weights = _prepare(emu, q, k, v, qpos, scale, alibi, window, self_kv)
-    nk, dh = k.shape
-    nq = q.shape[0]
-    bf = max(1, min(nq, _BLOCK_ELEMS // (4 * nk)))
+    nk = k.shape[0]
+    bf = max(1, min(q.shape[0], _BLOCK_ELEMS // (4 * nk)))
     kstats, vstats = matmul_stats(emu, k.T), matmul_stats(emu, v)  # once for every block
 
     def block(args):
@@ -1060,10 +1061,8 @@ def _certified_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, sel
         o, ok_o = certified_matmul(emu, alpha, v, extra, w_stats=vstats, x_quanta=False, two_norm=False)
         return o, jnp.all(ok_s, axis=-1) & ok_den & jnp.all(ok_o, axis=-1)
 
-    nbf = -(-nq // bf)
     args = (q, qpos, kp, vp, *row_norms(emu, q))  # the query norms, too, once for every block
-    o, ok = lax.map(block, tuple(_pad_rows(a, nbf, bf) for a in args))
-    return o.reshape(nbf * bf, dh)[:nq], ok.reshape(nbf * bf)[:nq]
+    return _map_rows(block, args, bf)
 
 
 def _fill_uncertified(emu: Emulator, o, ok, q, k, v, qpos, scale, alibi, window, self_kv):
