@@ -302,6 +302,29 @@ def test_interval_backend_encloses_and_certifies(spec):
     assert (same & cert).any()
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+def test_arb_attention_encloses_reference_in_every_block_layout(monkeypatch, heads):
+    """The arb attention (scores and weighted values as ball-matrix products, no shift
+    before exp, query rows in blocks) encloses the 256-bit reference with ALiBi, a
+    sliding window, out projections and probes, whether the queries go in one block,
+    in blocks of two rows or one row at a time; and the enclosures stay tight."""
+    from collapse_sim.backends.interval import ArbBackend, widths
+
+    c = ModelConfig(d=8, n_layers=2, n_heads=heads, d_ff=8, vocab=6, pe="alibi", window=3, out_proj=True, seed=3)
+    P = init_params(c)
+    toks = np.random.default_rng(3).integers(0, 6, 12)
+    r = make_backend("reference", "256")
+    ref = [r.to_numpy(y) for y in forward(P, toks, r, probe=toks)]
+    for qblock in (ArbBackend._QBLOCK, 2 * len(toks), 1):
+        monkeypatch.setattr(ArbBackend, "_QBLOCK", qblock)
+        be = make_backend("interval", "arb256")
+        for y, yr in zip(forward(P, toks, be, probe=toks), ref):
+            lo = np.vectorize(lambda v: float(v.lower()))(y)
+            hi = np.vectorize(lambda v: float(v.upper()))(y)
+            assert np.all((lo <= yr) & (yr <= hi)), qblock
+            assert np.max(widths(y)) < 2.0**-100
+
+
 def test_sharded_attention_equals_unsharded_on_four_fake_devices():
     """The emulated attention's query axis split over 4 devices (XLA's fake host
     devices, set before JAX starts, hence a subprocess) gives the same bits, probes

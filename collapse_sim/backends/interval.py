@@ -173,6 +173,7 @@ class ArbBackend(IntervalBackend):
         self._zero = flint.arb(0)
         self._stored: dict = {}
         self._mats: dict = {}
+        self._recent: dict = {}
 
     def describe(self) -> dict:
         return {"backend": "interval", "engine": "arb (python-flint)", "flint": self.flint.__version__, "prec": self.prec}
@@ -205,32 +206,71 @@ class ArbBackend(IntervalBackend):
         if hit is None:
             hit = super().store(x)
             if len(self._stored) < 256:
+                hit.flags.writeable = False  # shared by every forward on this backend
                 self._stored[key] = hit
+                if hit.ndim == 2:
+                    self._mats[id(hit)] = (hit, None)
         return hit
 
     def to_numpy(self, x):
         return np.asarray(self._mid(np.asarray(x, dtype=object)), dtype=np.float64).reshape(np.shape(x))
 
-    # arithmetic
+    def concat_cols(self, xs):
+        return xs[0] if len(xs) == 1 else super().concat_cols(xs)
+
+    def cols(self, x, sl):
+        if range(*sl.indices(x.shape[1])) == range(x.shape[1]):
+            return x  # every column (one head): the array itself, so its arb matrix is reused
+        return x[:, sl]
+
+    def take(self, table, idx):
+        return self._own(super().take(table, idx))
+
+    # arithmetic: products as arb matrices. A stored weight keeps its matrix for the
+    # backend's life; an array this backend made (read-only, so its matrix cannot go
+    # stale) keeps it while it is one of the last few (``_recent``): q, k and v go from
+    # their projection into the attention without a second conversion.
+    _RECENT = 16
+
+    def _own(self, out, m=None):
+        if out.ndim == 2:
+            out.flags.writeable = False
+            self._recent[id(out)] = (out, m)
+            if len(self._recent) > self._RECENT:
+                del self._recent[next(iter(self._recent))]
+        return out
+
     def _mat(self, a):
-        hit = self._mats.get(id(a))
-        if hit is not None and hit[0] is a:  # a stored weight matrix: converted once
-            return hit[1]
-        a2 = np.asarray(a, dtype=object)
-        m = self.flint.arb_mat(a2.shape[0], a2.shape[1], list(a2.ravel()))
-        if any(a is v for v in self._stored.values()):
-            self._mats[id(a)] = (a, m)
-        return m
+        for cache in (self._mats, self._recent):
+            hit = cache.get(id(a))
+            if hit is not None and hit[0] is a:
+                if hit[1] is None:
+                    cache[id(a)] = hit = (a, self._convert(a))
+                return hit[1]
+        return self._convert(a)
+
+    def _convert(self, a):
+        a = np.asarray(a, dtype=object)
+        return self.flint.arb_mat(a.shape[0], a.shape[1], a.ravel().tolist())
 
     def _arr(self, m):
-        return np.array(m.entries(), dtype=object).reshape(m.nrows(), m.ncols())
+        return self._own(np.fromiter(m.entries(), dtype=object, count=m.nrows() * m.ncols()).reshape(m.nrows(), m.ncols()), m)
+
+    def _known(self, a) -> bool:
+        hit = self._recent.get(id(a))
+        return hit is not None and hit[0] is a
+
+    def add(self, a, b):
+        if self._known(a) and self._known(b) and np.shape(a) == np.shape(b):  # e.g. a residual
+            return self._arr(self._mat(a) + self._mat(b))
+        return self._add(a, b)
 
     def _matmul(self, a, b):
         return self._arr(self._mat(a) * self._mat(b))
 
     def _rowsum(self, x):
-        ones = np.full((x.shape[-1], 1), self._num(1.0), dtype=object)
-        return self._matmul(x, ones)[:, 0]
+        ones = self.flint.arb_mat(x.shape[-1], 1, [1] * x.shape[-1])
+        return np.array((self._mat(x) * ones).entries(), dtype=object)
 
     def mean(self, x):
         return self._div(self._rowsum(x), self._num(float(x.shape[-1])))
@@ -239,51 +279,40 @@ class ArbBackend(IntervalBackend):
         return self._matmul(x, w)
 
     def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None):
-        arb = self.flint.arb
+        """Softmax attention on balls, scores and weighted values as arb matrix products.
+        No shift before ``exp``: arb exponents are unbounded, so exp cannot overflow or
+        underflow, and the exact softmax is what is enclosed."""
+        arb, zero = self.flint.arb, self._zero
         sc = arb(float(scale))
         nq, dh = q.shape
         nk = k.shape[0]
         qpos = np.asarray(qpos)
-        cols = np.arange(nk + (1 if self_kv is not None else 0))
-        kT = self._mat(k).transpose()
+        kT, V = self._mat(k).transpose(), self._mat(v)
         out = np.empty((nq, dh), dtype=object)
         rows = max(1, self._QBLOCK // max(1, nk))
         for r0 in range(0, nq, rows):
             r1 = min(nq, r0 + rows)
-            pb = qpos[r0:r1]
-            S = self._mul(self._arr(self._mat(q[r0:r1]) * kT), sc)  # (B, nk)
-            if self_kv is not None:  # the probe's own key sits at column pb (= nk for the last row)
-                s_self = self._mul(np.array([self._sum(a * b for a, b in zip(q[i], self_kv[0][i])) for i in range(r0, r1)],
-                                            dtype=object), sc)
-                extra = np.empty((r1 - r0, 1), dtype=object)
-                extra.fill(self._zero)
-                S = np.concatenate([S, extra], axis=1)
-                S[np.arange(r1 - r0), pb] = s_self
-            if alibi is not None:
-                bias = np.array([[arb(float(-alibi * (p - j))) for j in cols] for p in pb], dtype=object)
-                S = self._add(S, bias)
-            valid = cols[None, :] <= pb[:, None]
-            if window is not None:
-                valid &= cols[None, :] > pb[:, None] - window
-            # shift each row by an exact constant near its largest score (from float
-            # midpoints of q and k): the exact softmax is unchanged, exp cannot overflow
-            qm = self.to_numpy(q[r0:r1])
-            km = self.to_numpy(np.concatenate([k, np.full((len(cols) - nk, dh), self._zero, dtype=object)]))
-            approx = (qm @ km.T) * float(scale)
+            S = ((self._mat(q if (r0, r1) == (0, nq) else q[r0:r1]) * kT) * sc).entries()
+            A = [zero] * ((r1 - r0) * nk)
+            own = []
+            for b, i in enumerate(range(r0, r1)):
+                p = int(qpos[i])
+                js = range(0 if window is None else max(0, p - window + 1), p + 1)
+                s = S[b * nk + js.start: b * nk + min(p + 1, nk)]
+                if self_kv is not None:  # the probe's own key at column p (= nk for the last row)
+                    s = s[:p - js.start] + [self._sum(x * y for x, y in zip(q[i], self_kv[0][i])) * sc]
+                if alibi is not None:
+                    s = [x + arb(float(-alibi * (p - j))) for x, j in zip(s, js)]
+                e = [x.exp() for x in s]
+                den = sum(e)
+                w = [x / den for x in e]
+                if self_kv is not None:
+                    own.append(w.pop())
+                A[b * nk + js.start: b * nk + js.start + len(w)] = w
+            O = self._arr(self.flint.arb_mat(r1 - r0, nk, A) * V)
             if self_kv is not None:
-                approx[np.arange(r1 - r0), pb] = np.sum(qm * self.to_numpy(self_kv[0][r0:r1]), axis=1) * float(scale)
-            if alibi is not None:
-                approx = approx - alibi * (pb[:, None] - cols[None, :])
-            shift = np.max(np.where(valid, approx, -np.inf), axis=1)
-            E = np.full(S.shape, self._zero, dtype=object)
-            ii, jj = np.nonzero(valid)
-            E[ii, jj] = self._exp(self._sub(S[ii, jj], np.array([arb(float(v)) for v in shift], dtype=object)[ii]))
-            A = self._div(E, self._rowsum(E)[:, None])
-            if self_kv is None:
-                out[r0:r1] = self._matmul(A, v)
-            else:
-                a_self = A[np.arange(r1 - r0), pb]
-                A[np.arange(r1 - r0), pb] = self._zero
-                out[r0:r1] = self._add(self._matmul(A, np.concatenate([v, np.full((1, dh), self._zero, dtype=object)])),
-                                       self._mul(a_self[:, None], np.asarray(self_kv[1][r0:r1])))
+                O = self._add(O, self._mul(np.array(own, dtype=object)[:, None], np.asarray(self_kv[1][r0:r1])))
+            if (r0, r1) == (0, nq):
+                return O  # one block: O itself (its matrix stays known)
+            out[r0:r1] = O
         return out
