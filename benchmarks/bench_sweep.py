@@ -114,9 +114,9 @@ def reference_speed(n, prec):
     P = init_params(ModelConfig(d=16, n_layers=1, vocab=16, pe="none", norm="none", seed=0))
     toks = np.random.default_rng(0).integers(0, 16, n)
     be = make_backend("reference", str(prec))
-    t_ref = _timed(lambda: forward(P, toks, be), repeat=1)
+    t_ref = _timed(lambda: forward(P, toks, be), repeat=3)
     arb = make_backend("interval", f"arb{prec}")
-    t_arb = _timed(lambda: forward(P, toks, arb), repeat=3)
+    t_arb = _timed(lambda: forward(P, toks, arb), repeat=20)  # ~1 ms: best of many
 
     def plain():
         ctx = mpmath.MPContext()
@@ -133,7 +133,7 @@ def reference_speed(n, prec):
                 out[i, c] = ctx.fsum(e[j] / den * V[j, c] for j in range(i + 1)) + X[i, c]
         return out
 
-    t_plain = _timed(plain, repeat=1)
+    t_plain = _timed(plain, repeat=3)
     return t_ref, t_arb, t_plain
 
 
