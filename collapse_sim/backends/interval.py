@@ -167,7 +167,6 @@ class ArbBackend(IntervalBackend):
         self._mul = np.frompyfunc(lambda a, b: a * b, 2, 1)
         self._div = np.frompyfunc(lambda a, b: a / b, 2, 1)
         self._sqrt = np.frompyfunc(lambda a: a.sqrt(), 1, 1)
-        self._exp = np.frompyfunc(lambda a: a.exp(), 1, 1)
         self._relu = np.frompyfunc(self._relu1, 1, 1)
         self._mid = np.frompyfunc(lambda x: float(x.mid()), 1, 1)
         self._zero = flint.arb(0)
@@ -240,14 +239,23 @@ class ArbBackend(IntervalBackend):
                 del self._recent[next(iter(self._recent))]
         return out
 
-    def _mat(self, a):
+    def _cached(self, a):
+        """(cache, entry) when ``a`` is a stored weight or a recent array of this backend."""
         for cache in (self._mats, self._recent):
             hit = cache.get(id(a))
             if hit is not None and hit[0] is a:
-                if hit[1] is None:
-                    cache[id(a)] = hit = (a, self._convert(a))
-                return hit[1]
-        return self._convert(a)
+                return cache, hit
+        return None
+
+    def _mat(self, a):
+        found = self._cached(a)
+        if found is None:
+            return self._convert(a)
+        cache, (_, m) = found
+        if m is None:
+            m = self._convert(a)
+            cache[id(a)] = (a, m)
+        return m
 
     def _convert(self, a):
         a = np.asarray(a, dtype=object)
@@ -256,12 +264,8 @@ class ArbBackend(IntervalBackend):
     def _arr(self, m):
         return self._own(np.fromiter(m.entries(), dtype=object, count=m.nrows() * m.ncols()).reshape(m.nrows(), m.ncols()), m)
 
-    def _known(self, a) -> bool:
-        hit = self._recent.get(id(a))
-        return hit is not None and hit[0] is a
-
     def add(self, a, b):
-        if self._known(a) and self._known(b) and np.shape(a) == np.shape(b):  # e.g. a residual
+        if self._cached(a) and self._cached(b) and np.shape(a) == np.shape(b):  # e.g. a residual
             return self._arr(self._mat(a) + self._mat(b))
         return self._add(a, b)
 
