@@ -16,7 +16,7 @@ compiler's floating-point rewrites, so jit and eager agree bit for bit.
 The result has the dtype of the input (float32 or float64) and is exactly a
 value of ``fmt`` (or ±inf / NaN per the format's overflow policy), carried in
 that dtype. Inputs are taken as exact values: an f64 input is rounded once,
-never through float32 (unlike ``ml_dtypes``' float64 → bfloat16 cast).
+never through float32 (``ml_dtypes`` up to 0.6 casts float64 → bfloat16 through float32).
 
 Semantics (IEEE 754 where it speaks):
 

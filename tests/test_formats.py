@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from packaging.version import Version
 
 from collapse_sim.cli import main
 from collapse_sim.formats import NUMPY_DTYPES, FormatError, builtin_formats, parse
 from collapse_sim.rounding import round_to
-from oracles import format_values
+from oracles import format_values, mpfr_round
 
 
 @pytest.mark.parametrize("name", sorted(NUMPY_DTYPES))
@@ -61,11 +62,46 @@ def test_rne_from_float32_matches_ml_dtypes(name):
     assert same.all(), (x[~same][:5], ours[~same][:5], theirs[~same][:5])
 
 
-def test_ml_dtypes_double_rounding_from_float64_is_real():
-    """Why ml_dtypes is not our oracle for float64 inputs."""
+def test_round_to_float64_input_rounds_once():
+    """What the project relies on: round_to rounds a float64 value once (MPFR agrees), whatever ml_dtypes does."""
     x = 1 + 2.0**-8 + 2.0**-40
-    assert float(np.float64(x).astype(ml_dtypes.bfloat16)) == 1.0
-    assert float(round_to(jnp.float64(x), "bf16")) == 1.0078125
+    assert float(round_to(jnp.float64(x), "bf16")) == 1.0078125 == mpfr_round(x, parse("bf16"), "rne")
+
+
+def test_ml_dtypes_float64_cast_per_version():
+    """A fact about ml_dtypes, stated for the versions it holds for: up to 0.6 the float64 -> bfloat16
+    cast goes through float32 and rounds twice (1 + 2^-8 + 2^-40 -> 1.0); from 0.7.0 it rounds once.
+    A release that changes this again fails here, on purpose, when the suite runs against new releases."""
+    x = 1 + 2.0**-8 + 2.0**-40
+    got = float(np.float64(x).astype(ml_dtypes.bfloat16))
+    double_rounds = Version(ml_dtypes.__version__) < Version("0.7.0")
+    assert got == (1.0 if double_rounds else 1.0078125), (ml_dtypes.__version__, got)
+
+
+def test_report_rounding_table_says_what_installed_ml_dtypes_does():
+    """The report's ml_dtypes column is measured on the installed version and names it, and its closing
+    sentence names the rows where ml_dtypes departs from the correctly rounded value (none, or only those)."""
+    from collapse_sim.report import ROUNDING_CASES, _section_rounding
+
+    lines: list[str] = []
+    _section_rounding(lines)
+    text = "\n".join(lines)
+    assert f"ml_dtypes {ml_dtypes.__version__} cast from f64" in text
+    rows = [ln.split("|")[1:-1] for ln in lines if ln.startswith("| ") and ("(ok)" in ln or "(MISMATCH)" in ln)]
+    assert len(rows) == len(ROUNDING_CASES) and all("(ok)" in r[2] for r in rows), rows
+    differ = []
+    dtypes = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "e4m3fn": ml_dtypes.float8_e4m3fn}
+    for (label, x, fmt, exp), row in zip(ROUNDING_CASES, rows):
+        with np.errstate(over="ignore", invalid="ignore"):
+            ml = float(np.float64(x).astype(dtypes[fmt]))
+        assert row[4].strip() == f"{ml:g}", (label, row)
+        if not (ml == float(exp) or (ml != ml and exp == "nan")):
+            differ.append(label)
+    closing = next(ln for ln in lines if ln.startswith(f"ml_dtypes {ml_dtypes.__version__} "))
+    if differ:
+        assert "differs" in closing and all(label in closing for label in differ), closing
+    else:
+        assert "agrees with the correctly rounded result on every row" in closing, closing
 
 
 def test_properties():
