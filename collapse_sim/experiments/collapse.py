@@ -28,6 +28,7 @@ class CollapseResult:
     nonfinite: np.ndarray
     scale: float  # max |y| over both members: the representation's scale
     seconds: float
+    outputs: tuple[np.ndarray, np.ndarray] | None = None  # both members (A, B), float64, with keep_outputs=True
 
     def first_identical(self, n_min: int = 1) -> int | None:
         hit = np.nonzero(self.identical & ~self.nonfinite & (self.ns >= n_min))[0]
@@ -88,7 +89,8 @@ def pair_outputs(params: Params, pairs: Pairs, backend, *, raw: bool = False, pr
 
 
 def collapse_sweep(params: Params, family: str, n_max: int, backend, fmt_name: str, *, seed: int = 0,
-                   sep: int | None = None, progress=None, bucket: int | None = None) -> CollapseResult:
+                   sep: int | None = None, progress=None, bucket: int | None = None,
+                   keep_outputs: bool = False) -> CollapseResult:
     t0 = time.time()
     pairs = make_pairs(family, n_max, params.config.vocab, seed=seed, sep=sep)
     A, B = pair_outputs(params, pairs, backend, progress=progress, bucket=bucket)
@@ -98,4 +100,4 @@ def collapse_sweep(params: Params, family: str, n_max: int, backend, fmt_name: s
     identical = np.all((A == B) | (np.isnan(A) & np.isnan(B)), axis=1)
     scale = float(np.nanmax(np.abs(np.concatenate([A, B])[np.isfinite(np.concatenate([A, B]))]), initial=0.0))
     return CollapseResult(backend.label, fmt_name, pairs.ns, diff.sum(axis=1), diff.max(axis=1), identical,
-                          nonfinite, scale, time.time() - t0)
+                          nonfinite, scale, time.time() - t0, (A, B) if keep_outputs else None)
