@@ -169,8 +169,10 @@ def test_extend_adds_cells_and_keeps_the_old_ones(small_out):
     assert len(df) == 2 * SMALL["max_len"] and not df.duplicated(["format", "family", "pe", "seed", "n"]).any()
     rec = json.loads((small_out / "spec.json").read_text())
     assert rec["fingerprint"] == bigger.fingerprint() and rec["extends"] == [SweepSpec.from_dict(SMALL).fingerprint()]
-    # the extended directory now resumes the bigger spec and refuses the smaller one
+    # the extended directory now resumes the bigger spec (record unchanged) and refuses the smaller one
+    record = (small_out / "spec.json").read_bytes()
     assert run_sweep(bigger, small_out, progress=None)["run"] == 0
+    assert (small_out / "spec.json").read_bytes() == record
     with pytest.raises(SweepError, match="seeds drops 1"):
         run_sweep(SweepSpec.from_dict(SMALL), small_out, extend=True, progress=None)
 

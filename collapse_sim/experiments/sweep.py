@@ -323,8 +323,9 @@ def _write_record(spec: SweepSpec, out: Path) -> None:
     history = []
     if rec_path.exists():
         old = json.loads(rec_path.read_text())
-        if old["fingerprint"] != spec.fingerprint():
-            history = old.get("extends", []) + [old["fingerprint"]]
+        if old["fingerprint"] == spec.fingerprint():
+            return  # a resume: the record stands
+        history = old.get("extends", []) + [old["fingerprint"]]
     rec = {"fingerprint": spec.fingerprint(), "spec": spec.canonical(), "extends": history}
     tmp = out / f".{RECORD}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(rec, indent=1) + "\n")
