@@ -126,6 +126,10 @@ def test_directory_records_canonical_spec_and_fingerprint(small_out):
     assert rec["fingerprint"] == hashlib.sha256(canon).hexdigest() == spec.fingerprint()
     # same spec: a resume, nothing rerun
     assert run_sweep(spec, small_out, progress=None) == {"run": 0, "skipped": 1, "extended": None}
+    # the grid lists' order changes no cell: the same fingerprint
+    two = {**SMALL, "formats": ["bf16", "fp16"], "seeds": [3, 1]}
+    assert SweepSpec.from_dict(two).fingerprint() == SweepSpec.from_dict(
+        {**two, "formats": ["fp16", "bf16"], "seeds": [1, 3]}).fingerprint()
 
 
 @pytest.mark.parametrize("change,words", [

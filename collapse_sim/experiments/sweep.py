@@ -167,9 +167,10 @@ class SweepSpec:
         return cls.from_dict(d, mem_limit_gib=mem_limit_gib)
 
     def canonical(self) -> dict:
-        """Every field, defaults filled in, as plain JSON values: what the output directory records."""
-        return {"formats": list(self.formats), "families": list(self.families), "pe": list(self.pe),
-                "seeds": list(self.seeds), "max_len": self.max_len, "model": dict(self.model), "order": self.order,
+        """Every field, defaults filled in, grid lists sorted (their order changes no cell), as
+        plain JSON values: what the output directory records."""
+        return {"formats": sorted(self.formats), "families": sorted(self.families), "pe": sorted(self.pe),
+                "seeds": sorted(self.seeds), "max_len": self.max_len, "model": dict(self.model), "order": self.order,
                 "backend": self.backend, "sep": self.sep}
 
     def fingerprint(self) -> str:
@@ -309,13 +310,12 @@ def claim_directory(spec: SweepSpec, out: "str | Path", *, extend: bool = False)
     if not extend:
         raise SweepError(f"{out} already holds a different sweep ({'; '.join(adds + other)}); rerun the recorded "
                          f"spec to resume, use a new --out, or pass --extend if the change only adds "
-                         f"{', '.join(GRID)} values")
+                         f"values to {', '.join(GRID[:-1])} or {GRID[-1]}")
     if other:
         raise SweepError(f"--extend only adds grid values, but {'; '.join(other)} would change cells already in "
                          f"{out}; use a new --out")
     new_cells = len(spec.cells()) - len(old_spec.cells())
-    return (f"extending {out}: {'; '.join(adds)} ({new_cells} new cells)" if adds
-            else f"{out}: same grid in another order")
+    return f"extending {out}: {'; '.join(adds)} ({new_cells} new cells)"
 
 
 def _write_record(spec: SweepSpec, out: Path) -> None:
