@@ -97,8 +97,9 @@ def figure_collapse(results, title: str = ""):
     ax.set_yscale("log")
     pos = np.concatenate(positive) if positive else np.array([])
     lo, hi = (np.log10(pos.min()), np.log10(pos.max()) + 0.5) if pos.size else (-16.0, 0.0)
-    ax.set_ylim(10 ** (lo - 0.2 * (hi - lo) - 0.5), 10**hi)  # the floor markers' band lies below every value
-    band = 0.04 + 0.03 * len(results)
+    band = 0.04 + 0.03 * len(results)  # the floor markers' band: axes fraction, below every value
+    f0 = band + 0.08  # the lowest value sits this high, clear of the band and its label
+    ax.set_ylim(10 ** (lo - f0 / (1 - f0) * (hi - lo)), 10**hi)
     ax.plot([0, 1], [band, band], transform=ax.transAxes, color="0.6", lw=0.6)
     ax.text(0.995, band + 0.01, "markers below this line: distance 0 (bitwise identical)", transform=ax.transAxes,
             ha="right", va="bottom", fontsize=6, color="0.35")
