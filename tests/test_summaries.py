@@ -78,7 +78,8 @@ def _result(identical, exact, nonfinite=None):
 def test_first_collapse_and_identical_from_skip_exact_pairs():
     T, F = True, False
     r = _result([T, T, F, T, F, T, T, T], [T, T, F, F, F, F, F, T])
-    assert r.first_identical() == 1 and r.first_collapse() == 4 == first_collapse(r.ns, r.identical, r.nonfinite, r.exact_equal)
+    assert r.first_identical() == 1 and r.first_collapse() == 4
+    assert first_collapse(r.ns, r.identical, r.nonfinite, r.exact_equal) == 4
     assert r.collapsed_from() == 6  # n = 8 is exact, 6 and 7 are identical collapses
     nf = _result([T, T, T], [F, F, F], nonfinite=[T, F, F])
     assert nf.first_collapse() == 2  # a non-finite pair is no collapse either
