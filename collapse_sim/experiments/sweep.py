@@ -396,7 +396,8 @@ def run_sweep(spec: SweepSpec, out: "str | Path", *, executor: str = "inprocess"
         if progress:
             if note:
                 progress(f"[sweep] {note}")
-            progress(f"[sweep] {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run ({executor})")
+            progress(f"[sweep] {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run "
+                     f"({executor})")
         t0 = time.time()
         if client is None:
             for i, cell in enumerate(todo):
