@@ -90,7 +90,9 @@ def cmd_collapse(args) -> int:
     except (ConfigError, FamilyError) as e:
         raise UsageError(str(e)) from None
     c = params.config
-    est = _memory_estimate(args.max_len * (2 if args.sep else 1) * 2 + 2, c.d, c.n_layers, c.d_ff)
+    from .experiments.collapse import memory_estimate
+
+    est = memory_estimate(c, args.max_len, args.sep)
     if est > args.mem_limit * 2**30:
         raise UsageError(f"estimated memory {est / 2**30:.1f} GiB exceeds --mem-limit {args.mem_limit} GiB; lower --max-len")
     if args.backend == "reference" and args.max_len > 128:
@@ -108,7 +110,7 @@ def cmd_collapse(args) -> int:
     backends = [(backend_for_format(args.backend, f, args.order, shard=args.shard), parse(f).name) for f in fmts]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from .experiments.collapse import collapse_sweep
+    from .experiments.collapse import collapse_summary, collapse_sweep
     from .plots import plot_collapse
 
     results = []
@@ -125,20 +127,12 @@ def cmd_collapse(args) -> int:
             "weights": args.weights}
     (out / "collapse.json").write_text(json.dumps(meta, indent=1, default=str))
     plot_collapse(results, out / "collapse.png", title=f"{args.family}, pe={c.pe}, d={c.d}, L={c.n_layers}")
-    print(f"{'backend':60s} {'first identical n':>18s} {'identical from n':>17s} {'non-finite':>10s}")
+    print(collapse_summary(results))
     for r in results:
-        fi, cf = r.first_identical(), r.collapsed_from()
-        print(f"{r.backend:60s} {str(fi if fi is not None else '-'):>18s} {str(cf if cf is not None else '-'):>17s} "
-              f"{int(r.nonfinite.sum()):>10d}")
         if r.nonfinite.any():
             print(f"  warning: {r.backend} overflowed to inf/NaN at {int(r.nonfinite.sum())} lengths (marked in the table)")
     print(f"wrote {out / 'collapse.csv'}, {out / 'collapse.json'}, {out / 'collapse.png'}")
     return 0
-
-
-def _memory_estimate(n: int, d: int, layers: int, d_ff: int) -> int:
-    per_row = 8 * (d * (12 * layers + 8) + d_ff * 3 * layers)
-    return n * per_row + 8 * (1 << 21) * 12
 
 
 def dataclasses_asdict(c):
@@ -313,23 +307,18 @@ def cmd_scaling(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .experiments.sweep import SweepError, SweepSpec, run_sweep
+    from .experiments.sweep import SweepError, SweepSpec, run_sweep, sweep_summary
 
     try:
-        spec = SweepSpec.from_json(args.spec)
-        if args.executor == "dask" and not args.scheduler:
-            raise SweepError("--executor dask needs --scheduler ADDRESS (e.g. tcp://host:8786)")
-        r = run_sweep(spec, args.out, executor=args.executor, scheduler=args.scheduler)
+        spec = SweepSpec.from_json(args.spec, mem_limit_gib=args.mem_limit)
+        r = run_sweep(spec, args.out, executor=args.executor, scheduler=args.scheduler, extend=args.extend)
     except SweepError as e:
         raise UsageError(str(e)) from None
     from .results import load_table
 
     df = load_table(args.out)
     print(f"[sweep] ran {r['run']} cells, skipped {r['skipped']} already done; table: {len(df)} rows in {args.out}/cells/*.parquet")
-    first = df[df["bitwise_identical"] & ~df["nonfinite"]].groupby(["format", "family", "pe", "seed"])["n"].min()
-    if len(first):
-        print("first bitwise-identical n per cell:")
-        print(first.to_string())
+    print(sweep_summary(df))
     return 0
 
 
@@ -429,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="sweep-out")
     p.add_argument("--executor", default="inprocess", choices=["inprocess", "dask"])
     p.add_argument("--scheduler", default=None, help="dask scheduler address, e.g. tcp://127.0.0.1:8786")
+    p.add_argument("--extend", action="store_true",
+                   help="let a changed spec extend the grid in --out when it only adds formats, families, pe or seeds")
+    p.add_argument("--mem-limit", type=float, default=8.0, help="refuse cells estimated above this many GiB")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("reproduce", help="run the checks and experiments and write a report")

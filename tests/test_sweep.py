@@ -1,8 +1,11 @@
-"""Sweeps: atomic cells, resume after SIGKILL, dask equals in-process, reruns bit-identical."""
+"""Sweeps: atomic cells, resume after SIGKILL, dask equals in-process, reruns bit-identical;
+a directory keeps one spec (refused or extended), strict spec fields, nothing written on refusal."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import socket
 import signal
 import subprocess
 import sys
@@ -12,7 +15,7 @@ import pandas as pd
 import pytest
 
 from collapse_sim import results
-from collapse_sim.experiments.sweep import SweepError, SweepSpec, run_cell, run_sweep
+from collapse_sim.experiments.sweep import FIELDS, SweepError, SweepSpec, run_cell, run_sweep
 
 SPEC = {"formats": ["bf16", "p=5,emax=15"], "families": ["repeat_last"], "pe": ["sinusoidal"],
         "seeds": [0, 1, 2], "max_len": 24, "model": {"d": 8}}
@@ -27,7 +30,7 @@ def _table(out):
 def reference_table(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
     r = run_sweep(SweepSpec.from_dict(SPEC), out, progress=None)
-    assert r == {"run": CELLS, "skipped": 0}
+    assert r == {"run": CELLS, "skipped": 0, "extended": None}
     return _table(out)
 
 
@@ -94,3 +97,175 @@ def test_bad_spec_refused_before_work(tmp_path, change, msg):
     assert not out.exists()
     with pytest.raises(SweepError):
         SweepSpec.from_dict({**SPEC, **change})
+
+
+SMALL = {"formats": ["bf16"], "families": ["repeat_last"], "pe": ["none"], "seeds": [0], "max_len": 8,
+         "model": {"d": 4}}
+
+
+def _snapshot(out) -> dict:
+    """Every file under ``out`` with its sha256: byte-for-byte state of a sweep directory."""
+    return {str(f.relative_to(out)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(out.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture
+def small_out(tmp_path):
+    out = tmp_path / "small"
+    assert run_sweep(SweepSpec.from_dict(SMALL), out, progress=None)["run"] == 1
+    return out
+
+
+def test_directory_records_canonical_spec_and_fingerprint(small_out):
+    rec = json.loads((small_out / "spec.json").read_text())
+    spec = SweepSpec.from_dict(SMALL)
+    # defaults are filled in: the record says what ran, not what was typed
+    assert rec["spec"] == {**SMALL, "order": "pairwise", "backend": "emulated", "sep": None}
+    assert set(rec["spec"]) == set(FIELDS)
+    canon = json.dumps(rec["spec"], sort_keys=True, separators=(",", ":")).encode()
+    assert rec["fingerprint"] == hashlib.sha256(canon).hexdigest() == spec.fingerprint()
+    # same spec: a resume, nothing rerun
+    assert run_sweep(spec, small_out, progress=None) == {"run": 0, "skipped": 1, "extended": None}
+    # the grid lists' order changes no cell: the same fingerprint
+    two = {**SMALL, "formats": ["bf16", "fp16"], "seeds": [3, 1]}
+    assert SweepSpec.from_dict(two).fingerprint() == SweepSpec.from_dict(
+        {**two, "formats": ["fp16", "bf16"], "seeds": [1, 3]}).fingerprint()
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"max_len": 9}, "max_len 8 -> 9"),
+    ({"model": {"d": 8}}, "model"),
+    ({"seeds": [1]}, "seeds drops 0"),
+    ({"order": "sequential"}, "order"),
+])
+def test_changed_spec_refused_and_directory_untouched(small_out, change, words):
+    before = _snapshot(small_out)
+    for extend in (False, True):  # none of these changes is purely additive
+        with pytest.raises(SweepError, match="new --out") as e:
+            run_sweep(SweepSpec.from_dict({**SMALL, **change}), small_out, extend=extend, progress=None)
+        assert words in str(e.value) and "\n" not in str(e.value)
+    assert _snapshot(small_out) == before
+
+
+def test_changed_spec_refused_by_the_cli_in_one_line(small_out, tmp_path):
+    before = _snapshot(small_out)
+    spec = tmp_path / "spec30.json"
+    spec.write_text(json.dumps({**SMALL, "max_len": 30}))
+    r = subprocess.run([sys.executable, "-m", "collapse_sim.cli", "sweep", str(spec), "--out", str(small_out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "already holds a different sweep (max_len 8 -> 30)" in r.stderr
+    assert _snapshot(small_out) == before
+
+
+def test_extend_adds_cells_and_keeps_the_old_ones(small_out):
+    old_cell = {k: v for k, v in _snapshot(small_out).items() if k.startswith("cells/")}
+    bigger = SweepSpec.from_dict({**SMALL, "seeds": [0, 1]})
+    with pytest.raises(SweepError, match="--extend"):
+        run_sweep(bigger, small_out, progress=None)
+    said = []
+    r = run_sweep(bigger, small_out, extend=True, progress=said.append)
+    assert r["run"] == 1 and r["skipped"] == 1 and "seeds + 1" in r["extended"] and "1 new cells" in r["extended"]
+    assert any("extending" in m and "seeds + 1" in m for m in said)
+    after = _snapshot(small_out)
+    assert all(after[k] == h for k, h in old_cell.items())  # the old cell file is the same bytes
+    df = results.load_table(small_out)
+    assert len(df) == 2 * SMALL["max_len"] and not df.duplicated(["format", "family", "pe", "seed", "n"]).any()
+    rec = json.loads((small_out / "spec.json").read_text())
+    assert rec["fingerprint"] == bigger.fingerprint() and rec["extends"] == [SweepSpec.from_dict(SMALL).fingerprint()]
+    # the extended directory now resumes the bigger spec (record unchanged) and refuses the smaller one
+    record = (small_out / "spec.json").read_bytes()
+    assert run_sweep(bigger, small_out, progress=None)["run"] == 0
+    assert (small_out / "spec.json").read_bytes() == record
+    with pytest.raises(SweepError, match="seeds drops 1"):
+        run_sweep(SweepSpec.from_dict(SMALL), small_out, extend=True, progress=None)
+
+
+def test_cells_without_a_record_are_refused(small_out):
+    (small_out / "spec.json").unlink()
+    with pytest.raises(SweepError, match="no spec.json"):
+        run_sweep(SweepSpec.from_dict(SMALL), small_out, progress=None)
+    (small_out / "spec.json").write_text(json.dumps({"formats": ["bf16"]}))  # an older, unfingerprinted record
+    with pytest.raises(SweepError, match="not a sweep record"):
+        run_sweep(SweepSpec.from_dict(SMALL), small_out, progress=None)
+
+
+@pytest.mark.parametrize("change,msg", [
+    ({"max_len": 20.5}, "max_len must be an integer, got 20.5"),
+    ({"max_len": True}, "max_len must be an integer, got true"),
+    ({"max_len": "20"}, "max_len must be an integer"),
+    ({"seeds": [True]}, "each of seeds must be an integer, got true"),
+    ({"seeds": 1}, "seeds must be a non-empty JSON list, got 1"),
+    ({"seeds": [-1]}, "seeds must be >= 0"),
+    ({"formats": "bf16"}, "formats must be a non-empty JSON list"),
+    ({"formats": []}, "formats must be a non-empty JSON list"),
+    ({"formats": ["bf16", "bf16"]}, "twice"),
+    ({"pe": [None]}, "each of pe must be a non-empty string, got null"),
+    ({"model": {"d": True}}, "model.d must be an integer, got true"),
+    ({"model": {"qk_std": "x"}}, "model.qk_std must be a finite number or null"),
+    ({"model": {"value_proj": 1}}, "model.value_proj must be true or false, got 1"),
+    ({"model": [["d", 4]]}, "model must be a JSON object"),
+    ({"model": {"d_ff": -1}}, "model.d_ff must be >= 0"),
+    ({"sep": 0}, "sep must be >= 1 or null"),
+    ({"max_len": 10**12}, "GiB limit"),
+    ({"model": {"d": 100_000}}, "GiB limit"),
+])
+def test_spec_fields_strictly_typed_and_sized(change, msg):
+    with pytest.raises(SweepError, match=None) as e:
+        SweepSpec.from_dict({**SMALL, **change})
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_fields_take_documented_defaults():
+    spec = SweepSpec.from_dict({"formats": ["bf16"], "families": ["ones"]})
+    assert spec.canonical() == {"formats": ["bf16"], "families": ["ones"], "pe": ["none"], "seeds": [0],
+                                "max_len": 128, "model": {}, "order": "pairwise", "backend": "emulated", "sep": None}
+    for name in ("formats", "families"):
+        with pytest.raises(SweepError, match=f"lacks '{name}'"):
+            SweepSpec.from_dict({k: v for k, v in SMALL.items() if k != name})
+
+
+def test_mem_limit_is_the_collapse_estimate():
+    from collapse_sim.experiments.collapse import memory_estimate
+
+    spec = SweepSpec.from_dict(SMALL)
+    est = memory_estimate(spec.config(spec.cells()[0]), SMALL["max_len"], None)
+    SweepSpec.from_dict(SMALL, mem_limit_gib=est / 2**30)  # at the estimate: accepted
+    with pytest.raises(SweepError, match="GiB limit"):
+        SweepSpec.from_dict(SMALL, mem_limit_gib=est / 2**30 * (1 - 2**-20))
+
+
+@pytest.mark.parametrize("content,msg", [
+    (b"[1, 2]", "must be a JSON object"),
+    (bytes(range(256)), "not UTF-8 text"),
+    (json.dumps({**SMALL, "max_len": 10**12}).encode(), "GiB limit"),
+    (b"{\"formats\": [", "not valid JSON"),
+])
+def test_unusable_spec_file_refused_in_one_line_nothing_written(tmp_path, content, msg):
+    spec = tmp_path / "spec.json"
+    spec.write_bytes(content)
+    out = tmp_path / "never"
+    r = subprocess.run([sys.executable, "-m", "collapse_sim.cli", "sweep", str(spec), "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not out.exists()
+
+
+def test_unreachable_scheduler_refused_before_anything_is_written(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on: bound, then released
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "never"
+    t0 = time.time()
+    with pytest.raises(SweepError, match=f"cannot reach a dask scheduler at tcp://127.0.0.1:{port} within 1 s"):
+        run_sweep(SweepSpec.from_dict(SMALL), out, executor="dask", scheduler=f"tcp://127.0.0.1:{port}",
+                  connect_timeout=1.0, progress=None)
+    assert time.time() - t0 < 20 and not out.exists()
+
+
+def test_missing_dask_names_the_real_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "dask.distributed", None)  # import fails as when dask is not installed
+    out = tmp_path / "never"
+    with pytest.raises(SweepError, match=r"pip install '\.\[dask\]'"):
+        run_sweep(SweepSpec.from_dict(SMALL), out, executor="dask", scheduler="tcp://127.0.0.1:8786", progress=None)
+    assert not out.exists()

@@ -3,7 +3,13 @@
 For a model, a family and a list of backends, one forward pass per run gives
 both members of every pair n = 1..N; the table holds, per (backend, n), the
 L1 and L∞ distances between the two last-token outputs, whether they are
-bitwise identical, and whether either is non-finite.
+bitwise identical, whether either is non-finite, and whether the pair is equal
+in exact arithmetic (:func:`exactly_equal`).
+
+A *collapse* is a pair that is bitwise identical (and finite) although its exact
+outputs differ: a pair that is equal in exact arithmetic (at n = 1, ``repeat_last``
+without positions compares ``a`` with ``a a``) is identical in every format and
+says nothing about precision, so :func:`first_collapse` skips it.
 """
 
 from __future__ import annotations
@@ -28,7 +34,15 @@ class CollapseResult:
     nonfinite: np.ndarray
     scale: float  # max |y| over both members: the representation's scale
     seconds: float
+    exact_equal: np.ndarray | None = None  # the pair is equal in exact arithmetic (None: not known)
     outputs: tuple[np.ndarray, np.ndarray] | None = None  # both members (A, B), float64, with keep_outputs=True
+
+    def _exact(self) -> np.ndarray:
+        return np.zeros(self.ns.shape, bool) if self.exact_equal is None else self.exact_equal
+
+    def first_collapse(self) -> int | None:
+        """Smallest n whose pair is bitwise identical and finite but differs in exact arithmetic."""
+        return first_collapse(self.ns, self.identical, self.nonfinite, self._exact())
 
     def first_identical(self, n_min: int = 1) -> int | None:
         hit = np.nonzero(self.identical & ~self.nonfinite & (self.ns >= n_min))[0]
@@ -40,17 +54,109 @@ class CollapseResult:
         return float(ok.mean()) if ok.size else 0.0
 
     def collapsed_from(self) -> int | None:
-        """Smallest n from which every pair up to N is identical (None if the last is not)."""
-        ok = self.identical & ~self.nonfinite
-        if not ok[-1]:
+        """Smallest n from which every pair up to N that differs in exact arithmetic is
+        identical (None if the last such pair is not, or if there is none)."""
+        distinct = ~self._exact()
+        ns, ok = self.ns[distinct], (self.identical & ~self.nonfinite)[distinct]
+        if not ok.size or not ok[-1]:
             return None
         bad = np.nonzero(~ok)[0]
-        return int(self.ns[bad[-1] + 1]) if bad.size else int(self.ns[0])
+        return int(ns[bad[-1] + 1]) if bad.size else int(ns[0])
 
     def rows(self) -> list[dict]:
         return [{"n": int(n), "backend": self.backend, "format": self.fmt, "dist_l1": float(a), "dist_linf": float(b),
-                 "bitwise_identical": bool(c), "nonfinite": bool(d)}
-                for n, a, b, c, d in zip(self.ns, self.l1, self.linf, self.identical, self.nonfinite)]
+                 "bitwise_identical": bool(c), "nonfinite": bool(d), "exact_equal": bool(e)}
+                for n, a, b, c, d, e in zip(self.ns, self.l1, self.linf, self.identical, self.nonfinite, self._exact())]
+
+
+def first_collapse(ns, identical, nonfinite, exact_equal) -> int | None:
+    """Smallest n with a bitwise-identical, finite pair that is not equal in exact arithmetic."""
+    hit = np.nonzero(np.asarray(identical) & ~np.asarray(nonfinite) & ~np.asarray(exact_equal))[0]
+    return int(np.asarray(ns)[hit[0]]) if hit.size else None
+
+
+def describe_first_collapse(ns, identical, nonfinite, exact_equal) -> str:
+    """The summary's words for one run: the first collapse n, or why there is none."""
+    ns, exact = np.asarray(ns), np.asarray(exact_equal)
+    n = first_collapse(ns, identical, nonfinite, exact)
+    if n is not None:
+        return str(n)
+    if exact.all():
+        return f"none: exactly equal at every n <= {int(ns.max())}"
+    return f"never (n <= {int(ns.max())})"
+
+
+def collapse_summary(results) -> str:
+    """The table ``collapse`` prints: per run, the first collapse, the n from which every
+    pair that differs exactly is identical, the n whose pairs are equal exactly, non-finite count."""
+    head = ("format", "backend", "first collapse n", "identical from n", "exactly equal at n", "non-finite")
+    rows = [head]
+    for r in results:
+        cf = r.collapsed_from()
+        rows.append((r.fmt, r.backend.split(":")[0],
+                     describe_first_collapse(r.ns, r.identical, r.nonfinite, r._exact()),
+                     str(cf) if cf is not None else "-", _ranges(r.ns[r._exact()]) or "none",
+                     str(int(r.nonfinite.sum()))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    lines.append("first collapse: smallest n whose pair is bitwise identical although it differs in exact arithmetic "
+                 "(pairs equal exactly are identical in any format and are not counted)")
+    return "\n".join(lines)
+
+
+def _ranges(ns) -> str:
+    """``1, 3-5, 9`` for n = 1, 3, 4, 5, 9."""
+    ns = [int(n) for n in ns]
+    parts, i = [], 0
+    while i < len(ns):
+        j = i
+        while j + 1 < len(ns) and ns[j + 1] == ns[j] + 1:
+            j += 1
+        parts.append(str(ns[i]) if i == j else f"{ns[i]}-{ns[j]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
+def exactly_equal(config, pairs: Pairs) -> np.ndarray:
+    """Per n, whether the pair's two outputs are equal in exact arithmetic, by this rule:
+    both members are one and the same token repeated (``a^k`` vs ``a^(k+1)``) and no
+    absolute position enters the values (``pe`` none, RoPE or ALiBi, or ``ape="scores"``).
+    Then, by induction over layers, every position of either member holds the same
+    vector (attention averages equal values with weights that sum to 1; the rest is
+    position-wise), so the last outputs agree whatever the weights. Every other pair
+    is taken to differ: for generic weights it does (the interval backend certifies
+    it at small n in tests/test_summaries.py)."""
+    ns = pairs.ns
+    if config.pe in ("sinusoidal", "learned") and config.ape == "residual":
+        return np.zeros(ns.shape, bool)
+
+    def member(side):
+        run_i, kind, idx = side
+        run = pairs.runs[run_i]
+        first = run.tokens[0]
+        const = np.logical_and.accumulate(run.tokens == first)[idx]
+        if kind == "p":
+            const &= run.probe[idx] == first
+        return const, first
+
+    (ca, ta), (cb, tb) = member(pairs.a), member(pairs.b)
+    return ca & cb & (ta == tb)
+
+
+def memory_estimate(config, max_len: int, sep: int | None = None) -> int:
+    """Bytes a collapse run of ``config`` up to ``max_len`` needs, roughly: per stream row,
+    the activations of every layer (a run holds both members and, with separators, twice
+    the tokens), plus the weights (float64 and the backend's stored copy) and a fixed
+    allowance for the compiled program. Used by ``collapse --mem-limit`` and by sweeps."""
+    import math
+
+    from ..model import _shapes
+
+    c = config
+    rows = max_len * (2 if sep else 1) * 2 + 2
+    per_row = 8 * (c.d * (12 * c.n_layers + 8) + c.d_ff * 3 * c.n_layers)
+    weights = 2 * 8 * sum(math.prod(s) for s in _shapes(c).values())
+    return rows * per_row + weights + 8 * (1 << 21) * 12
 
 
 def pad_stream(tokens: np.ndarray, probe: np.ndarray | None, bucket: int | None):
@@ -100,4 +206,5 @@ def collapse_sweep(params: Params, family: str, n_max: int, backend, fmt_name: s
     identical = np.all((A == B) | (np.isnan(A) & np.isnan(B)), axis=1)
     scale = float(np.nanmax(np.abs(np.concatenate([A, B])[np.isfinite(np.concatenate([A, B]))]), initial=0.0))
     return CollapseResult(backend.label, fmt_name, pairs.ns, diff.sum(axis=1), diff.max(axis=1), identical,
-                          nonfinite, scale, time.time() - t0, (A, B) if keep_outputs else None)
+                          nonfinite, scale, time.time() - t0, exactly_equal(params.config, pairs),
+                          (A, B) if keep_outputs else None)
