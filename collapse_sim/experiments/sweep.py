@@ -22,12 +22,13 @@ import time
 from pathlib import Path
 
 from .. import results
+from ..errors import CollapseSimError
 
 _MODEL_KEYS = {"d", "n_layers", "n_heads", "d_ff", "vocab", "norm", "window", "ape", "value_proj", "out_proj",
                "embed_std", "qk_std", "v_std", "ff_std", "norm_eps"}
 
 
-class SweepError(ValueError):
+class SweepError(CollapseSimError):
     """A sweep spec that cannot run."""
 
 
