@@ -36,6 +36,8 @@ def _parse_value(text: str) -> float:
     except ValueError:
         pass
     try:
+        if not t.lstrip("+-").lower().startswith("0x"):  # float.fromhex also reads "abc" as 2748
+            raise ValueError
         return float.fromhex(t)
     except OverflowError:
         raise UsageError(f"{text!r} lies beyond the float64 range (about 1.8e308); give a smaller value") from None

@@ -176,11 +176,7 @@ class Params:
             if npath.is_file() and not zipfile.is_zipfile(npath):
                 raise ConfigError(f"weights file {npath} is not an .npz archive (corrupt, or another format); "
                                   "write it with Params.save")
-            z = np.load(npath, allow_pickle=False)
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise ConfigError(f"weights file {npath} holds a single array, not an .npz archive of named arrays; "
-                                  "write it with Params.save")
-            with z:
+            with np.load(npath, allow_pickle=False) as z:  # a zip archive: an NpzFile
                 arrays = {}
                 for k in z.files:
                     a = z[k]
@@ -188,6 +184,8 @@ class Params:
                         raise ConfigError(f"array {k!r} in {npath} has dtype {a.dtype}, expected a floating-point dtype; "
                                           "convert it with .astype(np.float64)")
                     arrays[k] = np.asarray(a, dtype=np.float64)
+        except ConfigError:
+            raise
         except OSError as e:
             raise ConfigError(f"cannot read weights {npath}: {e.strerror or e}; give the PATH of PATH.json and PATH.npz "
                               "as written by Params.save") from None
