@@ -91,9 +91,8 @@ def cmd_collapse(args) -> int:
 
     from . import enable_x64
     from .families import make_pairs
-    from .formats import NUMPY_DTYPES, parse_list
+    from .formats import NUMPY_DTYPES, format_token, parse_list
     from .model import ModelConfig, Params, init_params
-    from .policy import _fmt_str
 
     out = _check_out(args, "collapse.csv", "collapse.json", "collapse.png")
     enable_x64()
@@ -129,7 +128,7 @@ def cmd_collapse(args) -> int:
                              "XLA_FLAGS=--xla_force_host_platform_device_count=K before starting")
     from .backends import backend_for_format
 
-    backends = [(backend_for_format(args.backend, _fmt_str(f), args.order, shard=args.shard), f.name) for f in fmts]
+    backends = [(backend_for_format(args.backend, format_token(f), args.order, shard=args.shard), f.name) for f in fmts]
     out.mkdir(parents=True, exist_ok=True)
     from .experiments.collapse import collapse_sweep
     from .plots import plot_collapse
@@ -225,9 +224,8 @@ def cmd_theorem(args) -> int:
 
 def _theorem_b10(args) -> int:
     from .backends.emulated import carrier_for
-    from .formats import parse
+    from .formats import format_token, parse
     from .model import ModelConfig, init_params
-    from .policy import _fmt_str
     from .theory.counting import b10_confusions
 
     n_max = args.max_n
@@ -237,7 +235,7 @@ def _theorem_b10(args) -> int:
     carrier_for(fmt)  # a format the emulated backend cannot carry is refused here, before any work
     params = init_params(ModelConfig(d=8, n_layers=1, vocab=6, pe="alibi", seed=args.seed))
     print(f"b10: count_bernoulli, ALiBi, d=8, one layer, n = 1..{n_max}, emulated {args.format} vs exact (intervals)")
-    hits, same_exact = b10_confusions(params, "count_bernoulli", n_max, f"compute={_fmt_str(fmt)},order=pairwise", seed=args.seed)
+    hits, same_exact = b10_confusions(params, "count_bernoulli", n_max, f"compute={format_token(fmt)},order=pairwise", seed=args.seed)
     print(f"lengths where the pair is bitwise identical in {args.format} but certified distinct exactly: "
           f"{', '.join(map(str, hits)) if hits.size else 'none up to n=' + str(n_max)}")
     if same_exact.size:

@@ -211,7 +211,7 @@ NUMPY_DTYPES: dict[str, str] = {
 }
 
 _BOOL = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
-_KEYS = ("p", "emin", "emax", "subnormals", "overflow", "maxsig", "signed_zero", "name")
+DESCRIPTION_KEYS = ("p", "emin", "emax", "subnormals", "overflow", "maxsig", "signed_zero", "name")
 
 
 def split_top_level(text: str, what: str, error: type = FormatError) -> list[str]:
@@ -288,8 +288,8 @@ def parse(spec: str | Format) -> Format:
                               "a list of formats puts each description in parentheses: 'bf16,(p=5,emax=15)'")
         k, v = (s.strip() for s in part.split("=", 1))
         k = k.lower()
-        if k not in _KEYS:
-            raise FormatError(f"format description {text!r}: unknown key {k!r} (keys: {', '.join(_KEYS)})")
+        if k not in DESCRIPTION_KEYS:
+            raise FormatError(f"format description {text!r}: unknown key {k!r} (keys: {', '.join(DESCRIPTION_KEYS)})")
         fields[k] = v
 
     def _int(k: str) -> int:
@@ -387,6 +387,12 @@ def parse_list(text: str) -> list[Format]:
         raise FormatError(f"format list {text!r}: in a list each custom format goes in parentheses, "
                           f"write {','.join(fixed)!r}")
     return [parse(p) for p in parts]
+
+
+def format_token(f: Format) -> str:
+    """How ``f`` is written inside a list or a policy: a built-in's name, or a custom
+    format's description in parentheses (``(p=5,emin=-14,emax=15)``)."""
+    return f.name if BUILTINS.get(f.name.lower()) == f else f"({f.spec()})"
 
 
 def builtin_formats() -> list[Format]:

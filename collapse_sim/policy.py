@@ -30,7 +30,7 @@ import dataclasses
 import re
 
 from .errors import CollapseSimError
-from .formats import _KEYS as _FORMAT_KEYS, Format, FormatError, parse as parse_format, split_top_level
+from .formats import DESCRIPTION_KEYS, Format, FormatError, format_token, parse as parse_format, split_top_level
 from .rounding import Mode
 
 ORDER_KINDS = ("sequential", "pairwise", "blocked", "kahan", "exact")
@@ -119,7 +119,7 @@ class Policy:
             raise PolicyError(f"empty policy {text!r}; give a format such as 'bf16' or roles such as 'compute=bf16'")
         parts = split_top_level(text, "policy", PolicyError)
         first_key = parts[0].split("=", 1)[0].strip().lower()
-        if "=" not in text or first_key in _FORMAT_KEYS or text.strip().startswith("("):
+        if "=" not in text or first_key in DESCRIPTION_KEYS or text.strip().startswith("("):
             try:  # one format for every role: a name, a description, or a description in parentheses
                 return cls.uniform(text)
             except FormatError as e:
@@ -130,7 +130,7 @@ class Policy:
                 raise PolicyError(f"policy {text!r}: expected role=value, got {part!r}")
             k, v = (s.strip() for s in part.split("=", 1))
             k = k.lower()
-            if k in _FORMAT_KEYS:
+            if k in DESCRIPTION_KEYS:
                 raise PolicyError(f"policy {text!r}: {k!r} is a key of a custom format, which goes in parentheses "
                                   "in a policy: compute=(p=5,emax=15)")
             if k not in (*_ROLES, "order", "mode", "max_subtract"):
@@ -156,12 +156,5 @@ class Policy:
         return (self.storage, self.compute, self.accumulate, self.softmax)
 
     def __str__(self) -> str:
-        roles = ",".join(f"{r}={_fmt_str(getattr(self, r))}" for r in _ROLES)
+        roles = ",".join(f"{r}={format_token(getattr(self, r))}" for r in _ROLES)
         return f"{roles},order={self.order},mode={self.mode.value},max_subtract={str(self.max_subtract).lower()}"
-
-
-def _fmt_str(f: Format) -> str:
-    """A built-in's name, or a custom format's description in parentheses."""
-    from .formats import BUILTINS
-
-    return f.name if BUILTINS.get(f.name.lower()) == f else f"({f.spec()})"
