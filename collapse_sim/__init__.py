@@ -6,10 +6,20 @@ message names the bad value and the fix.
 
 from .errors import CollapseSimError
 from .formats import Format, FormatError, parse
-from .rounding import Mode, round_to
 
 __all__ = ["CollapseSimError", "Format", "FormatError", "Mode", "parse", "round_to", "enable_x64"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``Mode`` and ``round_to`` import JAX, so on first use: a command refusing bad input starts fast."""
+    if name in ("Mode", "round_to"):
+        from . import rounding
+
+        value = getattr(rounding, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'collapse_sim' has no attribute {name!r}")
 
 
 def enable_x64() -> None:

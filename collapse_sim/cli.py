@@ -333,11 +333,11 @@ def cmd_scaling(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .experiments.sweep import SweepSpec, run_sweep
-
     _check_out(args, "spec.json", resume_marker="spec.json")
     if args.executor == "dask" and not args.scheduler:
         raise UsageError("--executor dask needs --scheduler ADDRESS (e.g. tcp://host:8786)")
+    from .experiments.sweep import SweepSpec, run_sweep
+
     spec = SweepSpec.from_json(args.spec)
     r = run_sweep(spec, args.out, executor=args.executor, scheduler=args.scheduler)
     from .results import load_table
