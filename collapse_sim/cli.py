@@ -1,7 +1,9 @@
 """The front door: ``collapse-sim COMMAND``.
 
 Every command reports bad input in one sentence on stderr and exits with
-status 2; nothing is written in that case.
+status 2, without a traceback; nothing is written in that case. Where a command
+writes (``--out``), the location is checked before any work
+(``collapse_sim.results.check_output_dir``).
 """
 
 from __future__ import annotations
@@ -10,12 +12,37 @@ import argparse
 import sys
 
 from . import __version__
+from .errors import CollapseSimError
 
 EXIT_USAGE = 2
 
 
-class UsageError(Exception):
+class UsageError(CollapseSimError):
     """Bad input from the command line: one sentence, exit status 2."""
+
+
+def _check_out(args, *writes: str, resume_marker: "str | None" = None):
+    """The command's ``--out`` folder, refused at once if it cannot take the results (nothing is created)."""
+    from .results import check_output_dir
+
+    return check_output_dir(args.out, writes=writes, resume_marker=resume_marker)
+
+
+def _parse_value(text: str) -> float:
+    """A float64 from a decimal (``1.5e-3``, ``inf``) or a hex float (``0x1.8p-3``)."""
+    t = text.strip()
+    try:
+        return float(t)
+    except ValueError:
+        pass
+    try:
+        if not t.lstrip("+-").lower().startswith("0x"):  # float.fromhex also reads "abc" as 2748
+            raise ValueError
+        return float.fromhex(t)
+    except OverflowError:
+        raise UsageError(f"{text!r} lies beyond the float64 range (about 1.8e308); give a smaller value") from None
+    except ValueError:
+        raise UsageError(f"{text!r} is not a number; give a decimal such as 1.5e-3 or a hex float such as 0x1.8p-3") from None
 
 
 def _fmt_num(x: float) -> str:
@@ -52,11 +79,8 @@ def cmd_round(args) -> int:
     fmt = parse(args.format)
     mode = Mode.parse(args.mode)
     key = jax.random.key(args.seed) if mode is Mode.SR else None
-    for text in args.values:
-        try:
-            v = float(text)
-        except ValueError:
-            raise UsageError(f"not a number: {text!r}") from None
+    values = [_parse_value(text) for text in args.values]  # every value checked before any is printed
+    for text, v in zip(args.values, values):
         r = float(round_to(jnp.float64(v), fmt, mode, key=key))
         print(f"{text} -> {r!r}")
     return 0
@@ -64,31 +88,30 @@ def cmd_round(args) -> int:
 
 def cmd_collapse(args) -> int:
     import json
-    from pathlib import Path
 
     from . import enable_x64
-    from .families import FamilyError, make_pairs
-    from .formats import parse
-    from .model import ConfigError, ModelConfig, Params, init_params
+    from .families import make_pairs
+    from .formats import NUMPY_DTYPES, format_token, parse_list
+    from .model import ModelConfig, Params, init_params
 
+    out = _check_out(args, "collapse.csv", "collapse.json", "collapse.png")
     enable_x64()
     if args.max_len <= 0:
         raise UsageError(f"--max-len must be positive, got {args.max_len}")
-    import re
-
-    fmts = [f.strip().removeprefix("(").removesuffix(")") for f in re.split(r",(?![^()]*\))", args.format) if f.strip()]
-    for f in fmts:
-        parse(f)
-    try:
-        if args.weights:
-            params = Params.load(args.weights)
-        else:
-            params = init_params(ModelConfig(d=args.d, n_layers=args.layers, n_heads=args.heads, d_ff=args.d_ff,
-                                             vocab=args.vocab, pe=args.pe, norm=args.norm, window=args.window, ape=args.ape,
-                                             seed=args.seed, max_len=max(16384, 2 * args.max_len + 8)))
-        make_pairs(args.family, args.max_len, params.config.vocab, sep=args.sep)
-    except (ConfigError, FamilyError) as e:
-        raise UsageError(str(e)) from None
+    if not args.mem_limit > 0:
+        raise UsageError(f"--mem-limit must be a positive number of GiB, got {args.mem_limit}")
+    fmts = parse_list(args.format)
+    if args.backend == "native":
+        for f in fmts:
+            if f.name not in NUMPY_DTYPES:
+                raise UsageError(f"format {f.name} has no native JAX dtype; run it with --backend emulated or reference")
+    if args.weights:
+        params = Params.load(args.weights)
+    else:
+        params = init_params(ModelConfig(d=args.d, n_layers=args.layers, n_heads=args.heads, d_ff=args.d_ff,
+                                         vocab=args.vocab, pe=args.pe, norm=args.norm, window=args.window, ape=args.ape,
+                                         seed=args.seed, max_len=max(16384, 2 * args.max_len + 8)))
+    make_pairs(args.family, args.max_len, params.config.vocab, sep=args.sep)
     c = params.config
     from .experiments.collapse import memory_estimate
 
@@ -107,8 +130,7 @@ def cmd_collapse(args) -> int:
                              "XLA_FLAGS=--xla_force_host_platform_device_count=K before starting")
     from .backends import backend_for_format
 
-    backends = [(backend_for_format(args.backend, f, args.order, shard=args.shard), parse(f).name) for f in fmts]
-    out = Path(args.out)
+    backends = [(backend_for_format(args.backend, format_token(f), args.order, shard=args.shard), f.name) for f in fmts]
     out.mkdir(parents=True, exist_ok=True)
     from .experiments.collapse import collapse_summary, collapse_sweep
     from .plots import plot_collapse
@@ -195,15 +217,19 @@ def cmd_theorem(args) -> int:
 
 
 def _theorem_b10(args) -> int:
+    from .backends.emulated import carrier_for
+    from .formats import format_token, parse
     from .model import ModelConfig, init_params
     from .theory.counting import b10_confusions
 
-    params = init_params(ModelConfig(d=8, n_layers=1, vocab=6, pe="alibi", seed=args.seed))
     n_max = args.max_n
     if n_max > 512:
         raise UsageError("b10 runs the reference and interval backends (O(n^2 d) Python arithmetic): use --max-n <= 512")
+    fmt = parse(args.format)
+    carrier_for(fmt)  # a format the emulated backend cannot carry is refused here, before any work
+    params = init_params(ModelConfig(d=8, n_layers=1, vocab=6, pe="alibi", seed=args.seed))
     print(f"b10: count_bernoulli, ALiBi, d=8, one layer, n = 1..{n_max}, emulated {args.format} vs exact (intervals)")
-    hits, same_exact = b10_confusions(params, "count_bernoulli", n_max, f"compute={args.format},order=pairwise", seed=args.seed)
+    hits, same_exact = b10_confusions(params, "count_bernoulli", n_max, f"compute={format_token(fmt)},order=pairwise", seed=args.seed)
     print(f"lengths where the pair is bitwise identical in {args.format} but certified distinct exactly: "
           f"{', '.join(map(str, hits)) if hits.size else 'none up to n=' + str(n_max)}")
     if same_exact.size:
@@ -214,35 +240,30 @@ def _theorem_b10(args) -> int:
 
 
 def _model_from_args(args, max_len: int):
-    from .model import ConfigError, ModelConfig, Params, init_params
+    from .model import ModelConfig, Params, init_params
 
-    try:
-        if getattr(args, "weights", None):
-            return Params.load(args.weights)
-        return init_params(ModelConfig(d=args.d, n_layers=args.layers, n_heads=args.heads, d_ff=args.d_ff, vocab=args.vocab,
-                                       pe=args.pe, norm=args.norm, seed=args.seed, max_len=max(16384, max_len + 8)))
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
+    if getattr(args, "weights", None):
+        return Params.load(args.weights)
+    return init_params(ModelConfig(d=args.d, n_layers=args.layers, n_heads=args.heads, d_ff=args.d_ff, vocab=args.vocab,
+                                   pe=args.pe, norm=args.norm, seed=args.seed, max_len=max(16384, max_len + 8)))
 
 
 def cmd_oversquash(args) -> int:
-    from pathlib import Path
-
     import numpy as np
 
     from . import enable_x64
-    from .formats import parse
+    from .formats import parse_list
 
+    out = _check_out(args, "oversquash.csv", "oversquash.png")
     enable_x64()
     if not 1 <= args.n <= 512:
         raise UsageError(f"--n must lie in 1..512 (the Jacobian is n·d×d per format), got {args.n}")
-    fmts = [parse(f).name for f in args.format.split(",") if f.strip()]
+    fmts = [f.name for f in parse_list(args.format)]
     for f in fmts:
         if f not in ("fp64", "fp32", "bf16", "fp16"):
             raise UsageError(f"format {f} cannot be differentiated natively; autodiff runs in fp64, fp32, bf16 or fp16")
     params = _model_from_args(args, args.n)
     toks = np.random.default_rng(args.seed).integers(0, params.config.vocab, args.n)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from .experiments.oversquash import oversquash_profile
     from .plots import plot_oversquash
@@ -262,11 +283,11 @@ def cmd_oversquash(args) -> int:
 
 def cmd_scaling(args) -> int:
     import json
-    from pathlib import Path
 
     from . import enable_x64
     from .families import NAMES
 
+    out = _check_out(args, "scaling.csv", "scaling.json", "scaling.png")
     enable_x64()
     try:
         lo, hi = (int(v) for v in args.p.split(".."))
@@ -283,7 +304,6 @@ def cmd_scaling(args) -> int:
     from .theory.scaling import scaling_model, scaling_sweep, slope_tolerance
 
     params = scaling_model(args.seed)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ps = list(range(lo, hi + 1))
     print(f"[scaling] family {args.family}, p = {lo}..{hi}, n ≤ {args.max_len}, one attention layer, d = 4", flush=True)
@@ -307,13 +327,11 @@ def cmd_scaling(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .experiments.sweep import SweepError, SweepSpec, run_sweep, sweep_summary
+    _check_out(args, "spec.json", resume_marker="spec.json")
+    from .experiments.sweep import SweepSpec, run_sweep, sweep_summary
 
-    try:
-        spec = SweepSpec.from_json(args.spec, mem_limit_gib=args.mem_limit)
-        r = run_sweep(spec, args.out, executor=args.executor, scheduler=args.scheduler, extend=args.extend)
-    except SweepError as e:
-        raise UsageError(str(e)) from None
+    spec = SweepSpec.from_json(args.spec, mem_limit_gib=args.mem_limit)
+    r = run_sweep(spec, args.out, executor=args.executor, scheduler=args.scheduler, extend=args.extend)
     from .results import load_table
 
     df = load_table(args.out)
@@ -325,15 +343,16 @@ def cmd_sweep(args) -> int:
 def cmd_reproduce(args) -> int:
     from .report import reproduce
 
+    _check_out(args, "report.md")
     return reproduce(out=args.out, quick=args.quick)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one sentence on stderr and exit status 2."""
+    """argparse, but a usage error is a UsageError: one sentence on stderr and exit status 2 (from main)."""
 
     def error(self, message):  # noqa: D401
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
+        sub = self.prog.removeprefix("collapse-sim").strip()
+        raise UsageError(f"{message}; see 'collapse-sim {sub + ' ' if sub else ''}--help'")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -431,17 +450,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .backends.emulated import CarrierError
-    from .formats import FormatError
-    from .policy import PolicyError
-
-    ap = build_parser()
-    args = ap.parse_args(argv)
+    """Run one command; bad input (any CollapseSimError, argparse's included) prints one line
+    on stderr and returns 2."""
     try:
-        return int(args.func(args) or 0)
-    except (UsageError, FormatError, PolicyError, CarrierError) as e:
+        args = build_parser().parse_args(argv)
+        if getattr(args, "seed", 0) < 0:  # every command seeds numpy or JAX generators, which take seeds >= 0
+            raise UsageError(f"--seed must be >= 0, got {args.seed}")
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()
+        return rc
+    except CollapseSimError as e:
         print(f"collapse-sim: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # the reader stopped early (collapse-sim theorem --list | head): end quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 141  # 128 + SIGPIPE, as a shell reports it
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,12 +27,14 @@ import dataclasses
 
 import numpy as np
 
+from .errors import CollapseSimError
+
 ZERO, ONE, PLUS, SEP = 0, 1, 2, 3
 FIRST_FREE = 4
 NAMES = ("repeat_last", "ones", "first_copy", "zero_ones", "last_copy", "count_bernoulli", "sum_ones")
 
 
-class FamilyError(ValueError):
+class FamilyError(CollapseSimError):
     """An unknown family or bad family parameter."""
 
 

@@ -23,11 +23,13 @@ import math
 from fractions import Fraction
 from typing import Literal
 
+from .errors import CollapseSimError
+
 Overflow = Literal["inf", "saturate", "nan"]
 _OVERFLOWS = ("inf", "saturate", "nan")
 
 
-class FormatError(ValueError):
+class FormatError(CollapseSimError):
     """A format name or description that cannot be understood."""
 
 
@@ -70,7 +72,8 @@ class Format:
             raise FormatError(f"format {self.name!r}: overflow must be one of {_OVERFLOWS}, got {self.overflow!r}")
         ms = self.max_significand
         if ms is not None and not (2 ** (self.p - 1) <= ms <= 2**self.p - 1):
-            raise FormatError(f"format {self.name!r}: max_significand must lie in [2^(p-1), 2^p - 1]")
+            raise FormatError(f"format {self.name!r}: max_significand (maxsig) must lie in [2^(p-1), 2^p - 1] = "
+                              f"[{2 ** (self.p - 1)}, {2**self.p - 1}], got {ms}")
 
     # --- properties -------------------------------------------------------
     @property
@@ -208,7 +211,41 @@ NUMPY_DTYPES: dict[str, str] = {
 }
 
 _BOOL = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
-_KEYS = ("p", "emin", "emax", "subnormals", "overflow", "maxsig", "signed_zero", "name")
+DESCRIPTION_KEYS = ("p", "emin", "emax", "subnormals", "overflow", "maxsig", "signed_zero", "name")
+
+
+def split_top_level(text: str, what: str, error: type = FormatError) -> list[str]:
+    """``text`` split at the commas outside parentheses, each part stripped.
+
+    Unbalanced parentheses raise ``error`` (a one-sentence message about ``what``)."""
+    depth, parts, start = 0, [], 0
+    for i, ch in enumerate(text):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise error(f"{what} {text!r} has a ')' without its '('; write a custom format as (p=5,emax=15)")
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    if depth:
+        raise error(f"{what} {text!r} has a '(' without its ')'; write a custom format as (p=5,emax=15)")
+    parts.append(text[start:].strip())
+    return parts
+
+
+def _unparen(text: str) -> str:
+    """``(p=5,emax=15)`` -> ``p=5,emax=15``: one pair of parentheses enclosing the whole text removed."""
+    t = text.strip()
+    if not (t.startswith("(") and t.endswith(")")):
+        return t
+    depth = 0
+    for i, ch in enumerate(t):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0 and i < len(t) - 1:  # "(a),(b)": the first '(' closes before the end
+            return t
+    return t[1:-1].strip()
 
 
 def parse(spec: str | Format) -> Format:
@@ -218,16 +255,26 @@ def parse(spec: str | Format) -> Format:
     ``emax`` (default ``2**(w-1)-1`` style: 15 needs ``emax=15``), ``emin``
     (default ``1 - emax``), ``subnormals`` (true/false), ``overflow``
     (inf/saturate/nan), ``maxsig`` (largest top-binade significand),
-    ``signed_zero`` and ``name``.
+    ``signed_zero`` and ``name``. It may be written in parentheses,
+    ``(p=5,emax=15)``, the spelling lists and policies need.
+
+    A description must be one whose properties float64 can state: u = 2^-p,
+    the largest value and the smallest subnormal must be nonzero, finite
+    float64 numbers (so p <= 1074, emax <= 1023, emin - p + 1 >= -1074).
 
     >>> parse("p=5,emax=15").emin
     -14
+    >>> parse("(p=5,emax=15)") == parse("p=5,emax=15")
+    True
     """
     if isinstance(spec, Format):
         return spec
-    if not isinstance(spec, str) or not spec.strip():
-        raise FormatError(f"empty format name: {spec!r}")
-    text = spec.strip()
+    if not isinstance(spec, str):
+        raise FormatError(f"a format is a name such as 'bf16' or a description such as 'p=5,emax=15', "
+                          f"got {spec!r} ({type(spec).__name__})")
+    if not spec.strip():
+        raise FormatError(f"empty format {spec!r}; give a name such as 'bf16' or a description such as 'p=5,emax=15'")
+    text = _unparen(spec)
     key = text.lower()
     if key in BUILTINS:
         return BUILTINS[key]
@@ -235,13 +282,14 @@ def parse(spec: str | Format) -> Format:
         known = ", ".join(sorted({f.name for f in BUILTINS.values()}))
         raise FormatError(f"unknown format {text!r}; known formats are {known}, or give 'p=P,emax=E[,emin=..]'")
     fields: dict[str, str] = {}
-    for part in text.split(","):
-        if "=" not in part:
-            raise FormatError(f"format description {text!r}: expected key=value, got {part.strip()!r}")
+    for part in split_top_level(text, "format description"):
+        if "=" not in part or "(" in part:
+            raise FormatError(f"format description {text!r}: expected key=value, got {part!r}; "
+                              "a list of formats puts each description in parentheses: 'bf16,(p=5,emax=15)'")
         k, v = (s.strip() for s in part.split("=", 1))
         k = k.lower()
-        if k not in _KEYS:
-            raise FormatError(f"format description {text!r}: unknown key {k!r} (keys: {', '.join(_KEYS)})")
+        if k not in DESCRIPTION_KEYS:
+            raise FormatError(f"format description {text!r}: unknown key {k!r} (keys: {', '.join(DESCRIPTION_KEYS)})")
         fields[k] = v
 
     def _int(k: str) -> int:
@@ -257,28 +305,94 @@ def parse(spec: str | Format) -> Format:
         return _BOOL[v]
 
     if "p" not in fields:
-        raise FormatError(f"format description {text!r} needs a precision p=...")
+        raise FormatError(f"format description {text!r} needs a precision p=..., as in 'p=5,emax=15'")
     if "emax" not in fields:
-        raise FormatError(f"format description {text!r} needs an exponent range emax=...")
+        raise FormatError(f"format description {text!r} needs an exponent range emax=..., as in 'p=5,emax=15'")
     p, emax = _int("p"), _int("emax")
     emin = _int("emin") if "emin" in fields else 1 - emax
+    overflow = fields.get("overflow", "inf").lower()
+    if overflow not in _OVERFLOWS:
+        raise FormatError(f"format description {text!r}: overflow must be one of {', '.join(_OVERFLOWS)}, got {overflow!r}")
     fmt = Format(
         name=fields.get("name", text),
         p=p,
         emin=emin,
         emax=emax,
         subnormals=_bool("subnormals") if "subnormals" in fields else True,
-        overflow=fields.get("overflow", "inf").lower(),  # type: ignore[arg-type]
+        overflow=overflow,  # type: ignore[arg-type]
         max_significand=_int("maxsig") if "maxsig" in fields else None,
         signed_zero=_bool("signed_zero") if "signed_zero" in fields else True,
         description="custom",
     )
+    _check_describable(fmt, text)
     if "name" in fields:
         return fmt
     for known in BUILTINS.values():  # the same numbers as a built-in: that format
         if known == fmt:
             return known
     return dataclasses.replace(fmt, name=fmt.spec())
+
+
+#: float64's limits, which bound the formats a description may give: every property
+#: of the formats table (u, eps, max, min_normal, min_subnormal) must be a nonzero finite float64.
+F64_MIN_EXP = -1074  # the smallest float64 subnormal is 2^-1074
+F64_MAX_EXP = 1023  # the largest float64 binade
+
+
+def _check_describable(fmt: Format, text: str) -> None:
+    """Refuse a described format whose properties float64 cannot state (u = 0, max = inf, ...)."""
+    if fmt.p > -F64_MIN_EXP:
+        raise FormatError(f"format {text!r}: p={fmt.p} is too large, its unit roundoff 2^-{fmt.p} is below the "
+                          f"smallest float64 (2^{F64_MIN_EXP}); use p <= {-F64_MIN_EXP}")
+    if math.isinf(fmt.max):
+        top = F64_MAX_EXP if not math.isinf(dataclasses.replace(fmt, emin=min(fmt.emin, F64_MAX_EXP),
+                                                                emax=F64_MAX_EXP).max) else F64_MAX_EXP - 1
+        raise FormatError(f"format {text!r}: emax={fmt.emax} is too large, its largest value overflows float64; "
+                          f"use emax <= {top}")
+    q = fmt.min_exponent_of_quantum
+    if q < F64_MIN_EXP:
+        what = "smallest subnormal" if fmt.subnormals else "smallest normal"
+        raise FormatError(f"format {text!r}: its {what} 2^{q} is below the smallest float64 (2^{F64_MIN_EXP}); "
+                          f"use emin >= {F64_MIN_EXP + (fmt.p - 1 if fmt.subnormals else 0)}"
+                          + (" or subnormals=false" if fmt.subnormals else ""))
+
+
+def parse_list(text: str) -> list[Format]:
+    """Formats from a comma-separated list: ``"bf16,fp16,(p=5,emax=15)"``.
+
+    Names are written as they are; a custom description goes in parentheses.
+    One description alone may go without them: ``"p=5,emax=15"`` is one format.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise FormatError(f"empty format list {text!r}; give formats separated by commas, e.g. 'bf16,fp16,(p=5,emax=15)'")
+    parts = split_top_level(text, "format list")
+    if all("=" in p and not p.startswith("(") for p in parts):
+        return [parse(text)]  # one description alone, without parentheses
+    if any(not p for p in parts):
+        raise FormatError(f"format list {text!r} has an empty item; separate formats by single commas, "
+                          "e.g. 'bf16,fp16'")
+    bare = [p for p in parts if "=" in p and not p.startswith("(")]
+    if bare:
+        fixed, run = [], []
+        for p in parts:  # group consecutive bare key=value items into one parenthesized description
+            if "=" in p and not p.startswith("("):
+                run.append(p)
+                continue
+            if run:
+                fixed.append("(" + ",".join(run) + ")")
+                run = []
+            fixed.append(p)
+        if run:
+            fixed.append("(" + ",".join(run) + ")")
+        raise FormatError(f"format list {text!r}: in a list each custom format goes in parentheses, "
+                          f"write {','.join(fixed)!r}")
+    return [parse(p) for p in parts]
+
+
+def format_token(f: Format) -> str:
+    """How ``f`` is written inside a list or a policy: a built-in's name, or a custom
+    format's description in parentheses (``(p=5,emin=-14,emax=15)``)."""
+    return f.name if BUILTINS.get(f.name.lower()) == f else f"({f.spec()})"
 
 
 def builtin_formats() -> list[Format]:

@@ -36,9 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from . import positional
+from .errors import CollapseSimError
 
 
-class ConfigError(ValueError):
+class ConfigError(CollapseSimError):
     """A model configuration or weight file that cannot be used."""
 
 
@@ -65,21 +66,21 @@ class ModelConfig:
     ff_std: float | None = None
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
+        for name, lo in _LOWER_BOUNDS.items():
+            v = getattr(self, name)
+            if v is not None and v < lo:
+                raise ConfigError(f"ModelConfig {name} must be >= {lo}, got {v!r}")
         if self.pe not in positional.KINDS:
             raise ConfigError(f"unknown positional encoding {self.pe!r}; use one of {', '.join(positional.KINDS)}")
         if self.norm not in ("layernorm", "rmsnorm", "none"):
             raise ConfigError(f"unknown norm {self.norm!r}; use layernorm, rmsnorm or none")
-        for name in ("d", "n_layers", "n_heads", "vocab"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.d % self.n_heads:
             raise ConfigError(f"d={self.d} is not divisible by n_heads={self.n_heads}")
         if self.pe == "rope" and (self.d // self.n_heads) % 2:
             raise ConfigError("RoPE needs an even head dimension")
         if self.ape not in ("residual", "scores"):
             raise ConfigError(f"ape must be 'residual' or 'scores', got {self.ape!r}")
-        if self.window is not None and self.window < 1:
-            raise ConfigError(f"window must be >= 1, got {self.window}")
         if not self.value_proj and self.out_proj is False and self.n_heads != 1:
             raise ConfigError("without value/output projections the model must have one head")
 
@@ -95,6 +96,39 @@ class ModelConfig:
         return dataclasses.replace(self, **defaults)
 
 
+#: The smallest value of each numeric ModelConfig field (None, where allowed, is always fine).
+_LOWER_BOUNDS = {"d": 1, "n_layers": 1, "n_heads": 1, "d_ff": 0, "vocab": 1, "window": 1, "max_len": 1, "seed": 0,
+                 "norm_eps": 0.0, "embed_std": 0.0, "qk_std": 0.0, "v_std": 0.0, "ff_std": 0.0}
+
+
+def _check_field_types(c: "ModelConfig") -> None:
+    """Every field holds a value of its annotated type: ints are integers (not bools, not
+    strings), floats real and finite, bools bools, strings strings. Integer and float
+    values are stored as plain ``int`` and ``float`` (a numpy scalar becomes one)."""
+    import math
+    import numbers
+
+    for f in dataclasses.fields(c):
+        v = getattr(c, f.name)
+        kinds = [t.strip() for t in str(f.type).split("|")]
+        if v is None and "None" in kinds:
+            continue
+        kind = kinds[0]
+        if kind == "int" and isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)):
+            object.__setattr__(c, f.name, int(v))
+        elif (kind == "float" and isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+              and math.isfinite(v)):
+            object.__setattr__(c, f.name, float(v))
+        elif kind == "bool" and isinstance(v, (bool, np.bool_)):
+            object.__setattr__(c, f.name, bool(v))
+        elif kind == "str" and isinstance(v, str):
+            pass
+        elif kind in ("int", "float", "bool", "str"):
+            what = {"int": "an integer", "float": "a finite real number", "bool": "True or False", "str": "a string"}[kind]
+            raise ConfigError(f"ModelConfig {f.name} must be {what}{' or None' if 'None' in kinds else ''}, "
+                              f"got {v!r} ({type(v).__name__})")
+
+
 @dataclasses.dataclass
 class Params:
     config: ModelConfig
@@ -104,19 +138,64 @@ class Params:
         return self.arrays[k]
 
     def save(self, path: "str | Path") -> None:
+        """Write ``path.json`` (config) and ``path.npz`` (arrays); the weights are checked first,
+        and so is the folder, so a refused save writes nothing."""
+        from .results import check_output_file
+
         path = Path(path)
+        self.validate()
+        for target in (path.with_suffix(".json"), path.with_suffix(".npz")):
+            check_output_file(target, what="weights file")
         path.with_suffix(".json").write_text(json.dumps(dataclasses.asdict(self.config), indent=1))
         np.savez(path.with_suffix(".npz"), **self.arrays)
 
     @classmethod
     def load(cls, path: "str | Path") -> "Params":
+        """Read what :meth:`save` wrote. Arrays are read with ``allow_pickle=False`` (never unpickled);
+        a missing or corrupt file, a missing or extra array, a wrong shape, a non-float dtype or
+        a non-finite weight raises ConfigError."""
+        import zipfile
+
         path = Path(path)
+        jpath, npath = path.with_suffix(".json"), path.with_suffix(".npz")
         try:
-            cfg = ModelConfig(**json.loads(path.with_suffix(".json").read_text()))
-        except (OSError, TypeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read model config {path.with_suffix('.json')}: {e}") from None
-        with np.load(path.with_suffix(".npz")) as z:
-            arrays = {k: np.asarray(z[k], dtype=np.float64) for k in z.files}
+            raw = json.loads(jpath.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read model config {jpath}: {e.strerror}; give the PATH of PATH.json and PATH.npz "
+                              "as written by Params.save") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"model config {jpath} is not valid JSON ({e}); write it with Params.save") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"model config {jpath} must hold a JSON object of ModelConfig fields, got {type(raw).__name__}")
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        if set(raw) - known:
+            raise ConfigError(f"model config {jpath} has unknown field(s) {', '.join(sorted(set(raw) - known))}; "
+                              f"use only ModelConfig fields")
+        cfg = ModelConfig(**raw)
+        try:
+            if npath.is_file() and not zipfile.is_zipfile(npath):
+                raise ConfigError(f"weights file {npath} is not an .npz archive (corrupt, or another format); "
+                                  "write it with Params.save")
+            with np.load(npath, allow_pickle=False) as z:  # a zip archive: an NpzFile
+                arrays = {}
+                for k in z.files:
+                    a = z[k]
+                    if a.dtype.kind != "f":
+                        raise ConfigError(f"array {k!r} in {npath} has dtype {a.dtype}, expected a floating-point dtype; "
+                                          "convert it with .astype(np.float64)")
+                    arrays[k] = np.asarray(a, dtype=np.float64)
+        except ConfigError:
+            raise
+        except OSError as e:
+            raise ConfigError(f"cannot read weights {npath}: {e.strerror or e}; give the PATH of PATH.json and PATH.npz "
+                              "as written by Params.save") from None
+        except (ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+            raise ConfigError(f"weights file {npath} is not a readable .npz archive ({str(e).splitlines()[0][:80]}); "
+                              "write it with Params.save") from None
+        extra = set(arrays) - set(_shapes(cfg))
+        if extra:
+            raise ConfigError(f"weights file {npath} has array(s) {', '.join(sorted(extra))} that the config {jpath} "
+                              "does not use; the two files must come from the same Params.save")
         p = cls(cfg, arrays)
         p.validate()
         return p
@@ -127,10 +206,13 @@ class Params:
         for k, shape in expected.items():
             if k not in self.arrays:
                 raise ConfigError(f"weights lack array {k!r} (shape {shape})")
-            if self.arrays[k].shape != shape:
-                raise ConfigError(f"array {k!r} has shape {self.arrays[k].shape}, expected {shape}")
-            if not np.all(np.isfinite(self.arrays[k])):
-                raise ConfigError(f"array {k!r} has non-finite weights")
+            a = np.asarray(self.arrays[k])
+            if a.dtype.kind != "f":
+                raise ConfigError(f"array {k!r} has dtype {a.dtype}, expected a floating-point dtype; convert it with .astype(np.float64)")
+            if a.shape != shape:
+                raise ConfigError(f"array {k!r} has shape {a.shape}, expected {shape} from the config")
+            if not np.all(np.isfinite(a)):
+                raise ConfigError(f"array {k!r} has non-finite weights (inf or NaN); replace them with finite values")
 
 
 def _shapes(c: ModelConfig) -> dict[str, tuple]:

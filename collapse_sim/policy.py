@@ -29,13 +29,14 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from .formats import Format, FormatError, parse as parse_format
+from .errors import CollapseSimError
+from .formats import DESCRIPTION_KEYS, Format, FormatError, format_token, parse as parse_format, split_top_level
 from .rounding import Mode
 
 ORDER_KINDS = ("sequential", "pairwise", "blocked", "kahan", "exact")
 
 
-class PolicyError(ValueError):
+class PolicyError(CollapseSimError):
     """A policy string or combination that cannot be used."""
 
 
@@ -71,12 +72,14 @@ class Order:
     def parse(cls, text: "str | Order") -> "Order":
         if isinstance(text, Order):
             return text
+        if not isinstance(text, str):
+            raise PolicyError(f"a reduction order is a string such as 'pairwise' or 'blocked(32)', got {text!r}")
         t = text.strip().lower()
         m = re.fullmatch(r"blocked\((\d+)\)|blocked:(\d+)", t)
         if m:
             return cls("blocked", int(m.group(1) or m.group(2)))
         if t == "blocked":
-            raise PolicyError("blocked order needs a block size: blocked(b)")
+            raise PolicyError("blocked order needs a block size: blocked(b), e.g. blocked(32)")
         return cls(t)
 
     def __str__(self) -> str:
@@ -109,34 +112,40 @@ class Policy:
     def parse(cls, text: "str | Policy") -> "Policy":
         if isinstance(text, Policy):
             return text
-        if not isinstance(text, str) or not text.strip():
-            raise PolicyError(f"empty policy: {text!r}")
-        first_key = text.split("=", 1)[0].strip().lower()
-        if "=" not in text or first_key in ("p", "emax", "emin"):
-            try:
+        if not isinstance(text, str):
+            raise PolicyError(f"a policy is a string such as 'compute=bf16,accumulate=fp32' or a Policy, "
+                              f"got {text!r} ({type(text).__name__})")
+        if not text.strip():
+            raise PolicyError(f"empty policy {text!r}; give a format such as 'bf16' or roles such as 'compute=bf16'")
+        parts = split_top_level(text, "policy", PolicyError)
+        first_key = parts[0].split("=", 1)[0].strip().lower()
+        if "=" not in text or first_key in DESCRIPTION_KEYS or text.strip().startswith("("):
+            try:  # one format for every role: a name, a description, or a description in parentheses
                 return cls.uniform(text)
             except FormatError as e:
                 raise PolicyError(str(e)) from None
         fields: dict[str, str] = {}
-        # split on commas that are not inside parentheses
-        for part in re.split(r",(?![^()]*\))", text):
+        for part in parts:
             if "=" not in part:
-                raise PolicyError(f"policy {text!r}: expected role=value, got {part.strip()!r}")
+                raise PolicyError(f"policy {text!r}: expected role=value, got {part!r}")
             k, v = (s.strip() for s in part.split("=", 1))
             k = k.lower()
+            if k in DESCRIPTION_KEYS:
+                raise PolicyError(f"policy {text!r}: {k!r} is a key of a custom format, which goes in parentheses "
+                                  "in a policy: compute=(p=5,emax=15)")
             if k not in (*_ROLES, "order", "mode", "max_subtract"):
                 raise PolicyError(f"policy {text!r}: unknown key {k!r} (keys: {', '.join(_ROLES)}, order, mode, max_subtract)")
             fields[k] = v
         if "compute" not in fields:
             raise PolicyError(f"policy {text!r} needs compute=FORMAT")
         try:
-            compute = parse_format(_unparen(fields["compute"]))
-            fmts = {r: parse_format(_unparen(fields[r])) if r in fields else compute for r in _ROLES}
+            compute = parse_format(fields["compute"])
+            fmts = {r: parse_format(fields[r]) if r in fields else compute for r in _ROLES}
         except FormatError as e:
             raise PolicyError(f"policy {text!r}: {e}") from None
         ms = fields.get("max_subtract", "true").lower()
         if ms not in ("true", "false"):
-            raise PolicyError(f"policy {text!r}: max_subtract must be true or false")
+            raise PolicyError(f"policy {text!r}: max_subtract must be true or false, got {fields['max_subtract']!r}")
         try:
             mode = Mode.parse(fields.get("mode", "rne"))
         except ValueError as e:
@@ -147,17 +156,5 @@ class Policy:
         return (self.storage, self.compute, self.accumulate, self.softmax)
 
     def __str__(self) -> str:
-        roles = ",".join(f"{r}={_fmt_str(getattr(self, r))}" for r in _ROLES)
+        roles = ",".join(f"{r}={format_token(getattr(self, r))}" for r in _ROLES)
         return f"{roles},order={self.order},mode={self.mode.value},max_subtract={str(self.max_subtract).lower()}"
-
-
-def _unparen(v: str) -> str:
-    v = v.strip()
-    return v[1:-1] if v.startswith("(") and v.endswith(")") else v
-
-
-def _fmt_str(f: Format) -> str:
-    """A built-in's name, or a custom format's description in parentheses."""
-    from .formats import BUILTINS
-
-    return f.name if BUILTINS.get(f.name.lower()) == f else f"({f.spec()})"

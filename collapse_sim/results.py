@@ -6,6 +6,10 @@ killed run leaves either the whole file or none. The cell's provenance (versions
 backend, flags, seed, config) is stored as JSON in the file's schema metadata.
 ``load_table(DIR)`` concatenates every cell, sorted by cell key and n, into one
 pandas DataFrame (tidy: one row per cell × n).
+
+Before any work, a command checks where it will write with :func:`check_output_dir`
+(or :func:`check_output_file`): a bad location is refused at once, and nothing is
+created by the check.
 """
 
 from __future__ import annotations
@@ -14,6 +18,85 @@ import hashlib
 import json
 import os
 from pathlib import Path
+
+from .errors import CollapseSimError
+
+
+class OutputError(CollapseSimError):
+    """An output location that cannot be written."""
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (as anything: file or folder)."""
+    p = path
+    while not (p.exists() or p.is_symlink()) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _writable_dir(d: Path) -> bool:
+    """Whether files can be created in folder ``d``: tried by creating and removing a probe folder
+    (``os.access`` says yes to root on read-only places such as /proc)."""
+    import tempfile
+
+    try:
+        probe = tempfile.mkdtemp(prefix=".collapse-sim-probe-", dir=d)
+    except OSError:
+        return False
+    os.rmdir(probe)
+    return True
+
+
+def _as_path(path, what: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise OutputError(f"{what} must be a path, got {path!r}")
+    return Path(path).expanduser()
+
+
+def check_output_dir(path: "str | Path", *, writes: "tuple[str, ...]" = (), resume_marker: "str | None" = None,
+                     what: str = "--out") -> Path:
+    """Refuse an output folder that cannot take the results, before any work; create nothing.
+
+    ``path`` may exist (as a folder) or not (it is created later, with its missing parents).
+    Refused: an existing file; a path under a file; a folder (or nearest existing ancestor)
+    where files cannot be created; one of the files to write (``writes``, relative names)
+    existing as a folder or read-only. With ``resume_marker`` (e.g. a sweep's ``spec.json``),
+    an existing non-empty folder must hold that file: results are only added to a run
+    of the same kind. Returns the path.
+    """
+    p = _as_path(path, what)
+    anc = _nearest_existing(p)
+    if anc == p:
+        if not p.is_dir():
+            raise OutputError(f"{what} {p} is an existing file; give a directory path (new or existing)")
+    elif not anc.is_dir():
+        raise OutputError(f"{what} {p} lies under {anc}, which is a file; give a directory path outside it")
+    if not _writable_dir(anc):
+        where = "" if anc == p else f" (its nearest existing folder {anc})"
+        raise OutputError(f"{what} {p}{where} is not writable; give a directory you can write to")
+    if anc == p:
+        for name in writes:
+            t = p / name
+            if t.is_dir():
+                raise OutputError(f"{what} {p} holds a folder {name} where a result file goes; remove it or choose another {what}")
+            if t.exists() and not os.access(t, os.W_OK):
+                raise OutputError(f"{what} {p} holds a read-only {name}; make it writable or choose another {what}")
+        if resume_marker is not None and any(p.iterdir()) and not (p / resume_marker).is_file():
+            raise OutputError(f"{what} {p} is not empty and holds no {resume_marker} of an earlier run; "
+                              "give a new or empty directory")
+    return p
+
+
+def check_output_file(path: "str | Path", *, what: str = "output file") -> Path:
+    """Refuse a file path whose folder is missing or not writable, or that names a folder; create nothing."""
+    p = _as_path(path, what)
+    if p.is_dir():
+        raise OutputError(f"{what} {p} is a directory; give a file path")
+    if not p.parent.is_dir():
+        raise OutputError(f"{what} {p}: folder {p.parent} does not exist (or is a file); create it first")
+    if not _writable_dir(p.parent) or (p.exists() and not os.access(p, os.W_OK)):
+        raise OutputError(f"{what} {p} is not writable; give a path you can write to")
+    return p
 
 
 def cell_key(params: dict) -> str:

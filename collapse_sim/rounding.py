@@ -42,9 +42,15 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
+from .errors import CollapseSimError
 from .formats import Format, parse
+
+
+class RoundingError(CollapseSimError):
+    """A rounding mode, PRNG key or input that ``round_to`` cannot use."""
 
 
 class Mode(str, enum.Enum):
@@ -65,7 +71,7 @@ class Mode(str, enum.Enum):
         try:
             return cls(key)
         except ValueError:
-            raise ValueError(f"unknown rounding mode {m!r}; use one of rne, rz, ru, rd, sr") from None
+            raise RoundingError(f"unknown rounding mode {m!r}; use one of rne, rz, ru, rd, sr") from None
 
 
 MODES = tuple(Mode)
@@ -301,27 +307,52 @@ def _round_general(x, key, fmt: Format, mode: Mode):
     return _signed(c, fmt, pat, neg, lim, x.dtype)
 
 
-def round_to(x, fmt: "Format | str", mode: "Mode | str" = Mode.RNE, *, key=None):
-    """Round every element of ``x`` (float32 or float64) to ``fmt``.
+def _check_key(key, mode: Mode):
+    """The PRNG key for ``_round_impl``: a given key must be a ``jax.random`` key; SR needs one."""
+    if key is None:
+        if mode is Mode.SR:
+            raise RoundingError("stochastic rounding needs an explicit PRNG key: round_to(x, fmt, 'sr', key=jax.random.key(0))")
+        return jax.random.key(0)  # unused by the deterministic modes
+    dtype = getattr(key, "dtype", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    raw = dtype == jnp.uint32 and getattr(key, "shape", None) == (2,)  # a jax.random.PRNGKey
+    if not ((typed and isinstance(key, jax.Array)) or raw):
+        raise RoundingError(f"key must be a jax.random key such as jax.random.key(42), got {key!r}")
+    return key
 
-    Returns an array of the same dtype whose values are values of ``fmt``.
+
+def round_to(x, fmt: "Format | str", mode: "Mode | str" = Mode.RNE, *, key=None):
+    """Round every element of ``x`` to ``fmt``.
+
+    Returns an array whose values are values of ``fmt``, of the input's dtype:
+    float32 or float64 (other float dtypes are widened to float32 exactly).
+    Python floats and numpy float64 are float64 values, and are rounded as such
+    even when JAX float64 is off (then the work runs under a scoped
+    ``jax.enable_x64(True)`` and the result is a float64 array): an input is
+    never cut to float32 on the way in.
     ``mode`` is one of ``rne`` (default), ``rz``, ``ru``, ``rd``, ``sr``;
     stochastic rounding needs a ``jax.random`` key.
 
     >>> import jax.numpy as jnp
     >>> float(round_to(jnp.float32(1 + 2**-8 + 2**-20), "bf16"))
     1.0078125
+    >>> float(round_to(1 + 2**-8 + 2**-40, "bf16"))  # a float64 value, with or without x64
+    1.0078125
     """
     fmt = parse(fmt)
     mode = Mode.parse(mode)
-    x = jnp.asarray(x)
+    key = _check_key(key, mode)
+    if not isinstance(x, jax.Array):  # python and numpy values keep their own dtype (float -> float64)
+        try:
+            x = np.asarray(x)
+        except (TypeError, ValueError) as e:
+            raise RoundingError(f"round_to takes floating-point values, got {type(x).__name__}: {e}") from None
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"round_to takes floating-point arrays, got {x.dtype}")
+        raise RoundingError(f"round_to takes floating-point values, got dtype {x.dtype}; convert with .astype(float)")
+    if x.dtype == np.float64 and not jax.config.jax_enable_x64:
+        with jax.enable_x64(True):  # round the float64 value itself, not its float32 cut
+            return _round_impl(jnp.asarray(x, dtype=jnp.float64), key, fmt, mode)
+    x = jnp.asarray(x)
     if x.dtype not in (jnp.float32, jnp.float64):
         x = x.astype(jnp.float32)
-    if mode is Mode.SR:
-        if key is None:
-            raise ValueError("stochastic rounding needs an explicit PRNG key: round_to(x, fmt, 'sr', key=...)")
-    else:
-        key = jax.random.key(0) if key is None else key
     return _round_impl(x, key, fmt, mode)

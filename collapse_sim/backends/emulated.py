@@ -29,13 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ..errors import CollapseSimError
 from ..formats import Format
 from ..policy import Order, Policy
 from ..rounding import Mode, round_to
 from ._jit import JaxBackendBase
 
 
-class CarrierError(ValueError):
+class CarrierError(CollapseSimError):
     """A format the emulated backend cannot carry exactly."""
 
 

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from .. import results
+from ..errors import CollapseSimError
 
 SPEC_BYTES = 1 << 20  # a spec file larger than this is refused unread
 MEM_LIMIT_GIB = 8.0  # the default of ``collapse --mem-limit`` and ``sweep --mem-limit``
@@ -57,7 +58,7 @@ _MODEL_KEYS = {"d": "int", "n_layers": "int", "n_heads": "int", "d_ff": "int", "
 _MODEL_DEFAULTS = {"d": 16, "n_layers": 1, "vocab": 16}  # over ModelConfig's own defaults
 
 
-class SweepError(ValueError):
+class SweepError(CollapseSimError):
     """A sweep spec that cannot run, or an output directory that holds another sweep."""
 
 

@@ -1,0 +1,26 @@
+"""One error model: every error collapse_sim raises on bad input is a :class:`CollapseSimError`.
+
+Its message is one sentence that names the bad value and says how to fix it. It is a
+``ValueError``, so ``except ValueError`` keeps working. The command line prints the
+sentence on stderr and exits with status 2, without a traceback.
+
+The subclasses say which part of the input was wrong:
+
+=================  ======================================================
+``FormatError``    a format name or description (collapse_sim.formats)
+``PolicyError``    a precision policy string (collapse_sim.policy)
+``RoundingError``  a rounding mode, PRNG key or input array (collapse_sim.rounding)
+``ConfigError``    a model configuration or weight file (collapse_sim.model)
+``FamilyError``    an input family or its parameters (collapse_sim.families)
+``CarrierError``   a format the emulated backend cannot carry (backends.emulated)
+``SweepError``     a sweep spec (collapse_sim.experiments.sweep)
+``OutputError``    an output location (collapse_sim.results)
+``UsageError``     a command-line argument (collapse_sim.cli)
+=================  ======================================================
+"""
+
+from __future__ import annotations
+
+
+class CollapseSimError(ValueError):
+    """Bad input to collapse_sim: one sentence naming the bad value and the fix."""
