@@ -328,6 +328,8 @@ def cmd_scaling(args) -> int:
 
 def cmd_sweep(args) -> int:
     _check_out(args, "spec.json", resume_marker="spec.json")
+    if args.executor == "dask" and not args.scheduler:
+        raise UsageError("--executor dask needs --scheduler ADDRESS (e.g. tcp://host:8786)")
     from .experiments.sweep import SweepSpec, run_sweep, sweep_summary
 
     spec = SweepSpec.from_json(args.spec, mem_limit_gib=args.mem_limit)
