@@ -396,7 +396,9 @@ class ReferenceBackend(ObjectArrayBackend):
         return np.frompyfunc(lambda v: v if (v[1] != 0 and not v[0]) else mlib.fzero, 1, 1)(x)
 
     def mean(self, x):
-        n = self.ref.storage.from_float(float(x.shape[-1]))
+        # docs/semantics.md §4.1: the sum divided by the exact integer d (not d rounded
+        # to a format: e5m2 holds 9 as 8, e4m3fn 512 as NaN), one rounding to compute
+        n = mlib.from_int(int(x.shape[-1]))
         out = np.empty(x.shape[:-1], dtype=object)
         for i in np.ndindex(*x.shape[:-1]):
             out[i] = self.ref.compute.div(self.ref.sum(list(x[i])), n)
