@@ -176,3 +176,21 @@ def test_mean_and_variance_divide_by_exact_d(fmt):
         for (m, v), ms, vs in zip(got, mu, var):
             assert _same(B.to_numpy(m), ms), kind
             assert _same(B.to_numpy(v), vs), kind
+
+
+@pytest.mark.parametrize("mode", ["rne", "rz", "ru", "rd"])
+def test_reference_exp_rounds_out_of_range_arguments_in_the_mode(mode):
+    """§2: exp is correctly rounded in every mode, also where it overflows or underflows
+    the format: RZ and RD keep the largest finite value, RU the smallest subnormal. The
+    reference against mpmath, for arguments beyond float64's exp range and beyond 2^20
+    (where the reference skips evaluating exp)."""
+    import mpmath.libmp as mlib
+
+    from collapse_sim.backends.reference import Reference
+
+    for name in ("bf16", "e4m3fn", "e2m1fn", "e5m2fnuz"):
+        r, spec = Reference(f"compute={name},mode={mode}"), Spec(f"compute={name},mode={mode}")
+        args = [8.0, 100.0, 720.0, 2.0**21, -20.0, -100.0, -800.0, -(2.0**21)]
+        xs = [r.compute.from_float(a) for a in args]  # the arguments as format values
+        got = [mlib.to_float(r.compute.exp(x)) for x in xs]
+        assert _same(got, [spec.op("exp", mlib.to_float(x)) for x in xs]), name

@@ -151,11 +151,16 @@ class RefArith:
             return self.round(a)
         if a[1] == 0:
             return self.round(mlib.fone)
-        # guard: exp of huge arguments over/underflows every format at once
-        if mlib.mpf_gt(a, mlib.from_int(2**20)):
-            return self.round(mlib.finf)
-        if mlib.mpf_lt(a, mlib.from_int(-(2**20))):
-            return self.round(mlib.from_man_exp(1, -(2**22)))
+        # Arguments whose exp surely overflows or underflows the format: a stand-in on the
+        # same side of the range, rounded in the policy's mode like the true value would be
+        # (RZ keeps the largest finite value, RU the smallest subnormal), without
+        # evaluating exp of a huge argument. ln 2 < 0.7, so e^a > 2^(a/0.7) for a > 0 and
+        # e^a < 2^(a/0.7) for a < 0.
+        fmt = self.fmt
+        if mlib.mpf_gt(a, mlib.from_rational(7 * (fmt.emax + 2), 10, 64, "u")):
+            return self.round(mlib.from_man_exp(1, fmt.emax + 2))
+        if mlib.mpf_lt(a, mlib.from_rational(7 * (fmt.emin - fmt.p - 2), 10, 64, "d")):
+            return self.round(mlib.from_man_exp(1, fmt.emin - fmt.p - 2))
         r = mlib.mpf_exp(a, self.work, "d")
         return self.round(self._sticky(r, False))
 
