@@ -194,3 +194,111 @@ def test_reference_exp_rounds_out_of_range_arguments_in_the_mode(mode):
         xs = [r.compute.from_float(a) for a in args]  # the arguments as format values
         got = [mlib.to_float(r.compute.exp(x)) for x in xs]
         assert _same(got, [spec.op("exp", mlib.to_float(x)) for x in xs]), name
+
+
+def test_relu_is_max_with_zero_on_special_values():
+    """§2: relu(x) = max(x, 0) exactly: NaN stays NaN, +inf stays +inf, −inf becomes 0."""
+    x = np.array([[np.nan, np.inf, -np.inf, -1.5, 2.0, 0.0]])
+    want = [[np.nan, np.inf, 0.0, 0.0, 2.0, 0.0]]
+    for kind in ("reference", "emulated"):
+        B = make_backend(kind, "bf16")
+        assert _same(B.to_numpy(B.relu(B.store(x))), want), kind
+
+
+# --- §5.7 exact constants ----------------------------------------------------------
+
+
+def _true(f, prec: int = 700) -> Fraction:
+    """A real constant as a Fraction accurate to ~2^-prec (mpmath; for rounding at 256 bits)."""
+    import mpmath
+
+    with mpmath.workprec(prec):
+        return Fraction(*(int(t) for t in mpmath.mpf(f(mpmath)).as_integer_ratio()))
+
+
+def test_exact_constants_are_the_real_constants_rounded_once():
+    """``exact_constants``: 1/√d_h, ε, ALiBi biases, sinusoidal and RoPE tables are the real
+    numbers rounded once to the storage format (256 bits here), against mpmath at 700 bits
+    rounded by the rational oracle."""
+    import mpmath.libmp as mlib
+
+    from collapse_sim.backends.reference import ExactConstants, ReferenceBackend
+    from collapse_sim.model import ModelConfig
+
+    B = ReferenceBackend("256:exact")
+    assert B.ref.storage.fmt.p == 256
+    ec = ExactConstants(B.ref.storage)
+
+    def val(v):
+        return Fraction(*(int(t) for t in mlib.to_rational(v)))
+
+    def rnd(x: Fraction) -> Fraction:
+        """Round to nearest even at 256 bits (no exponent limit), with integers."""
+        if x == 0:
+            return x
+        a = abs(x)
+        e = a.numerator.bit_length() - a.denominator.bit_length()
+        e += 1 if Fraction(2) ** (e + 1) <= a else (-1 if Fraction(2) ** e > a else 0)
+        q = Fraction(2) ** (e - 255)
+        m, rest = divmod(a / q, 1)
+        m += rest > Fraction(1, 2) or (rest == Fraction(1, 2) and m % 2 == 1)
+        return (m * q) if x > 0 else -(m * q)
+
+    for dh in (3, 4, 6, 8, 16):
+        assert val(ec.inv_sqrt(dh)) == rnd(_true(lambda m: 1 / m.sqrt(dh)))
+    assert val(ec.decimal(1e-5)) == rnd(Fraction(1, 100000))
+    cfg = ModelConfig(d=6, n_heads=3, pe="alibi", vocab=4)
+    n = 5
+    got = ec.for_run(cfg, {}, n, probe=True)
+    for h, slope in enumerate(2.0 ** (-8.0 * np.arange(1, 4) / 3), start=1):
+        for dist in (1, 2, 5):
+            want = rnd(-dist * _true(lambda m: m.power(2, m.mpf(-8 * h) / 3)))
+            assert val(got[("alibi", float(slope))](dist)) == want
+    table = ec.sinusoidal(n, 5)
+    for t in range(n):
+        for i in range(5):
+            f = (lambda m: m.sin(t / m.power(10000, m.mpf(2 * (i // 2)) / 5))) if i % 2 == 0 else \
+                (lambda m: m.cos(t / m.power(10000, m.mpf(2 * (i // 2)) / 5)))
+            assert val(table[t, i]) == rnd(_true(f))
+    cos, sin = ec.rope(np.arange(n) + 1, 4)
+    for r in range(n):
+        for i in range(2):
+            ang = lambda m: (r + 1) * m.power(10000, -m.mpf(2 * i) / 4)  # noqa: E731
+            assert val(cos[r, i]) == rnd(_true(lambda m: m.cos(ang(m))))
+            assert val(sin[r, i]) == rnd(_true(lambda m: m.sin(ang(m))))
+
+
+@pytest.mark.parametrize("pe,heads,d", [("sinusoidal", 1, 6), ("rope", 2, 8), ("alibi", 3, 6)])
+def test_exact_constants_reach_the_model(pe, heads, d):
+    """``"256:exact"``: the forward uses the exact scale, ε and the exact tables or biases of
+    its positional encoding (recorded as the model asks for them), and its outputs move by
+    no more than the float64 constants' own error can make them: each is within 2^-52
+    relative of its real value, a few units of 2^-52 times the longest chain of ops."""
+    from collapse_sim.backends.reference import ExactConstants
+    from collapse_sim.model import ModelConfig, forward, init_params
+
+    cfg = ModelConfig(d=d, n_layers=1, n_heads=heads, vocab=4, pe=pe, seed=1, d_ff=4)
+    P = init_params(cfg)
+    toks = np.array([1, 2, 3, 0, 1, 1])
+    plain, exact = make_backend("reference", "256"), make_backend("reference", "256:exact")
+    assert exact.exact_constants and exact.label.endswith(":exact")
+    ec = ExactConstants(exact.ref.storage)
+    used = {"scalars": [], "tables": []}
+    store, scalar = exact.store, exact._scalar
+    exact.store = lambda x: used["tables"].append(store(x)) or used["tables"][-1]
+    exact._scalar = lambda c: used["scalars"].append(scalar(c)) or used["scalars"][-1]
+    ya, ypa = (plain.to_numpy(y) for y in forward(P, toks, plain, probe=np.roll(toks, 1)))
+    yb, ypb = (plain.to_numpy(y) for y in forward(P, toks, exact, probe=np.roll(toks, 1)))
+    assert ec.inv_sqrt(cfg.dh) in used["scalars"] and ec.decimal(cfg.norm_eps) in used["scalars"]
+
+    def has(table):
+        return any(t.shape == table.shape and all(a == b for a, b in zip(t.flat, table.flat)) for t in used["tables"])
+
+    if pe == "sinusoidal":
+        assert has(ec.sinusoidal(len(toks) + 1, d))
+    if pe == "rope":
+        for pos in (np.arange(len(toks)), np.arange(len(toks)) + 1):
+            assert all(has(t) for t in ec.rope(pos, cfg.dh))
+    diff = max(np.max(np.abs(ya - yb)), np.max(np.abs(ypa - ypb)))
+    bound = 64 * (len(toks) + d) * 2.0**-52 * max(np.max(np.abs(ya)), np.max(np.abs(ypa)))
+    assert 0 < diff <= bound
