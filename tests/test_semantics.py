@@ -127,6 +127,72 @@ class Spec:
         xc = [self.sub(x, mu) for x in row]
         return self.mean([self.mul(t, t) for t in xc])
 
+    def norm(self, row, g, b, eps_s, kind="layernorm", order_of_ops="spec", variance="squares"):
+        """§4.2 / §4.3 on one row; the keyword arguments name the alternatives the page rejects."""
+        if kind == "layernorm":
+            mu = self.mean(row)
+            xc = [self.sub(x, mu) for x in row]
+        else:
+            xc = list(row)
+        v = self.mean([self.mul(t, t) for t in xc]) if variance == "squares" else self.div(self.dot(xc, xc), float(len(row)))
+        sig = self.op("sqrt", self.add(v, eps_s))
+        if order_of_ops == "spec":  # ((x − μ) ÷ σ) · g
+            y = [self.mul(self.div(t, sig), gk) for t, gk in zip(xc, g)]
+        else:  # (x − μ) · g ÷ σ
+            y = [self.div(self.mul(t, gk), sig) for t, gk in zip(xc, g)]
+        return [self.add(t, bk) for t, bk in zip(y, b)] if kind == "layernorm" else y
+
+    def linear(self, x, w):
+        return [[self.dot(list(r), list(w[:, j])) for j in range(w.shape[1])] for r in x]
+
+    # §8 attention -------------------------------------------------------------
+    def attention(self, q, k, v, qpos, scale_s, bias=None, window=None, self_kv=None,
+                  window_zeros="in_place", bias_after_scale=True, probe_key="own"):
+        """§8.1-§8.4 for each query row. ``bias(dist)``: the ALiBi bias as a storage value.
+        Alternatives: ``window_zeros="dropped"`` (reduce over the window's keys only),
+        ``bias_after_scale=False``, ``probe_key="stream"`` (the stream's key at n+1)."""
+        out = []
+        for i, p in enumerate(qpos):
+            cols = list(range(p + 1))
+            keys = [self_kv[0][i] if (self_kv is not None and j == p and probe_key == "own") else k[j] for j in cols]
+            vals = [self_kv[1][i] if (self_kv is not None and j == p and probe_key == "own") else v[j] for j in cols]
+            vis = [window is None or j > p - window for j in cols]
+            s = []
+            for j in cols:
+                t = self.dot(q[i], keys[j])
+                if bias is not None and not bias_after_scale:
+                    t = self.add(t, bias(p - j))
+                u = self.mul(t, scale_s)
+                if bias is not None and bias_after_scale:
+                    u = self.add(u, bias(p - j))
+                s.append(self.rnd(u, "softmax"))
+            if self.pol.max_subtract:
+                m = max(x for x, ok in zip(s, vis) if ok)
+                s = [self.sub(x, m, "softmax") for x in s]
+            e = [self.op("exp", x, role="softmax") if ok else 0.0 for x, ok in zip(s, vis)]
+            keep = cols if window_zeros == "in_place" else [j for j in cols if vis[j]]
+            ok = [vis[j] for j in keep]
+            den = self.sum([e[j] for j in keep], "softmax", valid=ok)
+            alpha = [self.rnd(self.div(e[j], den, "softmax")) for j in keep]
+            out.append([self.dot(alpha, [vals[j][c] for j in keep], valid=ok) for c in range(len(q[i]))])
+        return out
+
+    def rope(self, x, positions, table, pairs="adjacent"):
+        """§8.5: rotate pairs of columns by the storage tables ``table(t, i) -> (C_S, S_S)``;
+        ``pairs="halves"`` pairs column i with column i + d_h/2 (the rejected convention)."""
+        dh = len(x[0])
+        idx = [(2 * i, 2 * i + 1) for i in range(dh // 2)] if pairs == "adjacent" else \
+            [(i, i + dh // 2) for i in range(dh // 2)]
+        out = []
+        for row, t in zip(x, positions):
+            r = [0.0] * dh
+            for i, (a, b) in enumerate(idx):
+                c, sn = table(t, i)
+                r[a] = self.sub(self.mul(row[a], c), self.mul(row[b], sn))
+                r[b] = self.add(self.mul(row[a], sn), self.mul(row[b], c))
+            out.append(r)
+        return out
+
 
 def _rows(fmt, d: int, rng) -> np.ndarray:
     """Rows of format values: k ones and d - k zeros for k = 1..15 and d - 1 (means
@@ -302,3 +368,67 @@ def test_exact_constants_reach_the_model(pe, heads, d):
     diff = max(np.max(np.abs(ya - yb)), np.max(np.abs(ypa - ypb)))
     bound = 64 * (len(toks) + d) * 2.0**-52 * max(np.max(np.abs(ya)), np.max(np.abs(ypa)))
     assert 0 < diff <= bound
+
+
+# --- §4 norms, §8 attention, §8.5 RoPE: each choice against its alternatives --------
+
+
+def _store(spec, a):
+    """Float64 data rounded to storage (§5.1), as nested lists of floats."""
+    return [[spec.rnd(float(x), "storage") for x in row] for row in np.atleast_2d(a)]
+
+
+def _differs(spec_rows, alt_rows) -> bool:
+    return not _same(np.array(spec_rows, dtype=np.float64), np.array(alt_rows, dtype=np.float64))
+
+
+# ε = 0.1: e5m2 storage holds it as 0.09375, the p = 5 compute format as 0.1015625 (§5.3);
+# the fp32 accumulator keeps a dot's products (squares of 5-bit values) exact
+NORM_POLICY = "storage=e5m2,compute=(p=5,emax=15),accumulate=fp32,order=pairwise"
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_norm_formula_op_order_variance_and_eps(kind):
+    """§4.2/§4.3 through the model's own norm (model._norm) at d = 9: ((x − μ) ÷ σ)·g + b,
+    the variance a sum of rounded squares (not a dot, whose products the fp32 accumulator
+    keeps exact), ε rounded to storage, the mean ÷ the exact d. Each alternative gives
+    other bits on these rows."""
+    from collapse_sim.model import ModelConfig, _norm
+
+    d, eps = 9, 0.1
+    cfg = ModelConfig(d=d, norm=kind, norm_eps=eps, pe="none", vocab=4)
+    rng = np.random.default_rng(9)
+    spec = Spec(NORM_POLICY)
+    # the norm's input is a compute value (an embedding plus a position, a residual sum):
+    # x = ∘(x1 + x2) of two stored arrays; variances ≈ 1 and ≈ ε
+    x1, x2 = (rng.standard_normal((16, d)) * np.repeat([1.0, 0.3], 8)[:, None] for _ in range(2))
+    x = [[spec.add(a, c) for a, c in zip(r1, r2)] for r1, r2 in zip(_store(spec, x1), _store(spec, x2))]
+    g = _store(spec, 1 + 0.5 * rng.standard_normal(d))[0]
+    b = _store(spec, 0.25 * rng.standard_normal(d))[0]
+    eps_s = spec.rnd(eps, "storage")
+    want = [spec.norm(r, g, b, eps_s, kind) for r in x]
+    alternatives = {
+        "(x-mu)*g/sigma": [spec.norm(r, g, b, eps_s, kind, order_of_ops="g_first") for r in x],
+        "variance as a dot": [spec.norm(r, g, b, eps_s, kind, variance="dot") for r in x],
+        "eps not rounded to storage": [spec.norm(r, g, b, spec.rnd(eps), kind) for r in x],
+    }
+    if kind == "layernorm":
+        fl_d = spec.rnd(float(d), "storage")
+        alternatives["mean / fl(d)"] = [spec.norm(r, g, b, eps_s, kind) for r in x] if fl_d == d else [
+            _norm_dividing_by(spec, r, g, b, eps_s, fl_d) for r in x]
+    for name, alt in alternatives.items():
+        assert _differs(want, alt), name
+    for backend in ("reference", "emulated"):
+        B = make_backend(backend, NORM_POLICY)
+        W = {"n1_g": B.store(np.array(g)), "n1_b": B.store(np.array(b))}
+        got = B.to_numpy(_norm(cfg, W, "n1", B.add(B.store(x1), B.store(x2)), B))
+        assert _same(got, want), backend
+
+
+def _norm_dividing_by(spec, row, g, b, eps_s, n):
+    """LayerNorm with both means divided by ``n`` (the reference's old divisor ∘_S(d))."""
+    mu = spec.mean(row, divisor=n)
+    xc = [spec.sub(x, mu) for x in row]
+    v = spec.mean([spec.mul(t, t) for t in xc], divisor=n)
+    sig = spec.op("sqrt", spec.add(v, eps_s))
+    return [spec.add(spec.mul(spec.div(t, sig), gk), bk) for t, gk, bk in zip(xc, g, b)]
