@@ -432,3 +432,58 @@ def _norm_dividing_by(spec, row, g, b, eps_s, n):
     v = spec.mean([spec.mul(t, t) for t in xc], divisor=n)
     sig = spec.op("sqrt", spec.add(v, eps_s))
     return [spec.add(spec.mul(spec.div(t, sig), gk), bk) for t, gk, bk in zip(xc, g, b)]
+
+
+ATTN_POLICY = "storage=e5m2,compute=(p=5,emax=15),accumulate=(p=7,emax=30),softmax=(p=6,emax=20),order=pairwise"
+
+
+@pytest.mark.parametrize("order", ["pairwise", "blocked(2)"])
+def test_attention_scale_alibi_window_and_probe(order):
+    """§8 through each backend's attention primitive, d_h = 3 (1/√3 inexact), ALiBi with
+    H = 3 (slope 2^(-8/3), not a power of two), window 3, N = 8, stream queries and probes:
+    the scale is fl64(1/√d_h) rounded to storage and applied after the dot, the bias
+    ∘_S(fl64(−m·dist)) added after the scale, masked window columns stay in their places
+    (so the bits depend on the absolute position, §3.3), a probe sees its own key and value
+    at column n+1. Each alternative gives other bits on the same data."""
+    import jax
+
+    pol = ATTN_POLICY.replace("order=pairwise", f"order={order}")
+    spec = Spec(pol)
+    n, dh, w = 8, 3, 3
+    slope = float(2.0 ** (-8 / 3))
+    scale = float(1 / np.sqrt(dh))
+    rng = np.random.default_rng(5)
+    raw = [rng.standard_normal((n, dh)) * 1.5 for _ in range(5)]
+    q, k, v, kp, vp = (_store(spec, a) for a in raw)
+
+    def bias(dist):
+        return spec.rnd(float(-slope * dist), "storage")
+
+    sc = spec.rnd(scale, "storage")
+    pos = list(range(n))
+    want = spec.attention(q, k, v, pos, sc, bias, w)
+    want_p = spec.attention(q, k, v, [p + 1 for p in pos], sc, bias, w, self_kv=(kp, vp))
+    alternatives = {
+        "scale not rounded to storage": spec.attention(q, k, v, pos, scale, bias, w),
+        "bias before the scale": spec.attention(q, k, v, pos, sc, bias, w, bias_after_scale=False),
+        "bias not rounded to storage": spec.attention(q, k, v, pos, sc, lambda t: -slope * t, w),
+        "window columns dropped": spec.attention(q, k, v, pos, sc, bias, w, window_zeros="dropped"),
+    }
+    for name, alt in alternatives.items():
+        assert _differs(want, alt), name
+    stream_key = spec.attention(q, k, v, [p + 1 for p in pos[:-1]], sc, bias, w, self_kv=(kp, vp), probe_key="stream")
+    assert _differs(want_p[:-1], stream_key)
+    # the emulated blocked orders compile a certified path (~20 s); their equality with the
+    # reference under a window is test_model.py::test_emulated_equals_reference_bit_for_bit
+    for backend in ("reference", "emulated") if order == "pairwise" else ("reference",):
+        B = make_backend(backend, pol)
+        Q, K, V, KP, VP = (B.store(a) for a in raw)
+
+        def both(Q, K, V, KP, VP):
+            return (B.attention(Q, K, V, np.arange(n), np.arange(n), scale, alibi=slope, window=w),
+                    B.attention(Q, K, V, np.arange(n) + 1, np.arange(n), scale, alibi=slope, window=w,
+                                self_kv=(KP, VP)))
+
+        o, op = (jax.jit(both) if backend == "emulated" else both)(Q, K, V, KP, VP)
+        assert _same(B.to_numpy(o), want), backend
+        assert _same(B.to_numpy(op), want_p), backend
