@@ -487,3 +487,40 @@ def test_attention_scale_alibi_window_and_probe(order):
         o, op = (jax.jit(both) if backend == "emulated" else both)(Q, K, V, KP, VP)
         assert _same(B.to_numpy(o), want), backend
         assert _same(B.to_numpy(op), want_p), backend
+
+
+ROPE_POLICY = "storage=e5m2,compute=bf16,accumulate=fp32,order=pairwise"
+
+
+def test_rope_formula():
+    """§5.5/§8.5 through the model's own rotation (model._rope), d_h = 8, positions 0..7
+    and 1..8 (a probe's): adjacent pairs (x[2i], x[2i+1]), frequencies 10000^(−2i/d_h) as a
+    float64 power, angle the float64 product t·inv, numpy cos/sin rounded to storage (e5m2
+    here, far coarser than the bf16 compute), every product rounded. Pairing the halves or
+    unrounded tables give other bits."""
+    import jax
+
+    from collapse_sim.model import _rope
+
+    spec = Spec(ROPE_POLICY)
+    dh, n = 8, 8
+    rng = np.random.default_rng(8)
+    raw = rng.standard_normal((n, dh))
+    x = _store(spec, raw)
+
+    def table(rounded=True):
+        def f(t, i):
+            ang = t * 10000.0 ** (-2 * i / dh)
+            c, s = math.cos(ang), math.sin(ang)
+            return (spec.rnd(c, "storage"), spec.rnd(s, "storage")) if rounded else (c, s)
+        return f
+
+    for pos in (list(range(n)), list(range(1, n + 1))):
+        want = spec.rope(x, pos, table())
+        assert _differs(want, spec.rope(x, pos, table(), pairs="halves"))
+        assert _differs(want, spec.rope(x, pos, table(rounded=False)))
+        for backend in ("reference", "emulated"):
+            B = make_backend(backend, ROPE_POLICY)
+            run = (lambda X: _rope(X, np.array(pos), B))
+            got = (jax.jit(run) if backend == "emulated" else run)(B.store(raw))
+            assert _same(B.to_numpy(got), want), backend
