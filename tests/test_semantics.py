@@ -524,3 +524,92 @@ def test_rope_formula():
             run = (lambda X: _rope(X, np.array(pos), B))
             got = (jax.jit(run) if backend == "emulated" else run)(B.store(raw))
             assert _same(B.to_numpy(got), want), backend
+
+
+# --- the whole model (§5-§10) ----------------------------------------------------------
+
+
+def spec_forward(spec: Spec, P, toks, probe):
+    """§5-§10 for one layer, written from the page: sinusoidal or learned positions in the
+    residual stream or the scores, norms, heads, projections, the MLP, probes."""
+    c = P.config
+    n = len(toks)
+    st = {k: [[spec.rnd(float(x), "storage") for x in np.atleast_1d(r)] for r in np.atleast_2d(a)]
+          for k, a in P.arrays.items()}
+    vec = {k: v[0] for k, v in st.items() if np.ndim(P.arrays[k]) == 1}
+    pe = None
+    if c.pe == "sinusoidal":  # §5.4, float64 as written there
+        pe = [[spec.rnd(math.sin(t / 10000.0 ** (2 * (i // 2) / c.d)) if i % 2 == 0 else
+                        math.cos(t / 10000.0 ** (2 * (i // 2) / c.d)), "storage") for i in range(c.d)]
+              for t in range(n + 1)]
+    elif c.pe == "learned":
+        pe = st["pos"][: n + 1]
+    add_rows = lambda a, b: [[spec.add(x, y) for x, y in zip(r, s)] for r, s in zip(a, b)]  # noqa: E731
+    x = [st["embed"][t] for t in toks]
+    xp = [st["embed"][t] for t in probe]
+    pe_s, pe_p = (pe[:n], pe[1:n + 1]) if pe else (None, None)
+    if pe and c.ape == "residual":
+        x, xp = add_rows(x, pe_s), add_rows(xp, pe_p)
+
+    def norm(rows, name):
+        if c.norm == "none":
+            return rows
+        g, b = vec[name + "_g"], vec.get(name + "_b")
+        eps = spec.rnd(c.norm_eps, "storage")
+        return [spec.norm(r, g, b, eps, c.norm) for r in rows]
+
+    def proj(rows, name):
+        key = "l0." + name
+        return spec.linear(rows, np.array(st[key])) if key in st else rows
+
+    h, hp = norm(x, "l0.n1"), norm(xp, "l0.n1")
+    hqk, hqkp = (add_rows(h, pe_s), add_rows(hp, pe_p)) if (pe and c.ape == "scores") else (h, hp)
+    q, k, v = proj(hqk, "wq"), proj(hqk, "wk"), proj(h, "wv")
+    qp, kp, vp = proj(hqkp, "wq"), proj(hqkp, "wk"), proj(hp, "wv")
+    sc = spec.rnd(float(1 / np.sqrt(c.dh)), "storage")
+    heads, heads_p = [], []
+    for hd in range(c.n_heads):
+        cut = lambda rows: [r[hd * c.dh:(hd + 1) * c.dh] for r in rows]  # noqa: E731
+        heads.append(spec.attention(cut(q), cut(k), cut(v), list(range(n)), sc, None, c.window))
+        heads_p.append(spec.attention(cut(qp), cut(k), cut(v), list(range(1, n + 1)), sc, None, c.window,
+                                      self_kv=(cut(kp), cut(vp))))
+    cat = lambda hs: [sum((hh[i] for hh in hs), []) for i in range(n)]  # noqa: E731
+    z, zp = add_rows(proj(cat(heads), "wo"), x), add_rows(proj(cat(heads_p), "wo"), xp)
+
+    def mlp(u):
+        if not c.d_ff:
+            return u
+        f1 = proj(norm(u, "l0.n2"), "w1")
+        f = [[max(spec.add(a, b), 0.0) for a, b in zip(r, vec["l0.b1"])] for r in f1]
+        f2 = proj(f, "w2")
+        return add_rows([[spec.add(a, b) for a, b in zip(r, vec["l0.b2"])] for r in f2], u)
+
+    return norm(mlp(z), "n3"), norm(mlp(zp), "n3")
+
+
+FORWARD_POLICY = "storage=bf16,compute=(p=6,emax=20),accumulate=(p=9,emax=40),order=pairwise"
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(d=6, n_heads=2, pe="sinusoidal", ape="scores", d_ff=4, out_proj=True),
+    dict(d=5, pe="sinusoidal", norm="rmsnorm", window=2, value_proj=False),
+    dict(d=4, pe="learned", max_len=8, d_ff=3, norm_eps=0.05),
+], ids=["sinusoidal-scores-heads-mlp", "sinusoidal-residual-rmsnorm-window", "learned-mlp"])
+def test_forward_equals_spec_oracle(cfg):
+    """One layer, N = 6, a probe after every prefix: the emulated and reference forwards equal
+    the oracle written from §5-§10, bit for bit (odd d: the last sinusoidal column a sine)."""
+    from collapse_sim.model import ModelConfig, forward, init_params
+
+    P = init_params(ModelConfig(n_layers=1, vocab=4, seed=2, **cfg))
+    rng = np.random.default_rng(3)
+    for name, a in P.arrays.items():  # gains 1 and biases 0 would hide where they enter
+        if a.ndim == 1:
+            P.arrays[name] = a + 0.3 * rng.standard_normal(a.shape)
+    toks = np.array([1, 2, 3, 0, 1, 1])
+    probe = np.array([2, 0, 1, 1, 3, 1])
+    want, want_p = spec_forward(Spec(FORWARD_POLICY), P, toks, probe)
+    for backend in ("reference", "emulated"):
+        B = make_backend(backend, FORWARD_POLICY)
+        y, yp = forward(P, toks, B, probe=probe)
+        assert _same(B.to_numpy(y), want), backend
+        assert _same(B.to_numpy(yp), want_p), backend
