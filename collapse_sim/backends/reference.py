@@ -8,10 +8,17 @@ would), and is then rounded to the format with integer arithmetic, including
 its exponent range (gradual underflow, overflow policy). At ``prec=256`` with
 a huge range it is ground truth for the emulated and native backends; at the
 precision and range of a format it must agree with the emulated backend bit
-for bit (tests/test_backends.py).
+for bit (tests/test_model.py, tests/test_semantics.py).
 
 mpmath has no negative zero, so signs of zeros are not modelled here.
 This path is written for clarity, not speed: Python loops over mpf values.
+
+What it computes is specified in docs/semantics.md: :class:`RefArith` the
+elementary ops (§2), :func:`ref_sum` and :meth:`Reference.dot` the reduction
+orders and dot products (§3.1, §3.2), :class:`ReferenceBackend` the mean and norms
+(§4), the constants (§5; :class:`ExactConstants` for §5.7), linear layers (§7),
+attention with masked columns, windows and probes (§3.3, §8, §10); at a precision
+in bits it is the ground truth of §11.
 """
 
 from __future__ import annotations
