@@ -195,13 +195,15 @@ class Spec:
 
 
 def _rows(fmt, d: int, rng) -> np.ndarray:
-    """Rows of format values: k ones and d - k zeros for k = 1..15 and d - 1 (means
-    k/d: one of them tells ÷ d from ÷ fl(d) apart in every format), and Gaussian values
-    rounded to the format."""
-    ks = [*range(1, min(d, 16)), d - 1]
+    """Rows of format values: d − 1 ones and a zero, and Gaussian values rounded to the
+    format. Where the format cannot hold d, also k ones for k = 1..15 and the same times
+    2^emin (subnormal means: e5m2 tells ÷ 17 from ÷ 16 only there), so that some row
+    tells ÷ d from ÷ fl(d) apart."""
+    holds = fraction_round(float(d), fmt, "rne") == d
+    ks = [d - 1] if holds else [*range(1, min(d, 16)), d - 1]
     ones = (np.arange(d)[None, :] < np.array(ks)[:, None]).astype(np.float64)
     gauss = np.array([[fraction_round(float(x), fmt, "rne") for x in rng.standard_normal(d)]])
-    return np.concatenate([ones, ones * fmt.min_normal, gauss])  # k·2^emin / d: subnormal means
+    return np.concatenate([ones, gauss] if holds else [ones, ones * fmt.min_normal, gauss])
 
 
 _FORMATS = builtin_formats()
