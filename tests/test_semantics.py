@@ -615,3 +615,18 @@ def test_forward_equals_spec_oracle(cfg):
         y, yp = forward(P, toks, B, probe=probe)
         assert _same(B.to_numpy(y), want), backend
         assert _same(B.to_numpy(yp), want_p), backend
+
+
+@pytest.mark.xfail(strict=True, reason="docs/semantics.md §12: the emulated exp is float64's, which "
+                   "overflows above 709.78 and underflows below -708 before the directed rounding")
+def test_emulated_exp_beyond_float64_range_in_directed_modes():
+    """§2 asks for exp correctly rounded in every mode; the emulated backend departs where
+    float64's exp over- or underflows (RZ/RD: inf for the largest finite value, RU: 0 for
+    the smallest subnormal). Strict: fixing it turns this into a failure to remove the mark."""
+    import jax.numpy as jnp
+
+    from collapse_sim.backends.emulated import Emulator
+
+    for mode, a in (("rz", 720.0), ("rd", 720.0), ("ru", -720.0)):
+        pol = f"compute=bf16,mode={mode}"
+        assert _same(float(Emulator(pol).exp(jnp.float64(a))), Spec(pol).op("exp", a)), mode
