@@ -337,7 +337,7 @@ def test_exact_constants_are_the_real_constants_rounded_once():
 
 
 @pytest.mark.parametrize("pe,heads,d", [("sinusoidal", 1, 6), ("rope", 2, 8), ("alibi", 3, 6)])
-def test_exact_constants_reach_the_model(pe, heads, d):
+def test_exact_constants_reach_the_model(pe, heads, d, monkeypatch):
     """``"256:exact"``: the forward uses the exact scale, ε and the exact tables or biases of
     its positional encoding (recorded as the model asks for them), and its outputs move by
     no more than the float64 constants' own error can make them: each is within 2^-52
@@ -351,8 +351,14 @@ def test_exact_constants_reach_the_model(pe, heads, d):
     plain, exact = make_backend("reference", "256"), make_backend("reference", "256:exact")
     assert exact.exact_constants and exact.label.endswith(":exact")
     ec = ExactConstants(exact.ref.storage)
-    used = {"scalars": [], "tables": []}
-    store, scalar = exact.store, exact._scalar
+    used = {"scalars": [], "tables": [], "heads": set()}
+    store, scalar, alibi = exact.store, exact._scalar, ExactConstants.alibi
+
+    def alibi_recording(self, h, n_heads):
+        bias = alibi(self, h, n_heads)
+        return lambda dist: used["heads"].add(h) or bias(dist)
+
+    monkeypatch.setattr(ExactConstants, "alibi", alibi_recording)
     exact.store = lambda x: used["tables"].append(store(x)) or used["tables"][-1]
     exact._scalar = lambda c: used["scalars"].append(scalar(c)) or used["scalars"][-1]
     ya, ypa = (plain.to_numpy(y) for y in forward(P, toks, plain, probe=np.roll(toks, 1)))
@@ -367,6 +373,8 @@ def test_exact_constants_reach_the_model(pe, heads, d):
     if pe == "rope":
         for pos in (np.arange(len(toks)), np.arange(len(toks)) + 1):
             assert all(has(t) for t in ec.rope(pos, cfg.dh))
+    if pe == "alibi":  # every head's bias came from its exact slope
+        assert used["heads"] == set(range(1, heads + 1))
     diff = max(np.max(np.abs(ya - yb)), np.max(np.abs(ypa - ypb)))
     bound = 64 * (len(toks) + d) * 2.0**-52 * max(np.max(np.abs(ya)), np.max(np.abs(ypa)))
     assert 0 < diff <= bound
