@@ -17,6 +17,13 @@ optimisation barrier: XLA otherwise rewrites ``a / broadcast(b)`` into
 ``a * (1/b)``, which rounds twice.
 
 The emulated backend needs JAX float64 (``collapse_sim.enable_x64()``).
+
+What it computes is specified in docs/semantics.md: :class:`Emulator` implements
+the elementary ops (§2) and the reduction orders and dot products (§3.1, §3.2);
+:class:`EmulatedBackend` the mean and norms (§4), the rounding of weights and
+constants to storage (§5.1-§5.6), linear layers (§7) and the attention with its
+masked columns, window and probes (§3.3, §8, §10). Known departures (§12): ``exp``
+beyond float64's range under directed modes.
 """
 
 from __future__ import annotations
@@ -717,7 +724,8 @@ _EXACT_SHRINK = 8  # exact and blocked orders: the superaccumulator holds ~20 in
 
 
 class EmulatedBackend(JaxBackendBase):
-    """Model primitives of collapse_sim.model, every op rounded per the policy.
+    """Model primitives of collapse_sim.model, every op rounded per the policy
+    (docs/semantics.md §4-§10).
 
     Attention for query i over key columns 0..qpos_i (causal; a window zeroes
     the columns before ``qpos_i - w + 1``):
@@ -787,6 +795,7 @@ class EmulatedBackend(JaxBackendBase):
         return jnp.maximum(x, jnp.zeros_like(x))  # exact
 
     def mean(self, x):
+        # docs/semantics.md §4.1: ∘(∘(Σ x) ÷ d), d the exact integer (a carrier value)
         n = x.shape[-1]
         s = self.emu.sum(x)
         return self.emu.div(s, jnp.full(s.shape, float(n), self.dtype))

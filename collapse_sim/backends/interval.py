@@ -10,6 +10,9 @@ of the format, not because the model maps both inputs to one point.
 
 Softmax shifts scores by the maximum of their midpoints (an exact constant, so
 the exact softmax is unchanged). Orders of sums do not matter for enclosures.
+The constants are the float64 ones of docs/semantics.md §5 (``float(scale)``,
+``float(eps)``, numpy's tables, float64 ALiBi products), taken exactly: the model
+enclosed is §11's, with no rounding.
 """
 
 from __future__ import annotations

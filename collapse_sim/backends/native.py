@@ -4,6 +4,8 @@ On XLA:CPU, bf16/fp16 ops are computed in float32 and rounded at the end of
 fused regions, sums and dots accumulate in float32, subnormals are flushed,
 and ``a / broadcast(b)`` may become ``a * (1/b)``. This backend answers "what
 does this stack do", not "what does the format do" (that is ``emulated``).
+It follows the model's op order but none of the rounding rules of
+docs/semantics.md (§12).
 """
 
 from __future__ import annotations

@@ -8,14 +8,22 @@ would), and is then rounded to the format with integer arithmetic, including
 its exponent range (gradual underflow, overflow policy). At ``prec=256`` with
 a huge range it is ground truth for the emulated and native backends; at the
 precision and range of a format it must agree with the emulated backend bit
-for bit (tests/test_backends.py).
+for bit (tests/test_model.py, tests/test_semantics.py).
 
 mpmath has no negative zero, so signs of zeros are not modelled here.
 This path is written for clarity, not speed: Python loops over mpf values.
+
+What it computes is specified in docs/semantics.md: :class:`RefArith` the
+elementary ops (§2), :func:`ref_sum` and :meth:`Reference.dot` the reduction
+orders and dot products (§3.1, §3.2), :class:`ReferenceBackend` the mean and norms
+(§4), the constants (§5; :class:`ExactConstants` for §5.7), linear layers (§7),
+attention with masked columns, windows and probes (§3.3, §8, §10); at a precision
+in bits it is the ground truth of §11.
 """
 
 from __future__ import annotations
 
+from fractions import Fraction
 
 import mpmath
 import mpmath.libmp as mlib
@@ -151,11 +159,16 @@ class RefArith:
             return self.round(a)
         if a[1] == 0:
             return self.round(mlib.fone)
-        # guard: exp of huge arguments over/underflows every format at once
-        if mlib.mpf_gt(a, mlib.from_int(2**20)):
-            return self.round(mlib.finf)
-        if mlib.mpf_lt(a, mlib.from_int(-(2**20))):
-            return self.round(mlib.from_man_exp(1, -(2**22)))
+        # Arguments whose exp surely overflows or underflows the format: a stand-in on the
+        # same side of the range, rounded in the policy's mode like the true value would be
+        # (RZ keeps the largest finite value, RU the smallest subnormal), without
+        # evaluating exp of a huge argument. ln 2 < 0.7, so e^a > 2^(a/0.7) for a > 0 and
+        # e^a < 2^(a/0.7) for a < 0.
+        fmt = self.fmt
+        if mlib.mpf_gt(a, mlib.from_rational(7 * (fmt.emax + 2), 10, 64, "u")):
+            return self.round(mlib.from_man_exp(1, fmt.emax + 2))
+        if mlib.mpf_lt(a, mlib.from_rational(7 * (fmt.emin - fmt.p - 2), 10, 64, "d")):
+            return self.round(mlib.from_man_exp(1, fmt.emin - fmt.p - 2))
         r = mlib.mpf_exp(a, self.work, "d")
         return self.round(self._sticky(r, False))
 
@@ -348,6 +361,14 @@ class ObjectArrayBackend(AnalysisHooks):
         return np.stack([a, b], axis=-1).reshape(a.shape[0], -1)
 
 
+def _relu(v):
+    """max(v, 0), exact (docs/semantics.md §2): NaN stays NaN, +inf stays +inf (both have a
+    zero mantissa in mpmath's tuples, like the zero they are not)."""
+    if v in (mlib.fnan, mlib.finf):
+        return v
+    return v if (v[1] != 0 and not v[0]) else mlib.fzero
+
+
 class ReferenceBackend(ObjectArrayBackend):
     """Model primitives in mpmath, in the emulated backend's exact order.
 
@@ -356,17 +377,31 @@ class ReferenceBackend(ObjectArrayBackend):
     ``ReferenceBackend("compute=bf16,order=pairwise")`` follows a policy and
     must equal the emulated backend bit for bit. Arrays are numpy object arrays
     of mpf tuples. Signs of zeros are not modelled (mpmath has no -0).
+
+    The model's constants are float64 numbers (docs/semantics.md §5): 1/√d_h as
+    ``1/np.sqrt(d_h)``, ε as the float64 nearest the config's value, numpy's sin/cos
+    tables, ALiBi biases as float64 products, each rounded to the storage format.
+    ``exact_constants=True`` (or the spec suffix ``":exact"``: ``"256:exact"``,
+    ``"bf16:exact"``) replaces each by the correct rounding to the storage format
+    of its real-number definition (§5.7): what "ground truth" should mean for
+    questions about the constants themselves.
     """
 
     kind = "reference"
 
-    def __init__(self, spec: "str | Policy"):
+    def __init__(self, spec: "str | Policy", *, exact_constants: bool = False):
+        if isinstance(spec, str) and spec.strip().lower().endswith(":exact"):
+            spec, exact_constants = spec.strip()[: -len(":exact")], True
         if isinstance(spec, str) and spec.strip().isdigit():
             self.ref = Reference.at_precision(int(spec))
             self.label = f"reference:mp{int(spec)}"
         else:
             self.ref = Reference(spec)
             self.label = f"reference:{self.ref.policy}"
+        self.exact_constants = bool(exact_constants)
+        if self.exact_constants:
+            self.label += ":exact"
+        self._exact: dict = {}  # float64 constant (a float, or a table's (shape, bytes)) -> its exact value
         self.policy = self.ref.policy
         c = self.ref.compute
         self._add = np.frompyfunc(c.add, 2, 1)
@@ -375,15 +410,35 @@ class ReferenceBackend(ObjectArrayBackend):
         self._div = np.frompyfunc(c.div, 2, 1)
         self._sqrt = np.frompyfunc(c.sqrt, 1, 1)
 
+    def run(self, fn, config, arrays, tokens, probe):
+        if self.exact_constants:
+            n = len(tokens)
+            self._exact = ExactConstants(self.ref.storage).for_run(config, arrays, n, probe is not None)
+        try:
+            return super().run(fn, config, arrays, tokens, probe)
+        finally:
+            self._exact = {}
+
     def describe(self) -> dict:
-        return {"backend": "reference", "policy": str(self.policy), "mpmath_backend": mlib.BACKEND}
+        return {"backend": "reference", "policy": str(self.policy), "mpmath_backend": mlib.BACKEND,
+                "exact_constants": self.exact_constants}
 
     # data
     def store(self, x):
+        if self._exact and isinstance(x, np.ndarray) and x.dtype == np.float64:
+            hit = self._exact.get((x.shape, x.tobytes()))
+            if hit is not None:  # a sinusoidal or RoPE table of this run (§5.4, §5.5)
+                return hit
         return self.ref.store(x)
 
+    def _scalar(self, c: float):
+        """The storage value of the model's float64 constant ``c`` (§5): its exact
+        counterpart under ``exact_constants``, else ``c`` rounded to storage."""
+        hit = self._exact.get(float(c)) if self._exact else None
+        return hit if hit is not None else self.ref.storage.from_float(float(c))
+
     def const(self, c, like):
-        v = self.ref.storage.from_float(float(c))
+        v = self._scalar(c)
         out = np.empty(np.shape(like), dtype=object)
         out.fill(v)
         return out
@@ -393,10 +448,12 @@ class ReferenceBackend(ObjectArrayBackend):
 
     # arithmetic
     def relu(self, x):
-        return np.frompyfunc(lambda v: v if (v[1] != 0 and not v[0]) else mlib.fzero, 1, 1)(x)
+        return np.frompyfunc(_relu, 1, 1)(x)
 
     def mean(self, x):
-        n = self.ref.storage.from_float(float(x.shape[-1]))
+        # docs/semantics.md §4.1: the sum divided by the exact integer d (not d rounded
+        # to a format: e5m2 holds 9 as 8, e4m3fn 512 as NaN), one rounding to compute
+        n = mlib.from_int(int(x.shape[-1]))
         out = np.empty(x.shape[:-1], dtype=object)
         for i in np.ndindex(*x.shape[:-1]):
             out[i] = self.ref.compute.div(self.ref.sum(list(x[i])), n)
@@ -413,7 +470,8 @@ class ReferenceBackend(ObjectArrayBackend):
     def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None):
         ref, pol = self.ref, self.ref.policy
         c, smx = ref.compute, ref.softmax
-        sc = ref.storage.from_float(float(scale))
+        sc = self._scalar(scale)  # §5.2
+        bias = self._exact.get(("alibi", float(alibi))) if (alibi is not None and self._exact) else None
         nq, dh = q.shape
         out = np.empty((nq, dh), dtype=object)
         for i in range(nq):
@@ -429,7 +487,8 @@ class ReferenceBackend(ObjectArrayBackend):
             for j in range(pi + 1):
                 sij = c.mul(ref.dot(list(q[i]), list(keys[j])), sc)
                 if alibi is not None:
-                    sij = c.add(sij, ref.storage.from_float(float(-alibi * (pi - j))))
+                    b = bias(pi - j) if bias is not None else ref.storage.from_float(float(-alibi * (pi - j)))
+                    sij = c.add(sij, b)  # §5.6, §8.1
                 s.append(smx.round(sij))
             if pol.max_subtract:
                 m = None
@@ -450,3 +509,103 @@ class ReferenceBackend(ObjectArrayBackend):
                 else:
                     out[i, d] = ref.dot(alpha, col)
         return out
+
+
+class ExactConstants:
+    """The model's constants as real numbers rounded once to a storage format
+    (docs/semantics.md §5.7), keyed by the float64 value the model passes for each.
+
+    * 1/√d_h: correctly rounded (a quadratic irrational or exact; evaluated at
+      ``2p + 64`` bits, truncated with a sticky bit).
+    * ε: the decimal number ``repr(eps)`` shows (``1e-5`` is 1/100000), correctly rounded.
+    * ALiBi: −2^(−8h/H)·(i − j), sinusoidal sin/cos(t / 10000^(2i/d)), RoPE
+      cos/sin(t · 10000^(−2i/d_h)): evaluated by mpmath at ``2p + 64 + log2(t_max)``
+      bits and rounded once (faithful; correctly rounded unless the value lies
+      within ~2^-(2p+60) relative of a rounding boundary of the format).
+    """
+
+    def __init__(self, storage: RefArith):
+        self.storage = storage
+        self.work = 2 * storage.fmt.p + 64
+
+    def _round(self, value: "mpmath.mpf"):
+        return self.storage.round(value._mpf_)
+
+    def for_run(self, config, arrays, n: int, probe: bool) -> dict:
+        from .. import positional
+        from ..model import SINUSOIDAL
+
+        need = n + int(probe)
+        out: dict = {}
+        dh = config.dh
+        out[float(1 / np.sqrt(dh))] = self.inv_sqrt(dh)
+        out[float(config.norm_eps)] = self.decimal(config.norm_eps)
+        if config.pe == "alibi":
+            for h, slope in enumerate(positional.alibi_slopes(config.n_heads), start=1):
+                out[("alibi", float(slope))] = self.alibi(h, config.n_heads)
+        if config.pe == "sinusoidal" and SINUSOIDAL in arrays:
+            t = np.asarray(arrays[SINUSOIDAL], dtype=np.float64)
+            out[(t.shape, t.tobytes())] = self.sinusoidal(need, config.d)
+        if config.pe == "rope":
+            for pos in [np.arange(n)] + ([np.arange(n) + 1] if probe else []):
+                cos, sin = positional.rope_tables(pos, dh)
+                ecos, esin = self.rope(pos, dh)
+                out[(cos.shape, cos.tobytes())] = ecos
+                out[(sin.shape, sin.tobytes())] = esin
+        return out
+
+    def _prec(self, largest: int) -> int:
+        """Working bits for values computed from integers up to ``largest`` (positions,
+        distances): their size adds to the absolute error of an angle or a product."""
+        return self.work + max(1, int(largest)).bit_length()
+
+    def inv_sqrt(self, dh: int):
+        """1/√d_h = √d_h / d_h. Exact when d_h is a power of 4; otherwise irrational, and a
+        quadratic irrational lies at least ~2^-(2p+2+log2 d_h) (relative) from every
+        rounding boundary of a p-bit format, far more than the ~2^-(2p+62) error of this
+        evaluation: the sticky bit then rounds it as the true value."""
+        dhm = mlib.from_int(dh)
+        r = mlib.mpf_div(mlib.mpf_sqrt(dhm, self.work + 8, "d"), dhm, self.work, "d")
+        exact = mlib.mpf_mul(mlib.mpf_mul(r, r, 0), dhm, 0) == mlib.fone
+        return self.storage.round(self.storage._sticky(r, exact))
+
+    def decimal(self, c: float):
+        f = Fraction(repr(float(c)))
+        r = mlib.from_rational(f.numerator, f.denominator, self.work, "d")
+        exact = Fraction(*mlib.to_rational(r)) == f
+        return self.storage.round(self.storage._sticky(r, exact))
+
+    def alibi(self, h: int, n_heads: int):
+        """The bias −slope·dist for a distance, as a function (the attention asks per distance)."""
+        work = self._prec(2**32)  # distances below 2^32
+        with mpmath.workprec(work):
+            slope = mpmath.power(2, mpmath.mpf(-8 * h) / n_heads)
+
+        def bias(dist: int):
+            with mpmath.workprec(work):
+                return self._round(-slope * dist) if dist else mlib.fzero
+
+        return bias
+
+    def sinusoidal(self, n: int, d: int) -> np.ndarray:
+        out = np.empty((n, d), dtype=object)
+        with mpmath.workprec(self._prec(n)):
+            for i in range((d + 1) // 2):
+                freq = mpmath.power(10000, mpmath.mpf(2 * i) / d)
+                for t in range(n):
+                    ang = t / freq
+                    out[t, 2 * i] = self._round(mpmath.sin(ang))
+                    if 2 * i + 1 < d:
+                        out[t, 2 * i + 1] = self._round(mpmath.cos(ang))
+        return out
+
+    def rope(self, positions, dh: int) -> tuple[np.ndarray, np.ndarray]:
+        cos = np.empty((len(positions), dh // 2), dtype=object)
+        sin = np.empty_like(cos)
+        with mpmath.workprec(self._prec(max(positions, default=1))):
+            for i in range(dh // 2):
+                inv = mpmath.power(10000, -mpmath.mpf(2 * i) / dh)
+                for r, t in enumerate(positions):
+                    ang = int(t) * inv
+                    cos[r, i], sin[r, i] = self._round(mpmath.cos(ang)), self._round(mpmath.sin(ang))
+        return cos, sin
