@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from ..families import Pairs, make_pairs
-from ..model import Params, forward
+from ..model import Params, forward, token_bound
 
 
 @dataclasses.dataclass
@@ -90,7 +90,7 @@ def pair_outputs(params: Params, pairs: Pairs, backend, *, raw: bool = False, pr
 def collapse_sweep(params: Params, family: str, n_max: int, backend, fmt_name: str, *, seed: int = 0,
                    sep: int | None = None, progress=None, bucket: int | None = None) -> CollapseResult:
     t0 = time.time()
-    pairs = make_pairs(family, n_max, params.config.vocab, seed=seed, sep=sep)
+    pairs = make_pairs(family, n_max, token_bound(params.config), seed=seed, sep=sep)
     A, B = pair_outputs(params, pairs, backend, progress=progress, bucket=bucket)
     nonfinite = ~(np.all(np.isfinite(A), axis=1) & np.all(np.isfinite(B), axis=1))
     with np.errstate(invalid="ignore"):

@@ -24,7 +24,8 @@ from pathlib import Path
 from .. import results
 
 _MODEL_KEYS = {"d", "n_layers", "n_heads", "d_ff", "vocab", "norm", "window", "ape", "value_proj", "out_proj",
-               "embed_std", "qk_std", "v_std", "ff_std", "norm_eps"}
+               "embed_std", "qk_std", "v_std", "ff_std", "norm_eps",
+               "kind", "qkv_var", "sin_at", "alibi_slope", "alibi_at"}
 
 
 class SweepError(ValueError):
@@ -75,7 +76,7 @@ class SweepSpec:
         from ..backends.emulated import CarrierError, carrier_for
         from ..families import NAMES, FamilyError, make_pairs
         from ..formats import FormatError, parse
-        from ..model import ConfigError
+        from ..model import ConfigError, token_bound
         from ..policy import Order, PolicyError
         from ..positional import KINDS
 
@@ -113,7 +114,7 @@ class SweepSpec:
         for cell in self.cells():
             try:
                 cfg = self.config(cell)
-                make_pairs(cell["family"], self.max_len, cfg.vocab, seed=cell["seed"], sep=self.sep)
+                make_pairs(cell["family"], self.max_len, token_bound(cfg), seed=cell["seed"], sep=self.sep)
             except (ConfigError, FamilyError, TypeError) as e:
                 raise SweepError(f"cell {cell}: {e}") from None
 
