@@ -291,8 +291,8 @@ def forward_arrays(params: Params, need: int, n_ids: int = 0) -> dict:
     out = dict(params.arrays)
     if c.pe == "sinusoidal":
         out[SINUSOIDAL] = positional.sinusoidal(need, c.d)
-    if c.kind == "gaussian":
-        out.update(zip(GAUSS, gaussian_draws(c, n_ids)))
+    if c.kind == "gaussian":  # whole blocks of ids: runs of nearby lengths share one compiled forward
+        out.update(zip(GAUSS, gaussian_draws(c, -(-n_ids // _DRAW_BLOCK) * _DRAW_BLOCK)))
     return out
 
 

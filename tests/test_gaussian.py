@@ -60,7 +60,7 @@ def test_fp64_mean_curve_decays_as_one_over_n_and_meets_the_line_near_820(label,
 
 
 # --- (d) what is drawn and what v* is: an independent mpmath oracle --------------------------------
-def _oracle(c, ids, prec=256):
+def _oracle(c, ids, prec=256, exact=False):
     """The last-position output for the sequence of draw ids ``ids``, written from the
     captions' reading alone at ``prec`` bits: q, k, v of id t are gaussian_draws' row t;
     position i gets the float64 sinusoidal row i (where sin_at says) or the float64 RoPE
@@ -94,7 +94,7 @@ def _oracle(c, ids, prec=256):
             mu = mpmath.fsum(y) / d
             var = mpmath.fsum((x - mu) ** 2 for x in y) / d
             y = [(x - mu) / mpmath.sqrt(var + mpmath.mpf(c.norm_eps)) for x in y]
-        return np.array([float(x) for x in y])
+        return y if exact else np.array([float(x) for x in y])
 
 
 @pytest.mark.parametrize("name", list(SETUPS))
@@ -140,7 +140,7 @@ def test_draws_depend_only_on_seed_and_id():
     ("rope", "compute=bf16,order=pairwise"),
     ("sin_qk", "compute=fp16,accumulate=fp32,order=sequential"),
     ("alibi_before", "compute=fp16,order=pairwise"),
-    ("rope_layernorm", "compute=bf16,order=kahan,mode=rz"),
+    ("rope_layernorm", "compute=bf16,order=pairwise,mode=rz"),
     ("sin_values", "compute=e4m3fn,order=pairwise"),
 ])
 def test_emulated_equals_reference_bit_for_bit(name, policy):
@@ -179,8 +179,8 @@ def test_prefix_trick_equals_separate_runs_emulated(name):
 
 # --- configuration and the other backends ----------------------------------------------------------
 def test_every_backend_runs_and_native_agrees_with_the_oracle():
-    """native bf16 and fp16 run (finite), mpmath intervals enclose the same outputs as
-    arb balls; float64 native is within a few ulps of the 256-bit oracle."""
+    """native bf16 and fp16 run (finite); mpmath intervals (128 bits) enclose the 256-bit
+    oracle; float64 native is within a few ulps of it."""
     c = gaussian_config(16, seed=9, pe="rope")
     P = init_params(c)
     ids, probe = _stream(6)
@@ -189,8 +189,9 @@ def test_every_backend_runs_and_native_agrees_with_the_oracle():
         assert all(np.isfinite(be.to_numpy(a)).all() for a in forward(P, ids, be, probe=probe))
     iv = make_backend("interval", "128")
     y = forward(P, ids, iv)
-    want = _oracle(c, list(ids))
-    assert float(y[-1][0].a) <= want[0] <= float(y[-1][0].b)
+    want = _oracle(c, list(ids), exact=True)
+    assert all(w in v for w, v in zip(want, y[-1]))
+    want = np.array([float(w) for w in want])
     n64 = make_backend("native", "fp64")
     y64 = n64.to_numpy(forward(P, ids, n64))[-1]
     # float64 error of one attention output: scores (a d-term dot, a scale, a rotation of
@@ -224,7 +225,7 @@ def test_cli_collapse_gaussian_writes_the_usual_table(tmp_path):
 
     assert main(["collapse", "--model", "gaussian", "--family", "repeat_last", "--pe", "rope", "--format", "fp64",
                  "--backend", "native", "--max-len", "40", "--d", "16", "--seed", "0", "--out", str(tmp_path)]) == 0
-    rows = list(csv.DictReader((tmp_path / "collapse.csv").open()))
+    rows = list(csv.DictReader((tmp_path / "collapse.csv").read_text().splitlines()))
     assert list(rows[0]) == ["n", "backend", "format", "dist_l1", "dist_linf", "bitwise_identical", "nonfinite"]
     assert [int(r["n"]) for r in rows] == list(range(1, 41))
     c = gaussian_config(16, pe="rope", seed=0)

@@ -53,7 +53,7 @@ class CaptionRow:
     exponent: float  # s of the fit C·n^s of mean_l1 (nan: too few positive points)
     coefficient: float  # C
     fit_window: tuple[int, int]  # the n range the fit used
-    fit_crossing: float | None  # n where C·n^s = line (None if the fit does not decay)
+    fit_crossing: float | None  # n where C·n^s = line (None if the fit does not decay; may lie beyond n_max)
     first_below: int | None  # first n >= 5 where the mean curve is below the line
     first_identical: tuple[int | None, ...]  # per seed: first n whose pair is bitwise identical
     nonfinite: int  # pairs with a non-finite output, all seeds together
@@ -115,7 +115,8 @@ def format_table(rows: list[CaptionRow]) -> str:
     out = ["| setup | format | fit C·n^s (window) | fitted n at line | first n below line (mean) | first identical (per seed) | n_max |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
-        cross = "never" if r.fit_crossing is None else f"{r.fit_crossing:,.0f}"
+        cross = "never" if r.fit_crossing is None else f"{r.fit_crossing:,.0f}" + (
+            " (beyond n_max)" if r.fit_crossing > r.n_max else "")
         below = "-" if r.first_below is None else f"{r.first_below:,}"
         ident = ", ".join("-" if x is None else str(x) for x in r.first_identical)
         out.append(f"| {r.label} | {r.fmt} | {r.coefficient:.3g}·n^{r.exponent:+.2f} ({r.fit_window[0]}..{r.fit_window[1]}) "
