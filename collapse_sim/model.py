@@ -80,7 +80,7 @@ class ModelConfig:
     qk_std: float | None = None  # default 1/sqrt(d): q, k entries of variance ~1 ... see init
     v_std: float | None = None
     ff_std: float | None = None
-    # which model: the decoder above, or the captions' Gaussian model (module docstring of gaussian_draws)
+    # which model: the decoder above, or the captions' Gaussian model (see the module docstring)
     kind: str = "decoder"  # decoder | gaussian
     qkv_var: float | None = None  # gaussian: variance σ² of every q, k, v entry; default 1/d
     sin_at: str = "keys"  # gaussian with pe="sinusoidal": the table is added to keys | qk (queries and keys) | values

@@ -54,9 +54,7 @@ def test_fp64_mean_curve_decays_as_one_over_n_and_meets_the_line_near_820(label,
     assert r.fit_window == (200, 2000)
     assert abs(r.exponent + 1.0) <= 0.15, r.as_dict()
     assert r.fit_crossing is not None and 650 <= r.fit_crossing <= 1050, r.as_dict()
-    assert r.nonfinite == 0
-    if setup["pe"] == "none":  # n = 1: [a] and [a, a] are the same point exactly (softmax of two equal scores)
-        assert r.first_identical == (1, 1, 1)
+    assert r.nonfinite == 0 and r.first_identical == (None, None, None)  # float64 keeps every pair n >= 5 apart
 
 
 # --- (d) what is drawn and what v* is: an independent mpmath oracle --------------------------------

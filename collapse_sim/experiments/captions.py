@@ -55,7 +55,8 @@ class CaptionRow:
     fit_window: tuple[int, int]  # the n range the fit used
     fit_crossing: float | None  # n where C·n^s = line (None if the fit does not decay; may lie beyond n_max)
     first_below: int | None  # first n >= 5 where the mean curve is below the line
-    first_identical: tuple[int | None, ...]  # per seed: first n whose pair is bitwise identical
+    first_identical: tuple[int | None, ...]  # per seed: first n >= 5 whose pair is bitwise identical
+    identical_share: tuple[float, ...]  # per seed: share of the pairs n >= 5 that are bitwise identical
     nonfinite: int  # pairs with a non-finite output, all seeds together
     line: float
     seconds: float
@@ -77,12 +78,13 @@ def caption_row(label: str, setup: dict, *, n_max: int = 10_000, seeds=(0, 1, 2)
     "reference" (op by op in mpmath; small n only)."""
     t0 = time.time()
     be = backend_for_format(backend, fmt, order)
-    curves, ident, nonfinite = [], [], 0
+    curves, ident, share, nonfinite = [], [], [], 0
     for s in seeds:
         params = init_params(gaussian_config(d, seed=s, **setup))
         r = collapse_sweep(params, "repeat_last", n_max, be, fmt, seed=s, progress=progress)
         curves.append(r.l1)
-        ident.append(r.first_identical())
+        ident.append(r.first_identical(N_MIN))
+        share.append(r.identical_share(N_MIN))
         nonfinite += int(r.nonfinite.sum())
     ns = r.ns
     mean = np.mean(curves, axis=0)
@@ -90,7 +92,7 @@ def caption_row(label: str, setup: dict, *, n_max: int = 10_000, seeds=(0, 1, 2)
     sel = ns >= lo
     fit = decay_fit(ns[sel], mean[sel])
     return CaptionRow(label, dict(setup), fmt, be.label, tuple(seeds), int(ns[-1]), ns, mean, fit.slope, fit.const,
-                      (int(lo), int(ns[-1])), fit.reaches(line), first_below(ns, mean, line), tuple(ident), nonfinite,
+                      (int(lo), int(ns[-1])), fit.reaches(line), first_below(ns, mean, line), tuple(ident), tuple(share), nonfinite,
                       line, time.time() - t0)
 
 
@@ -112,13 +114,14 @@ def caption_table(fmt: str = "fp64", *, n_max: int | None = None, seeds=(0, 1, 2
 
 def format_table(rows: list[CaptionRow]) -> str:
     """A Markdown table of the rows' scalars."""
-    out = ["| setup | format | fit C·n^s (window) | fitted n at line | first n below line (mean) | first identical (per seed) | n_max |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| setup | format | fit C·n^s (window) | fitted n at line | first n below line (mean) | first identical, n ≥ 5 (per seed) | identical share (per seed) | n_max |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cross = "never" if r.fit_crossing is None else f"{r.fit_crossing:,.0f}" + (
             " (beyond n_max)" if r.fit_crossing > r.n_max else "")
         below = "-" if r.first_below is None else f"{r.first_below:,}"
         ident = ", ".join("-" if x is None else str(x) for x in r.first_identical)
+        share = ", ".join(f"{x:.2f}" for x in r.identical_share)
         out.append(f"| {r.label} | {r.fmt} | {r.coefficient:.3g}·n^{r.exponent:+.2f} ({r.fit_window[0]}..{r.fit_window[1]}) "
-                   f"| {cross} | {below} | {ident} | {r.n_max:,} |")
+                   f"| {cross} | {below} | {ident} | {share} | {r.n_max:,} |")
     return "\n".join(out)
