@@ -57,6 +57,19 @@ def test_fp64_mean_curve_decays_as_one_over_n_and_meets_the_line_near_820(label,
     assert r.nonfinite == 0 and r.first_identical == (None, None, None)  # float64 keeps every pair n >= 5 apart
 
 
+@pytest.mark.parametrize("label,setup", [("sinusoidal on queries and keys", dict(pe="sinusoidal", sin_at="qk")),
+                                         ("ALiBi m = 2^-8 after 1/sqrt(d)", dict(pe="alibi", alibi_slope=2.0**-8))])
+def test_fp64_positions_that_do_not_decay_stay_above_the_line(label, setup):
+    """Sinusoidal positions on queries and keys (|PE|² = d/2 dominates q·k, so the weights
+    are set by position) and ALiBi at slope 2^-8 after the scale (the weights of the last
+    ~1/m positions do not shrink with n) keep the mean curve above 2^-7 up to n = 2,000,
+    and decay far slower than n^-1 (independent simulation: n^-0.57 and flat)."""
+    from collapse_sim.experiments.captions import caption_row
+
+    r = caption_row(label, setup, n_max=2000, seeds=(0, 1, 2))
+    assert r.first_below is None and r.exponent > -0.85, r.as_dict()
+
+
 # --- (d) what is drawn and what v* is: an independent mpmath oracle --------------------------------
 def _oracle(c, ids, prec=256, exact=False):
     """The last-position output for the sequence of draw ids ``ids``, written from the
