@@ -101,9 +101,10 @@ def caption_table(fmt: str = "fp64", *, n_max: int | None = None, seeds=(0, 1, 2
                   line: float = PAPER_LINE, progress=None) -> list[CaptionRow]:
     """Every row of :data:`ROWS` (or ``rows``) in format ``fmt``.
 
-    Defaults: float64 natively up to n = 10,000 (about 20 s per row on two cores);
-    any other format on the emulated backend up to n = 2,000 (one compile per row,
-    then a few seconds per seed)."""
+    Defaults: float64 natively up to n = 10,000 (5–8 s per row, 35 s for the six rows on
+    two quiet cores); any other format on the emulated backend (uniform policy of that
+    format, ``order``) up to n = 2,000 (bf16: 27 s per row of three seeds on quiet
+    cores, 1–4 min under load)."""
     if backend is None:
         backend = "native" if fmt == "fp64" else "emulated"
     if n_max is None:
