@@ -92,7 +92,7 @@ def cmd_collapse(args) -> int:
     from . import enable_x64
     from .families import make_pairs
     from .formats import NUMPY_DTYPES, format_token, parse_list
-    from .model import ModelConfig, Params, init_params
+    from .model import ModelConfig, Params, init_params, token_bound
 
     out = _check_out(args, "collapse.csv", "collapse.json", "collapse.png")
     enable_x64()
@@ -108,10 +108,13 @@ def cmd_collapse(args) -> int:
     if args.weights:
         params = Params.load(args.weights)
     else:
+        norm = args.norm or ("none" if args.model == "gaussian" else "layernorm")
         params = init_params(ModelConfig(d=args.d, n_layers=args.layers, n_heads=args.heads, d_ff=args.d_ff,
-                                         vocab=args.vocab, pe=args.pe, norm=args.norm, window=args.window, ape=args.ape,
-                                         seed=args.seed, max_len=max(16384, 2 * args.max_len + 8)))
-    make_pairs(args.family, args.max_len, params.config.vocab, sep=args.sep)
+                                         vocab=args.vocab, pe=args.pe, norm=norm, window=args.window, ape=args.ape,
+                                         seed=args.seed, max_len=max(16384, 2 * args.max_len + 8),
+                                         kind=args.model, qkv_var=args.qkv_var, sin_at=args.sin_at,
+                                         alibi_slope=args.alibi_slope, alibi_at=args.alibi_at))
+    make_pairs(args.family, args.max_len, token_bound(params.config), sep=args.sep)
     c = params.config
     from .experiments.collapse import memory_estimate
 
@@ -388,7 +391,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pe", default="sinusoidal", choices=KINDS)
     p.add_argument("--ape", default="residual", choices=["residual", "scores"],
                    help="absolute PE into the residual stream (default) or only into queries/keys")
-    p.add_argument("--norm", default="layernorm", choices=["layernorm", "rmsnorm", "none"])
+    p.add_argument("--norm", default=None, choices=["layernorm", "rmsnorm", "none"],
+                   help="default layernorm for the decoder, none (the output is the attention output) for gaussian")
+    p.add_argument("--model", default="decoder", choices=["decoder", "gaussian"],
+                   help="decoder (default), or gaussian: the Fig. 8/10 captions' q, k, v drawn per position, one layer")
+    p.add_argument("--qkv-var", type=float, default=None, help="gaussian: variance of every q, k, v entry (default 1/d)")
+    p.add_argument("--sin-at", default="keys", choices=["keys", "qk", "values"],
+                   help="gaussian with --pe sinusoidal: add the table to the keys (default), queries and keys, or values")
+    p.add_argument("--alibi-slope", type=float, default=None,
+                   help="ALiBi slope m for every head (default Press et al.'s 2^(-8h/H); 2^-8 for one head)")
+    p.add_argument("--alibi-at", default="after", choices=["after", "before"],
+                   help="ALiBi bias added after the 1/sqrt(d_h) scale (default), or before it (effective slope m/sqrt(d_h))")
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--heads", type=int, default=1)

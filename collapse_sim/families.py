@@ -19,6 +19,14 @@ Tokens: 0 and 1 are the digits, ``PLUS`` = 2, ``SEP`` = 3 (a comma), and
 | ``sum_ones`` | ``1+1+…+1`` with k ones vs k+1 ones (n = k) |
 
 ``sep=k`` inserts a SEP token after every k content tokens of the stream.
+
+``vocab=None`` is an unbounded vocabulary (the Gaussian model, whose token ids are
+draw ids: ``collapse_sim.model.token_bound``): ``repeat_last`` then gives every
+position a fresh token, ``FIRST_FREE + i`` for content position i, so v is a sequence
+of independent Gaussian positions and v* repeats the last one. The other families
+use the fixed tokens 0..3 and work unchanged: for the Gaussian model each of those
+tokens is one fixed (q, k, v) draw (``ones`` repeats one draw, ``first_copy`` starts
+with draw 0 or 1, ...).
 """
 
 from __future__ import annotations
@@ -68,20 +76,22 @@ def _with_sep(content: np.ndarray, sep: int | None) -> tuple[np.ndarray, np.ndar
     return np.asarray(out), np.asarray(idx)
 
 
-def make_pairs(name: str, n_max: int, vocab: int, *, seed: int = 0, p: float = 0.7, sep: int | None = None) -> Pairs:
-    """The runs and pairings of family ``name`` for every n = 1..n_max."""
+def make_pairs(name: str, n_max: int, vocab: int | None, *, seed: int = 0, p: float = 0.7,
+               sep: int | None = None) -> Pairs:
+    """The runs and pairings of family ``name`` for every n = 1..n_max (``vocab=None``:
+    unbounded token ids, see the module docstring)."""
     if name not in NAMES:
         raise FamilyError(f"unknown family {name!r}; use one of {', '.join(NAMES)}")
     if n_max < 1:
         raise FamilyError(f"the maximum length must be >= 1, got {n_max}")
     if sep is not None and sep < 1:
         raise FamilyError(f"separator spacing must be >= 1, got {sep}")
-    if vocab < FIRST_FREE + (1 if name == "repeat_last" else 0):
+    if vocab is not None and vocab < FIRST_FREE + (1 if name == "repeat_last" else 0):
         raise FamilyError(f"family {name} needs a vocabulary of at least {FIRST_FREE + 1} tokens, the model has {vocab}")
     rng = np.random.default_rng(seed)
     ns = np.arange(1, n_max + 1)
     if name == "repeat_last":
-        base = rng.integers(FIRST_FREE, vocab, n_max)
+        base = FIRST_FREE + np.arange(n_max) if vocab is None else rng.integers(FIRST_FREE, vocab, n_max)
         stream, idx = _with_sep(base, sep)
         probe = np.zeros_like(stream)
         probe[idx] = base  # after the prefix ending at content token i, repeat it

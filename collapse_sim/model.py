@@ -19,6 +19,19 @@ last-token representation of every prefix (row i of ``y`` is the output for
 the prefix ``t_1..t_i``). A *probe* token after every prefix is handled in the
 same pass, using the stream's keys and values (``forward(..., probe=...)``).
 
+``kind="gaussian"`` is the model of the paper's Fig. 8 and Fig. 10 captions: no
+embeddings and no weight matrices; token id t stands for its own q, k, v, drawn
+i.i.d. N(0, σ²) per entry (σ² = ``qkv_var``, default 1/d) from (seed, t) alone
+(:func:`gaussian_draws`). A stream of fresh ids 0, 1, 2, ... is a sequence of
+independent Gaussian positions; repeating an id repeats its q, k and v. Positions:
+RoPE rotates q and k, the sinusoidal table is added to the keys, to queries and
+keys, or to the values (``sin_at``), ALiBi adds ``-m·(i - j)`` (``alibi_slope``,
+``alibi_at``). The output is one head of the decoder's attention (the same
+:func:`_head` and backend primitive), optionally through an output norm
+(``norm``; ``gaussian_config`` defaults to none): ``y_i = norm3(Σ_{j≤i} α_ij v_j)``.
+One layer only: a second layer would need q, k, v computed from the first layer's
+output, i.e. weight matrices, which is the decoder.
+
 Weights live as float64 numpy arrays (`Params`); a backend rounds them to its
 storage format. Save/load: ``save(path)`` writes ``path.json`` (config) and
 ``path.npz`` with arrays named ``embed``, ``pos`` (learned PE), and per layer
@@ -43,6 +56,10 @@ class ConfigError(CollapseSimError):
     """A model configuration or weight file that cannot be used."""
 
 
+KINDS = ("decoder", "gaussian")
+SIN_AT = ("keys", "qk", "values")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     d: int = 64
@@ -64,6 +81,12 @@ class ModelConfig:
     qk_std: float | None = None  # default 1/sqrt(d): q, k entries of variance ~1 ... see init
     v_std: float | None = None
     ff_std: float | None = None
+    # which model: the decoder above, or the captions' Gaussian model (see the module docstring)
+    kind: str = "decoder"  # decoder | gaussian
+    qkv_var: float | None = None  # gaussian: variance σ² of every q, k, v entry; default 1/d
+    sin_at: str = "keys"  # gaussian with pe="sinusoidal": the table is added to keys | qk (queries and keys) | values
+    alibi_slope: float | None = None  # ALiBi: one slope for every head; default Press et al.'s 2^(-8h/H)
+    alibi_at: str = "after"  # ALiBi bias added after the 1/√d_h scale, or "before" it (effective slope ÷ √d_h)
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -83,6 +106,18 @@ class ModelConfig:
             raise ConfigError(f"ape must be 'residual' or 'scores', got {self.ape!r}")
         if not self.value_proj and self.out_proj is False and self.n_heads != 1:
             raise ConfigError("without value/output projections the model must have one head")
+        if self.kind not in KINDS:
+            raise ConfigError(f"unknown model kind {self.kind!r}; use one of {', '.join(KINDS)}")
+        if self.sin_at not in SIN_AT:
+            raise ConfigError(f"sin_at must be one of {', '.join(SIN_AT)}, got {self.sin_at!r}")
+        if self.alibi_at not in ("after", "before"):
+            raise ConfigError(f"alibi_at must be 'after' or 'before' (the 1/sqrt(d_h) scale), got {self.alibi_at!r}")
+        if self.qkv_var is not None and not (self.qkv_var > 0 and np.isfinite(self.qkv_var)):
+            raise ConfigError(f"qkv_var must be a positive finite variance, got {self.qkv_var}")
+        if self.alibi_slope is not None and not np.isfinite(self.alibi_slope):
+            raise ConfigError(f"alibi_slope must be finite, got {self.alibi_slope}")
+        if self.kind == "gaussian":
+            _check_gaussian(self)
 
     @property
     def dh(self) -> int:
@@ -91,7 +126,7 @@ class ModelConfig:
     def computation(self) -> "ModelConfig":
         """This config with the initialisation-only fields at their defaults: what the
         forward pass depends on (the key of its compiled code)."""
-        init_only = ("seed", "embed_std", "qk_std", "v_std", "ff_std")
+        init_only = ("seed", "embed_std", "qk_std", "v_std", "ff_std", "qkv_var")
         defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in init_only}
         return dataclasses.replace(self, **defaults)
 
@@ -216,6 +251,8 @@ class Params:
 
 
 def _shapes(c: ModelConfig) -> dict[str, tuple]:
+    if c.kind == "gaussian":  # no weights: only the optional output norm's gain and bias
+        return {} if c.norm == "none" else {"n3_g": (c.d,), **({"n3_b": (c.d,)} if c.norm == "layernorm" else {})}
     s: dict[str, tuple] = {"embed": (c.vocab, c.d)}
     if c.pe == "learned":
         s["pos"] = (c.max_len, c.d)
@@ -237,6 +274,11 @@ def _shapes(c: ModelConfig) -> dict[str, tuple]:
         if c.norm == "layernorm":
             s["n3_b"] = (c.d,)
     return s
+
+
+def gaussian_config(d: int = 64, pe: str = "none", *, seed: int = 0, norm: str = "none", **kw) -> ModelConfig:
+    """The captions' Gaussian model (``kind="gaussian"``); its primary reading has no output norm."""
+    return ModelConfig(kind="gaussian", d=d, pe=pe, seed=seed, norm=norm, **kw)
 
 
 def init_params(config: ModelConfig) -> Params:
@@ -294,8 +336,9 @@ def forward(params: Params, tokens, backend, probe=None):
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or tokens.size == 0:
         raise ConfigError("tokens must be a non-empty 1-d array")
-    if tokens.min() < 0 or tokens.max() >= c.vocab:
-        raise ConfigError(f"token ids must lie in [0, {c.vocab})")
+    bound = token_bound(c)
+    if tokens.min() < 0 or (bound is not None and tokens.max() >= bound):
+        raise ConfigError(f"token ids must lie in [0, {bound})" if bound else "token ids must be >= 0")
     N = tokens.size
     need = N + (1 if probe is not None else 0)
     if c.pe == "learned" and need > c.max_len:
@@ -304,21 +347,35 @@ def forward(params: Params, tokens, backend, probe=None):
         probe = np.asarray(probe)
         if probe.shape != tokens.shape:
             raise ConfigError("probe must have one token per prefix (same length as tokens)")
-        if probe.min() < 0 or probe.max() >= c.vocab:
-            raise ConfigError(f"probe token ids must lie in [0, {c.vocab})")
-    return backend.run(_forward_impl, c, forward_arrays(params, need), tokens, probe)
+        if probe.min() < 0 or (bound is not None and probe.max() >= bound):
+            raise ConfigError(f"probe token ids must lie in [0, {bound})" if bound else "probe token ids must be >= 0")
+    n_ids = int(max(tokens.max(), -1 if probe is None else probe.max())) + 1
+    fn = _gaussian_impl if c.kind == "gaussian" else _forward_impl
+    return backend.run(fn, c, forward_arrays(params, need, n_ids), tokens, probe)
+
+
+def token_bound(c: ModelConfig) -> int | None:
+    """Token ids a model takes lie in [0, bound): the decoder's vocabulary; None for the
+    Gaussian model, whose tokens are draw ids (any id >= 0 names its own q, k, v)."""
+    return None if c.kind == "gaussian" else c.vocab
 
 
 SINUSOIDAL = "pe.sinusoidal"  # the (need, d) sinusoidal table, passed with the weights
+GAUSS = ("gauss.q", "gauss.k", "gauss.v")  # the Gaussian model's draws for ids 0..n_ids-1, passed with the weights
 
 
-def forward_arrays(params: Params, need: int) -> dict:
+def forward_arrays(params: Params, need: int, n_ids: int = 0) -> dict:
     """The weights and, for sinusoidal positions, the table for ``need`` positions
     (under jit an argument, not a constant: a 65,536-row table embedded in the
-    compiled program cost 0.27 GiB of compile memory)."""
-    if params.config.pe != "sinusoidal":
-        return params.arrays
-    return {**params.arrays, SINUSOIDAL: positional.sinusoidal(need, params.config.d)}
+    compiled program cost 0.27 GiB of compile memory); for the Gaussian model, its
+    q, k, v draws for token ids ``0..n_ids-1`` (:func:`gaussian_draws`)."""
+    c = params.config
+    out = dict(params.arrays)
+    if c.pe == "sinusoidal":
+        out[SINUSOIDAL] = positional.sinusoidal(need, c.d)
+    if c.kind == "gaussian":  # whole blocks of ids: runs of nearby lengths share one compiled forward
+        out.update(zip(GAUSS, gaussian_draws(c, -(-n_ids // _DRAW_BLOCK) * _DRAW_BLOCK)))
+    return out
 
 
 def _forward_impl(c: ModelConfig, arrays, tokens, probe, B, delta0=None):
@@ -391,21 +448,14 @@ def _layer(c: ModelConfig, W, p: str, x, xp, pos, B, pe=None, pe_p=None):
         qp, kp, vp = proj(hqkp, "wq"), proj(hqkp, "wk"), proj(hp, "wv")
     heads, heads_p = [], []
     dh = c.dh
-    slopes = positional.alibi_slopes(c.n_heads) if c.pe == "alibi" else None
+    slopes = alibi_slopes(c)
     for hd in range(c.n_heads):
         sl = slice(hd * dh, (hd + 1) * dh)
-        qh, kh, vh = B.cols(q, sl), B.cols(k, sl), B.cols(v, sl)
-        if c.pe == "rope":
-            qh, kh = _rope(qh, pos, B), _rope(kh, pos, B)
-        slope = None if slopes is None else float(slopes[hd])
-        qh, kh, vh = B.tap(f"{p}q{hd}", qh), B.tap(f"{p}k{hd}", kh), B.tap(f"{p}v{hd}", vh)
-        heads.append(B.attention(qh, kh, vh, pos, pos, scale=1 / np.sqrt(dh), alibi=slope, window=c.window))
-        if hp is not None:
-            qph, kph, vph = B.cols(qp, sl), B.cols(kp, sl), B.cols(vp, sl)
-            if c.pe == "rope":
-                qph, kph = _rope(qph, pos + 1, B), _rope(kph, pos + 1, B)
-            heads_p.append(B.attention(qph, kh, vh, pos + 1, pos, scale=1 / np.sqrt(dh), alibi=slope,
-                                       window=c.window, self_kv=(kph, vph)))
+        qkv_p = None if hp is None else (B.cols(qp, sl), B.cols(kp, sl), B.cols(vp, sl))
+        o, op = _head(c, B, f"{p}", hd, (B.cols(q, sl), B.cols(k, sl), B.cols(v, sl)), qkv_p, pos,
+                      None if slopes is None else slopes[hd])
+        heads.append(o)
+        heads_p.append(op)
     a = B.concat_cols(heads)
     a = proj(a, "wo")
     z = B.tap(p + "z", B.add(a, x))
@@ -426,6 +476,39 @@ def _layer(c: ModelConfig, W, p: str, x, xp, pos, B, pe=None, pe_p=None):
     return mlp(z), (mlp(zp) if zp is not None else None)
 
 
+def alibi_slopes(c: ModelConfig) -> list[float] | None:
+    """The slope each head's attention primitive adds as ``-slope·(i - j)`` to the scaled
+    score (None without ALiBi): ``alibi_slope`` or Press et al.'s 2^(-8h/H); with
+    ``alibi_at="before"`` the bias is read as added before the 1/√d_h scale,
+    ``(q·k - m·(i - j))/√d_h``, so the effective slope is m/√d_h."""
+    if c.pe != "alibi":
+        return None
+    m = np.full(c.n_heads, c.alibi_slope, dtype=np.float64) if c.alibi_slope is not None \
+        else positional.alibi_slopes(c.n_heads)
+    if c.alibi_at == "before":
+        m = m / np.sqrt(c.dh)
+    return [float(x) for x in m]
+
+
+def _head(c: ModelConfig, B, p: str, hd: int, qkv, qkv_p, pos, slope):
+    """One head's causal attention, for the decoder and the Gaussian model alike: RoPE on
+    q and k (at the query's position), then the backend's attention primitive over the
+    stream; with a probe (``qkv_p``: its q, k, v, one per prefix), each probe at position
+    n + 1 over the stream's keys 0..n and its own key. Returns (out, out_probe or None)."""
+    qh, kh, vh = qkv
+    if c.pe == "rope":
+        qh, kh = _rope(qh, pos, B), _rope(kh, pos, B)
+    qh, kh, vh = B.tap(f"{p}q{hd}", qh), B.tap(f"{p}k{hd}", kh), B.tap(f"{p}v{hd}", vh)
+    scale = 1 / np.sqrt(c.dh)
+    out = B.attention(qh, kh, vh, pos, pos, scale=scale, alibi=slope, window=c.window)
+    if qkv_p is None:
+        return out, None
+    qph, kph, vph = qkv_p
+    if c.pe == "rope":
+        qph, kph = _rope(qph, pos + 1, B), _rope(kph, pos + 1, B)
+    return out, B.attention(qph, kh, vh, pos + 1, pos, scale=scale, alibi=slope, window=c.window, self_kv=(kph, vph))
+
+
 def _rope(x, positions, B):
     cos, sin = positional.rope_tables(positions, B.ncols(x))
     C, S = B.store(cos), B.store(sin)
@@ -433,3 +516,63 @@ def _rope(x, positions, B):
     r0 = B.sub(B.mul(x0, C), B.mul(x1, S))
     r1 = B.add(B.mul(x0, S), B.mul(x1, C))
     return B.interleave_cols(r0, r1)
+
+
+# --------------------------------------------------------------------------
+# The captions' Gaussian model (kind="gaussian").
+
+_DRAW_BLOCK = 256  # ids per seeded block of draws
+
+
+def _check_gaussian(c: ModelConfig) -> None:
+    """What the Gaussian model supports: one layer, one head, no MLP, every position kind
+    but the learned table, sinusoidal placement by ``sin_at`` (not ``ape``)."""
+    if c.n_layers != 1:
+        raise ConfigError(f"the gaussian model has one attention layer (its q, k, v are drawn, not computed), got n_layers={c.n_layers}")
+    if c.n_heads != 1:
+        raise ConfigError(f"the gaussian model has one head, got n_heads={c.n_heads}")
+    if c.d_ff:
+        raise ConfigError(f"the gaussian model has no MLP; use d_ff=0, got {c.d_ff}")
+    if c.pe == "learned":
+        raise ConfigError("the gaussian model has no learned positional table; use none, sinusoidal, rope or alibi")
+    if c.ape != "residual":
+        raise ConfigError("the gaussian model places sinusoidal positions with sin_at (keys, qk or values), not ape")
+
+
+def gaussian_draws(c: ModelConfig, n_ids: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """q, k, v (each ``(n_ids, d)``, float64) of token ids ``0..n_ids-1``: entries i.i.d.
+    N(0, σ²), σ² = ``qkv_var`` (default 1/d). Id t's draws depend only on (seed, d, σ², t):
+    ids come in blocks of 256, block b drawn from ``numpy.random.default_rng([seed, b])``
+    as a (256, 3, d) standard normal array (q, k, v of each id in turn) times σ. So a
+    longer stream extends a shorter one, and a repeated id repeats its q, k and v."""
+    sigma = np.sqrt(c.qkv_var if c.qkv_var is not None else 1.0 / c.d)
+    nb = -(-max(n_ids, 0) // _DRAW_BLOCK)
+    z = np.concatenate([np.random.default_rng([c.seed, b]).standard_normal((_DRAW_BLOCK, 3, c.d)) for b in range(nb)]
+                       or [np.zeros((0, 3, c.d))])[:n_ids] * sigma
+    return z[:, 0], z[:, 1], z[:, 2]
+
+
+def _gaussian_impl(c: ModelConfig, arrays, tokens, probe, B):
+    """The Gaussian model's forward (traceable). Row i of the stream is token id
+    ``tokens[i]`` at position i: its drawn q, k, v (rounded once to the storage format),
+    the sinusoidal table at position i added where ``sin_at`` says, then one head of the
+    decoder's attention (:func:`_head`: RoPE, ALiBi, window, probes) and the output norm
+    ``norm3`` (none by default for this model's readings). A probe after prefix n is
+    id ``probe[n]`` at position n + 1."""
+    W = {k: B.store(v) for k, v in arrays.items()}
+    pos = np.arange(tokens.shape[0])
+    qkv = [B.take(W[name], tokens) for name in GAUSS]
+    qkv_p = None if probe is None else [B.take(W[name], probe) for name in GAUSS]
+    if c.pe == "sinusoidal":
+        placed = {"keys": (1,), "qk": (0, 1), "values": (2,)}[c.sin_at]
+
+        def place(xs, at):
+            pe = B.take(W[SINUSOIDAL], at)
+            return [B.add(x, pe) if i in placed else x for i, x in enumerate(xs)]
+
+        qkv = place(qkv, pos)
+        qkv_p = None if qkv_p is None else place(qkv_p, pos + 1)
+    slopes = alibi_slopes(c)
+    out, out_p = _head(c, B, "l0.", 0, qkv, qkv_p, pos, None if slopes is None else slopes[0])
+    y = _norm(c, W, "n3", B.tap("l1.x", out), B)
+    return y if out_p is None else (y, _norm(c, W, "n3", out_p, B))

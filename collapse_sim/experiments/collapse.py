@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from ..families import Pairs, make_pairs
-from ..model import Params, forward
+from ..model import Params, forward, token_bound
 
 
 @dataclasses.dataclass
@@ -198,7 +198,7 @@ def collapse_sweep(params: Params, family: str, n_max: int, backend, fmt_name: s
                    sep: int | None = None, progress=None, bucket: int | None = None,
                    keep_outputs: bool = False) -> CollapseResult:
     t0 = time.time()
-    pairs = make_pairs(family, n_max, params.config.vocab, seed=seed, sep=sep)
+    pairs = make_pairs(family, n_max, token_bound(params.config), seed=seed, sep=sep)
     A, B = pair_outputs(params, pairs, backend, progress=progress, bucket=bucket)
     nonfinite = ~(np.all(np.isfinite(A), axis=1) & np.all(np.isfinite(B), axis=1))
     with np.errstate(invalid="ignore"):

@@ -54,7 +54,8 @@ GRID = ("formats", "families", "pe", "seeds")  # the list fields: their product 
 # model field: JSON type ("int", "int?", "num", "num?", "str", "bool")
 _MODEL_KEYS = {"d": "int", "n_layers": "int", "n_heads": "int", "d_ff": "int", "vocab": "int", "window": "int?",
                "norm": "str", "ape": "str", "value_proj": "bool", "out_proj": "bool", "embed_std": "num",
-               "qk_std": "num?", "v_std": "num?", "ff_std": "num?", "norm_eps": "num"}
+               "qk_std": "num?", "v_std": "num?", "ff_std": "num?", "norm_eps": "num",
+               "kind": "str", "qkv_var": "num?", "sin_at": "str", "alibi_slope": "num?", "alibi_at": "str"}
 _MODEL_DEFAULTS = {"d": 16, "n_layers": 1, "vocab": 16}  # over ModelConfig's own defaults
 
 
@@ -183,7 +184,7 @@ class SweepSpec:
         from ..backends.emulated import CarrierError, carrier_for
         from ..families import NAMES, FamilyError, make_pairs
         from ..formats import FormatError, parse
-        from ..model import ConfigError
+        from ..model import ConfigError, token_bound
         from ..policy import Order, PolicyError
         from ..positional import KINDS
         from .collapse import memory_estimate
@@ -233,7 +234,7 @@ class SweepSpec:
                                  f"{mem_limit_gib:g} GiB limit; lower max_len or the model size, or raise --mem-limit")
         for cell in cells:
             try:
-                make_pairs(cell["family"], self.max_len, self.config(cell).vocab, seed=cell["seed"], sep=self.sep)
+                make_pairs(cell["family"], self.max_len, token_bound(self.config(cell)), seed=cell["seed"], sep=self.sep)
             except FamilyError as e:
                 raise SweepError(f"cell {_short(cell)}: {e}") from None
 

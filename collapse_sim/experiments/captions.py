@@ -1,0 +1,128 @@
+"""The Fig. 8 / Fig. 10 captions' reading, measured: v vs v* on the Gaussian model.
+
+The captions describe queries, keys and values sampled per position from a
+Gaussian (no embeddings, no weight matrices), one head, d = 64, the last position
+repeated, L1 distance, against the absolute line 2^-7. Here that is
+``collapse_sim.model`` with ``kind="gaussian"`` (q, k, v ~ N(0, I/d), output = the
+attention output, no norm) and the ``repeat_last`` family, run through
+:func:`collapse_sim.experiments.collapse.collapse_sweep` once per seed (the prefix
+trick gives every n ≤ n_max from one forward). Per setup (:data:`ROWS`) the seeds'
+L1 curves are averaged; the mean curve gets a power-law fit ``C·n^s`` over a window
+and its first n below the line.
+
+``caption_table()`` measures every row in float64 (native, the fp64 ops IEEE
+binary64 already are); ``caption_table(fmt="bf16")`` (or fp16, e4m3fn, any format)
+measures the same rows on the emulated backend, each op rounded to the format, where
+the pairs also become bitwise identical (``first_identical`` per seed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from ..backends import backend_for_format
+from ..model import gaussian_config, init_params
+from .collapse import collapse_sweep
+from .paper import N_MIN, PAPER_LINE, decay_fit, first_below
+
+ROWS: tuple[tuple[str, dict], ...] = (
+    ("no PE", dict(pe="none")),
+    ("RoPE", dict(pe="rope")),
+    ("sinusoidal on keys", dict(pe="sinusoidal", sin_at="keys")),
+    ("sinusoidal on queries and keys", dict(pe="sinusoidal", sin_at="qk")),
+    ("ALiBi m = 2^-8 after 1/sqrt(d)", dict(pe="alibi", alibi_slope=2.0**-8, alibi_at="after")),
+    ("ALiBi m = 2^-8 before 1/sqrt(d)", dict(pe="alibi", alibi_slope=2.0**-8, alibi_at="before")),
+)
+
+
+@dataclasses.dataclass
+class CaptionRow:
+    """One setup's measurement: the mean L1 curve over seeds and what it shows."""
+
+    label: str
+    setup: dict  # the model fields of this row (gaussian_config keywords)
+    fmt: str
+    backend: str  # the backend's label
+    seeds: tuple[int, ...]
+    n_max: int  # the largest n measured
+    ns: np.ndarray
+    mean_l1: np.ndarray  # mean over seeds of ‖y_n − y*_(n+1)‖₁
+    exponent: float  # s of the fit C·n^s of mean_l1 (nan: too few positive points)
+    coefficient: float  # C
+    fit_window: tuple[int, int]  # the n range the fit used
+    fit_crossing: float | None  # n where C·n^s = line (None if the fit does not decay; may lie beyond n_max)
+    first_below: int | None  # first n >= 5 where the mean curve is below the line
+    first_identical: tuple[int | None, ...]  # per seed: first n >= 5 whose pair is bitwise identical
+    identical_share: tuple[float, ...]  # per seed: share of the pairs n >= 5 that are bitwise identical
+    nonfinite: int  # pairs with a non-finite output, all seeds together
+    line: float
+    seconds: float
+
+    def as_dict(self) -> dict:
+        """The scalars (no curves), for tables and JSON."""
+        skip = {"ns", "mean_l1"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+
+
+def caption_row(label: str, setup: dict, *, n_max: int = 10_000, seeds=(0, 1, 2), d: int = 64, fmt: str = "fp64",
+                backend: str = "native", order: str = "pairwise", fit_from: int | None = None,
+                line: float = PAPER_LINE, progress=None) -> CaptionRow:
+    """Measure one setup: one forward per seed up to ``n_max``.
+
+    ``fit_from``: the fit window is [fit_from, n_max] (default n_max/10; the fit
+    never starts below n_max/10 or 5, :func:`collapse_sim.experiments.paper.decay_fit`).
+    ``backend``: "native" or "emulated" (``fmt`` fp64 always runs natively) or
+    "reference" (op by op in mpmath; small n only)."""
+    t0 = time.time()
+    be = backend_for_format(backend, fmt, order)
+    curves, ident, share, nonfinite = [], [], [], 0
+    for s in seeds:
+        params = init_params(gaussian_config(d, seed=s, **setup))
+        r = collapse_sweep(params, "repeat_last", n_max, be, fmt, seed=s, progress=progress)
+        curves.append(r.l1)
+        ident.append(r.first_identical(N_MIN))
+        share.append(r.identical_share(N_MIN))
+        nonfinite += int(r.nonfinite.sum())
+    ns = r.ns
+    mean = np.mean(curves, axis=0)
+    lo = max(fit_from if fit_from is not None else n_max // 10, n_max // 10, N_MIN)
+    sel = ns >= lo
+    fit = decay_fit(ns[sel], mean[sel])
+    return CaptionRow(label, dict(setup), fmt, be.label, tuple(seeds), int(ns[-1]), ns, mean, fit.slope, fit.const,
+                      (int(lo), int(ns[-1])), fit.reaches(line), first_below(ns, mean, line), tuple(ident), tuple(share), nonfinite,
+                      line, time.time() - t0)
+
+
+def caption_table(fmt: str = "fp64", *, n_max: int | None = None, seeds=(0, 1, 2), rows=ROWS, d: int = 64,
+                  backend: str | None = None, order: str = "pairwise", fit_from: int | None = None,
+                  line: float = PAPER_LINE, progress=None) -> list[CaptionRow]:
+    """Every row of :data:`ROWS` (or ``rows``) in format ``fmt``.
+
+    Defaults: float64 natively up to n = 10,000 (5–8 s per row, 35 s for the six rows on
+    two quiet cores); any other format on the emulated backend (uniform policy of that
+    format, ``order``) up to n = 2,000 (bf16: 27 s per row of three seeds on quiet
+    cores, 1–4 min under load)."""
+    if backend is None:
+        backend = "native" if fmt == "fp64" else "emulated"
+    if n_max is None:
+        n_max = 10_000 if fmt == "fp64" else 2_000
+    return [caption_row(label, setup, n_max=n_max, seeds=seeds, d=d, fmt=fmt, backend=backend, order=order,
+                        fit_from=fit_from, line=line, progress=progress) for label, setup in rows]
+
+
+def format_table(rows: list[CaptionRow]) -> str:
+    """A Markdown table of the rows' scalars."""
+    out = ["| setup | format | fit C·n^s (window) | fitted n at line | first n below line (mean) | first identical, n ≥ 5 (per seed) | identical share (per seed) | n_max |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cross = "never" if r.fit_crossing is None else f"{r.fit_crossing:,.0f}" + (
+            " (beyond n_max)" if r.fit_crossing > r.n_max else "")
+        below = "-" if r.first_below is None else f"{r.first_below:,}"
+        ident = ", ".join("-" if x is None else str(x) for x in r.first_identical)
+        share = ", ".join(f"{x:.2f}" for x in r.identical_share)
+        out.append(f"| {r.label} | {r.fmt} | {r.coefficient:.3g}·n^{r.exponent:+.2f} ({r.fit_window[0]}..{r.fit_window[1]}) "
+                   f"| {cross} | {below} | {ident} | {share} | {r.n_max:,} |")
+    return "\n".join(out)
