@@ -237,7 +237,7 @@ def test_cli_collapse_gaussian_writes_the_usual_table(tmp_path):
     assert main(["collapse", "--model", "gaussian", "--family", "repeat_last", "--pe", "rope", "--format", "fp64",
                  "--backend", "native", "--max-len", "40", "--d", "16", "--seed", "0", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "collapse.csv").read_text().splitlines()))
-    assert list(rows[0]) == ["n", "backend", "format", "dist_l1", "dist_linf", "bitwise_identical", "nonfinite"]
+    assert list(rows[0]) == ["n", "backend", "format", "dist_l1", "dist_linf", "bitwise_identical", "nonfinite", "exact_equal"]
     assert [int(r["n"]) for r in rows] == list(range(1, 41))
     c = gaussian_config(16, pe="rope", seed=0)
     ids, probe = _stream(40)
