@@ -26,7 +26,7 @@ import numpy as np
 from ..backends import backend_for_format
 from ..model import gaussian_config, init_params
 from .collapse import collapse_sweep
-from .paper import N_MIN, PAPER_LINE, decay_fit, first_below
+from .fits import N_MIN, PAPER_LINE, decay_fit, first_below
 
 ROWS: tuple[tuple[str, dict], ...] = (
     ("no PE", dict(pe="none")),
