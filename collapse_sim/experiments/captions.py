@@ -60,17 +60,23 @@ class CaptionRow:
     nonfinite: int  # pairs with a non-finite output, all seeds together
     line: float
     seconds: float
+    runs: tuple = ()  # the per-seed CollapseResults (with their pair outputs), with keep_runs=True
 
     def as_dict(self) -> dict:
         """The scalars (no curves), for tables and JSON."""
-        skip = {"ns", "mean_l1"}
+        skip = {"ns", "mean_l1", "runs"}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
 
 
 def caption_row(label: str, setup: dict, *, n_max: int = 10_000, seeds=(0, 1, 2), d: int = 64, fmt: str = "fp64",
                 backend: str = "native", order: str = "pairwise", fit_from: int | None = None,
-                line: float = PAPER_LINE, progress=None) -> CaptionRow:
+                line: float = PAPER_LINE, progress=None, keep_runs: bool = False,
+                bucket: int | None = None) -> CaptionRow:
     """Measure one setup: one forward per seed up to ``n_max``.
+
+    ``keep_runs`` keeps each seed's CollapseResult with both members of every pair
+    (for the signal-below-noise criterion); ``bucket`` pads the streams (one compiled
+    forward for runs of nearby lengths, :func:`collapse_sim.experiments.collapse.pad_stream`).
 
     ``fit_from``: the fit window is [fit_from, n_max] (default n_max/10; the fit
     never starts below n_max/10 or 5, :func:`collapse_sim.experiments.paper.decay_fit`).
@@ -78,10 +84,13 @@ def caption_row(label: str, setup: dict, *, n_max: int = 10_000, seeds=(0, 1, 2)
     "reference" (op by op in mpmath; small n only)."""
     t0 = time.time()
     be = backend_for_format(backend, fmt, order)
-    curves, ident, share, nonfinite = [], [], [], 0
+    curves, ident, share, nonfinite, runs = [], [], [], 0, []
     for s in seeds:
         params = init_params(gaussian_config(d, seed=s, **setup))
-        r = collapse_sweep(params, "repeat_last", n_max, be, fmt, seed=s, progress=progress)
+        r = collapse_sweep(params, "repeat_last", n_max, be, fmt, seed=s, progress=progress, bucket=bucket,
+                           keep_outputs=keep_runs)
+        if keep_runs:
+            runs.append(r)
         curves.append(r.l1)
         ident.append(r.first_identical(N_MIN))
         share.append(r.identical_share(N_MIN))
@@ -93,7 +102,7 @@ def caption_row(label: str, setup: dict, *, n_max: int = 10_000, seeds=(0, 1, 2)
     fit = decay_fit(ns[sel], mean[sel])
     return CaptionRow(label, dict(setup), fmt, be.label, tuple(seeds), int(ns[-1]), ns, mean, fit.slope, fit.const,
                       (int(lo), int(ns[-1])), fit.reaches(line), first_below(ns, mean, line), tuple(ident), tuple(share), nonfinite,
-                      line, time.time() - t0)
+                      line, time.time() - t0, tuple(runs))
 
 
 def caption_table(fmt: str = "fp64", *, n_max: int | None = None, seeds=(0, 1, 2), rows=ROWS, d: int = 64,

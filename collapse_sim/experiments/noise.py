@@ -76,3 +76,14 @@ def signal_noise(fmt: str, ns: np.ndarray, exact: tuple[np.ndarray, np.ndarray],
         noise = np.abs(fa - xa).sum(axis=1) + np.abs(fb - xb).sum(axis=1)
     noise = np.where(np.isfinite(noise), noise, np.inf)
     return SignalNoise(fmt, np.asarray(ns), signal, noise, exact_from)
+
+
+def noise_of(f64, r, fmt: str) -> SignalNoise:
+    """The format's signal-below-noise record against the float64 run of the same pairs
+    (both CollapseResults kept their outputs); pairs equal in exact arithmetic carry no signal."""
+    m = r.ns.size
+    (xa, xb), (fa, fb) = f64.outputs, r.outputs
+    sn = signal_noise(fmt, r.ns, (xa[:m], xb[:m]), (fa, fb), "float64")
+    if f64.exact_equal is not None:
+        sn.signal[f64.exact_equal[:m]] = 0.0
+    return sn

@@ -31,6 +31,7 @@ from ..plots import plot_curves
 from ..policy import Policy
 from .collapse import CollapseResult, collapse_sweep
 from .fits import N_MIN, PAPER_LINE, Decay, decay_fit, eps, first_below  # noqa: F401  (Decay: public here too)
+from .noise import noise_of
 
 BUCKET = 512  # emulated streams are padded to a multiple of this: fewer compiles
 REF = "arb256"
@@ -51,15 +52,30 @@ class Sizes:
     ref_n: int  # reference (256-bit arb balls) up to this n: Figs. 8 and 10
     family_ref_n: int  # ... the families
     window: int
+    caption_n: int  # the captions' Gaussian model: float64 (three seeds) up to this n
+    caption_fmt_n: int  # ... each emulated format up to this n
+    caption_formats: tuple[str, ...]
+    caption_fmt_seeds: int  # ... with this many of the seeds
+    caption_ref_n: int  # ... and the 256-bit reference up to this n (seed 0)
     seeds: int = 5
 
 
 ALL = ("bf16", "fp16", "e4m3fn", "fp32")
-QUICK = Sizes(formats=ALL, fig8_formats=("bf16", "fp16"), fig10_formats=("bf16",), family_formats=("bf16",),
-              fig8_n=1000, fig9_n=10_000, fig9_points=40, fig10_n=600, family_n=200, remedy_n=300, ref_n=200,
-              family_ref_n=200, window=32)
+# Quick sizes reach past the paper's crossings (Fig. 8 ≈ 500, Fig. 10 ≈ 800–1,000) in every model:
+# 1,536 = 3 emulated buckets.
+QUICK = Sizes(formats=ALL, fig8_formats=("bf16",), fig10_formats=("bf16",), family_formats=("bf16",),
+              fig8_n=1536, fig9_n=10_000, fig9_points=40, fig10_n=1536, family_n=200, remedy_n=300, ref_n=128,
+              family_ref_n=200, window=32, caption_n=2048, caption_fmt_n=1536, caption_formats=("bf16",),
+              caption_fmt_seeds=1, caption_ref_n=64)
 FULL = Sizes(formats=ALL, fig8_formats=ALL, fig10_formats=ALL, family_formats=ALL, fig8_n=10_000, fig9_n=10_000,
-             fig9_points=120, fig10_n=5000, family_n=2000, remedy_n=2000, ref_n=2048, family_ref_n=512, window=128)
+             fig9_points=120, fig10_n=5000, family_n=2000, remedy_n=2000, ref_n=2048, family_ref_n=512, window=128,
+             caption_n=10_000, caption_fmt_n=2048, caption_formats=("bf16", "fp16", "e4m3fn"), caption_fmt_seeds=3,
+             caption_ref_n=256)
+# Toy sizes: every section and figure in seconds (tests).
+TINY = Sizes(formats=("bf16",), fig8_formats=("bf16",), fig10_formats=("bf16",), family_formats=("bf16",),
+             fig8_n=48, fig9_n=600, fig9_points=6, fig10_n=48, family_n=24, remedy_n=24, ref_n=16, family_ref_n=16,
+             window=8, caption_n=64, caption_fmt_n=48, caption_formats=("bf16",), caption_fmt_seeds=1, caption_ref_n=8,
+             seeds=2)
 
 PAPER_READING = {"Fig. 8": "≈ 500", "Fig. 9": "≈ 2,400–2,500", "Fig. 10": "≈ 800–1,000 (ALiBi slightly later)"}
 
@@ -76,6 +92,7 @@ class Context:
     comparison: list[dict] = dataclasses.field(default_factory=list)  # rows of the paper-comparison table
     findings: dict = dataclasses.field(default_factory=dict)  # measured facts the disagreement section cites
     csv_rows: list[dict] = dataclasses.field(default_factory=list)
+    noise: dict = dataclasses.field(default_factory=dict)  # run tag -> {format: SignalNoise} against float64
 
 
 def _log(msg: str) -> None:
@@ -96,12 +113,15 @@ def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str
     for name, be, bucket in runs:
         t0 = time.time()
         nn = min(n, ref_n) if name == REF else n
-        r = collapse_sweep(params, family, nn, be, name, sep=sep, bucket=bucket)
+        r = collapse_sweep(params, family, nn, be, name, sep=sep, bucket=bucket, keep_outputs=name != REF)
         _log(f"{tag} / {name}: n ≤ {nn:,} in {time.time() - t0:.1f} s")
         out[name] = r
         for row in r.rows():
             row.update(experiment=tag, family=family)
             ctx.csv_rows.append(row)
+    ctx.noise[tag] = {f: noise_of(out["fp64"], out[f], f) for f in formats}
+    for r in out.values():  # the outputs served the noise records; keep the distances only
+        r.outputs = None
     return out
 
 
@@ -208,16 +228,18 @@ FIG8_SETUPS = [("sinusoidal APE in the residual stream", dict(pe="sinusoidal", a
 def section_fig8(ctx: Context, lines: list[str]) -> None:
     sz = ctx.sizes
     n = sz.fig8_n
-    lines += ["## Fig. 8: v vs v* (last token repeated), sinusoidal positions", "",
-              f"One layer, d = 64, one head, LayerNorm, W_q, W_k, W_v ~ N(0, 1/d), random tokens, n = 1..{n:,}. "
+    lines += ["### Decoder variants", "",
+              f"A decoder instead of drawn q, k, v: one layer, d = 64, one head, LayerNorm, W_q, W_k, W_v ~ N(0, 1/d), "
+              f"random tokens, n = 1..{n:,}. "
               "Distances between the last-token outputs of v (length n) and v* (length n+1). "
               "Whether the last token's own absolute position enters the residual stream decides whether the "
               "distance can vanish, so both placements run.", ""]
     for setup, over in FIG8_SETUPS:
         res = run_backends(ctx, _model(**over), "repeat_last", n, sz.fig8_formats, tag=f"Fig. 8, {setup}")
-        row = _comparison(ctx, "Fig. 8", setup, res, n)
+        row = _comparison(ctx, "Fig. 8", f"decoder: {setup}", res, n)
         ctx.findings[("fig8", over["ape"])] = res
-        lines += [f"### {setup}", "", *_TABLE_HEAD, *_collapse_rows(res, sz.fig8_formats, n), "", _fit_line(res, row["fit"]), ""]
+        lines += [f"#### Decoder, {setup}", "", *_TABLE_HEAD, *_collapse_rows(res, sz.fig8_formats, n), "",
+                  _fit_line(res, row["fit"]), ""]
         png = plot_curves(_curves(res), ctx.outdir / f"fig8_{over['ape']}.png",
                           title=f"Fig. 8: v vs v*, {setup}, d = 64", ylabel="‖y_n − y*_(n+1)‖₁",
                           hlines=_eps_lines(sz.fig8_formats), x_min=N_MIN,
@@ -339,14 +361,14 @@ FIG10_SETUPS = [("sinusoidal APE (residual)", dict(pe="sinusoidal", ape="residua
 def section_fig10(ctx: Context, lines: list[str]) -> None:
     sz = ctx.sizes
     n = sz.fig10_n
-    lines += ["## Fig. 10: positional encodings", "",
-              f"v vs v*, one layer, d = 64, one head, LayerNorm, L1 distance, n = 1..{n:,}. "
+    lines += ["### Decoder variants", "",
+              f"v vs v* in a decoder: one layer, d = 64, one head, LayerNorm, L1 distance, n = 1..{n:,}. "
               f"Emulated formats: {', '.join(sz.fig10_formats)}; float64; the reference up to n = {min(n, sz.ref_n):,}.", ""]
     series, table, fits = [], [], []
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
     for (setup, over), c in zip(FIG10_SETUPS, colors):
         res = run_backends(ctx, _model(**over), "repeat_last", n, sz.fig10_formats, tag=f"Fig. 10, {setup}")
-        row = _comparison(ctx, "Fig. 10", setup, res, n)
+        row = _comparison(ctx, "Fig. 10", f"decoder: {setup}", res, n)
         ctx.findings[("fig10", setup)] = res
         for line in _collapse_rows(res, sz.fig10_formats, n):
             table.append(f"| {setup} " + line)
@@ -504,7 +526,7 @@ def disagreements(ctx: Context) -> list[str]:
         res = F.get(("fig8", ape))
         if res is None:
             continue
-        c = rows[("Fig. 8", label)]
+        c = rows[("Fig. 8", f"decoder: {label}")]
         fit, n = c["fit"], int(res["fp64"].ns[-1])
         crossed = c["cross_l1"] is not None
         head = (f"**Fig. 8, {label}: "
@@ -527,13 +549,13 @@ def disagreements(ctx: Context) -> list[str]:
     if fig10:
         parts = []
         for setup, res in fig10:
-            c = rows[("Fig. 10", setup)]
+            c = rows[("Fig. 10", f"decoder: {setup}")]
             fit = c["fit"]
             parts.append(f"{setup}: n^{fit.slope:+.2f}, "
                          + (f"‖·‖₁ below 2^-7 from n = {c['cross_l1']:,}" if c["cross_l1"] else
                             (f"extrapolated to 2^-7 near {fit.reach_text()}" if fit.reaches(PAPER_LINE) else "no decay"))
                          + (f", ‖·‖∞ below it from n = {c['cross_linf']:,}" if c["cross_linf"] else ""))
-        slopes = {setup: rows[("Fig. 10", setup)]["fit"].slope for setup, _ in fig10}
+        slopes = {setup: rows[("Fig. 10", f"decoder: {setup}")]["fit"].slope for setup, _ in fig10}
         fast = [k for k, v in slopes.items() if v <= -0.8]
         slow = [k for k, v in slopes.items() if -0.8 < v <= -0.2]
         flat = [k for k, v in slopes.items() if not v <= -0.2]
@@ -645,12 +667,6 @@ def disagreements(ctx: Context) -> list[str]:
     return out
 
 
-def section_disagreements(ctx: Context, lines: list[str]) -> None:
-    lines += ["## Where we disagree with the paper, and why", ""]
-    for para in disagreements(ctx):
-        lines += [para, ""]
-
-
 def write_csv(ctx: Context) -> Path:
     import csv
 
@@ -662,26 +678,3 @@ def write_csv(ctx: Context) -> Path:
         w.writerows(ctx.csv_rows)
     tmp.replace(path)
     return path
-
-
-def paper_sections(quick: bool):
-    """(name, fn(lines, outdir)) for ``reproduce``; the sections share one context."""
-    state: dict = {}
-
-    def bind(fn):
-        def run(lines: list[str], outdir: Path) -> None:
-            if "ctx" not in state:
-                state["ctx"] = Context(Path(outdir), QUICK if quick else FULL, quick)
-            fn(state["ctx"], lines)
-        return run
-
-    def finish(ctx: Context, lines: list[str]) -> None:
-        section_comparison(ctx, lines)
-        section_disagreements(ctx, lines)
-        path = write_csv(ctx)
-        lines += [f"Every pair distance of every run above is in `{path.name}` (columns: experiment, family, "
-                  "backend, format, n, L1, L∞, bitwise identical, non-finite).", ""]
-
-    return [("Fig. 8", bind(section_fig8)), ("Fig. 9", bind(section_fig9)), ("Fig. 10", bind(section_fig10)),
-            ("copying and counting", bind(section_families)), ("remedies", bind(section_remedies)),
-            ("comparison", bind(finish))]
