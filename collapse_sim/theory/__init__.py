@@ -12,7 +12,7 @@ operations, 64·(n + d)·L as in the backend cross-checks).
 |---|---|---|
 | ``b1`` | Lemma B.1: weights ≤ e^{M−m}/n; gap > 0, = closed form, ≤ e^{2(M−m)}/(n(n+1)) | softmax |
 | ``b2`` | Lemma B.2: δ ≤ 2k e^{M−m}/n (first k differ); δ ≤ 2 tanh(w/4) (band width w) | softmax |
-| ``b4`` | Prop. B.4: δ = 2(e−1)/(e+1) for every even n | softmax |
+| ``b4`` | Prop. B.4: δ_n = L = 2(e−1)/(e+1) for even n, L + C/(n² − tanh²½) for odd n | softmax |
 | ``thm42`` | Thm 4.2/B.3: ‖y_n − y*_{n+1}‖₂ ≤ explicit layer-wise bound | collapse |
 | ``thm51`` | Thm 5.1/B.5: ‖∂y_n/∂v_i‖₂ ≤ C [Π(Λ̄/β₁ + I)]_{n,i} (frozen weights and norms) | oversquash |
 | ``b6`` | Lemma B.6: spectral radius 1, simple when rows ≥ 2 have ≥ 2 non-zeros | oversquash |
