@@ -73,28 +73,38 @@ def test_prop_b4_limit_and_odd_rate():
         assert abs(n * n * (d - L) - C) <= sm.b4_rate_deviation_bound(n, prec) + n * n * _b4_slack(n, prec)
 
 
-def test_prop_b8_rate_is_the_diagonal_prediction():
-    """1 − [(½(Λ+I))^L]_{n,1} decays like λ^L with λ = max_{i≥2}(1 + Λ_ii)/2 = 3/4 for
-    uniform causal attention. The fitted per-step ratio over [L, 2L] differs from λ by
-    the next eigenvalue's share, O((λ₃/λ)^L) with λ₃ = 2/3."""
-    n = 8
-    lam = osq.b8_rate(n)
-    assert lam == 0.75
-    for L in (40, 80, 160):
-        t1, t2 = osq.b8_tail(n, [L, 2 * L], 150)
-        rate = float((t2 / t1) ** (mpmath.mpf(1) / L))
-        # |rate − λ| ≤ λ · n · (λ₃/λ)^L / L: n eigen-components at most, each relative share ≤ (λ₃/λ)^L
-        assert abs(rate - lam) <= lam * n * (2 / 3 / lam) ** L / L
+def test_prop_b8_sharp_geometric_bound():
+    """Prop. B.8 (proofs/stochastic_matrices.md): with M = ½(Λ + I), Λ uniform causal attention,
+    f(i) = i − 1 and h(i) = (i − 1)(i − 2) are eigenvectors (M f = ¾ f, M h = ⅔ h), hence
+    (n−1)(¾)^L − ½(n−1)(n−2)(⅔)^L ≤ Σ_{i≥2}[M^L]_{n,i} ≤ (n−1)(¾)^L. Exact rationals for every
+    n ≤ 24 and L ≤ 300; the ratio tail/bound → 1, so the bound is attained asymptotically
+    (3/4 = M_22, the largest diagonal entry after the first: the diagonal prediction)."""
+    for n in range(2, 25):
+        M = osq.b8_matrix(n)
+        assert osq.is_stochastic_lower([[2 * v - (i == j) for j, v in enumerate(row)] for i, row in enumerate(M)])
+        f = [Fraction(i) for i in range(n)]
+        h = [Fraction(i * (i - 1)) for i in range(n)]
+        assert [sum(a * b for a, b in zip(row, f)) for row in M] == [Fraction(3, 4) * v for v in f]
+        assert [sum(a * b for a, b in zip(row, h)) for row in M] == [Fraction(2, 3) * v for v in h]
+        assert max(M[i][i] for i in range(1, n)) == Fraction(3, 4)
+        tails = osq.b8_tails(n, 300)
+        for L, t in enumerate(tails):
+            assert osq.b8_tail_lower(n, L) <= t <= osq.b8_tail_bound(n, L), (n, L)
+        # sharp: 1 − tail/bound ≤ (n − 2)/2 · (8/9)^L, below 10^-14 at L = 300 for every n ≤ 24
+        assert 1 - tails[300] / osq.b8_tail_bound(n, 300) <= Fraction(n - 2, 2) * Fraction(8, 9) ** 300
 
 
-def test_lemma_b6_needs_two_nonzeros_per_row():
-    """The counterexample behind B.6's hypothesis: a row whose only non-zero is on the
-    diagonal adds a second eigenvalue 1."""
-    A = [[Fraction(1), Fraction(0), Fraction(0)],
-         [Fraction(1, 2), Fraction(1, 2), Fraction(0)],
-         [Fraction(0), Fraction(0), Fraction(1)]]
-    assert osq.is_stochastic_lower(A)
-    assert osq.root_multiplicity(osq.char_poly(A), Fraction(1)) == 2
+def test_lemma_b6_simple_iff_diagonal_below_one():
+    """B.6's eigenvalue 1 is simple iff Λ_ii < 1 for every i ≥ 2, i.e. iff every row after
+    the first has a non-zero left of the diagonal; "≥ 2 non-zeros per row" is sufficient,
+    not necessary. A diagonal-only row adds a second eigenvalue 1; a row (1, 0, 0) has one
+    non-zero and Λ_33 = 0, and 1 stays simple."""
+    h = Fraction(1, 2)
+    for last, mult in (([0, 0, 1], 2), ([1, 0, 0], 1)):
+        A = [[Fraction(1), Fraction(0), Fraction(0)], [h, h, Fraction(0)], [Fraction(v) for v in last]]
+        assert osq.is_stochastic_lower(A)
+        assert osq.char_poly(A) == osq.diagonal_poly(A)
+        assert osq.root_multiplicity(osq.char_poly(A), Fraction(1)) == mult
 
 
 def _thm51_instance(n=10, n_layers=2):
