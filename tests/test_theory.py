@@ -15,7 +15,11 @@ from collapse_sim.theory import STATEMENTS, Case, check
 from collapse_sim.theory import oversquash as osq
 from collapse_sim.theory import softmax as sm
 
-PINS = [Case(0, 1), Case(1, 6, "equal"), Case(2, 6, "dominant"), Case(3, 6, "maxnorm"), Case(4, 1, "n=1")]
+PINS = [Case(0, 1), Case(1, 6, "equal"), Case(2, 6, "dominant"), Case(3, 6, "maxnorm"), Case(4, 1, "n=1"),
+        # thm42 found by a random search: RoPE, window 2, tokens (2, 2): the exact distance is 0, the two
+        # 256-bit outputs differ by 2^-250 and straddle a float64 rounding boundary (observed is now
+        # differenced at 256 bits, before any conversion to float64)
+        Case(272, 2, "maxnorm")]
 
 
 def _budget(statement) -> int:
@@ -38,6 +42,7 @@ def test_bound_walk(name):
     @example(case=PINS[2])
     @example(case=PINS[3])
     @example(case=PINS[4])
+    @example(case=PINS[5])
     def walk(case):
         checks = check(name, case)
         assert checks

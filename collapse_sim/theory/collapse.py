@@ -30,6 +30,7 @@ derives each step.
 
 from __future__ import annotations
 
+import mpmath
 import numpy as np
 
 from .. import positional
@@ -131,16 +132,34 @@ def collapse_bound(params: Params, tokens, tr: Trace | None = None) -> np.ndarra
     return norm_step(params, "n3", tr.x[c.n_layers], delta)
 
 
+def reference_differences(a, b, prec: int) -> np.ndarray:
+    """``a − b`` for two arrays of the reference backend (mpf tuples), as an object array of
+    ``mpmath.mpf`` rounded once to ``prec`` bits: differences of nearly equal outputs are
+    taken before anything is rounded to float64 (two outputs 2^-256 apart can round to
+    float64 numbers an ulp apart)."""
+    from mpmath import libmp as mlib
+
+    out = np.empty(np.shape(a), dtype=object)
+    with mpmath.workprec(prec):
+        for idx in np.ndindex(*out.shape):
+            out[idx] = mpmath.mpf(mlib.mpf_sub(a[idx], b[idx], prec))
+    return out
+
+
 def observed_distance(params: Params, tokens, prec: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """‖y(t_1..t_n) − y(t_1..t_n t_n)‖₂ for n = 1..N in the mpmath reference at ``prec``
-    bits, and the scale max(|y|, |y*|) per n."""
+    bits (differences and norms at ``prec`` bits, then rounded to float64), and the scale
+    max(|y|, |y*|) per n."""
     from ..backends import make_backend
     from ..model import forward
 
     r = make_backend("reference", str(prec))
     y, yp = forward(params, np.asarray(tokens), r, probe=np.asarray(tokens))
+    diff = reference_differences(y, yp, prec)
+    with mpmath.workprec(prec):
+        dist = np.array([float(mpmath.sqrt(mpmath.fsum(v * v for v in row))) for row in diff])
     y, yp = r.to_numpy(y), r.to_numpy(yp)
-    return np.linalg.norm(y - yp, axis=1), np.maximum(np.max(np.abs(y), axis=1), np.max(np.abs(yp), axis=1))
+    return dist, np.maximum(np.max(np.abs(y), axis=1), np.max(np.abs(yp), axis=1))
 
 
 def predicted_collapse_length(bound: np.ndarray, scale: np.ndarray, p: int) -> int | None:
