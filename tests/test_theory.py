@@ -168,6 +168,67 @@ def test_thm42_bound_decays_like_one_over_n_without_positions():
     assert np.min(collapse_bound(Ps, toks)[200:]) > 0.1 * np.max(collapse_bound(Ps, toks))
 
 
+def test_rope_step_uses_the_model_tables():
+    """The RoPE term of Thm 4.2's bound, ‖(R̃_{p+1} − R̃_p)u‖, with R̃ the float64 tables the model
+    multiplies by: the 256-bit value from those tables lies within a factor 1 + 2^-50 + γ_{dh+4}
+    of ``rope_shift`` (float64, exact-rational step factors) at p = 0, 7 and 10^6. The shortcut
+    R̃_{p+1} = R̃_1 R̃_p (exact for true rotations) is off by ten times that at p = 10^6."""
+    from collapse_sim import positional
+    from collapse_sim.theory.trace import rope_shift, rope_step_factors
+
+    from collapse_sim.theory import gamma
+
+    # factors rounded up by ≤ 2^-50; x rounded to float64, dh/2 squares summed and √ in float64
+    dh = 8
+    tol = 2.0**-50 + gamma(dh + 4, 2.0**-53)
+    rng = np.random.default_rng(5)
+    for p in (0, 7, 10**6):
+        u = rng.standard_normal(dh)
+        cos, sin = positional.rope_tables(np.array([p, p + 1, 1]), dh)
+        with mpmath.workprec(256):
+            def rot(k, v):
+                c, s_ = [mpmath.mpf(float(t)) for t in cos[k]], [mpmath.mpf(float(t)) for t in sin[k]]
+                return [w for i in range(dh // 2) for w in (v[2 * i] * c[i] - v[2 * i + 1] * s_[i], v[2 * i] * s_[i] + v[2 * i + 1] * c[i])]
+
+            U = [mpmath.mpf(float(t)) for t in u]
+            x, x1 = rot(0, U), rot(1, U)
+            exact = mpmath.sqrt(mpmath.fsum((a - b) ** 2 for a, b in zip(x1, x)))
+            shortcut = mpmath.sqrt(mpmath.fsum((a - b) ** 2 for a, b in zip(rot(2, x), x)))  # (R̃_1 − I) R̃_p u
+            xf = np.array([float(t) for t in x])[None, :]
+        step = float(np.sqrt(np.sum(rope_step_factors(1, dh, p) ** 2 * (xf[:, 0::2] ** 2 + xf[:, 1::2] ** 2))))
+        assert exact <= step * (1 + tol) and step <= exact * (1 + tol), (p, exact, step)
+        if p == 0:
+            assert rope_shift(xf)[0] == step
+        if p == 10**6:
+            assert abs(shortcut / exact - 1) > 10 * tol
+
+
+def test_thm42_table_per_positional_setup():
+    """``thm42_table``: observed distance, explicit bound and their ratio per n. Without positions
+    and with ALiBi the theorem's hypothesis holds and the bound decays with n; with sinusoidal
+    APE in the residual and with RoPE it does not hold, the check says so, and the bound stays at
+    the LayerNorm cap 2√d‖g‖_∞ (valid, but it cannot become small: the ratio shows it)."""
+    from collapse_sim.model import ModelConfig, init_params
+    from collapse_sim.theory import gamma
+    from collapse_sim.theory.collapse import thm42_table
+
+    toks = np.random.default_rng(0).integers(0, 6, 32)
+    cap = 2 * np.sqrt(8)
+    for pe in ("none", "alibi", "sinusoidal", "rope"):
+        P = init_params(ModelConfig(d=8, n_layers=1, vocab=6, pe=pe, seed=0))
+        rows = thm42_table(P, toks, [4, 32])
+        assert [r["n"] for r in rows] == [4, 32]
+        for r in rows:
+            cst.assert_bound_holds(r["observed"], r["bound"] * (1 + gamma(64 * (r["n"] + 9), 2.0**-53)), what=pe)
+            assert r["hypothesis_met"] == (pe in ("none", "alibi")) and bool(r["hypothesis"]) != r["hypothesis_met"]
+            assert r["ratio"] == r["observed"] / r["bound"]
+        if pe in ("none", "alibi"):
+            assert rows[1]["bound"] < 0.1 * rows[0]["bound"]
+        else:
+            assert all(abs(r["bound"] - cap) <= 1e-12 * cap for r in rows)
+            assert rows[1]["ratio"] < 0.2
+
+
 def test_predicted_collapse_length_from_the_bound():
     """n*(fmt): the first n where Thm 4.2's bound drops below 2^-p·‖y_n‖. It exists for a
     one-layer model without positions and grows with p; it never exists when sinusoidal

@@ -58,10 +58,17 @@ class Check:
     observed: float
     bound: float
     slack: float = 0.0
+    hypothesis: str | None = None  # None: the instance meets the statement's hypothesis; else why not
 
     @property
     def holds(self) -> bool:
         return bool(self.observed <= self.bound + self.slack)
+
+    @property
+    def verdict(self) -> str:
+        """"NO" when the bound fails; "hypothesis not met" when it holds on an instance outside
+        the statement's hypothesis (the bound is valid there but need not be small); "yes"."""
+        return "NO" if not self.holds else ("yes" if self.hypothesis is None else "hypothesis not met")
 
     @property
     def tightness(self) -> float:

@@ -124,7 +124,7 @@ def check_b4(case: Case) -> list[Check]:
 # -- models -----------------------------------------------------------------------
 
 def check_thm42(case: Case) -> list[Check]:
-    from .collapse import collapse_bound, observed_distance
+    from .collapse import collapse_bound, observed_distance, thm42_hypothesis
 
     rng = _rng(case, 42)
     n = case.length
@@ -134,7 +134,8 @@ def check_thm42(case: Case) -> list[Check]:
     obs, scale = observed_distance(P, toks, REF_PREC)
     slack = 2 * gamma(_chain(n + 1, P), 2.0**-REF_PREC) * scale
     worst = int(np.argmax(obs - bound))
-    return [Check("thm42", f"‖y_n − y*_(n+1)‖₂ (n={i + 1}, {P.config.pe})", float(obs[i]), float(bound[i]), float(slack[i]))
+    why = thm42_hypothesis(P.config)
+    return [Check("thm42", f"‖y_n − y*_(n+1)‖₂ (n={i + 1}, {P.config.pe})", float(obs[i]), float(bound[i]), float(slack[i]), why)
             for i in sorted({worst, n - 1})]
 
 
