@@ -187,9 +187,10 @@ def check_b6(case: Case) -> list[Check]:
     n = min(case.length, 7)
     A = _stochastic(case, 6, n, 1)  # any rows: diagonal-only rows and single off-diagonal non-zeros included
     ones = sum(A[i][i] == 1 for i in range(n))
-    return [Check("b6", f"char. polynomial ≠ Π(t − Λ_ii) (n={n})", float(char_poly(A) != diagonal_poly(A)), 0.0),
+    cp = char_poly(A)
+    return [Check("b6", f"char. polynomial ≠ Π(t − Λ_ii) (n={n})", float(cp != diagonal_poly(A)), 0.0),
             Check("b6", f"|mult. of eigenvalue 1 − #(Λ_ii = 1)| (n={n}, {ones} ones)",
-                  float(abs(root_multiplicity(char_poly(A), Fraction(1)) - ones)), 0.0)]
+                  float(abs(root_multiplicity(cp, Fraction(1)) - ones)), 0.0)]
 
 
 def check_b7(case: Case) -> list[Check]:
