@@ -297,6 +297,20 @@ def test_strategies_produce_valid_objects():
     inner()
 
 
+def test_check_verdict_names_an_unmet_hypothesis():
+    """A bound that holds outside its statement's hypothesis is not reported as a pass."""
+    from collapse_sim.model import ModelConfig
+    from collapse_sim.theory import Check
+    from collapse_sim.theory.collapse import thm42_hypothesis
+
+    assert Check("s", "q", 1.0, 2.0).verdict == "yes"
+    assert Check("s", "q", 1.0, 2.0, hypothesis="why").verdict == "hypothesis not met"
+    assert Check("s", "q", 3.0, 2.0, hypothesis="why").verdict == "NO"
+    assert thm42_hypothesis(ModelConfig(d=4, pe="alibi")) is None
+    assert "window" in thm42_hypothesis(ModelConfig(d=4, pe="none", window=3))
+    assert "RoPE" in thm42_hypothesis(ModelConfig(d=4, pe="rope"))
+
+
 def test_assert_bound_holds_fails_loudly():
     with pytest.raises(AssertionError, match="exceeds bound"):
         cst.assert_bound_holds(np.array([0.5, 2.0]), np.array([1.0, 1.0]), what="demo")
