@@ -149,6 +149,14 @@ def reference_differences(a, b, prec: int) -> np.ndarray:
     return out
 
 
+def reference_row_distances(a, b, prec: int) -> np.ndarray:
+    """‖a_i − b_i‖₂ per row of two (N, d) reference arrays: differences and norms at
+    ``prec`` bits (``reference_differences``), then rounded to float64."""
+    diff = reference_differences(a, b, prec)
+    with mpmath.workprec(prec):
+        return np.array([float(mpmath.sqrt(mpmath.fsum(v * v for v in row))) for row in diff])
+
+
 def observed_distance(params: Params, tokens, prec: int = 256, engine: str = "mpmath") -> tuple[np.ndarray, np.ndarray]:
     """‖y(t_1..t_n) − y(t_1..t_n t_n)‖₂ for n = 1..N at ``prec`` bits (differences and norms
     at ``prec`` bits, then rounded to float64), and the scale max(|y|, |y*|) per n.
@@ -166,9 +174,7 @@ def observed_distance(params: Params, tokens, prec: int = 256, engine: str = "mp
         raise ValueError(f"unknown engine {engine!r}; use mpmath or arb")
     y, yp = forward(params, np.asarray(tokens), r, probe=np.asarray(tokens))
     if engine == "mpmath":
-        diff = reference_differences(y, yp, prec)
-        with mpmath.workprec(prec):
-            dist = np.array([float(mpmath.sqrt(mpmath.fsum(v * v for v in row))) for row in diff])
+        dist = reference_row_distances(y, yp, prec)
     else:
         ctx = r.flint.ctx
         old, ctx.prec = ctx.prec, prec
