@@ -213,7 +213,7 @@ def cmd_theorem(args) -> int:
             worst = max(worst, t) if t == t else worst
             failed += not c.holds
             print(f"seed={case.seed % 10**6:<6d} n={case.length:<3d} {str(case.edge or ''):9s} {c.quantity[:48]:48s} "
-                  f"{_fmt_num(c.observed):>12s} {_fmt_num(c.bound):>12s} {_fmt_num(t):>10s}  {'yes' if c.holds else 'NO'}")
+                  f"{_fmt_num(c.observed):>12s} {_fmt_num(c.bound):>12s} {_fmt_num(t):>10s}  {c.verdict}")
     print(f"{args.instances} instances; largest observed/bound {worst:.4g}; "
           + ("every check holds" if not failed else f"{failed} checks FAIL: counterexamples above"))
     return 1 if failed else 0

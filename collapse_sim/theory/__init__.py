@@ -12,12 +12,12 @@ operations, 64·(n + d)·L as in the backend cross-checks).
 |---|---|---|
 | ``b1`` | Lemma B.1: weights ≤ e^{M−m}/n; gap > 0, = closed form, ≤ e^{2(M−m)}/(n(n+1)) | softmax |
 | ``b2`` | Lemma B.2: δ ≤ 2k e^{M−m}/n (first k differ); δ ≤ 2 tanh(w/4) (band width w) | softmax |
-| ``b4`` | Prop. B.4: δ = 2(e−1)/(e+1) for every even n | softmax |
+| ``b4`` | Prop. B.4: δ_n = L = 2(e−1)/(e+1) for even n, L + C/(n² − tanh²½) for odd n | softmax |
 | ``thm42`` | Thm 4.2/B.3: ‖y_n − y*_{n+1}‖₂ ≤ explicit layer-wise bound | collapse |
 | ``thm51`` | Thm 5.1/B.5: ‖∂y_n/∂v_i‖₂ ≤ C [Π(Λ̄/β₁ + I)]_{n,i} (frozen weights and norms) | oversquash |
-| ``b6`` | Lemma B.6: spectral radius 1, simple when rows ≥ 2 have ≥ 2 non-zeros | oversquash |
+| ``b6`` | Lemma B.6: eigenvalues = diagonal (ρ = 1); multiplicity of 1 = #{i: Λ_ii = 1}, so simple iff Λ_ii < 1 for i ≥ 2 | oversquash |
 | ``b7`` | Lemma B.7: products of row-stochastic lower-triangular matrices stay so | oversquash |
-| ``b8`` | Prop. B.8: Σ_{i≥2}[(½(Λ+I))^L]_{n,i} ≤ explicit geometric bound | oversquash |
+| ``b8`` | Prop. B.8: (n−1)(¾)^L − ½(n−1)(n−2)(⅔)^L ≤ Σ_{i≥2}[(½(Λ+I))^L]_{n,i} ≤ (n−1)(¾)^L, exact rationals | oversquash |
 | ``b9`` | Prop. B.9: one layer, no positions: same count ratios, same output | counting |
 """
 
@@ -58,10 +58,17 @@ class Check:
     observed: float
     bound: float
     slack: float = 0.0
+    hypothesis: str | None = None  # None: the instance meets the statement's hypothesis; else why not
 
     @property
     def holds(self) -> bool:
         return bool(self.observed <= self.bound + self.slack)
+
+    @property
+    def verdict(self) -> str:
+        """"NO" when the bound fails; "hypothesis not met" when it holds on an instance outside
+        the statement's hypothesis (the bound is valid there but need not be small); "yes"."""
+        return "NO" if not self.holds else ("yes" if self.hypothesis is None else "hypothesis not met")
 
     @property
     def tightness(self) -> float:

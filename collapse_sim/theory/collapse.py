@@ -11,7 +11,8 @@ run). Per layer ℓ, with Δ = ‖v_n^(ℓ) − v*_{n+1}^(ℓ)‖₂:
   ‖g‖_∞ / √(max(0, std − Δ/√d)² + ε); RMSNorm alike with the RMS; none: 1);
 * score band: for j in the common support, s*_j − s_j lies in an interval of width
   w = 2·ε_q·max‖k_j‖/√d_h (ε_q: how far the query can move, including the RoPE
-  step ‖(R_1 − I)q_n‖ and, for ``ape="scores"``, ‖PE[n+1] − PE[n]‖); ALiBi only
+  step ‖(R̃_{n+1} − R̃_n)u‖ with the model's float64 tables and, for ``ape="scores"``,
+  ‖PE[n+1] − PE[n]‖); ALiBi only
   shifts the band, which softmax ignores;
 * total variation of the two attention rows (mass on the new key n+1 and on the
   key a sliding window drops included):
@@ -24,12 +25,15 @@ run). Per layer ℓ, with Δ = ‖v_n^(ℓ) − v*_{n+1}^(ℓ)‖₂:
 
 With Δ^(0) = 0 (no absolute PE in the residual stream) every term is O(1/n)
 (q_out ≤ e^{range}/(n+1)); with sinusoidal APE in the residual Δ^(0) =
-‖PE[n+1] − PE[n]‖ does not decay and neither does the bound. proofs/thm42_collapse.md
-derives each step.
+‖PE[n+1] − PE[n]‖ does not decay and neither does the bound; with RoPE the query's
+step does not decay either. ``thm42_hypothesis`` names such models (the bound holds there
+but cannot become small) and ``thm42_table`` shows observed, bound and ratio per n.
+proofs/thm42_collapse.md derives each step.
 """
 
 from __future__ import annotations
 
+import mpmath
 import numpy as np
 
 from .. import positional
@@ -131,16 +135,90 @@ def collapse_bound(params: Params, tokens, tr: Trace | None = None) -> np.ndarra
     return norm_step(params, "n3", tr.x[c.n_layers], delta)
 
 
-def observed_distance(params: Params, tokens, prec: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """‖y(t_1..t_n) − y(t_1..t_n t_n)‖₂ for n = 1..N in the mpmath reference at ``prec``
-    bits, and the scale max(|y|, |y*|) per n."""
+def reference_differences(a, b, prec: int) -> np.ndarray:
+    """``a − b`` for two arrays of the reference backend (mpf tuples), as an object array of
+    ``mpmath.mpf`` rounded once to ``prec`` bits: differences of nearly equal outputs are
+    taken before anything is rounded to float64 (two outputs 2^-256 apart can round to
+    float64 numbers an ulp apart)."""
+    from mpmath import libmp as mlib
+
+    out = np.empty(np.shape(a), dtype=object)
+    with mpmath.workprec(prec):
+        for idx in np.ndindex(*out.shape):
+            out[idx] = mpmath.mpf(mlib.mpf_sub(a[idx], b[idx], prec))
+    return out
+
+
+def reference_row_distances(a, b, prec: int) -> np.ndarray:
+    """‖a_i − b_i‖₂ per row of two (N, d) reference arrays: differences and norms at
+    ``prec`` bits (``reference_differences``), then rounded to float64."""
+    diff = reference_differences(a, b, prec)
+    with mpmath.workprec(prec):
+        return np.array([float(mpmath.sqrt(mpmath.fsum(v * v for v in row))) for row in diff])
+
+
+def observed_distance(params: Params, tokens, prec: int = 256, engine: str = "mpmath") -> tuple[np.ndarray, np.ndarray]:
+    """‖y(t_1..t_n) − y(t_1..t_n t_n)‖₂ for n = 1..N at ``prec`` bits (differences and norms
+    at ``prec`` bits, then rounded to float64), and the scale max(|y|, |y*|) per n.
+    ``engine="mpmath"``: the reference backend, op by op; ``"arb"``: the arb ball backend
+    (~100x faster; the differences are ball midpoints, within the balls' radii of the exact
+    ones, and the norm is taken in float64)."""
     from ..backends import make_backend
     from ..model import forward
 
-    r = make_backend("reference", str(prec))
+    if engine == "mpmath":
+        r = make_backend("reference", str(prec))
+    elif engine == "arb":
+        r = make_backend("interval", f"arb{prec}")
+    else:
+        raise ValueError(f"unknown engine {engine!r}; use mpmath or arb")
     y, yp = forward(params, np.asarray(tokens), r, probe=np.asarray(tokens))
+    if engine == "mpmath":
+        dist = reference_row_distances(y, yp, prec)
+    else:
+        ctx = r.flint.ctx
+        old, ctx.prec = ctx.prec, prec
+        try:
+            dist = np.linalg.norm(np.array([[float((u - v).mid()) for u, v in zip(ra, rb)] for ra, rb in zip(y, yp)]), axis=1)
+        finally:
+            ctx.prec = old
     y, yp = r.to_numpy(y), r.to_numpy(yp)
-    return np.linalg.norm(y - yp, axis=1), np.maximum(np.max(np.abs(y), axis=1), np.max(np.abs(yp), axis=1))
+    return dist, np.maximum(np.max(np.abs(y), axis=1), np.max(np.abs(yp), axis=1))
+
+
+def thm42_hypothesis(config) -> str | None:
+    """None when the model meets what Thm 4.2's proof needs (proofs/thm42_collapse.md: the
+    differing row starts equal and the shared keys' scores move together, so every term of
+    the bound is O(1/n)): no positions or ALiBi, full causal attention. Otherwise the
+    reason; the bound is still valid there, but nothing makes it small."""
+    c = config
+    why = []
+    if c.pe == "rope":
+        why.append("RoPE turns each shared key's score by a key-dependent amount that does not decay with n")
+    if c.pe in ("sinusoidal", "learned"):
+        why.append("absolute positions " + ("in the residual stream: v_n and v*_(n+1) differ by PE[n+1] − PE[n]"
+                                            if c.ape == "residual" else "in the scores move the query by W_q(PE[n+1] − PE[n])"))
+    if c.window is not None:
+        why.append(f"a sliding window of {c.window} keeps the dropped key's weight ~1/{c.window}")
+    return "; ".join(why) or None
+
+
+def thm42_table(params: Params, tokens, ns, *, prec: int = 256, engine: str = "arb") -> list[dict]:
+    """For each n in ``ns`` (prefixes of the stream ``tokens``): the observed distance
+    ‖y_n − y*_(n+1)‖₂ (``prec`` bits), Thm 4.2's explicit bound, observed/bound, and
+    whether the model meets the theorem's hypothesis (``thm42_hypothesis``). One forward
+    pass and one trace serve every n (the prefix trick)."""
+    tokens = np.asarray(tokens)
+    ns = sorted(int(n) for n in ns)
+    if not ns or ns[0] < 1 or ns[-1] > tokens.size:
+        raise ValueError(f"lengths {ns} must lie in 1..{tokens.size} (the stream's length)")
+    toks = tokens[: ns[-1]]
+    obs, _ = observed_distance(params, toks, prec, engine)
+    bound = collapse_bound(params, toks)
+    why = thm42_hypothesis(params.config)
+    return [{"n": n, "observed": float(obs[n - 1]), "bound": float(bound[n - 1]),
+             "ratio": float(obs[n - 1] / bound[n - 1]) if bound[n - 1] > 0 else float("nan"),
+             "hypothesis_met": why is None, "hypothesis": why or ""} for n in ns]
 
 
 def predicted_collapse_length(bound: np.ndarray, scale: np.ndarray, p: int) -> int | None:

@@ -16,13 +16,16 @@ from ..model import Params, forward
 
 
 def b9_distance(params: Params, a, b, prec: int = 256) -> tuple[float, float]:
-    """‖y(a) − y(b)‖₂ for two sequences in the reference at ``prec`` bits, and the scale max|y|."""
+    """‖y(a) − y(b)‖₂ for two sequences in the reference at ``prec`` bits (differenced at
+    ``prec`` bits, not after rounding to float64), and the scale max|y|."""
     from ..backends import make_backend
+    from .collapse import reference_row_distances
 
     r = make_backend("reference", str(prec))
-    ya = r.to_numpy(forward(params, np.asarray(a), r))[-1]
-    yb = r.to_numpy(forward(params, np.asarray(b), r))[-1]
-    return float(np.linalg.norm(ya - yb)), float(max(np.max(np.abs(ya)), np.max(np.abs(yb))))
+    ya = forward(params, np.asarray(a), r)[-1:]
+    yb = forward(params, np.asarray(b), r)[-1:]
+    scale = float(max(np.max(np.abs(r.to_numpy(ya))), np.max(np.abs(r.to_numpy(yb)))))
+    return float(reference_row_distances(ya, yb, prec)[0]), scale
 
 
 def same_ratio_partner(seq, k: int, rng) -> np.ndarray:

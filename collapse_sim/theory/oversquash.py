@@ -1,6 +1,7 @@
 """Over-squashing: Theorem 5.1 / B.5 (path-sum bound on ‖∂y_n/∂v_i^(0)‖), Lemmas B.6
-and B.7 (row-stochastic triangular matrices), Prop. B.8 (deep stacks see the first
-token, at a geometric rate).
+and B.7 (row-stochastic triangular matrices: the eigenvalue 1 is simple iff Λ_ii < 1
+for every i ≥ 2), Prop. B.8 (deep stacks see the first token: the tail beyond it is
+at most (n − 1)(3/4)^L, sharp as L → ∞).
 
 Thm 5.1 in the form this package proves (proofs/thm51_oversquashing.md), for the
 model with attention weights and norm scales held constant (assumptions (i), (ii)):
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-import mpmath
 import numpy as np
 
 from ..model import Params
@@ -150,57 +150,45 @@ def root_multiplicity(coeffs, root: Fraction) -> int:
     return mult
 
 
-def spectral_radius(A, prec: int = 100):
-    """Largest |eigenvalue| by mpmath's eigensolver at ``prec`` bits."""
-    ctx = mpmath.MPContext()
-    ctx.prec = prec
-    ev = ctx.eig(ctx.matrix([[ctx.mpf(v.numerator) / v.denominator for v in row] for row in A]), left=False, right=False)
-    return max(abs(v) for v in ev)
+def diagonal_poly(A) -> list[Fraction]:
+    """Coefficients of Π_i (t − A_ii), exactly: the characteristic polynomial of a
+    triangular matrix (what ``char_poly`` must equal when A is triangular)."""
+    poly = [Fraction(1)]
+    for i in range(len(A)):
+        poly = [a - A[i][i] * b for a, b in zip(poly + [Fraction(0)], [Fraction(0)] + poly)]
+    return poly
 
 
 # -- Prop. B.8 -----------------------------------------------------------------
 
-def b8_matrix(n: int, prec: int = 100):
-    """½(Λ + I) for uniform causal attention Λ_ij = 1/i (j ≤ i), as an mpmath matrix."""
-    ctx = mpmath.MPContext()
-    ctx.prec = prec
-    M = ctx.matrix(n, n)
-    for i in range(n):
-        for j in range(i + 1):
-            M[i, j] = ctx.mpf(1) / (2 * (i + 1))
-        M[i, i] += ctx.mpf(1) / 2
-    return ctx, M
+def b8_matrix(n: int) -> list[list[Fraction]]:
+    """M = ½(Λ + I) for uniform causal attention Λ_ij = 1/i (j ≤ i, 1-based), exactly."""
+    return [[(Fraction(1, 2 * (i + 1)) if j <= i else Fraction(0)) + (Fraction(1, 2) if j == i else 0)
+             for j in range(n)] for i in range(n)]
 
 
-def b8_rate(n: int) -> float:
-    """The diagonal prediction max_{i≥2} (1 + Λ_ii)/2 = 3/4 for uniform causal attention."""
-    return max((1 + 1 / i) / 2 for i in range(2, n + 1))
+def b8_tails(n: int, depth: int) -> list[Fraction]:
+    """Σ_{i≥2} [M^L]_{n,i} = 1 − [M^L]_{n,1} for L = 0..depth, exactly: row n of M^L as
+    integers over D^L, with D = 2·lcm(1..n) so that D·M is an integer matrix."""
+    from math import lcm
 
-
-def b8_tail(n: int, depths, prec: int = 100) -> list:
-    """Σ_{i≥2} [(½(Λ+I))^L]_{n,i} = 1 − [(½(Λ+I))^L]_{n,1} for each L in ``depths``."""
-    ctx, M = b8_matrix(n, prec)
-    out, P, L0 = [], ctx.eye(n), 0
-    for L in sorted(depths):
-        for _ in range(L - L0):
-            P = M * P
-        L0 = L
-        out.append(ctx.fsum(P[n - 1, i] for i in range(1, n)))
+    D = 2 * lcm(*range(1, n + 1))
+    K = [[int(v * D) for v in row] for row in b8_matrix(n)]
+    r = [0] * (n - 1) + [1]
+    out = [Fraction(sum(r[1:]))]
+    for L in range(1, depth + 1):
+        r = [sum(r[i] * K[i][j] for i in range(j, n)) for j in range(n)]
+        out.append(Fraction(sum(r[1:]), D**L))
     return out
 
 
-def b8_tail_bound(n: int, L: int) -> float:
-    """Σ_{i≥2} [M^L]_{n,i} ≤ Σ_{i≥2} Σ_s C(n−i−1, s−1) C(L, s) 2^{−s} λ^{L−s} (+ λ^L for i = n),
-    λ = max_{i≥2} M_ii: a path from n down to i ≥ 2 of L steps takes s ≤ n − i moves (each
-    entry ≤ ½) and stays L − s times on diagonal entries ≤ λ."""
-    from math import comb
+def b8_tail_bound(n: int, L: int) -> Fraction:
+    """Σ_{i≥2} [M^L]_{n,i} ≤ (n − 1)(3/4)^L (proofs/stochastic_matrices.md): f(i) = i − 1
+    satisfies M f = ¾ f, and 1_{i≥2} ≤ f(i)."""
+    return (n - 1) * Fraction(3, 4) ** L
 
-    lam = b8_rate(n)
-    tot = 0.0
-    for i in range(2, n + 1):
-        gap = n - i
-        if gap == 0:
-            tot += lam**L
-            continue
-        tot += sum(comb(gap - 1, s - 1) * comb(L, s) * 0.5**s * lam ** (L - s) for s in range(1, min(gap, L) + 1))
-    return tot
+
+def b8_tail_lower(n: int, L: int) -> Fraction:
+    """Σ_{i≥2} [M^L]_{n,i} ≥ (n − 1)(3/4)^L − ½(n − 1)(n − 2)(2/3)^L: h(i) = (i − 1)(i − 2)
+    satisfies M h = ⅔ h, and f(i) − 1 ≤ h(i)/2 for i ≥ 2. So tail/bound → 1."""
+    return b8_tail_bound(n, L) - Fraction((n - 1) * (n - 2), 2) * Fraction(2, 3) ** L

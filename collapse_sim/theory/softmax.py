@@ -93,6 +93,32 @@ def b4_tv(n: int, prec: int = 200):
 
 
 def b4_limit(prec: int = 200):
+    """L = 2(e−1)/(e+1) = 2 tanh(½)."""
     ctx = _ctx(prec)
     e = ctx.e
     return 2 * (e - 1) / (e + 1)
+
+
+def b4_odd_constant(prec: int = 200):
+    """C = lim n²(δ_n − L) over odd n: −L·sech²(½) = −8e(e−1)/(e+1)³ ≈ −0.72687."""
+    ctx = _ctx(prec)
+    e = ctx.e
+    return -8 * e * (e - 1) / (e + 1) ** 3
+
+
+def b4_closed_form(n: int, prec: int = 200):
+    """δ_n exactly (proofs/softmax_lemmas.md): L for even n, L + C/(n² − tanh²(½)) for
+    odd n, with L = 2 tanh(½) and C = −L·sech²(½)."""
+    if n % 2 == 0:
+        return b4_limit(prec)
+    ctx = _ctx(prec)
+    t = ctx.tanh(ctx.mpf(1) / 2)
+    return b4_limit(prec) + b4_odd_constant(prec) / (n * n - t * t)
+
+
+def b4_rate_deviation_bound(n: int, prec: int = 200):
+    """|n²(δ_n − L) − C| = |C|·τ²/(n² − τ²) for odd n ≥ 1, τ = tanh(½): how far n²(δ_n − L)
+    is from its limit C (itself O(1/n²))."""
+    ctx = _ctx(prec)
+    t2 = ctx.tanh(ctx.mpf(1) / 2) ** 2
+    return abs(b4_odd_constant(prec)) * t2 / (n * n - t2)

@@ -11,6 +11,7 @@ assumptions (i) and (ii).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -121,11 +122,33 @@ def gain_max(params: Params, name: str) -> float:
     return float(np.max(np.abs(params[name + "_g"]))) if params.config.norm != "none" else 1.0
 
 
+@functools.lru_cache(maxsize=8)
+def rope_step_factors(N: int, dh: int, start: int = 0) -> np.ndarray:
+    """(N, dh/2): for positions p = start..start+N−1 and each rotated pair, an upper bound on
+    ‖(R̃_{p+1} − R̃_p) u‖ / ‖R̃_p u‖ restricted to that pair, where R̃ are the float64
+    cos/sin tables the model multiplies by (``positional.rope_tables``). R̃_{p+1} R̃_p^{-1}
+    is [[a, −b], [b, a]] with a = (c₁c₀ + s₁s₀)/D, b = (s₁c₀ − c₁s₀)/D, D = c₀² + s₀²,
+    computed exactly from the table entries (rationals); the factor is √((a − 1)² + b²),
+    rounded up. (With exact rotations it would be 2|sin(θ/2)| for every p; the float64
+    tables compose only to ~p·2^-53, so R̃_{p+1} ≠ R̃_1 R̃_p.)"""
+    from fractions import Fraction
+
+    cos, sin = positional.rope_tables(np.arange(start, start + N + 1), dh)
+    out = np.empty((N, dh // 2))
+    for p in range(N):
+        for i in range(dh // 2):
+            c0, s0, c1, s1 = (Fraction(float(v)) for v in (cos[p, i], sin[p, i], cos[p + 1, i], sin[p + 1, i]))
+            D = c0 * c0 + s0 * s0
+            a, b = (c1 * c0 + s1 * s0) / D, (s1 * c0 - c1 * s0) / D
+            out[p, i] = np.sqrt(float((a - 1) ** 2 + b * b)) * (1 + 2.0**-50)  # float() and √ round: ≤ 2^-52 each
+    out.flags.writeable = False
+    return out
+
+
 def rope_shift(x: np.ndarray) -> np.ndarray:
-    """``‖(R_1 − I) x_i‖`` per row: how far a RoPE-rotated vector moves when its
-    position grows by one (R_{i+1} R_i^{-1} = R_1)."""
-    cos, sin = positional.rope_tables(np.array([1]), x.shape[1])
-    x0, x1 = x[:, 0::2], x[:, 1::2]
-    r0 = x0 * cos - x1 * sin
-    r1 = x0 * sin + x1 * cos
-    return np.sqrt(np.sum((r0 - x0) ** 2 + (r1 - x1) ** 2, axis=1))
+    """``‖(R̃_{i+1} − R̃_i) u_i‖`` per row i (position i, 0-based), where ``x`` holds the
+    rotated rows ``R̃_i u_i``: how far a RoPE-rotated vector moves when its position grows
+    by one, with the model's own float64 tables (``rope_step_factors``)."""
+    F = rope_step_factors(x.shape[0], x.shape[1])
+    pair2 = x[:, 0::2] ** 2 + x[:, 1::2] ** 2
+    return np.sqrt(np.sum(F * F * pair2, axis=1))
