@@ -181,7 +181,7 @@ def _write_csv(path, rows) -> None:
 
 def cmd_theorem(args) -> int:
     from . import enable_x64
-    from .theory import EDGES, STATEMENTS, Case
+    from .theory import STATEMENTS
 
     enable_x64()
     if args.list or args.name is None:
@@ -197,17 +197,14 @@ def cmd_theorem(args) -> int:
         return _theorem_b10(args)
     if args.name not in STATEMENTS:
         raise UsageError(f"unknown statement {args.name!r}; run 'collapse-sim theorem --list'")
-    import numpy as np
+    from .experiments.theorems import draw_cases
 
     stmt = STATEMENTS[args.name]
-    rng = np.random.default_rng(args.seed)
-    edges = [None, *EDGES]
     print(f"{stmt.name}: {stmt.title}")
     print(f"{'case':26s} {'quantity':48s} {'observed':>12s} {'bound':>12s} {'obs/bound':>10s}  holds")
     failed = 0
     worst = 0.0
-    for k in range(args.instances):
-        case = Case(int(rng.integers(2**32)), int(rng.integers(1, args.max_n + 1)), edges[k % len(edges)] if k < len(edges) else None)
+    for case in draw_cases(args.seed, args.instances, args.max_n):
         for c in stmt.check(case):
             t = c.tightness
             worst = max(worst, t) if t == t else worst
