@@ -135,7 +135,7 @@ def reproduce(out: str = "collapse-report", quick: bool = False, sizes=None) -> 
     outdir.mkdir(parents=True, exist_ok=True)
     mode = "quick (smaller lengths and fewer formats; run without --quick for the full sizes)" if quick else "full"
     lines = ["# collapse_sim report", "",
-             f"Mode: {mode if sizes is None else 'custom sizes'}.", "",
+             f"Mode: {mode if sizes is None else f'custom sizes, formats run on the {sizes.backend} backend'}.", "",
              VERDICT_MARK,
              "Contents: the verdict above; the number formats and their rounding; the paper's synthetic experiments",
              "(Fig. 8, 9, 10: the captions' Gaussian model first, decoders as variants); the copying and counting",

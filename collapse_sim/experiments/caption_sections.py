@@ -38,7 +38,7 @@ def captions(ctx: Context) -> dict:
         row = {"fp64": f64, "noise": {}}
         fseeds = CAPTION_SEEDS[:sz.caption_fmt_seeds]
         for fmt in sz.caption_formats:
-            r = caption_row(label, setup, n_max=sz.caption_fmt_n, seeds=fseeds, d=D, fmt=fmt, backend="emulated",
+            r = caption_row(label, setup, n_max=sz.caption_fmt_n, seeds=fseeds, d=D, fmt=fmt, backend=sz.backend,
                             keep_runs=True, bucket=BUCKET)
             row[fmt] = r
             row["noise"][fmt] = [noise_of(f, e, fmt) for f, e in zip(f64.runs, r.runs)]

@@ -58,6 +58,9 @@ class Sizes:
     caption_fmt_seeds: int  # ... with this many of the seeds
     caption_ref_n: int  # ... and the 256-bit reference up to this n (seed 0)
     seeds: int = 5
+    # "emulated" (every op rounded: the report's meaning of a format) or "native" (the format's
+    # JAX dtype: what XLA does; fast to compile, used by the toy sizes that test the report's plumbing)
+    backend: str = "emulated"
 
 
 ALL = ("bf16", "fp16", "e4m3fn", "fp32")
@@ -75,7 +78,7 @@ FULL = Sizes(formats=ALL, fig8_formats=ALL, fig10_formats=ALL, family_formats=AL
 TINY = Sizes(formats=("bf16",), fig8_formats=("bf16",), fig10_formats=("bf16",), family_formats=("bf16",),
              fig8_n=48, fig9_n=600, fig9_points=6, fig10_n=48, family_n=24, remedy_n=24, ref_n=16, family_ref_n=16,
              window=8, caption_n=64, caption_fmt_n=48, caption_formats=("bf16",), caption_fmt_seeds=1, caption_ref_n=8,
-             seeds=2)
+             seeds=2, backend="native")
 
 PAPER_READING = {"Fig. 8": "≈ 500", "Fig. 9": "≈ 2,400–2,500", "Fig. 10": "≈ 800–1,000 (ALiBi slightly later)"}
 
@@ -105,7 +108,7 @@ def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str
     name or a policy string), native float64 and (up to ``ref_n``) the arb reference.
     Keys: the policies as given, "fp64", REF."""
     out: dict[str, CollapseResult] = {}
-    runs = [(f, make_backend("emulated", f), BUCKET) for f in formats]
+    runs = [(f, format_backend(ctx.sizes, f), BUCKET) for f in formats]
     runs.append(("fp64", make_backend("native", "fp64"), None))
     ref_n = ctx.sizes.ref_n if ref_n is None else ref_n
     if ref and ref_n:
@@ -123,6 +126,14 @@ def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str
     for r in out.values():  # the outputs served the noise records; keep the distances only
         r.outputs = None
     return out
+
+
+def format_backend(sizes: Sizes, spec: str):
+    """The backend that runs a format name or policy string at these sizes: emulated, or
+    natively in the JAX dtype of the policy's storage format (``sizes.backend == "native"``)."""
+    if sizes.backend == "native":
+        return make_backend("native", Policy.parse(spec).storage.name)
+    return make_backend("emulated", spec)
 
 
 def ref_agreement(res: dict[str, CollapseResult]) -> float | None:

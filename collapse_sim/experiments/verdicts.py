@@ -143,8 +143,8 @@ def verdicts(ctx: Context) -> list[tuple[str, str, str, str, str]]:
     if cap:
         keys, qk = cap["sinusoidal on keys"], cap["sinusoidal on queries and keys"]
         best = _crossing(keys)
-        measured = (f"captions' model: sinusoidal on keys reaches 2^-7 at n ≈ {_n(_crossing(keys))} (mean curve first "
-                    f"below at {_n(keys['fp64'].first_below)}), on q and k {_n(_crossing(qk))}")
+        measured = (f"captions' model: sinusoidal on keys reaches 2^-7 at n ≈ {_n(_crossing(keys))} (its mean curve "
+                    f"first below it: {_n(keys['fp64'].first_below)}), on q and k {_n(_crossing(qk))}")
         dec = [F[("fig8", ape)]["fp64"] for _, o in FIG8_SETUPS for ape in [o["ape"]] if ("fig8", ape) in F]
         if dec:
             from .fits import PAPER_LINE, first_below
@@ -185,7 +185,7 @@ def verdicts(ctx: Context) -> list[tuple[str, str, str, str, str]]:
         out.append(("Cor. B.10: finite precision gives some count the wrong answer", "for large enough n",
                     f"count_bernoulli: bf16 outputs identical while the counts differ exactly from n = {min(found):,}"
                     if found else "no bitwise-identical pair of different counts in this range",
-                    REPRODUCED if found else PARTLY, "#copying-and-counting"))
+                    REPRODUCED if found else NOT_REPRODUCED, "#copying-and-counting"))
     last = [F[k] for k in F if isinstance(k, tuple) and k[:2] == ("family", "last_copy")]
     out.append(("Copying: the last digit of 1…10 fails from length ~300", "Gemini 1.5 / Gemma 7B observations",
                 f"synthetic one-layer models: float64 median distance ≥ {min(_median_top(r['fp64']) for r in last):.2g}, "
