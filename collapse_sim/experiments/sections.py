@@ -16,20 +16,21 @@ from .paper import FULL, QUICK, Context, Sizes
 from .verdicts import VERDICT_MARK, section_noise, section_theorems, verdict_table
 
 
-def section_fig8(ctx: Context, lines: list[str]) -> None:
-    lines += ["## Fig. 8: v vs v* (last token repeated), sinusoidal positions", "",
-              "Paper: one layer, d = 64, the last token copied, lengths 5…10,000; the distance crosses the bf16 line "
-              "near n ≈ 500.", ""]
-    cap.section_fig8_captions(ctx, lines)
-    paper.section_fig8(ctx, lines)
+def _figure(title: str, paper_says: str, captions_part, decoder_part):
+    """A figure's section: the paper's reading, the captions' rows, then the decoder variants."""
+    def section(ctx: Context, lines: list[str]) -> None:
+        lines += [title, "", paper_says, ""]
+        captions_part(ctx, lines)
+        decoder_part(ctx, lines)
+    return section
 
 
-def section_fig10(ctx: Context, lines: list[str]) -> None:
-    lines += ["## Fig. 10: positional encodings", "",
-              "Paper: one layer, d = 64, sinusoidal APE, RoPE, ALiBi and no positions; all cross the bf16 line near "
-              "n ≈ 800–1,000, ALiBi slightly later.", ""]
-    cap.section_fig10_captions(ctx, lines)
-    paper.section_fig10(ctx, lines)
+section_fig8 = _figure("## Fig. 8: v vs v* (last token repeated), sinusoidal positions",
+                       "Paper: one layer, d = 64, the last token copied, lengths 5…10,000; the distance crosses the bf16 "
+                       "line near n ≈ 500.", cap.section_fig8_captions, paper.section_fig8)
+section_fig10 = _figure("## Fig. 10: positional encodings",
+                        "Paper: one layer, d = 64, sinusoidal APE, RoPE, ALiBi and no positions; all cross the bf16 line "
+                        "near n ≈ 800–1,000, ALiBi slightly later.", cap.section_fig10_captions, paper.section_fig10)
 
 
 def finish(ctx: Context, lines: list[str]) -> None:
