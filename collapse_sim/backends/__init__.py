@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from ..errors import CollapseSimError
+
 
 def make_backend(kind: str, spec: str):
     """``make_backend("native", "bf16")``, ``("emulated", "compute=bf16,order=pairwise")``,
@@ -37,7 +39,7 @@ def make_backend(kind: str, spec: str):
         from .reference import ReferenceBackend
 
         return ReferenceBackend(spec)
-    raise ValueError(f"unknown backend {kind!r}; use native, emulated or reference")
+    raise CollapseSimError(f"unknown backend {kind!r}; use native, emulated, interval or reference")
 
 
 def backend_for_format(kind: str, fmt_name: str, order: str = "pairwise", *, shard: bool = False):

@@ -27,6 +27,8 @@ import dataclasses
 import math
 from typing import Callable
 
+from ..errors import CollapseSimError
+
 
 EDGES = ("n=1", "equal", "dominant", "maxnorm")
 
@@ -44,7 +46,7 @@ class Case:
 
     def __post_init__(self):
         if self.edge is not None and self.edge not in EDGES:
-            raise ValueError(f"unknown edge case {self.edge!r}; use one of {', '.join(EDGES)}")
+            raise CollapseSimError(f"unknown edge case {self.edge!r}; use one of {', '.join(EDGES)}")
 
     @property
     def length(self) -> int:
@@ -100,5 +102,5 @@ STATEMENTS: dict[str, Statement] = _register()
 
 def check(name: str, case: Case) -> list[Check]:
     if name not in STATEMENTS:
-        raise KeyError(f"unknown statement {name!r}; use one of {', '.join(STATEMENTS)}")
+        raise CollapseSimError(f"unknown statement {name!r}; use one of {', '.join(STATEMENTS)}")
     return STATEMENTS[name].check(case)
