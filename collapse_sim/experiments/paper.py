@@ -203,10 +203,17 @@ def _median_top(r: CollapseResult) -> float:
     return float(np.median(r.l1[r.ns >= r.ns[-1] // 2]))
 
 
+#: One colour per format, shared by a format's curve and its eps line.
+FORMAT_COLORS = {"bf16": "tab:blue", "fp16": "tab:orange", "e4m3fn": "tab:green", "fp32": "tab:red"}
+
+
 def _curves(res: dict[str, CollapseResult], metric: str = "l1"):
+    """Float64 thin and dashed in black so the formats' curves stay visible above it; each
+    format in its own colour (:data:`FORMAT_COLORS`)."""
     series = []
     for name, r in res.items():
-        style = {"fp64": dict(color="k", lw=1.6), REF: dict(color="tab:gray", ls=":", lw=2.2)}.get(name, {})
+        style = {"fp64": dict(color="k", lw=0.8, ls="--"), REF: dict(color="tab:gray", ls=":", lw=2.2)}.get(
+            name, dict(color=FORMAT_COLORS.get(name, "tab:purple")))
         series.append(dict(label="float64 (native)" if name == "fp64" else
                            ("reference (256-bit arb)" if name == REF else f"{name} (emulated)"),
                            x=r.ns, y=getattr(r, metric), **style))
@@ -214,8 +221,8 @@ def _curves(res: dict[str, CollapseResult], metric: str = "l1"):
 
 
 def _eps_lines(formats):
-    return [(f"eps {f} = 2^{1 - parse_format(f).p}" + (" (the paper's bf16 line)" if f == "bf16" else ""), eps(f), None)
-            for f in formats]
+    return [(f"eps {f} = 2^{1 - parse_format(f).p}" + (" (the paper's bf16 line)" if f == "bf16" else ""), eps(f),
+             FORMAT_COLORS.get(f)) for f in formats]
 
 
 def _comparison(ctx: Context, experiment: str, setup: str, res: dict[str, CollapseResult], n_max: int) -> dict:
