@@ -28,7 +28,10 @@ With Δ^(0) = 0 (no absolute PE in the residual stream) every term is O(1/n)
 ‖PE[n+1] − PE[n]‖ does not decay and neither does the bound; with RoPE the query's
 step does not decay either. ``thm42_hypothesis`` names such models (the bound holds there
 but cannot become small) and ``thm42_table`` shows observed, bound and ratio per n.
-proofs/thm42_collapse.md derives each step.
+proofs/thm42_collapse.md derives each step. For ``kind="gaussian"`` (one head on the drawn
+q, k, v, no projections, no residual) the bound is the attention step alone (``attention_step``,
+shared with the decoder) with the repeated id's q, k, v moved only by positions, then the
+output norm (proofs/thm42_collapse.md, "Gaussian model").
 """
 
 from __future__ import annotations
@@ -220,8 +223,10 @@ def observed_distance(params: Params, tokens, prec: int = 256, engine: str = "mp
 def thm42_hypothesis(config) -> str | None:
     """None when the model meets what Thm 4.2's proof needs (proofs/thm42_collapse.md: the
     differing row starts equal and the shared keys' scores move together, so every term of
-    the bound is O(1/n)): no positions or ALiBi, full causal attention. Otherwise the
-    reason; the bound is still valid there, but nothing makes it small."""
+    the bound is O(1/n)): no positions or ALiBi, full causal attention; for the Gaussian
+    model no positions or sinusoidal positions on the keys or the values only (``sin_at``),
+    not ALiBi (its new key's weight does not decay, proofs/thm42_collapse.md). Otherwise
+    the reason; the bound is still valid there, but nothing makes it small."""
     c = config
     why = []
     if c.kind == "gaussian" and c.pe == "sinusoidal":  # only the table's place matters (no residual stream)
@@ -231,6 +236,9 @@ def thm42_hypothesis(config) -> str | None:
     elif c.pe in ("sinusoidal", "learned"):
         why.append("absolute positions " + ("in the residual stream: v_n and v*_(n+1) differ by PE[n+1] − PE[n]"
                                             if c.ape == "residual" else "in the scores move the query by W_q(PE[n+1] − PE[n])"))
+    if c.kind == "gaussian" and c.pe == "alibi":
+        why.append("ALiBi's bias keeps the new key's weight at least ~(1 − e^(−slope))·e^(−score range), "
+                   "so the bound stops decaying once n passes ~1/slope")
     if c.pe == "rope":
         why.append("RoPE turns each shared key's score by a key-dependent amount that does not decay with n")
     if c.window is not None:
