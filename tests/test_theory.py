@@ -321,3 +321,74 @@ def test_assert_bound_holds_fails_loudly():
     with pytest.raises(AssertionError, match="NaN"):
         cst.assert_bound_holds(float("nan"), 1.0)
     cst.assert_bound_holds(1.0, 1.0)
+
+
+GAUSSIAN_SETUPS = [("none", {}), ("none", {"norm": "layernorm"}), ("rope", {}), ("sinusoidal", {"sin_at": "keys"}),
+                   ("sinusoidal", {"sin_at": "qk"}), ("sinusoidal", {"sin_at": "values"}), ("alibi", {})]
+
+
+@pytest.mark.parametrize("pe,kw", GAUSSIAN_SETUPS, ids=[pe + "-" + "-".join(kw.values()) for pe, kw in GAUSSIAN_SETUPS])
+def test_thm42_gaussian_model_bound_holds(pe, kw):
+    """Thm 4.2 for the Gaussian model (proofs/thm42_collapse.md, "Gaussian model"), ids 0..n−1
+    vs the last id repeated at position n+1: observed ‖y_n − y*_(n+1)‖₂ (256 bits) ≤ bound at
+    every n = 1..32, the bound widened by γ_K(2^-53) and the measurement by 2γ_K(2^-256)·max|y|,
+    K = 64(n + 1 + d) as for the decoder's one-layer check. The hypothesis verdict: met with no
+    positions and with sinusoidal positions on the keys or values only; not met with RoPE,
+    sinusoidal positions on the queries, or ALiBi (the new key's weight stays ≥ ~(1 − e^-m)e^-R)."""
+    from collapse_sim.model import gaussian_config, init_params
+    from collapse_sim.theory import gamma
+    from collapse_sim.theory.collapse import collapse_bound, observed_distance, thm42_table
+
+    N, d = 32, 8
+    P = init_params(gaussian_config(d, pe, seed=1, **kw))
+    toks = np.arange(N)
+    n = np.arange(1, N + 1)
+    K = 64 * (n + 1 + d)
+    obs, scale = observed_distance(P, toks, 256, "arb")
+    bound = collapse_bound(P, toks)
+    slack = float(np.max(2 * gamma(K, 2.0**-256) * scale))  # the largest n's, for every n
+    cst.assert_bound_holds(obs, bound * (1 + gamma(K, 2.0**-53)), slack, what=f"gaussian {pe} {kw}")
+    rows = thm42_table(P, toks, [4, 32])
+    met = pe == "none" or kw.get("sin_at") in ("keys", "values")
+    assert all(r["hypothesis_met"] == met and bool(r["hypothesis"]) != met for r in rows)
+    assert [r["bound"] for r in rows] == [bound[3], bound[31]]
+
+
+def test_thm42_gaussian_bound_is_order_one_over_n_without_positions():
+    """Not vacuous: without positions the new row is the same q, k, v, so the bound is
+    2·α*_(n+1,n+1)-bound · max_j ‖v_j − v_n‖ with α* ≤ 1/(1 + n·e^{−R}), R = 2 max‖q‖ max‖k‖/√d
+    (every score lies within max‖q‖max‖k‖/√d of 0). Hence n·bound ≤ 2·(2 max‖v‖)·e^R at every n:
+    an explicit O(1/n) envelope from the draws."""
+    from collapse_sim.model import gaussian_config, gaussian_draws, init_params
+    from collapse_sim.theory import gamma
+    from collapse_sim.theory.collapse import collapse_bound
+
+    N, d = 32, 8
+    c = gaussian_config(d, "none", seed=1)
+    P = init_params(c)
+    q, k, v = gaussian_draws(c, N)
+    bound = collapse_bound(P, np.arange(N))
+    n = np.arange(1, N + 1)
+    R = 2 * np.max(np.linalg.norm(q, axis=1)) * np.max(np.linalg.norm(k, axis=1)) / np.sqrt(d)
+    envelope = 4 * np.max(np.linalg.norm(v, axis=1)) * np.exp(R)
+    cst.assert_bound_holds(n * bound, envelope * (1 + gamma(64 * (N + d), 2.0**-53)), what="n·bound")
+
+
+def test_thm42_gaussian_alibi_bound_does_not_decay():
+    """Why ALiBi fails the hypothesis for the Gaussian model: the new key sits at bias 0 and
+    shared key j at −m(n+1−j), so Σ_j e^{low_j} ≤ e^R Σ_{k≥1} e^{−mk} = e^R/(e^m − 1) and
+    the bound's q_out term stays ≥ 1/(1 + e^R/(e^m − 1)): bound_n ≥ 2·max_j‖v_j − v_n‖/(1 + e^R/(e^m − 1))
+    at every n (R = 2 max‖q‖max‖k‖/√d), here with slope m = 1."""
+    from collapse_sim.model import gaussian_config, gaussian_draws, init_params
+    from collapse_sim.theory import gamma
+    from collapse_sim.theory.collapse import collapse_bound
+
+    N, d, m = 32, 8, 1.0
+    c = gaussian_config(d, "alibi", seed=1, alibi_slope=m)
+    q, k, v = gaussian_draws(c, N)
+    bound = collapse_bound(init_params(c), np.arange(N))
+    R = 2 * np.max(np.linalg.norm(q, axis=1)) * np.max(np.linalg.norm(k, axis=1)) / np.sqrt(d)
+    spread = np.array([np.max(np.linalg.norm(v[: i + 1] - v[i], axis=1)) for i in range(N)])
+    floor = 2 * spread / (1 + np.exp(R) / np.expm1(m))
+    cst.assert_bound_holds(floor * (1 - gamma(64 * (N + d), 2.0**-53)), bound, what="ALiBi floor")
+    assert floor[-1] > 0

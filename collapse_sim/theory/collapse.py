@@ -28,7 +28,10 @@ With Δ^(0) = 0 (no absolute PE in the residual stream) every term is O(1/n)
 ‖PE[n+1] − PE[n]‖ does not decay and neither does the bound; with RoPE the query's
 step does not decay either. ``thm42_hypothesis`` names such models (the bound holds there
 but cannot become small) and ``thm42_table`` shows observed, bound and ratio per n.
-proofs/thm42_collapse.md derives each step.
+proofs/thm42_collapse.md derives each step. For ``kind="gaussian"`` (one head on the drawn
+q, k, v, no projections, no residual) the bound is the attention step alone (``attention_step``,
+shared with the decoder) with the repeated id's q, k, v moved only by positions, then the
+output norm (proofs/thm42_collapse.md, "Gaussian model").
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import mpmath
 import numpy as np
 
 from .. import positional
-from ..model import Params
+from ..model import Params, alibi_slopes
 from .trace import Trace, gain_max, rope_shift, spectral_norm as _spec, trace
 
 
@@ -79,17 +82,69 @@ def _pe_step(params: Params, N: int) -> np.ndarray:
     return np.linalg.norm(T[1:] - T[:-1], axis=1)
 
 
+def attention_step(q, k, v, A, eq, ek, dv, slope: float, window: int | None) -> np.ndarray:
+    """Steps 3–4 of proofs/thm42_collapse.md, shared by both model kinds: for every n, a bound
+    on ‖Σ_j α_nj w_j − Σ_j α*_(n+1),j w*_j‖₂ for one head, read from v's float64 trace
+    (q, k after positions, values v, attention rows A) when the differing row's query may move
+    by ``eq``, its key by ``ek`` and its value by ``dv`` (arrays of N), the shared rows
+    being equal: total variation of the two rows (score band and the mass off the common
+    support) times the spread of the values."""
+    N, dh = q.shape
+    idx = np.arange(N)
+    scale = 1 / np.sqrt(dh)
+    kn = np.linalg.norm(k, axis=1)
+    S = (q @ k.T) * scale - slope * (idx[:, None] - idx[None, :])
+    lo_j = idx[:, None] + 2 - (window or N + 2)  # common support: lo_j <= j <= i
+    common = (idx[None, :] <= idx[:, None]) & (idx[None, :] >= lo_j)
+    kmax = np.max(np.where(common, kn[None, :], 0.0), axis=1)
+    width = 2 * eq * kmax * scale
+    if window is not None:
+        drop = idx + 1 - window
+        p_out = np.where(drop >= 0, A[idx, np.maximum(drop, 0)], 0.0)
+    else:
+        p_out = np.zeros(N)
+    s_top = (np.sum(q * k, axis=1) + eq * kn + np.linalg.norm(q, axis=1) * ek + eq * ek) * scale
+    low = S - slope - eq[:, None] * kn[None, :] * scale - s_top[:, None]
+    low = np.where(common, low, -np.inf)
+    m = np.max(low, axis=1)
+    lse = np.where(np.isfinite(m), m + np.log(np.sum(np.exp(low - np.where(np.isfinite(m), m, 0)[:, None]), axis=1)), -np.inf)
+    q_out = 1.0 / (1.0 + np.exp(lse))  # e^{S+} / (e^{S+} + Σ e^{low})
+    tv = np.minimum(2.0, 2 * np.tanh(width / 4) + 2 * np.maximum(p_out, q_out))
+    valid = (idx[None, :] <= idx[:, None]) & (idx[None, :] >= idx[:, None] + 1 - (window or N + 1))
+    dist = np.sqrt(np.maximum(0.0, np.sum(v * v, 1)[None, :] + np.sum(v * v, 1)[:, None] - 2 * v @ v.T))
+    radius = np.maximum(np.max(np.where(valid, dist, 0.0), axis=1), dv)
+    return tv * radius
+
+
+def _gaussian_bound(params: Params, tr: Trace) -> np.ndarray:
+    """Thm 4.2's bound for the Gaussian model (proofs/thm42_collapse.md, "Gaussian model"):
+    the differing row is the same id one position later, so only positions move its q, k, v
+    (RoPE: the rotation step; sinusoidal: ‖PE[n+1] − PE[n]‖ where ``sin_at`` adds the table;
+    otherwise 0); no projections (norm 1) and no residual, so the output moves by the
+    attention step alone, then through the output norm."""
+    c = params.config
+    q, k, v, A = tr.q[0, 0], tr.k[0, 0], tr.v[0, 0], tr.attn[0, 0]
+    N = q.shape[0]
+    pe = _pe_step(params, N)
+    at = {"keys": "k", "qk": "qk", "values": "v"}[c.sin_at] if c.pe == "sinusoidal" else ""
+    eq = (pe if "q" in at else 0.0) + (rope_shift(q) if c.pe == "rope" else 0.0) + np.zeros(N)
+    ek = (pe if "k" in at else 0.0) + (rope_shift(k) if c.pe == "rope" else 0.0) + np.zeros(N)
+    dv = pe if "v" in at else np.zeros(N)
+    slopes = alibi_slopes(c)
+    delta = attention_step(q, k, v, A, eq, ek, dv, slopes[0] if slopes else 0.0, c.window)
+    return norm_step(params, "n3", tr.x[1], delta)
+
+
 def collapse_bound(params: Params, tokens, tr: Trace | None = None) -> np.ndarray:
     """Upper bound on ‖y(t_1..t_n) − y(t_1..t_n t_n)‖₂ for every n = 1..N (array of N)."""
     c = params.config
     tr = tr or trace(params, tokens)
+    if c.kind == "gaussian":
+        return _gaussian_bound(params, tr)
     N = tr.tokens.size
     pe_step = _pe_step(params, N)
     delta = pe_step.copy() if c.ape == "residual" else np.zeros(N)
     pe_scores = pe_step if c.ape == "scores" else np.zeros(N)
-    idx = np.arange(N)
-    dh = c.dh
-    scale = 1 / np.sqrt(dh)
     slopes = positional.alibi_slopes(c.n_heads) if c.pe == "alibi" else np.zeros(c.n_heads)
     for l in range(c.n_layers):
         p = f"l{l}."
@@ -97,35 +152,14 @@ def collapse_bound(params: Params, tokens, tr: Trace | None = None) -> np.ndarra
         dqk_in = dh_in + pe_scores
         da2 = np.zeros(N)
         for h in range(c.n_heads):
-            sl = slice(h * dh, (h + 1) * dh)
+            sl = slice(h * c.dh, (h + 1) * c.dh)
             nq = _spec(params[p + "wq"][:, sl])
             nk = _spec(params[p + "wk"][:, sl])
             nv = _spec(params[p + "wv"][:, sl]) if c.value_proj else 1.0
-            q, k, v, A = tr.q[l, h], tr.k[l, h], tr.v[l, h], tr.attn[l, h]
+            q, k = tr.q[l, h], tr.k[l, h]
             eq = nq * dqk_in + (rope_shift(q) if c.pe == "rope" else 0.0)
             ek = nk * dqk_in + (rope_shift(k) if c.pe == "rope" else 0.0)
-            kn = np.linalg.norm(k, axis=1)
-            S = (q @ k.T) * scale - slopes[h] * (idx[:, None] - idx[None, :])
-            lo_j = idx[:, None] + 2 - (c.window or N + 2)  # common support: lo_j <= j <= i
-            common = (idx[None, :] <= idx[:, None]) & (idx[None, :] >= lo_j)
-            kmax = np.max(np.where(common, kn[None, :], 0.0), axis=1)
-            width = 2 * eq * kmax * scale
-            if c.window is not None:
-                drop = idx + 1 - c.window
-                p_out = np.where(drop >= 0, A[idx, np.maximum(drop, 0)], 0.0)
-            else:
-                p_out = np.zeros(N)
-            s_top = (np.sum(q * k, axis=1) + eq * kn + np.linalg.norm(q, axis=1) * ek + eq * ek) * scale
-            low = S - slopes[h] - eq[:, None] * kn[None, :] * scale - s_top[:, None]
-            low = np.where(common, low, -np.inf)
-            m = np.max(low, axis=1)
-            lse = np.where(np.isfinite(m), m + np.log(np.sum(np.exp(low - np.where(np.isfinite(m), m, 0)[:, None]), axis=1)), -np.inf)
-            q_out = 1.0 / (1.0 + np.exp(lse))  # e^{S+} / (e^{S+} + Σ e^{low})
-            tv = np.minimum(2.0, 2 * np.tanh(width / 4) + 2 * np.maximum(p_out, q_out))
-            valid = (idx[None, :] <= idx[:, None]) & (idx[None, :] >= idx[:, None] + 1 - (c.window or N + 1))
-            dist = np.sqrt(np.maximum(0.0, np.sum(v * v, 1)[None, :] + np.sum(v * v, 1)[:, None] - 2 * v @ v.T))
-            radius = np.maximum(np.max(np.where(valid, dist, 0.0), axis=1), nv * dh_in)
-            da2 += (tv * radius) ** 2
+            da2 += attention_step(q, k, tr.v[l, h], tr.attn[l, h], eq, ek, nv * dh_in, slopes[h], c.window) ** 2
         no = _spec(params[p + "wo"]) if c.out_proj else 1.0
         dz = delta + no * np.sqrt(da2)
         if c.d_ff:
@@ -189,15 +223,24 @@ def observed_distance(params: Params, tokens, prec: int = 256, engine: str = "mp
 def thm42_hypothesis(config) -> str | None:
     """None when the model meets what Thm 4.2's proof needs (proofs/thm42_collapse.md: the
     differing row starts equal and the shared keys' scores move together, so every term of
-    the bound is O(1/n)): no positions or ALiBi, full causal attention. Otherwise the
-    reason; the bound is still valid there, but nothing makes it small."""
+    the bound is O(1/n)): no positions or ALiBi, full causal attention; for the Gaussian
+    model no positions or sinusoidal positions on the keys or the values only (``sin_at``),
+    not ALiBi (its new key's weight does not decay, proofs/thm42_collapse.md). Otherwise
+    the reason; the bound is still valid there, but nothing makes it small."""
     c = config
     why = []
-    if c.pe == "rope":
-        why.append("RoPE turns each shared key's score by a key-dependent amount that does not decay with n")
-    if c.pe in ("sinusoidal", "learned"):
+    if c.kind == "gaussian" and c.pe == "sinusoidal":  # only the table's place matters (no residual stream)
+        if c.sin_at == "qk":
+            why.append("sinusoidal positions on the queries move the query by PE[n+1] − PE[n], "
+                       "which turns every shared key's score and does not decay")
+    elif c.pe in ("sinusoidal", "learned"):
         why.append("absolute positions " + ("in the residual stream: v_n and v*_(n+1) differ by PE[n+1] − PE[n]"
                                             if c.ape == "residual" else "in the scores move the query by W_q(PE[n+1] − PE[n])"))
+    if c.kind == "gaussian" and c.pe == "alibi":
+        why.append("ALiBi's bias keeps the new key's weight at least ~(1 − e^(−slope))·e^(−score range), "
+                   "so the bound stops decaying once n passes ~1/slope")
+    if c.pe == "rope":
+        why.append("RoPE turns each shared key's score by a key-dependent amount that does not decay with n")
     if c.window is not None:
         why.append(f"a sliding window of {c.window} keeps the dropped key's weight ~1/{c.window}")
     return "; ".join(why) or None

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import positional
 from ..backends.native import NativeBackend
-from ..model import Params, _forward_impl, forward_arrays
+from ..model import Params, _forward_impl, _gaussian_impl, forward_arrays
 
 
 class AnalysisBackend(NativeBackend):
@@ -61,8 +61,9 @@ class Trace:
 
     params: Params
     tokens: np.ndarray
-    x: list[np.ndarray]  # x[ℓ]: input of layer ℓ (ℓ = 0..L-1); x[L]: before the final norm
-    z: list[np.ndarray]
+    x: list[np.ndarray | None]  # x[ℓ]: input of layer ℓ (ℓ = 0..L-1); x[L]: before the final norm
+    #   (gaussian model: x[0] is None, its layer's inputs are the drawn q, k, v; x[1] the attention output)
+    z: list[np.ndarray]  # empty for the gaussian model (no residual)
     sigma: dict[str, np.ndarray]  # "l0.n1", ..., "n3": per-row norm scales
     q: dict[tuple[int, int], np.ndarray]  # (layer, head) -> (N, dh), after RoPE
     k: dict[tuple[int, int], np.ndarray]
@@ -73,9 +74,16 @@ class Trace:
 
 def _run(params: Params, tokens, backend, delta0=None):
     c = params.config
+    tokens = np.asarray(tokens)
+    if c.kind == "gaussian":
+        if delta0 is not None:
+            raise ValueError("the gaussian model has no layer-0 representations to perturb; use kind='decoder' for Jacobians")
+        arrays = forward_arrays(params, len(tokens), int(tokens.max()) + 1 if tokens.size else 0)
+        W = {k: jnp.asarray(v, jnp.float64) for k, v in arrays.items()}
+        return _gaussian_impl(c, W, tokens, None, backend)
     arrays = forward_arrays(params, len(tokens))
     W = {k: jnp.asarray(v, jnp.float64) for k, v in arrays.items()}  # rounded to the dtype by B.store
-    return _forward_impl(c, W, np.asarray(tokens), None, backend, delta0=delta0)
+    return _forward_impl(c, W, tokens, None, backend, delta0=delta0)
 
 
 def trace(params: Params, tokens) -> Trace:
@@ -88,7 +96,11 @@ def trace(params: Params, tokens) -> Trace:
     L, H = c.n_layers, c.n_heads
     attn = {(l, h): np.asarray(B._attn[l * H + h]) for l in range(L) for h in range(H)}
     sig = {k[: -len("_sigma")]: v for k, v in R.items() if k.endswith("_sigma")}
-    return Trace(params, np.asarray(tokens), [R[f"l{l}.x"] for l in range(L + 1)], [R[f"l{l}.z"] for l in range(L)],
+    if c.kind == "gaussian":  # one layer fed by the draws: no layer-0 input, no residual z
+        x, z = [None, R["l1.x"]], []
+    else:
+        x, z = [R[f"l{l}.x"] for l in range(L + 1)], [R[f"l{l}.z"] for l in range(L)]
+    return Trace(params, np.asarray(tokens), x, z,
                  sig, *({(l, h): R[f"l{l}.{w}{h}"] for l in range(L) for h in range(H)} for w in "qkv"), attn, y)
 
 
