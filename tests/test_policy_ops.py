@@ -10,14 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from collapse_sim.backends.emulated import CarrierError, Emulator, carrier_for, certified_matmul, certified_sum, certify, exact_sum
 from collapse_sim.formats import parse
 from collapse_sim.policy import Order, Policy, PolicyError
 from collapse_sim.rounding import round_to
-from oracles import format_values, fraction_round, mp_op
+from oracles import _neg_zero_result, format_values, fraction_round, mp_op
 
 MODES = ["rne", "rz", "ru", "rd"]
 
@@ -147,36 +147,41 @@ def test_division_is_not_rewritten_to_reciprocal():
 # --- reductions -------------------------------------------------------------
 
 def _py_sum(xs, order, acc, out, mode="rne"):
-    """The orders of collapse_sim.policy.Order, written again with exact rationals."""
-    r = lambda v: Fraction(fraction_round(v, acc, mode))  # noqa: E731
-    xs = [Fraction(x) for x in xs]
+    """The orders of collapse_sim.policy.Order, written again with exact rationals. Partial
+    sums stay floats so that zeros keep their sign: an exact zero sum of two terms is -0
+    when rounding down (IEEE 754 §6.3), as the emulator's adds give it; the exact order
+    and the blocks' exact sums give +0."""
+    def add(a, b):  # one add rounded to acc
+        return fraction_round(Fraction(a) + Fraction(b), acc, mode, negative_zero=_neg_zero_result("add", a, b, mode))
+
+    xs = [float(x) for x in xs]
     if order.kind == "sequential":
         s = xs[0]
         for x in xs[1:]:
-            s = r(s + x)
+            s = add(s, x)
     elif order.kind == "pairwise":
         size = 1
         while size < len(xs):
             size *= 2
-        level = xs + [Fraction(0)] * (size - len(xs))
+        level = xs + [0.0] * (size - len(xs))
         while len(level) > 1:
-            level = [r(level[i] + level[i + 1]) for i in range(0, len(level), 2)]
+            level = [add(level[i], level[i + 1]) for i in range(0, len(level), 2)]
         s = level[0]
     elif order.kind == "kahan":
-        s, c = xs[0], Fraction(0)
+        s, c = xs[0], 0.0
         for x in xs[1:]:
-            y = r(x - c)
-            t = r(s + y)
-            c = r(r(t - s) - y)
+            y = add(x, -c)
+            t = add(s, y)
+            c = add(add(t, -s), -y)
             s = t
     elif order.kind == "exact":
-        return fraction_round(sum(xs, Fraction(0)), out, mode)
+        return fraction_round(sum(map(Fraction, xs), Fraction(0)), out, mode)
     elif order.kind == "blocked":
         b = order.block
-        blocks = [r(sum(xs[i:i + b], Fraction(0))) for i in range(0, len(xs), b)]
+        blocks = [fraction_round(sum(map(Fraction, xs[i:i + b]), Fraction(0)), acc, mode) for i in range(0, len(xs), b)]
         s = blocks[0]
         for x in blocks[1:]:
-            s = r(s + x)
+            s = add(s, x)
     return fraction_round(s, out, mode)
 
 
@@ -188,7 +193,6 @@ def test_sum_of_ones_bf16():
     assert float(Emulator("compute=bf16,accumulate=fp32,order=sequential").sum(ones)) == 9984.0
 
 
-@settings(max_examples=40)
 @given(
     p=st.integers(2, 25),
     order=st.sampled_from([Order("sequential"), Order("pairwise"), Order("kahan"), Order("exact"),
@@ -198,6 +202,9 @@ def test_sum_of_ones_bf16():
     spread=st.integers(0, 40),
     mode=st.sampled_from(MODES),
 )
+# found by the search profile: 1/8 + (-1/8) rounded down is -0 (IEEE 754 §6.3), which the oracle's
+# rationals had lost
+@example(p=2, order=Order("sequential"), n=2, seed=0, spread=0, mode="rd")
 def test_reductions_match_rational_reference(p, order, n, seed, spread, mode):
     fmt = parse(f"p={p},emax=64")
     acc = parse(f"p={min(25, p + 3)},emax=64")

@@ -32,6 +32,7 @@ def _budget(statement) -> int:
     return n if statement.cost == "cheap" else max(4, n // 6)
 
 
+@pytest.mark.hypothesis  # the @given is inner: mark it so `-m hypothesis` selects it
 @pytest.mark.parametrize("name", list(STATEMENTS))
 def test_bound_walk(name):
     """observed ≤ bound for every statement, on random instances and the pinned edge
@@ -281,12 +282,12 @@ def test_cor_b10_fp8_confuses_counts_that_differ_exactly():
     assert not set(hits) & set(exact_equal)
 
 
+@pytest.mark.hypothesis
 def test_strategies_produce_valid_objects():
     from hypothesis import strategies as st
 
     from collapse_sim.backends.emulated import Emulator
 
-    @settings(max_examples=min(settings.default.max_examples, 20))
     @given(cst.formats(), cst.policies(), cst.small_models(), st.data())
     def inner(fmt, pol, P, data):
         assert 2 <= fmt.p <= 25
