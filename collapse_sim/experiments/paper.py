@@ -211,7 +211,7 @@ def _curves(res: dict[str, CollapseResult], metric: str = "l1"):
     """Float64 thin and dashed in black so the formats' curves stay visible above it; each
     format in its own colour (:data:`FORMAT_COLORS`)."""
     series = []
-    for name, r in res.items():
+    for name, r in sorted(res.items(), key=lambda kv: kv[0] not in ("fp64", REF)):  # formats drawn last, on top
         style = {"fp64": dict(color="k", lw=0.8, ls="--"), REF: dict(color="tab:gray", ls=":", lw=2.2)}.get(
             name, dict(color=FORMAT_COLORS.get(name, "tab:purple")))
         series.append(dict(label="float64 (native)" if name == "fp64" else
