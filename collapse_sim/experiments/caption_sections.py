@@ -19,7 +19,7 @@ from .captions import ROWS, CaptionRow, caption_row
 from .collapse import collapse_sweep
 from .fits import N_MIN, PAPER_LINE, Decay
 from .noise import SignalNoise, noise_of
-from .paper import BUCKET, PAPER_READING, REF, Context, _fmt_n, _log
+from .paper import BUCKET, PAPER_READING, REF, Context, _fmt_n, _log, ref_agreement
 
 CAPTION_SEEDS = (0, 1, 2)
 FIG8_ROWS = ("sinusoidal on keys", "sinusoidal on queries and keys")  # the caption: sinusoidal, placement unsaid
@@ -48,9 +48,7 @@ def captions(ctx: Context) -> dict:
             params = init_params(gaussian_config(D, seed=CAPTION_SEEDS[0], **setup))
             ref = collapse_sweep(params, "repeat_last", sz.caption_ref_n, make_backend("interval", REF), REF,
                                  seed=CAPTION_SEEDS[0])
-            ref_l1, f_l1 = ref.l1, f64.runs[0].l1[:ref.ns.size]
-            keep = (ref.ns >= N_MIN) & (ref_l1 > 0)
-            row["ref_agree"] = float(np.max(np.abs(f_l1[keep] - ref_l1[keep]) / ref_l1[keep])) if keep.any() else None
+            row["ref_agree"] = ref_agreement({"fp64": f64.runs[0], REF: ref})
         for r in [f64, *(row[f] for f in sz.caption_formats)]:
             for run in r.runs:  # the outputs served the noise records; keep the distances only
                 run.outputs = None
@@ -70,10 +68,9 @@ def _noise_cell(sns: list[SignalNoise]) -> str:
 
 
 def _ident(r: CaptionRow) -> str:
-    firsts = [v for v in r.first_identical]
-    if not any(v is not None for v in firsts):
+    if all(v is None for v in r.first_identical):
         return "never"
-    return ", ".join("—" if v is None else f"{v:,}" for v in firsts) + \
+    return ", ".join("—" if v is None else f"{v:,}" for v in r.first_identical) + \
         f" ({np.mean(r.identical_share):.0%} of n ≥ {N_MIN})"
 
 
