@@ -138,24 +138,31 @@ def cmd_collapse(args) -> int:
     from .experiments.collapse import collapse_summary, collapse_sweep
     from .plots import plot_collapse
 
+    from .compilation import cache_in_use, snapshot
+    from .progress import stage
+
+    before = snapshot()
     results = []
     for be, fname in backends:
-        print(f"[collapse] {be.label}: family {args.family}, n = 1..{args.max_len} ...", flush=True)
-        r = collapse_sweep(params, args.family, args.max_len, be, fname, seed=args.seed, sep=args.sep,
-                           progress=lambda m: print(f"[collapse]   {m}", flush=True))
+        how = be.label.split(":")[0] + (f", {args.order} order" if be.label.startswith(("emulated", "reference")) else "")
+        with stage("[collapse]", f"{fname} ({how}): family {args.family}, n = 1..{args.max_len}"):
+            r = collapse_sweep(params, args.family, args.max_len, be, fname, seed=args.seed, sep=args.sep,
+                               progress=lambda m: print(f"[collapse]   {m.split(': ', 1)[-1]}", flush=True))
         results.append(r)
+    compiled = snapshot().since(before)
     _write_csv(out / "collapse.csv", [row for r in results for row in r.rows()])
     from .report import provenance
 
     meta = {"provenance": provenance(), "config": dataclasses_asdict(c), "family": args.family, "sep": args.sep,
             "max_len": args.max_len, "backends": [be.describe() for be, _ in backends], "seed": args.seed,
-            "weights": args.weights}
+            "weights": args.weights, "compilation": compiled.as_dict(), "compile_cache": cache_in_use()}
     (out / "collapse.json").write_text(json.dumps(meta, indent=1, default=str))
     plot_collapse(results, out / "collapse.png", title=f"{args.family}, pe={c.pe}, d={c.d}, L={c.n_layers}")
     print(collapse_summary(results))
     for r in results:
         if r.nonfinite.any():
             print(f"  warning: {r.backend} overflowed to inf/NaN at {int(r.nonfinite.sum())} lengths (marked in the table)")
+    print(f"{compiled.describe()}; compilation cache: {cache_in_use() or 'off'}")
     print(f"wrote {out / 'collapse.csv'}, {out / 'collapse.json'}, {out / 'collapse.png'}")
     return 0
 
@@ -360,14 +367,21 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="collapse-sim", description=__doc__.splitlines()[0])
     ap.add_argument("--version", action="version", version=f"collapse-sim {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--compile-cache", default=None, metavar="DIR",
+                        help="persistent XLA compilation cache (default: $COLLAPSE_SIM_COMPILE_CACHE, else "
+                             "~/.cache/collapse_sim/xla); 'off' turns it off")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("formats", help="table of floating-point formats and their properties")
+    def command(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)  # every command takes --compile-cache
+
+    p = command("formats", help="table of floating-point formats and their properties")
     p.add_argument("format", nargs="*", help="formats to describe (names or p=..,emax=..); default: all built-ins")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_formats)
 
-    p = sub.add_parser("round", help="round decimal values to a format (exactly, from their float64 value)")
+    p = command("round", help="round decimal values to a format (exactly, from their float64 value)")
     p.add_argument("values", nargs="+")
     p.add_argument("--format", "-f", required=True)
     p.add_argument("--mode", "-m", default="rne", help="rne, rz, ru, rd or sr")
@@ -377,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .families import NAMES
     from .positional import KINDS
 
-    p = sub.add_parser("collapse", help="distance between paired inputs for every n, per format; first collapse length")
+    p = command("collapse", help="distance between paired inputs for every n, per format; first collapse length")
     p.add_argument("--family", required=True, choices=NAMES)
     p.add_argument("--format", default="bf16,fp16,fp32", help="comma-separated formats (default bf16,fp16,fp32); custom ones in parentheses: '(p=5,emax=15)'")
     p.add_argument("--backend", default="emulated", choices=["emulated", "native", "reference"])
@@ -412,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="collapse-out")
     p.set_defaults(func=cmd_collapse)
 
-    p = sub.add_parser("theorem", help="check one statement on random instances: observed vs bound")
+    p = command("theorem", help="check one statement on random instances: observed vs bound")
     p.add_argument("name", nargs="?", help="statement name (see --list), or b10")
     p.add_argument("--list", action="store_true", help="list the statements")
     p.add_argument("--instances", type=int, default=10)
@@ -421,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="e4m3fn", help="format for b10 (default e4m3fn, fp8; bf16 needs n in the thousands at d=8)")
     p.set_defaults(func=cmd_theorem)
 
-    p = sub.add_parser("oversquash", help="sensitivity profile dy_n/dv_i over i per format, with the path-sum bound")
+    p = command("oversquash", help="sensitivity profile dy_n/dv_i over i per format, with the path-sum bound")
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--format", default="fp64,fp32,bf16,fp16", help="native dtypes to differentiate in")
     p.add_argument("--pe", default="none", choices=KINDS)
@@ -436,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="oversquash-out")
     p.set_defaults(func=cmd_oversquash)
 
-    p = sub.add_parser("scaling", help="first-collapse length against significand bits p: the scaling law")
+    p = command("scaling", help="first-collapse length against significand bits p: the scaling law")
     p.add_argument("--family", default="zero_ones", choices=NAMES)
     p.add_argument("--p", default="4..16", help="range of significand bits, e.g. 4..16")
     p.add_argument("--max-len", type=int, default=1024)
@@ -444,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="scaling-out")
     p.set_defaults(func=cmd_scaling)
 
-    p = sub.add_parser("sweep", help="run a grid of collapse cells from a JSON spec; resumable; in-process or on dask")
+    p = command("sweep", help="run a grid of collapse cells from a JSON spec; resumable; in-process or on dask")
     p.add_argument("spec", help="sweep spec JSON (see collapse_sim.experiments.sweep)")
     p.add_argument("--out", default="sweep-out")
     p.add_argument("--executor", default="inprocess", choices=["inprocess", "dask"])
@@ -454,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-limit", type=float, default=8.0, help="refuse cells estimated above this many GiB")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("reproduce", help="run the checks and experiments and write a report")
+    p = command("reproduce", help="run the checks and experiments and write a report")
     p.add_argument("--out", default="collapse-report", help="output directory (default: collapse-report)")
     p.add_argument("--quick", action="store_true", help="smaller sizes, a few minutes on 2 cores")
     p.set_defaults(func=cmd_reproduce)
@@ -468,6 +482,11 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if getattr(args, "seed", 0) < 0:  # every command seeds numpy or JAX generators, which take seeds >= 0
             raise UsageError(f"--seed must be >= 0, got {args.seed}")
+        if args.command != "formats":  # the one command that compiles nothing
+            from .compilation import cache_dir_from, record_at_exit, use_cache
+
+            use_cache(cache_dir_from(args.compile_cache))
+            record_at_exit(args.command)
         rc = int(args.func(args) or 0)
         sys.stdout.flush()
         return rc

@@ -1,0 +1,198 @@
+"""Compilation as a cost the user sees: a persistent cache, and counts of what was compiled.
+
+A user of this package waits on XLA compilation far more than on arithmetic (an
+emulated forward takes seconds to run and can take a minute to compile). Two tools:
+
+* :func:`use_cache` points JAX's persistent compilation cache at a directory, so a
+  program compiled once is loaded from disk by every later process with the same
+  program, JAX version and flags. The CLI turns it on by default, in
+  :func:`default_cache_dir` (``$XDG_CACHE_HOME/collapse_sim/xla``, else
+  ``~/.cache/collapse_sim/xla``); ``--compile-cache DIR`` or the environment variable
+  ``COLLAPSE_SIM_COMPILE_CACHE`` moves it, and the value ``off`` turns it off.
+  Library use is unaffected unless it calls :func:`use_cache`.
+* :data:`STATS` counts, for the whole process, the XLA programs compiled and the
+  programs loaded from the cache, with the seconds each took (JAX's monitoring
+  events: tracing, lowering and the backend compile). :func:`snapshot` and
+  :meth:`CompileCounts.since` give the counts of one stage; the report's provenance
+  and ``collapse.json`` record them.
+
+Small programs count too: JAX compiles every eager operation once per shape and dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from pathlib import Path
+
+from .errors import CollapseSimError
+
+ENV = "COLLAPSE_SIM_COMPILE_CACHE"
+STATS_ENV = "COLLAPSE_SIM_COMPILE_STATS"  # a file path: the CLI writes its compile counts there as JSON at exit
+OFF = ("off", "none", "0", "false", "no")
+
+_TRACE = "/jax/core/compile/jaxpr_trace_duration"
+_LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+_BACKEND = "/jax/core/compile/backend_compile_duration"
+_HIT = "/jax/compilation_cache/cache_hits"
+
+
+class CompileCacheError(CollapseSimError):
+    """A compilation cache directory that cannot be used."""
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "collapse_sim" / "xla"
+
+
+def cache_dir_from(flag: "str | None" = None) -> "Path | None":
+    """The cache directory a command uses: ``flag`` if given, else ``$COLLAPSE_SIM_COMPILE_CACHE``,
+    else :func:`default_cache_dir`; None where the value is ``off``."""
+    value = flag if flag is not None else os.environ.get(ENV)
+    if value is None or value.strip() == "":
+        return default_cache_dir()
+    if value.strip().lower() in OFF:
+        return None
+    return Path(value).expanduser()
+
+
+def use_cache(path: "str | Path | None") -> "Path | None":
+    """Turn JAX's persistent compilation cache on in ``path``, for every program however
+    short its compile; None turns it off. Returns the directory in use. The directory is
+    checked at once (it, or the nearest existing folder above it, must be a writable
+    folder) but created only when the first program is written to it."""
+    import jax
+
+    if path is None:
+        jax.config.update("jax_compilation_cache_dir", None)
+        return None
+    path = Path(path).absolute()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        why = "not a folder" if not probe.is_dir() else "not writable"
+        raise CompileCacheError(f"cannot use {str(path)!r} as the compilation cache ({str(probe)!r} is {why}); "
+                                f"give another directory with --compile-cache DIR or {ENV}=DIR, or turn it off "
+                                f"with --compile-cache off")
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return path
+
+
+def cache_in_use() -> "str | None":
+    import jax
+
+    return jax.config.jax_compilation_cache_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileCounts:
+    """XLA programs compiled (and their seconds: trace + lower + compile) and loaded from the cache."""
+
+    compiled: int = 0
+    compile_seconds: float = 0.0
+    cache_hits: int = 0
+    cache_seconds: float = 0.0
+
+    def since(self, before: "CompileCounts") -> "CompileCounts":
+        return CompileCounts(self.compiled - before.compiled, self.compile_seconds - before.compile_seconds,
+                             self.cache_hits - before.cache_hits, self.cache_seconds - before.cache_seconds)
+
+    def describe(self) -> str:
+        s = f"{self.compiled} XLA programs compiled in {self.compile_seconds:.1f} s"
+        if self.cache_hits:
+            s += f", {self.cache_hits} loaded from the compilation cache in {self.cache_seconds:.1f} s"
+        return s
+
+    def as_dict(self) -> dict:
+        return {"compiled": self.compiled, "compile_seconds": round(self.compile_seconds, 3),
+                "cache_hits": self.cache_hits, "cache_seconds": round(self.cache_seconds, 3)}
+
+
+class _Stats:
+    """Process-wide listener on JAX's compile events (registered once, on first use)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._registered = False
+        self._compiled = 0
+        self._hits = 0
+        self._pending = 0.0  # trace + lower seconds of the program being compiled now
+        self._seconds = 0.0
+        self._cache_seconds = 0.0
+        self._hits_at_backend = 0
+        self.busy_since: "float | None" = None  # monotonic time a trace finished and its compile has not
+
+    def ensure(self) -> None:
+        if self._registered:
+            return
+        import jax.monitoring as mon
+
+        with self._lock:
+            if self._registered:
+                return
+            mon.register_event_listener(self._event)
+            mon.register_event_duration_secs_listener(self._duration)
+            self._registered = True
+
+    def _event(self, event: str, **_) -> None:
+        if event == _HIT:
+            with self._lock:
+                self._hits += 1
+
+    def _duration(self, event: str, seconds: float, **_) -> None:
+        with self._lock:
+            if event in (_TRACE, _LOWER):
+                self._pending += seconds
+                if self.busy_since is None:
+                    self.busy_since = time.monotonic()
+            elif event == _BACKEND:
+                if self._hits > self._hits_at_backend:  # this backend step was a cache load
+                    self._cache_seconds += seconds + self._pending
+                else:
+                    self._compiled += 1
+                    self._seconds += seconds + self._pending
+                self._hits_at_backend = self._hits
+                self._pending = 0.0
+                self.busy_since = None
+
+    def counts(self) -> CompileCounts:
+        self.ensure()
+        with self._lock:
+            return CompileCounts(self._compiled, self._seconds, self._hits, self._cache_seconds)
+
+    def compiling_for(self) -> "float | None":
+        """Seconds the current compile has run (None when no compile is under way)."""
+        t = self.busy_since
+        return None if t is None else time.monotonic() - t
+
+
+STATS = _Stats()
+
+
+def snapshot() -> CompileCounts:
+    """The process's compile counts now (listening starts on the first call)."""
+    return STATS.counts()
+
+
+def record_at_exit(command: str) -> None:
+    """If ``$COLLAPSE_SIM_COMPILE_STATS`` names a file, write this process's compile counts
+    there as JSON when it exits (``benchmarks/bench_time_to_result.py`` reads them)."""
+    target = os.environ.get(STATS_ENV)
+    if not target:
+        return
+    import atexit
+    import json
+
+    start = snapshot()
+
+    def write():
+        rec = {"command": command, "cache": cache_in_use(), **snapshot().since(start).as_dict()}
+        Path(target).write_text(json.dumps(rec))
+
+    atexit.register(write)

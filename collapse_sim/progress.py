@@ -1,0 +1,62 @@
+"""Progress that never goes silent.
+
+:func:`stage` wraps one piece of long work: it prints a line when the work starts and,
+from a background thread, a line at least every ``every`` seconds until it ends,
+saying how long it has run, whether XLA is compiling right now (and for how long),
+and the estimate when one was given. A stage that ends within ``every`` seconds
+prints only its start line (and nothing more); a longer one prints its wall time and
+the compilations it caused when it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+
+from .compilation import STATS, snapshot
+
+EVERY = 5.0
+
+
+def _say(prefix: str, msg: str, stream) -> None:
+    print(f"{prefix} {msg}", file=stream, flush=True)
+
+
+@contextlib.contextmanager
+def stage(prefix: str, what: str, *, estimate: "float | None" = None, every: float = EVERY, stream=None):
+    """Run the body as one stage of a command whose lines start with ``prefix`` (e.g. ``[collapse]``)."""
+    stream = stream or sys.stdout
+    start = time.monotonic()
+    before = snapshot()
+    est = f" (estimated {estimate:.0f} s)" if estimate else ""
+    _say(prefix, f"{what}{est} ...", stream)
+    done = threading.Event()
+
+    def beat():
+        while not done.wait(every):
+            t = time.monotonic() - start
+            c = STATS.compiling_for()
+            now = snapshot().since(before)
+            parts = [f"{what}: {t:.0f} s"]
+            if c is not None:
+                parts.append(f"compiling an XLA program for {c:.0f} s")
+            elif now.compiled:
+                parts.append(f"running; {now.compiled} programs compiled so far ({now.compile_seconds:.0f} s)")
+            else:
+                parts.append("running")
+            if estimate:
+                parts.append(f"estimate {estimate:.0f} s")
+            _say(prefix, "  " + ", ".join(parts), stream)
+
+    th = threading.Thread(target=beat, daemon=True)
+    th.start()
+    try:
+        yield
+    finally:
+        done.set()
+        th.join()
+        t = time.monotonic() - start
+        if t >= every:
+            _say(prefix, f"  {what}: done in {t:.0f} s; {snapshot().since(before).describe()}", stream)

@@ -1,0 +1,97 @@
+"""The persistent compilation cache and the compile counts (collapse_sim.compilation, progress)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from collapse_sim import compilation
+from collapse_sim.compilation import CompileCacheError, cache_dir_from, snapshot, use_cache
+from collapse_sim.progress import stage
+
+
+def _cli(args, cache, stats, cwd):
+    env = dict(os.environ, COLLAPSE_SIM_COMPILE_CACHE=str(cache), COLLAPSE_SIM_COMPILE_STATS=str(stats))
+    proc = subprocess.run([sys.executable, "-m", "collapse_sim.cli", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(stats.read_text())
+
+
+@pytest.mark.parametrize("args", [
+    ["collapse", "--family", "repeat_last", "--format", "bf16,fp64", "--pe", "rope", "--max-len", "24", "--d", "8",
+     "--vocab", "8", "--out", "out"],
+    ["theorem", "thm42", "--instances", "2", "--max-n", "6"],
+], ids=["collapse", "theorem"])
+def test_rerun_compiles_nothing(tmp_path, args):
+    """A second run of the same command, in a new process, loads every program from the cache."""
+    cache = tmp_path / "cache"
+    first = _cli(args, cache, tmp_path / "a.json", tmp_path)
+    if "--out" in args:
+        (tmp_path / "out").rename(tmp_path / "out1")
+    second = _cli(args, cache, tmp_path / "b.json", tmp_path)
+    assert first["compiled"] > 0 and first["cache"] == str(cache)
+    assert second["compiled"] == 0, second
+    assert second["cache_hits"] == first["compiled"] + first["cache_hits"]
+
+
+def test_cache_location_rules(tmp_path, monkeypatch):
+    monkeypatch.delenv(compilation.ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir_from(None) == tmp_path / "xdg" / "collapse_sim" / "xla"
+    monkeypatch.setenv(compilation.ENV, str(tmp_path / "env"))
+    assert cache_dir_from(None) == tmp_path / "env"
+    assert cache_dir_from(str(tmp_path / "flag")) == tmp_path / "flag"  # the flag wins over the environment
+    for off in ("off", "OFF", "none"):
+        assert cache_dir_from(off) is None
+    monkeypatch.setenv(compilation.ENV, "off")
+    assert cache_dir_from(None) is None
+
+
+def test_unusable_cache_dir_is_refused_and_nothing_created(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    before = jax.config.jax_compilation_cache_dir
+    with pytest.raises(CompileCacheError, match="compilation cache"):
+        use_cache(f / "sub")
+    assert jax.config.jax_compilation_cache_dir == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_counts_follow_compiles():
+    """A new program counts as one compile; calling it again counts nothing."""
+    f = jax.jit(lambda x: jnp.cumsum(x * 3.0) - x)
+    x = jnp.arange(7.0, dtype=jnp.float64) + time.time() % 1  # a fresh shape-and-function pair
+    a = snapshot()
+    f(x).block_until_ready()
+    b = snapshot()
+    f(x).block_until_ready()
+    c = snapshot()
+    assert b.since(a).compiled + b.since(a).cache_hits == 1
+    assert c.since(b).compiled == 0 and c.since(b).cache_hits == 0
+
+
+def test_stage_beats_while_silent_work_runs():
+    out = io.StringIO()
+    with stage("[t]", "waiting", every=0.2, stream=out):
+        time.sleep(0.9)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[t] waiting ..."
+    beats = [ln for ln in lines if "waiting:" in ln and "running" in ln]
+    assert len(beats) >= 3  # one line every 0.2 s over 0.9 s
+    assert "done in" in lines[-1]
+
+
+def test_short_stage_prints_only_its_start():
+    out = io.StringIO()
+    with stage("[t]", "quick", every=5.0, stream=out):
+        pass
+    assert out.getvalue().splitlines() == ["[t] quick ..."]
