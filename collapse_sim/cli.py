@@ -211,13 +211,16 @@ def cmd_theorem(args) -> int:
     print(f"{'case':26s} {'quantity':48s} {'observed':>12s} {'bound':>12s} {'obs/bound':>10s}  holds")
     failed = 0
     worst = 0.0
-    for case in draw_cases(args.seed, args.instances, args.max_n):
-        for c in stmt.check(case):
-            t = c.tightness
-            worst = max(worst, t) if t == t else worst
-            failed += not c.holds
-            print(f"seed={case.seed % 10**6:<6d} n={case.length:<3d} {str(case.edge or ''):9s} {c.quantity[:48]:48s} "
-                  f"{_fmt_num(c.observed):>12s} {_fmt_num(c.bound):>12s} {_fmt_num(t):>10s}  {c.verdict}")
+    from .progress import stage
+
+    with stage("[theorem]", f"{stmt.name} on {args.instances} random instances, n <= {args.max_n}"):
+        for case in draw_cases(args.seed, args.instances, args.max_n):
+            for c in stmt.check(case):
+                t = c.tightness
+                worst = max(worst, t) if t == t else worst
+                failed += not c.holds
+                print(f"seed={case.seed % 10**6:<6d} n={case.length:<3d} {str(case.edge or ''):9s} {c.quantity[:48]:48s} "
+                      f"{_fmt_num(c.observed):>12s} {_fmt_num(c.bound):>12s} {_fmt_num(t):>10s}  {c.verdict}", flush=True)
     print(f"{args.instances} instances; largest observed/bound {worst:.4g}; "
           + ("every check holds" if not failed else f"{failed} checks FAIL: counterexamples above"))
     return 1 if failed else 0
@@ -235,8 +238,12 @@ def _theorem_b10(args) -> int:
     fmt = parse(args.format)
     carrier_for(fmt)  # a format the emulated backend cannot carry is refused here, before any work
     params = init_params(ModelConfig(d=8, n_layers=1, vocab=6, pe="alibi", seed=args.seed))
-    print(f"b10: count_bernoulli, ALiBi, d=8, one layer, n = 1..{n_max}, emulated {args.format} vs exact (intervals)")
-    hits, same_exact = b10_confusions(params, "count_bernoulli", n_max, f"compute={format_token(fmt)},order=pairwise", seed=args.seed)
+    from .progress import stage
+
+    with stage("[theorem]", f"b10: count_bernoulli, ALiBi, d=8, one layer, n = 1..{n_max}, "
+                            f"emulated {args.format} vs exact (intervals)"):
+        hits, same_exact = b10_confusions(params, "count_bernoulli", n_max, f"compute={format_token(fmt)},order=pairwise",
+                                          seed=args.seed)
     print(f"lengths where the pair is bitwise identical in {args.format} but certified distinct exactly: "
           f"{', '.join(map(str, hits)) if hits.size else 'none up to n=' + str(n_max)}")
     if same_exact.size:
@@ -275,8 +282,10 @@ def cmd_oversquash(args) -> int:
     from .experiments.oversquash import oversquash_profile
     from .plots import plot_oversquash
 
-    print(f"[oversquash] n={args.n}, d={params.config.d}, L={params.config.n_layers}, formats {', '.join(fmts)}", flush=True)
-    r = oversquash_profile(params, toks, fmts, progress=lambda m: print(f"[oversquash]   {m}", flush=True))
+    from .progress import stage
+
+    with stage("[oversquash]", f"n={args.n}, d={params.config.d}, L={params.config.n_layers}, formats {', '.join(fmts)}"):
+        r = oversquash_profile(params, toks, fmts, progress=lambda m: print(f"[oversquash]   {m}", flush=True))
     _write_csv(out / "oversquash.csv", r.rows())
     plot_oversquash(r, out / "oversquash.png", title=f"n={args.n}, pe={params.config.pe}, L={params.config.n_layers}")
     key = f"{fmts[0]} (frozen)"
@@ -313,9 +322,11 @@ def cmd_scaling(args) -> int:
     params = scaling_model(args.seed)
     out.mkdir(parents=True, exist_ok=True)
     ps = list(range(lo, hi + 1))
-    print(f"[scaling] family {args.family}, p = {lo}..{hi}, n ≤ {args.max_len}, one attention layer, d = 4", flush=True)
-    r = scaling_sweep(params, args.family, ps, args.max_len, seed=args.seed,
-                      progress=lambda m: print(f"[scaling]   {m}", flush=True))
+    from .progress import stage
+
+    with stage("[scaling]", f"family {args.family}, p = {lo}..{hi}, n ≤ {args.max_len}, one attention layer, d = 4"):
+        r = scaling_sweep(params, args.family, ps, args.max_len, seed=args.seed,
+                          progress=lambda m: print(f"[scaling]   {m}", flush=True))
     _write_csv(out / "scaling.csv", r.rows())
     (out / "scaling.json").write_text(json.dumps({"provenance": provenance(), "family": args.family, "p": ps,
                                                   "max_len": args.max_len, "rate": r.rate, "slope": r.slope,
@@ -340,7 +351,10 @@ def cmd_sweep(args) -> int:
     from .experiments.sweep import SweepSpec, run_sweep, sweep_summary
 
     spec = SweepSpec.from_json(args.spec, mem_limit_gib=args.mem_limit)
-    r = run_sweep(spec, args.out, executor=args.executor, scheduler=args.scheduler, extend=args.extend)
+    from .progress import stage
+
+    with stage("[sweep]", f"{args.spec} into {args.out} ({args.executor})"):
+        r = run_sweep(spec, args.out, executor=args.executor, scheduler=args.scheduler, extend=args.extend)
     from .results import load_table
 
     df = load_table(args.out)

@@ -148,16 +148,22 @@ def reproduce(out: str = "collapse-report", quick: bool = False, sizes=None) -> 
     from . import experiments
 
     sections += experiments.report_sections(quick, sizes)
+    from .compilation import cache_in_use, snapshot
+    from .progress import stage
+
+    before = snapshot()
     for name, fn in sections:
-        print(f"[reproduce] {name} ... ({time.time() - t0:.0f} s so far)", flush=True)
-        fn(lines) if name in ("formats", "rounding", "sums") else fn(lines, outdir)
+        with stage("[reproduce]", f"{name} ({time.time() - t0:.0f} s so far)"):
+            fn(lines) if name in ("formats", "rounding", "sums") else fn(lines, outdir)
     wall = time.time() - t0
+    compiled = snapshot().since(before)
     prov = provenance()
     lines += ["## Provenance", "", "```json", json.dumps(prov, indent=1), "```", "",
               f"Wall time ({'quick' if quick else 'full'} run): {wall:.1f} s ({wall / 60:.1f} min) on "
-              f"{os.cpu_count()} CPU cores.", ""]
+              f"{os.cpu_count()} CPU cores, of which compiling: {compiled.describe()} "
+              f"(compilation cache: {cache_in_use() or 'off'}).", ""]
     tmp = outdir / "report.md.tmp"
     tmp.write_text("\n".join(lines))
     tmp.replace(outdir / "report.md")
-    print(f"[reproduce] wrote {outdir / 'report.md'} in {wall:.1f} s")
+    print(f"[reproduce] wrote {outdir / 'report.md'} in {wall:.1f} s; {compiled.describe()}")
     return 0
