@@ -114,7 +114,7 @@ def cmd_collapse(args) -> int:
                                          seed=args.seed, max_len=max(16384, 2 * args.max_len + 8),
                                          kind=args.model, qkv_var=args.qkv_var, sin_at=args.sin_at,
                                          alibi_slope=args.alibi_slope, alibi_at=args.alibi_at))
-    make_pairs(args.family, args.max_len, token_bound(params.config), sep=args.sep)
+    pairs = make_pairs(args.family, args.max_len, token_bound(params.config), seed=args.seed, sep=args.sep)
     c = params.config
     from .experiments.collapse import memory_estimate
 
@@ -134,7 +134,15 @@ def cmd_collapse(args) -> int:
     from .backends import backend_for_format
 
     backends = [(backend_for_format(args.backend, format_token(f), args.order, shard=args.shard), f.name) for f in fmts]
+    from .experiments import estimate
+
+    if not args.time_limit > 0:
+        raise UsageError(f"--time-limit must be a positive number of seconds, got {args.time_limit}")
+    est = [estimate.seconds(c, pairs, be.label.split(":")[0], args.order) for be, _ in backends]
+    est = estimate.Estimate(sum(e.arithmetic for e in est), sum(e.compile for e in est), sum(e.programs for e in est))
+    estimate.check(est, args.time_limit, f"this collapse run ({len(fmts)} format{'s' * (len(fmts) != 1)}, n <= {args.max_len})")
     out.mkdir(parents=True, exist_ok=True)
+    print(f"[collapse] estimated time: {est.describe()}", flush=True)
     from .experiments.collapse import collapse_summary, collapse_sweep
     from .plots import plot_collapse
 
@@ -437,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default=None, help="PATH of PATH.json + PATH.npz to use instead of a random init")
     p.add_argument("--mem-limit", type=float, default=8.0, help="refuse runs estimated above this many GiB")
+    p.add_argument("--time-limit", type=float, default=3600.0,
+                   help="refuse runs estimated to take longer than this many seconds (default 3600)")
     p.add_argument("--out", default="collapse-out")
     p.set_defaults(func=cmd_collapse)
 

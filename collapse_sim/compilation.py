@@ -104,7 +104,7 @@ class CompileCounts:
                              self.cache_hits - before.cache_hits, self.cache_seconds - before.cache_seconds)
 
     def describe(self) -> str:
-        s = f"{self.compiled} XLA programs compiled in {self.compile_seconds:.1f} s"
+        s = f"{self.compiled} XLA program{'s' * (self.compiled != 1)} compiled in {self.compile_seconds:.1f} s"
         if self.cache_hits:
             s += f", {self.cache_hits} loaded from the compilation cache in {self.cache_seconds:.1f} s"
         return s

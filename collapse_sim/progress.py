@@ -43,7 +43,8 @@ def stage(prefix: str, what: str, *, estimate: "float | None" = None, every: flo
             if c is not None:
                 parts.append(f"compiling an XLA program for {c:.0f} s")
             elif now.compiled:
-                parts.append(f"running; {now.compiled} programs compiled so far ({now.compile_seconds:.0f} s)")
+                parts.append(f"running; {now.compiled} program{'s' * (now.compiled != 1)} compiled so far "
+                             f"({now.compile_seconds:.0f} s)")
             else:
                 parts.append("running")
             if estimate:

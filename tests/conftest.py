@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import jax
 import pytest
@@ -6,6 +9,13 @@ from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# CLI commands run in-process (tests/test_cli_runs.py) turn on the persistent compilation cache:
+# keep it in a folder of this test session, never the user's ~/.cache.
+if "COLLAPSE_SIM_COMPILE_CACHE" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="collapse-sim-test-xla-")
+    atexit.register(shutil.rmtree, _cache, True)
+    os.environ["COLLAPSE_SIM_COMPILE_CACHE"] = _cache
 
 settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])

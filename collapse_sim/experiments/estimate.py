@@ -1,0 +1,99 @@
+"""How long a collapse run will take, said before it starts.
+
+A forward over a stream of T tokens (causal attention, L layers, width d, MLP width
+d_ff) does about ``T²/2 · d`` multiply-adds in attention and ``T · d · (4 d + 2 d_ff)``
+in the projections and the MLP per layer; a probe step per position doubles the
+attention part. :func:`seconds` multiplies that count by a per-backend cost, measured
+on 2 CPU cores with jax 0.10.2 (steady-state forwards at N = 2048, d = 64, L = 1; see
+:data:`COST`), and adds the compilation: one program per format and stream shape, about
+:data:`COMPILE` seconds when the persistent compilation cache does not hold it (about
+a second when it does). These are estimates for the order of magnitude: another
+machine scales them by its speed; they are printed before long work and checked
+against the user's ``--time-limit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import CollapseSimError
+
+# seconds per multiply-add (see the module docstring), by backend and reduction order
+COST = {
+    ("native", None): 1.0e-10,
+    ("emulated", "pairwise"): 6.0e-9,
+    ("emulated", "sequential"): 1.2e-8,
+    ("emulated", "kahan"): 3.0e-8,
+    ("emulated", "exact"): 5.0e-10,
+    ("emulated", "blocked"): 2.0e-9,
+    ("reference", None): 4.0e-6,
+}
+# seconds to compile one forward program cold (no cache), by backend
+COMPILE = {"native": 3.0, "emulated": 35.0, "reference": 0.0}
+TIME_LIMIT = 3600.0  # default --time-limit, seconds
+
+
+class TooLongError(CollapseSimError):
+    """A run estimated to take longer than the user's time limit."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    arithmetic: float  # seconds of forwards
+    compile: float  # seconds of compilation when nothing is cached
+    programs: int  # distinct (format, stream shape) programs to compile
+
+    @property
+    def total(self) -> float:
+        return self.arithmetic + self.compile
+
+    def describe(self) -> str:
+        s = f"about {_secs(self.arithmetic)} of arithmetic"
+        if self.compile:
+            s += (f" plus {_secs(self.compile)} compiling {self.programs} program{'s' * (self.programs != 1)} "
+                  f"(seconds when the compilation cache holds them)")
+        return s
+
+
+def _secs(t: float) -> str:
+    return f"{t:.0f} s" if t < 120 else (f"{t / 60:.0f} min" if t < 7200 else f"{t / 3600:.1f} h")
+
+
+def multiply_adds(config, tokens: int, probe: bool) -> float:
+    """Multiply-adds of one forward over ``tokens`` positions (see the module docstring)."""
+    c = config
+    attn = tokens * tokens / 2 * c.d * (2 if probe else 1)
+    dense = tokens * c.d * (4 * c.d + 2 * c.d_ff)
+    return (attn + dense) * c.n_layers
+
+
+def forward_cost(backend: str, order: "str | None") -> float:
+    if backend != "emulated":
+        return COST[(backend, None)]
+    kind = (order or "pairwise").split("(")[0].strip()
+    return COST.get(("emulated", kind), COST[("emulated", "sequential")])
+
+
+def seconds(config, pairs, backend: str, order: "str | None" = None, *, bucket: int | None = None,
+            formats: int = 1) -> Estimate:
+    """The time of one collapse run per format: every run of ``pairs`` (a family's
+    :class:`~collapse_sim.families.Pairs`) through ``backend`` (``native``, ``emulated``,
+    ``reference``; fp64 runs natively), for ``formats`` formats."""
+    cost = forward_cost(backend, order)
+    shapes = set()
+    work = 0.0
+    for run in pairs.runs:
+        t = run.tokens.size
+        if bucket:
+            t = -(-t // bucket) * bucket
+        shapes.add((t, run.probe is not None))
+        work += multiply_adds(config, t, run.probe is not None)
+    programs = len(shapes) * formats
+    return Estimate(work * cost * formats, COMPILE[backend] * programs, programs)
+
+
+def check(est: Estimate, limit: float, what: str, flag: str = "--time-limit") -> None:
+    """Refuse, in one sentence, work estimated above ``limit`` seconds."""
+    if est.total > limit:
+        raise TooLongError(f"{what} is estimated to take {_secs(est.total)} ({est.describe()}), over the "
+                           f"{_secs(limit)} limit; lower the length or raise {flag} (seconds)")
