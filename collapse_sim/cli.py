@@ -358,7 +358,10 @@ def cmd_sweep(args) -> int:
         raise UsageError("--executor dask needs --scheduler ADDRESS (e.g. tcp://host:8786)")
     from .experiments.sweep import SweepSpec, run_sweep, sweep_summary
 
-    spec = SweepSpec.from_json(args.spec, mem_limit_gib=args.mem_limit)
+    if not args.time_limit > 0:
+        raise UsageError(f"--time-limit must be a positive number of seconds, got {args.time_limit}")
+    spec = SweepSpec.from_json(args.spec, mem_limit_gib=args.mem_limit, time_limit=args.time_limit)
+    print(f"[sweep] estimated time of every cell: {spec.estimate().describe()}", flush=True)
     from .progress import stage
 
     with stage("[sweep]", f"{args.spec} into {args.out} ({args.executor})"):
@@ -490,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extend", action="store_true",
                    help="let a changed spec extend the grid in --out when it only adds formats, families, pe or seeds")
     p.add_argument("--mem-limit", type=float, default=8.0, help="refuse cells estimated above this many GiB")
+    p.add_argument("--time-limit", type=float, default=3600.0,
+                   help="refuse sweeps whose cells are estimated to take longer than this many seconds (default 3600)")
     p.set_defaults(func=cmd_sweep)
 
     p = command("reproduce", help="run the checks and experiments and write a report")

@@ -102,6 +102,10 @@ CLI_CASES = [
     (["scaling", "--p", "x"], "--p must look like 4..16"),
     (["sweep", "missing-spec.json"], "cannot read sweep spec"),
     (["sweep", "spec.json", "--executor", "dask"], "needs --scheduler"),
+    (["collapse", "--family", "repeat_last", "--max-len", "4000", "--time-limit", "10"],
+     "is estimated to take"),
+    (["collapse", *SMALL, "--time-limit", "0"], "--time-limit must be a positive"),
+    (["round", "1", "--format", "bf16", "--compile-cache", "/dev/null/x"], "cannot use '/dev/null/x' as the compilation cache"),
 ]
 
 
@@ -241,6 +245,14 @@ def test_sweep_out_must_be_empty_or_a_sweep(tmp_path, capsys):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     _refused(["sweep", _spec(tmp_path), "--out", str(out)], tmp_path, capsys, "holds no spec.json")
+
+
+def test_sweep_over_its_time_limit_refused(tmp_path, capsys):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"formats": ["bf16", "fp16"], "families": ["repeat_last"], "max_len": 3000,
+                                "model": {"d": 64}}))
+    _refused(["sweep", str(spec), "--out", str(tmp_path / "o"), "--time-limit", "30"], tmp_path, capsys,
+             "this sweep (2 cells) is estimated to take")
 
 
 def test_collapse_out_with_a_folder_where_a_result_goes(tmp_path, capsys):

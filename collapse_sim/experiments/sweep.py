@@ -141,13 +141,15 @@ class SweepSpec:
     sep: int | None = None
 
     @classmethod
-    def from_dict(cls, d: dict, *, mem_limit_gib: float = MEM_LIMIT_GIB) -> "SweepSpec":
+    def from_dict(cls, d: dict, *, mem_limit_gib: float = MEM_LIMIT_GIB,
+                  time_limit: "float | None" = None) -> "SweepSpec":
         spec = cls(**_parse(d))
-        spec.validate(mem_limit_gib=mem_limit_gib)
+        spec.validate(mem_limit_gib=mem_limit_gib, time_limit=time_limit)
         return spec
 
     @classmethod
-    def from_json(cls, path: "str | Path", *, mem_limit_gib: float = MEM_LIMIT_GIB) -> "SweepSpec":
+    def from_json(cls, path: "str | Path", *, mem_limit_gib: float = MEM_LIMIT_GIB,
+                  time_limit: "float | None" = None) -> "SweepSpec":
         path = Path(path)
         try:
             size = path.stat().st_size
@@ -166,7 +168,7 @@ class SweepSpec:
         except json.JSONDecodeError as e:
             raise SweepError(f"sweep spec {path} is not valid JSON ({e.msg} at line {e.lineno}, "
                              f"column {e.colno})") from None
-        return cls.from_dict(d, mem_limit_gib=mem_limit_gib)
+        return cls.from_dict(d, mem_limit_gib=mem_limit_gib, time_limit=time_limit)
 
     def canonical(self) -> dict:
         """Every field, defaults filled in, grid lists sorted (their order changes no cell), as
@@ -179,8 +181,9 @@ class SweepSpec:
         """sha256 of the canonical form as compact JSON with sorted keys."""
         return _fingerprint(self.canonical())
 
-    def validate(self, *, mem_limit_gib: float = MEM_LIMIT_GIB) -> None:
-        """Refuse, in one sentence, anything that would fail in some cell or exceed the memory limit."""
+    def validate(self, *, mem_limit_gib: float = MEM_LIMIT_GIB, time_limit: "float | None" = None) -> None:
+        """Refuse, in one sentence, anything that would fail in some cell or exceed the memory
+        limit, or (all cells together, :func:`estimate`) ``time_limit`` seconds."""
         from ..backends.emulated import CarrierError, carrier_for
         from ..families import NAMES, FamilyError, make_pairs
         from ..formats import FormatError, parse
@@ -237,6 +240,27 @@ class SweepSpec:
                 make_pairs(cell["family"], self.max_len, token_bound(self.config(cell)), seed=cell["seed"], sep=self.sep)
             except FamilyError as e:
                 raise SweepError(f"cell {_short(cell)}: {e}") from None
+        if time_limit is not None:
+            from .estimate import check
+
+            check(self.estimate(cells), time_limit, f"this sweep ({len(cells)} cells)")
+
+    def estimate(self, cells: "list[dict] | None" = None):
+        """The estimated time of ``cells`` (default: every cell), run one after another
+        (:mod:`collapse_sim.experiments.estimate`); compilation counted once per format and shape."""
+        from ..families import make_pairs
+        from ..model import token_bound
+        from .estimate import Estimate, seconds
+
+        arith, shapes = 0.0, {}
+        for cell in self.cells() if cells is None else cells:
+            cfg = self.config(cell)
+            backend = "native" if self.backend == "native" or cell["format"] == "fp64" else self.backend
+            e = seconds(cfg, make_pairs(cell["family"], self.max_len, token_bound(cfg), seed=cell["seed"], sep=self.sep),
+                        backend, self.order)
+            arith += e.arithmetic
+            shapes[(cell["format"], cell["family"], cell["pe"])] = e
+        return Estimate(arith, sum(e.compile for e in shapes.values()), sum(e.programs for e in shapes.values()))
 
     def cells(self) -> list[dict]:
         return [{"format": f, "family": fam, "pe": pe, "seed": s, "max_len": self.max_len, "order": self.order,
