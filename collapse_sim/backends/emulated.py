@@ -807,26 +807,39 @@ class EmulatedBackend(JaxBackendBase):
         del kpos  # keys sit at positions 0..Nk-1
         if self.shard:
             return _sharded(self.emu, q, k, v, np.asarray(qpos), scale, alibi, window, self_kv)
-        if isinstance(qpos, np.ndarray) and qpos.size >= _SEGMENT_MIN and np.all(np.diff(qpos) >= 0):
+        if isinstance(qpos, np.ndarray) and np.all(np.diff(qpos) >= 0) and _segment_count(self.emu, qpos.size) > 1:
             return _causal_segments(self.emu, q, k, v, qpos, scale, alibi, window, self_kv)
         return _emulated_attention(self.emu, q, k, v, jnp.asarray(qpos), scale, alibi, window, self_kv)
 
 
-_SEGMENTS = 8  # query segments with their own causal key length (one compiled body each)
-_SEGMENT_MIN = 512  # shorter inputs run unsegmented: the saving would not pay for the extra compiles
+_SEGMENTS = 8  # at most this many query segments with their own causal key length (one compiled body each)
+# Queries per segment where a segment pays for itself: S segments do (S + 1) / (2 S) of the
+# attention's work but compile S bodies. With run time T(N) of one unsegmented attention and
+# c seconds to compile one more body, S = sqrt(T / 2c) minimises the sum. Measured on 2 cores
+# (jax 0.10.2, d = 64): op by op (pairwise) T(2000) ≈ 4 s and c ≈ 2.9 s, so S ≈ N / 2400;
+# certified orders (exact, blocked) T(4096) ≈ 1.1 s and c ≈ 2.3 s, so S ≈ N / 17000.
+_QUERIES_PER_SEGMENT = {False: 2400, True: 17000}
 
 
-def _causal_segments(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, window, self_kv):
-    """Causal attention in ``_SEGMENTS`` runs of queries, each over the keys it can see.
+def _segment_count(emu: Emulator, nq: int) -> int:
+    """How many causal segments an attention over ``nq`` queries runs in (1: unsegmented)."""
+    return int(min(_SEGMENTS, max(1, round(nq / _QUERIES_PER_SEGMENT[_certified(emu)]))))
+
+
+def _causal_segments(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, window, self_kv,
+                     segments: "int | None" = None):
+    """Causal attention in ``segments`` runs of queries (default :func:`_segment_count`),
+    each over the keys it can see.
 
     Query positions are static and non-decreasing, so the queries of a segment need
     keys ``0..max(qpos)`` only. Dropping the trailing (masked, exactly zero) columns
     changes no sum of any order: sequential and blocked sums add exact zeros at the
     end, pairwise trees over any power-of-two padding at least as long agree, kahan
-    skips masked terms and exact sums ignore zeros (proofs/reduction_orders.md). It
-    saves about 44% of the work."""
+    skips masked terms and exact sums ignore zeros (proofs/reduction_orders.md). With
+    S segments it saves (S - 1) / (2 S) of the work (44% at S = 8)."""
     nq = q.shape[0]
-    bounds = np.linspace(0, nq, _SEGMENTS + 1).astype(int)
+    segments = _segment_count(emu, nq) if segments is None else segments
+    bounds = np.linspace(0, nq, segments + 1).astype(int)
     certified = _certified(emu)
     outs = []
     for a, b in zip(bounds[:-1], bounds[1:]):

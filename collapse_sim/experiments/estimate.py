@@ -4,10 +4,9 @@ A forward over a stream of T tokens (causal attention, L layers, width d, MLP wi
 d_ff) does about ``T²/2 · d`` multiply-adds in attention and ``T · d · (4 d + 2 d_ff)``
 in the projections and the MLP per layer; a probe step per position doubles the
 attention part. :func:`seconds` multiplies that count by a per-backend cost, measured
-on 2 CPU cores with jax 0.10.2 (steady-state forwards at N = 2048, d = 64, L = 1; see
-:data:`COST`), and adds the compilation: one program per format and stream shape, about
-:data:`COMPILE` seconds when the persistent compilation cache does not hold it (about
-a second when it does). These are estimates for the order of magnitude: another
+on 2 CPU cores with jax 0.10.2 (see :data:`COST`), and adds the compilation: one
+program per format and stream shape, :data:`COMPILE` seconds when the persistent
+compilation cache does not hold it (about a second when it does). These are estimates for the order of magnitude: another
 machine scales them by its speed; they are printed before long work and checked
 against the user's ``--time-limit``.
 """
@@ -18,18 +17,23 @@ import dataclasses
 
 from ..errors import CollapseSimError
 
-# seconds per multiply-add (see the module docstring), by backend and reduction order
+# seconds per multiply-add (see the module docstring), by backend and reduction order; measured
+# on 2 cores (jax 0.10.2, d = 64, first runs after the compile): native fp64 and emulated bf16
+# pairwise at N = 2,000 and 20,000 with a probe, emulated exact at N = 4,096. sequential, kahan
+# and blocked are scaled from pairwise and exact by their work per term.
 COST = {
-    ("native", None): 1.0e-10,
-    ("emulated", "pairwise"): 6.0e-9,
-    ("emulated", "sequential"): 1.2e-8,
-    ("emulated", "kahan"): 3.0e-8,
-    ("emulated", "exact"): 5.0e-10,
-    ("emulated", "blocked"): 2.0e-9,
+    ("native", None): 5.0e-10,
+    ("emulated", "pairwise"): 1.5e-8,
+    ("emulated", "sequential"): 3.0e-8,
+    ("emulated", "kahan"): 6.0e-8,
+    ("emulated", "exact"): 2.0e-9,
+    ("emulated", "blocked"): 6.0e-9,
     ("reference", None): 4.0e-6,
 }
-# seconds to compile one forward program cold (no cache), by backend
-COMPILE = {"native": 3.0, "emulated": 35.0, "reference": 0.0}
+# seconds to compile one forward program cold (no cache): native; emulated op-by-op orders; the
+# certified ones (exact, blocked), which compile the certified path, the op-by-op redo and the
+# superaccumulator
+COMPILE = {"native": 2.0, "emulated": 6.0, "emulated-certified": 30.0, "reference": 0.0}
 TIME_LIMIT = 3600.0  # default --time-limit, seconds
 
 
@@ -89,7 +93,10 @@ def seconds(config, pairs, backend: str, order: "str | None" = None, *, bucket: 
         shapes.add((t, run.probe is not None))
         work += multiply_adds(config, t, run.probe is not None)
     programs = len(shapes) * formats
-    return Estimate(work * cost * formats, COMPILE[backend] * programs, programs)
+    kind = backend
+    if backend == "emulated" and (order or "pairwise").split("(")[0].strip() in ("exact", "blocked"):
+        kind = "emulated-certified"
+    return Estimate(work * cost * formats, COMPILE[kind] * programs, programs)
 
 
 def check(est: Estimate, limit: float, what: str, flag: str = "--time-limit") -> None:
