@@ -95,3 +95,28 @@ def test_short_stage_prints_only_its_start():
     with stage("[t]", "quick", every=5.0, stream=out):
         pass
     assert out.getvalue().splitlines() == ["[t] quick ..."]
+
+
+def test_time_estimate_counts_the_work():
+    """The estimate is a multiply-add count (T²/2·d attention, doubled by a probe, plus
+    T·d·(4d + 2 d_ff) dense, per layer) times a per-backend cost, plus one compile per
+    format and stream shape."""
+    from collapse_sim.experiments import estimate
+    from collapse_sim.families import make_pairs
+    from collapse_sim.model import ModelConfig, token_bound
+
+    c = ModelConfig(d=8, n_layers=2, d_ff=16, vocab=8, pe="none")
+    assert estimate.multiply_adds(c, 10, probe=False) == (100 / 2 * 8 + 10 * 8 * (32 + 32)) * 2
+    assert estimate.multiply_adds(c, 10, probe=True) == (100 * 8 + 10 * 8 * 64) * 2
+    pairs = make_pairs("repeat_last", 100, token_bound(c))
+    work = sum(estimate.multiply_adds(c, r.tokens.size, r.probe is not None) for r in pairs.runs)
+    e = estimate.seconds(c, pairs, "emulated", "pairwise", formats=3)
+    assert e.arithmetic == work * estimate.COST[("emulated", "pairwise")] * 3
+    assert e.programs == 3 * len({(r.tokens.size, r.probe is not None) for r in pairs.runs})
+    assert e.compile == e.programs * estimate.COMPILE["emulated"]
+    exact = estimate.seconds(c, pairs, "emulated", "blocked(4)")
+    assert exact.compile == exact.programs * estimate.COMPILE["emulated-certified"]
+    assert estimate.seconds(c, pairs, "native").compile < e.compile
+    with pytest.raises(estimate.TooLongError, match="over the 1 s limit"):
+        estimate.check(estimate.Estimate(2.0, 0.0, 1), 1.0, "this run")
+    estimate.check(estimate.Estimate(0.5, 0.4, 1), 1.0, "this run")  # within the limit: no error
