@@ -230,7 +230,7 @@ def test_thm42_table_per_positional_setup():
         assert [r["n"] for r in rows] == [4, 32]
         for r in rows:
             cst.assert_bound_holds(r["observed"], r["bound"] * (1 + gamma(64 * (r["n"] + 9), 2.0**-53)), what=pe)
-            assert r["hypothesis_met"] == (pe in ("none", "alibi")) and bool(r["hypothesis"]) != r["hypothesis_met"]
+            assert r["hypothesis_met"] == (pe == "none") and bool(r["hypothesis"]) != r["hypothesis_met"]
             assert r["ratio"] == r["observed"] / r["bound"]
         if pe in ("none", "alibi"):
             assert rows[1]["bound"] < 0.1 * rows[0]["bound"]
@@ -316,7 +316,8 @@ def test_check_verdict_names_an_unmet_hypothesis():
     assert Check("s", "q", 1.0, 2.0).verdict == "yes"
     assert Check("s", "q", 1.0, 2.0, hypothesis="why").verdict == "hypothesis not met"
     assert Check("s", "q", 3.0, 2.0, hypothesis="why").verdict == "NO"
-    assert thm42_hypothesis(ModelConfig(d=4, pe="alibi")) is None
+    assert thm42_hypothesis(ModelConfig(d=4, pe="none")) is None
+    assert "ALiBi" in thm42_hypothesis(ModelConfig(d=4, pe="alibi"))  # the decoder's too: a floor past ~1/slope
     assert "window" in thm42_hypothesis(ModelConfig(d=4, pe="none", window=3))
     assert "RoPE" in thm42_hypothesis(ModelConfig(d=4, pe="rope"))
 

@@ -223,10 +223,11 @@ def observed_distance(params: Params, tokens, prec: int = 256, engine: str = "mp
 def thm42_hypothesis(config) -> str | None:
     """None when the model meets what Thm 4.2's proof needs (proofs/thm42_collapse.md: the
     differing row starts equal and the shared keys' scores move together, so every term of
-    the bound is O(1/n)): no positions or ALiBi, full causal attention; for the Gaussian
-    model no positions or sinusoidal positions on the keys or the values only (``sin_at``),
-    not ALiBi (its new key's weight does not decay, proofs/thm42_collapse.md). Otherwise
-    the reason; the bound is still valid there, but nothing makes it small."""
+    the bound is O(1/n)): no positions, full causal attention; for the Gaussian model also
+    sinusoidal positions on the keys or the values only (``sin_at``). Not ALiBi, in either
+    model: the repeated token's key sits at bias 0 while every shared key falls back by
+    the slope, so its weight keeps a floor once n passes ~1/slope (proofs/thm42_collapse.md).
+    Otherwise the reason; the bound is still valid there, but nothing makes it small."""
     c = config
     why = []
     if c.kind == "gaussian" and c.pe == "sinusoidal":  # only the table's place matters (no residual stream)
@@ -236,9 +237,9 @@ def thm42_hypothesis(config) -> str | None:
     elif c.pe in ("sinusoidal", "learned"):
         why.append("absolute positions " + ("in the residual stream: v_n and v*_(n+1) differ by PE[n+1] − PE[n]"
                                             if c.ape == "residual" else "in the scores move the query by W_q(PE[n+1] − PE[n])"))
-    if c.kind == "gaussian" and c.pe == "alibi":
+    if c.pe == "alibi":
         why.append("ALiBi's bias keeps the new key's weight at least ~(1 − e^(−slope))·e^(−score range), "
-                   "so the bound stops decaying once n passes ~1/slope")
+                   "so the bound stops decaying once n passes ~1/slope (the smallest head's slope)")
     if c.pe == "rope":
         why.append("RoPE turns each shared key's score by a key-dependent amount that does not decay with n")
     if c.window is not None:
