@@ -91,7 +91,7 @@ def test_certified_attention_equals_op_by_op(policy, monkeypatch):
         if skv is None:  # traced: a loop over those blocks (once per policy: each costs a compile)
             got.append(jax.jit(att)(q, k, v, jnp.asarray(qpos), skv))
         with monkeypatch.context() as m:
-            m.setattr(emulated, "_certified", lambda emu: False)
+            m.setattr(emulated.attention, "_certified", lambda emu: False)
             slow = att(q, k, v, jnp.asarray(qpos), skv)
         for got in got:
             assert np.array_equal(np.asarray(got).view(np.uint64), np.asarray(slow).view(np.uint64))
@@ -125,7 +125,7 @@ def test_uncertified_rows_are_redone(monkeypatch):
 
     got = [both(), jax.jit(both)()]
     with monkeypatch.context() as m:
-        m.setattr(emulated, "_certified", lambda emu: False)
+        m.setattr(emulated.attention, "_certified", lambda emu: False)
         slow = both()
     assert float(slow[0][2, 0]) == 1.0  # from the denominator 1.25 (the refused 1.0 gives 1.25)
     for g in got:
