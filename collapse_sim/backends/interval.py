@@ -21,7 +21,7 @@ import mpmath
 import numpy as np
 from mpmath.ctx_iv import MPIntervalContext
 
-from .reference import ObjectArrayBackend
+from .reference.backend import ObjectArrayBackend
 
 
 class IntervalBackend(ObjectArrayBackend):
