@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from . import positional
+from .positional import SINUSOIDAL
 from .errors import CollapseSimError
 
 
@@ -360,7 +361,6 @@ def token_bound(c: ModelConfig) -> int | None:
     return None if c.kind == "gaussian" else c.vocab
 
 
-SINUSOIDAL = "pe.sinusoidal"  # the (need, d) sinusoidal table, passed with the weights
 GAUSS = ("gauss.q", "gauss.k", "gauss.v")  # the Gaussian model's draws for ids 0..n_ids-1, passed with the weights
 
 
