@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import CollapseSimError
 from ..formats import NUMPY_DTYPES, parse as parse_format
 from ._jit import JaxBackendBase
+from ._rows import _map_rows
 
 _QBLOCK_ELEMS = 1 << 24
 
@@ -100,13 +101,6 @@ def _native_attention(q, k, v, qpos, scale, alibi, window, self_kv, dtype):
 
     nq = q.shape[0]
     bq = max(1, min(nq, _QBLOCK_ELEMS // max(1, nk)))
-    nb = -(-nq // bq)
-    pad = nb * bq - nq
     kp = self_kv[0] if self_kv is not None else jnp.zeros_like(q)
     vp = self_kv[1] if self_kv is not None else jnp.zeros_like(q)
-
-    def padded(a):
-        return jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]).reshape(nb, bq, *a.shape[1:])
-
-    out = jax.lax.map(block, (padded(q), padded(qpos), padded(kp), padded(vp)))
-    return out.reshape(nb * bq, -1)[:nq]
+    return _map_rows(block, (q, qpos, kp, vp), bq)
