@@ -32,7 +32,7 @@ def ulp(y: np.ndarray, p: int) -> np.ndarray:
 def exact_pair_outputs(params: Params, family: str, n_max: int, *, seed: int = 0):
     """float64 outputs (the 'exact' values to format precision ≤ 25) of both members, per n."""
     from ..backends import make_backend
-    from ..experiments.collapse import pair_outputs
+    from ..pairing import pair_outputs
 
     return pair_outputs(params, make_pairs(family, n_max, params.config.vocab, seed=seed), make_backend("native", "fp64"))
 
@@ -91,7 +91,7 @@ def scaling_sweep(params: Params, family: str, ps, n_max: int, *, order: str = "
     """Measured (emulated custom formats p bits, exponent range ±emax, so no
     over/underflow interferes) and predicted first-collapse lengths for each p."""
     from ..backends import make_backend
-    from ..experiments.collapse import collapse_sweep
+    from ..pairing import collapse_sweep
 
     A, B = exact_pair_outputs(params, family, n_max, seed=seed)
     measured, predicted = [], []
