@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ... import require_x64
 from ...formats import Format
 from ...policy import Order, Policy
 from ...rounding import round_to
-from .carrier import carrier_add, carrier_for, require_x64
+from .carrier import carrier_add, carrier_for
 from .certify import certified_sum
 from .exact import exact_sum
 from .orders import _blocked, _kahan, _pairwise, _rounded_add, _sequential
@@ -39,7 +40,7 @@ class Emulator:
 
     def __init__(self, policy: "Policy | str"):
         self.policy = Policy.parse(policy)
-        require_x64()
+        require_x64("the emulated backend")
         self.dtype = jnp.dtype(carrier_for(*self.policy.formats()))
         self.mode = self.policy.mode
         fmts = self.policy.formats()
@@ -88,12 +89,6 @@ class Emulator:
     def exp(self, a, fmt=None):
         wide = jnp.exp(jnp.asarray(a, jnp.float64))
         return round_to(wide, fmt or self.policy.compute, self.mode).astype(self.dtype)
-
-    def max(self, a, axis=-1):
-        return jnp.max(a, axis=axis)  # exact
-
-    def neg(self, a):
-        return -a  # exact
 
     # --- reductions --------------------------------------------------------
     def sum(self, x, axis: int = -1, out_fmt: Format | None = None, order: Order | None = None):
