@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import require_x64
 from ..errors import CollapseSimError
 from ..formats import NUMPY_DTYPES, parse as parse_format
 from ._jit import JaxBackendBase
@@ -30,8 +31,8 @@ class NativeBackend(JaxBackendBase):
         name = NUMPY_DTYPES.get(fmt.name)
         if name is None:
             raise CollapseSimError(f"format {fmt.name} has no native JAX dtype; run it on the emulated or reference backend")
-        if name == "float64" and not jax.config.jax_enable_x64:
-            raise RuntimeError("float64 needs JAX x64: call collapse_sim.enable_x64() at program start")
+        if name == "float64":
+            require_x64("the native float64 backend")
         self.fmt = fmt
         self.dtype = jnp.dtype(name)
         self.label = f"native:{fmt.name}"

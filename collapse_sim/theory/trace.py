@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import positional
+from .. import positional, require_x64
 from ..backends.native import NativeBackend
 from ..model import Params, forward_tapped
 
@@ -73,8 +73,7 @@ class Trace:
 
 
 def trace(params: Params, tokens) -> Trace:
-    if not jax.config.jax_enable_x64:
-        raise RuntimeError("theory traces need JAX x64: call collapse_sim.enable_x64() at program start")
+    require_x64("theory traces")
     c = params.config
     B = AnalysisBackend()
     y = np.asarray(forward_tapped(params, tokens, B))
@@ -96,8 +95,7 @@ def jacobian(params: Params, tokens, *, frozen: bool = True, dtype: str = "fp64"
     ``frozen=True`` holds attention weights and norm scales constant (Thm 5.1's
     assumptions); ``frozen=False`` differentiates the model as it is. ``dtype`` runs
     the forward and its reverse-mode derivative natively in that JAX dtype."""
-    if not jax.config.jax_enable_x64:
-        raise RuntimeError("Jacobians need JAX x64: call collapse_sim.enable_x64() at program start")
+    require_x64("Jacobians")
     tokens = np.asarray(tokens)
     N, d = tokens.size, params.config.d
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from .attention import _certified, _certified_attention, _emulated_attention, _linear, masked_softmax
 from .backend import EmulatedBackend
-from .carrier import CarrierError, carrier_add, carrier_for, require_x64
+from .carrier import CarrierError, carrier_add, carrier_for
 from .certify import _inside_cell, certified_matmul, certified_sum, certify, matmul_stats, row_norms
 from .exact import exact_sum, lsb_exponent
 from .ops import Emulator, reduce_sum
@@ -27,4 +27,4 @@ from .schedule import _causal_segments
 
 __all__ = ["CarrierError", "EmulatedBackend", "Emulator", "carrier_add", "carrier_for", "certified_matmul",
            "certified_sum", "certify", "exact_sum", "lsb_exponent", "masked_softmax", "matmul_stats", "reduce_sum",
-           "require_x64", "row_norms"]
+           "row_norms"]

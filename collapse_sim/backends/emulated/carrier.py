@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -46,11 +45,6 @@ def carrier_for(*fmts: Format):
                 f"format {f.name} cannot be emulated exactly ({why}); use the reference backend (mpmath) for it"
             )
     return jnp.float64
-
-
-def require_x64() -> None:
-    if not jax.config.jax_enable_x64:
-        raise RuntimeError("the emulated backend needs JAX float64: call collapse_sim.enable_x64() at program start")
 
 
 def carrier_add(a, b, mode):
