@@ -9,12 +9,12 @@ import mpmath.libmp as mlib
 import numpy as np
 
 from ...policy import Policy
-from .._hooks import AnalysisHooks
+from .._hooks import ArrayPlumbing
 from .arith import Reference, ref_sum, to_float
 from .constants import ExactConstants
 
 
-class ObjectArrayBackend(AnalysisHooks):
+class ObjectArrayBackend(ArrayPlumbing):
     """Array plumbing of the Python-number backends (numpy object arrays, run eagerly).
     Subclasses set the element-wise ufuncs ``_add _sub _mul _div _sqrt``."""
 
@@ -36,26 +36,20 @@ class ObjectArrayBackend(AnalysisHooks):
     def run(self, fn, config, arrays, tokens, probe):
         return fn(config, arrays, np.asarray(tokens), None if probe is None else np.asarray(probe), self)
 
-    def take(self, table, idx):
-        return table[np.asarray(idx)]
+    def _each_row(self, x, f):
+        """``f`` of every row (last axis) of the object array ``x``."""
+        out = np.empty(x.shape[:-1], dtype=object)
+        for i in np.ndindex(*x.shape[:-1]):
+            out[i] = f(x[i])
+        return out
 
-    def col(self, v, like):
-        return np.broadcast_to(v[:, None], like.shape)
-
-    def row(self, v, like):
-        return np.broadcast_to(v[None, :], like.shape)
-
-    def cols(self, x, sl):
-        return x[:, sl]
-
-    def ncols(self, x):
-        return x.shape[1]
-
-    def concat_cols(self, xs):
-        return np.concatenate(xs, axis=1)
-
-    def interleave_cols(self, a, b):
-        return np.stack([a, b], axis=-1).reshape(a.shape[0], -1)
+    def _matmul(self, x, w, dot):
+        """``x @ w`` (x: (n, k), w: (k, m)), each entry ``dot(row of x, column of w)``."""
+        out = np.empty((x.shape[0], w.shape[1]), dtype=object)
+        for i in range(x.shape[0]):
+            for j in range(w.shape[1]):
+                out[i, j] = dot(x[i], w[:, j])
+        return out
 
 
 def _relu(v):
@@ -151,18 +145,10 @@ class ReferenceBackend(ObjectArrayBackend):
         # docs/semantics.md §4.1: the sum divided by the exact integer d (not d rounded
         # to a format: e5m2 holds 9 as 8, e4m3fn 512 as NaN), one rounding to compute
         n = mlib.from_int(int(x.shape[-1]))
-        out = np.empty(x.shape[:-1], dtype=object)
-        for i in np.ndindex(*x.shape[:-1]):
-            out[i] = self.ref.compute.div(self.ref.sum(list(x[i])), n)
-        return out
+        return self._each_row(x, lambda r: self.ref.compute.div(self.ref.sum(list(r)), n))
 
     def linear(self, x, w):
-        n, dout = x.shape[0], w.shape[1]
-        out = np.empty((n, dout), dtype=object)
-        for i in range(n):
-            for j in range(dout):
-                out[i, j] = self.ref.dot(list(x[i]), list(w[:, j]))
-        return out
+        return self._matmul(x, w, lambda a, b: self.ref.dot(list(a), list(b)))
 
     def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None):
         ref, pol = self.ref, self.ref.policy
