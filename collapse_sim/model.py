@@ -1,5 +1,8 @@
 """The decoder of PAPER.md §1, written once against a backend.
 
+(One module of ~600 lines on purpose: config, weights and forward pass are one
+specification, read top to bottom beside docs/semantics.md.)
+
     x^(0)_i   = E[t_i] (+ P[i] for absolute encodings)
     h_i       = norm1(x_i)
     z_i       = W_o · concat_h Σ_{j≤i} α^h_ij (W_v h_j)^h + x_i
