@@ -2,7 +2,7 @@
 products (docs/semantics.md §3.3, §7, §8, §10).
 
 Where the policy's order is ``exact`` or ``blocked``, dot products come from float64
-matrix products certified by certify.py; every row they leave uncertified is redone
+matrix products certified by certificates.py; every row they leave uncertified is redone
 op by op, so the result is the op-by-op result bit for bit.
 """
 
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from ...rounding import round_to
 from .._rows import _fill_rows, _map_rows
-from .certify import certified_matmul, matmul_stats, row_norms
+from .certificates import certified_matmul, matmul_stats, row_norms
 from .ops import Emulator, reduce_sum
 
 _BLOCK_ELEMS = 1 << 21  # elements of one (queries x keys x head-dim) block

@@ -14,7 +14,7 @@ optimisation barrier: XLA otherwise rewrites ``a / broadcast(b)`` into
 What it computes is specified in docs/semantics.md: :class:`Emulator` implements
 the elementary ops (§2) and, with :func:`reduce_sum`, the reduction orders and dot
 products (§3.1, §3.2): the orders of orders.py, their exact sums taken by the
-certificates (certify.py) or the superaccumulator (exact.py), which agree bit for bit.
+certificates (certificates.py) or the superaccumulator (exact.py), which agree bit for bit.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ...formats import Format
 from ...policy import Order, Policy
 from ...rounding import round_to
 from .carrier import carrier_add, carrier_for
-from .certify import certified_sum
+from .certificates import certified_sum
 from .exact import exact_sum
 from .orders import _blocked, _kahan, _pairwise, _rounded_add, _sequential
 
