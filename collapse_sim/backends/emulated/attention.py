@@ -21,7 +21,6 @@ _BLOCK_ELEMS = 1 << 21  # elements of one (queries x keys x head-dim) block
 _EXACT_SHRINK = 8  # exact and blocked orders: the superaccumulator holds ~20 int64 limbs per term
 
 
-
 def _blocks(n: int, per_row: int) -> tuple[int, int]:
     b = max(1, min(n, _BLOCK_ELEMS // max(1, per_row)))
     return b, -(-n // b)

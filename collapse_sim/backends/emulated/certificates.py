@@ -2,8 +2,8 @@
 
 Every function here returns what the specification returns, bit for bit, or says
 where it cannot vouch for it: :func:`certified_sum` is bit-equal to
-:func:`..exact.exact_sum` (the ``exact`` order and the blocks of ``blocked``), and
-:func:`certified_matmul` to :meth:`..ops.Emulator.dot` in the ``exact`` and ``blocked``
+:func:`exact.exact_sum` (the ``exact`` order and the blocks of ``blocked``), and
+:func:`certified_matmul` to :meth:`ops.Emulator.dot` in the ``exact`` and ``blocked``
 orders of orders.py (docs/semantics.md §3.1, §3.2).
 
 Rounding an exact sum needs the exact sum only where it lies close to a rounding
@@ -34,7 +34,6 @@ from .exact import _exponent, _pow2, exact_sum, lsb_exponent
 from .orders import _blocked, _rounded_add, _sequential
 
 _U64 = 2.0**-53
-
 
 
 def _exact_in_float64(a, q):

@@ -15,7 +15,6 @@ from ...rounding import round_to
 _NO_BITS = 4096  # lowest-set-bit exponent given to zeros: above every real one
 
 
-
 def _odd_significand(x64):
     """``(m, k)`` with ``|x| = m * 2**k`` and ``m`` odd (``m = 0`` for zeros), from the
     bits of finite float64 values."""

@@ -3,7 +3,7 @@
 ``sequential`` (left to right), ``pairwise`` (a tree over a power-of-two padding),
 ``kahan`` (compensated) and the split of the ``blocked`` order into blocks, each add
 one correctly rounded add in the accumulate format. The ``exact`` order and the blocks'
-exact sums are :func:`..exact.exact_sum`; :func:`..ops.reduce_sum` puts them together.
+exact sums are :func:`exact.exact_sum`; :func:`ops.reduce_sum` puts them together.
 """
 
 from __future__ import annotations
