@@ -52,8 +52,8 @@ from pathlib import Path
 import numpy as np
 
 from . import positional
-from .positional import SINUSOIDAL
 from .errors import CollapseSimError
+from .positional import SINUSOIDAL
 
 
 class ConfigError(CollapseSimError):
