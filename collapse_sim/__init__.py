@@ -7,7 +7,7 @@ message names the bad value and the fix.
 from .errors import CollapseSimError
 from .formats import Format, FormatError, parse
 
-__all__ = ["CollapseSimError", "Format", "FormatError", "Mode", "parse", "round_to", "enable_x64"]
+__all__ = ["CollapseSimError", "Format", "FormatError", "Mode", "parse", "round_to", "enable_x64", "require_x64"]
 __version__ = "0.1.0"
 
 
@@ -30,3 +30,11 @@ def enable_x64() -> None:
     import jax
 
     jax.config.update("jax_enable_x64", True)
+
+
+def require_x64(what: str) -> None:
+    """Refuse to go on without JAX float64, which ``what`` (e.g. "the emulated backend") needs."""
+    import jax
+
+    if not jax.config.jax_enable_x64:
+        raise RuntimeError(f"{what} needs JAX float64: call collapse_sim.enable_x64() at program start")

@@ -86,8 +86,9 @@ def make_pairs(name: str, n_max: int, vocab: int | None, *, seed: int = 0, p: fl
         raise FamilyError(f"the maximum length must be >= 1, got {n_max}")
     if sep is not None and sep < 1:
         raise FamilyError(f"separator spacing must be >= 1, got {sep}")
-    if vocab is not None and vocab < FIRST_FREE + (1 if name == "repeat_last" else 0):
-        raise FamilyError(f"family {name} needs a vocabulary of at least {FIRST_FREE + 1} tokens, the model has {vocab}")
+    need = FIRST_FREE + (1 if name == "repeat_last" else 0)  # tokens 0..3, and one free token for random bases
+    if vocab is not None and vocab < need:
+        raise FamilyError(f"family {name} needs a vocabulary of at least {need} tokens, the model has {vocab}")
     rng = np.random.default_rng(seed)
     ns = np.arange(1, n_max + 1)
     if name == "repeat_last":

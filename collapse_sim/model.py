@@ -1,5 +1,8 @@
 """The decoder of PAPER.md §1, written once against a backend.
 
+(One module of ~600 lines on purpose: config, weights and forward pass are one
+specification, read top to bottom beside docs/semantics.md.)
+
     x^(0)_i   = E[t_i] (+ P[i] for absolute encodings)
     h_i       = norm1(x_i)
     z_i       = W_o · concat_h Σ_{j≤i} α^h_ij (W_v h_j)^h + x_i
@@ -50,6 +53,7 @@ import numpy as np
 
 from . import positional
 from .errors import CollapseSimError
+from .positional import SINUSOIDAL
 
 
 class ConfigError(CollapseSimError):
@@ -227,7 +231,7 @@ class Params:
         except (ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
             raise ConfigError(f"weights file {npath} is not a readable .npz archive ({str(e).splitlines()[0][:80]}); "
                               "write it with Params.save") from None
-        extra = set(arrays) - set(_shapes(cfg))
+        extra = set(arrays) - set(weight_shapes(cfg))
         if extra:
             raise ConfigError(f"weights file {npath} has array(s) {', '.join(sorted(extra))} that the config {jpath} "
                               "does not use; the two files must come from the same Params.save")
@@ -237,7 +241,7 @@ class Params:
 
     def validate(self) -> None:
         c = self.config
-        expected = _shapes(c)
+        expected = weight_shapes(c)
         for k, shape in expected.items():
             if k not in self.arrays:
                 raise ConfigError(f"weights lack array {k!r} (shape {shape})")
@@ -250,7 +254,8 @@ class Params:
                 raise ConfigError(f"array {k!r} has non-finite weights (inf or NaN); replace them with finite values")
 
 
-def _shapes(c: ModelConfig) -> dict[str, tuple]:
+def weight_shapes(c: ModelConfig) -> dict[str, tuple]:
+    """The name and shape of every weight array of a model of config ``c``."""
     if c.kind == "gaussian":  # no weights: only the optional output norm's gain and bias
         return {} if c.norm == "none" else {"n3_g": (c.d,), **({"n3_b": (c.d,)} if c.norm == "layernorm" else {})}
     s: dict[str, tuple] = {"embed": (c.vocab, c.d)}
@@ -293,7 +298,7 @@ def init_params(config: ModelConfig) -> Params:
     qk = c.qk_std if c.qk_std is not None else 1 / np.sqrt(c.d)
     vs = c.v_std if c.v_std is not None else 1 / np.sqrt(c.d)
     arrays: dict[str, np.ndarray] = {}
-    for k, shape in _shapes(c).items():
+    for k, shape in weight_shapes(c).items():
         name = k.split(".")[-1]
         if k == "embed":
             a = rng.standard_normal(shape) * c.embed_std
@@ -354,13 +359,31 @@ def forward(params: Params, tokens, backend, probe=None):
     return backend.run(fn, c, forward_arrays(params, need, n_ids), tokens, probe)
 
 
+def forward_tapped(params: Params, tokens, backend, *, delta0=None):
+    """The forward pass called directly (not through ``backend.run``, so not under jit),
+    for analysis backends: every intermediate the model taps goes through
+    ``backend.tap(name, x)`` (``l{ℓ}.x`` the input of layer ℓ and ``l{L}.x`` the final
+    norm's, ``l{ℓ}.z``, ``l{ℓ}.{q,k,v}{h}`` per head after RoPE, ``{norm}_sigma``), and norm
+    scales and attention weights through ``backend.freeze``. ``delta0`` (N, d), if given, is
+    added to the layer-0 representations v^(0): the handle for Jacobians ∂y/∂v^(0)
+    (collapse_sim.theory.trace). Returns ``y`` (N, d) in the backend's array type."""
+    c = params.config
+    tokens = np.asarray(tokens)
+    if c.kind == "gaussian":
+        if delta0 is not None:
+            raise ConfigError("the gaussian model has no layer-0 representations to perturb; use kind='decoder' "
+                              "for Jacobians")
+        arrays = forward_arrays(params, len(tokens), int(tokens.max()) + 1 if tokens.size else 0)
+        return _gaussian_impl(c, arrays, tokens, None, backend)
+    return _forward_impl(c, forward_arrays(params, len(tokens)), tokens, None, backend, delta0=delta0)
+
+
 def token_bound(c: ModelConfig) -> int | None:
     """Token ids a model takes lie in [0, bound): the decoder's vocabulary; None for the
     Gaussian model, whose tokens are draw ids (any id >= 0 names its own q, k, v)."""
     return None if c.kind == "gaussian" else c.vocab
 
 
-SINUSOIDAL = "pe.sinusoidal"  # the (need, d) sinusoidal table, passed with the weights
 GAUSS = ("gauss.q", "gauss.k", "gauss.v")  # the Gaussian model's draws for ids 0..n_ids-1, passed with the weights
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 KINDS = ("none", "sinusoidal", "learned", "rope", "alibi")
+SINUSOIDAL = "pe.sinusoidal"  # the key of the (need, d) sinusoidal table the model passes with its weights
 
 
 def sinusoidal(n: int, d: int, base: float = 10000.0) -> np.ndarray:

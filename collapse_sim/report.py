@@ -8,35 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-
-def provenance() -> dict:
-    import jax
-    import ml_dtypes
-    import mpmath
-    import numpy
-
-    from . import __version__
-
-    return {
-        "collapse_sim": __version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "jax": jax.__version__,
-        "jax_backend": jax.default_backend(),
-        "jax_x64": bool(jax.config.jax_enable_x64),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "numpy": numpy.__version__,
-        "ml_dtypes": ml_dtypes.__version__,
-        "mpmath": mpmath.__version__,
-        "mpmath_backend": mpmath.libmp.BACKEND,
-    }
+from .results import provenance
 
 
 def _section_formats(lines: list[str]) -> None:

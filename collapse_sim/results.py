@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
+import sys
 from pathlib import Path
 
 from .errors import CollapseSimError
@@ -150,3 +152,27 @@ def load_table(out: "str | Path"):
     frames = [pd.read_parquet(f) for f in files]
     df = pd.concat(frames, ignore_index=True)
     return df.sort_values(["cell", "n"], kind="stable").reset_index(drop=True)
+
+
+def provenance() -> dict:
+    """What produced a result: versions, platform, the JAX backend and its flags."""
+    import jax
+    import ml_dtypes
+    import mpmath
+    import numpy
+
+    from . import __version__
+
+    return {
+        "collapse_sim": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "jax_backend": jax.default_backend(),
+        "jax_x64": bool(jax.config.jax_enable_x64),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "numpy": numpy.__version__,
+        "ml_dtypes": ml_dtypes.__version__,
+        "mpmath": mpmath.__version__,
+        "mpmath_backend": mpmath.libmp.BACKEND,
+    }

@@ -74,9 +74,6 @@ class Mode(str, enum.Enum):
             raise RoundingError(f"unknown rounding mode {m!r}; use one of rne, rz, ru, rd, sr") from None
 
 
-MODES = tuple(Mode)
-
-
 class _Carrier:
     """Bit layout of a float dtype."""
 

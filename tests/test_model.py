@@ -91,7 +91,7 @@ def test_certified_attention_equals_op_by_op(policy, monkeypatch):
         if skv is None:  # traced: a loop over those blocks (once per policy: each costs a compile)
             got.append(jax.jit(att)(q, k, v, jnp.asarray(qpos), skv))
         with monkeypatch.context() as m:
-            m.setattr(emulated, "_certified", lambda emu: False)
+            m.setattr(emulated.attention, "_certified", lambda emu: False)
             slow = att(q, k, v, jnp.asarray(qpos), skv)
         for got in got:
             assert np.array_equal(np.asarray(got).view(np.uint64), np.asarray(slow).view(np.uint64))
@@ -125,7 +125,7 @@ def test_uncertified_rows_are_redone(monkeypatch):
 
     got = [both(), jax.jit(both)()]
     with monkeypatch.context() as m:
-        m.setattr(emulated, "_certified", lambda emu: False)
+        m.setattr(emulated.attention, "_certified", lambda emu: False)
         slow = both()
     assert float(slow[0][2, 0]) == 1.0  # from the denominator 1.25 (the refused 1.0 gives 1.25)
     for g in got:
@@ -360,3 +360,34 @@ print("ok")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_one_compile_per_policy_and_shape():
+    """Repeated forwards at one (policy, shape) compile once: XLA's backend compiles are
+    counted through jax.monitoring. The first native run at each length compiles the
+    shape's small eager helpers (token conversion); after it, a new emulated policy costs
+    exactly one compile per length, and repeated calls (other tokens, other weights of the
+    same architecture) none."""
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    cfg = ModelConfig(d=4, n_layers=1, vocab=6, pe="none", norm="none")
+    weights = [init_params(ModelConfig(**{**cfg.__dict__, "seed": s})) for s in (0, 1)]
+    rng = np.random.default_rng(0)
+    emulated = make_backend("emulated", "compute=bf16,order=pairwise")
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for n in (8, 12):
+            forward(weights[0], rng.integers(0, 6, n), make_backend("native", "fp32"))
+            before = len(compiles)
+            forward(weights[0], rng.integers(0, 6, n), emulated)
+            assert len(compiles) - before == 1, f"n={n}: the new (policy, shape) compiled {len(compiles) - before} times"
+            before = len(compiles)
+            for p in weights + weights:
+                forward(p, rng.integers(0, 6, n), emulated)
+            assert len(compiles) == before, f"n={n}: repeated calls compiled {len(compiles) - before} times"
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -399,3 +399,66 @@ def test_thm42_gaussian_alibi_bound_does_not_decay():
     floor = 2 * spread / (1 + np.exp(R) / np.expm1(m))
     cst.assert_bound_holds(floor * (1 - gamma(64 * (N + d), 2.0**-53)), bound, what="ALiBi floor")
     assert floor[-1] > 0
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_thm51_jacobian_equals_central_differences(frozen):
+    """The Jacobian of theory.trace (∂y_n/∂v_i^(0), from reverse-mode autodiff through the
+    tapped forward) against central differences of the plain float64 forward, which
+    perturbs the embedding rows instead (distinct tokens: row t_i is v_i^(0)): an
+    independent path through model.forward.
+
+    The model has zero query weights, no norms and no MLP: every score is 0, the
+    attention weights are 1/i whatever the input, so Thm 5.1's assumptions (frozen
+    weights and norm scales) hold exactly, the frozen and unfrozen Jacobians agree, and y
+    is affine in v^(0). Central differences of an affine map have no truncation error
+    for any step, so h = 1 (a power of two: ±h and ÷2h add no rounding beyond one
+    rounding of each perturbed entry).
+
+    Rounding, with u = 2^-53: along any chain of the forward or the reverse pass a layer
+    rounds K_l = d (value projection) + (n + 1) (the weight 1/i and the weighted sum over
+    ≤ n keys) + d (output projection) + 1 (residual) times; with the perturbed entry,
+    K = L·K_l + 1. Then |fl(y) − y| ≤ γ_K·y_abs and |fl(J) − J| ≤ γ_K·J_abs, where y_abs and
+    J_abs are the same computations on |weights| and |inputs| (Higham 2002, §3.1; any
+    summation order, FMA or not). y_abs ≤ S := the |weights| model at |embedding| + h
+    (monotone), J_abs is the |weights| model's Jacobian, each computed in float64 and so
+    at most a factor 1/(1 − γ_K) low. The difference quotient D = (fl(y+) − fl(y−))/2h
+    adds one rounding of the subtraction. Hence
+
+        |J_trace − D| ≤ (γ_K (J_abs + S/h) + u |D|) / (1 − γ_K).
+    """
+    from collapse_sim.backends import make_backend
+    from collapse_sim.model import ModelConfig, Params, forward, init_params
+    from collapse_sim.theory import gamma
+    from collapse_sim.theory.trace import jacobian
+
+    d, L = 4, 2
+    params = init_params(ModelConfig(d=d, n_layers=L, d_ff=0, vocab=6, pe="none", norm="none", out_proj=True,
+                                     qk_std=0.0, seed=5))
+    assert all(not params[f"l{l}.{w}"].any() for l in range(L) for w in ("wq", "wk"))  # the premise: uniform attention
+    tokens = np.array([1, 2, 3, 4, 5])
+    n, h, u = tokens.size, 1.0, 2.0**-53
+    K = L * (2 * d + n + 2) + 1
+    g = gamma(K, u)
+    native = make_backend("native", "fp64")
+
+    def y_last(p: Params) -> np.ndarray:
+        return native.to_numpy(forward(p, tokens, native))[-1]
+
+    def with_embed(p: Params, embed) -> Params:
+        return Params(p.config, {**p.arrays, "embed": embed})
+
+    D = np.empty((n, d, d))  # D[i, :, j] = ∂y_n/∂v_i[j]
+    for i, t in enumerate(tokens):
+        for j in range(d):
+            e = np.zeros_like(params["embed"])
+            e[t, j] = h
+            D[i, :, j] = (y_last(with_embed(params, params["embed"] + e)) - y_last(with_embed(params, params["embed"] - e))) / (2 * h)
+    J = jacobian(params, tokens, frozen=frozen)
+    absolute = Params(params.config, {k: np.abs(v) for k, v in params.arrays.items()})
+    S = y_last(with_embed(absolute, absolute["embed"] + h))
+    J_abs = jacobian(absolute, tokens, frozen=frozen)
+    bound = (g * (J_abs + S[None, :, None] / h) + u * np.abs(D)) / (1 - g)
+    err = np.abs(J - D)
+    assert np.all(err <= bound), f"max |J - D| = {err.max():.3g}, bound there {bound.flat[np.argmax(err)]:.3g}"
+    assert np.abs(J).max() > 1e3 * bound.max()  # the check is not vacuous: J is far from 0 relative to the bound

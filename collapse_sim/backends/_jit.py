@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._hooks import AnalysisHooks
+from ._hooks import ArrayPlumbing
 
 
 @functools.lru_cache(maxsize=64)
@@ -30,7 +30,7 @@ def run_jitted(backend, fn, config, arrays: dict, tokens, probe):
     return f(vals, t, pr)
 
 
-class JaxBackendBase(AnalysisHooks):
+class JaxBackendBase(ArrayPlumbing):
     """What the native and emulated backends share: jit-cached runs and array plumbing.
 
     Subclasses set ``kind`` and ``label`` (the label identifies the arithmetic, so
@@ -39,6 +39,7 @@ class JaxBackendBase(AnalysisHooks):
 
     kind = ""
     label = ""
+    xp = jnp
 
     def __hash__(self) -> int:
         return hash((self.kind, self.label))
@@ -53,24 +54,3 @@ class JaxBackendBase(AnalysisHooks):
     def run(self, fn, config, arrays, tokens, probe):
         """Run a traceable model function under jit (cached per config and shape)."""
         return run_jitted(self, fn, config, arrays, tokens, probe)
-
-    def take(self, table, idx):
-        return table[jnp.asarray(idx)]
-
-    def col(self, v, like):
-        return jnp.broadcast_to(v[:, None], like.shape)
-
-    def row(self, v, like):
-        return jnp.broadcast_to(v[None, :], like.shape)
-
-    def cols(self, x, sl):
-        return x[:, sl]
-
-    def ncols(self, x):
-        return x.shape[1]
-
-    def concat_cols(self, xs):
-        return jnp.concatenate(xs, axis=1)
-
-    def interleave_cols(self, a, b):
-        return jnp.stack([a, b], axis=-1).reshape(a.shape[0], -1)

@@ -21,7 +21,7 @@ import mpmath
 import numpy as np
 from mpmath.ctx_iv import MPIntervalContext
 
-from .reference import ObjectArrayBackend
+from .reference.backend import ObjectArrayBackend
 
 
 class IntervalBackend(ObjectArrayBackend):
@@ -85,18 +85,10 @@ class IntervalBackend(ObjectArrayBackend):
         return s
 
     def mean(self, x):
-        out = np.empty(x.shape[:-1], dtype=object)
-        for i in np.ndindex(*x.shape[:-1]):
-            out[i] = self._sum(x[i]) / x.shape[-1]
-        return out
+        return self._each_row(x, lambda r: self._sum(r) / x.shape[-1])
 
     def linear(self, x, w):
-        n, dout = x.shape[0], w.shape[1]
-        out = np.empty((n, dout), dtype=object)
-        for i in range(n):
-            for j in range(dout):
-                out[i, j] = self._sum(a * b for a, b in zip(x[i], w[:, j]))
-        return out
+        return self._matmul(x, w, lambda a, b: self._sum(p * q for p, q in zip(a, b)))
 
     def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None):
         iv = self.ctx

@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import require_x64
 from ..errors import CollapseSimError
 from ..formats import NUMPY_DTYPES, parse as parse_format
 from ._jit import JaxBackendBase
+from ._rows import _map_rows
 
 _QBLOCK_ELEMS = 1 << 24
 
@@ -29,8 +31,8 @@ class NativeBackend(JaxBackendBase):
         name = NUMPY_DTYPES.get(fmt.name)
         if name is None:
             raise CollapseSimError(f"format {fmt.name} has no native JAX dtype; run it on the emulated or reference backend")
-        if name == "float64" and not jax.config.jax_enable_x64:
-            raise RuntimeError("float64 needs JAX x64: call collapse_sim.enable_x64() at program start")
+        if name == "float64":
+            require_x64("the native float64 backend")
         self.fmt = fmt
         self.dtype = jnp.dtype(name)
         self.label = f"native:{fmt.name}"
@@ -100,13 +102,6 @@ def _native_attention(q, k, v, qpos, scale, alibi, window, self_kv, dtype):
 
     nq = q.shape[0]
     bq = max(1, min(nq, _QBLOCK_ELEMS // max(1, nk)))
-    nb = -(-nq // bq)
-    pad = nb * bq - nq
     kp = self_kv[0] if self_kv is not None else jnp.zeros_like(q)
     vp = self_kv[1] if self_kv is not None else jnp.zeros_like(q)
-
-    def padded(a):
-        return jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]).reshape(nb, bq, *a.shape[1:])
-
-    out = jax.lax.map(block, (padded(q), padded(qpos), padded(kp), padded(vp)))
-    return out.reshape(nb * bq, -1)[:nq]
+    return _map_rows(block, (q, qpos, kp, vp), bq)

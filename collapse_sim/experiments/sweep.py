@@ -387,7 +387,6 @@ def run_cell(cell: dict, spec: SweepSpec):
 
     from ..backends import backend_for_format
     from ..model import init_params
-    from ..report import provenance
     from .collapse import collapse_sweep
 
     params = init_params(spec.config(cell))
@@ -399,7 +398,7 @@ def run_cell(cell: dict, spec: SweepSpec):
     df.insert(0, "cell", key)
     for col in ("family", "pe", "seed"):
         df[col] = cell[col]
-    prov = {"provenance": provenance(), "backend": be.describe(), "cell": cell,
+    prov = {"provenance": results.provenance(), "backend": be.describe(), "cell": cell,
             "config": dataclasses.asdict(params.config), "seconds": time.time() - t0}
     return key, df, prov
 

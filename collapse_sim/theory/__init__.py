@@ -23,81 +23,13 @@ operations, 64·(n + d)·L as in the backend cross-checks).
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from typing import Callable
-
 from ..errors import CollapseSimError
+from . import checks
+from .statement import EDGES, Case, Check, Statement, gamma
 
+__all__ = ["EDGES", "STATEMENTS", "Case", "Check", "Statement", "check", "gamma"]
 
-EDGES = ("n=1", "equal", "dominant", "maxnorm")
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One random instance: ``seed`` drives every draw, ``n`` is the length, ``edge``
-    forces an edge case: ``"equal"`` (all logits equal / zero query-key weights),
-    ``"dominant"`` (one logit far above the rest / large query-key weights),
-    ``"maxnorm"`` (every weight at the strategy's maximum magnitude); ``"n=1"`` is n = 1."""
-
-    seed: int
-    n: int
-    edge: str | None = None
-
-    def __post_init__(self):
-        if self.edge is not None and self.edge not in EDGES:
-            raise CollapseSimError(f"unknown edge case {self.edge!r}; use one of {', '.join(EDGES)}")
-
-    @property
-    def length(self) -> int:
-        return 1 if self.edge == "n=1" else max(1, self.n)
-
-
-@dataclasses.dataclass
-class Check:
-    statement: str
-    quantity: str
-    observed: float
-    bound: float
-    slack: float = 0.0
-    hypothesis: str | None = None  # None: the instance meets the statement's hypothesis; else why not
-
-    @property
-    def holds(self) -> bool:
-        return bool(self.observed <= self.bound + self.slack)
-
-    @property
-    def verdict(self) -> str:
-        """"NO" when the bound fails; "hypothesis not met" when it holds on an instance outside
-        the statement's hypothesis (the bound is valid there but need not be small); "yes"."""
-        return "NO" if not self.holds else ("yes" if self.hypothesis is None else "hypothesis not met")
-
-    @property
-    def tightness(self) -> float:
-        """observed / bound (1 = the bound is attained; nan when the bound is 0)."""
-        return self.observed / self.bound if self.bound > 0 else math.nan
-
-
-@dataclasses.dataclass(frozen=True)
-class Statement:
-    name: str
-    title: str
-    check: Callable[[Case], list[Check]]
-    cost: str = "cheap"  # "cheap" (pure numbers) or "model" (forward passes)
-
-
-def gamma(k: int, u: float) -> float:
-    """γ_k = k·u / (1 − k·u): the relative error of k correctly rounded ops."""
-    return k * u / (1 - k * u)
-
-
-def _register() -> dict[str, Statement]:
-    from . import checks
-
-    return {s.name: s for s in checks.ALL}
-
-
-STATEMENTS: dict[str, Statement] = _register()
+STATEMENTS: dict[str, Statement] = {s.name: s for s in checks.ALL}
 
 
 def check(name: str, case: Case) -> list[Check]:

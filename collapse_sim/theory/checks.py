@@ -9,8 +9,8 @@ import numpy as np
 
 from .. import positional
 from ..model import ModelConfig, Params, init_params
-from . import Case, Check, Statement, gamma
 from . import softmax as sm
+from .statement import Case, Check, Statement, gamma
 
 PREC = 200  # mpmath precision of the softmax statements
 REF_PREC = 256  # reference precision of the model statements

@@ -42,7 +42,7 @@ def b10_confusions(params: Params, family: str, n_max: int, policy: str, *, seed
     any readout gives both members the same answer, so one of the two counts is wrong."""
     from ..backends import make_backend
     from ..backends.interval import certify_distinct
-    from ..experiments.collapse import collapse_sweep, pair_outputs
+    from ..pairing import collapse_sweep, pair_outputs
     from ..families import make_pairs
 
     res = collapse_sweep(params, family, n_max, make_backend("reference", policy), policy, seed=seed)

@@ -20,19 +20,21 @@ import dataclasses
 import numpy as np
 
 from ..families import make_pairs
+from ..formats import Format
 from ..model import Params
 
 
 def ulp(y: np.ndarray, p: int) -> np.ndarray:
-    """Spacing of a p-bit format at |y| (normal range; zero maps to the smallest positive)."""
-    e = np.floor(np.log2(np.maximum(np.abs(y), np.finfo(np.float64).tiny)))
-    return 2.0 ** (e - p + 1)
+    """Spacing of a p-bit format with float64's exponent range at each |y| (:meth:`Format.ulp`,
+    exact; values below 2^-1022, zero included, get the spacing at 2^-1022)."""
+    fmt = Format(f"p={p}", p, -1022, 1023)
+    return np.vectorize(lambda v: float(fmt.ulp(float(v))), otypes=[np.float64])(y)
 
 
 def exact_pair_outputs(params: Params, family: str, n_max: int, *, seed: int = 0):
     """float64 outputs (the 'exact' values to format precision ≤ 25) of both members, per n."""
     from ..backends import make_backend
-    from ..experiments.collapse import pair_outputs
+    from ..pairing import pair_outputs
 
     return pair_outputs(params, make_pairs(family, n_max, params.config.vocab, seed=seed), make_backend("native", "fp64"))
 
@@ -91,7 +93,7 @@ def scaling_sweep(params: Params, family: str, ps, n_max: int, *, order: str = "
     """Measured (emulated custom formats p bits, exponent range ±emax, so no
     over/underflow interferes) and predicted first-collapse lengths for each p."""
     from ..backends import make_backend
-    from ..experiments.collapse import collapse_sweep
+    from ..pairing import collapse_sweep
 
     A, B = exact_pair_outputs(params, family, n_max, seed=seed)
     measured, predicted = [], []

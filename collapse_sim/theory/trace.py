@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import positional
+from .. import positional, require_x64
 from ..backends.native import NativeBackend
-from ..model import Params, _forward_impl, _gaussian_impl, forward_arrays
+from ..model import Params, forward_tapped
 
 
 class AnalysisBackend(NativeBackend):
@@ -72,26 +72,11 @@ class Trace:
     y: np.ndarray
 
 
-def _run(params: Params, tokens, backend, delta0=None):
-    c = params.config
-    tokens = np.asarray(tokens)
-    if c.kind == "gaussian":
-        if delta0 is not None:
-            raise ValueError("the gaussian model has no layer-0 representations to perturb; use kind='decoder' for Jacobians")
-        arrays = forward_arrays(params, len(tokens), int(tokens.max()) + 1 if tokens.size else 0)
-        W = {k: jnp.asarray(v, jnp.float64) for k, v in arrays.items()}
-        return _gaussian_impl(c, W, tokens, None, backend)
-    arrays = forward_arrays(params, len(tokens))
-    W = {k: jnp.asarray(v, jnp.float64) for k, v in arrays.items()}  # rounded to the dtype by B.store
-    return _forward_impl(c, W, tokens, None, backend, delta0=delta0)
-
-
 def trace(params: Params, tokens) -> Trace:
-    if not jax.config.jax_enable_x64:
-        raise RuntimeError("theory traces need JAX x64: call collapse_sim.enable_x64() at program start")
+    require_x64("theory traces")
     c = params.config
     B = AnalysisBackend()
-    y = np.asarray(_run(params, tokens, B))
+    y = np.asarray(forward_tapped(params, tokens, B))
     R = {k: np.asarray(v) for k, v in B.records.items()}
     L, H = c.n_layers, c.n_heads
     attn = {(l, h): np.asarray(B._attn[l * H + h]) for l in range(L) for h in range(H)}
@@ -110,15 +95,14 @@ def jacobian(params: Params, tokens, *, frozen: bool = True, dtype: str = "fp64"
     ``frozen=True`` holds attention weights and norm scales constant (Thm 5.1's
     assumptions); ``frozen=False`` differentiates the model as it is. ``dtype`` runs
     the forward and its reverse-mode derivative natively in that JAX dtype."""
-    if not jax.config.jax_enable_x64:
-        raise RuntimeError("Jacobians need JAX x64: call collapse_sim.enable_x64() at program start")
+    require_x64("Jacobians")
     tokens = np.asarray(tokens)
     N, d = tokens.size, params.config.d
 
     B = AnalysisBackend(frozen, dtype)
 
     def last(delta):
-        return _run(params, tokens, B, delta0=delta)[-1]
+        return forward_tapped(params, tokens, B, delta0=delta)[-1]
 
     J = jax.jacrev(last)(jnp.zeros((N, d), B.dtype))  # (d_out, N, d_in)
     return np.transpose(np.asarray(J, np.float64), (1, 0, 2))

@@ -1,0 +1,210 @@
+"""The model's linear layers and attention, op by op or from certified float64 matrix
+products (docs/semantics.md §3.3, §7, §8, §10).
+
+Where the policy's order is ``exact`` or ``blocked``, dot products come from float64
+matrix products certified by certificates.py; every row they leave uncertified is redone
+op by op, so the result is the op-by-op result bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+
+from ...rounding import round_to
+from .._rows import _fill_rows, _map_rows
+from .certificates import certified_matmul, matmul_stats, row_norms
+from .ops import Emulator, reduce_sum
+
+_BLOCK_ELEMS = 1 << 21  # elements of one (queries x keys x head-dim) block
+_EXACT_SHRINK = 8  # exact and blocked orders: the superaccumulator holds ~20 int64 limbs per term
+
+
+def _blocks(n: int, per_row: int) -> tuple[int, int]:
+    b = max(1, min(n, _BLOCK_ELEMS // max(1, per_row)))
+    return b, -(-n // b)
+
+
+def _certified(emu: Emulator) -> bool:
+    """Whether dot products can come from float64 matrix products (:func:`certified_matmul`)."""
+    return emu.policy.order.kind in ("exact", "blocked")
+
+
+def _linear(emu: Emulator, x, w):
+    """``x @ w``, each entry an :meth:`Emulator.dot`: from certified float64 matrix
+    products in blocks of rows where the policy allows, op by op for the rows they
+    leave uncertified (:func:`_fill_rows`); op by op otherwise."""
+    n, din = x.shape
+    dout = w.shape[1]
+    wt = w.T  # (dout, din)
+
+    def op_by_op(xb, path="certified"):
+        ae, be = jnp.broadcast_arrays(xb[:, None, :], wt[None, :, :])
+        return emu.dot(ae, be, path=path)
+
+    if not _certified(emu):
+        return _map_rows(lambda a: op_by_op(a[0]), (x,), _blocks(n, din * dout)[0])
+    wstats = matmul_stats(emu, w)
+
+    def block(a):
+        r, ok = certified_matmul(emu, a[0], w, w_stats=wstats)
+        return r, jnp.all(ok, axis=-1)
+
+    r, ok = _map_rows(block, (x,), max(1, min(n, _BLOCK_ELEMS // (4 * dout))))
+    b, _ = _blocks(n, din * dout * _EXACT_SHRINK)
+    redo = functools.partial(op_by_op, path="superacc")  # where the certificate failed
+    return _fill_rows(r, ok, (x,), redo, b)
+
+
+def masked_softmax(emu: Emulator, s, valid, path: str = "certified"):
+    """Softmax of each row of ``s`` over its ``valid`` entries, as the attention does it:
+    scores rounded to the softmax format, the row maximum subtracted (if the policy
+    says so), exp, the denominator reduced in the policy's order and accumulate
+    format, one division, weights rounded to the compute format. Masked entries are
+    exact zeros, which leave every reduction order's result unchanged.
+
+    ``path``: how the denominator's exact sum is taken (:func:`reduce_sum`); with
+    ``"float64"`` the result is ``(alpha, ok)``, ``ok`` marking the rows whose
+    denominator was certified (the other rows must be redone)."""
+    pol, mode = emu.policy, emu.mode
+    same = pol.softmax == pol.compute  # then both roundings between them are identities
+    s = jnp.asarray(s, emu.dtype)
+    if not same:
+        s = round_to(s, pol.softmax, mode)
+    if pol.max_subtract:
+        m = jnp.max(jnp.where(valid, s, jnp.asarray(-jnp.inf, emu.dtype)), axis=-1)
+        s = emu.sub(s, jnp.broadcast_to(m[:, None], s.shape), pol.softmax)
+    e = emu.exp(s, pol.softmax)
+    e = jnp.where(valid, e, jnp.zeros_like(e))
+    den = reduce_sum(e, pol.order, pol.accumulate, pol.softmax, mode, valid, emu.bounds, nonneg=True,  # exp >= 0
+                     path=path)
+    with_ok = path == "float64"
+    if with_ok:
+        den, ok = den
+    alpha = emu.div(e, jnp.broadcast_to(den[:, None], e.shape), pol.softmax)
+    alpha = alpha if same else round_to(alpha, pol.compute, mode)
+    return (alpha, ok) if with_ok else alpha
+
+
+def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
+    """Attention of queries ``q`` at positions ``qpos`` over keys ``0..len(k)-1``: from
+    certified float64 matrix products where the policy allows (exact and blocked
+    orders), op by op for every query row they leave uncertified; op by op otherwise."""
+    if not _certified(emu):
+        return _op_by_op_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv)
+    o, ok = _certified_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv)
+    return _fill_uncertified(emu, o, ok, q, k, v, qpos, scale, alibi, window, self_kv)
+
+
+def _prepare(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
+    """What the op-by-op and certified attention share: keys and values with a slot for
+    a query's own key and value (``self_kv``), and ``weights``, which turns raw scores
+    (B, nk) of queries at positions pb into attention weights and the key mask."""
+    pol, mode, dt = emu.policy, emu.mode, emu.dtype
+    if self_kv is not None:
+        k = jnp.concatenate([k, jnp.zeros((1, k.shape[1]), dt)])
+        v = jnp.concatenate([v, jnp.zeros((1, v.shape[1]), dt)])
+    nk = k.shape[0]
+    cols = jnp.arange(nk)
+    sc = emu.store(jnp.float64(scale))
+    kp, vp = _own_kv(q, self_kv)
+    bias_table = None
+    if alibi is not None:  # -slope·distance for every distance, rounded once (a gather per block)
+        maxd = max(nk, int(qpos.shape[0])) + 1
+        bias_table = round_to(-alibi * jnp.arange(maxd, dtype=jnp.float64), pol.storage, mode).astype(dt)
+
+    def weights(s, pb, path="certified"):
+        s = emu.mul(s, jnp.broadcast_to(sc, s.shape))
+        if alibi is not None:
+            dist = jnp.clip(pb[:, None] - cols[None, :], 0, bias_table.shape[0] - 1)  # masked entries: any valid index
+            s = emu.add(s, bias_table[dist])
+        valid = cols[None, :] <= pb[:, None]
+        if window is not None:
+            valid = valid & (cols[None, :] > pb[:, None] - window)
+        return masked_softmax(emu, s, valid, path), valid
+
+    return k, v, kp, vp, cols, weights
+
+
+def _own_kv(q, self_kv):
+    """Each query's own key and value (``self_kv``), or zeros of ``q``'s shape."""
+    if self_kv is None:
+        return jnp.zeros_like(q), jnp.zeros_like(q)
+    return self_kv
+
+
+def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv, path: str = "certified"):
+    """Attention with every dot product and sum an :class:`Emulator` reduction, in
+    blocks of query rows over all keys. ``path``: how the exact and blocked orders
+    take their exact sums (:func:`reduce_sum`; ``"superacc"`` where the certificate
+    already failed)."""
+    pol, mode = emu.policy, emu.mode
+    k, v, kp, vp, cols, weights = _prepare(emu, q, k, v, qpos, scale, alibi, window, self_kv)
+    nk, dh = k.shape
+
+    def block(args):
+        qb, pb, kpb, vpb = args  # (B, dh), (B,), (B, dh), (B, dh)
+        is_self = cols[None, :] == pb[:, None]  # (B, nk)
+        K = jnp.broadcast_to(k[None], (qb.shape[0], nk, dh))
+        if self_kv is not None:
+            K = jnp.where(is_self[:, :, None], kpb[:, None, :], K)
+        Q = jnp.broadcast_to(qb[:, None, :], K.shape)
+        alpha, valid = weights(emu.dot(Q, K, path=path), pb, path)  # scores: (B, nk), compute format
+        V = jnp.broadcast_to(v[None], K.shape)
+        if self_kv is not None:
+            V = jnp.where(is_self[:, :, None], vpb[:, None, :], V)
+        A = jnp.broadcast_to(alpha[:, :, None], V.shape)
+        prod = A * V  # exact in the carrier
+        prod = jnp.swapaxes(prod, 1, 2)  # (B, dh, nk): reduce over keys
+        if pol.order.kind not in ("exact", "blocked"):
+            prod = round_to(prod, pol.accumulate, mode)
+        vmask = jnp.broadcast_to(valid[:, None, :], prod.shape)
+        return reduce_sum(prod, pol.order, pol.accumulate, pol.compute, mode, vmask, emu.bounds, path=path)
+
+    b, _ = _blocks(q.shape[0], nk * dh * (_EXACT_SHRINK if _certified(emu) else 1))
+    return _map_rows(block, (q, qpos, kp, vp), b)
+
+
+def _certified_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
+    """``(o, ok)``: attention from float64 matrix products (:func:`certified_matmul`),
+    whole rows of scores at a time; ``ok`` (nq,) marks the query rows whose every dot
+    product was certified. The others must be recomputed op by op."""
+    k, v, kp, vp, cols, weights = _prepare(emu, q, k, v, qpos, scale, alibi, window, self_kv)
+    nk = k.shape[0]
+    bf = max(1, min(q.shape[0], _BLOCK_ELEMS // (4 * nk)))
+    kstats, vstats = matmul_stats(emu, k.T), matmul_stats(emu, v)  # once for every block
+
+    def block(args):
+        qb, pb, kpb, vpb, qn1, qn2 = args
+        is_self = cols[None, :] == pb[:, None]
+        s, ok_s = certified_matmul(emu, qb, k.T, w_stats=kstats, x_norms=(qn1, qn2))
+        if self_kv is not None:
+            s = jnp.where(is_self, emu.dot(qb, kpb)[:, None], s)
+            ok_s = ok_s | is_self
+        (alpha, ok_den), _ = weights(s, pb, "float64")
+        extra = None
+        if self_kv is not None:
+            a_self = jnp.sum(jnp.where(is_self, alpha, jnp.zeros_like(alpha)), axis=-1)  # one nonzero term
+            extra = (pb, a_self[:, None] * vpb)
+            alpha = jnp.where(is_self, jnp.zeros_like(alpha), alpha)
+        o, ok_o = certified_matmul(emu, alpha, v, extra, w_stats=vstats, x_quanta=False, two_norm=False)
+        return o, jnp.all(ok_s, axis=-1) & ok_den & jnp.all(ok_o, axis=-1)
+
+    args = (q, qpos, kp, vp, *row_norms(emu, q))  # the query norms, too, once for every block
+    return _map_rows(block, args, bf)
+
+
+def _fill_uncertified(emu: Emulator, o, ok, q, k, v, qpos, scale, alibi, window, self_kv):
+    """``o`` with every row that ``ok`` leaves uncertified recomputed op by op, in
+    blocks of query rows over all keys (masked keys are exact zeros, which change no
+    reduction order's result). The op-by-op code is compiled once per attention call,
+    never per causal segment, and runs only for the blocks holding such a row."""
+    nk = k.shape[0] + (self_kv is not None)
+    b, _ = _blocks(o.shape[0], nk * o.shape[1] * _EXACT_SHRINK)
+
+    def redo(qb, pb, kpb, vpb):
+        skv = None if self_kv is None else (kpb, vpb)
+        return _op_by_op_attention(emu, qb, k, v, pb, scale, alibi, window, skv, "superacc")
+
+    return _fill_rows(o, ok, (q, jnp.asarray(qpos), *_own_kv(q, self_kv)), redo, b)

@@ -1,0 +1,175 @@
+"""Elementary operations of a precision policy, each rounded right after.
+
+Every op is computed in a wider *carrier* float (carrier.py) and rounded to the
+policy's format with :func:`collapse_sim.rounding.round_to`, so + − × ÷ √ are
+*correctly rounded* in the target format. ``exp`` is always evaluated in
+float64 and then rounded: correct except within ~2^-50 relative of a
+midpoint (none is known for p <= 16; the tests check every bf16 and fp16
+input).
+
+Division is always done on operands of the same shape behind an
+optimisation barrier: XLA otherwise rewrites ``a / broadcast(b)`` into
+``a * (1/b)``, which rounds twice.
+
+What it computes is specified in docs/semantics.md: :class:`Emulator` implements
+the elementary ops (§2) and, with :func:`reduce_sum`, the reduction orders and dot
+products (§3.1, §3.2): the orders of orders.py, their exact sums taken by the
+certificates (certificates.py) or the superaccumulator (exact.py), which agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ... import require_x64
+from ...formats import Format
+from ...policy import Order, Policy
+from ...rounding import round_to
+from .carrier import carrier_add, carrier_for
+from .certificates import certified_sum
+from .exact import exact_sum
+from .orders import _blocked, _kahan, _pairwise, _rounded_add, _sequential
+
+
+class Emulator:
+    """The ops of one policy. Immutable and hashable, so it can be a static jit argument."""
+
+    def __init__(self, policy: "Policy | str"):
+        self.policy = Policy.parse(policy)
+        require_x64("the emulated backend")
+        self.dtype = jnp.dtype(carrier_for(*self.policy.formats()))
+        self.mode = self.policy.mode
+        fmts = self.policy.formats()
+        # every reduction term is a format value or a product of two: multiples of
+        # 2**(2 qmin) below 2**(2 emax + 2)
+        self.bounds = (2 * min(f.min_exponent_of_quantum for f in fmts), 2 * max(f.emax for f in fmts) + 2)
+
+    def __hash__(self) -> int:
+        return hash(self.policy)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Emulator) and other.policy == self.policy
+
+    def __repr__(self) -> str:
+        return f"Emulator({self.policy})"
+
+    # --- rounding --------------------------------------------------------
+    def rnd(self, x, fmt: Format | None = None):
+        """Round ``x`` (carried in the carrier dtype) to ``fmt`` (default: compute)."""
+        return round_to(jnp.asarray(x, self.dtype), fmt or self.policy.compute, self.mode)
+
+    def store(self, x):
+        """Bring external data (any float array) in: one rounding to the storage format."""
+        x = jnp.asarray(x)
+        if x.dtype != jnp.float64:
+            x = x.astype(jnp.float64) if jax.config.jax_enable_x64 else x
+        return round_to(x, self.policy.storage, self.mode).astype(self.dtype)
+
+    # --- elementary ops ----------------------------------------------------
+    def add(self, a, b, fmt=None):
+        return self.rnd(carrier_add(a, b, self.mode), fmt)
+
+    def sub(self, a, b, fmt=None):
+        return self.rnd(carrier_add(a, -b, self.mode), fmt)
+
+    def mul(self, a, b, fmt=None):
+        return self.rnd(a * b, fmt)
+
+    def div(self, a, b, fmt=None):
+        a, b = jnp.broadcast_arrays(jnp.asarray(a, self.dtype), jnp.asarray(b, self.dtype))
+        return self.rnd(lax.div(a, lax.optimization_barrier(b)), fmt)
+
+    def sqrt(self, a, fmt=None):
+        return self.rnd(jnp.sqrt(a), fmt)
+
+    def exp(self, a, fmt=None):
+        wide = jnp.exp(jnp.asarray(a, jnp.float64))
+        return round_to(wide, fmt or self.policy.compute, self.mode).astype(self.dtype)
+
+    # --- reductions --------------------------------------------------------
+    def sum(self, x, axis: int = -1, out_fmt: Format | None = None, order: Order | None = None):
+        """Sum along ``axis`` in the policy's order, accumulating in ``accumulate``,
+        then rounding once to ``out_fmt`` (default: compute)."""
+        x = jnp.moveaxis(jnp.asarray(x, self.dtype), axis, -1)
+        return reduce_sum(x, order or self.policy.order, self.policy.accumulate, out_fmt or self.policy.compute, self.mode,
+                          bounds=self.bounds)
+
+    def dot(self, a, b, out_fmt: Format | None = None, order: Order | None = None, path: str = "certified"):
+        """Vector dot product over the last axis (batched over the rest).
+
+        Products of two carrier values are exact in the carrier; each is rounded
+        to ``accumulate`` (exact if that format has >= 2p bits), then reduced.
+        The ``exact`` and ``blocked`` orders use the exact products (``path``: how
+        their exact sums are taken, see :func:`reduce_sum`).
+        """
+        a, b = jnp.broadcast_arrays(jnp.asarray(a, self.dtype), jnp.asarray(b, self.dtype))
+        prod = a * b
+        order = order or self.policy.order
+        if order.kind not in ("exact", "blocked"):
+            prod = self.rnd(prod, self.policy.accumulate)
+        return reduce_sum(prod, order, self.policy.accumulate, out_fmt or self.policy.compute, self.mode,
+                          bounds=self.bounds, path=path)
+
+    def matmul(self, a, b, out_fmt=None, order=None):
+        """``a @ b`` for a: (..., m, k), b: (k, n), each entry a :meth:`dot`."""
+        a = jnp.asarray(a, self.dtype)
+        bt = jnp.swapaxes(jnp.asarray(b, self.dtype), -1, -2)
+        ae, be = jnp.broadcast_arrays(a[..., :, None, :], bt.reshape((1,) * (a.ndim - 1) + bt.shape))
+        return self.dot(ae, be, out_fmt, order)
+
+
+_PATHS = ("certified", "float64", "superacc")
+
+
+def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, bounds=(-1074, 1024), nonneg=False,
+               path: str = "certified"):
+    """Reduce the last axis. Masked-out terms must be zeros; ``valid`` (same shape)
+    is needed only by ``kahan``, whose state would change on trailing zeros.
+    ``bounds`` = (kmin, kmax) of the terms for the exact superaccumulator; ``nonneg``:
+    no term is negative (saves the exact and blocked orders a pass).
+
+    ``path``: how the exact and blocked orders get their exact sums (all give the
+    same bits). ``"certified"``: float64 sums where :func:`certify` vouches for them,
+    the superaccumulator elsewhere. ``"float64"``: the certificate only, returning
+    ``(s, ok)``; where ``ok`` is false ``s`` is not the result and the caller must
+    redo it (other orders are always ok). ``"superacc"``: :func:`exact_sum` only, for
+    code that redoes what the certificate left open (no certificate, no branches)."""
+    if path not in _PATHS:
+        raise ValueError(f"path must be one of {_PATHS}, not {path!r}")
+    with_ok = path == "float64"
+    if x.shape[-1] == 0:
+        s = jnp.zeros(x.shape[:-1], x.dtype)
+        return (s, jnp.ones(s.shape, bool)) if with_ok else s
+    r = functools.partial(round_to, mode=mode)
+    add = _rounded_add(acc, mode)
+    ok = None
+
+    def exact(x, fmt):
+        if path == "superacc":
+            return exact_sum(x, fmt, mode, *bounds).astype(x.dtype)
+        return certified_sum(x, fmt, mode, *bounds, nonneg=nonneg, exact_fallback=not with_ok)
+
+    if order.kind == "sequential":
+        s = _sequential(x, add)
+    elif order.kind == "pairwise":
+        s = _pairwise(x, add)
+    elif order.kind == "kahan":
+        s = _kahan(x, add, valid)
+    elif order.kind == "exact":
+        return exact(x, out)
+    elif order.kind == "blocked":
+        b = order.block
+        blocks = exact(_blocked(x.reshape(-1, x.shape[-1]), b, 1).reshape(*x.shape[:-1], -1, b), acc)
+        if with_ok:
+            blocks, ok = blocks[0], jnp.all(blocks[1], axis=-1)
+        s = _sequential(blocks, add)
+    else:  # pragma: no cover - Order validates kinds
+        raise ValueError(order)
+    s = r(s, out)
+    if not with_ok:
+        return s
+    return s, (jnp.ones(s.shape, bool) if ok is None else ok)

@@ -1,0 +1,101 @@
+"""How emulated attention is laid out over queries: causal segments and sharding.
+Neither changes a bit of the result (docs/semantics.md §3.3, proofs/reduction_orders.md).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .attention import _certified, _certified_attention, _emulated_attention, _fill_uncertified, _op_by_op_attention, _own_kv
+from .ops import Emulator
+
+_SEGMENTS = 8  # at most this many query segments with their own causal key length (one compiled body each)
+# Queries per segment where a segment pays for itself: S segments do (S + 1) / (2 S) of the
+# attention's work but compile S bodies. With run time T(N) of one unsegmented attention and
+# c seconds to compile one more body, S = sqrt(T / 2c) minimises the sum. Measured on 2 cores
+# (jax 0.10.2, d = 64): op by op (pairwise) T(2000) ≈ 4 s and c ≈ 2.9 s, so S ≈ N / 2400;
+# certified orders (exact, blocked) T(4096) ≈ 1.1 s and c ≈ 2.3 s, so S ≈ N / 17000.
+_QUERIES_PER_SEGMENT = {False: 2400, True: 17000}
+
+
+def _segment_count(emu: Emulator, nq: int) -> int:
+    """How many causal segments an attention over ``nq`` queries runs in (1: unsegmented)."""
+    return int(min(_SEGMENTS, max(1, round(nq / _QUERIES_PER_SEGMENT[_certified(emu)]))))
+
+
+def _causal_segments(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, window, self_kv,
+                     segments: "int | None" = None):
+    """Causal attention in ``segments`` runs of queries (default :func:`_segment_count`),
+    each over the keys it can see.
+
+    Query positions are static and non-decreasing, so the queries of a segment need
+    keys ``0..max(qpos)`` only. Dropping the trailing (masked, exactly zero) columns
+    changes no sum of any order: sequential and blocked sums add exact zeros at the
+    end, pairwise trees over any power-of-two padding at least as long agree, kahan
+    skips masked terms and exact sums ignore zeros (proofs/reduction_orders.md). With
+    S segments it saves (S - 1) / (2 S) of the work (44% at S = 8)."""
+    nq = q.shape[0]
+    segments = _segment_count(emu, nq) if segments is None else segments
+    bounds = np.linspace(0, nq, segments + 1).astype(int)
+    certified = _certified(emu)
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if a == b:
+            continue
+        top = int(qpos[b - 1])
+        kl = min(k.shape[0], top if self_kv is not None else top + 1)
+        skv = None if self_kv is None else (self_kv[0][a:b], self_kv[1][a:b])
+        seg = (emu, q[a:b], k[:kl], v[:kl], jnp.asarray(qpos[a:b]), scale, alibi, window, skv)
+        if certified:
+            run = functools.partial(_certified_attention, *seg)
+        else:
+            run = lambda seg=seg: (_op_by_op_attention(*seg), None)  # noqa: E731
+        outs.append(_after(outs[-1][0] if outs else None, run, (b - a, q.shape[1]), certified))
+    o = jnp.concatenate([x for x, _ in outs], axis=0)
+    if not certified:
+        return o
+    ok = jnp.concatenate([x for _, x in outs])
+    return _fill_uncertified(emu, o, ok, q, k, v, qpos, scale, alibi, window, self_kv)  # one op-by-op body for all
+
+
+def _after(dep, run, shape, with_ok: bool):
+    """``run()``, which gives ``(o, ok)`` (``ok`` None unless ``with_ok``), ordered after
+    ``dep`` has been computed under a trace. XLA would otherwise schedule the independent
+    causal segments side by side and keep every segment's key and value copies live
+    at once (about 1 GiB at N = 65,536); an optimization barrier does not survive its
+    passes, but a conditional on a predicate it cannot fold does. The predicate
+    (``dep``'s NaN count is not negative) is always true; the other branch is never
+    taken."""
+    if dep is None or not isinstance(dep, jax.core.Tracer):
+        return run()
+    never = lambda: (jnp.zeros(shape, dep.dtype), jnp.zeros(shape[0], bool) if with_ok else None)  # noqa: E731
+    return lax.cond(jnp.sum(jnp.isnan(dep), dtype=jnp.int32) >= 0, run, never)
+
+
+def _sharded(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, window, self_kv):
+    """The query axis split over every device (``jax.shard_map``), keys and values
+    replicated: each query row is computed exactly as unsharded, so the bits agree.
+    Test on CPU with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``."""
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    ndev = jax.device_count()
+    mesh = Mesh(np.array(jax.devices()), ("q",))
+    nq = q.shape[0]
+    pad = -nq % ndev
+    qp = jnp.concatenate([q, jnp.zeros((pad, q.shape[1]), q.dtype)])
+    pos = jnp.asarray(np.concatenate([qpos, np.full(pad, qpos[-1] if nq else 0)]))
+    kp, vp = _own_kv(q, self_kv)
+    kp = jnp.concatenate([kp, jnp.zeros((pad, kp.shape[1]), kp.dtype)])
+    vp = jnp.concatenate([vp, jnp.zeros((pad, vp.shape[1]), vp.dtype)])
+
+    def local(qs, ps, kps, vps, k_, v_):
+        skv = (kps, vps) if self_kv is not None else None
+        return _emulated_attention(emu, qs, k_, v_, ps, scale, alibi, window, skv)
+
+    f = jax.shard_map(local, mesh=mesh, in_specs=(P("q"), P("q"), P("q"), P("q"), P(), P()), out_specs=P("q"))
+    return f(qp, pos, kp, vp, k, v)[:nq]

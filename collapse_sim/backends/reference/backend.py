@@ -1,0 +1,194 @@
+"""ReferenceBackend: the model primitives in mpmath, in the emulated backend's exact
+order: the mean and norms (docs/semantics.md §4), the constants (§5), linear layers (§7),
+attention with masked columns, windows and probes (§3.3, §8, §10).
+"""
+
+from __future__ import annotations
+
+import mpmath.libmp as mlib
+import numpy as np
+
+from ...policy import Policy
+from .._hooks import ArrayPlumbing
+from .arith import Reference, ref_sum, to_float
+from .constants import ExactConstants
+
+
+class ObjectArrayBackend(ArrayPlumbing):
+    """Array plumbing of the Python-number backends (numpy object arrays, run eagerly).
+    Subclasses set the element-wise ufuncs ``_add _sub _mul _div _sqrt``."""
+
+    def add(self, a, b):
+        return self._add(a, b)
+
+    def sub(self, a, b):
+        return self._sub(a, b)
+
+    def mul(self, a, b):
+        return self._mul(a, b)
+
+    def div(self, a, b):
+        return self._div(a, b)
+
+    def sqrt(self, a):
+        return self._sqrt(a)
+
+    def run(self, fn, config, arrays, tokens, probe):
+        return fn(config, arrays, np.asarray(tokens), None if probe is None else np.asarray(probe), self)
+
+    def _each_row(self, x, f):
+        """``f`` of every row (last axis) of the object array ``x``."""
+        out = np.empty(x.shape[:-1], dtype=object)
+        for i in np.ndindex(*x.shape[:-1]):
+            out[i] = f(x[i])
+        return out
+
+    def _matmul(self, x, w, dot):
+        """``x @ w`` (x: (n, k), w: (k, m)), each entry ``dot(row of x, column of w)``."""
+        out = np.empty((x.shape[0], w.shape[1]), dtype=object)
+        for i in range(x.shape[0]):
+            for j in range(w.shape[1]):
+                out[i, j] = dot(x[i], w[:, j])
+        return out
+
+
+def _relu(v):
+    """max(v, 0), exact (docs/semantics.md §2): NaN stays NaN, +inf stays +inf (both have a
+    zero mantissa in mpmath's tuples, like the zero they are not)."""
+    if v in (mlib.fnan, mlib.finf):
+        return v
+    return v if (v[1] != 0 and not v[0]) else mlib.fzero
+
+
+class ReferenceBackend(ObjectArrayBackend):
+    """Model primitives in mpmath, in the emulated backend's exact order.
+
+    ``ReferenceBackend("256")`` (digits only: a precision in bits) is a
+    high-precision oracle with an unreachable exponent range;
+    ``ReferenceBackend("compute=bf16,order=pairwise")`` follows a policy and
+    must equal the emulated backend bit for bit. Arrays are numpy object arrays
+    of mpf tuples. Signs of zeros are not modelled (mpmath has no -0).
+
+    The model's constants are float64 numbers (docs/semantics.md §5): 1/√d_h as
+    ``1/np.sqrt(d_h)``, ε as the float64 nearest the config's value, numpy's sin/cos
+    tables, ALiBi biases as float64 products, each rounded to the storage format.
+    ``exact_constants=True`` (or the spec suffix ``":exact"``: ``"256:exact"``,
+    ``"bf16:exact"``) replaces each by the correct rounding to the storage format
+    of its real-number definition (§5.7): what "ground truth" should mean for
+    questions about the constants themselves.
+    """
+
+    kind = "reference"
+
+    def __init__(self, spec: "str | Policy", *, exact_constants: bool = False):
+        if isinstance(spec, str) and spec.strip().lower().endswith(":exact"):
+            spec, exact_constants = spec.strip()[: -len(":exact")], True
+        if isinstance(spec, str) and spec.strip().isdigit():
+            self.ref = Reference.at_precision(int(spec))
+            self.label = f"reference:mp{int(spec)}"
+        else:
+            self.ref = Reference(spec)
+            self.label = f"reference:{self.ref.policy}"
+        self.exact_constants = bool(exact_constants)
+        if self.exact_constants:
+            self.label += ":exact"
+        self._exact: dict = {}  # float64 constant (a float, or a table's (shape, bytes)) -> its exact value
+        self.policy = self.ref.policy
+        c = self.ref.compute
+        self._add = np.frompyfunc(c.add, 2, 1)
+        self._sub = np.frompyfunc(c.sub, 2, 1)
+        self._mul = np.frompyfunc(c.mul, 2, 1)
+        self._div = np.frompyfunc(c.div, 2, 1)
+        self._sqrt = np.frompyfunc(c.sqrt, 1, 1)
+
+    def run(self, fn, config, arrays, tokens, probe):
+        if self.exact_constants:
+            n = len(tokens)
+            self._exact = ExactConstants(self.ref.storage).for_run(config, arrays, n, probe is not None)
+        try:
+            return super().run(fn, config, arrays, tokens, probe)
+        finally:
+            self._exact = {}
+
+    def describe(self) -> dict:
+        return {"backend": "reference", "policy": str(self.policy), "mpmath_backend": mlib.BACKEND,
+                "exact_constants": self.exact_constants}
+
+    # data
+    def store(self, x):
+        if self._exact and isinstance(x, np.ndarray) and x.dtype == np.float64:
+            hit = self._exact.get((x.shape, x.tobytes()))
+            if hit is not None:  # a sinusoidal or RoPE table of this run (§5.4, §5.5)
+                return hit
+        return self.ref.store(x)
+
+    def _scalar(self, c: float):
+        """The storage value of the model's float64 constant ``c`` (§5): its exact
+        counterpart under ``exact_constants``, else ``c`` rounded to storage."""
+        hit = self._exact.get(float(c)) if self._exact else None
+        return hit if hit is not None else self.ref.storage.from_float(float(c))
+
+    def const(self, c, like):
+        v = self._scalar(c)
+        out = np.empty(np.shape(like), dtype=object)
+        out.fill(v)
+        return out
+
+    def to_numpy(self, x):
+        return to_float(x)
+
+    # arithmetic
+    def relu(self, x):
+        return np.frompyfunc(_relu, 1, 1)(x)
+
+    def mean(self, x):
+        # docs/semantics.md §4.1: the sum divided by the exact integer d (not d rounded
+        # to a format: e5m2 holds 9 as 8, e4m3fn 512 as NaN), one rounding to compute
+        n = mlib.from_int(int(x.shape[-1]))
+        return self._each_row(x, lambda r: self.ref.compute.div(self.ref.sum(list(r)), n))
+
+    def linear(self, x, w):
+        return self._matmul(x, w, lambda a, b: self.ref.dot(list(a), list(b)))
+
+    def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None):
+        ref, pol = self.ref, self.ref.policy
+        c, smx = ref.compute, ref.softmax
+        sc = self._scalar(scale)  # §5.2
+        bias = self._exact.get(("alibi", float(alibi))) if (alibi is not None and self._exact) else None
+        nq, dh = q.shape
+        out = np.empty((nq, dh), dtype=object)
+        for i in range(nq):
+            pi = int(qpos[i])
+            keys, vals = [], []
+            for j in range(pi + 1):
+                if self_kv is not None and j == pi:
+                    keys.append(self_kv[0][i]); vals.append(self_kv[1][i])
+                else:
+                    keys.append(k[j]); vals.append(v[j])
+            valid = [window is None or j > pi - window for j in range(pi + 1)]
+            s = []
+            for j in range(pi + 1):
+                sij = c.mul(ref.dot(list(q[i]), list(keys[j])), sc)
+                if alibi is not None:
+                    b = bias(pi - j) if bias is not None else ref.storage.from_float(float(-alibi * (pi - j)))
+                    sij = c.add(sij, b)  # §5.6, §8.1
+                s.append(smx.round(sij))
+            if pol.max_subtract:
+                m = None
+                for j in range(pi + 1):
+                    if valid[j]:
+                        m = s[j] if m is None else smx.max(m, s[j])
+                s = [smx.sub(x, m) for x in s]
+            e = [smx.exp(x) if ok else mlib.fzero for x, ok in zip(s, valid)]
+            den = ref_sum(e if pol.order.kind != "kahan" else [x for x, ok in zip(e, valid) if ok] or [mlib.fzero],
+                          pol.order, ref.accumulate, smx)
+            alpha = [c.round(smx.div(x, den)) for x in e]
+            for d in range(dh):
+                col = [vals[j][d] for j in range(pi + 1)]
+                if pol.order.kind == "kahan":
+                    a2 = [a for a, ok in zip(alpha, valid) if ok]
+                    col = [x for x, ok in zip(col, valid) if ok]
+                    out[i, d] = ref.dot(a2, col)
+                else:
+                    out[i, d] = ref.dot(alpha, col)
+        return out

@@ -1,0 +1,38 @@
+"""Every benchmark's ``main`` runs end to end at toy sizes and prints its ratios: the
+benchmarks are not part of the package, so nothing else would notice them break."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_benchmark_is_smoke_tested():
+    assert sorted(p.stem for p in BENCH.glob("bench_*.py")) == ["bench_rounding", "bench_sweep"]
+
+
+def test_bench_rounding_runs(capsys):
+    _load("bench_rounding").main(["--n", "1000", "--repeat", "1"])
+    out = capsys.readouterr().out
+    assert "round_to bf16 rne" in out and "round_to(bf16, rne) / plain copy = " in out
+
+
+def test_bench_sweep_runs(capsys):
+    # the emulated timing is left out: compiling its d = 64 forward alone takes ~20 s (the
+    # emulated forward itself is covered by test_model and test_semantics)
+    _load("bench_sweep").main(["--n", "8", "--loop-lengths", "2", "--skip", "emulated", "--mem-n", "8",
+                               "--mem", "native:fp32", "--ref-n", "2"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(res) == {"prefix", "memory", "reference_53", "reference_256"}
+    assert res["memory"][0]["peak_bytes"] and not res["memory"][0]["error"]
+    assert res["prefix"]["ratio"] > 0 and res["reference_53"]["arb_speedup"] > 0
