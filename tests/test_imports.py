@@ -16,8 +16,8 @@ PKG = Path(__file__).resolve().parents[1] / "collapse_sim"
 #: ("collapse_sim" is the package's own __init__: the version, enable_x64).
 LAYERS = (
     ("errors",),
-    ("formats", "positional"),
-    ("rounding",),
+    ("compilation", "formats", "positional"),
+    ("rounding", "progress"),
     ("collapse_sim", "policy"),
     ("results",),
     ("backends",),
