@@ -512,9 +512,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "seed", 0) < 0:  # every command seeds numpy or JAX generators, which take seeds >= 0
             raise UsageError(f"--seed must be >= 0, got {args.seed}")
         if args.command != "formats":  # the one command that compiles nothing
-            from .compilation import cache_dir_from, record_at_exit, use_cache
+            from .compilation import cache_dir_from, record_at_exit, snapshot, use_cache
 
             use_cache(cache_dir_from(args.compile_cache))
+            snapshot()  # count compilations from here on (provenance, progress lines)
             record_at_exit(args.command)
         rc = int(args.func(args) or 0)
         sys.stdout.flush()

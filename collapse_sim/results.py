@@ -155,13 +155,17 @@ def load_table(out: "str | Path"):
 
 
 def provenance() -> dict:
-    """What produced a result: versions, platform, the JAX backend and its flags."""
+    """What produced a result: versions, platform, the JAX backend and its flags, the
+    compilation cache in use and the XLA programs this process has compiled so far (counted
+    from the first :func:`collapse_sim.compilation.snapshot`, which every CLI command takes
+    at its start)."""
     import jax
     import ml_dtypes
     import mpmath
     import numpy
 
     from . import __version__
+    from .compilation import cache_in_use, snapshot
 
     return {
         "collapse_sim": __version__,
@@ -175,4 +179,6 @@ def provenance() -> dict:
         "ml_dtypes": ml_dtypes.__version__,
         "mpmath": mpmath.__version__,
         "mpmath_backend": mpmath.libmp.BACKEND,
+        "compile_cache": cache_in_use(),
+        "compilation": snapshot().as_dict(),
     }

@@ -120,3 +120,15 @@ def test_time_estimate_counts_the_work():
     with pytest.raises(estimate.TooLongError, match="over the 1 s limit"):
         estimate.check(estimate.Estimate(2.0, 0.0, 1), 1.0, "this run")
     estimate.check(estimate.Estimate(0.5, 0.4, 1), 1.0, "this run")  # within the limit: no error
+
+
+def test_provenance_records_compilations():
+    from collapse_sim.results import provenance
+
+    before = snapshot()
+    jax.jit(lambda x: x * 5.0 + 1.0)(jnp.arange(3.0) + time.time() % 1).block_until_ready()
+    prov = provenance()
+    assert prov["compile_cache"] == jax.config.jax_compilation_cache_dir
+    c = prov["compilation"]
+    assert set(c) == {"compiled", "compile_seconds", "cache_hits", "cache_seconds"}
+    assert c["compiled"] + c["cache_hits"] >= before.compiled + before.cache_hits + 1
