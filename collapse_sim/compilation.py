@@ -94,10 +94,10 @@ def cache_in_use() -> "str | None":
 class CompileCounts:
     """XLA programs compiled (and their seconds: trace + lower + compile) and loaded from the cache."""
 
-    compiled: int = 0
-    compile_seconds: float = 0.0
-    cache_hits: int = 0
-    cache_seconds: float = 0.0
+    compiled: int
+    compile_seconds: float
+    cache_hits: int
+    cache_seconds: float
 
     def since(self, before: "CompileCounts") -> "CompileCounts":
         return CompileCounts(self.compiled - before.compiled, self.compile_seconds - before.compile_seconds,

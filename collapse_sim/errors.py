@@ -17,6 +17,9 @@ The subclasses say which part of the input was wrong:
 ``OutputError``    an output location (collapse_sim.results)
 ``UsageError``     a command-line argument (collapse_sim.cli)
 =================  ======================================================
+
+Also ``CompileCacheError`` (collapse_sim.compilation) and ``TooLongError`` (a run
+estimated above its time limit, collapse_sim.experiments.estimate).
 """
 
 from __future__ import annotations
@@ -24,3 +27,13 @@ from __future__ import annotations
 
 class CollapseSimError(ValueError):
     """Bad input to collapse_sim: one sentence naming the bad value and the fix."""
+
+
+def require_text(value, error: type[CollapseSimError], what: str, give: str) -> str:
+    """``value`` if it is a non-blank string; else ``error`` saying that ``what`` (e.g. "a
+    format") is ``give`` (e.g. "a name such as 'bf16'")."""
+    if not isinstance(value, str):
+        raise error(f"{what} is {give}, got {value!r} ({type(value).__name__})")
+    if not value.strip():
+        raise error(f"empty {what.split(' ', 1)[-1]} {value!r}; give {give}")
+    return value

@@ -23,7 +23,7 @@ import math
 from fractions import Fraction
 from typing import Literal
 
-from .errors import CollapseSimError
+from .errors import CollapseSimError, require_text
 
 Overflow = Literal["inf", "saturate", "nan"]
 _OVERFLOWS = ("inf", "saturate", "nan")
@@ -269,11 +269,7 @@ def parse(spec: str | Format) -> Format:
     """
     if isinstance(spec, Format):
         return spec
-    if not isinstance(spec, str):
-        raise FormatError(f"a format is a name such as 'bf16' or a description such as 'p=5,emax=15', "
-                          f"got {spec!r} ({type(spec).__name__})")
-    if not spec.strip():
-        raise FormatError(f"empty format {spec!r}; give a name such as 'bf16' or a description such as 'p=5,emax=15'")
+    require_text(spec, FormatError, "a format", "a name such as 'bf16' or a description such as 'p=5,emax=15'")
     text = _unparen(spec)
     key = text.lower()
     if key in BUILTINS:

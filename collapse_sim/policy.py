@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from .errors import CollapseSimError
+from .errors import CollapseSimError, require_text
 from .formats import DESCRIPTION_KEYS, Format, FormatError, format_token, parse as parse_format, split_top_level
 from .rounding import Mode
 
@@ -112,11 +112,8 @@ class Policy:
     def parse(cls, text: "str | Policy") -> "Policy":
         if isinstance(text, Policy):
             return text
-        if not isinstance(text, str):
-            raise PolicyError(f"a policy is a string such as 'compute=bf16,accumulate=fp32' or a Policy, "
-                              f"got {text!r} ({type(text).__name__})")
-        if not text.strip():
-            raise PolicyError(f"empty policy {text!r}; give a format such as 'bf16' or roles such as 'compute=bf16'")
+        require_text(text, PolicyError, "a policy",
+                     "a format such as 'bf16', roles such as 'compute=bf16,accumulate=fp32', or a Policy")
         parts = split_top_level(text, "policy", PolicyError)
         first_key = parts[0].split("=", 1)[0].strip().lower()
         if "=" not in text or first_key in DESCRIPTION_KEYS or text.strip().startswith("("):
