@@ -18,6 +18,19 @@ import time
 from .compilation import STATS, snapshot
 
 EVERY = 5.0
+_phase: "str | None" = None  # what the main thread is doing inside a stage, when known (see phase())
+
+
+@contextlib.contextmanager
+def phase(text: str):
+    """Name what the body does (e.g. "tracing and compiling the bf16 forward, N = 2,048"),
+    so that a stage's heartbeat lines say it rather than "running"."""
+    global _phase
+    outer, _phase = _phase, text
+    try:
+        yield
+    finally:
+        _phase = outer
 
 
 def _say(prefix: str, msg: str, stream) -> None:
@@ -40,8 +53,11 @@ def stage(prefix: str, what: str, *, estimate: "float | None" = None, every: flo
             c = STATS.compiling_for()
             now = snapshot().since(before)
             parts = [f"{what}: {t:.0f} s"]
+            busy = _phase
             if c is not None:
-                parts.append(f"compiling an XLA program for {c:.0f} s")
+                parts.append(f"compiling an XLA program for {c:.0f} s" + (f" ({busy})" if busy else ""))
+            elif busy:
+                parts.append(busy)
             elif now.compiled:
                 parts.append(f"running; {now.compiled} program{'s' * (now.compiled != 1)} compiled so far "
                              f"({now.compile_seconds:.0f} s)")

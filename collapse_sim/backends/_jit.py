@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..progress import phase
 from ._hooks import ArrayPlumbing
 
 
@@ -27,7 +28,15 @@ def run_jitted(backend, fn, config, arrays: dict, tokens, probe):
     f = _compiled(backend, fn, config, names, probe is not None)
     t = jnp.asarray(tokens, jnp.int32)
     pr = jnp.asarray(probe, jnp.int32) if probe is not None else jnp.zeros_like(t)
-    return f(vals, t, pr)
+    key = (f, t.shape, tuple(v.shape for v in vals))
+    what = f"the {backend.label.split(':')[0]} forward, N = {t.shape[0]:,}{' with probes' if probe is not None else ''}"
+    with phase(("running " if key in _seen else "tracing and compiling ") + what):
+        out = f(vals, t, pr)
+    _seen.add(key)
+    return out
+
+
+_seen: set = set()  # (compiled function, shapes) already called: the next call runs without tracing
 
 
 class JaxBackendBase(ArrayPlumbing):
