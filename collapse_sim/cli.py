@@ -138,8 +138,8 @@ def cmd_collapse(args) -> int:
 
     if not args.time_limit > 0:
         raise UsageError(f"--time-limit must be a positive number of seconds, got {args.time_limit}")
-    est = [estimate.seconds(c, pairs, be.label.split(":")[0], args.order) for be, _ in backends]
-    est = estimate.Estimate(sum(e.arithmetic for e in est), sum(e.compile for e in est), sum(e.programs for e in est))
+    per_format = [estimate.seconds(c, pairs, be.label.split(":")[0], args.order) for be, _ in backends]
+    est = sum(per_format, estimate.Estimate(0.0, 0.0, 0))
     estimate.check(est, args.time_limit, f"this collapse run ({len(fmts)} format{'s' * (len(fmts) != 1)}, n <= {args.max_len})")
     out.mkdir(parents=True, exist_ok=True)
     print(f"[collapse] estimated time: {est.describe()}", flush=True)
@@ -151,9 +151,9 @@ def cmd_collapse(args) -> int:
 
     before = snapshot()
     results = []
-    for be, fname in backends:
+    for (be, fname), fest in zip(backends, per_format):
         how = be.label.split(":")[0] + (f", {args.order} order" if be.label.startswith(("emulated", "reference")) else "")
-        with stage("[collapse]", f"{fname} ({how}): family {args.family}, n = 1..{args.max_len}"):
+        with stage("[collapse]", f"{fname} ({how}): family {args.family}, n = 1..{args.max_len}", estimate=fest.total):
             r = collapse_sweep(params, args.family, args.max_len, be, fname, seed=args.seed, sep=args.sep,
                                progress=lambda m: print(f"[collapse]   {m.split(': ', 1)[-1]}", flush=True))
         results.append(r)
@@ -360,12 +360,12 @@ def cmd_sweep(args) -> int:
 
     if not args.time_limit > 0:
         raise UsageError(f"--time-limit must be a positive number of seconds, got {args.time_limit}")
-    spec = SweepSpec.from_json(args.spec, mem_limit_gib=args.mem_limit, time_limit=args.time_limit)
-    print(f"[sweep] estimated time of every cell: {spec.estimate().describe()}", flush=True)
+    spec = SweepSpec.from_json(args.spec, mem_limit_gib=args.mem_limit)
     from .progress import stage
 
     with stage("[sweep]", f"{args.spec} into {args.out} ({args.executor})"):
-        r = run_sweep(spec, args.out, executor=args.executor, scheduler=args.scheduler, extend=args.extend)
+        r = run_sweep(spec, args.out, executor=args.executor, scheduler=args.scheduler, extend=args.extend,
+                      time_limit=args.time_limit)
     from .results import load_table
 
     df = load_table(args.out)
@@ -399,9 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(name: str, **kw) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[common], **kw)  # every command takes --compile-cache
+        return sub.add_parser(name, parents=[common], **kw)  # every command that compiles takes --compile-cache
 
-    p = command("formats", help="table of floating-point formats and their properties")
+    p = sub.add_parser("formats", help="table of floating-point formats and their properties")
     p.add_argument("format", nargs="*", help="formats to describe (names or p=..,emax=..); default: all built-ins")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_formats)

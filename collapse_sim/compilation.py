@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -49,8 +50,11 @@ def default_cache_dir() -> Path:
 
 
 def cache_dir_from(flag: "str | None" = None) -> "Path | None":
-    """The cache directory a command uses: ``flag`` if given, else ``$COLLAPSE_SIM_COMPILE_CACHE``,
-    else :func:`default_cache_dir`; None where the value is ``off``."""
+    """The cache directory a command uses: ``flag`` if given, else ``$COLLAPSE_SIM_COMPILE_CACHE``
+    (unset or empty: :func:`default_cache_dir`); None where the value is ``off``. An empty
+    ``flag`` is refused."""
+    if flag is not None and flag.strip() == "":
+        raise CompileCacheError("--compile-cache needs a folder, or 'off' to turn the cache off; got an empty value")
     value = flag if flag is not None else os.environ.get(ENV)
     if value is None or value.strip() == "":
         return default_cache_dir()
@@ -65,10 +69,14 @@ def use_cache(path: "str | Path | None") -> "Path | None":
     checked at once (it, or the nearest existing folder above it, must be a writable
     folder) but created only when the first program is written to it."""
     import jax
+    from jax.experimental.compilation_cache import compilation_cache
 
     if path is None:
         jax.config.update("jax_compilation_cache_dir", None)
+        compilation_cache.reset_cache()  # JAX opens its cache once per process: make it reread the setting
         return None
+    if str(path).strip() == "":
+        raise CompileCacheError("the compilation cache folder is empty text; give a folder, or 'off' to turn it off")
     path = Path(path).absolute()
     probe = path
     while not probe.exists() and probe != probe.parent:
@@ -81,6 +89,7 @@ def use_cache(path: "str | Path | None") -> "Path | None":
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    compilation_cache.reset_cache()
     return path
 
 
@@ -115,18 +124,21 @@ class CompileCounts:
 
 
 class _Stats:
-    """Process-wide listener on JAX's compile events (registered once, on first use)."""
+    """Process-wide listener on JAX's compile events (registered once, on first use).
+
+    JAX reports, on the thread that compiles: the trace and the lowering (durations, before
+    the backend step), a cache hit (if the program was loaded), then the backend step's
+    duration. Each thread's open program (its start time, its seconds so far, whether it was
+    a hit) is kept apart, so that programs compiled on several threads are counted right."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._registered = False
         self._compiled = 0
         self._hits = 0
-        self._pending = 0.0  # trace + lower seconds of the program being compiled now
         self._seconds = 0.0
         self._cache_seconds = 0.0
-        self._hits_at_backend = 0
-        self.busy_since: "float | None" = None  # monotonic time a trace finished and its compile has not
+        self._open: dict[int, list] = {}  # thread id -> [start (monotonic), seconds so far, was a hit]
 
     def ensure(self) -> None:
         if self._registered:
@@ -144,22 +156,26 @@ class _Stats:
         if event == _HIT:
             with self._lock:
                 self._hits += 1
+                self._open.setdefault(threading.get_ident(), [time.monotonic(), 0.0, False])[2] = True
 
     def _duration(self, event: str, seconds: float, **_) -> None:
         with self._lock:
+            tid = threading.get_ident()
             if event in (_TRACE, _LOWER):
-                self._pending += seconds
-                if self.busy_since is None:
-                    self.busy_since = time.monotonic()
+                self._open.setdefault(tid, [time.monotonic(), 0.0, False])[1] += seconds
             elif event == _BACKEND:
-                if self._hits > self._hits_at_backend:  # this backend step was a cache load
-                    self._cache_seconds += seconds + self._pending
+                _, pending, hit = self._open.pop(tid, [0.0, 0.0, False])
+                if hit:
+                    self._cache_seconds += seconds + pending
                 else:
                     self._compiled += 1
-                    self._seconds += seconds + self._pending
-                self._hits_at_backend = self._hits
-                self._pending = 0.0
-                self.busy_since = None
+                    self._seconds += seconds + pending
+
+    def forget_open(self) -> None:
+        """Drop traces that never reached a backend step (``jax.eval_shape``, a trace that
+        raised): called where no compile can be under way, e.g. when a stage starts or ends."""
+        with self._lock:
+            self._open.clear()
 
     def counts(self) -> CompileCounts:
         self.ensure()
@@ -167,9 +183,10 @@ class _Stats:
             return CompileCounts(self._compiled, self._seconds, self._hits, self._cache_seconds)
 
     def compiling_for(self) -> "float | None":
-        """Seconds the current compile has run (None when no compile is under way)."""
-        t = self.busy_since
-        return None if t is None else time.monotonic() - t
+        """Seconds the longest-open trace or compile has run (None when none is open)."""
+        with self._lock:
+            starts = [v[0] for v in self._open.values()]
+        return time.monotonic() - min(starts) if starts else None
 
 
 STATS = _Stats()
@@ -193,6 +210,10 @@ def record_at_exit(command: str) -> None:
 
     def write():
         rec = {"command": command, "cache": cache_in_use(), **snapshot().since(start).as_dict()}
-        Path(target).write_text(json.dumps(rec))
+        try:
+            Path(target).write_text(json.dumps(rec))
+        except OSError as e:
+            print(f"collapse-sim: could not write the compile counts to {STATS_ENV}={target!r} "
+                  f"({e.strerror or e})", file=sys.stderr)
 
     atexit.register(write)

@@ -5,7 +5,7 @@ from a background thread, a line at least every ``every`` seconds until it ends,
 saying how long it has run, whether XLA is compiling right now (and for how long),
 and the estimate when one was given. A stage that ends within ``every`` seconds
 prints only its start line (and nothing more); a longer one prints its wall time and
-the compilations it caused when it ends.
+the compilations it caused when it ends ("stopped after" if it ended in an error).
 """
 
 from __future__ import annotations
@@ -33,8 +33,12 @@ def phase(text: str):
         _phase = outer
 
 
+_print_lock = threading.Lock()
+
+
 def _say(prefix: str, msg: str, stream) -> None:
-    print(f"{prefix} {msg}", file=stream, flush=True)
+    with _print_lock:  # the heartbeat thread and the main thread print to the same stream
+        print(f"{prefix} {msg}", file=stream, flush=True)
 
 
 @contextlib.contextmanager
@@ -43,6 +47,7 @@ def stage(prefix: str, what: str, *, estimate: "float | None" = None, every: flo
     stream = stream or sys.stdout
     start = time.monotonic()
     before = snapshot()
+    STATS.forget_open()
     est = f" (estimated {estimate:.0f} s)" if estimate else ""
     _say(prefix, f"{what}{est} ...", stream)
     done = threading.Event()
@@ -69,11 +74,15 @@ def stage(prefix: str, what: str, *, estimate: "float | None" = None, every: flo
 
     th = threading.Thread(target=beat, daemon=True)
     th.start()
+    ok = False
     try:
         yield
+        ok = True
     finally:
         done.set()
         th.join()
+        STATS.forget_open()
         t = time.monotonic() - start
         if t >= every:
-            _say(prefix, f"  {what}: done in {t:.0f} s; {snapshot().since(before).describe()}", stream)
+            _say(prefix, f"  {what}: {'done in' if ok else 'stopped after'} {t:.0f} s; "
+                         f"{snapshot().since(before).describe()}", stream)

@@ -156,9 +156,9 @@ def load_table(out: "str | Path"):
 
 def provenance() -> dict:
     """What produced a result: versions, platform, the JAX backend and its flags, the
-    compilation cache in use and the XLA programs this process has compiled so far (counted
-    from the first :func:`collapse_sim.compilation.snapshot`, which every CLI command takes
-    at its start)."""
+    compilation cache in use and the XLA programs this process has compiled so far
+    (``compilation_process_total``, counted from the first :func:`collapse_sim.compilation.snapshot`,
+    which every CLI command takes at its start; a result's own count is recorded beside it)."""
     import jax
     import ml_dtypes
     import mpmath
@@ -180,5 +180,5 @@ def provenance() -> dict:
         "mpmath": mpmath.__version__,
         "mpmath_backend": mpmath.libmp.BACKEND,
         "compile_cache": cache_in_use(),
-        "compilation": snapshot().as_dict(),
+        "compilation_process_total": snapshot().as_dict(),
     }

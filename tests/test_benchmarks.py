@@ -18,7 +18,7 @@ def _load(name: str):
 
 
 def test_every_benchmark_is_smoke_tested():
-    assert sorted(p.stem for p in BENCH.glob("bench_*.py")) == ["bench_rounding", "bench_sweep"]
+    assert sorted(p.stem for p in BENCH.glob("bench_*.py")) == ["bench_rounding", "bench_sweep", "bench_time_to_result"]
 
 
 def test_bench_rounding_runs(capsys):
@@ -36,3 +36,13 @@ def test_bench_sweep_runs(capsys):
     assert set(res) == {"prefix", "memory", "reference_53", "reference_256"}
     assert res["memory"][0]["peak_bytes"] and not res["memory"][0]["error"]
     assert res["prefix"]["ratio"] > 0 and res["reference_53"]["arb_speedup"] > 0
+
+
+def test_bench_time_to_result_runs(capsys):
+    _load("bench_time_to_result").main(["--only", "round 65519"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("baseline: a fresh process")
+    rows = [ln for ln in out if ln.startswith("round 65519")]
+    cold, warm = (r.split()[5:] for r in rows)  # run, wall s, x base, compiled, compile s, cached, ...
+    assert cold[0] == "cold" and warm[0] == "warm"
+    assert int(cold[3]) > 0 and int(warm[3]) == 0 and int(warm[5]) == int(cold[3])  # warm: compiled 0, all cached

@@ -106,6 +106,7 @@ CLI_CASES = [
      "is estimated to take"),
     (["collapse", *SMALL, "--time-limit", "0"], "--time-limit must be a positive"),
     (["round", "1", "--format", "bf16", "--compile-cache", "/dev/null/x"], "cannot use '/dev/null/x' as the compilation cache"),
+    (["round", "1", "--format", "bf16", "--compile-cache", ""], "--compile-cache needs a folder"),
 ]
 
 
@@ -249,10 +250,10 @@ def test_sweep_out_must_be_empty_or_a_sweep(tmp_path, capsys):
 
 def test_sweep_over_its_time_limit_refused(tmp_path, capsys):
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"formats": ["bf16", "fp16"], "families": ["repeat_last"], "max_len": 3000,
+    spec.write_text(json.dumps({"formats": ["bf16", "fp16"], "families": ["repeat_last"], "max_len": 20000,
                                 "model": {"d": 64}}))
     _refused(["sweep", str(spec), "--out", str(tmp_path / "o"), "--time-limit", "30"], tmp_path, capsys,
-             "this sweep (2 cells) is estimated to take")
+             "this sweep's 2 cells to run is estimated to take")
 
 
 def test_collapse_out_with_a_folder_where_a_result_goes(tmp_path, capsys):

@@ -42,6 +42,14 @@ def make_backend(kind: str, spec: str):
     raise CollapseSimError(f"unknown backend {kind!r}; use native, emulated, interval or reference")
 
 
+def kind_for_format(kind: str, fmt_name: str) -> str:
+    """The backend :func:`backend_for_format` runs ``fmt_name`` on: ``kind``, except that
+    the emulated backend runs fp64 natively."""
+    from ..formats import parse
+
+    return "native" if kind == "emulated" and parse(fmt_name).name == "fp64" else kind
+
+
 def backend_for_format(kind: str, fmt_name: str, order: str = "pairwise", *, shard: bool = False):
     """The backend of ``kind`` that runs every op in one format: ``reference`` and
     ``emulated`` use the uniform policy of that format and reduction ``order``;
@@ -51,9 +59,10 @@ def backend_for_format(kind: str, fmt_name: str, order: str = "pairwise", *, sha
     from ..policy import Policy
 
     fmt = parse(fmt_name)
-    if kind == "reference":
+    which = kind_for_format(kind, fmt_name)
+    if which == "reference":
         return make_backend("reference", f"compute={fmt_name},order={order}")
-    if kind == "native" or fmt.name == "fp64":
+    if which == "native":
         return make_backend("native", fmt.name)
     from .emulated import EmulatedBackend
 

@@ -28,15 +28,15 @@ def run_jitted(backend, fn, config, arrays: dict, tokens, probe):
     f = _compiled(backend, fn, config, names, probe is not None)
     t = jnp.asarray(tokens, jnp.int32)
     pr = jnp.asarray(probe, jnp.int32) if probe is not None else jnp.zeros_like(t)
-    key = (f, t.shape, tuple(v.shape for v in vals))
+    key = (id(f), t.shape, tuple(v.shape for v in vals))
     what = f"the {backend.label.split(':')[0]} forward, N = {t.shape[0]:,}{' with probes' if probe is not None else ''}"
-    with phase(("running " if key in _seen else "tracing and compiling ") + what):
+    with phase(("running " if key in _seen else "tracing, then compiling or loading ") + what):
         out = f(vals, t, pr)
     _seen.add(key)
     return out
 
 
-_seen: set = set()  # (compiled function, shapes) already called: the next call runs without tracing
+_seen: set = set()  # (compiled function's id, shapes) called before: only a label for progress lines
 
 
 class JaxBackendBase(ArrayPlumbing):

@@ -141,15 +141,13 @@ class SweepSpec:
     sep: int | None = None
 
     @classmethod
-    def from_dict(cls, d: dict, *, mem_limit_gib: float = MEM_LIMIT_GIB,
-                  time_limit: "float | None" = None) -> "SweepSpec":
+    def from_dict(cls, d: dict, *, mem_limit_gib: float = MEM_LIMIT_GIB) -> "SweepSpec":
         spec = cls(**_parse(d))
-        spec.validate(mem_limit_gib=mem_limit_gib, time_limit=time_limit)
+        spec.validate(mem_limit_gib=mem_limit_gib)
         return spec
 
     @classmethod
-    def from_json(cls, path: "str | Path", *, mem_limit_gib: float = MEM_LIMIT_GIB,
-                  time_limit: "float | None" = None) -> "SweepSpec":
+    def from_json(cls, path: "str | Path", *, mem_limit_gib: float = MEM_LIMIT_GIB) -> "SweepSpec":
         path = Path(path)
         try:
             size = path.stat().st_size
@@ -168,7 +166,7 @@ class SweepSpec:
         except json.JSONDecodeError as e:
             raise SweepError(f"sweep spec {path} is not valid JSON ({e.msg} at line {e.lineno}, "
                              f"column {e.colno})") from None
-        return cls.from_dict(d, mem_limit_gib=mem_limit_gib, time_limit=time_limit)
+        return cls.from_dict(d, mem_limit_gib=mem_limit_gib)
 
     def canonical(self) -> dict:
         """Every field, defaults filled in, grid lists sorted (their order changes no cell), as
@@ -181,9 +179,8 @@ class SweepSpec:
         """sha256 of the canonical form as compact JSON with sorted keys."""
         return _fingerprint(self.canonical())
 
-    def validate(self, *, mem_limit_gib: float = MEM_LIMIT_GIB, time_limit: "float | None" = None) -> None:
-        """Refuse, in one sentence, anything that would fail in some cell or exceed the memory
-        limit, or (all cells together, :func:`estimate`) ``time_limit`` seconds."""
+    def validate(self, *, mem_limit_gib: float = MEM_LIMIT_GIB) -> None:
+        """Refuse, in one sentence, anything that would fail in some cell or exceed the memory limit."""
         from ..backends.emulated import CarrierError, carrier_for
         from ..families import NAMES, FamilyError, make_pairs
         from ..formats import FormatError, parse
@@ -240,27 +237,23 @@ class SweepSpec:
                 make_pairs(cell["family"], self.max_len, token_bound(self.config(cell)), seed=cell["seed"], sep=self.sep)
             except FamilyError as e:
                 raise SweepError(f"cell {_short(cell)}: {e}") from None
-        if time_limit is not None:
-            from .estimate import check
-
-            check(self.estimate(cells), time_limit, f"this sweep ({len(cells)} cells)")
 
     def estimate(self, cells: "list[dict] | None" = None):
         """The estimated time of ``cells`` (default: every cell), run one after another
         (:mod:`collapse_sim.experiments.estimate`); compilation counted once per format and shape."""
+        from ..backends import kind_for_format
         from ..families import make_pairs
         from ..model import token_bound
         from .estimate import Estimate, seconds
 
-        arith, shapes = 0.0, {}
+        total, shapes = Estimate(0.0, 0.0, 0), {}
         for cell in self.cells() if cells is None else cells:
             cfg = self.config(cell)
-            backend = "native" if self.backend == "native" or cell["format"] == "fp64" else self.backend
             e = seconds(cfg, make_pairs(cell["family"], self.max_len, token_bound(cfg), seed=cell["seed"], sep=self.sep),
-                        backend, self.order)
-            arith += e.arithmetic
-            shapes[(cell["format"], cell["family"], cell["pe"])] = e
-        return Estimate(arith, sum(e.compile for e in shapes.values()), sum(e.programs for e in shapes.values()))
+                        kind_for_format(self.backend, cell["format"]), self.order)
+            total += Estimate(e.arithmetic, 0.0, 0)
+            shapes[(cell["format"], cell["family"], cell["pe"])] = Estimate(0.0, e.compile, e.programs)
+        return sum(shapes.values(), total)
 
     def cells(self) -> list[dict]:
         return [{"format": f, "family": fam, "pe": pe, "seed": s, "max_len": self.max_len, "order": self.order,
@@ -389,9 +382,12 @@ def run_cell(cell: dict, spec: SweepSpec):
     from ..model import init_params
     from .collapse import collapse_sweep
 
+    from ..compilation import snapshot
+
     params = init_params(spec.config(cell))
     be = backend_for_format(cell["backend"], cell["format"], cell["order"])
     t0 = time.time()
+    before = snapshot()
     res = collapse_sweep(params, cell["family"], cell["max_len"], be, cell["format"], seed=cell["seed"], sep=cell["sep"])
     df = pd.DataFrame(res.rows())
     key = results.cell_key(cell)
@@ -399,30 +395,39 @@ def run_cell(cell: dict, spec: SweepSpec):
     for col in ("family", "pe", "seed"):
         df[col] = cell[col]
     prov = {"provenance": results.provenance(), "backend": be.describe(), "cell": cell,
-            "config": dataclasses.asdict(params.config), "seconds": time.time() - t0}
+            "config": dataclasses.asdict(params.config), "seconds": time.time() - t0,
+            "compilation": snapshot().since(before).as_dict()}
     return key, df, prov
 
 
 def run_sweep(spec: SweepSpec, out: "str | Path", *, executor: str = "inprocess", scheduler: str | None = None,
-              extend: bool = False, progress=print, connect_timeout: float = 5.0) -> dict:
+              extend: bool = False, progress=print, connect_timeout: float = 5.0,
+              time_limit: "float | None" = None) -> dict:
     """Run every cell not yet in ``out``; returns counts of run and skipped cells.
 
-    Nothing is written until the directory is claimed (:func:`claim_directory`) and,
-    for dask, the scheduler answered within ``connect_timeout`` seconds."""
+    Nothing is written until the directory is claimed (:func:`claim_directory`), the cells
+    still to run are estimated to take no longer than ``time_limit`` seconds of arithmetic
+    (:mod:`collapse_sim.experiments.estimate`) and, for dask, the scheduler answered within
+    ``connect_timeout`` seconds."""
     out = Path(out)
     note = claim_directory(spec, out, extend=extend)
+    cells = spec.cells()
+    done = results.done_keys(out)
+    todo = [c for c in cells if results.cell_key(c) not in done]
+    est = spec.estimate(todo)
+    if time_limit is not None:
+        from .estimate import check
+
+        check(est, time_limit, f"this sweep's {len(todo)} cells to run")
     client = _connect(executor, scheduler, connect_timeout)
     try:
-        cells = spec.cells()
-        done = results.done_keys(out)
-        todo = [c for c in cells if results.cell_key(c) not in done]
         out.mkdir(parents=True, exist_ok=True)
         _write_record(spec, out)
         if progress:
             if note:
                 progress(f"[sweep] {note}")
             progress(f"[sweep] {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run "
-                     f"({executor})")
+                     f"({executor}); estimated time of those: {est.describe()}")
         t0 = time.time()
         if client is None:
             for i, cell in enumerate(todo):

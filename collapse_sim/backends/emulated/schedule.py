@@ -1,5 +1,7 @@
 """How emulated attention is laid out over queries: causal segments and sharding.
-Neither changes a bit of the result (docs/semantics.md §3.3, proofs/reduction_orders.md).
+Neither changes a bit of the result, ±0 aside (docs/semantics.md §3.3, proofs/reduction_orders.md):
+a negative-zero sum can stay −0 in a segment where the full row gives +0, and the number of
+segments depends on N.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ _SEGMENTS = 8  # at most this many query segments with their own causal key leng
 # attention's work but compile S bodies. With run time T(N) of one unsegmented attention and
 # c seconds to compile one more body, S = sqrt(T / 2c) minimises the sum. Measured on 2 cores
 # (jax 0.10.2, d = 64): op by op (pairwise) T(2000) ≈ 4 s and c ≈ 2.9 s, so S ≈ N / 2400;
-# certified orders (exact, blocked) T(4096) ≈ 1.1 s and c ≈ 2.3 s, so S ≈ N / 17000.
-_QUERIES_PER_SEGMENT = {False: 2400, True: 17000}
+# certified orders (exact, blocked) T(4096) ≈ 1.1 s and c ≈ 2.3 s, so S ≈ N / 8400.
+_QUERIES_PER_SEGMENT = {False: 2400, True: 8400}
 
 
 def _segment_count(emu: Emulator, nq: int) -> int:
