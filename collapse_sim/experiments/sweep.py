@@ -460,4 +460,4 @@ def sweep_summary(df) -> str:
         lambda g: describe_first_collapse(g["n"], g["bitwise_identical"], g["nonfinite"], g["exact_equal"]),
         include_groups=False).rename("first collapse n")
     return ("first collapse per cell (smallest n with a bitwise-identical pair that differs in exact arithmetic):\n"
-            + first.to_string())
+            + first.reset_index().to_string(index=False))
