@@ -66,8 +66,7 @@ def cache_dir_from(flag: "str | None" = None) -> "Path | None":
 def use_cache(path: "str | Path | None") -> "Path | None":
     """Turn JAX's persistent compilation cache on in ``path``, for every program however
     short its compile; None turns it off. Returns the directory in use. The directory is
-    checked at once (it, or the nearest existing folder above it, must be a writable
-    folder) but created only when the first program is written to it."""
+    created and written to at once, so an unusable one is refused before any work."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
@@ -78,14 +77,15 @@ def use_cache(path: "str | Path | None") -> "Path | None":
     if str(path).strip() == "":
         raise CompileCacheError("the compilation cache folder is empty text; give a folder, or 'off' to turn it off")
     path = Path(path).absolute()
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        why = "not a folder" if not probe.is_dir() else "not writable"
-        raise CompileCacheError(f"cannot use {str(path)!r} as the compilation cache ({str(probe)!r} is {why}); "
+    try:  # make it and write to it now: a folder that only looks writable (/proc) fails here, not later
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CompileCacheError(f"cannot use {str(path)!r} as the compilation cache ({e.strerror or e}); "
                                 f"give another directory with --compile-cache DIR or {ENV}=DIR, or turn it off "
-                                f"with --compile-cache off")
+                                f"with --compile-cache off") from None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

@@ -107,6 +107,8 @@ CLI_CASES = [
     (["collapse", *SMALL, "--time-limit", "0"], "--time-limit must be a positive"),
     (["round", "1", "--format", "bf16", "--compile-cache", "/dev/null/x"], "cannot use '/dev/null/x' as the compilation cache"),
     (["round", "1", "--format", "bf16", "--compile-cache", ""], "--compile-cache needs a folder"),
+    (["round", "1", "--format", "bf16", "--compile-cache", "/proc/collapse-sim-test/xla"],
+     "as the compilation cache"),  # /proc looks writable to root; the folder cannot be made
 ]
 
 
