@@ -138,7 +138,7 @@ def cmd_collapse(args) -> int:
 
     if not args.time_limit > 0:
         raise UsageError(f"--time-limit must be a positive number of seconds, got {args.time_limit}")
-    per_format = [estimate.seconds(c, pairs, be.label.split(":")[0], args.order) for be, _ in backends]
+    per_format = [estimate.seconds(c, pairs, be.kind, args.order) for be, _ in backends]
     est = sum(per_format, estimate.Estimate(0.0, 0.0, 0))
     estimate.check(est, args.time_limit, f"this collapse run ({len(fmts)} format{'s' * (len(fmts) != 1)}, n <= {args.max_len})")
     out.mkdir(parents=True, exist_ok=True)
@@ -152,18 +152,18 @@ def cmd_collapse(args) -> int:
     before = snapshot()
     results = []
     for (be, fname), fest in zip(backends, per_format):
-        how = be.label.split(":")[0] + (f", {args.order} order" if be.label.startswith(("emulated", "reference")) else "")
+        how = be.kind + (f", {args.order} order" if be.kind in ("emulated", "reference") else "")
         with stage("[collapse]", f"{fname} ({how}): family {args.family}, n = 1..{args.max_len}", estimate=fest.total):
             r = collapse_sweep(params, args.family, args.max_len, be, fname, seed=args.seed, sep=args.sep,
                                progress=lambda m: print(f"[collapse]   {m.split(': ', 1)[-1]}", flush=True))
         results.append(r)
     compiled = snapshot().since(before)
     _write_csv(out / "collapse.csv", [row for r in results for row in r.rows()])
-    from .report import provenance
+    from .results import provenance
 
     meta = {"provenance": provenance(), "config": dataclasses_asdict(c), "family": args.family, "sep": args.sep,
             "max_len": args.max_len, "backends": [be.describe() for be, _ in backends], "seed": args.seed,
-            "weights": args.weights, "compilation": compiled.as_dict(), "compile_cache": cache_in_use()}
+            "weights": args.weights, "compilation": compiled.as_dict()}  # the cache in use: in provenance
     (out / "collapse.json").write_text(json.dumps(meta, indent=1, default=str))
     plot_collapse(results, out / "collapse.png", title=f"{args.family}, pe={c.pe}, d={c.d}, L={c.n_layers}")
     print(collapse_summary(results))
@@ -324,7 +324,7 @@ def cmd_scaling(args) -> int:
     if args.max_len < 4:
         raise UsageError(f"--max-len must be >= 4, got {args.max_len}")
     from .plots import plot_scaling
-    from .report import provenance
+    from .results import provenance
     from .theory.scaling import scaling_model, scaling_sweep, slope_tolerance
 
     params = scaling_model(args.seed)

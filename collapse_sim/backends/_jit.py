@@ -29,7 +29,7 @@ def run_jitted(backend, fn, config, arrays: dict, tokens, probe):
     t = jnp.asarray(tokens, jnp.int32)
     pr = jnp.asarray(probe, jnp.int32) if probe is not None else jnp.zeros_like(t)
     key = (id(f), t.shape, tuple(v.shape for v in vals))
-    what = f"the {backend.label.split(':')[0]} forward, N = {t.shape[0]:,}{' with probes' if probe is not None else ''}"
+    what = f"the {backend.kind} forward, N = {t.shape[0]:,}{' with probes' if probe is not None else ''}"
     with phase(("running " if key in _seen else "tracing, then compiling or loading ") + what):
         out = f(vals, t, pr)
     _seen.add(key)

@@ -85,18 +85,16 @@ def forward_cost(backend: str, order: "str | None") -> float:
     return COST.get(("emulated", order_kind(order)), COST[("emulated", "sequential")])
 
 
-def seconds(config, pairs, backend: str, order: "str | None" = None, *, bucket: int | None = None,
-            formats: int = 1) -> Estimate:
+def seconds(config, pairs, backend: str, order: "str | None" = None, *, formats: int = 1) -> Estimate:
     """The time of one collapse run per format: every run of ``pairs`` (a family's
-    :class:`~collapse_sim.families.Pairs`) through ``backend`` (``native``, ``emulated``,
-    ``reference``; fp64 runs natively), for ``formats`` formats."""
+    :class:`~collapse_sim.families.Pairs`) through the backend of kind ``backend``
+    (``native``, ``emulated``, ``reference``: the kind that really runs the format, e.g.
+    :func:`collapse_sim.backends.kind_for_format`), for ``formats`` formats."""
     cost = forward_cost(backend, order)
     shapes = set()
     work = 0.0
     for run in pairs.runs:
         t = run.tokens.size
-        if bucket:
-            t = -(-t // bucket) * bucket
         shapes.add((t, run.probe is not None))
         work += multiply_adds(config, t, run.probe is not None)
     programs = len(shapes) * formats
