@@ -9,7 +9,7 @@
 2. Emulated forwards against native float32 at N (compile excluded), one per
    policy of --policies: bf16 pairwise (every product and add rounded), bf16 with
    exact dot products, and bf16 with fp32 accumulation in blocks of 32 (the last
-   two run as certified float64 matrix products, see backends/emulated.py).
+   two run as certified float64 matrix products, see backends/emulated/certificates.py).
 3. Peak resident memory of a forward at --mem-n, d = 64, L = 2, one subprocess per
    entry of --mem (``backend:spec``; getrusage's ru_maxrss): native f32 and emulated
    bf16 with exact dot products by default. Add ``emulated:bf16`` for the pairwise
