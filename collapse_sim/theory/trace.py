@@ -1,11 +1,16 @@
 """Every intermediate quantity of one float64 forward pass, and Jacobians ∂y_n/∂v_i^(0).
 
-The analysis backend is the native float64 backend run eagerly, recording what the
+The analysis backend is the native float64 backend, recording what the
 model taps (layer inputs v^(ℓ), norm scales σ, per-head q/k/v after RoPE, the
 attention matrices Λ^(ℓ,h), z^(ℓ)) so that the theorem bounds of this package can be
 evaluated from the same numbers the model used. With ``frozen=True`` the norm scales
 and attention weights are constants under differentiation: the model of Thm 5.1's
 assumptions (i) and (ii).
+
+Each trace and each Jacobian is one compiled XLA program (weights as arguments), like
+every native forward: in another ``dtype`` (bf16, fp16) it is therefore "what XLA does"
+with the whole pass in view, which on CPU keeps float32 intermediates inside fusions
+(docs/backends.md), not a rounding after every op.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from ..model import Params, forward_tapped
 
 
 class AnalysisBackend(NativeBackend):
-    """float64, eager, full attention matrices; records taps."""
+    """float64 (or ``dtype``), full attention matrices; records taps while the model is traced."""
 
     def __init__(self, frozen: bool = False, dtype: str = "fp64"):
         super().__init__(dtype)
@@ -72,14 +77,27 @@ class Trace:
     y: np.ndarray
 
 
+def _tapped(params: Params, tokens: np.ndarray, B: AnalysisBackend, delta0=None):
+    """``forward_tapped`` compiled as one XLA program (the weights and ``delta0`` its arguments,
+    ``tokens`` a constant): run eagerly, every op of every new shape compiled its own small
+    program (hundreds per theorem check). Returns ``(y, records, attention matrices)``."""
+
+    def run(arrays, delta0):
+        B.records, B._attn = {}, []
+        y = forward_tapped(Params(params.config, arrays), tokens, B, delta0=delta0)
+        return y, B.records, B._attn
+
+    return jax.jit(run)(params.arrays, delta0)
+
+
 def trace(params: Params, tokens) -> Trace:
     require_x64("theory traces")
     c = params.config
-    B = AnalysisBackend()
-    y = np.asarray(forward_tapped(params, tokens, B))
-    R = {k: np.asarray(v) for k, v in B.records.items()}
+    tokens = np.asarray(tokens)
+    y, R, A = _tapped(params, tokens, AnalysisBackend())
+    y, R = np.asarray(y), {k: np.asarray(v) for k, v in R.items()}
     L, H = c.n_layers, c.n_heads
-    attn = {(l, h): np.asarray(B._attn[l * H + h]) for l in range(L) for h in range(H)}
+    attn = {(l, h): np.asarray(A[l * H + h]) for l in range(L) for h in range(H)}
     sig = {k[: -len("_sigma")]: v for k, v in R.items() if k.endswith("_sigma")}
     if c.kind == "gaussian":  # one layer fed by the draws: no layer-0 input, no residual z
         x, z = [None, R["l1.x"]], []
@@ -101,10 +119,11 @@ def jacobian(params: Params, tokens, *, frozen: bool = True, dtype: str = "fp64"
 
     B = AnalysisBackend(frozen, dtype)
 
-    def last(delta):
-        return forward_tapped(params, tokens, B, delta0=delta)[-1]
+    def last(arrays, delta):
+        return forward_tapped(Params(params.config, arrays), tokens, B, delta0=delta)[-1]
 
-    J = jax.jacrev(last)(jnp.zeros((N, d), B.dtype))  # (d_out, N, d_in)
+    # one compiled program (eagerly, every op of the forward and its transpose compiled its own)
+    J = jax.jit(jax.jacrev(last, argnums=1))(params.arrays, jnp.zeros((N, d), B.dtype))  # (d_out, N, d_in)
     return np.transpose(np.asarray(J, np.float64), (1, 0, 2))
 
 
