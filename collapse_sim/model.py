@@ -91,6 +91,10 @@ class ModelConfig:
     sin_at: str = "keys"  # gaussian with pe="sinusoidal": the table is added to keys | qk (queries and keys) | values
     alibi_slope: float | None = None  # ALiBi: one slope for every head; default Press et al.'s 2^(-8h/H)
     alibi_at: str = "after"  # ALiBi bias added after the 1/√d_h scale, or "before" it (effective slope ÷ √d_h)
+    # remedies (docs/semantics.md §8.7)
+    rope_fraction: float = 1.0  # p-RoPE: the fraction of RoPE's frequency pairs that rotate (the highest ones)
+    ssmax: float | None = None  # Scalable-Softmax: each query times s·ln(number of keys it sees)
+    sink: bool = False  # a sink token at position 0 before every sequence
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -120,6 +124,12 @@ class ModelConfig:
             raise ConfigError(f"qkv_var must be a positive finite variance, got {self.qkv_var}")
         if self.alibi_slope is not None and not np.isfinite(self.alibi_slope):
             raise ConfigError(f"alibi_slope must be finite, got {self.alibi_slope}")
+        if not 0.0 <= self.rope_fraction <= 1.0:
+            raise ConfigError(f"rope_fraction must lie in [0, 1] (the share of RoPE's frequencies that rotate), got {self.rope_fraction}")
+        if self.rope_fraction != 1.0 and self.pe != "rope":
+            raise ConfigError(f"rope_fraction applies to pe='rope' (p-RoPE), got pe={self.pe!r}")
+        if self.ssmax is not None and not self.ssmax > 0:
+            raise ConfigError(f"ssmax (Scalable-Softmax's s) must be > 0, got {self.ssmax}")
         if self.kind == "gaussian":
             _check_gaussian(self)
 
@@ -278,6 +288,8 @@ def weight_shapes(c: ModelConfig) -> dict[str, tuple]:
         s["n3_g"] = (c.d,)
         if c.norm == "layernorm":
             s["n3_b"] = (c.d,)
+    if c.sink:  # last, so that a sink leaves every other weight's draw as it was
+        s["sink"] = (c.d,)
     return s
 
 
@@ -300,7 +312,7 @@ def init_params(config: ModelConfig) -> Params:
     arrays: dict[str, np.ndarray] = {}
     for k, shape in weight_shapes(c).items():
         name = k.split(".")[-1]
-        if k == "embed":
+        if k in ("embed", "sink"):
             a = rng.standard_normal(shape) * c.embed_std
         elif k == "pos":
             a = rng.standard_normal(shape) * c.embed_std
@@ -345,7 +357,7 @@ def forward(params: Params, tokens, backend, probe=None):
     if tokens.min() < 0 or (bound is not None and tokens.max() >= bound):
         raise ConfigError(f"token ids must lie in [0, {bound})" if bound else "token ids must be >= 0")
     N = tokens.size
-    need = N + (1 if probe is not None else 0)
+    need = N + (1 if probe is not None else 0) + int(c.sink)  # positions: the sink's, the stream's, a probe's
     if c.pe == "learned" and need > c.max_len:
         raise ConfigError(f"learned positional table has {c.max_len} rows, the input needs {need}")
     if probe is not None:
@@ -356,7 +368,20 @@ def forward(params: Params, tokens, backend, probe=None):
             raise ConfigError(f"probe token ids must lie in [0, {bound})" if bound else "probe token ids must be >= 0")
     n_ids = int(max(tokens.max(), -1 if probe is None else probe.max())) + 1
     fn = _gaussian_impl if c.kind == "gaussian" else _forward_impl
-    return backend.run(fn, c, forward_arrays(params, need, n_ids), tokens, probe)
+    arrays = forward_arrays(params, need, n_ids)
+    if not c.sink:
+        return backend.run(fn, c, arrays, tokens, probe)
+    out = backend.run(fn, c, arrays, *_with_sink(tokens, probe))
+    return out[1:] if probe is None else (out[0][1:], out[1][1:])
+
+
+def _with_sink(tokens: np.ndarray, probe: np.ndarray | None):
+    """The stream and probes with the sink in front (docs/semantics.md §8.7): the sink is row 0
+    of the token table ``forward_arrays`` builds, so every id moves up by one; the sink-only
+    prefix gets a probe too (the first one, repeated), whose output row the caller drops with
+    the sink's."""
+    tokens = np.concatenate([[0], tokens + 1])
+    return tokens, (None if probe is None else np.concatenate([probe[:1] + 1, probe + 1]))
 
 
 def forward_tapped(params: Params, tokens, backend, *, delta0=None):
@@ -369,6 +394,9 @@ def forward_tapped(params: Params, tokens, backend, *, delta0=None):
     (collapse_sim.theory.trace). Returns ``y`` (N, d) in the backend's array type."""
     c = params.config
     tokens = np.asarray(tokens)
+    if c.sink:
+        raise ConfigError("theory traces take models without a sink token (their rows would not be the "
+                          "prefixes'); use sink=False")
     if c.kind == "gaussian":
         if delta0 is not None:
             raise ConfigError("the gaussian model has no layer-0 representations to perturb; use kind='decoder' "
@@ -398,7 +426,20 @@ def forward_arrays(params: Params, need: int, n_ids: int = 0) -> dict:
         out[SINUSOIDAL] = positional.sinusoidal(need, c.d)
     if c.kind == "gaussian":  # whole blocks of ids: runs of nearby lengths share one compiled forward
         out.update(zip(GAUSS, gaussian_draws(c, -(-n_ids // _DRAW_BLOCK) * _DRAW_BLOCK)))
+    if c.sink:  # row 0 of the token table is the sink (forward moves every id up by one)
+        if c.kind == "gaussian":
+            out.update((k, np.concatenate([s[None], out[k]])) for k, s in zip(GAUSS, sink_draws(c)))
+        else:
+            out["embed"] = np.concatenate([out.pop("sink")[None], out["embed"]])
     return out
+
+
+def sink_draws(c: ModelConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The Gaussian model's sink token: q, k, v (each ``(d,)``) drawn like an id's (N(0, σ²) per
+    entry) from its own stream, ``numpy.random.default_rng([seed, 0, 1])``, apart from every id's."""
+    sigma = np.sqrt(c.qkv_var if c.qkv_var is not None else 1.0 / c.d)
+    z = np.random.default_rng([c.seed, 0, 1]).standard_normal((3, c.d)) * sigma
+    return z[0], z[1], z[2]
 
 
 def _forward_impl(c: ModelConfig, arrays, tokens, probe, B, delta0=None):
@@ -515,25 +556,43 @@ def alibi_slopes(c: ModelConfig) -> list[float] | None:
 
 def _head(c: ModelConfig, B, p: str, hd: int, qkv, qkv_p, pos, slope):
     """One head's causal attention, for the decoder and the Gaussian model alike: RoPE on
-    q and k (at the query's position), then the backend's attention primitive over the
-    stream; with a probe (``qkv_p``: its q, k, v, one per prefix), each probe at position
-    n + 1 over the stream's keys 0..n and its own key. Returns (out, out_probe or None)."""
-    qh, kh, vh = qkv
-    if c.pe == "rope":
-        qh, kh = _rope(qh, pos, B), _rope(kh, pos, B)
+    q and k (at the query's position), Scalable-Softmax's factor on q, then the backend's
+    attention primitive over the stream; with a probe (``qkv_p``: its q, k, v, one per
+    prefix), each probe at position n + 1 over the stream's keys 0..n and its own key.
+    Returns (out, out_probe or None)."""
+    qh, kh, vh = _queries_keys(c, B, *qkv, pos)
     qh, kh, vh = B.tap(f"{p}q{hd}", qh), B.tap(f"{p}k{hd}", kh), B.tap(f"{p}v{hd}", vh)
     scale = 1 / np.sqrt(c.dh)
     out = B.attention(qh, kh, vh, pos, pos, scale=scale, alibi=slope, window=c.window)
     if qkv_p is None:
         return out, None
-    qph, kph, vph = qkv_p
-    if c.pe == "rope":
-        qph, kph = _rope(qph, pos + 1, B), _rope(kph, pos + 1, B)
+    qph, kph, vph = _queries_keys(c, B, *qkv_p, pos + 1)
     return out, B.attention(qph, kh, vh, pos + 1, pos, scale=scale, alibi=slope, window=c.window, self_kv=(kph, vph))
 
 
-def _rope(x, positions, B):
-    cos, sin = positional.rope_tables(positions, B.ncols(x))
+def _queries_keys(c: ModelConfig, B, q, k, v, pos):
+    """q, k, v of tokens at positions ``pos`` as the scores take them (docs/semantics.md §8.5,
+    §8.7): RoPE (p-RoPE) rotates q and k; Scalable-Softmax multiplies each query by its factor."""
+    if c.pe == "rope":
+        q, k = _rope(q, pos, B, c.rope_fraction), _rope(k, pos, B, c.rope_fraction)
+    if c.ssmax is not None:
+        q = B.mul(q, B.col(B.store(ssmax_factors(c, pos)), like=q))
+    return q, k, v
+
+
+def ssmax_factors(c: ModelConfig, pos) -> np.ndarray:
+    """Scalable-Softmax (Nakanishi 2025, arXiv 2501.19399): the query at position p sees
+    n = p + 1 keys (min(p + 1, window) with a window) and is multiplied by ``s·ln n``,
+    evaluated in float64 (numpy's ``log``, then the product) and rounded to the storage
+    format like every constant: the scores become ``s·ln n · q·k`` (docs/semantics.md §8.7)."""
+    n = np.asarray(pos, dtype=np.float64) + 1
+    if c.window is not None:
+        n = np.minimum(n, c.window)
+    return c.ssmax * np.log(n)
+
+
+def _rope(x, positions, B, fraction: float = 1.0):
+    cos, sin = positional.rope_tables(positions, B.ncols(x), fraction=fraction)
     C, S = B.store(cos), B.store(sin)
     x0, x1 = B.cols(x, slice(0, None, 2)), B.cols(x, slice(1, None, 2))
     r0 = B.sub(B.mul(x0, C), B.mul(x1, S))

@@ -40,7 +40,7 @@ import mpmath
 import numpy as np
 
 from .. import positional
-from ..model import Params, alibi_slopes
+from ..model import ConfigError, Params, alibi_slopes
 from .trace import Trace, gain_max, rope_shift, spectral_norm as _spec, trace
 
 
@@ -127,8 +127,8 @@ def _gaussian_bound(params: Params, tr: Trace) -> np.ndarray:
     N = q.shape[0]
     pe = _pe_step(params, N)
     at = {"keys": "k", "qk": "qk", "values": "v"}[c.sin_at] if c.pe == "sinusoidal" else ""
-    eq = (pe if "q" in at else 0.0) + (rope_shift(q) if c.pe == "rope" else 0.0) + np.zeros(N)
-    ek = (pe if "k" in at else 0.0) + (rope_shift(k) if c.pe == "rope" else 0.0) + np.zeros(N)
+    eq = (pe if "q" in at else 0.0) + (rope_shift(q, c.rope_fraction) if c.pe == "rope" else 0.0) + np.zeros(N)
+    ek = (pe if "k" in at else 0.0) + (rope_shift(k, c.rope_fraction) if c.pe == "rope" else 0.0) + np.zeros(N)
     dv = pe if "v" in at else np.zeros(N)
     slopes = alibi_slopes(c)
     delta = attention_step(q, k, v, A, eq, ek, dv, slopes[0] if slopes else 0.0, c.window)
@@ -138,6 +138,8 @@ def _gaussian_bound(params: Params, tr: Trace) -> np.ndarray:
 def collapse_bound(params: Params, tokens, tr: Trace | None = None) -> np.ndarray:
     """Upper bound on ‖y(t_1..t_n) − y(t_1..t_n t_n)‖₂ for every n = 1..N (array of N)."""
     c = params.config
+    if c.ssmax is not None:
+        raise ConfigError("Thm 4.2's bound here does not model Scalable-Softmax's query factor; use ssmax=None")
     tr = tr or trace(params, tokens)
     if c.kind == "gaussian":
         return _gaussian_bound(params, tr)
@@ -145,7 +147,7 @@ def collapse_bound(params: Params, tokens, tr: Trace | None = None) -> np.ndarra
     pe_step = _pe_step(params, N)
     delta = pe_step.copy() if c.ape == "residual" else np.zeros(N)
     pe_scores = pe_step if c.ape == "scores" else np.zeros(N)
-    slopes = positional.alibi_slopes(c.n_heads) if c.pe == "alibi" else np.zeros(c.n_heads)
+    slopes = alibi_slopes(c) or np.zeros(c.n_heads)  # the model's own slopes (alibi_slope, alibi_at)
     for l in range(c.n_layers):
         p = f"l{l}."
         dh_in = norm_step(params, p + "n1", tr.x[l], delta)  # how far norm1(v) can move
@@ -157,8 +159,8 @@ def collapse_bound(params: Params, tokens, tr: Trace | None = None) -> np.ndarra
             nk = _spec(params[p + "wk"][:, sl])
             nv = _spec(params[p + "wv"][:, sl]) if c.value_proj else 1.0
             q, k = tr.q[l, h], tr.k[l, h]
-            eq = nq * dqk_in + (rope_shift(q) if c.pe == "rope" else 0.0)
-            ek = nk * dqk_in + (rope_shift(k) if c.pe == "rope" else 0.0)
+            eq = nq * dqk_in + (rope_shift(q, c.rope_fraction) if c.pe == "rope" else 0.0)
+            ek = nk * dqk_in + (rope_shift(k, c.rope_fraction) if c.pe == "rope" else 0.0)
             da2 += attention_step(q, k, tr.v[l, h], tr.attn[l, h], eq, ek, nv * dh_in, slopes[h], c.window) ** 2
         no = _spec(params[p + "wo"]) if c.out_proj else 1.0
         dz = delta + no * np.sqrt(da2)
@@ -240,8 +242,11 @@ def thm42_hypothesis(config) -> str | None:
     if c.pe == "alibi":
         why.append("ALiBi's bias keeps the new key's weight at least ~(1 − e^(−slope))·e^(−score range), "
                    "so the bound stops decaying once n passes ~1/slope (the smallest head's slope)")
-    if c.pe == "rope":
+    if c.pe == "rope" and positional.rope_pairs(c.dh, c.rope_fraction):
         why.append("RoPE turns each shared key's score by a key-dependent amount that does not decay with n")
+    if c.ssmax is not None:
+        why.append("Scalable-Softmax multiplies the repeated token's query by s·ln(n + 2) instead of s·ln(n + 1), "
+                   "a query shift this bound does not model")
     if c.window is not None:
         why.append(f"a sliding window of {c.window} keeps the dropped key's weight ~1/{c.window}")
     return "; ".join(why) or None

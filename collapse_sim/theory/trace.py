@@ -138,7 +138,7 @@ def gain_max(params: Params, name: str) -> float:
 
 
 @functools.lru_cache(maxsize=8)
-def rope_step_factors(N: int, dh: int, start: int = 0) -> np.ndarray:
+def rope_step_factors(N: int, dh: int, start: int = 0, fraction: float = 1.0) -> np.ndarray:
     """(N, dh/2): for positions p = start..start+N−1 and each rotated pair, an upper bound on
     ‖(R̃_{p+1} − R̃_p) u‖ / ‖R̃_p u‖ restricted to that pair, where R̃ are the float64
     cos/sin tables the model multiplies by (``positional.rope_tables``). R̃_{p+1} R̃_p^{-1}
@@ -148,7 +148,7 @@ def rope_step_factors(N: int, dh: int, start: int = 0) -> np.ndarray:
     tables compose only to ~p·2^-53, so R̃_{p+1} ≠ R̃_1 R̃_p.)"""
     from fractions import Fraction
 
-    cos, sin = positional.rope_tables(np.arange(start, start + N + 1), dh)
+    cos, sin = positional.rope_tables(np.arange(start, start + N + 1), dh, fraction=fraction)
     out = np.empty((N, dh // 2))
     for p in range(N):
         for i in range(dh // 2):
@@ -160,10 +160,11 @@ def rope_step_factors(N: int, dh: int, start: int = 0) -> np.ndarray:
     return out
 
 
-def rope_shift(x: np.ndarray) -> np.ndarray:
+def rope_shift(x: np.ndarray, fraction: float = 1.0) -> np.ndarray:
     """``‖(R̃_{i+1} − R̃_i) u_i‖`` per row i (position i, 0-based), where ``x`` holds the
     rotated rows ``R̃_i u_i``: how far a RoPE-rotated vector moves when its position grows
-    by one, with the model's own float64 tables (``rope_step_factors``)."""
-    F = rope_step_factors(x.shape[0], x.shape[1])
+    by one, with the model's own float64 tables (``rope_step_factors``; p-RoPE's
+    ``fraction``: pairs that do not rotate do not move)."""
+    F = rope_step_factors(x.shape[0], x.shape[1], fraction=fraction)
     pair2 = x[:, 0::2] ** 2 + x[:, 1::2] ** 2
     return np.sqrt(np.sum(F * F * pair2, axis=1))

@@ -47,8 +47,8 @@ class ExactConstants:
             out[(t.shape, t.tobytes())] = self.sinusoidal(need, config.d)
         if config.pe == "rope":
             for pos in [np.arange(n)] + ([np.arange(n) + 1] if probe else []):
-                cos, sin = positional.rope_tables(pos, dh)
-                ecos, esin = self.rope(pos, dh)
+                cos, sin = positional.rope_tables(pos, dh, fraction=config.rope_fraction)
+                ecos, esin = self.rope(pos, dh, config.rope_fraction)
                 out[(cos.shape, cos.tobytes())] = ecos
                 out[(sin.shape, sin.tobytes())] = esin
         return out
@@ -98,12 +98,13 @@ class ExactConstants:
                         out[t, 2 * i + 1] = self._round(mpmath.cos(ang))
         return out
 
-    def rope(self, positions, dh: int) -> tuple[np.ndarray, np.ndarray]:
+    def rope(self, positions, dh: int, fraction: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         cos = np.empty((len(positions), dh // 2), dtype=object)
         sin = np.empty_like(cos)
+        rotating = positional.rope_pairs(dh, fraction)  # p-RoPE: the other pairs have frequency 0
         with mpmath.workprec(self._prec(max(positions, default=1))):
             for i in range(dh // 2):
-                inv = mpmath.power(10000, -mpmath.mpf(2 * i) / dh)
+                inv = mpmath.power(10000, -mpmath.mpf(2 * i) / dh) if i < rotating else mpmath.mpf(0)
                 for r, t in enumerate(positions):
                     ang = int(t) * inv
                     cos[r, i], sin[r, i] = self._round(mpmath.cos(ang)), self._round(mpmath.sin(ang))
