@@ -18,7 +18,7 @@ LAYERS = (
     ("errors",),
     ("compilation", "formats", "positional"),
     ("rounding", "progress"),
-    ("collapse_sim", "policy"),
+    ("collapse_sim", "policy", "mx"),
     ("results",),
     ("backends",),
     ("model",),
