@@ -37,3 +37,8 @@ def require_text(value, error: type[CollapseSimError], what: str, give: str) -> 
     if not value.strip():
         raise error(f"empty {what.split(' ', 1)[-1]} {value!r}; give {give}")
     return value
+
+
+class UsageError(CollapseSimError):
+    """Bad input from the command line, or a command's experiment given the same bad value
+    from Python: one sentence, exit status 2 on the command line."""
