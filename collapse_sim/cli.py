@@ -225,8 +225,6 @@ def cmd_oversquash(args) -> int:
 
 
 def cmd_scaling(args) -> int:
-    import json
-
     from . import enable_x64
     from .families import NAMES
 
@@ -242,24 +240,11 @@ def cmd_scaling(args) -> int:
         raise UsageError(f"unknown family {args.family!r}")
     if args.max_len < 4:
         raise UsageError(f"--max-len must be >= 4, got {args.max_len}")
-    from .experiments.collapse import write_csv
-    from .plots import plot_scaling
-    from .results import provenance
-    from .theory.scaling import scaling_model, scaling_sweep, slope_tolerance
+    from .experiments.scaling import run_scaling
+    from .theory.scaling import slope_tolerance
 
-    params = scaling_model(args.seed)
-    out.mkdir(parents=True, exist_ok=True)
     ps = list(range(lo, hi + 1))
-    from .progress import stage
-
-    with stage("[scaling]", f"family {args.family}, p = {lo}..{hi}, n ≤ {args.max_len}, one attention layer, d = 4"):
-        r = scaling_sweep(params, args.family, ps, args.max_len, seed=args.seed,
-                          progress=lambda m: print(f"[scaling]   {m}", flush=True))
-    write_csv(out / "scaling.csv", r.rows())
-    (out / "scaling.json").write_text(json.dumps({"provenance": provenance(), "family": args.family, "p": ps,
-                                                  "max_len": args.max_len, "rate": r.rate, "slope": r.slope,
-                                                  "predicted_slope": r.predicted_slope}, indent=1, default=str))
-    plot_scaling(r, out / "scaling.png")
+    r = run_scaling(args.family, ps, args.max_len, out, seed=args.seed)
     print(f"{'p':>3s} {'measured n*':>12s} {'predicted n*':>13s}")
     for row in r.rows():
         print(f"{row['p']:>3d} {str(row['measured_first_collapse']):>12s} {str(row['predicted_first_collapse']):>13s}")
