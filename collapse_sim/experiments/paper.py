@@ -60,6 +60,12 @@ class Sizes:
     # "emulated" (every op rounded: the report's meaning of a format) or "native" (the format's
     # JAX dtype: what XLA does; fast to compile, used by the toy sizes that test the report's plumbing)
     backend: str = "emulated"
+    # The theorems: random instances per statement ("cheap", "model" cost), their longest length;
+    # Thm 4.2's table at width thm42_d for n = 4, 16, 64, 256 up to thm42_n (256-bit arithmetic).
+    thm_instances: tuple[int, int] = (8, 3)
+    thm_max_n: int = 8
+    thm42_d: int = 64
+    thm42_n: int = 64
 
 
 ALL = ("bf16", "fp16", "e4m3fn", "fp32")
@@ -72,12 +78,12 @@ QUICK = Sizes(formats=ALL, fig8_formats=("bf16",), fig10_formats=("bf16",), fami
 FULL = Sizes(formats=ALL, fig8_formats=ALL, fig10_formats=ALL, family_formats=ALL, fig8_n=10_000, fig9_n=10_000,
              fig9_points=120, fig10_n=5000, family_n=2000, remedy_n=2000, ref_n=2048, family_ref_n=512, window=128,
              caption_n=10_000, caption_fmt_n=2048, caption_formats=("bf16", "fp16", "e4m3fn"), caption_fmt_seeds=3,
-             caption_ref_n=256)
+             caption_ref_n=256, thm_instances=(30, 10), thm_max_n=16, thm42_n=256)
 # Toy sizes: every section and figure in seconds (tests).
 TINY = Sizes(formats=("bf16",), fig8_formats=("bf16",), fig10_formats=("bf16",), family_formats=("bf16",),
              fig8_n=48, fig9_n=600, fig9_points=6, fig10_n=48, family_n=24, remedy_n=24, ref_n=16, family_ref_n=16,
              window=8, caption_n=64, caption_fmt_n=48, caption_formats=("bf16",), caption_fmt_seeds=1, caption_ref_n=8,
-             seeds=2, backend="native")
+             seeds=2, backend="native", thm_instances=(2, 1), thm42_d=8, thm42_n=16)
 
 PAPER_READING = {"Fig. 8": "≈ 500", "Fig. 9": "≈ 2,400–2,500", "Fig. 10": "≈ 800–1,000 (ALiBi slightly later)"}
 
@@ -87,7 +93,6 @@ class Context:
     """Everything one report's experiments measured, shared by its sections."""
 
     sizes: Sizes
-    quick: bool
     comparison: list[dict] = dataclasses.field(default_factory=list)  # rows of the paper-comparison table
     findings: dict = dataclasses.field(default_factory=dict)  # measured facts the disagreement section cites
     csv_rows: list[dict] = dataclasses.field(default_factory=list)
@@ -382,11 +387,6 @@ CAPTION_THM42_SETUPS = [("no positions", dict(pe="none")), ("RoPE", dict(pe="rop
                         ("sinusoidal on keys", dict(pe="sinusoidal", sin_at="keys")),
                         ("ALiBi m = 2^-8", dict(pe="alibi", alibi_slope=2.0**-8))]
 
-#: Below this Fig. 8 length the sizes are the toy ones of the tests: the theorems run on the
-#: fewest instances and Thm 4.2's table at d = 8 (a 256-bit model at d = 64 takes minutes).
-TOY_FIG8_N = 200
-
-
 @dataclasses.dataclass
 class Theorems:
     runs: list  # StatementRun per statement (collapse_sim.experiments.theorems)
@@ -401,12 +401,11 @@ def run_theorems(ctx: Context) -> Theorems:
     from ..theory.collapse import thm42_table
     from .theorems import run_all
 
-    q, toy = ctx.quick, ctx.sizes.fig8_n < TOY_FIG8_N
-    inst = {"cheap": 2, "model": 1} if toy else {"cheap": 8 if q else 30, "model": 3 if q else 10}
-    runs = run_all(inst, max_n=8 if q else 16, seed=0)
+    sz = ctx.sizes
+    runs = run_all(dict(zip(("cheap", "model"), sz.thm_instances)), max_n=sz.thm_max_n, seed=0)
     ctx.findings["theorems"] = {r.name: r for r in runs}
-    ns = [n for n in (4, 16, 64, 256) if n <= (64 if q else 256) and n <= max(ctx.sizes.fig8_n, 4)]
-    d = 8 if toy else 64
+    ns = [n for n in (4, 16, 64, 256) if n <= sz.thm42_n]
+    d = sz.thm42_d
     tokens = np.random.default_rng(0).integers(0, 16, max(ns))
     decoder = {setup: thm42_table(_model(d=d, **over), tokens, ns) for setup, over in THM42_SETUPS}
     captions = {setup: thm42_table(init_params(gaussian_config(d, seed=0, **over)), np.arange(max(ns)), ns)

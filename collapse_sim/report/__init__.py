@@ -67,7 +67,7 @@ def reproduce(out: str = "collapse-report", quick: bool = False, sizes=None) -> 
              "why; provenance and wall time. *Emulated* means every operation rounded to the format as IEEE",
              "arithmetic in that format would (docs/semantics.md); the reference is 256-bit arb ball arithmetic",
              "(python-flint).", ""]
-    ctx = Context(sizes or (QUICK if quick else FULL), quick)
+    ctx = Context(sizes or (QUICK if quick else FULL))
     sections = [("formats", lambda: basics.section_formats(lines)), ("rounding", lambda: basics.section_rounding(lines)),
                 ("sums", lambda: basics.section_sums(lines))]
     sections += [(name, lambda fn=fn: fn(ctx, outdir, lines)) for name, fn in SECTIONS]
