@@ -15,7 +15,7 @@ The subclasses say which part of the input was wrong:
 ``CarrierError``   a format the emulated backend cannot carry (backends.emulated)
 ``SweepError``     a sweep spec (collapse_sim.experiments.sweep)
 ``OutputError``    an output location (collapse_sim.results)
-``UsageError``     a command-line argument (collapse_sim.cli)
+``UsageError``     a command-line argument (cli, experiments.collapse)
 =================  ======================================================
 
 Also ``CompileCacheError`` (collapse_sim.compilation) and ``TooLongError`` (a run
