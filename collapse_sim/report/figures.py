@@ -175,8 +175,7 @@ def caption_figure(ctx: Context, outdir: Path, labels, name: str, title: str) ->
 
 def _captions_part(ctx: Context, outdir: Path, lines: list[str], labels, experiment: str, says: str, png: str,
                    title: str) -> None:
-    cap.report_rows(ctx)
-    cap.compare(ctx, labels, experiment)
+    cap.compare(ctx, labels, experiment)  # measures the rows on first use
     lines += ["### The captions' reading (primary)", "", says, "", *caption_table(ctx, labels),
               caption_figure(ctx, outdir, labels, png, title), ""]
 

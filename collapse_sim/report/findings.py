@@ -10,7 +10,7 @@ import numpy as np
 
 from ..experiments import captions as cap
 from ..experiments.fits import N_MIN, PAPER_LINE, first_below
-from ..experiments.paper import FAMILY_SETUPS, FIG10_SETUPS, REF, Context, median_top, remedies
+from ..experiments.paper import FAMILY_SETUPS, FIG8_SETUPS, FIG10_SETUPS, REF, Context, median_top, remedies
 from .figures import exact_zero, fmt_n
 from .verdicts import REPRODUCED, fig9_word, separators_work
 
@@ -84,7 +84,8 @@ def disagreements(ctx: Context) -> list[str]:
                    "difference: the paper calls δ a total variation, but its numbers are Σ|p − q|, twice the usual "
                    "total variation distance; with the factor ½ the crossing would move to about half the length.")
 
-    for ape, label in (("residual", "sinusoidal APE in the residual stream"), ("scores", "sinusoidal APE in q/k only")):
+    for label, over in FIG8_SETUPS:
+        ape = over["ape"]
         res = F.get(("fig8", ape))
         if res is None:
             continue
