@@ -12,13 +12,9 @@ import argparse
 import sys
 
 from . import __version__
-from .errors import CollapseSimError
+from .errors import CollapseSimError, UsageError  # noqa: F401  (UsageError: imported from here too)
 
 EXIT_USAGE = 2
-
-
-class UsageError(CollapseSimError):
-    """Bad input from the command line: one sentence, exit status 2."""
 
 
 def _check_out(args, *writes: str, resume_marker: "str | None" = None):
@@ -87,24 +83,14 @@ def cmd_round(args) -> int:
 
 
 def cmd_collapse(args) -> int:
-    import json
-
     from . import enable_x64
-    from .families import make_pairs
-    from .formats import NUMPY_DTYPES, format_token, parse_list
-    from .model import ModelConfig, Params, init_params, token_bound
+    from .compilation import cache_in_use
+    from .experiments.collapse import check_collapse, collapse_summary, run_collapse
+    from .model import ModelConfig, Params, init_params
 
     out = _check_out(args, "collapse.csv", "collapse.json", "collapse.png")
     enable_x64()
-    if args.max_len <= 0:
-        raise UsageError(f"--max-len must be positive, got {args.max_len}")
-    if not args.mem_limit > 0:
-        raise UsageError(f"--mem-limit must be a positive number of GiB, got {args.mem_limit}")
-    fmts = parse_list(args.format)
-    if args.backend == "native":
-        for f in fmts:
-            if f.name not in NUMPY_DTYPES:
-                raise UsageError(f"format {f.name} has no native JAX dtype; run it with --backend emulated or reference")
+    fmts = check_collapse(args.max_len, args.mem_limit, args.format, args.backend)
     if args.weights:
         params = Params.load(args.weights)
     else:
@@ -114,84 +100,16 @@ def cmd_collapse(args) -> int:
                                          seed=args.seed, max_len=max(16384, 2 * args.max_len + 8),
                                          kind=args.model, qkv_var=args.qkv_var, sin_at=args.sin_at,
                                          alibi_slope=args.alibi_slope, alibi_at=args.alibi_at))
-    pairs = make_pairs(args.family, args.max_len, token_bound(params.config), seed=args.seed, sep=args.sep)
-    c = params.config
-    from .experiments.collapse import memory_estimate
-
-    est = memory_estimate(c, args.max_len, args.sep)
-    if est > args.mem_limit * 2**30:
-        raise UsageError(f"estimated memory {est / 2**30:.1f} GiB exceeds --mem-limit {args.mem_limit} GiB; lower --max-len")
-    if args.backend == "reference" and args.max_len > 128:
-        raise UsageError("the reference backend is O(N^2 d) Python arithmetic; use --max-len <= 128 with it")
-    if args.shard:
-        import jax
-
-        if args.backend != "emulated":
-            raise UsageError("--shard applies to the emulated backend only")
-        if jax.device_count() < 2:
-            raise UsageError("--shard needs more than one JAX device; on CPU set "
-                             "XLA_FLAGS=--xla_force_host_platform_device_count=K before starting")
-    from .backends import backend_for_format
-
-    backends = [(backend_for_format(args.backend, format_token(f), args.order, shard=args.shard), f.name) for f in fmts]
-    from .experiments import estimate
-
-    if not args.time_limit > 0:
-        raise UsageError(f"--time-limit must be a positive number of seconds, got {args.time_limit}")
-    per_format = [estimate.seconds(c, pairs, be.kind, args.order) for be, _ in backends]
-    est = sum(per_format, estimate.Estimate(0.0, 0.0, 0))
-    estimate.check(est, args.time_limit, f"this collapse run ({len(fmts)} format{'s' * (len(fmts) != 1)}, n <= {args.max_len})")
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"[collapse] estimated time: {est.describe()}", flush=True)
-    from .experiments.collapse import collapse_summary, collapse_sweep
-    from .plots import plot_collapse
-
-    from .compilation import cache_in_use, snapshot
-    from .progress import stage
-
-    before = snapshot()
-    results = []
-    for (be, fname), fest in zip(backends, per_format):
-        how = be.kind + (f", {args.order} order" if be.kind in ("emulated", "reference") else "")
-        with stage("[collapse]", f"{fname} ({how}): family {args.family}, n = 1..{args.max_len}", estimate=fest.total):
-            r = collapse_sweep(params, args.family, args.max_len, be, fname, seed=args.seed, sep=args.sep,
-                               progress=lambda m: print(f"[collapse]   {m.split(': ', 1)[-1]}", flush=True))
-        results.append(r)
-    compiled = snapshot().since(before)
-    _write_csv(out / "collapse.csv", [row for r in results for row in r.rows()])
-    from .results import provenance
-
-    meta = {"provenance": provenance(), "config": dataclasses_asdict(c), "family": args.family, "sep": args.sep,
-            "max_len": args.max_len, "backends": [be.describe() for be, _ in backends], "seed": args.seed,
-            "weights": args.weights, "compilation": compiled.as_dict()}  # the cache in use: in provenance
-    (out / "collapse.json").write_text(json.dumps(meta, indent=1, default=str))
-    plot_collapse(results, out / "collapse.png", title=f"{args.family}, pe={c.pe}, d={c.d}, L={c.n_layers}")
-    print(collapse_summary(results))
-    for r in results:
+    run = run_collapse(params, args.family, args.max_len, fmts, out, backend=args.backend, order=args.order,
+                       shard=args.shard, sep=args.sep, seed=args.seed, mem_limit_gib=args.mem_limit,
+                       time_limit_s=args.time_limit, weights=args.weights)
+    print(collapse_summary(run.results))
+    for r in run.results:
         if r.nonfinite.any():
             print(f"  warning: {r.backend} overflowed to inf/NaN at {int(r.nonfinite.sum())} lengths (marked in the table)")
-    print(f"{compiled.describe()}; compilation cache: {cache_in_use() or 'off'}")
-    print(f"wrote {out / 'collapse.csv'}, {out / 'collapse.json'}, {out / 'collapse.png'}")
+    print(f"{run.compiled.describe()}; compilation cache: {cache_in_use() or 'off'}")
+    print(f"wrote {', '.join(str(f) for f in run.files)}")
     return 0
-
-
-def dataclasses_asdict(c):
-    import dataclasses
-
-    return dataclasses.asdict(c)
-
-
-def _write_csv(path, rows) -> None:
-    import csv
-    from pathlib import Path
-
-    path = Path(path)
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
 
 
 def cmd_theorem(args) -> int:
@@ -287,6 +205,7 @@ def cmd_oversquash(args) -> int:
     params = _model_from_args(args, args.n)
     toks = np.random.default_rng(args.seed).integers(0, params.config.vocab, args.n)
     out.mkdir(parents=True, exist_ok=True)
+    from .experiments.collapse import write_csv
     from .experiments.oversquash import oversquash_profile
     from .plots import plot_oversquash
 
@@ -294,7 +213,7 @@ def cmd_oversquash(args) -> int:
 
     with stage("[oversquash]", f"n={args.n}, d={params.config.d}, L={params.config.n_layers}, formats {', '.join(fmts)}"):
         r = oversquash_profile(params, toks, fmts, progress=lambda m: print(f"[oversquash]   {m}", flush=True))
-    _write_csv(out / "oversquash.csv", r.rows())
+    write_csv(out / "oversquash.csv", r.rows())
     plot_oversquash(r, out / "oversquash.png", title=f"n={args.n}, pe={params.config.pe}, L={params.config.n_layers}")
     key = f"{fmts[0]} (frozen)"
     prof = r.profiles[key]
@@ -306,8 +225,6 @@ def cmd_oversquash(args) -> int:
 
 
 def cmd_scaling(args) -> int:
-    import json
-
     from . import enable_x64
     from .families import NAMES
 
@@ -323,23 +240,11 @@ def cmd_scaling(args) -> int:
         raise UsageError(f"unknown family {args.family!r}")
     if args.max_len < 4:
         raise UsageError(f"--max-len must be >= 4, got {args.max_len}")
-    from .plots import plot_scaling
-    from .results import provenance
-    from .theory.scaling import scaling_model, scaling_sweep, slope_tolerance
+    from .experiments.scaling import run_scaling
+    from .theory.scaling import slope_tolerance
 
-    params = scaling_model(args.seed)
-    out.mkdir(parents=True, exist_ok=True)
     ps = list(range(lo, hi + 1))
-    from .progress import stage
-
-    with stage("[scaling]", f"family {args.family}, p = {lo}..{hi}, n ≤ {args.max_len}, one attention layer, d = 4"):
-        r = scaling_sweep(params, args.family, ps, args.max_len, seed=args.seed,
-                          progress=lambda m: print(f"[scaling]   {m}", flush=True))
-    _write_csv(out / "scaling.csv", r.rows())
-    (out / "scaling.json").write_text(json.dumps({"provenance": provenance(), "family": args.family, "p": ps,
-                                                  "max_len": args.max_len, "rate": r.rate, "slope": r.slope,
-                                                  "predicted_slope": r.predicted_slope}, indent=1, default=str))
-    plot_scaling(r, out / "scaling.png")
+    r = run_scaling(args.family, ps, args.max_len, out, seed=args.seed)
     print(f"{'p':>3s} {'measured n*':>12s} {'predicted n*':>13s}")
     for row in r.rows():
         print(f"{row['p']:>3d} {str(row['measured_first_collapse']):>12s} {str(row['predicted_first_collapse']):>13s}")

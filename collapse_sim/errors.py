@@ -15,7 +15,7 @@ The subclasses say which part of the input was wrong:
 ``CarrierError``   a format the emulated backend cannot carry (backends.emulated)
 ``SweepError``     a sweep spec (collapse_sim.experiments.sweep)
 ``OutputError``    an output location (collapse_sim.results)
-``UsageError``     a command-line argument (collapse_sim.cli)
+``UsageError``     a command-line argument (cli, experiments.collapse)
 =================  ======================================================
 
 Also ``CompileCacheError`` (collapse_sim.compilation) and ``TooLongError`` (a run
@@ -37,3 +37,8 @@ def require_text(value, error: type[CollapseSimError], what: str, give: str) -> 
     if not value.strip():
         raise error(f"empty {what.split(' ', 1)[-1]} {value!r}; give {give}")
     return value
+
+
+class UsageError(CollapseSimError):
+    """Bad input from the command line, or a command's experiment given the same bad value
+    from Python: one sentence, exit status 2 on the command line."""

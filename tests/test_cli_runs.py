@@ -57,6 +57,34 @@ def test_collapse_small_run(tmp_path):
     assert (out / "collapse.png").exists() and (out / "collapse.json").exists()
 
 
+def test_run_collapse_without_argparse(tmp_path):
+    """The collapse command's experiment called from Python: refused in one sentence with nothing
+    written when its memory estimate is over the limit; otherwise it writes the three files and
+    collapse.csv holds exactly the distances it returns (floats written by repr read back bit for bit).
+    Without positions 1^n and 1^(n+1) are equal in exact arithmetic at every n (Prop. B.9)."""
+    from collapse_sim.errors import UsageError
+    from collapse_sim.experiments.collapse import check_collapse, run_collapse
+    from collapse_sim.model import ModelConfig, init_params
+
+    with pytest.raises(UsageError, match="--max-len must be positive"):
+        check_collapse(0, 1.0, "bf16", "emulated")
+    fmts = check_collapse(20, 1.0, "bf16", "emulated")
+    params = init_params(ModelConfig(d=8, n_layers=1, vocab=8, pe="none"))
+    with pytest.raises(UsageError, match="exceeds --mem-limit"):
+        run_collapse(params, "ones", 20, fmts, tmp_path / "refused", mem_limit_gib=2.0**-30)
+    assert not (tmp_path / "refused").exists()
+    said: list[str] = []
+    run = run_collapse(params, "ones", 20, fmts, tmp_path / "c", log=said.append)
+    assert [f.name for f in run.files] == ["collapse.csv", "collapse.json", "collapse.png"]
+    assert all(f.exists() for f in run.files) and said[0].startswith("[collapse] estimated time: ")
+    (r,) = run.results
+    with run.files[0].open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(row["n"]) for row in rows] == r.ns.tolist() == list(range(1, 21))
+    assert [float(row["dist_l1"]) for row in rows] == r.l1.tolist()
+    assert all(row["exact_equal"] == "True" for row in rows)
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--family", "ones", "--max-len", "0"], "--max-len must be positive"),
     (["--family", "ones", "--max-len", "10", "--format", "bf17"], "unknown format"),

@@ -81,10 +81,10 @@ def test_ml_dtypes_float64_cast_per_version():
 def test_report_rounding_table_says_what_installed_ml_dtypes_does():
     """The report's ml_dtypes column is measured on the installed version and names it, and its closing
     sentence names the rows where ml_dtypes departs from the correctly rounded value (none, or only those)."""
-    from collapse_sim.report import ROUNDING_CASES, _section_rounding
+    from collapse_sim.report.basics import ROUNDING_CASES, section_rounding
 
     lines: list[str] = []
-    _section_rounding(lines)
+    section_rounding(lines)
     text = "\n".join(lines)
     assert f"ml_dtypes {ml_dtypes.__version__} cast from f64" in text
     rows = [ln.split("|")[1:-1] for ln in lines if ln.startswith("| ") and ("(ok)" in ln or "(MISMATCH)" in ln)]

@@ -14,6 +14,11 @@ and its first n below the line.
 binary64 already are); ``caption_table(fmt="bf16")`` (or fp16, e4m3fn, any format)
 measures the same rows on the emulated backend, each op rounded to the format, where
 the pairs also become bitwise identical (``first_identical`` per seed).
+
+``report_rows(ctx)`` measures every row once for a report (float64 mean of three
+seeds, each emulated format with its signal-below-noise records, the 256-bit
+reference at small n); ``compare(ctx, labels, experiment)`` adds their rows to the
+report's comparison with the paper.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ import time
 
 import numpy as np
 
-from ..backends import backend_for_format
+from ..backends import backend_for_format, make_backend
 from ..model import gaussian_config, init_params
 from .collapse import collapse_sweep
-from .fits import N_MIN, PAPER_LINE, decay_fit, first_below
+from .fits import N_MIN, PAPER_LINE, Decay, decay_fit, first_below
+from .noise import noise_of
+from .paper import BUCKET, PAPER_READING, REF, Context, _log, ref_agreement
 
 ROWS: tuple[tuple[str, dict], ...] = (
     ("no PE", dict(pe="none")),
@@ -135,3 +142,53 @@ def format_table(rows: list[CaptionRow]) -> str:
         out.append(f"| {r.label} | {r.fmt} | {r.coefficient:.3g}·n^{r.exponent:+.2f} ({r.fit_window[0]}..{r.fit_window[1]}) "
                    f"| {cross} | {below} | {ident} | {share} | {r.n_max:,} |")
     return "\n".join(out)
+
+
+# --- the report's captions' rows ----------------------------------------------------------------
+CAPTION_SEEDS = (0, 1, 2)
+FIG8_ROWS = ("sinusoidal on keys", "sinusoidal on queries and keys")  # the caption: sinusoidal, placement unsaid
+D = 64
+
+
+def report_rows(ctx: Context) -> dict:
+    """Every caption row, computed once per report: ``{label: {"fp64": CaptionRow, fmt: CaptionRow,
+    "noise": {fmt: [SignalNoise per seed]}, "ref_agree": float | None}}``."""
+    if "captions" in ctx.findings:
+        return ctx.findings["captions"]
+    sz = ctx.sizes
+    out = {}
+    for label, setup in ROWS:
+        f64 = caption_row(label, setup, n_max=sz.caption_n, seeds=CAPTION_SEEDS, d=D, keep_runs=True)
+        row = {"fp64": f64, "noise": {}}
+        fseeds = CAPTION_SEEDS[:sz.caption_fmt_seeds]
+        for fmt in sz.caption_formats:
+            r = caption_row(label, setup, n_max=sz.caption_fmt_n, seeds=fseeds, d=D, fmt=fmt, backend=sz.backend,
+                            keep_runs=True, bucket=BUCKET)
+            row[fmt] = r
+            row["noise"][fmt] = [noise_of(f, e, fmt) for f, e in zip(f64.runs, r.runs)]
+            _log(f"captions' model, {label} / {fmt}: n ≤ {sz.caption_fmt_n:,}, {len(fseeds)} seed(s) in {r.seconds:.1f} s")
+        row["ref_agree"] = None
+        if sz.caption_ref_n:
+            params = init_params(gaussian_config(D, seed=CAPTION_SEEDS[0], **setup))
+            ref = collapse_sweep(params, "repeat_last", sz.caption_ref_n, make_backend("interval", REF), REF,
+                                 seed=CAPTION_SEEDS[0])
+            row["ref_agree"] = ref_agreement({"fp64": f64.runs[0], REF: ref})
+        for r in [f64, *(row[f] for f in sz.caption_formats)]:
+            for run in r.runs:  # the outputs served the noise records; keep the distances only
+                run.outputs = None
+        _log(f"captions' model, {label}: float64 n ≤ {sz.caption_n:,}, {len(CAPTION_SEEDS)} seeds in {f64.seconds:.1f} s")
+        out[label] = row
+    ctx.findings["captions"] = out
+    return out
+
+
+def compare(ctx: Context, labels, experiment: str) -> None:
+    """Add the rows ``labels`` of :func:`report_rows` to the comparison with the paper as ``experiment``."""
+    data = report_rows(ctx)
+    for label in labels:
+        row, f = data[label], data[label]["fp64"]
+        ctx.comparison.append(dict(
+            experiment=experiment, setup=f"captions' model: {label}", paper=PAPER_READING.get(experiment, "—"),
+            n_max=f.n_max, cross_l1=f.first_below, cross_linf=None, fit=Decay(f.exponent, f.coefficient),
+            bf16_first=(min((v for v in row["bf16"].first_identical if v), default=None) if "bf16" in row else None),
+            bf16_from=None, bf16_floor=None))

@@ -1,14 +1,20 @@
-"""Where do distinct inputs become identical? The collapse sweep's summary and memory.
+"""Where do distinct inputs become identical? The ``collapse`` experiment, its summary and memory.
 
-The sweep itself (:func:`collapse_sweep`, :class:`CollapseResult`, :func:`pair_outputs`)
-lives in :mod:`collapse_sim.pairing`, below the theory checks that use it too; its
-names are imported here as well.
+:func:`run_collapse` is the whole ``collapse-sim collapse`` run without argparse: memory
+and time estimates, one sweep per format, ``collapse.csv``, ``collapse.json`` and
+``collapse.png``. The sweep itself (:func:`collapse_sweep`, :class:`CollapseResult`,
+:func:`pair_outputs`) lives in :mod:`collapse_sim.pairing`, below the theory checks that
+use it too; its names are imported here as well.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import numpy as np
 
+from ..errors import UsageError
 from ..pairing import (CollapseResult, collapse_sweep, exactly_equal, first_collapse,  # noqa: F401  (imported from here too)
                        pad_stream, pair_outputs)
 
@@ -71,3 +77,112 @@ def memory_estimate(config, max_len: int, sep: int | None = None) -> int:
     return rows * per_row + weights + 8 * (1 << 21) * 12
 
 
+
+
+def write_csv(path: "str | Path", rows: list[dict]) -> Path:
+    """``rows`` (dicts with the same keys) as CSV at ``path``, written atomically (a temporary
+    file renamed into place)."""
+    import csv
+
+    path = Path(path)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+    return path
+
+
+#: Longest run the reference backend takes: it is O(N^2 d) Python arithmetic.
+REFERENCE_MAX_LEN = 128
+
+
+def check_collapse(max_len: int, mem_limit_gib: float, formats: str, backend: str) -> list:
+    """The run's lengths, memory limit and formats (``formats``: comma-separated names), checked
+    before any model is built; returns the parsed formats."""
+    from ..formats import NUMPY_DTYPES, parse_list
+
+    if max_len <= 0:
+        raise UsageError(f"--max-len must be positive, got {max_len}")
+    if not mem_limit_gib > 0:
+        raise UsageError(f"--mem-limit must be a positive number of GiB, got {mem_limit_gib}")
+    fmts = parse_list(formats)
+    if backend == "native":
+        for f in fmts:
+            if f.name not in NUMPY_DTYPES:
+                raise UsageError(f"format {f.name} has no native JAX dtype; run it with --backend emulated or reference")
+    return fmts
+
+
+@dataclasses.dataclass
+class CollapseRun:
+    """What :func:`run_collapse` measured and wrote."""
+
+    results: list  # one CollapseResult per format, in the order given
+    compiled: object  # the XLA compilations during the runs (collapse_sim.compilation)
+    files: tuple[Path, ...]  # collapse.csv, collapse.json, collapse.png
+
+
+def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend: str = "emulated",
+                 order: str = "pairwise", shard: bool = False, sep: int | None = None, seed: int = 0,
+                 mem_limit_gib: float = 8.0, time_limit_s: float = 3600.0, weights: str | None = None,
+                 log=None) -> CollapseRun:
+    """The ``collapse`` experiment: the pairs of ``family`` for n = 1..max_len through ``params``
+    in every format of ``fmts`` (from :func:`check_collapse`) on ``backend``, refused in one
+    sentence if its memory or time estimate exceeds the limits; writes collapse.csv,
+    collapse.json and collapse.png into ``out`` (a folder already checked with
+    :func:`collapse_sim.results.check_output_dir`). ``log`` prints the progress lines."""
+    import json
+
+    from ..backends import backend_for_format
+    from ..compilation import snapshot
+    from ..families import make_pairs
+    from ..formats import format_token
+    from ..model import token_bound
+    from ..plots import plot_collapse
+    from ..progress import stage
+    from ..results import provenance
+    from . import estimate
+
+    log = log or (lambda m: print(m, flush=True))
+    pairs = make_pairs(family, max_len, token_bound(params.config), seed=seed, sep=sep)
+    c = params.config
+    est = memory_estimate(c, max_len, sep)
+    if est > mem_limit_gib * 2**30:
+        raise UsageError(f"estimated memory {est / 2**30:.1f} GiB exceeds --mem-limit {mem_limit_gib} GiB; lower --max-len")
+    if backend == "reference" and max_len > REFERENCE_MAX_LEN:
+        raise UsageError(f"the reference backend is O(N^2 d) Python arithmetic; use --max-len <= {REFERENCE_MAX_LEN} with it")
+    if shard:
+        import jax
+
+        if backend != "emulated":
+            raise UsageError("--shard applies to the emulated backend only")
+        if jax.device_count() < 2:
+            raise UsageError("--shard needs more than one JAX device; on CPU set "
+                             "XLA_FLAGS=--xla_force_host_platform_device_count=K before starting")
+    backends = [(backend_for_format(backend, format_token(f), order, shard=shard), f.name) for f in fmts]
+    if not time_limit_s > 0:
+        raise UsageError(f"--time-limit must be a positive number of seconds, got {time_limit_s}")
+    per_format = [estimate.seconds(c, pairs, be.kind, order) for be, _ in backends]
+    est = sum(per_format, estimate.Estimate(0.0, 0.0, 0))
+    estimate.check(est, time_limit_s, f"this collapse run ({len(fmts)} format{'s' * (len(fmts) != 1)}, n <= {max_len})")
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"[collapse] estimated time: {est.describe()}")
+    before = snapshot()
+    results = []
+    for (be, fname), fest in zip(backends, per_format):
+        how = be.kind + (f", {order} order" if be.kind in ("emulated", "reference") else "")
+        with stage("[collapse]", f"{fname} ({how}): family {family}, n = 1..{max_len}", estimate=fest.total):
+            r = collapse_sweep(params, family, max_len, be, fname, seed=seed, sep=sep,
+                               progress=lambda m: log(f"[collapse]   {m.split(': ', 1)[-1]}"))
+        results.append(r)
+    compiled = snapshot().since(before)
+    files = (out / "collapse.csv", out / "collapse.json", out / "collapse.png")
+    write_csv(files[0], [row for r in results for row in r.rows()])
+    meta = {"provenance": provenance(), "config": dataclasses.asdict(c), "family": family, "sep": sep,
+            "max_len": max_len, "backends": [be.describe() for be, _ in backends], "seed": seed,
+            "weights": weights, "compilation": compiled.as_dict()}  # the cache in use: in provenance
+    files[1].write_text(json.dumps(meta, indent=1, default=str))
+    plot_collapse(results, files[2], title=f"{family}, pe={c.pe}, d={c.d}, L={c.n_layers}")
+    return CollapseRun(results, compiled, files)

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
-from .fits import N_MIN
-from .paper import FIG10_SETUPS, FIG8_SETUPS, REF, Context, _median_top, _model, remedies
+from ..experiments.fits import N_MIN, PAPER_LINE, first_below
+from ..experiments.paper import FIG8_SETUPS, Context, median_top, noise_table, remedies, run_theorems
+from .figures import exact_zero
 
 VERDICT_MARK = "<!-- verdict table -->"
 REPRODUCED, PARTLY, NOT_REPRODUCED, UNTESTABLE = "reproduced", "partly", "not reproduced", "not testable here"
@@ -28,14 +27,18 @@ SAME_ORDER = 2.0
 #: Separators "work" if they turn an exact-arithmetic tie (or a rounding-level distance) into a distance
 #: at least this many times larger: far above any rounding noise of float64 (2^-53 ≈ 1e-16).
 SEPARATOR_GAIN = 1e6
+#: A baseline distance below this is 0 for the separators' ratio (float64's smallest normal is 2.2e-308).
+ZERO_DISTANCE = 1e-300
+#: The paper's Fig. 8 reading, and its Fig. 9 and Fig. 10 ranges (the text's "n ≈ ..."), for the verdicts.
+PAPER_FIG8_N = 500
+PAPER_FIG9_N = (2400, 2500)
+PAPER_FIG10_N = (800, 1000)
 
-THM42_SETUPS = [("no positions", dict(pe="none")), ("ALiBi", dict(pe="alibi")), ("RoPE", dict(pe="rope")),
-                ("sinusoidal APE (residual)", dict(pe="sinusoidal", ape="residual")),
-                ("sinusoidal APE (q/k only)", dict(pe="sinusoidal", ape="scores"))]
 
-CAPTION_THM42_SETUPS = [("no positions", dict(pe="none")), ("RoPE", dict(pe="rope")),
-                        ("sinusoidal on keys", dict(pe="sinusoidal", sin_at="keys")),
-                        ("ALiBi m = 2^-8", dict(pe="alibi", alibi_slope=2.0**-8))]
+def separators_work(without: float, with_commas: float) -> bool:
+    """Whether commas turn 1^n vs 1^(n+1) from a rounding-level (or exactly zero) float64 distance
+    ``without`` into a real one ``with_commas`` (:data:`SEPARATOR_GAIN`)."""
+    return with_commas > SEPARATOR_GAIN * max(without, ZERO_DISTANCE) or without == 0 < with_commas
 
 
 # --- signal below rounding noise ----------------------------------------------------------------
@@ -46,20 +49,7 @@ def _cell(sn) -> str:
     return f"{first:,}; all from {frm:,}" if frm else f"{first:,}; not all by {int(sn.ns[-1]):,}"
 
 
-def noise_table(ctx: Context) -> list[tuple[str, str, object]]:
-    """(run, format, SignalNoise) of every run that has one: the captions' rows (seed 0) and
-    the decoder runs (Figs. 8, 10, the families, the remedies)."""
-    rows = []
-    for label, row in ctx.findings.get("captions", {}).items():
-        for fmt, sns in row["noise"].items():
-            rows.append((f"captions' model: {label}", fmt, sns[0]))
-    for tag, by_fmt in ctx.noise.items():
-        for fmt, sn in by_fmt.items():
-            rows.append((tag, fmt, sn))
-    return rows
-
-
-def section_noise(ctx: Context, lines: list[str]) -> None:
+def noise(ctx: Context, lines: list[str]) -> None:
     lines += ["## Signal below rounding noise", "",
               "Three criteria for *collapse*: the paper's (the exact distance falls below the line 2^-7), bitwise identity "
               "of the two outputs in the format, and this one: the exact distance s_n = ‖y_n − y*_(n+1)‖₁ is at or below "
@@ -77,53 +67,33 @@ def section_noise(ctx: Context, lines: list[str]) -> None:
 
 
 # --- theorems -----------------------------------------------------------------------------------
-def section_theorems(ctx: Context, lines: list[str]) -> None:
-    from ..model import gaussian_config, init_params
-    from ..theory.collapse import thm42_table
-    from .theorems import run_all
+def _thm42_rows(setup: str, rows: list[dict]) -> list[str]:
+    return [f"| {setup} | {r['n']} | {r['observed']:.3g} | {r['bound']:.3g} | {r['ratio']:.3g} | "
+            f"{'met' if r['hypothesis_met'] else 'not met: ' + r['hypothesis']} |" for r in rows]
 
-    q = ctx.quick
-    inst = {"cheap": 8 if q else 30, "model": 3 if q else 10}
-    if ctx.sizes.fig8_n < 200:  # toy sizes
-        inst = {"cheap": 2, "model": 1}
-    runs = run_all(inst, max_n=8 if q else 16, seed=0)
-    ctx.findings["theorems"] = {r.name: r for r in runs}
+
+def theorems(ctx: Context, lines: list[str]) -> None:
+    t = run_theorems(ctx)
     lines += ["## Theorems: each bound beside the quantity it bounds", "",
               "Each statement checked on random instances (edge cases first) as `collapse-sim theorem NAME` does; "
               "model quantities measured in the 256-bit reference (proofs/ has the statements as corrected here).", "",
               "| statement | instances | checks | failed | largest observed/bound |", "|---|---|---|---|---|"]
-    for r in runs:
+    for r in t.runs:
         worst = "—" if math.isnan(r.worst) else f"{r.worst:.3g}"
         lines.append(f"| {r.title} | {r.instances} | {r.checks} | {len(r.failed) or 0} | {worst} |")
     lines.append("")
-    ns = [n for n in (4, 16, 64, 256) if n <= (64 if q else 256) and n <= max(ctx.sizes.fig8_n, 4)]
-    d = 64 if ctx.sizes.fig8_n >= 200 else 8
-    lines += [f"### Thm 4.2: the explicit bound beside the measured distance (d = {d}, one layer)", "",
+    head = ["| setup | n | observed | bound | observed/bound | hypothesis |", "|---|---|---|---|---|---|"]
+    lines += [f"### Thm 4.2: the explicit bound beside the measured distance (d = {t.d}, one layer)", "",
               "‖y_n − y*_(n+1)‖₂ in 256-bit arithmetic against the layer-wise bound of proofs/thm42_collapse.md. "
               "A bound that cannot become small is no check of collapse: the last column says when the model is "
               "outside the theorem's hypothesis (positional information that decays with distance).", "",
-              "The decoder (seed 0, random tokens):", "",
-              "| setup | n | observed | bound | observed/bound | hypothesis |", "|---|---|---|---|---|---|"]
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 16, max(ns))
-    table = {}
-    for setup, over in THM42_SETUPS:
-        params = _model(d=d, **over)
-        rows = thm42_table(params, tokens, ns)
-        table[setup] = rows
-        for r in rows:
-            lines.append(f"| {setup} | {r['n']} | {r['observed']:.3g} | {r['bound']:.3g} | {r['ratio']:.3g} | "
-                         f"{'met' if r['hypothesis_met'] else 'not met: ' + r['hypothesis']} |")
-    ctx.findings["thm42_table"] = table
-    lines += ["", f"The captions' Gaussian model (d = {d}, seed 0, fresh ids 0..n−1; proofs/thm42_collapse.md, "
-              "\"Gaussian model\"):", "",
-              "| setup | n | observed | bound | observed/bound | hypothesis |", "|---|---|---|---|---|---|"]
-    for setup, over in CAPTION_THM42_SETUPS:
-        rows = thm42_table(init_params(gaussian_config(d, seed=0, **over)), np.arange(max(ns)), ns)
-        table[f"captions' model: {setup}"] = rows
-        for r in rows:
-            lines.append(f"| {setup} | {r['n']} | {r['observed']:.3g} | {r['bound']:.3g} | {r['ratio']:.3g} | "
-                         f"{'met' if r['hypothesis_met'] else 'not met: ' + r['hypothesis']} |")
+              "The decoder (seed 0, random tokens):", "", *head]
+    for setup, rows in t.decoder.items():
+        lines += _thm42_rows(setup, rows)
+    lines += ["", f"The captions' Gaussian model (d = {t.d}, seed 0, fresh ids 0..n−1; proofs/thm42_collapse.md, "
+              "\"Gaussian model\"):", "", *head]
+    for setup, rows in t.captions.items():
+        lines += _thm42_rows(setup, rows)
     lines.append("")
 
 
@@ -138,6 +108,15 @@ def _word_for_crossing(best: float | None, lo: float, hi: float) -> str:
     if best is not None and lo / SAME_ORDER <= best <= hi * SAME_ORDER:
         return PARTLY
     return NOT_REPRODUCED
+
+
+def fig9_word(fig9) -> str:
+    """Fig. 9's verdict: every seed's float64 δ crosses 2^-7 within :data:`SAME_READING` of the
+    paper's 2,400–2,500; some seed crosses elsewhere: partly; none crosses: not reproduced."""
+    bf = [c.get("bf16") for c in fig9.cross]
+    if all(bf) and all(_within(b, *PAPER_FIG9_N, SAME_READING) for b in (min(bf), max(bf))):
+        return REPRODUCED
+    return PARTLY if any(bf) else NOT_REPRODUCED
 
 
 def _crossing(row) -> float | None:
@@ -162,24 +141,21 @@ def verdicts(ctx: Context) -> list[tuple[str, str, str, str, str]]:
                     f"first below it: {_n(keys['fp64'].first_below)}), on q and k {_n(_crossing(qk))}")
         dec = [F[("fig8", ape)]["fp64"] for _, o in FIG8_SETUPS for ape in [o["ape"]] if ("fig8", ape) in F]
         if dec:
-            from .fits import PAPER_LINE, first_below
             measured += "; decoder variants: " + ", ".join(_n(first_below(r.ns, r.l1, PAPER_LINE)) for r in dec)
         out.append(("Fig. 8: v vs v* reaches the bf16 line", "n ≈ 500", measured,
-                    _word_for_crossing(best, 500, 500), "#fig-8-v-vs-v-last-token-repeated-sinusoidal-positions"))
+                    _word_for_crossing(best, PAPER_FIG8_N, PAPER_FIG8_N), "#fig-8-v-vs-v-last-token-repeated-sinusoidal-positions"))
     fig9 = F.get("fig9")
     if fig9 is not None:
-        bf = [c.get("bf16") for c in fig9["cross"]]
+        bf = [c.get("bf16") for c in fig9.cross]
         lo, hi = (min(b for b in bf if b), max(b for b in bf if b)) if any(bf) else (None, None)
-        word = REPRODUCED if (all(bf) and _within(lo, 2400, 2500, SAME_READING) and _within(hi, 2400, 2500, SAME_READING)) \
-            else (PARTLY if any(bf) else NOT_REPRODUCED)
         out.append(("Fig. 9: softmax δ reaches the bf16 line", "n ≈ 2,400–2,500; δ(500) ≈ 0.026",
-                    f"n = {_n(lo)}–{_n(hi)} over seeds; δ(500) = {fig9['at500'].min():.3f}–{fig9['at500'].max():.3f}"
-                    if fig9["at500"] is not None and lo else "—", word, "#fig-9-softmax-total-variation-with-the-first-k-200-entries-perturbed"))
+                    f"n = {_n(lo)}–{_n(hi)} over seeds; δ(500) = {fig9.at500.min():.3f}–{fig9.at500.max():.3f}"
+                    if fig9.at500 is not None and lo else "—", fig9_word(fig9), "#fig-9-softmax-total-variation-with-the-first-k-200-entries-perturbed"))
     if cap:
         schemes = {"no positions": ["no PE"], "RoPE": ["RoPE"],
                    "sinusoidal": ["sinusoidal on keys", "sinusoidal on queries and keys"],
                    "ALiBi": [k for k in cap if k.startswith("ALiBi")]}
-        hit = {s: [lab for lab in labs if _within(_crossing(cap[lab]), 800, 1000, SAME_READING)] for s, labs in schemes.items()}
+        hit = {s: [lab for lab in labs if _within(_crossing(cap[lab]), *PAPER_FIG10_N, SAME_READING)] for s, labs in schemes.items()}
         n_hit = sum(bool(v) for v in hit.values())
         word = REPRODUCED if n_hit == len(schemes) else (PARTLY if n_hit else NOT_REPRODUCED)
         measured = "; ".join(f"{lab}: {_n(_crossing(cap[lab]))}" for lab in cap)
@@ -188,7 +164,7 @@ def verdicts(ctx: Context) -> list[tuple[str, str, str, str, str]]:
     ones = [(s, F[("family", "ones", s)]) for s in ("no positions",) if ("family", "ones", s) in F]
     if ones:
         s, res = ones[0]
-        exact0 = REF in res and bool(np.all(res[REF].l1 < 2.0**-200))
+        exact0 = exact_zero(res)
         share = res["bf16"].identical_share(N_MIN) if "bf16" in res else float("nan")
         out.append(("Counting (Prop. B.9): 1^n and 1^(n+1) are identical without positions", "identical",
                     f"256-bit reference distance {'0 (below 2^-200) at every n' if exact0 else 'non-zero'}; bf16 bitwise "
@@ -203,15 +179,15 @@ def verdicts(ctx: Context) -> list[tuple[str, str, str, str, str]]:
                     REPRODUCED if found else NOT_REPRODUCED, "#copying-and-counting"))
     last = [F[k] for k in F if isinstance(k, tuple) and k[:2] == ("family", "last_copy")]
     out.append(("Copying: the last digit of 1…10 fails from length ~300", "Gemini 1.5 / Gemma 7B observations",
-                f"synthetic one-layer models: float64 median distance ≥ {min(_median_top(r['fp64']) for r in last):.2g}, "
+                f"synthetic one-layer models: float64 median distance ≥ {min(median_top(r['fp64']) for r in last):.2g}, "
                 "no collapse" if last else "—", UNTESTABLE, "#copying-and-counting"))
     rem = {k[1:]: v for k, v in F.items() if isinstance(k, tuple) and k[0] == "remedy"}
     if rem:
         names = [r[0] for r in remedies(ctx.sizes)]
         base, sep = names[0], names[1]
         if (base, "ones") in rem and (sep, "ones") in rem:
-            b, s = _median_top(rem[(base, "ones")]["fp64"]), _median_top(rem[(sep, "ones")]["fp64"])
-            ok = s > SEPARATOR_GAIN * max(b, 1e-300)
+            b, s = median_top(rem[(base, "ones")]["fp64"]), median_top(rem[(sep, "ones")]["fp64"])
+            ok = separators_work(b, s)
             out.append(("Remedy: separators (commas every 3 digits) keep counts apart", "commas keep ‖v − v*‖ ≈ 1.5 in Gemma",
                         f"1^n vs 1^(n+1), float64 median distance {b:.2g} without, {s:.2g} with commas",
                         REPRODUCED if ok else NOT_REPRODUCED, "#remedies"))

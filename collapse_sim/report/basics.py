@@ -1,22 +1,12 @@
-"""``collapse-sim reproduce``: run the checks and experiments, write a report.
-
-The report is a Markdown file with figures beside it, in ``--out``. Every
-section records how it was computed (backend, policy, versions, flags).
-"""
+"""The report's opening sections: the number formats, hard rounding cases, reduction orders."""
 
 from __future__ import annotations
 
-import json
-import os
-import time
-
 import numpy as np
 
-from .results import provenance
 
-
-def _section_formats(lines: list[str]) -> None:
-    from .formats import table_rows
+def section_formats(lines: list[str]) -> None:
+    from ..formats import table_rows
 
     lines += ["## Formats", "", "| name | p | emin | emax | u = 2^-p | max | min subnormal | overflow |",
               "|---|---|---|---|---|---|---|---|"]
@@ -52,11 +42,11 @@ def _same_value(a: float, b: float) -> bool:
     return a == b or (a != a and b != b)
 
 
-def _section_rounding(lines: list[str]) -> None:
+def section_rounding(lines: list[str]) -> None:
     import jax.numpy as jnp
     import ml_dtypes
 
-    from .rounding import round_to
+    from ..rounding import round_to
 
     ver = ml_dtypes.__version__
     lines += ["## Rounding: known hard cases", "",
@@ -82,10 +72,10 @@ def _section_rounding(lines: list[str]) -> None:
     lines.append("")
 
 
-def _section_sums(lines: list[str]) -> None:
+def section_sums(lines: list[str]) -> None:
     import jax.numpy as jnp
 
-    from .backends.emulated import Emulator
+    from ..backends.emulated import Emulator
 
     lines += ["## Reduction order: a bf16 sum of 10,000 ones", "",
               "| policy | result |", "|---|---|"]
@@ -96,50 +86,3 @@ def _section_sums(lines: list[str]) -> None:
         lines.append(f"| `{pol}` | {float(Emulator(pol).sum(ones)):g} |")
     lines += ["", "A sequential running sum stalls where the spacing of the format exceeds 2 "
               "(256 in bf16, 2048 in fp16): `256 + 1` is a tie and rounds to even.", ""]
-
-
-def reproduce(out: str = "collapse-report", quick: bool = False, sizes=None) -> int:
-    """Write ``out/report.md`` with its figures and ``collapse.csv``. ``sizes`` (an
-    :class:`collapse_sim.experiments.paper.Sizes`) overrides the quick/full sizes."""
-    from . import enable_x64
-    from .experiments.verdicts import VERDICT_MARK
-    from .results import check_output_dir
-
-    outdir = check_output_dir(out, writes=("report.md", "collapse.csv"))
-    enable_x64()
-    t0 = time.time()
-    outdir.mkdir(parents=True, exist_ok=True)
-    mode = "quick (smaller lengths and fewer formats; run without --quick for the full sizes)" if quick else "full"
-    lines = ["# collapse_sim report", "",
-             f"Mode: {mode if sizes is None else f'custom sizes, formats run on the {sizes.backend} backend'}.", "",
-             VERDICT_MARK,
-             "Contents: the verdict above; the number formats and their rounding; the paper's synthetic experiments",
-             "(Fig. 8, 9, 10: the captions' Gaussian model first, decoders as variants); the copying and counting",
-             "families; the remedies; where each format's signal sinks below its rounding noise; the theorems with",
-             "their bounds; first-collapse lengths next to the paper's readings; where we disagree with the paper and",
-             "why; provenance and wall time. *Emulated* means every operation rounded to the format as IEEE",
-             "arithmetic in that format would (docs/semantics.md); the reference is 256-bit arb ball arithmetic",
-             "(python-flint).", ""]
-    sections = [("formats", _section_formats), ("rounding", _section_rounding), ("sums", _section_sums)]
-    from . import experiments
-
-    sections += experiments.report_sections(quick, sizes)
-    from .compilation import cache_in_use, snapshot
-    from .progress import stage
-
-    before = snapshot()
-    for name, fn in sections:
-        with stage("[reproduce]", f"{name} ({time.time() - t0:.0f} s so far)"):
-            fn(lines) if name in ("formats", "rounding", "sums") else fn(lines, outdir)
-    wall = time.time() - t0
-    compiled = snapshot().since(before)
-    prov = provenance()
-    lines += ["## Provenance", "", "```json", json.dumps(prov, indent=1), "```", "",
-              f"Wall time ({'quick' if quick else 'full'} run): {wall:.1f} s ({wall / 60:.1f} min) on "
-              f"{os.cpu_count()} CPU cores, of which compiling: {compiled.describe()} "
-              f"(compilation cache: {cache_in_use() or 'off'}).", ""]
-    tmp = outdir / "report.md.tmp"
-    tmp.write_text("\n".join(lines))
-    tmp.replace(outdir / "report.md")
-    print(f"[reproduce] wrote {outdir / 'report.md'} in {wall:.1f} s; {compiled.describe()}")
-    return 0
