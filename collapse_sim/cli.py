@@ -99,7 +99,8 @@ def cmd_collapse(args) -> int:
                                          vocab=args.vocab, pe=args.pe, norm=norm, window=args.window, ape=args.ape,
                                          seed=args.seed, max_len=max(16384, 2 * args.max_len + 8),
                                          kind=args.model, qkv_var=args.qkv_var, sin_at=args.sin_at,
-                                         alibi_slope=args.alibi_slope, alibi_at=args.alibi_at))
+                                         alibi_slope=args.alibi_slope, alibi_at=args.alibi_at,
+                                         rope_fraction=args.rope_fraction, ssmax=args.ssmax, sink=args.sink))
     run = run_collapse(params, args.family, args.max_len, fmts, out, backend=args.backend, order=args.order,
                        shard=args.shard, sep=args.sep, seed=args.seed, mem_limit_gib=args.mem_limit,
                        time_limit_s=args.time_limit, weights=args.weights)
@@ -224,6 +225,46 @@ def cmd_oversquash(args) -> int:
     return 0
 
 
+def cmd_explain_native(args) -> int:
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from . import enable_x64
+    from .formats import parse_list
+    from .results import provenance
+
+    out = _check_out(args, "explain.json")
+    enable_x64()
+    if not 1 <= args.n <= 4096:
+        raise UsageError(f"--n must lie in 1..4096 (every intermediate of the forward is kept), got {args.n}")
+    fmts = [f.name for f in parse_list(args.format)]
+    for f in fmts:
+        if f not in ("bf16", "fp16"):
+            raise UsageError(f"explain-native explains bf16 and fp16 (the narrow native dtypes XLA computes in float32), got {f}")
+    params = _model_from_args(args, args.n)
+    toks = np.random.default_rng(args.seed).integers(0, params.config.vocab, args.n)
+    from .experiments.explain import explain
+    from .progress import stage
+
+    results = []
+    for f in fmts:
+        with stage("[explain-native]", f"native {f} against emulated {f}, n={args.n}, d={params.config.d}, "
+                                       f"L={params.config.n_layers}"):
+            ex = explain(params, toks, f)
+        print("\n".join(ex.lines()))
+        results.append({"format": f, "agree": ex.agree, "applied": ex.applied, "environment": ex.environment,
+                        "steps": [{"first_difference": s.tap, "entries": s.differing, "causes": s.causes,
+                                   "then": s.moved_to} for s in ex.steps]})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "explain.json").write_text(json.dumps({"provenance": provenance(), "n": args.n,
+                                                  "config": dataclasses.asdict(params.config), "results": results},
+                                                 indent=1, default=str))
+    print(f"wrote {out / 'explain.json'}")
+    return 0
+
+
 def cmd_scaling(args) -> int:
     from . import enable_x64
     from .families import NAMES
@@ -343,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ALiBi slope m for every head (default Press et al.'s 2^(-8h/H); 2^-8 for one head)")
     p.add_argument("--alibi-at", default="after", choices=["after", "before"],
                    help="ALiBi bias added after the 1/sqrt(d_h) scale (default), or before it (effective slope m/sqrt(d_h))")
+    p.add_argument("--rope-fraction", type=float, default=1.0,
+                   help="p-RoPE: the share of RoPE's frequency pairs that rotate, the highest first (default 1: RoPE)")
+    p.add_argument("--ssmax", type=float, default=None,
+                   help="Scalable-Softmax: multiply each query by s·ln(keys it sees) (default off)")
+    p.add_argument("--sink", action="store_true", help="start every sequence with a sink token")
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--heads", type=int, default=1)
@@ -381,6 +427,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None)
     p.add_argument("--out", default="oversquash-out")
     p.set_defaults(func=cmd_oversquash)
+
+    p = command("explain-native", help="why native bf16/fp16 differs from the format: first differing op and its cause")
+    p.add_argument("--format", default="bf16,fp16", help="bf16, fp16 or both (default)")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--pe", default="rope", choices=KINDS)
+    p.add_argument("--norm", default="layernorm", choices=["layernorm", "rmsnorm", "none"])
+    p.add_argument("--d", type=int, default=16)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--d-ff", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", default=None)
+    p.add_argument("--out", default="explain-out")
+    p.set_defaults(func=cmd_explain_native)
 
     p = command("scaling", help="first-collapse length against significand bits p: the scaling law")
     p.add_argument("--family", default="zero_ones", choices=NAMES)

@@ -69,10 +69,17 @@ class NativeBackend(JaxBackendBase):
         return x @ w
 
     def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None):
-        return _native_attention(q, k, v, jnp.asarray(qpos), scale, alibi, window, self_kv, self.dtype)
+        return _native_attention(q, k, v, jnp.asarray(qpos), scale, alibi, window, self_kv, self.dtype, self.div)
 
 
-def _native_attention(q, k, v, qpos, scale, alibi, window, self_kv, dtype):
+def _softmax(s, div):
+    """``jax.nn.softmax`` over the last axis (the same ops: exp(s − max) ÷ sum), with its one
+    division through ``div``, so a subclass can change how the division is compiled."""
+    e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
+    return div(e, jnp.broadcast_to(jnp.sum(e, axis=-1, keepdims=True), e.shape))
+
+
+def _native_attention(q, k, v, qpos, scale, alibi, window, self_kv, dtype, div=jnp.divide):
     nk = k.shape[0]
     if self_kv is not None:
         k = jnp.concatenate([k, jnp.zeros((1, k.shape[1]), k.dtype)])
@@ -93,7 +100,7 @@ def _native_attention(q, k, v, qpos, scale, alibi, window, self_kv, dtype):
         if window is not None:
             valid = valid & (cols[None, :] > pb[:, None] - window)
         s = jnp.where(valid, s, jnp.asarray(-jnp.inf, dtype))
-        a = jax.nn.softmax(s, axis=-1)
+        a = _softmax(s, div)
         if self_kv is None:
             return a @ v
         is_self = cols[None, :] == pb[:, None]
