@@ -110,8 +110,38 @@ def cell_path(out: "str | Path", key: str) -> Path:
     return Path(out) / "cells" / f"{key}.parquet"
 
 
+def write_atomic(path: "str | Path", write, *, text: bool = False) -> Path:
+    """Write ``path`` atomically: ``write(fh)`` fills a temporary file in the same folder,
+    which is flushed to disk and renamed into place, so a killed run leaves either the
+    whole file or the one before it, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w" if text else "wb", **({"newline": ""} if text else {})) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_csv(path: "str | Path", rows: list[dict]) -> Path:
+    """``rows`` (dicts with the same keys) as CSV at ``path``, written atomically."""
+    import csv
+
+    def write(fh):
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+    return write_atomic(path, write, text=True)
+
+
 def write_cell(out: "str | Path", key: str, frame, provenance: dict) -> Path:
-    """Write one cell atomically (temporary file, fsync, rename)."""
+    """Write one cell atomically (:func:`write_atomic`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -121,13 +151,7 @@ def write_cell(out: "str | Path", key: str, frame, provenance: dict) -> Path:
     meta = dict(table.schema.metadata or {})
     meta[b"collapse_sim.provenance"] = json.dumps(provenance, sort_keys=True, default=str).encode()
     table = table.replace_schema_metadata(meta)
-    tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        pq.write_table(table, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda fh: pq.write_table(table, fh))
 
 
 def done_keys(out: "str | Path") -> set[str]:
