@@ -257,10 +257,11 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from .report import reproduce
+    from .report import parse_only, reproduce
 
+    only = parse_only(args.only) if args.only is not None else None
     _check_out(args, "report.md")
-    return reproduce(out=args.out, quick=args.quick)
+    return reproduce(out=args.out, quick=args.quick, only=only, fresh=args.fresh)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -382,6 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("reproduce", help="run the checks and experiments and write a report")
     p.add_argument("--out", default="collapse-report", help="output directory (default: collapse-report)")
     p.add_argument("--quick", action="store_true", help="smaller sizes, a few minutes on 2 cores")
+    from .report import NAMES as SECTION_NAMES
+
+    p.add_argument("--only", default=None, metavar="NAMES",
+                   help=f"measure only these sections (comma-separated: {', '.join(SECTION_NAMES)}); the others come "
+                        "from earlier runs into --out, or are marked 'not run yet'")
+    p.add_argument("--fresh", action="store_true",
+                   help="measure again what earlier runs stored in --out/.runs (default: reuse it)")
     p.set_defaults(func=cmd_reproduce)
     return ap
 
