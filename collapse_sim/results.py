@@ -279,7 +279,7 @@ class UnitStore:
         return data
 
     def _read(self, path: Path):
-        with np.load(path, allow_pickle=False) as z:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:  # closed even when np.load fails
             return str(z["key"][()]), self._decode(json.loads(str(z["data"][()])), z)
 
     def _encode(self, x, arrays: list):
