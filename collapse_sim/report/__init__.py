@@ -123,7 +123,7 @@ def reproduce(out: str = "collapse-report", quick: bool = False, sizes=None, *, 
                 parts[name] = _not_run(name, heading, command)
                 log(f"{heading}: not run yet ({e} is not stored)")
     store.reuse_only = False
-    lines = head + formats + [ln for name in NAMES[:-1] for ln in parts[name]]
+    lines = head + formats + [ln for name in NAMES if name != "theorems" for ln in parts[name]]
     with stage("[reproduce]", f"comparison, signal below noise, verdicts (section {total} of {total})"):
         verdicts.noise(ctx, lines)
         lines += parts["theorems"]
