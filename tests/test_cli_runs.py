@@ -143,3 +143,17 @@ def test_collapse_shard_refused_on_one_device(tmp_path, capsys):
     out = tmp_path / "s"
     assert main(["collapse", "--family", "ones", "--max-len", "10", "--shard", "--out", str(out)]) == 2
     assert "more than one JAX device" in capsys.readouterr().err and not out.exists()
+
+
+def test_reproduce_flags_reach_the_report(tmp_path, monkeypatch):
+    """`reproduce --only fig10,fig8 --fresh` calls the report with those sections and fresh=True;
+    without the flags, every section and the stored units."""
+    import collapse_sim.report as report
+
+    calls = []
+    monkeypatch.setattr(report, "reproduce", lambda **kw: calls.append(kw) or 0)
+    out = str(tmp_path / "r")
+    assert main(["reproduce", "--only", "fig10, fig8", "--fresh", "--out", out]) == 0
+    assert main(["reproduce", "--quick", "--out", out]) == 0
+    assert calls == [dict(out=out, quick=False, only=["fig10", "fig8"], fresh=True),
+                     dict(out=out, quick=True, only=None, fresh=False)]
