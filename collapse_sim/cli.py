@@ -190,38 +190,15 @@ def _model_from_args(args, max_len: int):
 
 
 def cmd_oversquash(args) -> int:
-    import numpy as np
-
     from . import enable_x64
-    from .formats import parse_list
+    from .experiments.oversquash import check_oversquash, run_oversquash
 
     out = _check_out(args, "oversquash.csv", "oversquash.png")
     enable_x64()
-    if not 1 <= args.n <= 512:
-        raise UsageError(f"--n must lie in 1..512 (the Jacobian is n·d×d per format), got {args.n}")
-    fmts = [f.name for f in parse_list(args.format)]
-    for f in fmts:
-        if f not in ("fp64", "fp32", "bf16", "fp16"):
-            raise UsageError(f"format {f} cannot be differentiated natively; autodiff runs in fp64, fp32, bf16 or fp16")
-    params = _model_from_args(args, args.n)
-    toks = np.random.default_rng(args.seed).integers(0, params.config.vocab, args.n)
-    out.mkdir(parents=True, exist_ok=True)
-    from .experiments.collapse import write_csv
-    from .experiments.oversquash import oversquash_profile
-    from .plots import plot_oversquash
-
-    from .progress import stage
-
-    with stage("[oversquash]", f"n={args.n}, d={params.config.d}, L={params.config.n_layers}, formats {', '.join(fmts)}"):
-        r = oversquash_profile(params, toks, fmts, progress=lambda m: print(f"[oversquash]   {m}", flush=True))
-    write_csv(out / "oversquash.csv", r.rows())
-    plot_oversquash(r, out / "oversquash.png", title=f"n={args.n}, pe={params.config.pe}, L={params.config.n_layers}")
-    key = f"{fmts[0]} (frozen)"
-    prof = r.profiles[key]
-    print(f"{key}: first token {prof[0]:.4g}, middle {prof[args.n // 2]:.4g}, last {prof[-1]:.4g}; "
-          f"bound holds at every i: {bool(np.all(r.profiles['fp64 (frozen)'] <= r.bound * (1 + 1e-12)))}; "
-          f"largest observed/bound {np.max(r.profiles['fp64 (frozen)'] / r.bound):.4g}")
-    print(f"wrote {out / 'oversquash.csv'}, {out / 'oversquash.png'}")
+    fmts = check_oversquash(args.n, args.format)
+    run = run_oversquash(_model_from_args(args, args.n), args.n, fmts, out, seed=args.seed)
+    print(run.summary())
+    print(f"wrote {', '.join(str(f) for f in run.files)}")
     return 0
 
 
@@ -321,10 +298,11 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from .report import reproduce
+    from .report import parse_only, reproduce
 
+    only = parse_only(args.only) if args.only is not None else None
     _check_out(args, "report.md")
-    return reproduce(out=args.out, quick=args.quick)
+    return reproduce(out=args.out, quick=args.quick, only=only, fresh=args.fresh)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -466,6 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("reproduce", help="run the checks and experiments and write a report")
     p.add_argument("--out", default="collapse-report", help="output directory (default: collapse-report)")
     p.add_argument("--quick", action="store_true", help="smaller sizes, a few minutes on 2 cores")
+    from .report import NAMES as SECTION_NAMES
+
+    p.add_argument("--only", default=None, metavar="NAMES",
+                   help=f"measure only these sections (comma-separated: {', '.join(SECTION_NAMES)}); the others come "
+                        "from earlier runs into --out, or are marked 'not run yet'")
+    p.add_argument("--fresh", action="store_true",
+                   help="measure again what earlier runs stored in --out/.runs (default: reuse it)")
     p.set_defaults(func=cmd_reproduce)
     return ap
 

@@ -14,12 +14,16 @@ created by the check.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import platform
+import re
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from .errors import CollapseSimError
 
@@ -110,8 +114,38 @@ def cell_path(out: "str | Path", key: str) -> Path:
     return Path(out) / "cells" / f"{key}.parquet"
 
 
+def write_atomic(path: "str | Path", write, *, text: bool = False) -> Path:
+    """Write ``path`` atomically: ``write(fh)`` fills a temporary file in the same folder,
+    which is flushed to disk and renamed into place, so a killed run leaves either the
+    whole file or the one before it, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w" if text else "wb", **({"newline": ""} if text else {})) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_csv(path: "str | Path", rows: list[dict]) -> Path:
+    """``rows`` (dicts with the same keys) as CSV at ``path``, written atomically."""
+    import csv
+
+    def write(fh):
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+    return write_atomic(path, write, text=True)
+
+
 def write_cell(out: "str | Path", key: str, frame, provenance: dict) -> Path:
-    """Write one cell atomically (temporary file, fsync, rename)."""
+    """Write one cell atomically (:func:`write_atomic`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -121,13 +155,7 @@ def write_cell(out: "str | Path", key: str, frame, provenance: dict) -> Path:
     meta = dict(table.schema.metadata or {})
     meta[b"collapse_sim.provenance"] = json.dumps(provenance, sort_keys=True, default=str).encode()
     table = table.replace_schema_metadata(meta)
-    tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        pq.write_table(table, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda fh: pq.write_table(table, fh))
 
 
 def done_keys(out: "str | Path") -> set[str]:
@@ -182,3 +210,109 @@ def provenance() -> dict:
         "compile_cache": cache_in_use(),
         "compilation_process_total": snapshot().as_dict(),
     }
+
+
+# --- stored units of a long run (``collapse-sim reproduce``) ------------------------------------
+class NotStored(Exception):
+    """A unit that a reuse-only store (:attr:`UnitStore.reuse_only`) does not hold for these inputs."""
+
+
+def _slug(unit: str) -> str:
+    """A unit's name as a file name: runs of other characters than letters, digits and ``.+=-`` become ``_``."""
+    return re.sub(r"[^A-Za-z0-9.+=-]+", "_", unit).strip("_")
+
+
+class UnitStore:
+    """The measured data of a long run, one file per unit under ``folder``, keyed by its inputs.
+
+    :meth:`get` returns the stored data of a unit when the file holds the same inputs (its
+    *key*: a JSON-able dict of everything that determines the data), else computes it and
+    writes it atomically (:func:`write_atomic`) before returning it. A file that cannot be
+    read, or holds other inputs, is never used: one progress line says so and the unit is
+    computed again. The key holds inputs only, not the code: after changing the code that
+    measures a unit, ``fresh=True`` ignores what is stored.
+
+    A unit file is ``<name>.npz`` (no pickles): the key and the data as JSON, the data's
+    arrays (and numpy scalars, as 0-d arrays) beside them. Data may nest dicts (any JSON-able
+    keys, tuples included), lists, tuples, str, int, float, bool, None, numpy arrays and
+    scalars, and dataclasses of the ``types`` given.
+    """
+
+    def __init__(self, folder: "str | Path", types=(), *, fresh: bool = False, log=None):
+        self.folder = Path(folder)
+        self.types = {t.__name__: t for t in types}
+        self.fresh = fresh
+        self.reuse_only = False  # True: a unit not stored raises NotStored instead of being computed
+        self.log = log or (lambda m: print(m, flush=True))
+        self._keys: dict[str, str] = {}  # file name -> key, in this process
+        self.reused = self.computed = 0  # units served from their files / measured, in this process
+
+    def path(self, unit: str) -> Path:
+        return self.folder / f"{_slug(unit)}.npz"
+
+    def get(self, unit: str, key: dict, compute):
+        canon = json.dumps(key, sort_keys=True, default=str)
+        path = self.path(unit)
+        if self._keys.setdefault(path.name, canon) != canon:
+            raise RuntimeError(f"two units of one run share the file {path.name}; name them apart")
+        if path.exists() and not (self.fresh and not self.reuse_only):
+            try:
+                stored, data = self._read(path)
+            except Exception as e:  # any damage: the unit is measured again, never half-read
+                why = f"unreadable ({type(e).__name__})"
+            else:
+                if stored == canon:
+                    self.log(f"{unit}: reused")
+                    self.reused += 1
+                    return data
+                why = "stored for other inputs"
+            self.log(f"{unit}: {path.name} is {why}; " + ("not used" if self.reuse_only else "recomputing"))
+        if self.reuse_only:
+            raise NotStored(unit)
+        data = compute()
+        self.computed += 1
+        self.folder.mkdir(parents=True, exist_ok=True)
+        arrays: list = []
+        tree = json.dumps(self._encode(data, arrays), allow_nan=True)
+        named = {f"a{i}": a for i, a in enumerate(arrays)}
+        write_atomic(path, lambda fh: np.savez(fh, key=np.array(canon), data=np.array(tree), **named))
+        return data
+
+    def _read(self, path: Path):
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:  # closed even when np.load fails
+            return str(z["key"][()]), self._decode(json.loads(str(z["data"][()])), z)
+
+    def _encode(self, x, arrays: list):
+        if isinstance(x, (np.ndarray, np.generic)):
+            if x.dtype.hasobject:
+                raise TypeError(f"cannot store an object array of shape {np.shape(x)}")
+            arrays.append(np.asarray(x))
+            return {"__a__": len(arrays) - 1, "scalar": isinstance(x, np.generic)}
+        if x is None or type(x) in (bool, int, float, str):
+            return x
+        if isinstance(x, list):
+            return [self._encode(v, arrays) for v in x]
+        if isinstance(x, tuple):
+            return {"__t__": [self._encode(v, arrays) for v in x]}
+        if isinstance(x, dict):
+            return {"__d__": [[self._encode(k, arrays), self._encode(v, arrays)] for k, v in x.items()]}
+        name = type(x).__name__
+        if dataclasses.is_dataclass(x) and self.types.get(name) is type(x):
+            return {"__c__": name, "fields": {f.name: self._encode(getattr(x, f.name), arrays)
+                                              for f in dataclasses.fields(x)}}
+        raise TypeError(f"cannot store a {type(x).__qualname__}; give its class in UnitStore(types=...)")
+
+    def _decode(self, t, z):
+        if isinstance(t, list):
+            return [self._decode(v, z) for v in t]
+        if not isinstance(t, dict):
+            return t
+        if "__a__" in t:
+            a = z[f"a{t['__a__']}"]
+            return a[()] if t["scalar"] else a
+        if "__t__" in t:
+            return tuple(self._decode(v, z) for v in t["__t__"])
+        if "__d__" in t:
+            return {self._decode(k, z): self._decode(v, z) for k, v in t["__d__"]}
+        cls = self.types[t["__c__"]]  # KeyError for a class this run does not store: unreadable
+        return cls(**{k: self._decode(v, z) for k, v in t["fields"].items()})

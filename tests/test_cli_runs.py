@@ -11,33 +11,6 @@ import pytest
 from collapse_sim.cli import main
 
 
-def test_reproduce_writes_report_with_verdict_and_figures(tmp_path):
-    """The whole report at toy sizes (every section, figure and table; seconds, not minutes)."""
-    from collapse_sim.experiments.paper import TINY
-    from collapse_sim.report import reproduce
-
-    out = tmp_path / "rep"
-    assert reproduce(str(out), quick=True, sizes=TINY) == 0
-    text = (out / "report.md").read_text()
-    sections = ["## Verdict", "## Formats", "## Rounding", "## Reduction order", "## Fig. 8", "### The captions' reading",
-                "### Decoder variants", "## Fig. 9", "## Fig. 10", "## Copying and counting", "## Remedies",
-                "## Signal below rounding noise", "## Theorems", "### Thm 4.2", "## First-collapse lengths",
-                "## Where we disagree", "## Provenance"]
-    at = [text.find(s) for s in sections]
-    assert all(i >= 0 for i in at) and at == sorted(at), dict(zip(sections, at))
-    assert text.index("## Verdict") < text.index("## Formats") < text.index("## Fig. 8")  # the verdict opens the report
-    verdict = text.split("## Verdict", 1)[1].split("\n## ", 1)[0]
-    rows = [ln for ln in verdict.splitlines() if ln.startswith("| [")]
-    words = {"reproduced", "partly", "not reproduced", "not testable here"}
-    assert len(rows) >= 10 and all(ln.rsplit("|", 2)[1].strip().strip("*") in words for ln in rows), rows
-    for claim in ("Fig. 8", "Fig. 9", "Fig. 10", "Counting", "Copying", "Remedy", "Thm 4.2", "Thm 5.1", "B.4", "B.8", "B.9"):
-        assert any(claim in ln for ln in rows), claim
-    figs = [line.rsplit("](", 1)[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
-    assert figs and all((out / f).exists() for f in figs)
-    assert "fig8_captions.png" in figs and "fig10_captions.png" in figs
-    assert "MISMATCH" not in text and "<!--" not in text
-
-
 def test_quick_sizes_reach_past_the_papers_crossings():
     """Quick mode must not read "not by 600" where the paper crosses at 800-1,000: Figs. 8 and 10 run to n >= 1,500
     in every model (captions' float64 and emulated rows, decoder variants)."""
@@ -170,3 +143,17 @@ def test_collapse_shard_refused_on_one_device(tmp_path, capsys):
     out = tmp_path / "s"
     assert main(["collapse", "--family", "ones", "--max-len", "10", "--shard", "--out", str(out)]) == 2
     assert "more than one JAX device" in capsys.readouterr().err and not out.exists()
+
+
+def test_reproduce_flags_reach_the_report(tmp_path, monkeypatch):
+    """`reproduce --only fig10,fig8 --fresh` calls the report with those sections and fresh=True;
+    without the flags, every section and the stored units."""
+    import collapse_sim.report as report
+
+    calls = []
+    monkeypatch.setattr(report, "reproduce", lambda **kw: calls.append(kw) or 0)
+    out = str(tmp_path / "r")
+    assert main(["reproduce", "--only", "fig10, fig8", "--fresh", "--out", out]) == 0
+    assert main(["reproduce", "--quick", "--out", out]) == 0
+    assert calls == [dict(out=out, quick=False, only=["fig10", "fig8"], fresh=True),
+                     dict(out=out, quick=True, only=None, fresh=False)]

@@ -100,6 +100,8 @@ CLI_CASES = [
     (["oversquash", "--format", "fp32,p=5,emax=15"], "write 'fp32,(p=5,emax=15)'"),
     (["scaling", "--p", "4..30"], "carrier"),
     (["scaling", "--p", "x"], "--p must look like 4..16"),
+    (["reproduce", "--only", "fig8,nope"], "--only takes section names from rounding, sums, fig8"),
+    (["reproduce", "--only", ""], "got ''"),
     (["sweep", "missing-spec.json"], "cannot read sweep spec"),
     (["sweep", "spec.json", "--executor", "dask"], "needs --scheduler"),
     (["collapse", "--family", "repeat_last", "--max-len", "4000", "--time-limit", "10"],

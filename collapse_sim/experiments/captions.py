@@ -24,6 +24,7 @@ report's comparison with the paper.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import numpy as np
@@ -33,7 +34,7 @@ from ..model import gaussian_config, init_params
 from .collapse import collapse_sweep
 from .fits import N_MIN, PAPER_LINE, Decay, decay_fit, first_below
 from .noise import noise_of
-from .paper import BUCKET, PAPER_READING, REF, Context, _log, ref_agreement
+from .paper import BUCKET, PAPER_READING, REF, Context, log, ref_agreement, without_outputs
 
 ROWS: tuple[tuple[str, dict], ...] = (
     ("no PE", dict(pe="none")),
@@ -152,34 +153,57 @@ D = 64
 
 def report_rows(ctx: Context) -> dict:
     """Every caption row, computed once per report: ``{label: {"fp64": CaptionRow, fmt: CaptionRow,
-    "noise": {fmt: [SignalNoise per seed]}, "ref_agree": float | None}}``."""
+    "noise": {fmt: [SignalNoise per seed]}, "ref_agree": float | None}}``. Each (row, backend)
+    is one stored unit (:meth:`collapse_sim.experiments.paper.Context.stored`); a format's unit
+    holds its signal-below-noise records too."""
     if "captions" in ctx.findings:
         return ctx.findings["captions"]
     sz = ctx.sizes
+    fseeds = CAPTION_SEEDS[:sz.caption_fmt_seeds]
     out = {}
     for label, setup in ROWS:
-        f64 = caption_row(label, setup, n_max=sz.caption_n, seeds=CAPTION_SEEDS, d=D, keep_runs=True)
-        row = {"fp64": f64, "noise": {}}
-        fseeds = CAPTION_SEEDS[:sz.caption_fmt_seeds]
-        for fmt in sz.caption_formats:
+        inputs = dict(label=label, setup=setup, d=D)
+
+        def f64_measure(label=label, setup=setup):
+            r = caption_row(label, setup, n_max=sz.caption_n, seeds=CAPTION_SEEDS, d=D, keep_runs=True)
+            log(f"captions' model, {label}: float64 n ≤ {sz.caption_n:,}, {len(CAPTION_SEEDS)} seeds in {r.seconds:.1f} s")
+            return r
+
+        f64_full = functools.cache(f64_measure)
+
+        def measure(fmt, label=label, setup=setup, f64_full=f64_full):
             r = caption_row(label, setup, n_max=sz.caption_fmt_n, seeds=fseeds, d=D, fmt=fmt, backend=sz.backend,
                             keep_runs=True, bucket=BUCKET)
-            row[fmt] = r
-            row["noise"][fmt] = [noise_of(f, e, fmt) for f, e in zip(f64.runs, r.runs)]
-            _log(f"captions' model, {label} / {fmt}: n ≤ {sz.caption_fmt_n:,}, {len(fseeds)} seed(s) in {r.seconds:.1f} s")
+            log(f"captions' model, {label} / {fmt}: n ≤ {sz.caption_fmt_n:,}, {len(fseeds)} seed(s) in {r.seconds:.1f} s")
+            return _without_outputs(r), [noise_of(f, e, fmt) for f, e in zip(f64_full().runs, r.runs)]
+
+        row = {"fp64": ctx.stored(f"captions' model, {label} / fp64",
+                                  dict(inputs, n=sz.caption_n, seeds=CAPTION_SEEDS, backend="native:fp64"),
+                                  lambda f64_full=f64_full: _without_outputs(f64_full())),
+               "noise": {}}
+        for fmt in sz.caption_formats:
+            row[fmt], row["noise"][fmt] = ctx.stored(
+                f"captions' model, {label} / {fmt}",
+                dict(inputs, n=sz.caption_fmt_n, seeds=fseeds, backend=f"{sz.backend}:{fmt}", bucket=BUCKET),
+                lambda fmt=fmt, measure=measure: measure(fmt))
         row["ref_agree"] = None
         if sz.caption_ref_n:
-            params = init_params(gaussian_config(D, seed=CAPTION_SEEDS[0], **setup))
-            ref = collapse_sweep(params, "repeat_last", sz.caption_ref_n, make_backend("interval", REF), REF,
-                                 seed=CAPTION_SEEDS[0])
-            row["ref_agree"] = ref_agreement({"fp64": f64.runs[0], REF: ref})
-        for r in [f64, *(row[f] for f in sz.caption_formats)]:
-            for run in r.runs:  # the outputs served the noise records; keep the distances only
-                run.outputs = None
-        _log(f"captions' model, {label}: float64 n ≤ {sz.caption_n:,}, {len(CAPTION_SEEDS)} seeds in {f64.seconds:.1f} s")
+            def ref_sweep(setup=setup):
+                params = init_params(gaussian_config(D, seed=CAPTION_SEEDS[0], **setup))
+                return collapse_sweep(params, "repeat_last", sz.caption_ref_n, make_backend("interval", REF), REF,
+                                      seed=CAPTION_SEEDS[0])
+
+            ref = ctx.stored(f"captions' model, {label} / {REF}",
+                             dict(inputs, n=sz.caption_ref_n, seed=CAPTION_SEEDS[0], backend=f"interval:{REF}"), ref_sweep)
+            row["ref_agree"] = ref_agreement({"fp64": row["fp64"].runs[0], REF: ref})
         out[label] = row
     ctx.findings["captions"] = out
     return out
+
+
+def _without_outputs(r: CaptionRow) -> CaptionRow:
+    """The row with its seeds' runs kept without their pair outputs (they served the noise records)."""
+    return dataclasses.replace(r, runs=tuple(without_outputs(run) for run in r.runs))
 
 
 def compare(ctx: Context, labels, experiment: str) -> None:

@@ -77,23 +77,6 @@ def memory_estimate(config, max_len: int, sep: int | None = None) -> int:
     return rows * per_row + weights + 8 * (1 << 21) * 12
 
 
-
-
-def write_csv(path: "str | Path", rows: list[dict]) -> Path:
-    """``rows`` (dicts with the same keys) as CSV at ``path``, written atomically (a temporary
-    file renamed into place)."""
-    import csv
-
-    path = Path(path)
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
-    return path
-
-
 #: Longest run the reference backend takes: it is O(N^2 d) Python arithmetic.
 REFERENCE_MAX_LEN = 128
 
@@ -142,7 +125,7 @@ def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend:
     from ..model import token_bound
     from ..plots import plot_collapse
     from ..progress import stage
-    from ..results import provenance
+    from ..results import provenance, write_csv
     from . import estimate
 
     log = log or (lambda m: print(m, flush=True))

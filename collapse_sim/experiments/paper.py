@@ -21,6 +21,7 @@ records); :mod:`collapse_sim.report` turns that into Markdown and figures.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import numpy as np
@@ -28,6 +29,7 @@ import numpy as np
 from ..backends import make_backend
 from ..model import ModelConfig, init_params
 from ..policy import Policy
+from ..results import UnitStore
 from .collapse import CollapseResult, collapse_sweep
 from .fits import N_MIN, PAPER_LINE, Decay, decay_fit, eps, first_below  # noqa: F401  (Decay, eps: public here too)
 from .noise import noise_of
@@ -85,6 +87,15 @@ TINY = Sizes(formats=("bf16",), fig8_formats=("bf16",), fig10_formats=("bf16",),
              window=8, caption_n=64, caption_fmt_n=48, caption_formats=("bf16",), caption_fmt_seeds=1, caption_ref_n=8,
              seeds=2, backend="native", thm_instances=(2, 1), thm42_d=8, thm42_n=16)
 
+def unit_types() -> tuple[type, ...]:
+    """The dataclasses the report's stored units hold (:class:`collapse_sim.results.UnitStore`)."""
+    from ..theory.statement import Check
+    from .noise import SignalNoise
+    from .theorems import StatementRun
+
+    return CollapseResult, SignalNoise, Fig9, StatementRun, Check
+
+
 PAPER_READING = {"Fig. 8": "≈ 500", "Fig. 9": "≈ 2,400–2,500", "Fig. 10": "≈ 800–1,000 (ALiBi slightly later)"}
 
 
@@ -97,6 +108,23 @@ class Context:
     findings: dict = dataclasses.field(default_factory=dict)  # measured facts the disagreement section cites
     csv_rows: list[dict] = dataclasses.field(default_factory=list)
     noise: dict = dataclasses.field(default_factory=dict)  # run tag -> {format: SignalNoise} against float64
+    store: UnitStore | None = None  # where measured units are kept between runs (None: measure everything)
+
+    def stored(self, unit: str, key: dict, compute):
+        """``compute()``, or the data of ``unit`` stored with the same inputs ``key`` (:attr:`store`)."""
+        return compute() if self.store is None else self.store.get(unit, key, compute)
+
+    def checkpoint(self) -> tuple:
+        """What the context holds now, for :meth:`rollback`."""
+        return len(self.comparison), len(self.csv_rows), set(self.findings), set(self.noise)
+
+    def rollback(self, mark: tuple) -> None:
+        """Forget what was recorded since :meth:`checkpoint` (a section that could not finish)."""
+        n_cmp, n_csv, findings, noise = mark
+        del self.comparison[n_cmp:], self.csv_rows[n_csv:]
+        for d, keep in ((self.findings, findings), (self.noise, noise)):
+            for k in set(d) - keep:
+                del d[k]
 
 
 @dataclasses.dataclass
@@ -110,33 +138,51 @@ class SetupRuns:
     comparison: dict | None = None
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
     print(f"[reproduce]   {msg}", flush=True)
+
+
+def without_outputs(r: CollapseResult) -> CollapseResult:
+    """``r`` without its pair outputs (they serve the noise records; the report keeps the distances)."""
+    return dataclasses.replace(r, outputs=None)
 
 
 def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str, sep: int | None = None,
                  ref: bool = True, ref_n: int | None = None) -> dict[str, CollapseResult]:
     """The collapse sweep of one model and family in every emulated policy (a format
     name or a policy string), native float64 and (up to ``ref_n``) the arb reference.
-    Keys: the policies as given, "fp64", REF."""
-    out: dict[str, CollapseResult] = {}
-    runs = [(f, format_backend(ctx.sizes, f), BUCKET) for f in formats]
-    runs.append(("fp64", make_backend("native", "fp64"), None))
+    Keys: the policies as given, "fp64", REF. Each backend's run is one stored unit
+    (:meth:`Context.stored`); a format's unit holds its signal-below-noise record too."""
     ref_n = ctx.sizes.ref_n if ref_n is None else ref_n
-    if ref and ref_n:
-        runs.append((REF, make_backend("interval", REF), None))
-    for name, be, bucket in runs:
+    inputs = dict(tag=tag, config=dataclasses.asdict(params.config), family=family, sep=sep, seed=0)
+
+    def sweep(name, be, nn, bucket, keep):
         t0 = time.time()
-        nn = min(n, ref_n) if name == REF else n
-        r = collapse_sweep(params, family, nn, be, name, sep=sep, bucket=bucket, keep_outputs=name != REF)
-        _log(f"{tag} / {name}: n ≤ {nn:,} in {time.time() - t0:.1f} s")
-        out[name] = r
+        r = collapse_sweep(params, family, nn, be, name, sep=sep, bucket=bucket, keep_outputs=keep)
+        log(f"{tag} / {name}: n ≤ {nn:,} in {time.time() - t0:.1f} s")
+        return r
+
+    f64_run = functools.cache(lambda: sweep("fp64", make_backend("native", "fp64"), n, None, True))
+
+    def measure(f):
+        r = sweep(f, format_backend(ctx.sizes, f), n, BUCKET, True)
+        return without_outputs(r), noise_of(f64_run(), r, f)
+
+    out: dict[str, CollapseResult] = {}
+    noise = {}
+    for f in formats:
+        out[f], noise[f] = ctx.stored(f"{tag} / {f}", dict(inputs, n=n, backend=f"{ctx.sizes.backend}:{f}", bucket=BUCKET),
+                                      lambda f=f: measure(f))
+    out["fp64"] = ctx.stored(f"{tag} / fp64", dict(inputs, n=n, backend="native:fp64"), lambda: without_outputs(f64_run()))
+    if ref and ref_n:
+        nn = min(n, ref_n)
+        out[REF] = ctx.stored(f"{tag} / {REF}", dict(inputs, n=nn, backend=f"interval:{REF}"),
+                              lambda: sweep(REF, make_backend("interval", REF), nn, None, False))
+    for r in out.values():
         for row in r.rows():
             row.update(experiment=tag, family=family)
             ctx.csv_rows.append(row)
-    ctx.noise[tag] = {f: noise_of(out["fp64"], out[f], f) for f in formats}
-    for r in out.values():  # the outputs served the noise records; keep the distances only
-        r.outputs = None
+    ctx.noise[tag] = noise
     return out
 
 
@@ -255,9 +301,23 @@ class Fig9:
 
 
 def run_fig9(ctx: Context) -> Fig9:
+    """Fig. 9 measured (one stored unit), recorded in the context."""
+    sz = ctx.sizes
+    key = dict(n=sz.fig9_n, k=FIG9_K, points=sz.fig9_points, seeds=sz.seeds, formats=sz.formats, at=FIG9_AT)
+    fig9 = ctx.stored("Fig. 9", key, lambda: measure_fig9(sz))
+    ctx.findings["fig9"] = fig9
+    bf = [c["bf16"] for c in fig9.cross if "bf16" in c]
+    ctx.comparison.append(dict(experiment="Fig. 9", setup=f"softmax only, k = {fig9.k}, {sz.seeds} seeds",
+                               paper=PAPER_READING["Fig. 9"], n_max=fig9.n,
+                               cross_l1=(min(v for v in bf if v) if all(bf) else None),
+                               cross_l1_hi=(max(bf) if all(bf) else None), cross_linf=None,
+                               bf16_first=None, bf16_from=None, bf16_floor=None))
+    return fig9
+
+
+def measure_fig9(sz: Sizes) -> Fig9:
     from ..theory.softmax import b2_tv
 
-    sz = ctx.sizes
     N, k = sz.fig9_n, FIG9_K
     grid = np.unique(np.geomspace(10, N, sz.fig9_points).astype(int))
     exact, fmt_tv, fmt_same, cross = [], {f: [] for f in sz.formats}, {f: [] for f in sz.formats}, []
@@ -278,21 +338,14 @@ def run_fig9(ctx: Context) -> Fig9:
             fmt_tv[f].append(d)
             fmt_same[f].append(same)
             if seed == 0:
-                _log(f"Fig. 9 / {f}: {grid.size} lengths up to {N:,} in {time.time() - t0:.1f} s")
+                log(f"Fig. 9 / {f}: {grid.size} lengths up to {N:,} in {time.time() - t0:.1f} s")
         if seed == 0:
             for n in (FIG9_AT, min(2500, N)):
                 ref = float(b2_tv(x[:n], xs[:n], prec=200))
                 checks.append((n, ref, float(tv[n - 1])))
     exact = np.array(exact)
-    fig9 = Fig9(N, k, sz.seeds, grid, exact, {f: np.array(v) for f, v in fmt_tv.items()},
+    return Fig9(N, k, sz.seeds, grid, exact, {f: np.array(v) for f, v in fmt_tv.items()},
                 {f: np.array(v) for f, v in fmt_same.items()}, cross, checks, exact[:, FIG9_AT - 1] if N >= FIG9_AT else None)
-    ctx.findings["fig9"] = fig9
-    bf = [c["bf16"] for c in cross if "bf16" in c]
-    ctx.comparison.append(dict(experiment="Fig. 9", setup=f"softmax only, k = {k}, {sz.seeds} seeds", paper=PAPER_READING["Fig. 9"],
-                               n_max=N, cross_l1=(min(v for v in bf if v) if all(bf) else None),
-                               cross_l1_hi=(max(bf) if all(bf) else None), cross_linf=None,
-                               bf16_first=None, bf16_from=None, bf16_floor=None))
-    return fig9
 
 
 # --- Fig. 10 ------------------------------------------------------------------------------------
@@ -387,6 +440,7 @@ CAPTION_THM42_SETUPS = [("no positions", dict(pe="none")), ("RoPE", dict(pe="rop
                         ("sinusoidal on keys", dict(pe="sinusoidal", sin_at="keys")),
                         ("ALiBi m = 2^-8", dict(pe="alibi", alibi_slope=2.0**-8))]
 
+
 @dataclasses.dataclass
 class Theorems:
     runs: list  # StatementRun per statement (collapse_sim.experiments.theorems)
@@ -402,13 +456,22 @@ def run_theorems(ctx: Context) -> Theorems:
     from .theorems import run_all
 
     sz = ctx.sizes
-    runs = run_all(dict(zip(("cheap", "model"), sz.thm_instances)), max_n=sz.thm_max_n, seed=0)
+    instances = dict(zip(("cheap", "model"), sz.thm_instances))
+    runs = ctx.stored("theorems: statements", dict(instances=instances, max_n=sz.thm_max_n, seed=0),
+                      lambda: run_all(instances, max_n=sz.thm_max_n, seed=0))
     ctx.findings["theorems"] = {r.name: r for r in runs}
     ns = [n for n in (4, 16, 64, 256) if n <= sz.thm42_n]
     d = sz.thm42_d
     tokens = np.random.default_rng(0).integers(0, 16, max(ns))
-    decoder = {setup: thm42_table(_model(d=d, **over), tokens, ns) for setup, over in THM42_SETUPS}
-    captions = {setup: thm42_table(init_params(gaussian_config(d, seed=0, **over)), np.arange(max(ns)), ns)
+
+    def table(model: str, setup: str, over: dict, make, toks):
+        key = dict(model=model, over=over, d=d, ns=ns, tokens=toks.tolist(), seed=0)
+        return ctx.stored(f"theorems: Thm 4.2, {model}, {setup}", key, lambda: thm42_table(make(), toks, ns))
+
+    decoder = {setup: table("decoder", setup, over, lambda over=over: _model(d=d, **over), tokens)
+               for setup, over in THM42_SETUPS}
+    captions = {setup: table("captions' model", setup, over,
+                             lambda over=over: init_params(gaussian_config(d, seed=0, **over)), np.arange(max(ns)))
                 for setup, over in CAPTION_THM42_SETUPS}
     ctx.findings["thm42_table"] = {**decoder, **{f"captions' model: {s}": rows for s, rows in captions.items()}}
     return Theorems(runs, d, decoder, captions)

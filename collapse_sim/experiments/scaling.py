@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .collapse import write_csv
+from ..results import write_csv
 
 
 def run_scaling(family: str, ps: list[int], max_len: int, out: Path, *, seed: int = 11, log=None):

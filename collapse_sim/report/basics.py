@@ -1,4 +1,7 @@
-"""The report's opening sections: the number formats, hard rounding cases, reduction orders."""
+"""The report's opening sections: the number formats, hard rounding cases, reduction orders.
+
+Each writes its lines only; :func:`inputs` names what decides them, the key under which
+``reproduce`` stores a section's lines."""
 
 from __future__ import annotations
 
@@ -72,6 +75,12 @@ def section_rounding(lines: list[str]) -> None:
     lines.append("")
 
 
+#: The policies of the reduction-order table.
+SUM_POLICIES = ("compute=bf16,order=sequential", "compute=bf16,order=pairwise", "compute=bf16,order=kahan",
+                "compute=bf16,order=blocked(32)", "compute=bf16,order=exact",
+                "compute=bf16,accumulate=fp32,order=sequential", "compute=fp16,order=sequential")
+
+
 def section_sums(lines: list[str]) -> None:
     import jax.numpy as jnp
 
@@ -80,9 +89,17 @@ def section_sums(lines: list[str]) -> None:
     lines += ["## Reduction order: a bf16 sum of 10,000 ones", "",
               "| policy | result |", "|---|---|"]
     ones = jnp.ones(10_000)
-    for pol in ["compute=bf16,order=sequential", "compute=bf16,order=pairwise", "compute=bf16,order=kahan",
-                "compute=bf16,order=blocked(32)", "compute=bf16,order=exact", "compute=bf16,accumulate=fp32,order=sequential",
-                "compute=fp16,order=sequential"]:
+    for pol in SUM_POLICIES:
         lines.append(f"| `{pol}` | {float(Emulator(pol).sum(ones)):g} |")
     lines += ["", "A sequential running sum stalls where the spacing of the format exceeds 2 "
               "(256 in bf16, 2048 in fp16): `256 + 1` is a tie and rounds to even.", ""]
+
+
+def inputs(name: str) -> dict:
+    """What decides the lines of section ``name`` ("rounding" or "sums"): its cases, and for
+    rounding the installed ml_dtypes (its casts are printed beside ours)."""
+    import ml_dtypes
+
+    if name == "rounding":
+        return {"cases": ROUNDING_CASES, "ml_dtypes": ml_dtypes.__version__}
+    return {"policies": SUM_POLICIES, "n": 10_000}
