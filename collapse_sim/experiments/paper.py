@@ -395,13 +395,35 @@ REMEDY_FAMILIES = [("repeat_last", "v vs v*"), ("last_copy", "copy last"), ("one
                    ("count_bernoulli", "count Bernoulli ones")]
 
 
+SSMAX_S = 0.5  # Scalable-Softmax's s for the report: scores ×3.8 at n = 2,000 (untrained models: the mechanism only)
+P_ROPE = 0.25  # p-RoPE's share of rotating frequencies, the value "Round and Round We Go!" recommends
+
+REMEDY_MECHANISMS = {  # one sentence per remedy row: why it could change collapse
+    "commas every 3 tokens": "separators break the repeated run, so the last tokens' weights are not all alike",
+    "sliding window": "a query sees at most w keys, so the repeated token's weight stays ~1/w instead of ~1/n",
+    "fp32 softmax (bf16 storage)": "the softmax's sum and weights keep 24 bits, so small weight differences survive",
+    "fp32 throughout": "every op keeps 24 bits: the distance must fall 2^16 times lower before it is lost",
+    "p-RoPE": "only the highest RoPE frequencies rotate, the rest of q·k ignores position",
+    "Scalable-Softmax": "scores grow with s·ln n, so the softmax stays sharp as n grows instead of flattening to ~1/n",
+    "sink token": "a fixed first token can absorb attention, so the last token's share need not shrink like 1/n",
+}
+
+
 def remedies(sz: Sizes):
     """(name, model overrides, separator spacing, emulated policy)."""
     return [("bf16 (baseline)", {}, None, "bf16"),
             ("commas every 3 tokens", {}, 3, "bf16"),
             (f"sliding window {sz.window}", dict(window=sz.window), None, "bf16"),
             ("fp32 softmax (bf16 storage)", {}, None, "storage=bf16,compute=bf16,accumulate=fp32,softmax=fp32"),
-            ("fp32 throughout", {}, None, "fp32")]
+            ("fp32 throughout", {}, None, "fp32"),
+            (f"p-RoPE, a share {P_ROPE} of the frequencies", dict(rope_fraction=P_ROPE), None, "bf16"),
+            (f"Scalable-Softmax, s = {SSMAX_S}", dict(ssmax=SSMAX_S), None, "bf16"),
+            ("sink token", dict(sink=True), None, "bf16")]
+
+
+def remedy_mechanism(name: str) -> str | None:
+    """The sentence of :data:`REMEDY_MECHANISMS` for a row name (names carry their parameters)."""
+    return next((v for k, v in REMEDY_MECHANISMS.items() if name.startswith(k)), None)
 
 
 def run_remedies(ctx: Context) -> list[tuple[str, str, list[tuple[str, dict[str, CollapseResult]]]]]:

@@ -15,8 +15,8 @@ from ..experiments import captions as cap
 from ..experiments.collapse import CollapseResult
 from ..experiments.fits import N_MIN, PAPER_LINE, Decay, eps, first_below
 from ..experiments.noise import SignalNoise
-from ..experiments.paper import (REF, REMEDY_FAMILIES, Context, median_top, ref_agreement, run_families, run_fig8,
-                                 run_fig9, run_fig10, run_remedies)
+from ..experiments.paper import (REF, REMEDY_FAMILIES, Context, median_top, ref_agreement, remedy_mechanism,
+                                 run_families, run_fig8, run_fig9, run_fig10, run_remedies)
 from ..formats import parse as parse_format
 from ..plots import plot_curves
 
@@ -313,7 +313,11 @@ def remedies(ctx: Context, outdir: Path, lines: list[str]) -> None:
               f"(n ≥ {N_MIN}: first n, the n from which every pair is, share of n), and the float64 median L1 "
               "distance over n ∈ [N/2, N] of the same model and inputs.", "",
               "| remedy | " + " | ".join(d for _, d in REMEDY_FAMILIES) + " |", "|---|" + "---|" * len(REMEDY_FAMILIES)]
-    for name, pol, runs in run_remedies(ctx):
+    rows = run_remedies(ctx)
+    for name, pol, runs in rows:
         cells = [f"{_ident_cell(res[pol])}; float64 {median_top(res['fp64']):.2g}" for _, res in runs]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
+    lines += [f"- **{name}**: {why}." for name, _, _ in rows if (why := remedy_mechanism(name))]
+    lines += ["", "p-RoPE, Scalable-Softmax and the sink token are defined op by op in docs/semantics.md §8.7; "
+              "the models are untrained, so these rows show each remedy's arithmetic, not a trained model's use of it.", ""]
