@@ -180,6 +180,22 @@ def _theorem_b10(args) -> int:
     return 0
 
 
+def _small_model_args(p, *, pe: str, d_ff: int, out: str) -> None:
+    """The flags of the commands that build a small random decoder (:func:`_model_from_args`)."""
+    from .positional import KINDS
+
+    p.add_argument("--pe", default=pe, choices=KINDS)
+    p.add_argument("--norm", default="layernorm", choices=["layernorm", "rmsnorm", "none"])
+    p.add_argument("--d", type=int, default=16)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--d-ff", type=int, default=d_ff)
+    p.add_argument("--vocab", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", default=None, help="PATH of PATH.json + PATH.npz to use instead of a random init")
+    p.add_argument("--out", default=out)
+
+
 def _model_from_args(args, max_len: int):
     from .model import ModelConfig, Params, init_params
 
@@ -394,31 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("oversquash", help="sensitivity profile dy_n/dv_i over i per format, with the path-sum bound")
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--format", default="fp64,fp32,bf16,fp16", help="native dtypes to differentiate in")
-    p.add_argument("--pe", default="none", choices=KINDS)
-    p.add_argument("--norm", default="layernorm", choices=["layernorm", "rmsnorm", "none"])
-    p.add_argument("--d", type=int, default=16)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=1)
-    p.add_argument("--d-ff", type=int, default=0)
-    p.add_argument("--vocab", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--weights", default=None)
-    p.add_argument("--out", default="oversquash-out")
+    _small_model_args(p, pe="none", d_ff=0, out="oversquash-out")
     p.set_defaults(func=cmd_oversquash)
 
     p = command("explain-native", help="why native bf16/fp16 differs from the format: first differing op and its cause")
     p.add_argument("--format", default="bf16,fp16", help="bf16, fp16 or both (default)")
     p.add_argument("--n", type=int, default=64)
-    p.add_argument("--pe", default="rope", choices=KINDS)
-    p.add_argument("--norm", default="layernorm", choices=["layernorm", "rmsnorm", "none"])
-    p.add_argument("--d", type=int, default=16)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=1)
-    p.add_argument("--d-ff", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--weights", default=None)
-    p.add_argument("--out", default="explain-out")
+    _small_model_args(p, pe="rope", d_ff=16, out="explain-out")
     p.set_defaults(func=cmd_explain_native)
 
     p = command("scaling", help="first-collapse length against significand bits p: the scaling law")
