@@ -84,9 +84,11 @@ def exactly_equal(config, pairs: Pairs) -> np.ndarray:
     vector (attention averages equal values with weights that sum to 1; the rest is
     position-wise), so the last outputs agree whatever the weights. Every other pair
     is taken to differ: for generic weights it does (the interval backend certifies
-    it at small n in tests/test_summaries.py)."""
+    it at small n in tests/test_summaries.py). A sink token (docs/semantics.md §8.7)
+    breaks the rule: ``sink a^k`` and ``sink a^(k+1)`` differ, the sink's share of the
+    attention changing with k."""
     ns = pairs.ns
-    if config.pe in ("sinusoidal", "learned") and config.ape == "residual":
+    if config.sink or (config.pe in ("sinusoidal", "learned") and config.ape == "residual"):
         return np.zeros(ns.shape, bool)
 
     def member(side):
