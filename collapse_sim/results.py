@@ -212,6 +212,24 @@ def provenance() -> dict:
     }
 
 
+#: The fields of :func:`provenance` that can change what a backend computes (native bits follow
+#: JAX/XLA, its flags and the device; the reference follows mpmath and python-flint): the
+#: environment a stored unit was measured in, part of its key.
+ENVIRONMENT_FIELDS = ("collapse_sim", "jax", "jax_backend", "xla_flags", "numpy", "ml_dtypes", "mpmath",
+                      "mpmath_backend", "python_flint")
+
+
+def environment() -> dict:
+    """:data:`ENVIRONMENT_FIELDS` of :func:`provenance`, and python-flint's version."""
+    try:
+        import flint
+        flint_version = getattr(flint, "__version__", "unknown")
+    except ImportError:
+        flint_version = None
+    p = {**provenance(), "python_flint": flint_version}
+    return {k: p[k] for k in ENVIRONMENT_FIELDS}
+
+
 # --- stored units of a long run (``collapse-sim reproduce``) ------------------------------------
 class NotStored(Exception):
     """A unit that a reuse-only store (:attr:`UnitStore.reuse_only`) does not hold for these inputs."""
@@ -229,8 +247,10 @@ class UnitStore:
     *key*: a JSON-able dict of everything that determines the data), else computes it and
     writes it atomically (:func:`write_atomic`) before returning it. A file that cannot be
     read, or holds other inputs, is never used: one progress line says so and the unit is
-    computed again. The key holds inputs only, not the code: after changing the code that
-    measures a unit, ``fresh=True`` ignores what is stored.
+    computed again. The key holds the inputs and the ``environment`` the store is given
+    (:func:`environment`: versions, JAX backend, XLA flags), so a unit measured under another
+    JAX, device or flag set is measured again; it does not hold the code: after changing the
+    code that measures a unit, ``fresh=True`` ignores what is stored.
 
     A unit file is ``<name>.npz`` (no pickles): the key and the data as JSON, the data's
     arrays (and numpy scalars, as 0-d arrays) beside them. Data may nest dicts (any JSON-able
@@ -238,8 +258,13 @@ class UnitStore:
     scalars, and dataclasses of the ``types`` given.
     """
 
-    def __init__(self, folder: "str | Path", types=(), *, fresh: bool = False, log=None):
+    def __init__(self, folder: "str | Path", types=(), *, fresh: bool = False, log=None,
+                 environment: dict | None = None):
         self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise OutputError(f"{self.folder} (where a long run keeps its measured units) is an existing file; "
+                              "remove it or choose another output folder")
+        self.environment = environment or {}
         self.types = {t.__name__: t for t in types}
         self.fresh = fresh
         self.reuse_only = False  # True: a unit not stored raises NotStored instead of being computed
@@ -251,7 +276,8 @@ class UnitStore:
         return self.folder / f"{_slug(unit)}.npz"
 
     def get(self, unit: str, key: dict, compute):
-        canon = json.dumps(key, sort_keys=True, default=str)
+        canon = json.dumps({**key, "environment": self.environment} if self.environment else key,
+                           sort_keys=True, default=str)
         path = self.path(unit)
         if self._keys.setdefault(path.name, canon) != canon:
             raise RuntimeError(f"two units of one run share the file {path.name}; name them apart")

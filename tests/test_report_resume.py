@@ -14,7 +14,7 @@ import pytest
 
 from collapse_sim.experiments.paper import TINY
 from collapse_sim.report import reproduce
-from collapse_sim.results import NotStored, UnitStore
+from collapse_sim.results import NotStored, UnitStore, environment
 
 TIMING = ('  "compiled":', '  "compile_seconds":', '  "cache_hits":', '  "cache_seconds":', "Wall time (")
 
@@ -200,19 +200,37 @@ def test_unit_store_round_trip_damage_other_inputs_fresh_and_reuse_only(tmp_path
     assert len(calls) == 3 and said[-1] == f"Fig. 8, a / bf16: {path.name} is stored for other inputs; recomputing"
     store(fresh=True).get("Fig. 8, a / bf16", {**key, "n": 1536}, compute)
     assert len(calls) == 4
+    env = environment()
+    store(environment=env).get("Fig. 8, a / bf16", {**key, "n": 1536}, compute)  # measured in a known environment
+    assert len(calls) == 5 and said[-1].endswith("is stored for other inputs; recomputing")
+    store(environment=env).get("Fig. 8, a / bf16", {**key, "n": 1536}, compute)
+    assert len(calls) == 5
+    store(environment={**env, "jax": "0.0.0"}).get("Fig. 8, a / bf16", {**key, "n": 1536}, compute)  # another JAX
+    assert len(calls) == 6 and said[-1].endswith("is stored for other inputs; recomputing")
+    store(fresh=True).get("Fig. 8, a / bf16", {**key, "n": 1536}, compute)
+    assert len(calls) == 7
     s = store()
     s.reuse_only = True
-    assert s.get("Fig. 8, a / bf16", {**key, "n": 1536}, compute) is not None and len(calls) == 4
+    assert s.get("Fig. 8, a / bf16", {**key, "n": 1536}, compute) is not None and len(calls) == 7
     with pytest.raises(NotStored):
         s.get("Fig. 8, b / bf16", key, compute)
     s = store()
     s.reuse_only = True
     with pytest.raises(NotStored):
         s.get("Fig. 8, a / bf16", key, compute)  # stored for other inputs: not used
-    assert said[-1].endswith("is stored for other inputs; not used") and len(calls) == 4
+    assert said[-1].endswith("is stored for other inputs; not used") and len(calls) == 7
     with pytest.raises(TypeError, match="cannot store a set"):
         store().get("other", {}, lambda: {1, 2})
     with pytest.raises(RuntimeError, match="share the file"):
         s2 = store()
         s2.get("Fig. 8: a / bf16", key, compute)
         s2.get("Fig. 8, a / bf16", {**key, "n": 1}, compute)
+
+
+def test_unit_folder_that_is_a_file_is_refused(tmp_path):
+    """OUT/.runs being a file: one sentence (an OutputError), before anything is measured."""
+    from collapse_sim.results import OutputError
+
+    (tmp_path / ".runs").write_text("")
+    with pytest.raises(OutputError, match="is an existing file"):
+        UnitStore(tmp_path / ".runs")

@@ -83,7 +83,7 @@ def reproduce(out: str = "collapse-report", quick: bool = False, sizes=None, *, 
     from ..experiments import captions as cap
     from ..experiments.paper import FULL, QUICK, Context, log, unit_types
     from ..progress import stage
-    from ..results import NotStored, UnitStore, check_output_dir, provenance, write_atomic, write_csv
+    from ..results import NotStored, UnitStore, check_output_dir, environment, provenance, write_atomic, write_csv
     from . import basics, findings, verdicts
 
     only = list(NAMES) if only is None else [n for n in NAMES if n in set(only)]
@@ -102,7 +102,8 @@ def reproduce(out: str = "collapse-report", quick: bool = False, sizes=None, *, 
             "why; provenance and wall time. *Emulated* means every operation rounded to the format as IEEE",
             "arithmetic in that format would (docs/semantics.md); the reference is 256-bit arb ball arithmetic",
             "(python-flint).", ""]
-    store = UnitStore(outdir / ".runs", types=(*unit_types(), cap.CaptionRow), fresh=fresh, log=log)
+    store = UnitStore(outdir / ".runs", types=(*unit_types(), cap.CaptionRow), fresh=fresh, log=log,
+                      environment=environment())
     ctx = Context(sizes or (QUICK if quick else FULL), store=store)
     command = f"collapse-sim reproduce{' --quick' if quick else ''} --out {outdir}"
     parts: dict[str, list[str]] = {}
