@@ -11,8 +11,9 @@ block of real values ``V_0..V_{k−1}`` becomes (docs/semantics.md §13):
     value_i = 2^e · P_i
 
 ``V_i / 2^e`` is exact in float64 (a power-of-two scale of a float64 value that
-cannot overflow: |V_i / 2^e| < 2^(emax_elem+1)), so the one rounding is the element
-rounding, done by :func:`collapse_sim.rounding.round_to`.
+cannot overflow: |V_i / 2^e| < 2^(emax_elem+1)), except that it can underflow for
+values far below the block's largest, which round to 0 either way; so the one rounding
+is the element rounding, done by :func:`collapse_sim.rounding.round_to`.
 
 Where the spec leaves the choice to the implementation, this module decides, and
 docs/semantics.md §13 says so: an all-zero block gets ``e = −127`` and zero elements;
@@ -30,6 +31,7 @@ and INT8: two's complement with an implicit scale 2^-6 (emax 0), values k·2^-6 
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import numpy as np
 
@@ -57,12 +59,23 @@ class MXFormat:
     block: int = 32
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.block, int) and self.block >= 1):
-            raise MXError(f"an MX block holds at least one element, got block={self.block!r}")
+        object.__setattr__(self, "block", _count(self.block, "block"))
+        if self.block < 1:
+            raise MXError(f"an MX block holds at least one element, got block={self.block}")
 
     @property
     def max_element(self) -> float:
         return INT8_MAX * INT8_QUANTUM if self.element is None else self.element.max
+
+
+def _count(v, what: str) -> int:
+    """``v`` as a Python int (numpy integers too), refusing bools, floats and strings."""
+    if isinstance(v, (bool, np.bool_)):
+        raise MXError(f"{what} must be an integer, got {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise MXError(f"{what} must be an integer, got {v!r} ({type(v).__name__})") from None
 
 
 def _fp(name: str, element: str) -> MXFormat:
@@ -99,7 +112,7 @@ class MXBlocks:
     def dequantize(self) -> np.ndarray:
         """``2^e · P_i`` for every element (exact in float64)."""
         el = np.moveaxis(self.elements, self.axis, -1)
-        e = np.repeat(self.scale_exp, self.fmt.block, axis=-1)[..., : el.shape[-1]]
+        e = np.repeat(self.scale_exp, min(self.fmt.block, max(el.shape[-1], 1)), axis=-1)[..., : el.shape[-1]]
         with np.errstate(invalid="ignore"):
             out = np.where(np.isnan(e), np.nan, np.ldexp(el, np.nan_to_num(e).astype(np.int64)))
         return np.moveaxis(out, -1, self.axis)
@@ -118,14 +131,19 @@ def mx_quantize(x, fmt: "str | MXFormat", *, axis: int = -1, block: int | None =
     """Quantise float64 values ``x`` to MX blocks of ``block`` consecutive elements along
     ``axis`` (the module docstring's rule)."""
     fmt = mx_format(fmt, block)
-    x = np.asarray(x, dtype=np.float64)
+    axis = _count(axis, "axis")
+    raw = np.asarray(x)
+    if not (np.issubdtype(raw.dtype, np.floating) or np.issubdtype(raw.dtype, np.integer)
+            or raw.dtype == np.bool_):
+        raise MXError(f"mx_quantize takes real numbers, got an array of dtype {raw.dtype}")
+    x = raw.astype(np.float64)
     if x.ndim == 0:
         raise MXError("mx_quantize takes an array with at least one axis to block along")
     if not -x.ndim <= axis < x.ndim:
         raise MXError(f"axis {axis} is out of range for an array of {x.ndim} dimension(s)")
     axis %= x.ndim
     v = np.moveaxis(x, axis, -1)
-    k, n = fmt.block, v.shape[-1]
+    k, n = min(fmt.block, max(v.shape[-1], 1)), v.shape[-1]  # one block longer than the axis: no padding to it
     nb = -(-n // k)
     padded = np.concatenate([v, np.zeros(v.shape[:-1] + (nb * k - n,))], axis=-1).reshape(v.shape[:-1] + (nb, k))
     with np.errstate(invalid="ignore"):

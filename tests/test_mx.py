@@ -160,3 +160,13 @@ def test_bad_inputs():
         mx_round(np.ones((2, 2)), "mxint8", axis=2)
     with pytest.raises(MXError, match="at least one axis"):
         mx_round(np.float64(1.0), "mxint8")
+    for bad in (True, 2.5, "8"):
+        with pytest.raises(MXError, match="block must be an integer"):
+            mx_round(np.ones(4), "mxint8", block=bad)
+    with pytest.raises(MXError, match="axis must be an integer"):
+        mx_round(np.ones(4), "mxint8", axis=1.5)
+    for bad in (np.ones(4) * 1j, np.array(["a", "b"])):
+        with pytest.raises(MXError, match="takes real numbers"):
+            mx_round(bad, "mxint8")
+    # numpy integers are integers; a block longer than the axis is one block, not padded to its size
+    assert np.array_equal(mx_round(np.arange(4.0), "mxfp4_e2m1", block=np.int64(10**9)), mx_round(np.arange(4.0), "mxfp4_e2m1", block=4))
