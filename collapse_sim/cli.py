@@ -232,11 +232,14 @@ def cmd_explain_native(args) -> int:
     enable_x64()
     if not 1 <= args.n <= 4096:
         raise UsageError(f"--n must lie in 1..4096 (every intermediate of the forward is kept), got {args.n}")
-    fmts = [f.name for f in parse_list(args.format)]
+    fmts = list(dict.fromkeys(f.name for f in parse_list(args.format)))  # each once
     for f in fmts:
         if f not in ("bf16", "fp16"):
             raise UsageError(f"explain-native explains bf16 and fp16 (the narrow native dtypes XLA computes in float32), got {f}")
     params = _model_from_args(args, args.n)
+    if params.config.sink:
+        raise UsageError("explain-native compares the model's taps row by row and takes models without a sink token; "
+                         "use weights saved with sink=False")
     toks = np.random.default_rng(args.seed).integers(0, params.config.vocab, args.n)
     from .experiments.explain import explain
     from .progress import stage

@@ -6,9 +6,12 @@ both with every intermediate the model taps recorded (layer inputs, norm scales,
 per-head q/k/v, residual sums, outputs: :func:`collapse_sim.model.forward_tapped`), finds
 the first tap whose values differ, and names the cause from a checked list by applying
 each candidate behaviour in turn — to the emulated policy (what XLA computes in a wider
-format) or to the native compilation (an XLA behaviour turned off) — and keeping the one
-that moves the first difference furthest (or removes it). It repeats until the two runs
-agree or no candidate helps ("unexplained").
+format) or to the native compilation (an XLA behaviour turned off) — and keeping the
+fewest that move the first difference furthest (or remove it). It repeats until the two
+runs agree or no candidate helps ("unexplained"). What it names is a set of behaviours
+under which the taps agree from the first to the named point; a candidate can move the
+first difference by coincidence, so the conclusion that counts is the last line: whether,
+with everything named accounted for, every tap agrees bit for bit.
 
 The candidates (:data:`CAUSES`):
 
@@ -31,6 +34,7 @@ JAX version, backend and XLA flags are recorded with the result.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import os
 
@@ -167,12 +171,23 @@ class Explanation:
         return out
 
 
+def _fingerprint(params: Params, tokens) -> str:
+    """A digest of the model (config and weights) and the tokens."""
+    h = hashlib.sha256(repr(params.config).encode())
+    for k in sorted(params.arrays):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(params.arrays[k], dtype=np.float64).tobytes())
+    h.update(np.asarray(tokens, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
 def explain(params: Params, tokens, fmt: str, *, observed=None, candidates=CAUSES, memo: dict | None = None) -> Explanation:
     """Explain why ``observed`` (default: the native backend of ``fmt``; a test can plant any
     ``applied -> taps`` function) differs from the emulated uniform policy of ``fmt``.
     ``memo`` (a dict) keeps the taps of every run made, for further calls with the same
     ``params`` and ``tokens``: each configuration compiles once."""
     memo = {} if memo is None else memo
+    model = _fingerprint(params, tokens)  # a memo serves one (params, tokens): keyed by them too
 
     def native_taps(applied):
         B, opts = native_backend(fmt, applied)
@@ -185,9 +200,9 @@ def explain(params: Params, tokens, fmt: str, *, observed=None, candidates=CAUSE
         seen: dict = memo if keep else {}
 
         def get(applied):
-            key = (which, fmt, frozenset(c for c in applied if CAUSE[c].side == which))
+            key = (model, which, fmt, frozenset(c for c in applied if CAUSE[c].side == which))
             if key not in seen:
-                seen[key] = fn(key[2])
+                seen[key] = fn(key[3])
             return seen[key]
         return get
 
