@@ -15,6 +15,7 @@ The subclasses say which part of the input was wrong:
 ``CarrierError``   a format the emulated backend cannot carry (backends.emulated)
 ``SweepError``     a sweep spec (collapse_sim.experiments.sweep)
 ``OutputError``    an output location (collapse_sim.results)
+``MXError``        an MX format, block size, axis or input (collapse_sim.mx)
 ``UsageError``     a command-line argument (cli, experiments.collapse)
 =================  ======================================================
 

@@ -86,11 +86,22 @@ def test_ssmax_factor_and_scores():
     X = P["embed"][toks]
     Q, K = X @ P["l0.wq"], X @ P["l0.wk"]
     want = np.empty_like(X)
+    s_abs = 0.0  # the largest |score| the roundings of a score are relative to: c_i·Σ_k |q_ik||k_jk| / √d
     for i in range(toks.size):
-        s = 0.5 * np.log(i + 1) * (Q[i] @ K[: i + 1].T) / 2.0
+        c = 0.5 * np.log(i + 1)
+        s = c * (Q[i] @ K[: i + 1].T) / 2.0
+        s_abs = max(s_abs, float(np.max(c * (np.abs(Q[i]) @ np.abs(K[: i + 1]).T) / 2.0)))
         a = np.exp(s - s.max())
         want[i] = (a / a.sum()) @ X[: i + 1] + X[i]
-    assert np.max(np.abs(y - want)) <= 64 * 2.0**-53 * np.max(np.abs(want))  # a few float64 ops per entry
+    # Each side is within e·max|x| of the exact value, e = 2·γ_{3d+3}·s_abs + γ_{2n+5}: a score takes
+    # 3d + 3 roundings (q and k projections, the SSMax factor, the dot, the scale), each relative to
+    # s_abs, and enters a weight through exp (×2 for the normalisation); a weight's exp, the sum of n
+    # and the division, then the weighted sum of n values and the residual add 2n + 5 more.
+    from collapse_sim.theory import gamma
+
+    u, d, n = 2.0**-53, 4, toks.size
+    e = 2 * gamma(3 * d + 3, u) * s_abs + gamma(2 * n + 5, u)
+    assert np.max(np.abs(y - want)) <= 2 * e * np.max(np.abs(X))
 
 
 def test_sink_is_row_zero_of_the_token_table():
@@ -136,3 +147,25 @@ def test_theory_refuses_what_it_does_not_model():
         collapse_bound(init_params(ModelConfig(d=8, vocab=5, pe="none", ssmax=1.0)), toks)
     assert thm42_hypothesis(ModelConfig(d=8, pe="rope", rope_fraction=0.2, norm="none")) is None  # ⌊0.2·4⌋ = 0 pairs
     assert "RoPE" in thm42_hypothesis(ModelConfig(d=8, pe="rope", rope_fraction=0.5))
+
+
+def test_gaussian_sink_draw_and_the_collapse_flags(tmp_path):
+    """The Gaussian model's sink is σ·z, z from default_rng([seed, 0, 1]) (§8.7), and leaves every
+    id's draws as they were; collapse's --rope-fraction, --ssmax and --sink reach the model."""
+    import json
+
+    from collapse_sim.cli import main
+    from collapse_sim.model import forward_arrays, gaussian_draws, sink_draws
+
+    c = gaussian_config(8, seed=6, sink=True)
+    z = np.random.default_rng([6, 0, 1]).standard_normal((3, 8)) * np.sqrt(1 / 8)
+    assert all(np.array_equal(a, b) for a, b in zip(sink_draws(c), z))
+    arrays = forward_arrays(init_params(c), 4, 4)
+    plain = gaussian_draws(gaussian_config(8, seed=6), 256)
+    assert all(np.array_equal(arrays[k][0], s) and np.array_equal(arrays[k][1:], p)
+               for k, s, p in zip(("gauss.q", "gauss.k", "gauss.v"), z, plain))
+    out = tmp_path / "c"
+    assert main(["collapse", "--family", "repeat_last", "--pe", "rope", "--rope-fraction", "0.5", "--ssmax", "1",
+                 "--sink", "--format", "bf16", "--backend", "native", "--max-len", "8", "--d", "8", "--out", str(out)]) == 0
+    cfg = json.loads((out / "collapse.json").read_text())["config"]
+    assert (cfg["rope_fraction"], cfg["ssmax"], cfg["sink"]) == (0.5, 1.0, True)
