@@ -88,3 +88,77 @@ def test_formats_outside_the_class_are_refused(name, match):
 def test_narrower_input_than_the_class_is_refused():
     with pytest.raises(RoundingError, match="float64 or wider"):
         round_to(jnp.ones(3, jnp.float32), FormatClass().params("bf16"))
+
+
+# --- the emulated forward: one program for every format of the class ---------------------
+
+FORWARD_FORMATS = ["bf16", "fp16", "e4m3fn", "(p=9,emin=-14,emax=15)"]
+
+
+def _model():
+    from collapse_sim.model import ModelConfig, init_params
+
+    params = init_params(ModelConfig(d=4, n_layers=1, vocab=6, pe="sinusoidal", seed=1))
+    return params, np.random.default_rng(2).integers(0, 6, 12)
+
+
+def _forward(policy, shared, probe=False):
+    from collapse_sim.backends.emulated import EmulatedBackend
+    from collapse_sim.model import forward
+
+    params, tokens = _model()
+    out = forward(params, tokens, EmulatedBackend(policy, shared=shared), probe=(tokens + 1) % 6 if probe else None)
+    return np.concatenate([np.asarray(a, np.float64) for a in (out if probe else (out,))])
+
+
+@pytest.mark.parametrize("template, formats, probe", [
+    ("compute={f},order=pairwise", FORWARD_FORMATS, False),
+    ("compute={f},order=exact", ["fp16", "(p=9,emin=-14,emax=15)"], True),
+    ("storage=fp32,compute={f},accumulate=bf16,softmax=fp16,order=kahan,mode=rd", ["e4m3fn"], False),
+], ids=["pairwise", "exact-probes", "mixed-roles-rd"])
+def test_shared_forward_equals_specialised(template, formats, probe):
+    """The shared program (formats traced, float64 carrier) gives the specialised
+    program's bits (formats static; float32 carrier for fp16, fp8 and the custom format):
+    op by op for four formats, certified with probes, and mixed roles in a directed mode.
+    (Each specialised format compiles its own program: the cases are kept few.)"""
+    for f in formats:
+        policy = template.format(f=f)
+        shared, special = _forward(policy, True, probe), _forward(policy, False, probe)
+        assert _same(shared, special).all(), policy
+
+
+def test_switching_format_compiles_nothing():
+    """The forward for bf16, then fp16, e4m3fn and a custom format at the same shape and
+    order, with the program chosen by size (shared at this N): a count of compilations
+    after the first format, which must be zero."""
+    from collapse_sim.backends.emulated import SHARED_MAX_N, EmulatedBackend
+    from collapse_sim.model import forward
+
+    params, tokens = _model()
+    assert tokens.size <= SHARED_MAX_N
+    forward(params, tokens, EmulatedBackend("compute=bf16,order=sequential")).block_until_ready()
+    before = snapshot()
+    for f in FORWARD_FORMATS[1:]:
+        be = EmulatedBackend(f"compute={f},order=sequential")
+        assert be.shared is not None
+        forward(params, tokens, be).block_until_ready()
+    new = snapshot().since(before)
+    assert new.compiled + new.cache_hits == 0, new
+
+
+def test_specialised_beyond_the_threshold(monkeypatch):
+    """Past SHARED_MAX_N tokens the specialised program runs (a new compilation for a new
+    format), and a policy outside the shared class always runs specialised."""
+    from collapse_sim.backends.emulated import EmulatedBackend, backend as emulated_backend
+    from collapse_sim.model import forward
+
+    params, tokens = _model()
+    monkeypatch.setattr(emulated_backend, "SHARED_MAX_N", tokens.size - 1)
+    be = EmulatedBackend("compute=(p=7,emin=-9,emax=9),order=sequential")
+    before = snapshot()
+    forward(params, tokens, be).block_until_ready()
+    new = snapshot().since(before)
+    assert new.compiled + new.cache_hits >= 1
+    assert EmulatedBackend("compute=e4m3fnuz").shared is None
+    with pytest.raises(ValueError, match="no shared program"):
+        EmulatedBackend("compute=e4m3fnuz", shared=True)
