@@ -116,7 +116,9 @@ class EmulatedBackend(JaxBackendBase):
         ``shared_max_n`` tokens where the formats allow it, else the specialised one."""
         if self.shared is not None and len(tokens) <= self.shared_max_n:
             out = run_jitted(_SharedProgram(self.shared), fn, config, arrays, tokens, probe, self.shared.data())
-            return jax.tree.map(lambda y: y.astype(self.dtype), out)  # format values: exact in the policy's carrier
+            # format values, exact in the policy's carrier; converted on the host, since an
+            # eager astype would compile a program per shape and dtype
+            return jax.tree.map(lambda y: jax.device_put(np.asarray(y).astype(self.dtype)), out)
         return run_jitted(self, fn, config, arrays, tokens, probe)
 
     # data
