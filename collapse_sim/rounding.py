@@ -37,6 +37,7 @@ Semantics (IEEE 754 where it speaks):
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from functools import partial
 
@@ -126,14 +127,136 @@ def _bitlen(c: _Carrier, m):
     return c.width - lax.clz(m).astype(c.i)
 
 
+_OVERFLOW_CODES = {"inf": 0, "nan": 1, "saturate": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class FormatClass:
+    """What one compiled program fixes about the formats it rounds to (static under jit);
+    the rest of a format, :class:`FormatParams`, is data.
+
+    A program that rounds to a format of this class holds the same code for every one:
+    the formats' precision ``p``, exponent range, largest significand and overflow rule
+    are traced values. Fixed are the narrowest carrier dtype of the inputs, whether the
+    formats have subnormals and signed zeros (gradual underflow or a flush, one zero or
+    two: the structure of the rounding), and bounds the whole class keeps to: ``p <=
+    pmax``, every quantum ``>= 2**qmin`` (the smallest subnormal, or the smallest normal
+    without subnormals) and largest binade ``<= 2**emax``. The bounds make the fast
+    round-to-nearest path valid for every member (the format's normal range inside the
+    carrier's, its subnormals carrier normals), and they bound the exact sums' terms.
+    """
+
+    dtype: str = "float64"
+    pmax: int = 25
+    qmin: int = -149
+    emax: int = 127
+    subnormals: bool = True
+    signed_zero: bool = True
+
+    def __post_init__(self) -> None:
+        c = _Carrier(self.dtype)
+        if not (1 <= self.pmax < c.pc - 1 and self.qmin >= c.emin and self.emax < c.emax):
+            raise RoundingError(f"format class {self}: needs 1 <= pmax < {c.pc - 1}, qmin >= {c.emin} and emax < {c.emax} "
+                                f"for {self.dtype}")
+
+    def why_not(self, fmt: Format) -> "str | None":
+        """Why ``fmt`` is not a member (None if it is)."""
+        if fmt.subnormals != self.subnormals or fmt.signed_zero != self.signed_zero:
+            return (f"{fmt.name} has subnormals={fmt.subnormals}, signed_zero={fmt.signed_zero}; the class has "
+                    f"subnormals={self.subnormals}, signed_zero={self.signed_zero}")
+        if fmt.p > self.pmax:
+            return f"{fmt.name} has p={fmt.p} > {self.pmax}"
+        if fmt.min_exponent_of_quantum < self.qmin or fmt.emax > self.emax:
+            return f"{fmt.name}'s exponent range [2^{fmt.min_exponent_of_quantum}, 2^{fmt.emax}] leaves [2^{self.qmin}, 2^{self.emax}]"
+        return None
+
+    def params(self, fmt: "Format | str") -> "FormatParams":
+        """``fmt``'s numbers as arrays (to pass to a compiled program as an argument)."""
+        fmt = parse(fmt)
+        why = self.why_not(fmt)
+        if why is not None:
+            raise RoundingError(f"format {fmt.name} is not of the format class {self}: {why}")
+        code = _OVERFLOW_CODES[fmt.overflow]
+        return FormatParams(*(np.int32(v) for v in (fmt.p, fmt.emin, fmt.emax, fmt.top_significand, code)), cls=self)
+
+
+@jax.tree_util.register_pytree_node_class
+class FormatParams:
+    """A format of a :class:`FormatClass` as data: ``p``, ``emin``, ``emax``, ``top``
+    (the largest significand) and ``overflow`` (0 inf, 1 NaN, 2 saturate) are int32
+    scalars, traced under jit; the class is the static part. :func:`round_to` takes it
+    in place of a :class:`Format` and gives the same bits (build it with
+    :meth:`FormatClass.params`)."""
+
+    def __init__(self, p, emin, emax, top, overflow, *, cls: FormatClass):
+        self.p, self.emin, self.emax, self.top, self.overflow = p, emin, emax, top, overflow
+        self.cls = cls
+
+    def tree_flatten(self):
+        return (self.p, self.emin, self.emax, self.top, self.overflow), self.cls
+
+    @classmethod
+    def tree_unflatten(cls, fc, leaves):
+        return cls(*leaves, cls=fc)
+
+    @property
+    def subnormals(self) -> bool:
+        return self.cls.subnormals
+
+    @property
+    def signed_zero(self) -> bool:
+        return self.cls.signed_zero
+
+    @property
+    def max(self):
+        """The largest finite value, a float64 scalar."""
+        c = _Carrier(jnp.float64)
+        return lax.bitcast_convert_type(_max_pattern(c, self), jnp.float64)
+
+    def __repr__(self) -> str:
+        return f"FormatParams({self.cls})"
+
+
+def format_int(v, dtype):
+    """A format's integer parameter (``p``, ``emin``, ...) as an integer of ``dtype``, for
+    arithmetic with other integers of that type: a traced one converted, a Python int kept."""
+    return v if isinstance(v, int) else jnp.asarray(v).astype(dtype)
+
+
+def _int(c: "_Carrier", v):
+    return format_int(v, c.i)
+
+
+def _max_pattern(c: "_Carrier", fmt: FormatParams):
+    """Magnitude pattern of a traced format's largest value, top * 2**(emax - p + 1): its
+    exponent field, and the significand below the hidden bit shifted to the top of the fraction."""
+    U = c.u
+    p, top = (_int(c, v).astype(U) for v in (fmt.p, fmt.top))
+    e_field = (_int(c, fmt.emax) + c.bias).astype(U) << U(c.pc - 1)
+    return e_field | ((top - (U(1) << (p - U(1)))) << (U(c.pc) - p))
+
+
+def _tiny_pattern(c: "_Carrier", fmt: "Format | FormatParams"):
+    """Magnitude pattern of 2**emin, the smallest normal value (a carrier normal)."""
+    if isinstance(fmt, Format):
+        return c.u(c.pattern_of_value(1, fmt.emin))
+    return (_int(c, fmt.emin) + c.bias).astype(c.u) << c.u(c.pc - 1)
+
+
 class _Limits:
     """The format's top end as carrier magnitude patterns: largest finite value,
     canonical NaN, the value an overflow becomes, and the overflow test."""
 
-    def __init__(self, c: "_Carrier", fmt: Format):
+    def __init__(self, c: "_Carrier", fmt: "Format | FormatParams"):
         U = c.u
         self.inf = U((2 * c.bias + 1) << (c.pc - 1))
         self.nan = self.inf | (U(1) << U(c.pc - 2))
+        if isinstance(fmt, FormatParams):  # the class keeps the largest value inside the carrier
+            self.beyond_carrier = False
+            self.xmax = _max_pattern(c, fmt)
+            code = _int(c, fmt.overflow)
+            self.overflow = jnp.where(code == 0, self.inf, jnp.where(code == 1, self.nan, self.xmax))
+            return
         xmax_pat = c.pattern_of_value(fmt.top_significand, fmt.emax - fmt.p + 1)
         self.beyond_carrier = xmax_pat is None  # only the carrier's inf overflows
         self.xmax = self.inf if self.beyond_carrier else U(xmax_pat)
@@ -143,7 +266,7 @@ class _Limits:
         return pat >= self.inf if self.beyond_carrier else pat > self.xmax
 
 
-def _signed(c: "_Carrier", fmt: Format, pat, neg, lim: _Limits, dtype):
+def _signed(c: "_Carrier", fmt: "Format | FormatParams", pat, neg, lim: _Limits, dtype):
     """Attach the sign (NaN stays positive-canonical; no -0 in unsigned-zero formats)."""
     sign_bit = c.u(1) << c.u(c.width - 1)
     out_neg = neg & ~(pat >= lim.nan)
@@ -165,7 +288,7 @@ def _magic_tiny_ok(fmt: Format, c: "_Carrier") -> bool:
     return fmt.subnormals and fmt.emin - fmt.p + 1 >= c.emin
 
 
-def _round_rne_fast(x, fmt: Format):
+def _round_rne_fast(x, fmt: "Format | FormatParams"):
     """Round-to-nearest-even without data-dependent branches.
 
     Normal range of the format: the spacing is fixed by the input's own exponent, so
@@ -178,27 +301,50 @@ def _round_rne_fast(x, fmt: Format):
     Equal bit for bit to the general path (tests/test_rounding.py).
     """
     c = _Carrier(x.dtype)
-    ebits = {32: 8, 64: 11}[c.width]
-    r = lax.reduce_precision(x, exponent_bits=ebits, mantissa_bits=fmt.p - 1)
     U = c.u
     W = c.width
     sign_bit = U(1) << U(W - 1)
     xbits = lax.bitcast_convert_type(x, U)
     xsign = xbits & sign_bit
-    tiny_pat = U(c.pattern_of_value(1, fmt.emin))
+    if isinstance(fmt, Format):
+        ebits = {32: 8, 64: 11}[c.width]
+        r = lax.reduce_precision(x, exponent_bits=ebits, mantissa_bits=fmt.p - 1)
+        rn_bits = lax.bitcast_convert_type(r, U)
+    else:  # what reduce_precision does, with a traced shift: round half to even at bit pc - p
+        sh = (U(c.pc) - _int(c, fmt.p).astype(U))
+        mag = xbits & ~sign_bit
+        rn_bits = xsign | (((mag + ((U(1) << (sh - U(1))) - U(1)) + ((mag >> sh) & U(1))) >> sh) << sh)
+    tiny_pat = _tiny_pattern(c, fmt)
     if fmt.subnormals:
-        C = jnp.asarray(1.5 * 2.0 ** (fmt.emin - fmt.p + 1 + c.pc - 1), x.dtype)
+        C = _magic(c, fmt, x.dtype)
         small = lax.optimization_barrier(x + C) - C
         small_bits = lax.bitcast_convert_type(small, U) & ~sign_bit
-        r_bits = jnp.where((xbits & ~sign_bit) < tiny_pat, small_bits | xsign, lax.bitcast_convert_type(r, U))
+        r_bits = jnp.where((xbits & ~sign_bit) < tiny_pat, small_bits | xsign, rn_bits)
     else:
-        r_bits = lax.bitcast_convert_type(r, U)
-        r_bits = jnp.where((r_bits & ~sign_bit) < tiny_pat, xsign, r_bits)
+        r_bits = jnp.where((rn_bits & ~sign_bit) < tiny_pat, xsign, rn_bits)
     mag = r_bits & ~sign_bit
     lim = _Limits(c, fmt)
     pat = jnp.where(lim.over(mag), lim.overflow, mag)  # RNE always rounds away on overflow; ±inf lands here too
     pat = jnp.where(jnp.isnan(x), lim.nan, pat)
     return _signed(c, fmt, pat, xsign != 0, lim, x.dtype)
+
+
+def _magic(c: "_Carrier", fmt: "Format | FormatParams", dtype):
+    """C = 1.5 * 2**(q + pc - 1), q = emin - p + 1: the binade of C has spacing 2**q, so
+    ``(x + C) - C`` rounds a tiny x to a multiple of the format's quantum, ties to even."""
+    if isinstance(fmt, Format):
+        return jnp.asarray(1.5 * 2.0 ** (fmt.emin - fmt.p + 1 + c.pc - 1), dtype)
+    e = _int(c, fmt.emin) - _int(c, fmt.p) + c.pc  # q + pc - 1
+    pat = ((e + c.bias).astype(c.u) << c.u(c.pc - 1)) | (c.u(1) << c.u(c.pc - 2))
+    return lax.bitcast_convert_type(pat, dtype)
+
+
+@partial(jax.jit, static_argnames=("mode",))
+def _round_traced(x, key, fmt: FormatParams, mode: Mode):
+    """Rounding to a traced format: every member of its class has the fast nearest path."""
+    if mode is Mode.RNE:
+        return _round_rne_fast(x, fmt)
+    return _round_general(x, key, fmt, mode)
 
 
 @partial(jax.jit, static_argnames=("fmt", "mode"))
@@ -216,7 +362,7 @@ def _round_impl(x, key, fmt: Format, mode: Mode):
     return _round_general(x, key, fmt, mode)
 
 
-def _round_general(x, key, fmt: Format, mode: Mode):
+def _round_general(x, key, fmt: "Format | FormatParams", mode: Mode):
     c = _Carrier(x.dtype)
     U, I = c.u, c.i
     W = c.width
@@ -235,9 +381,9 @@ def _round_general(x, key, fmt: Format, mode: Mode):
     k = jnp.where(sub, c.qmin, E - c.bias - (c.pc - 1))  # value = m * 2**k
     e = k + _bitlen(c, m) - 1  # floor(log2|x|) for m != 0
 
-    p = fmt.p
+    p = _int(c, fmt.p)
     if fmt.subnormals:
-        qexp = jnp.maximum(e, fmt.emin) - p + 1
+        qexp = jnp.maximum(e, _int(c, fmt.emin)) - p + 1
     else:
         qexp = e - p + 1
     d = jnp.maximum(qexp - k, 0)  # bits of m to drop
@@ -293,10 +439,8 @@ def _round_general(x, key, fmt: Format, mode: Mode):
     pat = jnp.where(over, jnp.where(away, lim.overflow, lim.xmax), pat)
 
     # Flush to zero without subnormals.
-    if not fmt.subnormals:
-        tiny_pat = c.pattern_of_value(1, fmt.emin)
-        if tiny_pat is not None:
-            pat = jnp.where(pat < U(tiny_pat), U(0), pat)
+    if not fmt.subnormals and (isinstance(fmt, FormatParams) or c.pattern_of_value(1, fmt.emin) is not None):
+        pat = jnp.where(pat < _tiny_pattern(c, fmt), U(0), pat)
 
     # Specials.
     pat = jnp.where(is_inf, lim.overflow, pat)
@@ -318,7 +462,7 @@ def _check_key(key, mode: Mode):
     return key
 
 
-def round_to(x, fmt: "Format | str", mode: "Mode | str" = Mode.RNE, *, key=None):
+def round_to(x, fmt: "Format | str | FormatParams", mode: "Mode | str" = Mode.RNE, *, key=None):
     """Round every element of ``x`` to ``fmt``.
 
     Returns an array whose values are values of ``fmt``, of the input's dtype:
@@ -328,7 +472,9 @@ def round_to(x, fmt: "Format | str", mode: "Mode | str" = Mode.RNE, *, key=None)
     ``jax.enable_x64(True)`` and the result is a float64 array): an input is
     never cut to float32 on the way in.
     ``mode`` is one of ``rne`` (default), ``rz``, ``ru``, ``rd``, ``sr``;
-    stochastic rounding needs a ``jax.random`` key.
+    stochastic rounding needs a ``jax.random`` key. ``fmt`` may be a :class:`FormatParams`
+    (a format as data, the same bits): one compiled program then serves every format of
+    its class.
 
     >>> import jax.numpy as jnp
     >>> float(round_to(jnp.float32(1 + 2**-8 + 2**-20), "bf16"))
@@ -336,9 +482,11 @@ def round_to(x, fmt: "Format | str", mode: "Mode | str" = Mode.RNE, *, key=None)
     >>> float(round_to(1 + 2**-8 + 2**-40, "bf16"))  # a float64 value, with or without x64
     1.0078125
     """
-    fmt = parse(fmt)
+    traced = isinstance(fmt, FormatParams)
+    fmt = fmt if traced else parse(fmt)
     mode = Mode.parse(mode)
     key = _check_key(key, mode)
+    impl = _round_traced if traced else _round_impl
     if not isinstance(x, jax.Array):  # python and numpy values keep their own dtype (float -> float64)
         try:
             x = np.asarray(x)
@@ -348,8 +496,10 @@ def round_to(x, fmt: "Format | str", mode: "Mode | str" = Mode.RNE, *, key=None)
         raise RoundingError(f"round_to takes floating-point values, got dtype {x.dtype}; convert with .astype(float)")
     if x.dtype == np.float64 and not jax.config.jax_enable_x64:
         with jax.enable_x64(True):  # round the float64 value itself, not its float32 cut
-            return _round_impl(jnp.asarray(x, dtype=jnp.float64), key, fmt, mode)
+            return impl(jnp.asarray(x, dtype=jnp.float64), key, fmt, mode)
     x = jnp.asarray(x)
     if x.dtype not in (jnp.float32, jnp.float64):
         x = x.astype(jnp.float32)
-    return _round_impl(x, key, fmt, mode)
+    if traced and jnp.dtype(x.dtype).itemsize < jnp.dtype(fmt.cls.dtype).itemsize:
+        raise RoundingError(f"{fmt} is rounded to from {fmt.cls.dtype} or wider, got {x.dtype}; widen the input")
+    return impl(x, key, fmt, mode)

@@ -18,7 +18,8 @@ def _load(name: str):
 
 
 def test_every_benchmark_is_smoke_tested():
-    assert sorted(p.stem for p in BENCH.glob("bench_*.py")) == ["bench_rounding", "bench_sweep", "bench_time_to_result"]
+    assert sorted(p.stem for p in BENCH.glob("bench_*.py")) == ["bench_formats", "bench_rounding", "bench_sweep",
+                                                                    "bench_time_to_result"]
 
 
 def test_bench_rounding_runs(capsys):
@@ -46,3 +47,10 @@ def test_bench_time_to_result_runs(capsys):
     cold, warm = (r.split()[5:] for r in rows)  # run, wall s, x base, compiled, compile s, cached, ...
     assert cold[0] == "cold" and warm[0] == "warm"
     assert int(cold[3]) > 0 and int(warm[3]) == 0 and int(warm[5]) == int(cold[3])  # warm: compiled 0, all cached
+
+
+def test_bench_formats_runs(capsys):
+    _load("bench_formats").main(["--n", "8", "--formats", "fp16", "--repeat", "1", "--d", "4", "--compile-n", "8",
+                                 "--compile-layers", "1", "--orders", "pairwise"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["run"][0]["ratio"] > 0 and res["compile"][0]["compile"] > 0

@@ -14,13 +14,17 @@ from ._hooks import ArrayPlumbing
 
 @functools.lru_cache(maxsize=64)
 def _compiled(backend, fn, config, names: tuple[str, ...], with_probe: bool):
-    def f(arrays, tokens, probe):
-        return fn(config, dict(zip(names, arrays)), tokens, probe if with_probe else None, backend)
+    def f(arrays, tokens, probe, data):
+        b = backend if data is None else backend.bind(data)
+        return fn(config, dict(zip(names, arrays)), tokens, probe if with_probe else None, b)
 
     return jax.jit(f, compiler_options=backend.compiler_options() or None)
 
 
-def run_jitted(backend, fn, config, arrays: dict, tokens, probe):
+def run_jitted(backend, fn, config, arrays: dict, tokens, probe, data=None):
+    """``fn`` under jit, compiled once per (``backend``, config, shapes). ``data``: a pytree
+    the compiled program takes as an argument; inside it the model runs on
+    ``backend.bind(data)`` (backends equal on their static part then share the program)."""
     config = config.computation()  # configs differing only in initialisation share compiled code
     names = tuple(sorted(arrays))
     dt = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
@@ -31,7 +35,7 @@ def run_jitted(backend, fn, config, arrays: dict, tokens, probe):
     key = (id(f), t.shape, tuple(v.shape for v in vals))
     what = f"the {backend.kind} forward, N = {t.shape[0]:,}{' with probes' if probe is not None else ''}"
     with phase(("running " if key in _seen else "tracing, then compiling or loading ") + what):
-        out = f(vals, t, pr)
+        out = f(vals, t, pr, data)
     _seen.add(key)
     return out
 

@@ -28,7 +28,7 @@ def _blocks(n: int, per_row: int) -> tuple[int, int]:
 
 def _certified(emu: Emulator) -> bool:
     """Whether dot products can come from float64 matrix products (:func:`certified_matmul`)."""
-    return emu.policy.order.kind in ("exact", "blocked")
+    return emu.order.kind in ("exact", "blocked")
 
 
 def _linear(emu: Emulator, x, w):
@@ -67,23 +67,23 @@ def masked_softmax(emu: Emulator, s, valid, path: str = "certified"):
     ``path``: how the denominator's exact sum is taken (:func:`reduce_sum`); with
     ``"float64"`` the result is ``(alpha, ok)``, ``ok`` marking the rows whose
     denominator was certified (the other rows must be redone)."""
-    pol, mode = emu.policy, emu.mode
-    same = pol.softmax == pol.compute  # then both roundings between them are identities
+    mode = emu.mode
+    same = emu.softmax_is_compute  # then both roundings between them are identities
     s = jnp.asarray(s, emu.dtype)
     if not same:
-        s = round_to(s, pol.softmax, mode)
-    if pol.max_subtract:
+        s = round_to(s, emu.softmax, mode)
+    if emu.max_subtract:
         m = jnp.max(jnp.where(valid, s, jnp.asarray(-jnp.inf, emu.dtype)), axis=-1)
-        s = emu.sub(s, jnp.broadcast_to(m[:, None], s.shape), pol.softmax)
-    e = emu.exp(s, pol.softmax)
+        s = emu.sub(s, jnp.broadcast_to(m[:, None], s.shape), emu.softmax)
+    e = emu.exp(s, emu.softmax)
     e = jnp.where(valid, e, jnp.zeros_like(e))
-    den = reduce_sum(e, pol.order, pol.accumulate, pol.softmax, mode, valid, emu.bounds, nonneg=True,  # exp >= 0
+    den = reduce_sum(e, emu.order, emu.accumulate, emu.softmax, mode, valid, emu.bounds, nonneg=True,  # exp >= 0
                      path=path)
     with_ok = path == "float64"
     if with_ok:
         den, ok = den
-    alpha = emu.div(e, jnp.broadcast_to(den[:, None], e.shape), pol.softmax)
-    alpha = alpha if same else round_to(alpha, pol.compute, mode)
+    alpha = emu.div(e, jnp.broadcast_to(den[:, None], e.shape), emu.softmax)
+    alpha = alpha if same else round_to(alpha, emu.compute, mode)
     return (alpha, ok) if with_ok else alpha
 
 
@@ -101,7 +101,7 @@ def _prepare(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
     """What the op-by-op and certified attention share: keys and values with a slot for
     a query's own key and value (``self_kv``), and ``weights``, which turns raw scores
     (B, nk) of queries at positions pb into attention weights and the key mask."""
-    pol, mode, dt = emu.policy, emu.mode, emu.dtype
+    mode, dt = emu.mode, emu.dtype
     if self_kv is not None:
         k = jnp.concatenate([k, jnp.zeros((1, k.shape[1]), dt)])
         v = jnp.concatenate([v, jnp.zeros((1, v.shape[1]), dt)])
@@ -112,7 +112,7 @@ def _prepare(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
     bias_table = None
     if alibi is not None:  # -slope·distance for every distance, rounded once (a gather per block)
         maxd = max(nk, int(qpos.shape[0])) + 1
-        bias_table = round_to(-alibi * jnp.arange(maxd, dtype=jnp.float64), pol.storage, mode).astype(dt)
+        bias_table = round_to(-alibi * jnp.arange(maxd, dtype=jnp.float64), emu.storage, mode).astype(dt)
 
     def weights(s, pb, path="certified"):
         s = emu.mul(s, jnp.broadcast_to(sc, s.shape))
@@ -139,7 +139,7 @@ def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
     blocks of query rows over all keys. ``path``: how the exact and blocked orders
     take their exact sums (:func:`reduce_sum`; ``"superacc"`` where the certificate
     already failed)."""
-    pol, mode = emu.policy, emu.mode
+    mode = emu.mode
     k, v, kp, vp, cols, weights = _prepare(emu, q, k, v, qpos, scale, alibi, window, self_kv)
     nk, dh = k.shape
 
@@ -157,10 +157,10 @@ def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
         A = jnp.broadcast_to(alpha[:, :, None], V.shape)
         prod = A * V  # exact in the carrier
         prod = jnp.swapaxes(prod, 1, 2)  # (B, dh, nk): reduce over keys
-        if pol.order.kind not in ("exact", "blocked"):
-            prod = round_to(prod, pol.accumulate, mode)
+        if emu.order.kind not in ("exact", "blocked"):
+            prod = round_to(prod, emu.accumulate, mode)
         vmask = jnp.broadcast_to(valid[:, None, :], prod.shape)
-        return reduce_sum(prod, pol.order, pol.accumulate, pol.compute, mode, vmask, emu.bounds, path=path)
+        return reduce_sum(prod, emu.order, emu.accumulate, emu.compute, mode, vmask, emu.bounds, path=path)
 
     b, _ = _blocks(q.shape[0], nk * dh * (_EXACT_SHRINK if _certified(emu) else 1))
     return _map_rows(block, (q, qpos, kp, vp), b)

@@ -11,10 +11,54 @@ import jax.numpy as jnp
 import numpy as np
 
 from ...policy import Policy
-from .._jit import JaxBackendBase
+from .._jit import JaxBackendBase, run_jitted
 from .attention import _emulated_attention, _linear
-from .ops import Emulator
+from .ops import Emulator, shared_class_refusal
 from .schedule import _causal_segments, _segment_count, _sharded
+
+
+#: The longest stream (tokens) the emulated forward runs in the shared program (formats as
+#: data, float64 carrier: one compiled program for every format of ops.SHARED_CLASS); longer
+#: streams run the program specialised to the policy (formats static, the narrowest carrier:
+#: float32 for fp16 and the fp8 formats). Why this length: the shared program costs more
+#: than 1.5x the specialised one's run time for float32-carried formats at every length
+#: measured (fp16 pairwise, d = 64, L = 1, one run on a loaded 2-core machine: 1.56x at
+#: N = 512, 1.64x at 2048, 4.6x at 4096; bf16, float64-carried either way: 0.83-1.11x;
+#: benchmarks/bench_formats.py), but up to 2048 tokens the extra is < 1 s per forward while
+#: each specialised program it saves costs 5-12 s to compile; at 4096 the extra (~10 s per
+#: forward) exceeds a compile.
+SHARED_MAX_N = 2048
+
+
+def _compiler_options() -> dict:
+    """On CPU, XLA's older loop emitters instead of its MLIR fusion emitters. Measured
+    on jax 0.10 (docs/backends.md): the same bits (the arithmetic is explicit), half
+    the compile memory (a forward at N = 4096: 1.26 -> 0.57 GiB peak), a pairwise
+    forward 1.8x faster, the certified orders as fast or faster."""
+    return {"xla_cpu_use_fusion_emitters": False} if jax.default_backend() == "cpu" else {}
+
+
+class _SharedProgram:
+    """The static part of the shared emulated forward (its compiled code's key: every
+    policy that differs only in its formats has the same one); :meth:`bind` gives the
+    backend the model runs on inside the program, its formats the traced arguments."""
+
+    kind = "emulated"
+
+    def __init__(self, emu: Emulator):
+        self.emu = emu
+
+    def __hash__(self) -> int:
+        return hash(self.emu)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _SharedProgram) and other.emu == self.emu
+
+    def compiler_options(self) -> dict:
+        return _compiler_options()
+
+    def bind(self, data) -> "EmulatedBackend":
+        return EmulatedBackend(self.emu.bind(data))
 
 
 class EmulatedBackend(JaxBackendBase):
@@ -34,27 +78,48 @@ class EmulatedBackend(JaxBackendBase):
     which is the same (bit for bit) as running over the prefix only for every
     order (kahan skips masked terms explicitly). Queries are processed in
     blocks, so memory is O(block · N · d_h), never N × N × d_h.
+
+    Which compiled program :meth:`run` uses (the bits are the same): ``shared=None``
+    the shared one (formats as data) up to :data:`SHARED_MAX_N` tokens where the policy's
+    formats allow it, the specialised one beyond; ``True`` always the shared one (an error
+    if the formats do not allow it); ``False`` always the specialised one. Sharded
+    backends use the specialised one.
     """
 
     kind = "emulated"
 
-    def __init__(self, policy: "Policy | str", *, shard: bool = False):
-        self.emu = Emulator(policy)
+    def __init__(self, policy: "Policy | str | Emulator", *, shard: bool = False, shared: "bool | None" = None):
+        self.emu = policy if isinstance(policy, Emulator) else Emulator(policy)
         self.policy = self.emu.policy
         self.dtype = self.emu.dtype
         self.shard = shard and jax.device_count() > 1
         self.label = f"emulated:{self.policy}" + (f":sharded{jax.device_count()}" if self.shard else "")
+        if self.emu.shared or self.shard or shared is False:
+            self.shared = None
+        elif shared or shared_class_refusal(self.policy) is None:
+            self.shared = Emulator(self.policy, shared=True)  # raises if the formats do not allow it
+        else:
+            self.shared = None
+        self.shared_max_n = np.inf if shared else SHARED_MAX_N
 
     def describe(self) -> dict:
         return {"backend": "emulated", "policy": str(self.policy), "carrier": str(self.dtype),
-                "compiler_options": self.compiler_options()}
+                "compiler_options": self.compiler_options(),
+                "shared_program_up_to": (None if self.shared is None else
+                                         "any N" if np.isinf(self.shared_max_n) else f"N = {self.shared_max_n}")}
 
     def compiler_options(self) -> dict:
-        """On CPU, XLA's older loop emitters instead of its MLIR fusion emitters. Measured
-        on jax 0.10 (docs/backends.md): the same bits (the arithmetic is explicit), half
-        the compile memory (a forward at N = 4096: 1.26 -> 0.57 GiB peak), a pairwise
-        forward 1.8x faster, the certified orders as fast or faster."""
-        return {"xla_cpu_use_fusion_emitters": False} if jax.default_backend() == "cpu" else {}
+        return _compiler_options()
+
+    def run(self, fn, config, arrays, tokens, probe):
+        """The model function under jit: the shared program (formats as data) up to
+        ``shared_max_n`` tokens where the formats allow it, else the specialised one."""
+        if self.shared is not None and len(tokens) <= self.shared_max_n:
+            out = run_jitted(_SharedProgram(self.shared), fn, config, arrays, tokens, probe, self.shared.data())
+            # format values, exact in the policy's carrier; converted on the host, since an
+            # eager astype would compile a program per shape and dtype
+            return jax.tree.map(lambda y: jax.device_put(np.asarray(y).astype(self.dtype)), out)
+        return run_jitted(self, fn, config, arrays, tokens, probe)
 
     # data
     def store(self, x):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ...formats import Format
-from ...rounding import Mode, round_to
+from ...rounding import FormatParams, Mode, format_int, round_to
 from .._rows import _cond
 from .exact import _exponent, _pow2, exact_sum, lsb_exponent
 from .orders import _blocked, _rounded_add, _sequential
@@ -56,11 +56,12 @@ def _interval_width(s, a, k: int, exact=None):
     return e
 
 
-def _cell_check_applies(fmt: Format, mode) -> bool:
-    return mode is Mode.RNE and fmt.subnormals and fmt.signed_zero and fmt.p < 52
+def _cell_check_applies(fmt: "Format | FormatParams", mode) -> bool:
+    p = fmt.cls.pmax if isinstance(fmt, FormatParams) else fmt.p  # the largest p a traced format can have
+    return mode is Mode.RNE and fmt.subnormals and fmt.signed_zero and p < 52
 
 
-def _inside_cell(s, e, r, fmt: Format):
+def _inside_cell(s, e, r, fmt: "Format | FormatParams"):
     """Round to nearest: whether ``[s - e, s + e]`` lies strictly inside the rounding
     cell of ``r = round(s)``, so that every point of it rounds to ``r``.
 
@@ -74,8 +75,9 @@ def _inside_cell(s, e, r, fmt: Format):
     and ``fl(δ + e) < H`` implies ``δ + e < H`` for a power of two ``H``."""
     bits = lax.bitcast_convert_type(r, jnp.uint64)
     E = _exponent(r)
-    H = _pow2(jnp.maximum(E, fmt.emin) - fmt.p)
-    pow2 = ((bits & jnp.uint64((1 << 52) - 1)) == 0) & (E > fmt.emin)
+    emin, p = format_int(fmt.emin, jnp.int64), format_int(fmt.p, jnp.int64)
+    H = _pow2(jnp.maximum(E, emin) - p)
+    pow2 = ((bits & jnp.uint64((1 << 52) - 1)) == 0) & (E > emin)
     Hdn = jnp.where(pow2, H * 0.5, H)
     delta = jnp.abs(s) - jnp.abs(r)
     nonzero = (delta + e < H) & (e - delta < Hdn) & (jnp.abs(r) < fmt.max)
@@ -153,7 +155,7 @@ def certified_sum(x, out: Format, mode, kmin: int = -1074, kmax: int = 1024, non
 
 
 def _block_size(emu: "Emulator", k: int) -> int:
-    return k if emu.policy.order.kind == "exact" else emu.policy.order.block
+    return k if emu.order.kind == "exact" else emu.order.block
 
 
 def matmul_stats(emu: "Emulator", w):
@@ -201,7 +203,7 @@ def certified_matmul(emu: "Emulator", x, w, extra=None, *, w_stats=None, x_norms
     Returns ``(r, ok)`` with ``ok`` of shape (m, n): where it is false, ``r`` is not
     certified and the caller must use the op-by-op result.
     """
-    pol, mode = emu.policy, emu.mode
+    mode = emu.mode
     x = jnp.asarray(x).astype(jnp.float64)
     w = jnp.asarray(w).astype(jnp.float64)
     b = _block_size(emu, x.shape[1])
@@ -235,7 +237,7 @@ def certified_matmul(emu: "Emulator", x, w, extra=None, *, w_stats=None, x_norms
         q = (jnp.min(lsb_exponent(x), axis=1)[:, None] + qw[None, :])[..., None]
         return q if qt is None else jnp.minimum(q, qt)
 
-    fmt = pol.compute if pol.order.kind == "exact" else pol.accumulate
+    fmt = emu.compute if emu.order.kind == "exact" else emu.accumulate
     A = with_extra(A)
     first = certify(S, A, terms + 3, fmt, mode, _exact_in_float64(A, quanta()) if x_quanta else None)
 
@@ -244,7 +246,7 @@ def certified_matmul(emu: "Emulator", x, w, extra=None, *, w_stats=None, x_norms
         return _merge(first, certify(S, A, terms, fmt, mode, _exact_in_float64(A, quanta())))
 
     r, ok = _cond(jnp.all(first[1]), lambda: first, tighter)
-    if pol.order.kind == "exact":
+    if emu.order.kind == "exact":
         return r[..., 0].astype(emu.dtype), ok[..., 0]
-    r = round_to(_sequential(r, _rounded_add(pol.accumulate, mode)), pol.compute, mode)
+    r = round_to(_sequential(r, _rounded_add(emu.accumulate, mode)), emu.compute, mode)
     return r.astype(emu.dtype), jnp.all(ok, axis=-1)

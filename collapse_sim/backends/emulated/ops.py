@@ -19,6 +19,7 @@ certificates (certificates.py) or the superaccumulator (exact.py), which agree b
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import jax
@@ -28,46 +29,101 @@ from jax import lax
 from ... import require_x64
 from ...formats import Format
 from ...policy import Order, Policy
-from ...rounding import round_to
-from .carrier import carrier_add, carrier_for
+from ...rounding import FormatClass, round_to
+from .carrier import CarrierError, carrier_add, carrier_for
 from .certificates import certified_sum
 from .exact import exact_sum
 from .orders import _blocked, _kahan, _pairwise, _rounded_add, _sequential
 
 
-class Emulator:
-    """The ops of one policy. Immutable and hashable, so it can be a static jit argument."""
+#: The formats one shared program emulates, with the formats as data (a jit argument, not
+#: part of the compiled code): p <= 25 (a float64 carrier holds 2p + 2 bits), every quantum
+#: >= 2^-149 and largest binade <= 2^127 (fp32's range: bf16, fp16, tf32, the fp8/fp6/fp4
+#: formats, fp32 itself), with subnormals and signed zeros. Its exact sums' bounds are the
+#: class's: terms are multiples of 2^-298 below 2^256.
+SHARED_CLASS = FormatClass("float64", pmax=25, qmin=-149, emax=127)
 
-    def __init__(self, policy: "Policy | str"):
-        self.policy = Policy.parse(policy)
+
+def shared_class_refusal(policy: Policy) -> "str | None":
+    """Why the shared program cannot emulate ``policy`` (None if it can)."""
+    for f in policy.formats():
+        why = SHARED_CLASS.why_not(f)
+        if why is not None:
+            return why
+    return None
+
+
+class Emulator:
+    """The ops of one policy. Hashable (on what its compiled code depends on), so it can be
+    a static jit argument.
+
+    ``shared=False``: the policy's formats are static, the carrier the narrowest that
+    emulates them (carrier.py). ``shared=True``: the formats are data, :class:`FormatParams`
+    of :data:`SHARED_CLASS` (``data()``), the carrier float64; inside a compiled program,
+    :meth:`bind` gives the emulator of the traced formats. Two shared emulators whose
+    policies differ only in their formats are equal: they share compiled code.
+    """
+
+    def __init__(self, policy: "Policy | str", *, shared: bool = False):
+        self.policy = pol = Policy.parse(policy)
         require_x64("the emulated backend")
-        self.dtype = jnp.dtype(carrier_for(*self.policy.formats()))
-        self.mode = self.policy.mode
-        fmts = self.policy.formats()
+        self.order, self.mode, self.max_subtract = pol.order, pol.mode, pol.max_subtract
+        self.softmax_is_compute = pol.softmax == pol.compute  # then rounding between them is the identity
+        fmts = pol.formats()
+        self.shared = shared
+        if shared:
+            why = shared_class_refusal(pol)
+            if why is not None:
+                raise CarrierError(f"policy {pol} has no shared program: {why}; use Emulator(policy) (formats static)")
+            self.dtype = jnp.dtype(SHARED_CLASS.dtype)
+            self.roles = tuple(SHARED_CLASS.params(f) for f in fmts)
+            qmin, emax = SHARED_CLASS.qmin, SHARED_CLASS.emax
+            self.key = ("shared", SHARED_CLASS, str(self.order), self.mode, self.max_subtract, self.softmax_is_compute)
+        else:
+            self.dtype = jnp.dtype(carrier_for(*fmts))
+            self.roles = fmts
+            qmin, emax = min(f.min_exponent_of_quantum for f in fmts), max(f.emax for f in fmts)
+            self.key = ("policy", pol)
+        self.storage, self.compute, self.accumulate, self.softmax = self.roles
         # every reduction term is a format value or a product of two: multiples of
         # 2**(2 qmin) below 2**(2 emax + 2)
-        self.bounds = (2 * min(f.min_exponent_of_quantum for f in fmts), 2 * max(f.emax for f in fmts) + 2)
+        self.bounds = (2 * qmin, 2 * emax + 2)
+
+    def data(self):
+        """The formats a compiled program takes as an argument (None when they are static)."""
+        return self.roles if self.shared else None
+
+    def bind(self, roles) -> "Emulator":
+        """This shared emulator with the formats ``roles`` (traced :class:`FormatParams`:
+        storage, compute, accumulate, softmax), for use inside the compiled program."""
+        if not self.shared:
+            raise ValueError("only a shared emulator takes its formats as data")
+        emu = copy.copy(self)
+        emu.policy = None  # the formats are the traced ones; order, mode, max_subtract stay
+        emu.roles = tuple(roles)
+        emu.storage, emu.compute, emu.accumulate, emu.softmax = emu.roles
+        return emu
 
     def __hash__(self) -> int:
-        return hash(self.policy)
+        return hash(self.key)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Emulator) and other.policy == self.policy
+        return isinstance(other, Emulator) and other.key == self.key
 
     def __repr__(self) -> str:
-        return f"Emulator({self.policy})"
+        return f"Emulator({self.policy}{', shared=True' if self.shared else ''})"
 
     # --- rounding --------------------------------------------------------
     def rnd(self, x, fmt: Format | None = None):
         """Round ``x`` (carried in the carrier dtype) to ``fmt`` (default: compute)."""
-        return round_to(jnp.asarray(x, self.dtype), fmt or self.policy.compute, self.mode)
+        return round_to(jnp.asarray(x, self.dtype), self.compute if fmt is None else fmt, self.mode)
 
     def store(self, x):
         """Bring external data (any float array) in: one rounding to the storage format."""
         x = jnp.asarray(x)
         if x.dtype != jnp.float64:
             x = x.astype(jnp.float64) if jax.config.jax_enable_x64 else x
-        return round_to(x, self.policy.storage, self.mode).astype(self.dtype)
+        return round_to(x, self.storage, self.mode).astype(self.dtype)
 
     # --- elementary ops ----------------------------------------------------
     def add(self, a, b, fmt=None):
@@ -88,15 +144,15 @@ class Emulator:
 
     def exp(self, a, fmt=None):
         wide = jnp.exp(jnp.asarray(a, jnp.float64))
-        return round_to(wide, fmt or self.policy.compute, self.mode).astype(self.dtype)
+        return round_to(wide, self.compute if fmt is None else fmt, self.mode).astype(self.dtype)
 
     # --- reductions --------------------------------------------------------
     def sum(self, x, axis: int = -1, out_fmt: Format | None = None, order: Order | None = None):
         """Sum along ``axis`` in the policy's order, accumulating in ``accumulate``,
         then rounding once to ``out_fmt`` (default: compute)."""
         x = jnp.moveaxis(jnp.asarray(x, self.dtype), axis, -1)
-        return reduce_sum(x, order or self.policy.order, self.policy.accumulate, out_fmt or self.policy.compute, self.mode,
-                          bounds=self.bounds)
+        return reduce_sum(x, order or self.order, self.accumulate, self.compute if out_fmt is None else out_fmt,
+                          self.mode, bounds=self.bounds)
 
     def dot(self, a, b, out_fmt: Format | None = None, order: Order | None = None, path: str = "certified"):
         """Vector dot product over the last axis (batched over the rest).
@@ -108,10 +164,10 @@ class Emulator:
         """
         a, b = jnp.broadcast_arrays(jnp.asarray(a, self.dtype), jnp.asarray(b, self.dtype))
         prod = a * b
-        order = order or self.policy.order
+        order = order or self.order
         if order.kind not in ("exact", "blocked"):
-            prod = self.rnd(prod, self.policy.accumulate)
-        return reduce_sum(prod, order, self.policy.accumulate, out_fmt or self.policy.compute, self.mode,
+            prod = self.rnd(prod, self.accumulate)
+        return reduce_sum(prod, order, self.accumulate, self.compute if out_fmt is None else out_fmt, self.mode,
                           bounds=self.bounds, path=path)
 
     def matmul(self, a, b, out_fmt=None, order=None):
