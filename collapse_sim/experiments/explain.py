@@ -45,8 +45,9 @@ import numpy as np
 from ..backends import make_backend
 from ..backends.native import NativeBackend
 from ..formats import Format
-from ..model import Params, forward_tapped
+from ..model import Params
 from ..policy import Order, Policy
+from ..theory.trace import compiled_taps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,36 +96,11 @@ def native_backend(fmt: str, applied: frozenset[str]):
     return B, opts
 
 
-class _Recorder:
-    """A backend that records what the model taps, in the order it taps it."""
-
-    def __init__(self, inner):
-        self._inner = inner
-        self.records: dict = {}
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def tap(self, name, x):
-        self.records[name] = x
-        return x
-
-
 def tapped(params: Params, tokens, backend, compiler_options: dict | None = None) -> dict[str, np.ndarray]:
     """Every tap of one forward (and ``"y"``, the output) as float64 arrays, in tap order,
-    from one compiled program."""
-    tokens = np.asarray(tokens)
-    names: list[str] = []
-
-    def run(arrays):
-        R = _Recorder(backend)
-        y = forward_tapped(Params(params.config, arrays), tokens, R)
-        names[:] = [*R.records, "y"]
-        return [*R.records.values(), y]  # a list: a dict's keys would come back sorted, not in tap order
-
-    opts = {**getattr(backend, "compiler_options", dict)(), **(compiler_options or {})}
-    out = jax.jit(run, compiler_options=opts or None)(params.arrays)
-    return {k: np.asarray(jnp.asarray(v).astype(jnp.float64)) for k, v in zip(names, out)}
+    from one compiled program (:func:`collapse_sim.theory.trace.compiled_taps`)."""
+    y, taps, _ = compiled_taps(params, np.asarray(tokens), backend, compiler_options=compiler_options)
+    return {k: np.asarray(jnp.asarray(v).astype(jnp.float64)) for k, v in {**taps, "y": y}.items()}
 
 
 def first_difference(a: dict, b: dict) -> tuple[int, str | None, int]:

@@ -28,18 +28,13 @@ from ..model import Params, forward_tapped
 
 
 class AnalysisBackend(NativeBackend):
-    """float64 (or ``dtype``), full attention matrices; records taps while the model is traced."""
+    """float64 (or ``dtype``), full attention matrices (kept in ``_attn`` while the model is traced)."""
 
     def __init__(self, frozen: bool = False, dtype: str = "fp64"):
         super().__init__(dtype)
         self.frozen = frozen
         self.label = f"analysis:{self.fmt.name}" + (":frozen" if frozen else "")
-        self.records: dict = {}
         self._attn: list = []
-
-    def tap(self, name, x):
-        self.records[name] = x
-        return x
 
     def freeze(self, x):
         return jax.lax.stop_gradient(x) if self.frozen else x
@@ -77,24 +72,48 @@ class Trace:
     y: np.ndarray
 
 
-def _tapped(params: Params, tokens: np.ndarray, B: AnalysisBackend, delta0=None):
-    """``forward_tapped`` compiled as one XLA program (the weights and ``delta0`` its arguments,
-    ``tokens`` a constant): run eagerly, every op of every new shape compiled its own small
-    program (hundreds per theorem check). Returns ``(y, records, attention matrices)``."""
+class Recorder:
+    """A backend that records what the model taps, in the order it taps it, and passes every
+    other call to the backend it wraps."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.records: dict = {}
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def tap(self, name, x):
+        self.records[name] = x
+        return x
+
+
+def compiled_taps(params: Params, tokens: np.ndarray, backend, *, delta0=None, compiler_options: dict | None = None):
+    """``forward_tapped`` on ``backend`` compiled as one XLA program (the weights and ``delta0``
+    its arguments, ``tokens`` a constant): run eagerly, every op of every new shape compiled its
+    own small program (hundreds per theorem check). Returns ``(y, taps in tap order, the
+    attention matrices an AnalysisBackend keeps (else []))``."""
+    names: list[str] = []
 
     def run(arrays, delta0):
-        B.records, B._attn = {}, []
-        y = forward_tapped(Params(params.config, arrays), tokens, B, delta0=delta0)
-        return y, B.records, B._attn
+        R = Recorder(backend)
+        if isinstance(backend, AnalysisBackend):
+            backend._attn = []
+        y = forward_tapped(Params(params.config, arrays), tokens, R, delta0=delta0)
+        names[:] = R.records
+        # lists: a dict's keys would come back sorted, not in tap order
+        return y, list(R.records.values()), list(getattr(backend, "_attn", []))
 
-    return jax.jit(run)(params.arrays, delta0)
+    opts = {**backend.compiler_options(), **(compiler_options or {})}
+    y, values, attn = jax.jit(run, compiler_options=opts or None)(params.arrays, delta0)
+    return y, dict(zip(names, values)), attn
 
 
 def trace(params: Params, tokens) -> Trace:
     require_x64("theory traces")
     c = params.config
     tokens = np.asarray(tokens)
-    y, R, A = _tapped(params, tokens, AnalysisBackend())
+    y, R, A = compiled_taps(params, tokens, AnalysisBackend())
     y, R = np.asarray(y), {k: np.asarray(v) for k, v in R.items()}
     L, H = c.n_layers, c.n_heads
     attn = {(l, h): np.asarray(A[l * H + h]) for l in range(L) for h in range(H)}
