@@ -128,23 +128,33 @@ def test_shared_forward_equals_specialised(template, formats, probe):
         assert _same(shared, special).all(), policy
 
 
-def test_switching_format_compiles_nothing():
-    """The forward for bf16, then fp16, e4m3fn and a custom format at the same shape and
-    order, with the program chosen by size (shared at this N): a count of compilations
-    after the first format, which must be zero."""
+def _compiles_per_format(shared):
+    """New compilations (or cache loads) for each of FORWARD_FORMATS in turn, at one
+    shape and order, on backends built with ``shared``."""
     from collapse_sim.backends.emulated import SHARED_MAX_N, EmulatedBackend
-    from collapse_sim.model import forward
+    from collapse_sim.model import ModelConfig, forward, init_params
 
-    params, tokens = _model()
+    params = init_params(ModelConfig(d=4, n_layers=1, vocab=6, pe="sinusoidal", seed=1, n_heads=1 if shared else 2))
+    tokens = np.random.default_rng(2).integers(0, 6, 12)  # (a config of its own per test: no program seen before)
     assert tokens.size <= SHARED_MAX_N
-    forward(params, tokens, EmulatedBackend("compute=bf16,order=sequential")).block_until_ready()
-    before = snapshot()
-    for f in FORWARD_FORMATS[1:]:
-        be = EmulatedBackend(f"compute={f},order=sequential")
-        assert be.shared is not None
-        forward(params, tokens, be).block_until_ready()
-    new = snapshot().since(before)
-    assert new.compiled + new.cache_hits == 0, new
+    counts = []
+    for f in FORWARD_FORMATS:
+        before = snapshot()
+        forward(params, tokens, EmulatedBackend(f"compute={f},order=sequential", shared=shared)).block_until_ready()
+        new = snapshot().since(before)
+        counts.append(new.compiled + new.cache_hits)
+    return counts
+
+
+def test_switching_format_compiles_nothing():
+    """bf16, then fp16, e4m3fn and a custom format at the same shape and order: with
+    ``shared=True`` nothing compiles after the first format; with the automatic choice
+    the first format runs its specialised program, the second compiles the shared one,
+    and nothing compiles after that."""
+    always = _compiles_per_format(True)
+    assert always[0] >= 1 and always[1:] == [0, 0, 0], always
+    auto = _compiles_per_format(None)
+    assert auto[0] >= 1 and auto[1] >= 1 and auto[2:] == [0, 0], auto
 
 
 def test_specialised_beyond_the_threshold(monkeypatch):

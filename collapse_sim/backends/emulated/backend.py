@@ -29,6 +29,10 @@ from .schedule import _causal_segments, _segment_count, _sharded
 #: forward) exceeds a compile.
 SHARED_MAX_N = 2048
 
+#: (shared program's static part, model function, config, shape) -> the policies that ran
+#: the specialised program there (the automatic choice of :class:`EmulatedBackend`).
+_POLICIES_RUN: dict = {}
+
 
 def _compiler_options() -> dict:
     """On CPU, XLA's older loop emitters instead of its MLIR fusion emitters. Measured
@@ -80,10 +84,12 @@ class EmulatedBackend(JaxBackendBase):
     blocks, so memory is O(block · N · d_h), never N × N × d_h.
 
     Which compiled program :meth:`run` uses (the bits are the same): ``shared=None``
-    the shared one (formats as data) up to :data:`SHARED_MAX_N` tokens where the policy's
-    formats allow it, the specialised one beyond; ``True`` always the shared one (an error
-    if the formats do not allow it); ``False`` always the specialised one. Sharded
-    backends use the specialised one.
+    (automatic) the specialised one for the first policy run at a shape, and the shared
+    one (formats as data) for every later policy of the shared class at that shape, up
+    to :data:`SHARED_MAX_N` tokens (a process that runs one format compiles one program
+    of the cheaper kind; one that switches formats compiles two in all, never one per
+    format); ``True`` always the shared one (an error if the formats do not allow it);
+    ``False`` always the specialised one. Sharded backends use the specialised one.
     """
 
     kind = "emulated"
@@ -105,21 +111,33 @@ class EmulatedBackend(JaxBackendBase):
     def describe(self) -> dict:
         return {"backend": "emulated", "policy": str(self.policy), "carrier": str(self.dtype),
                 "compiler_options": self.compiler_options(),
-                "shared_program_up_to": (None if self.shared is None else
-                                         "any N" if np.isinf(self.shared_max_n) else f"N = {self.shared_max_n}")}
+                "shared_program": (None if self.shared is None else "always" if np.isinf(self.shared_max_n) else
+                                   f"for the second and later policies run at a shape, up to N = {self.shared_max_n}")}
 
     def compiler_options(self) -> dict:
         return _compiler_options()
 
     def run(self, fn, config, arrays, tokens, probe):
-        """The model function under jit: the shared program (formats as data) up to
-        ``shared_max_n`` tokens where the formats allow it, else the specialised one."""
-        if self.shared is not None and len(tokens) <= self.shared_max_n:
+        """The model function under jit, in the program the class docstring's rule chooses."""
+        if self.shared is not None and len(tokens) <= self.shared_max_n and self._use_shared(fn, config, arrays, tokens, probe):
             out = run_jitted(_SharedProgram(self.shared), fn, config, arrays, tokens, probe, self.shared.data())
             # format values, exact in the policy's carrier; converted on the host, since an
             # eager astype would compile a program per shape and dtype
             return jax.tree.map(lambda y: jax.device_put(np.asarray(y).astype(self.dtype)), out)
         return run_jitted(self, fn, config, arrays, tokens, probe)
+
+    def _use_shared(self, fn, config, arrays, tokens, probe) -> bool:
+        """``shared=True``: always. Automatic: once another policy of the shared class has
+        run at this shape in this process (a policy that ran specialised keeps its program)."""
+        if np.isinf(self.shared_max_n):
+            return True
+        key = (_SharedProgram(self.shared), fn, config.computation(), len(tokens), probe is None,
+               tuple(sorted((k, np.shape(v)) for k, v in arrays.items())))
+        seen = _POLICIES_RUN.setdefault(key, set())
+        use = bool(seen - {self.policy}) and self.policy not in seen
+        if not use:
+            seen.add(self.policy)
+        return use
 
     # data
     def store(self, x):
