@@ -18,7 +18,6 @@ from .certificates import certified_matmul, matmul_stats, row_norms
 from .ops import Emulator, reduce_sum
 
 _BLOCK_ELEMS = 1 << 21  # elements of one (queries x keys x head-dim) block
-_EXACT_SHRINK = 8  # exact and blocked orders: the superaccumulator holds ~20 int64 limbs per term
 
 
 def _blocks(n: int, per_row: int) -> tuple[int, int]:
@@ -52,7 +51,7 @@ def _linear(emu: Emulator, x, w):
         return r, jnp.all(ok, axis=-1)
 
     r, ok = _map_rows(block, (x,), max(1, min(n, _BLOCK_ELEMS // (4 * dout))))
-    b, _ = _blocks(n, din * dout * _EXACT_SHRINK)
+    b, _ = _blocks(n, din * dout)
     redo = functools.partial(op_by_op, path="superacc")  # where the certificate failed
     return _fill_rows(r, ok, (x,), redo, b)
 
@@ -162,7 +161,7 @@ def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
         vmask = jnp.broadcast_to(valid[:, None, :], prod.shape)
         return reduce_sum(prod, emu.order, emu.accumulate, emu.compute, mode, vmask, emu.bounds, path=path)
 
-    b, _ = _blocks(q.shape[0], nk * dh * (_EXACT_SHRINK if _certified(emu) else 1))
+    b, _ = _blocks(q.shape[0], nk * dh)
     return _map_rows(block, (q, qpos, kp, vp), b)
 
 
@@ -201,7 +200,7 @@ def _fill_uncertified(emu: Emulator, o, ok, q, k, v, qpos, scale, alibi, window,
     reduction order's result). The op-by-op code is compiled once per attention call,
     never per causal segment, and runs only for the blocks holding such a row."""
     nk = k.shape[0] + (self_kv is not None)
-    b, _ = _blocks(o.shape[0], nk * o.shape[1] * _EXACT_SHRINK)
+    b, _ = _blocks(o.shape[0], nk * o.shape[1])
 
     def redo(qb, pb, kpb, vpb):
         skv = None if self_kv is None else (kpb, vpb)

@@ -1,17 +1,26 @@
 """Exact summation: a fixed-point superaccumulator of 32-bit limbs in int64 (the
 ``exact`` order of docs/semantics.md §3.1: one rounding of the exact sum), and the
 float64 bit-pattern helpers it shares with the certificates.
+
+The superaccumulator runs on the host, in numpy, called from compiled code by
+``jax.pure_callback``; only the final rounding to the format is compiled. Inlined into
+XLA it was ~800 lines of HLO per call site, and the exact and blocked forwards hold
+dozens of call sites (each certified sum's fallback and the op-by-op redo of what the
+certificates leave open), which made their compiles 2-5x those of the other orders
+while the code runs only where a certificate fails.
 """
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from ...formats import Format
 from ...rounding import round_to
-
 _NO_BITS = 4096  # lowest-set-bit exponent given to zeros: above every real one
 
 
@@ -42,10 +51,11 @@ def _exponent(x64):
 
 
 _LIMB = 32
+_U = np.uint64
 
 
-_EXACT_CHUNK = 4096  # terms per pass of the superaccumulator (its limb table is terms x limbs int64)
-_EXACT_TABLE = 1 << 22  # int64 limb-table entries per pass (32 MiB)
+_EXACT_CHUNK = 4096  # terms per pass of the superaccumulator along the sum
+_EXACT_TABLE = 1 << 22  # terms per pass in all (each pass holds a few int64 arrays of this size)
 
 
 def exact_sum(x, out: Format, mode, kmin: int = -1074, kmax: int = 1024, chunk: int = _EXACT_CHUNK,
@@ -59,107 +69,117 @@ def exact_sum(x, out: Format, mode, kmin: int = -1074, kmax: int = 1024, chunk: 
     exact sum would (the sticky bit sits below >= 33 kept bits, p + 2 <= 27).
     Non-finite terms give the plain float sum (inf or NaN). Long sums are taken in
     chunks of ``chunk`` terms (limb sums of chunks add exactly) and large batches a
-    few sums at a time, so the limb table stays below ``table`` entries.
+    few sums at a time, so each pass holds at most ``table`` terms.
 
     ``kmin``/``kmax`` bound the terms (every term is a multiple of ``2**kmin``
     and below ``2**kmax`` in magnitude); narrower bounds mean fewer limbs. A
     term outside them makes the result NaN, never a silently wrong number.
+
+    The limb arithmetic runs on the host (:func:`sticky_sum`, numpy) through
+    ``jax.pure_callback``; ``out`` may be a traced format (the shared program).
     """
     dtype = x.dtype
-    x64 = x.astype(jnp.float64)
+    x64 = jnp.asarray(x).astype(jnp.float64)
+    host = functools.partial(sticky_sum, kmin=kmin, kmax=kmax, chunk=chunk, table=table)
+    val = jax.pure_callback(host, jax.ShapeDtypeStruct(x64.shape[:-1], jnp.float64), x64, vmap_method="expand_dims")
+    return round_to(val, out, mode).astype(dtype)
+
+
+def _bit_length(v):
+    """Bits of each non-negative integer ``v < 2**53`` (0 for 0), exactly (float64 holds them)."""
+    return np.frexp(np.asarray(v).astype(np.float64))[1].astype(np.int64)
+
+
+def _host_odd_significand(x64):
+    """:func:`_odd_significand` in numpy."""
+    bits = np.ascontiguousarray(x64, np.float64).view(_U)
+    E = ((bits >> _U(52)) & _U(0x7FF)).astype(np.int64)
+    frac = bits & _U((1 << 52) - 1)
+    m = np.where(E == 0, frac, frac | _U(1 << 52))
+    k = np.where(E == 0, -1074, E - 1075)
+    tz = np.maximum(_bit_length(m & (~m + _U(1))) - 1, 0)  # the lowest set bit is a power of 2 <= 2**52
+    return m >> tz.astype(_U), k + tz
+
+
+def _limb_sums(x2, kmin: int, kmax: int, kbase: int, nlimbs: int):
+    """The limb sums (rows, nlimbs) int64 of the rows of ``x2`` (rows, n), exact, and
+    whether a row has a term outside the bounds."""
+    rows, n = x2.shape
+    neg = np.signbit(x2)
+    m, k = _host_odd_significand(x2)  # m odd: then k >= kmin is the condition
+    nz = m != 0
+    outside = np.any(nz & ((k < kmin) | (k + _bit_length(m) > kmax)), axis=-1)
+    off = np.where(nz, k, kmin) - kbase
+    j = np.clip(off // _LIMB, 0, nlimbs - 3)  # clipped terms are outside: their row's result is NaN
+    rsh = (off % _LIMB).astype(_U)
+    mask = _U(0xFFFFFFFF)
+    lo = (m & mask) << rsh  # < 2**64, spans limbs j, j+1
+    hi = (m >> _U(32)) << rsh  # < 2**53, spans limbs j+1, j+2
+    sgn = np.where(neg, -1, 1)
+    base = (np.arange(rows) * nlimbs)[:, None] + j
+    A = np.zeros(rows * nlimbs, np.int64)
+    for t, c in enumerate(((lo & mask), (lo >> _U(32)) + (hi & mask), hi >> _U(32))):
+        # |term| < 2**33 and < 2**20 terms per row and limb: float64 counts stay exact (< 2**53)
+        w = (c.astype(np.int64) * sgn).astype(np.float64)
+        A += np.bincount((base + t).ravel(), weights=w.ravel(), minlength=rows * nlimbs).astype(np.int64)
+    return A.reshape(rows, nlimbs), outside
+
+
+def sticky_sum(x, kmin: int = -1074, kmax: int = 1024, chunk: int = _EXACT_CHUNK, table: int = _EXACT_TABLE):
+    """The exact sum of the last axis of ``x`` (numpy float64), as a float64 that rounds
+    to any format of precision p <= 51 as the exact sum does: its top 52 bits and a
+    sticky bit (round to odd). Rows with a non-finite term give their float sum;
+    rows with a term outside ``[2**kmin, 2**kmax)`` give NaN (see :func:`exact_sum`)."""
+    x64 = np.asarray(x, np.float64)
+    batch, n = x64.shape[:-1], x64.shape[-1]
+    x2 = x64.reshape(-1, n)
+    rows = x2.shape[0]
     kbase = kmin - _LIMB  # one zero limb below everything
     nlimbs = (kmax - kbase) // _LIMB + 4  # + room for carries of up to 2**63 terms
-
-    def limbs(x64):
-        """The limb sums (..., nlimbs) of the terms on the last axis, and whether any is outside the bounds."""
-        neg = jnp.signbit(x64)
-        # m odd (its lowest set bit is bit 0): then k >= kmin is the condition
-        m, k = _odd_significand(x64)
-        blen_m = 64 - lax.clz(m).astype(jnp.int64)
-        outside = jnp.any((m != 0) & ((k < kmin) | (k + blen_m > kmax)), axis=-1)
-        k = jnp.where(m == 0, kmin, k)
-        off = k - kbase
-        j = off // _LIMB
-        rsh = (off % _LIMB).astype(jnp.uint64)
-        ml = m & jnp.uint64(0xFFFFFFFF)
-        mh = m >> jnp.uint64(32)
-        lo = ml << rsh  # < 2**64, spans limbs j, j+1
-        hi = mh << rsh  # < 2**53, spans limbs j+1, j+2
-        mask = jnp.uint64(0xFFFFFFFF)
-        c0 = (lo & mask).astype(jnp.int64)
-        c1 = ((lo >> jnp.uint64(32)) + (hi & mask)).astype(jnp.int64)
-        c2 = (hi >> jnp.uint64(32)).astype(jnp.int64)
-        sgn = jnp.where(neg, -1, 1).astype(jnp.int64)
-        c0, c1, c2 = c0 * sgn, c1 * sgn, c2 * sgn
-        lidx = jnp.arange(nlimbs).reshape((1,) * j.ndim + (nlimbs,))
-        jj = j[..., None]
-        contrib = (jnp.where(jj == lidx, c0[..., None], 0) + jnp.where(jj + 1 == lidx, c1[..., None], 0)
-                   + jnp.where(jj + 2 == lidx, c2[..., None], 0))
-        return jnp.sum(contrib, axis=-2), outside  # (..., nlimbs) int64, exact
-
-    n = x64.shape[-1]
-
-    def limb_sums(x2):  # (rows, n) -> (rows, nlimbs), (rows,)
-        if n <= chunk:
-            return limbs(x2)
-        nc = -(-n // chunk)
-        chunks = jnp.moveaxis(jnp.pad(x2, ((0, 0), (0, nc * chunk - n))).reshape(x2.shape[0], nc, chunk), 1, 0)
-
-        def add_chunk(carry, c):
-            A, outside = limbs(c)
-            return (carry[0] + A, carry[1] | outside), None
-
-        zero = (jnp.zeros((x2.shape[0], nlimbs), jnp.int64), jnp.zeros(x2.shape[0], bool))
-        return lax.scan(add_chunk, zero, chunks)[0]
-
-    batch = x64.shape[:-1]
-    rows = int(np.prod(batch, dtype=np.int64))
-    per_row = min(n, chunk) * nlimbs  # int64 limb table entries per row and pass
-    rb = max(1, table // per_row)
-    x2 = x64.reshape(rows, n)
-    if rows <= rb:
-        A, outside = limb_sums(x2)
-    else:  # many sums: a few rows at a time, so the limb table stays below `table` entries
-        nr = -(-rows // rb)
-        A, outside = lax.map(limb_sums, jnp.pad(x2, ((0, nr * rb - rows), (0, 0))).reshape(nr, rb, n))
-        A, outside = A.reshape(nr * rb, nlimbs)[:rows], outside.reshape(nr * rb)[:rows]
-    A, outside = A.reshape(*batch, nlimbs), outside.reshape(batch)
+    A = np.zeros((rows, nlimbs), np.int64)
+    outside = np.zeros(rows, bool)
+    width = max(1, min(n, chunk, 1 << 20))
+    rb = max(1, table // width)
+    for r0 in range(0, rows, rb):
+        for c0 in range(0, n, width):
+            a, o = _limb_sums(x2[r0:r0 + rb, c0:c0 + width], kmin, kmax, kbase, nlimbs)
+            A[r0:r0 + rb] += a
+            outside[r0:r0 + rb] |= o
 
     def normalise(A):
-        def step(L, A):
-            carry = A[..., L] >> _LIMB
-            A = A.at[..., L].add(-(carry << _LIMB))
-            return A.at[..., L + 1].add(carry)
-
-        return lax.fori_loop(0, nlimbs - 1, step, A)
+        for L in range(nlimbs - 1):
+            carry = A[:, L] >> _LIMB
+            A[:, L] -= carry << _LIMB
+            A[:, L + 1] += carry
+        return A
 
     A = normalise(A)
-    top_neg = A[..., -1] < 0
-    A = normalise(jnp.where(top_neg[..., None], -A, A))  # magnitude, limbs in [0, 2^32)
+    top_neg = A[:, -1] < 0
+    A = normalise(np.where(top_neg[:, None], -A, A))  # magnitude, limbs in [0, 2^32)
     nz = A != 0
-    idx = jnp.arange(nlimbs).reshape((1,) * (A.ndim - 1) + (nlimbs,))
-    h = jnp.max(jnp.where(nz, idx, 0), axis=-1)  # highest nonzero limb (0 if all zero)
-    hm1 = jnp.maximum(h - 1, 0)
-    top = jnp.take_along_axis(A, h[..., None], axis=-1)[..., 0].astype(jnp.uint64)
-    nxt = jnp.take_along_axis(A, hm1[..., None], axis=-1)[..., 0].astype(jnp.uint64)
-    nxt = jnp.where(h >= 1, nxt, jnp.uint64(0))
-    sticky = jnp.any(nz & (idx < (h - 1)[..., None]), axis=-1)
-    W = (top << jnp.uint64(32)) | nxt
-    blen = 64 - lax.clz(W).astype(jnp.int64)
-    s = jnp.maximum(blen - 52, 0)
-    su = s.astype(jnp.uint64)
+    idx = np.arange(nlimbs)[None, :]
+    h = np.max(np.where(nz, idx, 0), axis=-1)  # highest nonzero limb (0 if all zero)
+    r = np.arange(rows)
+    top = A[r, h].astype(_U)
+    nxt = np.where(h >= 1, A[r, np.maximum(h - 1, 0)], 0).astype(_U)
+    sticky = np.any(nz & (idx < (h - 1)[:, None]), axis=-1)
+    W = (top << _U(32)) | nxt
+    blen = np.where(top > 0, 32 + _bit_length(top), _bit_length(nxt))
+    s = np.maximum(blen - 52, 0)
+    su = s.astype(_U)
     kept = W >> su
-    sticky = sticky | ((W & ((jnp.uint64(1) << su) - jnp.uint64(1))) != 0)
-    approx_int = (kept << jnp.uint64(1)) | sticky.astype(jnp.uint64)  # <= 53 bits: exact in float64
+    sticky = sticky | ((W & ((_U(1) << su) - _U(1))) != 0)
+    approx_int = (kept << _U(1)) | sticky.astype(_U)  # <= 53 bits: exact in float64
     scale = s - 1 + _LIMB * (h - 1) + kbase
-    val = approx_int.astype(jnp.float64)
-    half1 = scale // 2
-    val = val * _pow2(half1) * _pow2(scale - half1)
-    val = jnp.where(top_neg, -val, val)
-    finite = jnp.all(jnp.isfinite(x64), axis=-1)
-    val = jnp.where(finite, val, jnp.sum(x64, axis=-1))
-    val = jnp.where(outside & finite, jnp.nan, val)
-    return round_to(val, out, mode).astype(dtype)
+    half = scale // 2
+    with np.errstate(over="ignore"):
+        val = np.ldexp(np.ldexp(approx_int.astype(np.float64), half), scale - half)
+    val = np.where(top_neg, -val, val)
+    with np.errstate(invalid="ignore", over="ignore"):
+        finite = np.all(np.isfinite(x2), axis=-1)
+        val = np.where(finite, val, np.sum(x2, axis=-1))
+    val = np.where(outside & finite, np.nan, val)
+    return val.reshape(batch)
 
 
 def _pow2(k):
