@@ -103,7 +103,7 @@ def cmd_collapse(args) -> int:
                                          rope_fraction=args.rope_fraction, ssmax=args.ssmax, sink=args.sink))
     run = run_collapse(params, args.family, args.max_len, fmts, out, backend=args.backend, order=args.order,
                        shard=args.shard, sep=args.sep, seed=args.seed, mem_limit_gib=args.mem_limit,
-                       time_limit_s=args.time_limit, weights=args.weights)
+                       time_limit_s=args.time_limit, weights=args.weights, kernel=args.kernel)
     print(collapse_summary(run.results))
     for r in run.results:
         if r.nonfinite.any():
@@ -364,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="bf16,fp16,fp32", help="comma-separated formats (default bf16,fp16,fp32); custom ones in parentheses: '(p=5,emax=15)'")
     p.add_argument("--backend", default="emulated", choices=["emulated", "native", "reference"])
     p.add_argument("--order", default="pairwise", help="reduction order for emulated/reference (default pairwise)")
+    p.add_argument("--kernel", default="naive",
+                   help="attention kernel for emulated/reference: naive (default) or online(b), key blocks of b "
+                        "with a running max and sum (docs/semantics.md §8.8)")
     p.add_argument("--shard", action="store_true",
                    help="split the emulated attention's queries over all JAX devices (same bits as unsharded)")
     p.add_argument("--max-len", type=int, required=True)

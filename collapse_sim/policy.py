@@ -10,6 +10,9 @@ A :class:`Policy` names the format of each role and the order of reductions:
 * ``order``: ``sequential``, ``pairwise``, ``blocked(b)``, ``kahan`` or ``exact``.
 * ``mode``: the rounding mode of every op (default round-to-nearest-even).
 * ``max_subtract``: whether softmax subtracts the row maximum first.
+* ``kernel``: how the attention is evaluated: ``naive`` (the softmax of whole score
+  rows, then the weighted values) or ``online(b)`` (key blocks of ``b`` with a running
+  maximum, sum and output, as FlashAttention-style kernels do; docs/semantics.md §8.8).
 
 A policy is a frozen, hashable dataclass (so it is static under ``jax.jit``)
 and reads from a jmp-like string:
@@ -86,6 +89,49 @@ class Order:
         return f"blocked({self.block})" if self.kind == "blocked" else self.kind
 
 
+KERNEL_KINDS = ("naive", "online")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """How the attention is evaluated (docs/semantics.md §8.3-§8.4 and §8.8).
+
+    * ``naive``: every score of a query row, its softmax, then the weighted values.
+    * ``online(b)``: key blocks of ``b`` columns in order, with a running maximum, a
+      running denominator and a running output, each rescaled when the maximum grows,
+      and one division at the end.
+    """
+
+    kind: str = "naive"
+    block: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KERNEL_KINDS:
+            raise PolicyError(f"unknown attention kernel {self.kind!r}; use naive or online(b), e.g. online(64)")
+        if self.kind == "online":
+            if not isinstance(self.block, int) or isinstance(self.block, bool) or self.block < 1:
+                raise PolicyError(f"the online kernel needs a key block size >= 1, got {self.block!r}")
+        elif self.block is not None:
+            raise PolicyError("the naive kernel takes no block size")
+
+    @classmethod
+    def parse(cls, text: "str | Kernel") -> "Kernel":
+        if isinstance(text, Kernel):
+            return text
+        if not isinstance(text, str):
+            raise PolicyError(f"an attention kernel is a string such as 'naive' or 'online(64)', got {text!r}")
+        t = text.strip().lower()
+        m = re.fullmatch(r"online\((\d+)\)", t)
+        if m:
+            return cls("online", int(m.group(1)))
+        if t == "online":
+            raise PolicyError("the online kernel needs a key block size: online(b), e.g. online(64)")
+        return cls(t)
+
+    def __str__(self) -> str:
+        return f"online({self.block})" if self.kind == "online" else self.kind
+
+
 _ROLES = ("storage", "compute", "accumulate", "softmax")
 
 
@@ -98,10 +144,13 @@ class Policy:
     order: Order = Order("pairwise")
     mode: Mode = Mode.RNE
     max_subtract: bool = True
+    kernel: Kernel = Kernel()
 
     def __post_init__(self) -> None:
         if self.mode is Mode.SR:
             raise PolicyError("stochastic rounding is available through round_to(..., key=...), not as a policy mode")
+        if self.kernel.kind == "online" and not self.max_subtract:
+            raise PolicyError("the online kernel rescales by its running maximum, so it needs max_subtract=true")
 
     @classmethod
     def uniform(cls, fmt: "Format | str", order: "Order | str" = "pairwise", **kw) -> "Policy":
@@ -130,8 +179,9 @@ class Policy:
             if k in DESCRIPTION_KEYS:
                 raise PolicyError(f"policy {text!r}: {k!r} is a key of a custom format, which goes in parentheses "
                                   "in a policy: compute=(p=5,emax=15)")
-            if k not in (*_ROLES, "order", "mode", "max_subtract"):
-                raise PolicyError(f"policy {text!r}: unknown key {k!r} (keys: {', '.join(_ROLES)}, order, mode, max_subtract)")
+            if k not in (*_ROLES, "order", "mode", "max_subtract", "kernel"):
+                raise PolicyError(f"policy {text!r}: unknown key {k!r} (keys: {', '.join(_ROLES)}, order, mode, "
+                                  "max_subtract, kernel)")
             fields[k] = v
         if "compute" not in fields:
             raise PolicyError(f"policy {text!r} needs compute=FORMAT")
@@ -147,11 +197,13 @@ class Policy:
             mode = Mode.parse(fields.get("mode", "rne"))
         except ValueError as e:
             raise PolicyError(f"policy {text!r}: {e}") from None
-        return cls(order=Order.parse(fields.get("order", "pairwise")), mode=mode, max_subtract=ms == "true", **fmts)
+        return cls(order=Order.parse(fields.get("order", "pairwise")), mode=mode, max_subtract=ms == "true",
+                   kernel=Kernel.parse(fields.get("kernel", "naive")), **fmts)
 
     def formats(self) -> tuple[Format, ...]:
         return (self.storage, self.compute, self.accumulate, self.softmax)
 
     def __str__(self) -> str:
         roles = ",".join(f"{r}={format_token(getattr(self, r))}" for r in _ROLES)
-        return f"{roles},order={self.order},mode={self.mode.value},max_subtract={str(self.max_subtract).lower()}"
+        kernel = "" if self.kernel.kind == "naive" else f",kernel={self.kernel}"  # naive: the names runs are stored under
+        return f"{roles},order={self.order},mode={self.mode.value},max_subtract={str(self.max_subtract).lower()}{kernel}"

@@ -50,20 +50,27 @@ def kind_for_format(kind: str, fmt_name: str) -> str:
     return "native" if kind == "emulated" and parse(fmt_name).name == "fp64" else kind
 
 
-def backend_for_format(kind: str, fmt_name: str, order: str = "pairwise", *, shard: bool = False):
+def backend_for_format(kind: str, fmt_name: str, order: str = "pairwise", *, shard: bool = False,
+                       kernel: str = "naive"):
     """The backend of ``kind`` that runs every op in one format: ``reference`` and
-    ``emulated`` use the uniform policy of that format and reduction ``order``;
-    ``native`` the format's JAX dtype. fp64 always runs natively (its ops are IEEE
-    binary64 already). ``shard`` splits emulated attention over all JAX devices."""
+    ``emulated`` use the uniform policy of that format, reduction ``order`` and attention
+    ``kernel``; ``native`` the format's JAX dtype (naive kernel only). fp64 always runs
+    natively (its ops are IEEE binary64 already). ``shard`` splits emulated attention
+    over all JAX devices."""
     from ..formats import parse
-    from ..policy import Policy
+    from ..policy import Kernel, Policy
 
     fmt = parse(fmt_name)
     which = kind_for_format(kind, fmt_name)
+    k = Kernel.parse(kernel)
+    if which == "native" and k.kind != "naive":
+        fix = (f"{fmt_name} runs natively: drop it from the formats" if kind != "native"
+               else "the native backend runs what XLA does: use the emulated or reference backend")
+        raise CollapseSimError(f"the {k} kernel runs on the emulated and reference backends only; {fix}")
     if which == "reference":
-        return make_backend("reference", f"compute={fmt_name},order={order}")
+        return make_backend("reference", Policy.uniform(fmt, order, kernel=k))
     if which == "native":
         return make_backend("native", fmt.name)
     from .emulated import EmulatedBackend
 
-    return EmulatedBackend(Policy.uniform(fmt, order), shard=shard)
+    return EmulatedBackend(Policy.uniform(fmt, order, kernel=k), shard=shard)

@@ -110,7 +110,7 @@ class CollapseRun:
 def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend: str = "emulated",
                  order: str = "pairwise", shard: bool = False, sep: int | None = None, seed: int = 0,
                  mem_limit_gib: float = 8.0, time_limit_s: float = 3600.0, weights: str | None = None,
-                 log=None) -> CollapseRun:
+                 kernel: str = "naive", log=None) -> CollapseRun:
     """The ``collapse`` experiment: the pairs of ``family`` for n = 1..max_len through ``params``
     in every format of ``fmts`` (from :func:`check_collapse`) on ``backend``, refused in one
     sentence if its memory or time estimate exceeds the limits; writes collapse.csv,
@@ -144,7 +144,7 @@ def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend:
         if jax.device_count() < 2:
             raise UsageError("--shard needs more than one JAX device; on CPU set "
                              "XLA_FLAGS=--xla_force_host_platform_device_count=K before starting")
-    backends = [(backend_for_format(backend, format_token(f), order, shard=shard), f.name) for f in fmts]
+    backends = [(backend_for_format(backend, format_token(f), order, shard=shard, kernel=kernel), f.name) for f in fmts]
     if not time_limit_s > 0:
         raise UsageError(f"--time-limit must be a positive number of seconds, got {time_limit_s}")
     per_format = [estimate.seconds(c, pairs, be.kind, order) for be, _ in backends]
@@ -155,7 +155,8 @@ def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend:
     before = snapshot()
     results = []
     for (be, fname), fest in zip(backends, per_format):
-        how = be.kind + (f", {order} order" if be.kind in ("emulated", "reference") else "")
+        how = be.kind + (f", {order} order" + (f", {kernel} kernel" if kernel != "naive" else "")
+                         if be.kind in ("emulated", "reference") else "")
         with stage("[collapse]", f"{fname} ({how}): family {family}, n = 1..{max_len}", estimate=fest.total):
             r = collapse_sweep(params, family, max_len, be, fname, seed=seed, sep=sep,
                                progress=lambda m: log(f"[collapse]   {m.split(': ', 1)[-1]}"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 import jax.numpy as jnp
+from jax import lax
 
 from ...rounding import round_to
 from .._rows import _fill_rows, _map_rows
@@ -90,10 +91,23 @@ def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
     """Attention of queries ``q`` at positions ``qpos`` over keys ``0..len(k)-1``: from
     certified float64 matrix products where the policy allows (exact and blocked
     orders), op by op for every query row they leave uncertified; op by op otherwise."""
-    if not _certified(emu):
-        return _op_by_op_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv)
+    if not _certified_scores(emu):
+        return _uncertified_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv)
     o, ok = _certified_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv)
     return _fill_uncertified(emu, o, ok, q, k, v, qpos, scale, alibi, window, self_kv)
+
+
+def _certified_scores(emu: Emulator) -> bool:
+    """Whether the attention comes from certified float64 matrix products: the exact and
+    blocked orders under the naive kernel (the online kernel runs op by op)."""
+    return _certified(emu) and emu.kernel.kind == "naive"
+
+
+def _uncertified_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
+    """The attention op by op: the online kernel's blocks, or the naive softmax."""
+    if emu.kernel.kind == "online":
+        return _online_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv)
+    return _op_by_op_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv)
 
 
 def _prepare(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
@@ -113,7 +127,9 @@ def _prepare(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
         maxd = max(nk, int(qpos.shape[0])) + 1
         bias_table = round_to(-alibi * jnp.arange(maxd, dtype=jnp.float64), emu.storage, mode).astype(dt)
 
-    def weights(s, pb, path="certified"):
+    def scores(s, pb):
+        """Raw scores (B, nk) of queries at positions pb -> scaled (and biased) scores in the
+        compute format (§8.1, before the rounding to the softmax format), and the key mask."""
         s = emu.mul(s, jnp.broadcast_to(sc, s.shape))
         if alibi is not None:
             dist = jnp.clip(pb[:, None] - cols[None, :], 0, bias_table.shape[0] - 1)  # masked entries: any valid index
@@ -121,8 +137,13 @@ def _prepare(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
         valid = cols[None, :] <= pb[:, None]
         if window is not None:
             valid = valid & (cols[None, :] > pb[:, None] - window)
+        return s, valid
+
+    def weights(s, pb, path="certified"):
+        s, valid = scores(s, pb)
         return masked_softmax(emu, s, valid, path), valid
 
+    weights.scores = scores
     return k, v, kp, vp, cols, weights
 
 
@@ -160,6 +181,67 @@ def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
             prod = round_to(prod, emu.accumulate, mode)
         vmask = jnp.broadcast_to(valid[:, None, :], prod.shape)
         return reduce_sum(prod, emu.order, emu.accumulate, emu.compute, mode, vmask, emu.bounds, path=path)
+
+    b, _ = _blocks(q.shape[0], nk * dh)
+    return _map_rows(block, (q, qpos, kp, vp), b)
+
+
+def _online_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
+    """The ``online(b)`` kernel (docs/semantics.md §8.8): per query, the key columns in
+    blocks of b with a running maximum m, denominator l and output o, rescaled by
+    r = exp(m_old - m_new) whenever the maximum grows, and one division o / l at the end.
+    Blocks a query does not see are run too: they change nothing (r = 1 and every added
+    term is zero), so the bits equal those of skipping them, as a kernel does."""
+    mode, dt = emu.mode, emu.dtype
+    k, v, kp, vp, cols, weights = _prepare(emu, q, k, v, qpos, scale, alibi, window, self_kv)
+    nk, dh = k.shape
+    bc = emu.kernel.block
+    nb = -(-nk // bc)
+    M, A, C = emu.softmax, emu.accumulate, emu.compute
+    neg_inf = jnp.asarray(-jnp.inf, dt)
+
+    def block(args):
+        qb, pb, kpb, vpb = args  # (B, dh), (B,), (B, dh), (B, dh)
+        B = qb.shape[0]
+        is_self = cols[None, :] == pb[:, None]  # (B, nk)
+        K = jnp.broadcast_to(k[None], (B, nk, dh))
+        V = jnp.broadcast_to(v[None], (B, nk, dh))
+        if self_kv is not None:
+            K = jnp.where(is_self[:, :, None], kpb[:, None, :], K)
+            V = jnp.where(is_self[:, :, None], vpb[:, None, :], V)
+        s, valid = weights.scores(emu.dot(jnp.broadcast_to(qb[:, None, :], K.shape), K), pb)
+        if not emu.softmax_is_compute:
+            s = round_to(s, M, mode)
+        pad = nb * bc - nk  # columns past the last key: masked
+        s = jnp.pad(s, ((0, 0), (0, pad)))
+        valid = jnp.pad(valid, ((0, 0), (0, pad)))
+        V = jnp.pad(V, ((0, 0), (0, pad), (0, 0)))
+        split = lambda x: jnp.moveaxis(x.reshape(B, nb, bc, *x.shape[2:]), 1, 0)  # noqa: E731
+
+        def step(carry, blk):
+            m, l, o = carry
+            sb, vb, Vb = blk  # (B, bc), (B, bc), (B, bc, dh)
+            m_new = jnp.maximum(m, jnp.max(jnp.where(vb, sb, neg_inf), axis=-1))  # exact
+            seen = m_new > neg_inf  # some column seen so far (else l = o = 0 stay)
+            m_safe = jnp.where(seen, m_new, jnp.zeros_like(m_new))
+            r = jnp.where(m > neg_inf, emu.exp(emu.sub(jnp.where(m > neg_inf, m, m_safe), m_safe, M), M),
+                          jnp.zeros_like(m))
+            e = emu.exp(emu.sub(sb, jnp.broadcast_to(m_safe[:, None], sb.shape), M), M)
+            e = jnp.where(vb, e, jnp.zeros_like(e))
+            den = reduce_sum(e, emu.order, A, A, mode, vb, emu.bounds, nonneg=True)
+            l = emu.add(emu.mul(l, r, A), den, A)
+            P = e if emu.softmax_is_compute else round_to(e, C, mode)  # the probability tile in C
+            prod = jnp.swapaxes(P[:, :, None] * Vb, 1, 2)  # (B, dh, bc), exact in the carrier
+            if emu.order.kind not in ("exact", "blocked"):
+                prod = round_to(prod, A, mode)
+            pv = reduce_sum(prod, emu.order, A, A, mode, jnp.broadcast_to(vb[:, None, :], prod.shape), emu.bounds)
+            o = emu.add(emu.mul(o, jnp.broadcast_to(r[:, None], o.shape), A), pv, A)
+            return (m_new, l, o), None
+
+        zero = jnp.zeros((B,), dt)
+        (m, l, o), _ = lax.scan(step, (jnp.full((B,), -jnp.inf, dt), zero, jnp.zeros((B, dh), dt)),
+                                (split(s), split(valid), split(V)))
+        return round_to(emu.div(o, jnp.broadcast_to(l[:, None], o.shape), A), C, mode)
 
     b, _ = _blocks(q.shape[0], nk * dh)
     return _map_rows(block, (q, qpos, kp, vp), b)

@@ -67,7 +67,7 @@ class Emulator:
     def __init__(self, policy: "Policy | str", *, shared: bool = False):
         self.policy = pol = Policy.parse(policy)
         require_x64("the emulated backend")
-        self.order, self.mode, self.max_subtract = pol.order, pol.mode, pol.max_subtract
+        self.order, self.mode, self.max_subtract, self.kernel = pol.order, pol.mode, pol.max_subtract, pol.kernel
         self.softmax_is_compute = pol.softmax == pol.compute  # then rounding between them is the identity
         fmts = pol.formats()
         self.shared = shared
@@ -78,7 +78,8 @@ class Emulator:
             self.dtype = jnp.dtype(SHARED_CLASS.dtype)
             self.roles = tuple(SHARED_CLASS.params(f) for f in fmts)
             qmin, emax = SHARED_CLASS.qmin, SHARED_CLASS.emax
-            self.key = ("shared", SHARED_CLASS, str(self.order), self.mode, self.max_subtract, self.softmax_is_compute)
+            self.key = ("shared", SHARED_CLASS, str(self.order), self.mode, self.max_subtract, self.softmax_is_compute,
+                        self.kernel)
         else:
             self.dtype = jnp.dtype(carrier_for(*fmts))
             self.roles = fmts
@@ -99,7 +100,7 @@ class Emulator:
         if not self.shared:
             raise ValueError("only a shared emulator takes its formats as data")
         emu = copy.copy(self)
-        emu.policy = None  # the formats are the traced ones; order, mode, max_subtract stay
+        emu.policy = None  # the formats are the traced ones; order, mode, max_subtract, kernel stay
         emu.roles = tuple(roles)
         emu.storage, emu.compute, emu.accumulate, emu.softmax = emu.roles
         return emu

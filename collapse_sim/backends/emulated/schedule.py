@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .attention import _certified, _certified_attention, _emulated_attention, _fill_uncertified, _op_by_op_attention, _own_kv
+from .attention import (_certified_attention, _certified_scores, _emulated_attention, _fill_uncertified, _own_kv,
+                        _uncertified_attention)
 from .ops import Emulator
 
 _SEGMENTS = 8  # at most this many query segments with their own causal key length (one compiled body each)
@@ -27,7 +28,7 @@ _QUERIES_PER_SEGMENT = {False: 2400, True: 8400}
 
 def _segment_count(emu: Emulator, nq: int) -> int:
     """How many causal segments an attention over ``nq`` queries runs in (1: unsegmented)."""
-    return int(min(_SEGMENTS, max(1, round(nq / _QUERIES_PER_SEGMENT[_certified(emu)]))))
+    return int(min(_SEGMENTS, max(1, round(nq / _QUERIES_PER_SEGMENT[_certified_scores(emu)]))))
 
 
 def _causal_segments(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, window, self_kv,
@@ -44,7 +45,7 @@ def _causal_segments(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, win
     nq = q.shape[0]
     segments = _segment_count(emu, nq) if segments is None else segments
     bounds = np.linspace(0, nq, segments + 1).astype(int)
-    certified = _certified(emu)
+    certified = _certified_scores(emu)
     outs = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         if a == b:
@@ -56,7 +57,7 @@ def _causal_segments(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, win
         if certified:
             run = functools.partial(_certified_attention, *seg)
         else:
-            run = lambda seg=seg: (_op_by_op_attention(*seg), None)  # noqa: E731
+            run = lambda seg=seg: (_uncertified_attention(*seg), None)  # noqa: E731
         outs.append(_after(outs[-1][0] if outs else None, run, (b - a, q.shape[1]), certified))
     o = jnp.concatenate([x for x, _ in outs], axis=0)
     if not certified:

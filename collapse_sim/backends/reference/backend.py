@@ -173,6 +173,9 @@ class ReferenceBackend(ObjectArrayBackend):
                     b = bias(pi - j) if bias is not None else ref.storage.from_float(float(-alibi * (pi - j)))
                     sij = c.add(sij, b)  # §5.6, §8.1
                 s.append(smx.round(sij))
+            if pol.kernel.kind == "online":
+                out[i] = self._online_row(s, valid, vals, dh)
+                continue
             if pol.max_subtract:
                 m = None
                 for j in range(pi + 1):
@@ -192,3 +195,33 @@ class ReferenceBackend(ObjectArrayBackend):
                 else:
                     out[i, d] = ref.dot(alpha, col)
         return out
+
+    def _online_row(self, s, valid, vals, dh):
+        """One query's output under the ``online(b)`` kernel (docs/semantics.md §8.8), from
+        its scores ``s`` (softmax format) over columns 0..p, the visible ones ``valid``."""
+        ref, pol = self.ref, self.ref.policy
+        c, smx, acc = ref.compute, ref.softmax, ref.accumulate
+        kahan = pol.order.kind == "kahan"  # kahan sums skip masked terms (§3.3)
+        m = l = o = None
+        for start in range(0, len(s), pol.kernel.block):
+            cols = [j for j in range(start, min(start + pol.kernel.block, len(s)))]
+            seen = [j for j in cols if valid[j]]
+            if not seen:
+                continue  # a block the query does not see
+            mb = s[seen[0]]
+            for j in seen[1:]:
+                mb = smx.max(mb, s[j])
+            m_new = mb if m is None else smx.max(m, mb)
+            r = None if m is None else smx.exp(smx.sub(m, m_new))
+            e = [smx.exp(smx.sub(s[j], m_new)) if valid[j] else mlib.fzero for j in cols]
+            P = [c.round(x) for x in e]
+            use = [t for t, j in enumerate(cols) if valid[j]] if kahan else list(range(len(cols)))
+            den = ref_sum([e[t] for t in use], pol.order, acc, acc)
+            pv = [ref.dot([P[t] for t in use], [vals[cols[t]][d] for t in use], out_role="accumulate") for d in range(dh)]
+            if m is None:
+                l, o = den, pv
+            else:
+                l = acc.add(acc.mul(l, r), den)
+                o = [acc.add(acc.mul(od, r), x) for od, x in zip(o, pv)]
+            m = m_new
+        return [c.round(acc.div(od, l)) for od in o]
