@@ -26,9 +26,28 @@ def _blocks(n: int, per_row: int) -> tuple[int, int]:
     return b, -(-n // b)
 
 
-def _certified(emu: Emulator) -> bool:
-    """Whether dot products can come from float64 matrix products (:func:`certified_matmul`)."""
-    return emu.order.kind in ("exact", "blocked")
+#: The exact and blocked orders take a stage's dot products (a linear layer, an attention
+#: call) from certified float64 matrix products (:func:`certified_matmul`) only when the
+#: stage has at least this many products; a smaller stage runs op by op with every exact
+#: sum from the host superaccumulator (exact.py), and so do the norms' sums below it.
+#: Same bits either way. Why: the certificates, their conditionals and the op-by-op redo
+#: of what they leave open are most of these orders' compiled code (a bf16 exact forward,
+#: d = 8, L = 2, with probes: 34,000 lines of HLO and 27 s to compile with them, 3,400
+#: lines and 4 s without), while the host superaccumulator costs ~0.15 us per term: at
+#: 2^22 terms a stage spends ~0.6 s there, and larger stages run faster certified.
+CERTIFIED_MIN_TERMS = 1 << 22
+
+
+def _certified(emu: Emulator, terms: int) -> bool:
+    """Whether a stage of ``terms`` products comes from float64 matrix products."""
+    return emu.order.kind in ("exact", "blocked") and terms >= CERTIFIED_MIN_TERMS
+
+
+def exact_path(terms: int) -> str:
+    """How an op-by-op stage of ``terms`` terms takes the exact sums of the exact and
+    blocked orders (:func:`reduce_sum`'s ``path``): float64 certificates first where
+    the stage is large, the host superaccumulator alone where it is small."""
+    return "certified" if terms >= CERTIFIED_MIN_TERMS else "superacc"
 
 
 def _linear(emu: Emulator, x, w):
@@ -43,8 +62,8 @@ def _linear(emu: Emulator, x, w):
         ae, be = jnp.broadcast_arrays(xb[:, None, :], wt[None, :, :])
         return emu.dot(ae, be, path=path)
 
-    if not _certified(emu):
-        return _map_rows(lambda a: op_by_op(a[0]), (x,), _blocks(n, din * dout)[0])
+    if not _certified(emu, n * din * dout):
+        return _map_rows(lambda a: op_by_op(a[0], exact_path(n * din * dout)), (x,), _blocks(n, din * dout)[0])
     wstats = matmul_stats(emu, w)
 
     def block(a):
@@ -91,23 +110,30 @@ def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
     """Attention of queries ``q`` at positions ``qpos`` over keys ``0..len(k)-1``: from
     certified float64 matrix products where the policy allows (exact and blocked
     orders), op by op for every query row they leave uncertified; op by op otherwise."""
-    if not _certified_scores(emu):
+    if not _certified_scores(emu, _terms(q, k)):
         return _uncertified_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv)
     o, ok = _certified_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv)
     return _fill_uncertified(emu, o, ok, q, k, v, qpos, scale, alibi, window, self_kv)
 
 
-def _certified_scores(emu: Emulator) -> bool:
-    """Whether the attention comes from certified float64 matrix products: the exact and
-    blocked orders under the naive kernel (the online kernel runs op by op)."""
-    return _certified(emu) and emu.kernel.kind == "naive"
+def _terms(q, k) -> int:
+    """The products of an attention call's scores (and of its weighted values)."""
+    return int(q.shape[0]) * int(k.shape[0] + 1) * int(q.shape[1])
+
+
+def _certified_scores(emu: Emulator, terms: int) -> bool:
+    """Whether an attention call of ``terms`` products comes from certified float64 matrix
+    products: the exact and blocked orders under the naive kernel, for large calls
+    (:data:`CERTIFIED_MIN_TERMS`; the online kernel runs op by op)."""
+    return _certified(emu, terms) and emu.kernel.kind == "naive"
 
 
 def _uncertified_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
     """The attention op by op: the online kernel's blocks, or the naive softmax."""
+    path = exact_path(_terms(q, k))
     if emu.kernel.kind == "online":
-        return _online_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv)
-    return _op_by_op_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv)
+        return _online_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv, path)
+    return _op_by_op_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv, path)
 
 
 def _prepare(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
@@ -186,7 +212,7 @@ def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
     return _map_rows(block, (q, qpos, kp, vp), b)
 
 
-def _online_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
+def _online_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv, path: str = "certified"):
     """The ``online(b)`` kernel (docs/semantics.md §8.8): per query, the key columns in
     blocks of b with a running maximum m, denominator l and output o, rescaled by
     r = exp(m_old - m_new) whenever the maximum grows, and one division o / l at the end.
@@ -209,7 +235,7 @@ def _online_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_k
         if self_kv is not None:
             K = jnp.where(is_self[:, :, None], kpb[:, None, :], K)
             V = jnp.where(is_self[:, :, None], vpb[:, None, :], V)
-        s, valid = weights.scores(emu.dot(jnp.broadcast_to(qb[:, None, :], K.shape), K), pb)
+        s, valid = weights.scores(emu.dot(jnp.broadcast_to(qb[:, None, :], K.shape), K, path=path), pb)
         if not emu.softmax_is_compute:
             s = round_to(s, M, mode)
         pad = nb * bc - nk  # columns past the last key: masked
@@ -228,13 +254,14 @@ def _online_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_k
                           jnp.zeros_like(m))
             e = emu.exp(emu.sub(sb, jnp.broadcast_to(m_safe[:, None], sb.shape), M), M)
             e = jnp.where(vb, e, jnp.zeros_like(e))
-            den = reduce_sum(e, emu.order, A, A, mode, vb, emu.bounds, nonneg=True)
+            den = reduce_sum(e, emu.order, A, A, mode, vb, emu.bounds, nonneg=True, path=path)
             l = emu.add(emu.mul(l, r, A), den, A)
             P = e if emu.softmax_is_compute else round_to(e, C, mode)  # the probability tile in C
             prod = jnp.swapaxes(P[:, :, None] * Vb, 1, 2)  # (B, dh, bc), exact in the carrier
             if emu.order.kind not in ("exact", "blocked"):
                 prod = round_to(prod, A, mode)
-            pv = reduce_sum(prod, emu.order, A, A, mode, jnp.broadcast_to(vb[:, None, :], prod.shape), emu.bounds)
+            pv = reduce_sum(prod, emu.order, A, A, mode, jnp.broadcast_to(vb[:, None, :], prod.shape), emu.bounds,
+                            path=path)
             o = emu.add(emu.mul(o, jnp.broadcast_to(r[:, None], o.shape), A), pv, A)
             return (m_new, l, o), None
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from ...policy import Policy
 from .._jit import JaxBackendBase, run_jitted
-from .attention import _emulated_attention, _linear
+from .attention import _emulated_attention, _linear, exact_path
 from .ops import Emulator, shared_class_refusal
 from .schedule import _causal_segments, _segment_count, _sharded
 
@@ -174,7 +174,7 @@ class EmulatedBackend(JaxBackendBase):
     def mean(self, x):
         # docs/semantics.md §4.1: ∘(∘(Σ x) ÷ d), d the exact integer (a carrier value)
         n = x.shape[-1]
-        s = self.emu.sum(x)
+        s = self.emu.sum(x, path=exact_path(x.size))
         return self.emu.div(s, jnp.full(s.shape, float(n), self.dtype))
 
     def linear(self, x, w):
@@ -184,6 +184,6 @@ class EmulatedBackend(JaxBackendBase):
         del kpos  # keys sit at positions 0..Nk-1
         if self.shard:
             return _sharded(self.emu, q, k, v, np.asarray(qpos), scale, alibi, window, self_kv)
-        if isinstance(qpos, np.ndarray) and np.all(np.diff(qpos) >= 0) and _segment_count(self.emu, qpos.size) > 1:
+        if isinstance(qpos, np.ndarray) and np.all(np.diff(qpos) >= 0) and _segment_count(self.emu, qpos.size, q.shape[1]) > 1:
             return _causal_segments(self.emu, q, k, v, qpos, scale, alibi, window, self_kv)
         return _emulated_attention(self.emu, q, k, v, jnp.asarray(qpos), scale, alibi, window, self_kv)

@@ -148,12 +148,13 @@ class Emulator:
         return round_to(wide, self.compute if fmt is None else fmt, self.mode).astype(self.dtype)
 
     # --- reductions --------------------------------------------------------
-    def sum(self, x, axis: int = -1, out_fmt: Format | None = None, order: Order | None = None):
+    def sum(self, x, axis: int = -1, out_fmt: Format | None = None, order: Order | None = None,
+            path: str = "certified"):
         """Sum along ``axis`` in the policy's order, accumulating in ``accumulate``,
-        then rounding once to ``out_fmt`` (default: compute)."""
+        then rounding once to ``out_fmt`` (default: compute). ``path``: see :func:`reduce_sum`."""
         x = jnp.moveaxis(jnp.asarray(x, self.dtype), axis, -1)
         return reduce_sum(x, order or self.order, self.accumulate, self.compute if out_fmt is None else out_fmt,
-                          self.mode, bounds=self.bounds)
+                          self.mode, bounds=self.bounds, path=path)
 
     def dot(self, a, b, out_fmt: Format | None = None, order: Order | None = None, path: str = "certified"):
         """Vector dot product over the last axis (batched over the rest).

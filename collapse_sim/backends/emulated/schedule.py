@@ -14,7 +14,7 @@ import numpy as np
 from jax import lax
 
 from .attention import (_certified_attention, _certified_scores, _emulated_attention, _fill_uncertified, _own_kv,
-                        _uncertified_attention)
+                        _terms, _uncertified_attention)
 from .ops import Emulator
 
 _SEGMENTS = 8  # at most this many query segments with their own causal key length (one compiled body each)
@@ -26,9 +26,9 @@ _SEGMENTS = 8  # at most this many query segments with their own causal key leng
 _QUERIES_PER_SEGMENT = {False: 2400, True: 8400}
 
 
-def _segment_count(emu: Emulator, nq: int) -> int:
-    """How many causal segments an attention over ``nq`` queries runs in (1: unsegmented)."""
-    return int(min(_SEGMENTS, max(1, round(nq / _QUERIES_PER_SEGMENT[_certified_scores(emu)]))))
+def _segment_count(emu: Emulator, nq: int, dh: int) -> int:
+    """How many causal segments an attention over ``nq`` queries of width ``dh`` runs in (1: unsegmented)."""
+    return int(min(_SEGMENTS, max(1, round(nq / _QUERIES_PER_SEGMENT[_certified_scores(emu, nq * (nq + 1) * dh)]))))
 
 
 def _causal_segments(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, window, self_kv,
@@ -43,9 +43,9 @@ def _causal_segments(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, win
     skips masked terms and exact sums ignore zeros (proofs/reduction_orders.md). With
     S segments it saves (S - 1) / (2 S) of the work (44% at S = 8)."""
     nq = q.shape[0]
-    segments = _segment_count(emu, nq) if segments is None else segments
+    segments = _segment_count(emu, nq, q.shape[1]) if segments is None else segments
     bounds = np.linspace(0, nq, segments + 1).astype(int)
-    certified = _certified_scores(emu)
+    certified = _certified_scores(emu, _terms(q, k))
     outs = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         if a == b:
