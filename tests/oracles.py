@@ -25,7 +25,9 @@ _MPFR_MODES = {
 
 def _overflow(value: Fraction | float, negative: bool, fmt: Format, mode: str) -> float:
     xmax = float(fmt.max_exact)
-    away = mode == "rne" or (mode == "ru" and not negative) or (mode == "rd" and negative)
+    # IEEE 754-2019 §7.4: the nearest modes carry every overflow to the overflow value, the
+    # directed ones only away from zero; round to odd keeps the largest finite value (CPFloat)
+    away = mode in ("rne", "rna", "rnz") or (mode == "ru" and not negative) or (mode == "rd" and negative)
     if away:
         big = {"inf": math.inf, "nan": math.nan, "saturate": xmax}[fmt.overflow]
     else:
@@ -46,20 +48,58 @@ def _fix_zero(r: float, negative: bool, fmt: Format) -> float:
     return r
 
 
+def _mpfr(x: float, p: int, emin: int, emax: int, rnd):
+    """``x`` rounded by MPFR to ``p`` bits, IEEE exponent range [emin, emax] with subnormals
+    of that precision (quantum 2^(emin - p + 1)), and MPFR's inexact flag."""
+    ctx = gmpy2.context(
+        precision=p,
+        emin=emin - p + 2,  # MPFR exponents are one more than IEEE's; subnormal floor
+        emax=emax + 8,  # room above the format: overflow is decided below, per IEEE 754
+        subnormalize=True,
+        round=rnd,
+    )
+    with gmpy2.context(ctx) as c:
+        r = gmpy2.mpfr(x)
+        return r, c.inexact
+
+
+def _mpfr_derived(x: float, fmt: Format, mode: str):
+    """The modes MPFR lacks (gmpy2 has no MPFR_RNDNA), from the ones it has.
+    Ties: x is a midpoint exactly when MPFR rounds it to p + 1 bits (quantum halved) exactly
+    with an odd last bit; a midpoint goes away from zero (rna) or toward it (rnz), every other
+    x as MPFR's round to nearest. Round to odd: MPFR's truncation with its last bit set to 1
+    when MPFR reports it inexact."""
+    if mode in ("rna", "rnz"):
+        r1, inexact = _mpfr(x, fmt.p + 1, fmt.emin, fmt.emax, gmpy2.RoundToZero)
+        m, e = r1.as_integer_ratio()
+        quantum1 = Fraction(2) ** (max(gmpy2.get_exp(r1) - 1, fmt.emin) - fmt.p) if r1 != 0 else None
+        tie = not inexact and r1 != 0 and (Fraction(int(m), int(e)) / quantum1) % 2 == 1
+        if tie:
+            return _mpfr(x, fmt.p, fmt.emin, fmt.emax, gmpy2.RoundAwayZero if mode == "rna" else gmpy2.RoundToZero)[0]
+        return _mpfr(x, fmt.p, fmt.emin, fmt.emax, gmpy2.RoundToNearest)[0]
+    assert mode == "ro", mode
+    r, inexact = _mpfr(x, fmt.p, fmt.emin, fmt.emax, gmpy2.RoundToZero)
+    if not inexact:
+        return r
+    t = Fraction(*(int(v) for v in r.as_integer_ratio()))
+    quantum = Fraction(2) ** (max(gmpy2.get_exp(r) - 1, fmt.emin) - fmt.p + 1) if r != 0 else Fraction(2) ** (fmt.emin - fmt.p + 1)
+    n = abs(t) / quantum
+    assert n.denominator == 1
+    if n % 2 == 0:
+        n += 1
+    v = n * quantum
+    return gmpy2.mpfr(-v if x < 0 else v, 2 * fmt.p + 64)
+
+
 def mpfr_round(x: float, fmt: Format, mode: str) -> float:
     """Round the exact value of the Python float ``x`` to ``fmt`` with MPFR."""
     if math.isnan(x) or math.isinf(x):
         return _special(x, fmt)
     assert fmt.subnormals, "MPFR oracle covers formats with gradual underflow"
-    ctx = gmpy2.context(
-        precision=fmt.p,
-        emin=fmt.emin - fmt.p + 2,  # MPFR exponents are one more than IEEE's; subnormal floor
-        emax=fmt.emax + 8,  # room above the format: overflow is decided below, per IEEE 754
-        subnormalize=True,
-        round=_MPFR_MODES[mode],
-    )
-    with gmpy2.context(ctx):
-        r = gmpy2.mpfr(x)
+    if mode in _MPFR_MODES:
+        r = _mpfr(x, fmt.p, fmt.emin, fmt.emax, _MPFR_MODES[mode])[0]
+    else:
+        r = _mpfr_derived(x, fmt, mode)
     negative = math.copysign(1.0, x) < 0
     if gmpy2.is_infinite(r) or abs(Fraction(*(int(t) for t in r.as_integer_ratio()))) > fmt.max_exact:
         return _overflow(r, negative, fmt, mode)
@@ -98,6 +138,12 @@ def fraction_round(x: Fraction | float, fmt: Format, mode: str, negative_zero: b
         n = lo if negative else lo + 1
     elif mode == "rd":
         n = lo + 1 if negative else lo
+    elif mode == "rna":  # nearest, a tie away from zero
+        n = lo + 1 if rest >= Fraction(1, 2) else lo
+    elif mode == "rnz":  # nearest, a tie toward zero
+        n = lo + 1 if rest > Fraction(1, 2) else lo
+    elif mode == "ro":  # inexact: of lo and lo + 1, the odd one
+        n = lo if lo % 2 == 1 else lo + 1
     else:
         raise ValueError(mode)
     r = Fraction(n) * Fraction(2) ** qe
