@@ -246,7 +246,7 @@ def test_mean_and_variance_divide_by_exact_d(fmt):
             assert _same(B.to_numpy(v), vs), kind
 
 
-@pytest.mark.parametrize("mode", ["rne", "rz", "ru", "rd"])
+@pytest.mark.parametrize("mode", ["rne", "rna", "rnz", "rz", "ru", "rd", "ro"])
 def test_reference_exp_rounds_out_of_range_arguments_in_the_mode(mode):
     """§2: exp is correctly rounded in every mode, also where it overflows or underflows
     the format: RZ and RD keep the largest finite value, RU the smallest subnormal. The
