@@ -33,7 +33,7 @@ from jax import lax
 from ... import require_x64
 from ...formats import Format
 from ...policy import Order, Policy
-from ...rounding import FormatClass, Mode, round_to
+from ...rounding import FormatClass, round_to
 from .carrier import CarrierError, carrier_add, carrier_for
 from .certificates import certified_sum
 from .exact import exact_sum
