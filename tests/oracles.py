@@ -8,6 +8,7 @@ The overflow rule is written here again, straight from IEEE 754 §7.4.
 
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 
@@ -48,32 +49,59 @@ def _fix_zero(r: float, negative: bool, fmt: Format) -> float:
     return r
 
 
-def _mpfr(x: float, p: int, emin: int, emax: int, rnd):
-    """``x`` rounded by MPFR to ``p`` bits, IEEE exponent range [emin, emax] with subnormals
-    of that precision (quantum 2^(emin - p + 1)), and MPFR's inexact flag."""
-    ctx = gmpy2.context(
+@functools.lru_cache(maxsize=None)
+def _context(p: int, emin: int, emax: int, rnd):
+    return gmpy2.context(
         precision=p,
         emin=emin - p + 2,  # MPFR exponents are one more than IEEE's; subnormal floor
         emax=emax + 8,  # room above the format: overflow is decided below, per IEEE 754
         subnormalize=True,
         round=rnd,
     )
-    with gmpy2.context(ctx) as c:
+
+
+def _mpfr(x: float, p: int, emin: int, emax: int, rnd):
+    """``x`` rounded by MPFR to ``p`` bits, IEEE exponent range [emin, emax] with subnormals
+    of that precision (quantum 2^(emin - p + 1)), and MPFR's inexact flag (one context per
+    setting, made once: the oracle runs for hundreds of thousands of points)."""
+    with _context(p, emin, emax, rnd) as c:
+        c.clear_flags()
         r = gmpy2.mpfr(x)
         return r, c.inexact
+
+
+@functools.lru_cache(maxsize=None)
+def _largest(fmt: Format):
+    """The format's largest finite value as an MPFR number (exact: it has p bits)."""
+    big = gmpy2.mpfr(gmpy2.mpq(fmt.max_exact.numerator, fmt.max_exact.denominator), fmt.p + 2)
+    assert Fraction(*(int(t) for t in big.as_integer_ratio())) == fmt.max_exact
+    return big
+
+
+def _grid_integer(r, qexp: int):
+    """``|r| / 2**qexp`` for an MPFR number ``r`` on that grid, as an integer."""
+    m, e = abs(r).as_mantissa_exp()  # |r| = m * 2**e
+    if e >= qexp:
+        return m << (e - qexp)
+    assert m & ((1 << (qexp - e)) - 1) == 0, (r, qexp)
+    return m >> (qexp - e)
+
+
+def _quantum_exponent(r, p: int, emin: int) -> int:
+    """The exponent of the spacing at MPFR number ``r`` of a p-bit format with gradual
+    underflow (MPFR's exponent is one more than floor(log2 |r|))."""
+    return (max(gmpy2.get_exp(r) - 1, emin) if r != 0 else emin) - p + 1
 
 
 def _mpfr_derived(x: float, fmt: Format, mode: str):
     """The modes MPFR lacks (gmpy2 has no MPFR_RNDNA), from the ones it has.
     Ties: x is a midpoint exactly when MPFR rounds it to p + 1 bits (quantum halved) exactly
     with an odd last bit; a midpoint goes away from zero (rna) or toward it (rnz), every other
-    x as MPFR's round to nearest. Round to odd: MPFR's truncation with its last bit set to 1
-    when MPFR reports it inexact."""
+    x as MPFR's round to nearest. Round to odd: MPFR's truncation, moved to its odd
+    neighbour away from zero when MPFR reports it inexact and its last bit is 0."""
     if mode in ("rna", "rnz"):
         r1, inexact = _mpfr(x, fmt.p + 1, fmt.emin, fmt.emax, gmpy2.RoundToZero)
-        m, e = r1.as_integer_ratio()
-        quantum1 = Fraction(2) ** (max(gmpy2.get_exp(r1) - 1, fmt.emin) - fmt.p) if r1 != 0 else None
-        tie = not inexact and r1 != 0 and (Fraction(int(m), int(e)) / quantum1) % 2 == 1
+        tie = not inexact and r1 != 0 and _grid_integer(r1, _quantum_exponent(r1, fmt.p + 1, fmt.emin)) % 2 == 1
         if tie:
             return _mpfr(x, fmt.p, fmt.emin, fmt.emax, gmpy2.RoundAwayZero if mode == "rna" else gmpy2.RoundToZero)[0]
         return _mpfr(x, fmt.p, fmt.emin, fmt.emax, gmpy2.RoundToNearest)[0]
@@ -81,14 +109,11 @@ def _mpfr_derived(x: float, fmt: Format, mode: str):
     r, inexact = _mpfr(x, fmt.p, fmt.emin, fmt.emax, gmpy2.RoundToZero)
     if not inexact:
         return r
-    t = Fraction(*(int(v) for v in r.as_integer_ratio()))
-    quantum = Fraction(2) ** (max(gmpy2.get_exp(r) - 1, fmt.emin) - fmt.p + 1) if r != 0 else Fraction(2) ** (fmt.emin - fmt.p + 1)
-    n = abs(t) / quantum
-    assert n.denominator == 1
+    qexp = _quantum_exponent(r, fmt.p, fmt.emin)
+    n = _grid_integer(r, qexp)
     if n % 2 == 0:
         n += 1
-    v = n * quantum
-    return gmpy2.mpfr(-v if x < 0 else v, 2 * fmt.p + 64)
+    return gmpy2.mpfr(math.copysign(math.ldexp(int(n), qexp), x))  # exact: n < 2^(p+1), 2^qexp a float64
 
 
 def mpfr_round(x: float, fmt: Format, mode: str) -> float:
@@ -101,13 +126,14 @@ def mpfr_round(x: float, fmt: Format, mode: str) -> float:
     else:
         r = _mpfr_derived(x, fmt, mode)
     negative = math.copysign(1.0, x) < 0
-    if gmpy2.is_infinite(r) or abs(Fraction(*(int(t) for t in r.as_integer_ratio()))) > fmt.max_exact:
+    if gmpy2.is_infinite(r) or abs(r) > _largest(fmt):  # an exact comparison
         return _overflow(r, negative, fmt, mode)
     return _fix_zero(float(r), negative, fmt)
 
 
 def fraction_round(x: Fraction | float, fmt: Format, mode: str, negative_zero: bool = False) -> float:
-    """Round an exact rational to ``fmt`` with integer arithmetic (RNE/RZ/RU/RD)."""
+    """Round an exact rational to ``fmt`` with integer arithmetic, in any deterministic mode
+    (docs/semantics.md §1, written again)."""
     if isinstance(x, float):
         if math.isnan(x) or math.isinf(x):
             return _special(x, fmt)
