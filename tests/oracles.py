@@ -144,20 +144,18 @@ def fraction_round(x: Fraction | float, fmt: Format, mode: str, negative_zero: b
     a = abs(x)
     if a == 0:
         return _fix_zero(0.0, negative, fmt)
-    # e = floor(log2 a)
-    e = a.numerator.bit_length() - a.denominator.bit_length()
-    while Fraction(2) ** e > a:
+    num, den = a.numerator, a.denominator  # integers throughout: a = num / den
+    # e = floor(log2 a): the bit lengths leave e or e - 1; a >= 2^e iff num >= den * 2^e
+    e = num.bit_length() - den.bit_length()
+    if (num << max(-e, 0)) < (den << max(e, 0)):
         e -= 1
-    while Fraction(2) ** (e + 1) <= a:
-        e += 1
     qe = (max(e, fmt.emin) if fmt.subnormals else e) - fmt.p + 1
-    scaled = a / Fraction(2) ** qe
-    lo = scaled.numerator // scaled.denominator
-    rest = scaled - lo
-    if rest == 0:
+    # a / 2^qe = lo + rem / div with 0 <= rem < div
+    lo, rem = divmod(num << max(-qe, 0), div := den << max(qe, 0))
+    if rem == 0:
         n = lo
     elif mode == "rne":
-        n = lo + 1 if (rest > Fraction(1, 2) or (rest == Fraction(1, 2) and lo % 2 == 1)) else lo
+        n = lo + 1 if (2 * rem > div or (2 * rem == div and lo % 2 == 1)) else lo
     elif mode == "rz":
         n = lo
     elif mode == "ru":
@@ -165,19 +163,20 @@ def fraction_round(x: Fraction | float, fmt: Format, mode: str, negative_zero: b
     elif mode == "rd":
         n = lo + 1 if negative else lo
     elif mode == "rna":  # nearest, a tie away from zero
-        n = lo + 1 if rest >= Fraction(1, 2) else lo
+        n = lo + 1 if 2 * rem >= div else lo
     elif mode == "rnz":  # nearest, a tie toward zero
-        n = lo + 1 if rest > Fraction(1, 2) else lo
+        n = lo + 1 if 2 * rem > div else lo
     elif mode == "ro":  # inexact: of lo and lo + 1, the odd one
         n = lo if lo % 2 == 1 else lo + 1
     else:
         raise ValueError(mode)
-    r = Fraction(n) * Fraction(2) ** qe
-    if r > fmt.max_exact:
-        return _overflow(r, negative, fmt, mode)
-    if not fmt.subnormals and 0 < r < Fraction(2) ** fmt.emin:
-        r = Fraction(0)
-    out = float(r)
+    # the result is n * 2^qe; the largest value is top * 2^mq
+    top, mq = fmt.top_significand, fmt.emax - fmt.p + 1
+    if (n << max(qe - mq, 0)) > (top << max(mq - qe, 0)):
+        return _overflow(Fraction(n) * Fraction(2) ** qe, negative, fmt, mode)
+    if not fmt.subnormals and qe < fmt.emin and 0 < n < (1 << (fmt.emin - qe)):
+        n = 0
+    out = math.ldexp(n, qe) if qe >= -1074 else float(Fraction(n) * Fraction(2) ** qe)  # exact
     out = -out if negative else out
     return _fix_zero(out, negative, fmt)
 
