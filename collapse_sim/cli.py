@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("round", help="round decimal values to a format (exactly, from their float64 value)")
     p.add_argument("values", nargs="+")
     p.add_argument("--format", "-f", required=True)
-    p.add_argument("--mode", "-m", default="rne", help="rne, rz, ru, rd or sr")
+    p.add_argument("--mode", "-m", default="rne", help="rne, rna, rnz, rz, ru, rd, ro or sr")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed for stochastic rounding")
     p.set_defaults(func=cmd_round)
 

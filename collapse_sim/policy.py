@@ -8,7 +8,9 @@ A :class:`Policy` names the format of each role and the order of reductions:
 * ``softmax``: the format the softmax is evaluated in (scores are rounded to
   it, exp/sum/divide happen in it, probabilities go back to ``compute``).
 * ``order``: ``sequential``, ``pairwise``, ``blocked(b)``, ``kahan`` or ``exact``.
-* ``mode``: the rounding mode of every op (default round-to-nearest-even).
+* ``mode``: the rounding mode of every op: ``rne`` (default), ``rna``, ``rnz`` (round to
+  nearest, ties to even, away from zero, toward zero), ``rz``, ``ru``, ``rd`` (directed),
+  ``ro`` (round to odd); docs/semantics.md §1 defines each.
 * ``max_subtract``: whether softmax subtracts the row maximum first.
 * ``kernel``: how the attention is evaluated: ``naive`` (the softmax of whole score
   rows, then the weighted values) or ``online(b)`` (key blocks of ``b`` with a running

@@ -24,11 +24,18 @@ Semantics (IEEE 754 where it speaks):
   ``2**(max(e, emin) - p + 1)`` (gradual underflow). With
   ``subnormals=False`` the spacing is ``2**(e - p + 1)`` and a nonzero result
   below ``2**emin`` becomes a zero of the same sign (flush to zero).
-* A rounded magnitude above the format's largest finite value overflows:
-  if the rounding direction moved away from zero (RNE, RU for positive, RD for
-  negative, a stochastic round up) the result is the format's overflow value
-  (inf, NaN, or the largest finite value when saturating); otherwise it is
-  the largest finite value, as IEEE prescribes for RZ.
+* The modes (docs/semantics.md §1 defines each): ``rne``, ``rna``, ``rnz`` round to
+  nearest with ties to even, away from zero, toward zero; ``rz``, ``ru``, ``rd`` are
+  directed; ``ro`` (round to odd) keeps an exact value and gives an inexact one the
+  neighbour whose last significand bit is 1; ``sr`` is stochastic.
+* A rounded magnitude (rounded with an unbounded exponent) above the format's largest
+  finite value overflows: if the mode carries overflow away from zero (the three
+  nearest modes, RU for positive, RD for negative, a stochastic round up) the result
+  is the format's overflow value (inf, NaN, or the largest finite value when
+  saturating); otherwise (RZ, RO, RU for negative, RD for positive) it is the largest
+  finite value, as IEEE 754 §7.4 prescribes for RZ. Round to odd never turns a finite
+  value into an infinity, whatever the parity of the largest value (IEEE 754-2019 has
+  no round to odd; this is CPFloat's choice).
 * NaN stays NaN; ±inf becomes ±inf, NaN (``overflow="nan"``) or ±max
   (``"saturate"``).
 * Stochastic rounding rounds up with probability ``(x - RD(x)) / ulp``,
@@ -56,23 +63,49 @@ class RoundingError(CollapseSimError):
 
 class Mode(str, enum.Enum):
     RNE = "rne"  # round to nearest, ties to even
+    RNA = "rna"  # round to nearest, ties away from zero
+    RNZ = "rnz"  # round to nearest, ties toward zero
     RZ = "rz"  # toward zero
     RU = "ru"  # toward +inf
     RD = "rd"  # toward -inf
+    RO = "ro"  # to odd: an inexact value goes to the neighbour whose last significand bit is 1
     SR = "sr"  # stochastic
 
     @classmethod
     def parse(cls, m: "str | Mode") -> "Mode":
         if isinstance(m, Mode):
             return m
-        aliases = {"nearest": "rne", "rn": "rne", "even": "rne", "zero": "rz", "up": "ru",
-                   "down": "rd", "stochastic": "sr"}
-        key = str(m).lower()
+        aliases = {"nearest": "rne", "rn": "rne", "even": "rne", "ties_even": "rne", "ties_away": "rna",
+                   "ties_zero": "rnz", "zero": "rz", "up": "ru", "down": "rd", "odd": "ro", "stochastic": "sr"}
+        key = str(m).lower().replace("-", "_")
         key = aliases.get(key, key)
         try:
             return cls(key)
         except ValueError:
-            raise RoundingError(f"unknown rounding mode {m!r}; use one of rne, rz, ru, rd, sr") from None
+            names = ", ".join(v.value for v in cls)
+            raise RoundingError(f"unknown rounding mode {m!r}; use one of {names}") from None
+
+    @property
+    def nearest(self) -> bool:
+        """A round-to-nearest mode (the three differ only at midpoints)."""
+        return self in (Mode.RNE, Mode.RNA, Mode.RNZ)
+
+    def overflows_away(self, negative):
+        """Whether a finite value beyond the largest finite one goes to the format's
+        overflow value (inf, NaN or, saturating, the largest finite value) rather than to
+        the largest finite value: always for the nearest modes (IEEE 754-2019 §7.4; a
+        value overflows when its rounding with an unbounded exponent exceeds the largest),
+        for RU above and RD below zero, never for RZ and RO. ``negative`` is a bool or a
+        bool array (the answer has its shape). SR decides per value, by its draw."""
+        if self.nearest:
+            return negative == negative
+        if self is Mode.RU:
+            return negative == False  # noqa: E712 - a bool or an array
+        if self is Mode.RD:
+            return negative == True  # noqa: E712
+        if self in (Mode.RZ, Mode.RO):
+            return negative != negative
+        raise ValueError("stochastic rounding overflows by its draw, value by value")
 
 
 class _Carrier:
@@ -397,8 +430,15 @@ def _round_general(x, key, fmt: "Format | FormatParams", mode: Mode):
     at_half = jnp.where(drop_all, False, (d >= 1) & (rem == half))
     inexact = rem != 0
 
+    odd = (q & U(1)) == 1
     if mode is Mode.RNE:
-        up = above_half | (at_half & ((q & U(1)) == 1))
+        up = above_half | (at_half & odd)
+    elif mode is Mode.RNA:
+        up = above_half | at_half
+    elif mode is Mode.RNZ:
+        up = above_half
+    elif mode is Mode.RO:  # q is the truncation; an even one moves to its odd neighbour
+        up = inexact & ~odd
     elif mode is Mode.RZ:
         up = jnp.zeros_like(inexact)
     elif mode is Mode.RU:
@@ -425,17 +465,8 @@ def _round_general(x, key, fmt: "Format | FormatParams", mode: Mode):
     # Overflow.
     lim = _Limits(c, fmt)
     over = lim.over(pat)
-    # Overflow goes to the overflow value when the rounding moved away from zero.
-    if mode is Mode.RNE:
-        away = jnp.ones_like(up)
-    elif mode is Mode.RZ:
-        away = jnp.zeros_like(up)
-    elif mode is Mode.RU:
-        away = ~neg
-    elif mode is Mode.RD:
-        away = neg
-    else:  # stochastic: away from zero exactly when it rounded up in magnitude
-        away = up
+    # Overflow goes to the overflow value when the mode carries it away from zero.
+    away = up if mode is Mode.SR else mode.overflows_away(neg)  # stochastic: when it rounded up in magnitude
     pat = jnp.where(over, jnp.where(away, lim.overflow, lim.xmax), pat)
 
     # Flush to zero without subnormals.
@@ -471,7 +502,8 @@ def round_to(x, fmt: "Format | str | FormatParams", mode: "Mode | str" = Mode.RN
     even when JAX float64 is off (then the work runs under a scoped
     ``jax.enable_x64(True)`` and the result is a float64 array): an input is
     never cut to float32 on the way in.
-    ``mode`` is one of ``rne`` (default), ``rz``, ``ru``, ``rd``, ``sr``;
+    ``mode`` is one of ``rne`` (default), ``rna``, ``rnz``, ``rz``, ``ru``, ``rd``,
+    ``ro``, ``sr`` (:class:`Mode`);
     stochastic rounding needs a ``jax.random`` key. ``fmt`` may be a :class:`FormatParams`
     (a format as data, the same bits): one compiled program then serves every format of
     its class.

@@ -8,6 +8,7 @@ The overflow rule is written here again, straight from IEEE 754 §7.4.
 
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 
@@ -25,7 +26,9 @@ _MPFR_MODES = {
 
 def _overflow(value: Fraction | float, negative: bool, fmt: Format, mode: str) -> float:
     xmax = float(fmt.max_exact)
-    away = mode == "rne" or (mode == "ru" and not negative) or (mode == "rd" and negative)
+    # IEEE 754-2019 §7.4: the nearest modes carry every overflow to the overflow value, the
+    # directed ones only away from zero; round to odd keeps the largest finite value (CPFloat)
+    away = mode in ("rne", "rna", "rnz") or (mode == "ru" and not negative) or (mode == "rd" and negative)
     if away:
         big = {"inf": math.inf, "nan": math.nan, "saturate": xmax}[fmt.overflow]
     else:
@@ -46,28 +49,91 @@ def _fix_zero(r: float, negative: bool, fmt: Format) -> float:
     return r
 
 
+@functools.lru_cache(maxsize=None)
+def _context(p: int, emin: int, emax: int, rnd):
+    return gmpy2.context(
+        precision=p,
+        emin=emin - p + 2,  # MPFR exponents are one more than IEEE's; subnormal floor
+        emax=emax + 8,  # room above the format: overflow is decided below, per IEEE 754
+        subnormalize=True,
+        round=rnd,
+    )
+
+
+def _mpfr(x: float, p: int, emin: int, emax: int, rnd):
+    """``x`` rounded by MPFR to ``p`` bits, IEEE exponent range [emin, emax] with subnormals
+    of that precision (quantum 2^(emin - p + 1)), and MPFR's inexact flag (one context per
+    setting, made once: the oracle runs for hundreds of thousands of points)."""
+    with _context(p, emin, emax, rnd) as c:
+        c.clear_flags()
+        r = gmpy2.mpfr(x)
+        return r, c.inexact
+
+
+@functools.lru_cache(maxsize=None)
+def _largest(fmt: Format):
+    """The format's largest finite value as an MPFR number (exact: it has p bits)."""
+    big = gmpy2.mpfr(gmpy2.mpq(fmt.max_exact.numerator, fmt.max_exact.denominator), fmt.p + 2)
+    assert Fraction(*(int(t) for t in big.as_integer_ratio())) == fmt.max_exact
+    return big
+
+
+def _grid_integer(r, qexp: int):
+    """``|r| / 2**qexp`` for an MPFR number ``r`` on that grid, as an integer."""
+    m, e = abs(r).as_mantissa_exp()  # |r| = m * 2**e
+    if e >= qexp:
+        return m << (e - qexp)
+    assert m & ((1 << (qexp - e)) - 1) == 0, (r, qexp)
+    return m >> (qexp - e)
+
+
+def _quantum_exponent(r, p: int, emin: int) -> int:
+    """The exponent of the spacing at MPFR number ``r`` of a p-bit format with gradual
+    underflow (MPFR's exponent is one more than floor(log2 |r|))."""
+    return (max(gmpy2.get_exp(r) - 1, emin) if r != 0 else emin) - p + 1
+
+
+def _mpfr_derived(x: float, fmt: Format, mode: str):
+    """The modes MPFR lacks (gmpy2 has no MPFR_RNDNA), from the ones it has.
+    Ties: x is a midpoint exactly when MPFR rounds it to p + 1 bits (quantum halved) exactly
+    with an odd last bit; a midpoint goes away from zero (rna) or toward it (rnz), every other
+    x as MPFR's round to nearest. Round to odd: MPFR's truncation, moved to its odd
+    neighbour away from zero when MPFR reports it inexact and its last bit is 0."""
+    if mode in ("rna", "rnz"):
+        r1, inexact = _mpfr(x, fmt.p + 1, fmt.emin, fmt.emax, gmpy2.RoundToZero)
+        tie = not inexact and r1 != 0 and _grid_integer(r1, _quantum_exponent(r1, fmt.p + 1, fmt.emin)) % 2 == 1
+        if tie:
+            return _mpfr(x, fmt.p, fmt.emin, fmt.emax, gmpy2.RoundAwayZero if mode == "rna" else gmpy2.RoundToZero)[0]
+        return _mpfr(x, fmt.p, fmt.emin, fmt.emax, gmpy2.RoundToNearest)[0]
+    assert mode == "ro", mode
+    r, inexact = _mpfr(x, fmt.p, fmt.emin, fmt.emax, gmpy2.RoundToZero)
+    if not inexact:
+        return r
+    qexp = _quantum_exponent(r, fmt.p, fmt.emin)
+    n = _grid_integer(r, qexp)
+    if n % 2 == 0:
+        n += 1
+    return gmpy2.mpfr(math.copysign(math.ldexp(int(n), qexp), x))  # exact: n < 2^(p+1), 2^qexp a float64
+
+
 def mpfr_round(x: float, fmt: Format, mode: str) -> float:
     """Round the exact value of the Python float ``x`` to ``fmt`` with MPFR."""
     if math.isnan(x) or math.isinf(x):
         return _special(x, fmt)
     assert fmt.subnormals, "MPFR oracle covers formats with gradual underflow"
-    ctx = gmpy2.context(
-        precision=fmt.p,
-        emin=fmt.emin - fmt.p + 2,  # MPFR exponents are one more than IEEE's; subnormal floor
-        emax=fmt.emax + 8,  # room above the format: overflow is decided below, per IEEE 754
-        subnormalize=True,
-        round=_MPFR_MODES[mode],
-    )
-    with gmpy2.context(ctx):
-        r = gmpy2.mpfr(x)
+    if mode in _MPFR_MODES:
+        r = _mpfr(x, fmt.p, fmt.emin, fmt.emax, _MPFR_MODES[mode])[0]
+    else:
+        r = _mpfr_derived(x, fmt, mode)
     negative = math.copysign(1.0, x) < 0
-    if gmpy2.is_infinite(r) or abs(Fraction(*(int(t) for t in r.as_integer_ratio()))) > fmt.max_exact:
+    if gmpy2.is_infinite(r) or abs(r) > _largest(fmt):  # an exact comparison
         return _overflow(r, negative, fmt, mode)
     return _fix_zero(float(r), negative, fmt)
 
 
 def fraction_round(x: Fraction | float, fmt: Format, mode: str, negative_zero: bool = False) -> float:
-    """Round an exact rational to ``fmt`` with integer arithmetic (RNE/RZ/RU/RD)."""
+    """Round an exact rational to ``fmt`` with integer arithmetic, in any deterministic mode
+    (docs/semantics.md §1, written again)."""
     if isinstance(x, float):
         if math.isnan(x) or math.isinf(x):
             return _special(x, fmt)
@@ -78,34 +144,39 @@ def fraction_round(x: Fraction | float, fmt: Format, mode: str, negative_zero: b
     a = abs(x)
     if a == 0:
         return _fix_zero(0.0, negative, fmt)
-    # e = floor(log2 a)
-    e = a.numerator.bit_length() - a.denominator.bit_length()
-    while Fraction(2) ** e > a:
+    num, den = a.numerator, a.denominator  # integers throughout: a = num / den
+    # e = floor(log2 a): the bit lengths leave e or e - 1; a >= 2^e iff num >= den * 2^e
+    e = num.bit_length() - den.bit_length()
+    if (num << max(-e, 0)) < (den << max(e, 0)):
         e -= 1
-    while Fraction(2) ** (e + 1) <= a:
-        e += 1
     qe = (max(e, fmt.emin) if fmt.subnormals else e) - fmt.p + 1
-    scaled = a / Fraction(2) ** qe
-    lo = scaled.numerator // scaled.denominator
-    rest = scaled - lo
-    if rest == 0:
+    # a / 2^qe = lo + rem / div with 0 <= rem < div
+    lo, rem = divmod(num << max(-qe, 0), div := den << max(qe, 0))
+    if rem == 0:
         n = lo
     elif mode == "rne":
-        n = lo + 1 if (rest > Fraction(1, 2) or (rest == Fraction(1, 2) and lo % 2 == 1)) else lo
+        n = lo + 1 if (2 * rem > div or (2 * rem == div and lo % 2 == 1)) else lo
     elif mode == "rz":
         n = lo
     elif mode == "ru":
         n = lo if negative else lo + 1
     elif mode == "rd":
         n = lo + 1 if negative else lo
+    elif mode == "rna":  # nearest, a tie away from zero
+        n = lo + 1 if 2 * rem >= div else lo
+    elif mode == "rnz":  # nearest, a tie toward zero
+        n = lo + 1 if 2 * rem > div else lo
+    elif mode == "ro":  # inexact: of lo and lo + 1, the odd one
+        n = lo if lo % 2 == 1 else lo + 1
     else:
         raise ValueError(mode)
-    r = Fraction(n) * Fraction(2) ** qe
-    if r > fmt.max_exact:
-        return _overflow(r, negative, fmt, mode)
-    if not fmt.subnormals and 0 < r < Fraction(2) ** fmt.emin:
-        r = Fraction(0)
-    out = float(r)
+    # the result is n * 2^qe; the largest value is top * 2^mq
+    top, mq = fmt.top_significand, fmt.emax - fmt.p + 1
+    if (n << max(qe - mq, 0)) > (top << max(mq - qe, 0)):
+        return _overflow(Fraction(n) * Fraction(2) ** qe, negative, fmt, mode)
+    if not fmt.subnormals and qe < fmt.emin and 0 < n < (1 << (fmt.emin - qe)):
+        n = 0
+    out = math.ldexp(n, qe) if qe >= -1074 else float(Fraction(n) * Fraction(2) ** qe)  # exact
     out = -out if negative else out
     return _fix_zero(out, negative, fmt)
 

@@ -51,17 +51,24 @@ def carrier_add(a, b, mode):
     """``a + b`` in the carrier, in a form whose rounding to any format with
     ``p <= pc - 2`` in ``mode`` equals the correct rounding of the exact sum.
 
-    Round-to-nearest: the plain carrier sum (innocuous double rounding).
-    Directed modes: the carrier sum can hide that the exact sum lies just off a
-    format value (a large, b tiny), so the sum is made *round-to-odd*: the error
-    term of TwoSum (exact, no FMA needed) says whether the carrier rounded, and
-    the last carrier bit is then forced to 1 (Boldo & Melquiond, 2008).
+    Round to nearest (ties to even, away or toward zero): the plain carrier sum. If it
+    is inexact, the last bit of the smaller addend lies below the carrier's last bit of
+    the sum, so (a p-bit number) the addend is below a quarter of the format's spacing
+    there (``2p + 2 <= pc``): the exact sum and
+    the carrier sum both lie within a quarter spacing of the larger addend, a format
+    value, and neither is a midpoint; every nearest mode rounds both to that value.
+    (Figueroa 1995's innocuous double rounding; the tie rule never comes into play.)
+    Directed modes and round to odd: the carrier sum can hide that the exact sum lies
+    just off a format value (a large, b tiny), so the sum is made *round-to-odd*: the
+    error term of TwoSum (exact, no FMA needed) says whether the carrier rounded, and
+    the last carrier bit is then forced to 1 (Boldo & Melquiond, 2008); rounding that
+    on in RZ, RU, RD or RO gives the rounding of the exact sum.
     Products of two format values are exact in the carrier, and for ÷ and √ a
-    non-representable exact result is too far from every format value for the
-    carrier's rounding to cross one, so only + and − need this.
+    non-representable exact result is never a format value or a midpoint and is too
+    far from every one for the carrier's rounding to reach it, so only + and − need this.
     """
     s = a + b
-    if mode is Mode.RNE:
+    if mode.nearest:
         return s
     bb = s - a
     err = (a - (s - bb)) + (b - bb)

@@ -2,10 +2,14 @@
 
 Every op is computed in a wider *carrier* float (carrier.py) and rounded to the
 policy's format with :func:`collapse_sim.rounding.round_to`, so + − × ÷ √ are
-*correctly rounded* in the target format. ``exp`` is always evaluated in
-float64 and then rounded: correct except within ~2^-50 relative of a
-midpoint (none is known for p <= 16; the tests check every bf16 and fp16
-input).
+*correctly rounded* in the target format, in every mode of
+:class:`collapse_sim.rounding.Mode` but stochastic (carrier.py says why). ``exp`` is
+always evaluated in float64 and then rounded: correct except within ~2^-50 relative of
+a midpoint (nearest modes) or a format value other than 1 (directed modes, round to
+odd); none is known for p <= 16, the tests check every bf16 and fp16 input in every
+mode. Outside the nearest modes the float64 value is marked inexact first
+(:func:`_inexact_exp`), which keeps ``exp`` correct next to 1 (``a`` tiny) and where
+float64 over- or underflows.
 
 Division is always done on operands of the same shape behind an
 optimisation barrier: XLA otherwise rewrites ``a / broadcast(b)`` into
@@ -144,7 +148,10 @@ class Emulator:
         return self.rnd(jnp.sqrt(a), fmt)
 
     def exp(self, a, fmt=None):
-        wide = jnp.exp(jnp.asarray(a, jnp.float64))
+        a = jnp.asarray(a, jnp.float64)
+        wide = jnp.exp(a)
+        if not self.mode.nearest:  # a nearest mode needs no mark: e^a is never a midpoint either
+            wide = _inexact_exp(wide, a)
         return round_to(wide, self.compute if fmt is None else fmt, self.mode).astype(self.dtype)
 
     # --- reductions --------------------------------------------------------
@@ -178,6 +185,24 @@ class Emulator:
         bt = jnp.swapaxes(jnp.asarray(b, self.dtype), -1, -2)
         ae, be = jnp.broadcast_arrays(a[..., :, None, :], bt.reshape((1,) * (a.ndim - 1) + bt.shape))
         return self.dot(ae, be, out_fmt, order)
+
+
+def _inexact_exp(wide, a):
+    """The float64 ``wide = exp(a)`` marked inexact, for the modes that are not round to
+    nearest: ``e^a`` of a finite ``a != 0`` is irrational (Lindemann-Weierstrass), never a
+    format value, so ``wide`` is moved by at most one float64 ulp to a float64 with its last
+    bit set, on the side of ``wide`` where ``e^a`` lies when float64 rounded it to 1 (then
+    the side is ``a``'s sign), above it otherwise. It then stays between the same two format
+    values as ``e^a`` unless ``e^a`` lies within float64's exp error plus one ulp of one
+    other than 1. An overflow to inf becomes the largest float64 and an underflow to 0 the
+    smallest float64 subnormal, so the directed modes and round to odd give the format's
+    largest finite value, or its smallest subnormal, where the exact ``e^a`` calls for it."""
+    bits = lax.bitcast_convert_type(wide, jnp.uint64)
+    one = bits == jnp.uint64(0x3FF0000000000000)
+    marked = jnp.where(one & (a < 0), bits - jnp.uint64(1), bits | jnp.uint64(1))  # 1 - 2^-53 or (last bit) 1
+    marked = jnp.where(jnp.isinf(wide), jnp.uint64(0x7FEFFFFFFFFFFFFF), marked)
+    inexact = jnp.isfinite(a) & (a != 0)
+    return lax.bitcast_convert_type(jnp.where(inexact, marked, bits), jnp.float64)
 
 
 _PATHS = ("certified", "float64", "superacc")

@@ -15,7 +15,7 @@ import numpy as np
 
 from ...formats import Format
 from ...policy import Order, Policy
-from ...rounding import Mode
+from ...rounding import Mode, RoundingError
 
 # mpmath has no signed zero: the reference's zeros are all +0, and comparisons
 # with the other backends treat -0 and +0 as equal.
@@ -31,6 +31,8 @@ class RefArith:
     """Correctly rounded scalar arithmetic in one format, on mpmath mpf tuples."""
 
     def __init__(self, fmt: Format, mode: Mode = Mode.RNE):
+        if mode is Mode.SR:
+            raise RoundingError("the reference rounds deterministically; stochastic rounding is round_to(..., 'sr', key=...)")
         self.fmt = fmt
         self.mode = mode
         self.work = 2 * fmt.p + 64
@@ -60,6 +62,12 @@ class RefArith:
             half = 1 << (d - 1)
             if mode is Mode.RNE:
                 up = rem > half or (rem == half and q & 1)
+            elif mode is Mode.RNA:
+                up = rem >= half
+            elif mode is Mode.RNZ:
+                up = rem > half
+            elif mode is Mode.RO:
+                up = inexact and not q & 1
             elif mode is Mode.RZ:
                 up = False
             elif mode is Mode.RU:
@@ -69,7 +77,7 @@ class RefArith:
             q += int(up)
         over = _gt(q, qexp, fmt.top_significand, fmt.emax - fmt.p + 1)
         if over:
-            away = mode is Mode.RNE or (mode is Mode.RU and not sign) or (mode is Mode.RD and sign)
+            away = mode.overflows_away(bool(sign))
             big = {"inf": mlib.finf, "nan": mlib.fnan, "saturate": self._max()}[fmt.overflow] if away else self._max()
             return mlib.mpf_neg(big) if (sign and big != mlib.fnan) else big
         if not fmt.subnormals and q != 0 and _gt(1, fmt.emin, q, qexp):
