@@ -1,7 +1,7 @@
 """EmulatedBackend: the model primitives of collapse_sim.model on an :class:`Emulator`:
 the mean and norms (docs/semantics.md §4), the rounding of weights and constants to
 storage (§5.1-§5.6), linear layers (§7) and the attention (§3.3, §8, §10). Known
-departures (§12): ``exp`` beyond float64's range under directed modes.
+departures: docs/semantics.md §12.
 """
 
 from __future__ import annotations
