@@ -184,7 +184,7 @@ def test_segment_count_by_size():
 
     pairwise = make_backend("emulated", "compute=bf16,order=pairwise").emu
     exact = make_backend("emulated", "compute=bf16,order=exact").emu
-    assert _segment_count(pairwise, 2000) == 1 and _segment_count(exact, 4096) == 1
-    counts = [_segment_count(pairwise, n) for n in range(1, 80_000, 997)]
+    assert _segment_count(pairwise, 2000, 64) == 1 and _segment_count(exact, 4096, 64) == 1
+    counts = [_segment_count(pairwise, n, 64) for n in range(1, 80_000, 997)]
     assert counts == sorted(counts) and max(counts) == _SEGMENTS and min(counts) == 1
-    assert all(_segment_count(exact, n) <= _segment_count(pairwise, n) for n in range(1, 80_000, 997))
+    assert all(_segment_count(exact, n, 64) <= _segment_count(pairwise, n, 64) for n in range(1, 80_000, 997))
