@@ -201,6 +201,22 @@ class RefArith:
         return mlib.fzero
 
 
+def times_log2e(x: float, prec: int):
+    """``x·log2(e)`` for a float64 ``x``, rounded to odd at ``prec`` bits (an mpf tuple): the
+    flash2 kernel's folded constants (docs/semantics.md §8.8.1). Its rounding to any format of
+    at most ``prec - 2`` bits, in any mode, is that of the exact product (round to odd keeps
+    the side of every coarser rounding boundary); the product is irrational for ``x != 0``."""
+    a = mlib.from_float(float(x))
+    if a[1] == 0:
+        return mlib.fzero
+    g = prec + 64
+    r = mlib.mpf_mul(a, mlib.mpf_div(mlib.fone, mlib.mpf_ln2(g), g), prec, "d")  # toward zero
+    sign, man, exp, bc = r
+    shift = max(prec - bc, 0)  # mpmath strips trailing zeros: the last bit is the prec-th
+    m = (man << shift) | 1
+    return mlib.from_man_exp(-m if sign else m, exp - shift)
+
+
 def _is_neg(v) -> bool:
     return bool(v[0])
 
