@@ -365,8 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="emulated", choices=["emulated", "native", "reference"])
     p.add_argument("--order", default="pairwise", help="reduction order for emulated/reference (default pairwise)")
     p.add_argument("--kernel", default="naive",
-                   help="attention kernel for emulated/reference: naive (default) or online(b), key blocks of b "
-                        "with a running max and sum (docs/semantics.md §8.8)")
+                   help="attention kernel for emulated/reference: naive (default), online(b), key blocks of b "
+                        "with a running max and sum (docs/semantics.md §8.8), or flash2(b), FlashAttention-2's "
+                        "recipe of it (§8.8.1)")
     p.add_argument("--shard", action="store_true",
                    help="split the emulated attention's queries over all JAX devices (same bits as unsharded)")
     p.add_argument("--max-len", type=int, required=True)

@@ -14,7 +14,9 @@ A :class:`Policy` names the format of each role and the order of reductions:
 * ``max_subtract``: whether softmax subtracts the row maximum first.
 * ``kernel``: how the attention is evaluated: ``naive`` (the softmax of whole score
   rows, then the weighted values) or ``online(b)`` (key blocks of ``b`` with a running
-  maximum, sum and output, as FlashAttention-style kernels do; docs/semantics.md §8.8).
+  maximum, sum and output, as FlashAttention-style kernels do; docs/semantics.md §8.8) or
+  ``flash2(b)`` (the same loop in FlashAttention-2's recipe: scores in base 2, ``exp2``, the
+  probability tile cast to the storage format before it multiplies the values; §8.8.1).
 
 A policy is a frozen, hashable dataclass (so it is static under ``jax.jit``)
 and reads from a jmp-like string:
@@ -91,7 +93,8 @@ class Order:
         return f"blocked({self.block})" if self.kind == "blocked" else self.kind
 
 
-KERNEL_KINDS = ("naive", "online")
+KERNEL_KINDS = ("naive", "online", "flash2")
+BLOCK_KERNELS = ("online", "flash2")  # the kernels that run the keys in blocks with a running softmax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +105,9 @@ class Kernel:
     * ``online(b)``: key blocks of ``b`` columns in order, with a running maximum, a
       running denominator and a running output, each rescaled when the maximum grows,
       and one division at the end.
+    * ``flash2(b)``: ``online(b)`` in FlashAttention-2's recipe (Dao, 2023): the scale folds
+      in log2(e), every exp is an exp2, and the probability tile is rounded to the storage
+      format before it multiplies the values.
     """
 
     kind: str = "naive"
@@ -109,10 +115,10 @@ class Kernel:
 
     def __post_init__(self) -> None:
         if self.kind not in KERNEL_KINDS:
-            raise PolicyError(f"unknown attention kernel {self.kind!r}; use naive or online(b), e.g. online(64)")
-        if self.kind == "online":
+            raise PolicyError(f"unknown attention kernel {self.kind!r}; use naive, online(b) or flash2(b), e.g. online(64)")
+        if self.kind in BLOCK_KERNELS:
             if not isinstance(self.block, int) or isinstance(self.block, bool) or self.block < 1:
-                raise PolicyError(f"the online kernel needs a key block size >= 1, got {self.block!r}")
+                raise PolicyError(f"the {self.kind} kernel needs a key block size >= 1, got {self.block!r}")
         elif self.block is not None:
             raise PolicyError("the naive kernel takes no block size")
 
@@ -121,17 +127,17 @@ class Kernel:
         if isinstance(text, Kernel):
             return text
         if not isinstance(text, str):
-            raise PolicyError(f"an attention kernel is a string such as 'naive' or 'online(64)', got {text!r}")
+            raise PolicyError(f"an attention kernel is a string such as 'naive', 'online(64)' or 'flash2(64)', got {text!r}")
         t = text.strip().lower()
-        m = re.fullmatch(r"online\((\d+)\)", t)
+        m = re.fullmatch(r"(online|flash2)\((\d+)\)", t)
         if m:
-            return cls("online", int(m.group(1)))
-        if t == "online":
-            raise PolicyError("the online kernel needs a key block size: online(b), e.g. online(64)")
+            return cls(m.group(1), int(m.group(2)))
+        if t in BLOCK_KERNELS:
+            raise PolicyError(f"the {t} kernel needs a key block size: {t}(b), e.g. {t}(64)")
         return cls(t)
 
     def __str__(self) -> str:
-        return f"online({self.block})" if self.kind == "online" else self.kind
+        return f"{self.kind}({self.block})" if self.kind in BLOCK_KERNELS else self.kind
 
 
 _ROLES = ("storage", "compute", "accumulate", "softmax")
@@ -151,8 +157,8 @@ class Policy:
     def __post_init__(self) -> None:
         if self.mode is Mode.SR:
             raise PolicyError("stochastic rounding is available through round_to(..., key=...), not as a policy mode")
-        if self.kernel.kind == "online" and not self.max_subtract:
-            raise PolicyError("the online kernel rescales by its running maximum, so it needs max_subtract=true")
+        if self.kernel.kind in BLOCK_KERNELS and not self.max_subtract:
+            raise PolicyError(f"the {self.kernel.kind} kernel rescales by its running maximum, so it needs max_subtract=true")
 
     @classmethod
     def uniform(cls, fmt: "Format | str", order: "Order | str" = "pairwise", **kw) -> "Policy":

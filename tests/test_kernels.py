@@ -1,9 +1,12 @@
 """The attention kernels of a policy (docs/semantics.md §8.8): ``online(b)`` runs the
-keys in blocks with a running maximum, denominator and output."""
+keys in blocks with a running maximum, denominator and output; ``flash2(b)`` is its
+FlashAttention-2 recipe (base-2 scores, exp2, the probability tile in storage, §8.8.1)."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 
 import mpmath
 import numpy as np
@@ -11,6 +14,8 @@ import pytest
 
 from collapse_sim.backends import make_backend
 from collapse_sim.backends.reference import ReferenceBackend
+from collapse_sim.backends.reference.arith import times_log2e
+from collapse_sim.formats import parse
 from collapse_sim.model import ModelConfig, forward, init_params
 from collapse_sim.policy import Kernel, Policy, PolicyError
 from collapse_sim.theory import gamma
@@ -27,10 +32,15 @@ def _same(a, b):
     (dict(pe="rope", n_heads=2), "compute=bf16,order=pairwise,kernel=online(5)"),
     (dict(pe="alibi", window=6), "compute=fp16,accumulate=fp32,softmax=fp32,order=kahan,mode=rd,kernel=online(7)"),
     (dict(pe="sinusoidal"), "compute=(p=5,emax=15),accumulate=(p=9,emax=30),order=exact,kernel=online(5)"),
-], ids=["bf16-pairwise-b5", "fp16-fp32acc-kahan-rd-window-alibi-b7", "custom-exact-b5"])
+    (dict(pe="rope", n_heads=2), "compute=bf16,order=pairwise,kernel=flash2(5)"),
+    (dict(pe="alibi", window=6), "storage=bf16,compute=fp32,accumulate=fp32,softmax=fp32,kernel=flash2(7)"),
+], ids=["bf16-pairwise-b5", "fp16-fp32acc-kahan-rd-window-alibi-b7", "custom-exact-b5", "flash2-bf16-pairwise-b5",
+        "flash2-bf16-storage-fp32-window-alibi-b7"])
 def test_online_kernel_emulated_equals_reference(cfg, policy):
-    """Full forwards (L = 2, d = 8, N = 12, with probes) under the online kernel: the
-    emulated backend gives the mpmath reference's bits, with blocks that do not divide N."""
+    """Full forwards (L = 2, d = 8, N = 12, with probes) under the online and flash2 kernels:
+    the emulated backend gives the mpmath reference's bits, with blocks that do not divide N.
+    The last case is the realistic flash2 kernel: fp32 arithmetic, the tile cast to bf16,
+    with the folded ALiBi biases."""
     c = ModelConfig(d=8, n_layers=2, vocab=4, seed=5, **cfg)
     P = init_params(c)
     probe = np.roll(TOKS, -1)
@@ -53,16 +63,19 @@ def test_online_kernel_differs_from_naive_in_low_precision():
     assert not _same(a, b)
 
 
-def test_online_kernel_agrees_with_naive_at_256_bits():
-    """In 256-bit arithmetic the online kernel and the naive softmax are the same function
+@pytest.mark.parametrize("kernel", [Kernel("online", 3), Kernel("flash2", 3)], ids=str)
+def test_online_kernel_agrees_with_naive_at_256_bits(kernel):
+    """In 256-bit arithmetic the online (flash2) kernel and the naive softmax are the same function
     up to rounding: each output is within the two evaluations' error bounds of the exact
     value, γ_k(2^-256)·max|y| each with k an op count of the longest chain (§8.8: per block
     a max, two exps, a sum and a dot of ≤ N terms, a product and an add; N/b + 1 blocks,
-    and the model's other ops, generously 64(N + d) per layer as in the theory checks)."""
+    and the model's other ops, generously 64(N + d) per layer as in the theory checks). For
+    flash2 the folded scale is σ_64·log2 e to 2^-256 relative (§8.8.1), so its base-2 scores
+    are the naive kernel's natural ones times log2 e up to a few more such roundings."""
     c = ModelConfig(d=8, n_layers=2, vocab=4, seed=5, pe="rope")
     P = init_params(c)
     naive = ReferenceBackend("256")
-    online = ReferenceBackend(dataclasses.replace(naive.ref.policy, kernel=Kernel("online", 3)))
+    online = ReferenceBackend(dataclasses.replace(naive.ref.policy, kernel=kernel))
     a, b = (np.asarray(forward(P, TOKS, be)).ravel() for be in (naive, online))  # mpf values, not float64s
     N, d = TOKS.size, c.d
     k = 64 * (N + d) * c.n_layers
@@ -78,11 +91,18 @@ def test_kernel_grammar():
     assert p.kernel == Kernel("online", 64) and str(p).endswith(",kernel=online(64)")
     assert Policy.parse(str(p)) == p
     assert "kernel" not in str(Policy.parse("bf16"))  # the naive kernel leaves the policy's name as it was
-    for bad, says in [("online", "block size"), ("online(0)", ">= 1"), ("flash", "unknown attention kernel")]:
-        with pytest.raises(PolicyError, match=says):
+    f = Policy.parse("storage=bf16,compute=fp32,kernel=flash2(64)")
+    assert f.kernel == Kernel.parse("flash2(64)") == Kernel("flash2", 64) and str(f.kernel) == "flash2(64)"
+    assert Policy.parse(str(f)) == f and str(f).endswith(",kernel=flash2(64)")
+    for bad, says in [("online", "block size: online"), ("online(0)", ">= 1"), ("flash", "unknown attention kernel"),
+                      ("flash2", "block size: flash2"), ("flash2(0)", "flash2 kernel needs a key block size >= 1"),
+                      ("flash3(64)", "flash2")]:
+        with pytest.raises(PolicyError, match=says) as err:
             Policy.parse(f"compute=bf16,kernel={bad}")
-    with pytest.raises(PolicyError, match="max_subtract=true"):
-        Policy.parse("compute=bf16,max_subtract=false,kernel=online(4)")
+        assert not re.search(r"[.!?]\s+[A-Z]", str(err.value))  # one sentence
+    for k in ("online(4)", "flash2(4)"):
+        with pytest.raises(PolicyError, match="max_subtract=true"):
+            Policy.parse(f"compute=bf16,max_subtract=false,kernel={k}")
 
 
 def test_kernel_refused_where_it_cannot_run(tmp_path):
@@ -101,3 +121,75 @@ def test_kernel_refused_where_it_cannot_run(tmp_path):
     assert main(["collapse", "--family", "repeat_last", "--format", "bf16,fp64", "--kernel", "online(4)",
                  "--max-len", "8", "--out", str(out)]) == 2
     assert not out.exists()
+
+
+U_BF16 = 2.0 ** -8  # unit roundoff of the storage format the tile is cast to
+U_FP32 = 2.0 ** -24
+
+
+def _flash2_attention(storage: str, b: int, q, k, v):
+    """The flash2(b) attention (reference) of queries at positions 0..N-1 over N keys, fp32
+    arithmetic, the tile rounded to ``storage``, with the scale fl64(ln 2): its folded
+    constant is ∘_S(fl64(ln 2)·log2 e) = 1 in bf16 and in fp32 alike, so two storage formats
+    differ in the tile's rounding and nothing else."""
+    pol = f"storage={storage},compute=fp32,accumulate=fp32,softmax=fp32,kernel=flash2({b})"
+    be = ReferenceBackend(pol)
+    st = be.ref.storage
+    assert mpmath.mpf(st.round(times_log2e(math.log(2), st.work))) == 1
+    pos = np.arange(q.shape[0])
+    return be.to_numpy(be.attention(*(be.ref.store(x) for x in (q, k, v)), pos, pos, math.log(2)))
+
+
+def test_flash2_tile_in_bf16_moves_each_weight_by_one_rounding():
+    """FlashAttention-2 casts its probability tile P to bf16 for P·V while its running sum l
+    adds the fp32 tile. With fp32 arithmetic everywhere else, flash2 with P in bf16 (o_b) and
+    the same kernel with P in fp32 (o_f, the online recipe in base 2) share every score,
+    exp2, r and l; only the products P·V differ. Write w_j = R_j·e_j/l for the fp32 run's
+    weights (R_j the product of the later blocks' r) and W[c] = Σ_j w_j·|v_j[c]|. Each term of
+    o passes through K = 1 + ⌈log2 b⌉ + 2·nb roundings in fp32 (its product, the block's
+    pairwise sum, a product and an add per later block) and the division through one more,
+    so o_X[c] = Σ_j w^X_j·v_j[c]·(1 + θ_j), |θ_j| <= γ_{K+1}(2^-24), with w^b_j = w_j·∘_bf16(e_j)/e_j,
+    |∘_bf16(e_j)/e_j − 1| <= u' = u/(1 + u), u = 2^-8 (every e_j here is normal). Hence
+
+        |o_b − o_f|[c] <= Σ_j R_j·|∘_bf16(e_j) − e_j|·|v_j[c]|/l + (2 + u')·γ_{K+1}·W[c]
+                       <= (u' + (2 + u')·γ_{K+1})·W[c],
+
+    and W[c] <= o_f(|v|)[c] / (1 − γ_{K+1}), o_f(|v|) the fp32 run on |v| (same weights).
+    Checked for random values, and for v = I (N = d_h), where o[c] is the weight of key c
+    itself and the bound holds weight by weight (a tile truncated to bf16, relative error up
+    to 2u, fails it); observed > the fp32 part alone (the tile's rounding is what moves o).
+    Rows of ones show the weights do not sum to 1: o_f(1) = Σ_j w_j·(1+θ_j) with
+    l = Σ_j R_j e_j (1 + φ_j), |φ_j| <= γ_{K'}, K' = ⌈log2 b⌉ + 2·nb = K − 1, so
+    |o_f(1) − 1| <= γ_{2K}; the bf16 tile's row sum misses 1 by far more."""
+    rng = np.random.default_rng(3)
+    n, b = 24, 7  # d_h = n, so that v = I fits
+    bf16 = ReferenceBackend("bf16")  # bf16 inputs: the same values in both storage formats
+    q, k, v = (bf16.to_numpy(bf16.ref.store(rng.standard_normal((n, n)) * s)) for s in (0.5, 0.5, 1.0))
+    nb = -(-n // b)
+    K = 1 + math.ceil(math.log2(b)) + 2 * nb
+    g = gamma(K + 1, U_FP32)
+    up = U_BF16 / (1 + U_BF16)
+    for vals in (v, np.eye(n)):
+        ob, of = _flash2_attention("bf16", b, q, k, vals), _flash2_attention("fp32", b, q, k, vals)
+        W = _flash2_attention("fp32", b, q, k, np.abs(vals)) / (1 - g)
+        diff = np.abs(ob - of)
+        assert np.all(diff <= (up + (2 + up) * g) * W), float(np.max(diff[W > 0] / W[W > 0]))
+        assert np.max(diff[W > 0] / W[W > 0]) > 10 * (2 + up) * g  # the tile's rounding, not fp32 noise, moves o
+    ones = np.ones((n, n))
+    sb, sf = _flash2_attention("bf16", b, q, k, ones)[:, 0], _flash2_attention("fp32", b, q, k, ones)[:, 0]
+    g1 = gamma(2 * K, U_FP32)
+    assert np.all(np.abs(sf - 1) <= g1), float(np.max(np.abs(sf - 1)))
+    assert np.max(np.abs(sb - 1)) > 10 * g1, float(np.max(np.abs(sb - 1)))  # Σ_j ∘_bf16(P_j)/l != 1
+
+
+def test_flash2_cli_and_backend_for_format(tmp_path):
+    """``collapse --kernel flash2(b)`` runs (emulated bf16, a short stream) and
+    backend_for_format passes the kernel through."""
+    from collapse_sim.backends import backend_for_format
+    from collapse_sim.cli import main
+
+    assert backend_for_format("reference", "bf16", kernel="flash2(4)").policy.kernel == Kernel("flash2", 4)
+    out = tmp_path / "run"
+    assert main(["collapse", "--family", "repeat_last", "--format", "bf16", "--backend", "reference",
+                 "--kernel", "flash2(4)", "--max-len", "6", "--out", str(out)]) == 0
+    assert "flash2(4)" in (out / "collapse.json").read_text()

@@ -173,31 +173,45 @@ def test_exp_round_to_odd_beyond_float64():
             assert mlib.to_float(ref.exp(mlib.from_float(float(x)))) == w, (name, x)
 
 
+@pytest.mark.parametrize("fn", ["exp", "exp2"])
 @pytest.mark.parametrize("name", ["bf16", "fp16"])
-def test_exp_on_every_input(name):
-    """exp of every finite value (both signs) in the new modes and the directed ones
-    (tests/test_policy_ops.py checks rne) against mpmath: e^a is evaluated once per input at
-    240 bits and rounded in each mode by exact rationals. The tiny arguments, whose e^a
-    float64 rounds to 1, are the hard cases for the modes that are not round to nearest."""
+def test_exp_on_every_input(name, fn):
+    """exp and exp2 of every finite value (both signs) in the new modes and the directed
+    ones (tests/test_policy_ops.py checks exp in rne; exp2 is checked in rne here) against
+    mpmath: e^a or 2^a is evaluated once per input at 240 bits and rounded in each mode by
+    exact rationals. The tiny arguments, whose value float64 rounds to 1, are the hard cases
+    for the modes that are not round to nearest, and for exp2 the integers, whose 2^a is
+    exact (a format value, subnormal or past the range). The reference's RefArith is checked
+    on every 16th input."""
     fmt = parse(name)
     vals = [float(v) for v in format_values(fmt)]
     xs = np.array(vals + [-v for v in vals[1:]])
     xs = xs[np.abs(xs) < 200]
-    exact = [_exp_sticky(float(x)) for x in xs]
-    for mode in NEW + ["rz", "ru", "rd"]:
+    exact = [_exp_sticky(float(x), fn == "exp2") for x in xs]
+    for mode in NEW + ["rz", "ru", "rd"] + (["rne"] if fn == "exp2" else []):
         emu = Emulator(Policy.uniform(fmt, mode=Mode(mode)))
-        got = np.asarray(jax.jit(emu.exp)(jnp.asarray(xs, emu.dtype)), np.float64)
+        got = np.asarray(jax.jit(getattr(emu, fn))(jnp.asarray(xs, emu.dtype)), np.float64)
         want = np.array([fraction_round(v, fmt, mode) for v in exact])
         bad = got.view(np.uint64) != want.view(np.uint64)
         assert not bad.any(), (mode, list(zip(xs[bad][:5], got[bad][:5], want[bad][:5])))
+        ref = getattr(RefArith(fmt, Mode(mode)), fn)
+        sub = slice(None, None, 16)
+        got_ref = np.array([mlib.to_float(ref(mlib.from_float(float(x)))) for x in xs[sub]])
+        assert _eq(got_ref, want[sub]), mode
 
 
-def _exp_sticky(x: float) -> Fraction:
-    """e^x truncated at 240 bits, nudged strictly inside the truncation interval (x != 0):
-    a value that rounds to p <= 25 bits in every mode as e^x does."""
+def _exp_sticky(x: float, base2: bool = False) -> Fraction:
+    """e^x (2^x with ``base2``) truncated at 240 bits, nudged strictly inside the truncation
+    interval when inexact (x != 0; for 2^x, x not an integer): a value that rounds to
+    p <= 25 bits in every mode as e^x (2^x) does."""
+    if base2 and x == math.floor(x):
+        return Fraction(2) ** int(x)
     if x == 0:
         return Fraction(1)
-    r = mlib.mpf_exp(mlib.from_float(x), 240, "d")
+    a = mlib.from_float(x)
+    if base2:
+        a = mlib.mpf_mul(a, mlib.mpf_ln2(300), 300)  # x·ln 2 to 300 bits: 2^x to ~2^-290 relative
+    r = mlib.mpf_exp(a, 240, "d")
     p, q = mlib.to_rational(r)
     v = Fraction(int(p), int(q))
     return v + Fraction(2) ** (math.floor(math.log2(v)) - 250)

@@ -11,9 +11,13 @@ from __future__ import annotations
 import functools
 
 import jax.numpy as jnp
+import mpmath.libmp as mlib
+import numpy as np
 from jax import lax
 
+from ...policy import BLOCK_KERNELS
 from ...rounding import round_to
+from ..reference.arith import times_log2e
 from .._rows import _fill_rows, _map_rows
 from .certificates import certified_matmul, matmul_stats, row_norms
 from .ops import Emulator, reduce_sum
@@ -129,29 +133,33 @@ def _certified_scores(emu: Emulator, terms: int) -> bool:
 
 
 def _uncertified_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
-    """The attention op by op: the online kernel's blocks, or the naive softmax."""
+    """The attention op by op: the online or flash2 kernel's blocks, or the naive softmax."""
     path = exact_path(_terms(q, k))
-    if emu.kernel.kind == "online":
+    if emu.kernel.kind in BLOCK_KERNELS:
         return _online_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv, path)
     return _op_by_op_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv, path)
 
 
-def _prepare(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
+def _prepare(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv, fold: bool = False):
     """What the op-by-op and certified attention share: keys and values with a slot for
     a query's own key and value (``self_kv``), and ``weights``, which turns raw scores
-    (B, nk) of queries at positions pb into attention weights and the key mask."""
+    (B, nk) of queries at positions pb into attention weights and the key mask.
+    ``fold``: the scale and the ALiBi biases are the flash2 kernel's, times log2(e)
+    (docs/semantics.md §8.8.1; they must then be concrete numbers)."""
     mode, dt = emu.mode, emu.dtype
     if self_kv is not None:
         k = jnp.concatenate([k, jnp.zeros((1, k.shape[1]), dt)])
         v = jnp.concatenate([v, jnp.zeros((1, v.shape[1]), dt)])
     nk = k.shape[0]
     cols = jnp.arange(nk)
-    sc = emu.store(jnp.float64(scale))
+    sc = emu.store(jnp.float64(_log2e_times(scale) if fold else scale))
     kp, vp = _own_kv(q, self_kv)
     bias_table = None
     if alibi is not None:  # -slope·distance for every distance, rounded once (a gather per block)
         maxd = max(nk, int(qpos.shape[0])) + 1
-        bias_table = round_to(-alibi * jnp.arange(maxd, dtype=jnp.float64), emu.storage, mode).astype(dt)
+        raw = (np.vectorize(_log2e_times)(-float(alibi) * np.arange(maxd, dtype=np.float64)) if fold
+               else -alibi * jnp.arange(maxd, dtype=jnp.float64))
+        bias_table = round_to(jnp.asarray(raw, jnp.float64), emu.storage, mode).astype(dt)
 
     def scores(s, pb):
         """Raw scores (B, nk) of queries at positions pb -> scaled (and biased) scores in the
@@ -171,6 +179,12 @@ def _prepare(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
 
     weights.scores = scores
     return k, v, kp, vp, cols, weights
+
+
+def _log2e_times(x) -> float:
+    """``x·log2(e)`` as a float64 rounded to odd: its rounding to a format of the carrier
+    (p <= 51) in any mode is the one of the exact product (:func:`times_log2e`)."""
+    return mlib.to_float(times_log2e(float(x), 53))
 
 
 def _own_kv(q, self_kv):
@@ -213,17 +227,21 @@ def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
 
 
 def _online_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv, path: str = "certified"):
-    """The ``online(b)`` kernel (docs/semantics.md §8.8): per query, the key columns in
-    blocks of b with a running maximum m, denominator l and output o, rescaled by
-    r = exp(m_old - m_new) whenever the maximum grows, and one division o / l at the end.
+    """The ``online(b)`` and ``flash2(b)`` kernels (docs/semantics.md §8.8): per query, the
+    key columns in blocks of b with a running maximum m, denominator l and output o,
+    rescaled by r = exp(m_old - m_new) whenever the maximum grows, and one division o / l at
+    the end. ``flash2`` folds log2(e) into the scale (and the ALiBi biases), takes exp2 for
+    exp and rounds the probability tile to storage instead of compute (§8.8.1).
     Blocks a query does not see are run too: they change nothing (r = 1 and every added
     term is zero), so the bits equal those of skipping them, as a kernel does."""
     mode, dt = emu.mode, emu.dtype
-    k, v, kp, vp, cols, weights = _prepare(emu, q, k, v, qpos, scale, alibi, window, self_kv)
+    flash2 = emu.kernel.kind == "flash2"
+    k, v, kp, vp, cols, weights = _prepare(emu, q, k, v, qpos, scale, alibi, window, self_kv, fold=flash2)
     nk, dh = k.shape
     bc = emu.kernel.block
     nb = -(-nk // bc)
     M, A, C = emu.softmax, emu.accumulate, emu.compute
+    exp = emu.exp2 if flash2 else emu.exp
     neg_inf = jnp.asarray(-jnp.inf, dt)
 
     def block(args):
@@ -250,13 +268,16 @@ def _online_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_k
             m_new = jnp.maximum(m, jnp.max(jnp.where(vb, sb, neg_inf), axis=-1))  # exact
             seen = m_new > neg_inf  # some column seen so far (else l = o = 0 stay)
             m_safe = jnp.where(seen, m_new, jnp.zeros_like(m_new))
-            r = jnp.where(m > neg_inf, emu.exp(emu.sub(jnp.where(m > neg_inf, m, m_safe), m_safe, M), M),
+            r = jnp.where(m > neg_inf, exp(emu.sub(jnp.where(m > neg_inf, m, m_safe), m_safe, M), M),
                           jnp.zeros_like(m))
-            e = emu.exp(emu.sub(sb, jnp.broadcast_to(m_safe[:, None], sb.shape), M), M)
+            e = exp(emu.sub(sb, jnp.broadcast_to(m_safe[:, None], sb.shape), M), M)
             e = jnp.where(vb, e, jnp.zeros_like(e))
             den = reduce_sum(e, emu.order, A, A, mode, vb, emu.bounds, nonneg=True, path=path)
             l = emu.add(emu.mul(l, r, A), den, A)
-            P = e if emu.softmax_is_compute else round_to(e, C, mode)  # the probability tile in C
+            if flash2:  # the probability tile cast to storage
+                P = round_to(e, emu.storage, mode)
+            else:  # the probability tile in C
+                P = e if emu.softmax_is_compute else round_to(e, C, mode)
             prod = jnp.swapaxes(P[:, :, None] * Vb, 1, 2)  # (B, dh, bc), exact in the carrier
             if emu.order.kind not in ("exact", "blocked"):
                 prod = round_to(prod, A, mode)

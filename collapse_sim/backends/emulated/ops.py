@@ -4,7 +4,7 @@ Every op is computed in a wider *carrier* float (carrier.py) and rounded to the
 policy's format with :func:`collapse_sim.rounding.round_to`, so + − × ÷ √ are
 *correctly rounded* in the target format, in every mode of
 :class:`collapse_sim.rounding.Mode` but stochastic (carrier.py says why). ``exp`` is
-always evaluated in float64 and then rounded: correct except within ~2^-50 relative of
+(and ``exp2``) always evaluated in float64 and then rounded: correct except within ~2^-50 relative of
 a midpoint (nearest modes) or a format value other than 1 (directed modes, round to
 odd); none is known for p <= 16, the tests check every bf16 and fp16 input in every
 mode. Outside the nearest modes the float64 value is marked inexact first
@@ -154,6 +154,30 @@ class Emulator:
             wide = _inexact_exp(wide, a)
         return round_to(wide, self.compute if fmt is None else fmt, self.mode).astype(self.dtype)
 
+    def exp2(self, a, fmt=None):
+        """``∘_F(2^a)`` (docs/semantics.md §2), like :meth:`exp`: float64 then one rounding.
+        ``jnp.exp2`` is ``exp(a·ln 2)`` in XLA (about 100 float64 ulps off at |a| = 150, and
+        2^n of an integer n inexact), so ``a`` is split exactly into ``n + f`` (n the nearest
+        integer, |f| <= 1/2): ``2^f = exp(f·ln 2)`` in float64 (~2 ulps), marked inexact for
+        the modes that are not round to nearest when ``f != 0`` (2^f is then irrational) as
+        :meth:`exp` marks its value, then scaled by 2^n exactly. An integer ``a`` thus gives
+        2^a exactly; past float64's range (inf, or 0 where XLA flushes) the value is marked
+        inexact too, so every mode rounds it as the true 2^a."""
+        a = jnp.asarray(a, jnp.float64)
+        fin = jnp.isfinite(a)
+        n = jnp.where(fin, jnp.round(a), jnp.zeros_like(a))
+        f = jnp.where(fin, a - n, jnp.zeros_like(a))  # exact: a and n are within 1/2
+        y = jnp.exp(f * jnp.float64(_LN2))
+        if not self.mode.nearest:
+            y = _inexact_exp(y, f)
+        # 2^n as two exact factors (|n| up to 2^11 stays finite or 0 in each step)
+        h = jnp.clip(n, -2200, 2200).astype(jnp.int32)
+        wide = jnp.ldexp(jnp.ldexp(y, h // 2), h - h // 2)
+        wide = jnp.where(fin, wide, jnp.where(a > 0, jnp.inf, jnp.where(a < 0, 0.0, a)))  # +inf, -inf (0), NaN
+        if not self.mode.nearest:  # beyond float64's range: inf -> the largest float64, 0 -> the smallest
+            wide = _inexact_exp(wide, a, fin & ((wide == 0) | jnp.isinf(wide)))
+        return round_to(wide, self.compute if fmt is None else fmt, self.mode).astype(self.dtype)
+
     # --- reductions --------------------------------------------------------
     def sum(self, x, axis: int = -1, out_fmt: Format | None = None, order: Order | None = None,
             path: str = "certified"):
@@ -187,7 +211,10 @@ class Emulator:
         return self.dot(ae, be, out_fmt, order)
 
 
-def _inexact_exp(wide, a):
+_LN2 = 0.6931471805599453  # the float64 nearest ln 2
+
+
+def _inexact_exp(wide, a, inexact=None):
     """The float64 ``wide = exp(a)`` marked inexact, for the modes that are not round to
     nearest: ``e^a`` of a finite ``a != 0`` is irrational (Lindemann-Weierstrass), never a
     format value, so ``wide`` is moved by at most one float64 ulp to a float64 with its last
@@ -196,12 +223,14 @@ def _inexact_exp(wide, a):
     values as ``e^a`` unless ``e^a`` lies within float64's exp error plus one ulp of one
     other than 1. An overflow to inf becomes the largest float64 and an underflow to 0 the
     smallest float64 subnormal, so the directed modes and round to odd give the format's
-    largest finite value, or its smallest subnormal, where the exact ``e^a`` calls for it."""
+    largest finite value, or its smallest subnormal, where the exact ``e^a`` calls for it.
+    ``inexact``: which entries to mark (default: finite ``a != 0``)."""
     bits = lax.bitcast_convert_type(wide, jnp.uint64)
     one = bits == jnp.uint64(0x3FF0000000000000)
     marked = jnp.where(one & (a < 0), bits - jnp.uint64(1), bits | jnp.uint64(1))  # 1 - 2^-53 or (last bit) 1
     marked = jnp.where(jnp.isinf(wide), jnp.uint64(0x7FEFFFFFFFFFFFFF), marked)
-    inexact = jnp.isfinite(a) & (a != 0)
+    if inexact is None:
+        inexact = jnp.isfinite(a) & (a != 0)
     return lax.bitcast_convert_type(jnp.where(inexact, marked, bits), jnp.float64)
 
 

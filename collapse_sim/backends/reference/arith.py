@@ -2,7 +2,7 @@
 and reduction orders and dot products (§3.1, §3.2), on mpmath mpf tuples.
 
 Every elementary op is evaluated exactly (+ − ×) or at ``2p + 64`` bits truncated,
-with a sticky bit when the truncation lost something (÷ √ exp: the result is then
+with a sticky bit when the truncation lost something (÷ √ exp exp2: the result is then
 round-to-odd, which rounds on to ``p`` bits exactly as the exact value would), and is
 then rounded to the format with integer arithmetic, including its exponent range
 (gradual underflow, overflow policy).
@@ -90,11 +90,16 @@ class RefArith:
         return mlib.from_man_exp(self.fmt.top_significand, self.fmt.emax - self.fmt.p + 1)
 
     def _sticky(self, r, exact: bool):
+        """``r`` (truncated to ``work`` bits) with a sticky bit below its ``work``-th bit when
+        the truncation lost something. mpmath strips trailing zeros, so the bit goes below
+        the working precision, not below ``r``'s last set bit (``e^(2^-100)`` truncates to 1,
+        whose next bit would otherwise make it 1.5)."""
         if exact or r[1] == 0:
             return r
-        sign, man, exp, _ = r
-        m = (man << 1) | 1
-        return mlib.from_man_exp(-m if sign else m, exp - 1)
+        sign, man, exp, bc = r
+        shift = max(self.work + 1 - bc, 1)
+        m = (man << shift) | 1
+        return mlib.from_man_exp(-m if sign else m, exp - shift)
 
     # -- elementary ops -----------------------------------------------------
     def from_float(self, x: float):
@@ -144,6 +149,15 @@ class RefArith:
         return self.round(self._sticky(r, mlib.mpf_mul(r, r, 0) == a))
 
     def exp(self, a):
+        return self._exp_base(a, base2=False)
+
+    def exp2(self, a):
+        """``∘(2^a)``: exact for an integer ``a``; otherwise ``2^a`` is irrational and is
+        taken as ``2^n · e^(f·ln 2)`` (``a = n + f``, ``0 < f < 1``) at ``2p + 64`` bits,
+        ``f·ln 2`` with 32 guard bits, truncated with a sticky bit like :meth:`exp`."""
+        return self._exp_base(a, base2=True)
+
+    def _exp_base(self, a, base2: bool):
         if a == mlib.fninf:
             return mlib.fzero
         if self._special(a, a):
@@ -154,14 +168,22 @@ class RefArith:
         # same side of the range, rounded in the policy's mode like the true value would be
         # (RZ keeps the largest finite value, RU the smallest subnormal), without
         # evaluating exp of a huge argument. ln 2 < 0.7, so e^a > 2^(a/0.7) for a > 0 and
-        # e^a < 2^(a/0.7) for a < 0.
+        # e^a < 2^(a/0.7) for a < 0; 2^a needs no factor.
         fmt = self.fmt
-        if mlib.mpf_gt(a, mlib.from_rational(7 * (fmt.emax + 2), 10, 64, "u")):
+        num = 10 if base2 else 7
+        if mlib.mpf_gt(a, mlib.from_rational(num * (fmt.emax + 2), 10, 64, "u")):
             return self.round(mlib.from_man_exp(1, fmt.emax + 2))
-        if mlib.mpf_lt(a, mlib.from_rational(7 * (fmt.emin - fmt.p - 2), 10, 64, "d")):
+        if mlib.mpf_lt(a, mlib.from_rational(num * (fmt.emin - fmt.p - 2), 10, 64, "d")):
             return self.round(mlib.from_man_exp(1, fmt.emin - fmt.p - 2))
-        r = mlib.mpf_exp(a, self.work, "d")
-        return self.round(self._sticky(r, False))
+        if not base2:
+            return self.round(self._sticky(mlib.mpf_exp(a, self.work, "d"), False))
+        n = int(mlib.to_int(a, "f"))  # floor
+        f = mlib.mpf_sub(a, mlib.from_int(n), 0)  # exact, 0 <= f < 1
+        if f == mlib.fzero:
+            return self.round(mlib.from_man_exp(1, n))
+        g = self.work + 32
+        r = mlib.mpf_exp(mlib.mpf_mul(f, mlib.mpf_ln2(g), g), self.work, "d")
+        return self.round(self._sticky(mlib.mpf_shift(r, n), False))
 
     def max(self, a, b):
         if a == mlib.fnan or b == mlib.fnan:
@@ -177,6 +199,22 @@ class RefArith:
         if a == _NZERO and b == _NZERO and self.fmt.signed_zero:
             return _NZERO
         return mlib.fzero
+
+
+def times_log2e(x: float, prec: int):
+    """``x·log2(e)`` for a float64 ``x``, rounded to odd at ``prec`` bits (an mpf tuple): the
+    flash2 kernel's folded constants (docs/semantics.md §8.8.1). Its rounding to any format of
+    at most ``prec - 2`` bits, in any mode, is that of the exact product (round to odd keeps
+    the side of every coarser rounding boundary); the product is irrational for ``x != 0``."""
+    a = mlib.from_float(float(x))
+    if a[1] == 0:
+        return mlib.fzero
+    g = prec + 64
+    r = mlib.mpf_mul(a, mlib.mpf_div(mlib.fone, mlib.mpf_ln2(g), g), prec, "d")  # toward zero
+    sign, man, exp, bc = r
+    shift = max(prec - bc, 0)  # mpmath strips trailing zeros: the last bit is the prec-th
+    m = (man << shift) | 1
+    return mlib.from_man_exp(-m if sign else m, exp - shift)
 
 
 def _is_neg(v) -> bool:

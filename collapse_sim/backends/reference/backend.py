@@ -8,9 +8,9 @@ from __future__ import annotations
 import mpmath.libmp as mlib
 import numpy as np
 
-from ...policy import Policy
+from ...policy import BLOCK_KERNELS, Policy, PolicyError
 from .._hooks import ArrayPlumbing
-from .arith import Reference, ref_sum, to_float
+from .arith import Reference, ref_sum, times_log2e, to_float
 from .constants import ExactConstants
 
 
@@ -153,7 +153,13 @@ class ReferenceBackend(ObjectArrayBackend):
     def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None):
         ref, pol = self.ref, self.ref.policy
         c, smx = ref.compute, ref.softmax
-        sc = self._scalar(scale)  # §5.2
+        flash2 = pol.kernel.kind == "flash2"
+        if flash2 and self.exact_constants:
+            raise PolicyError("the :exact reference has no exact counterpart of the flash2 kernel's folded constants "
+                              "(§8.8.1); drop :exact or use the online kernel")
+        st = ref.storage
+        fold = lambda x: st.round(times_log2e(x, st.work))  # noqa: E731  §8.8.1: ∘_S(x·log2 e)
+        sc = fold(scale) if flash2 else self._scalar(scale)  # §5.2
         bias = self._exact.get(("alibi", float(alibi))) if (alibi is not None and self._exact) else None
         nq, dh = q.shape
         out = np.empty((nq, dh), dtype=object)
@@ -170,10 +176,13 @@ class ReferenceBackend(ObjectArrayBackend):
             for j in range(pi + 1):
                 sij = c.mul(ref.dot(list(q[i]), list(keys[j])), sc)
                 if alibi is not None:
-                    b = bias(pi - j) if bias is not None else ref.storage.from_float(float(-alibi * (pi - j)))
+                    if flash2:
+                        b = fold(float(-alibi * (pi - j)))
+                    else:
+                        b = bias(pi - j) if bias is not None else st.from_float(float(-alibi * (pi - j)))
                     sij = c.add(sij, b)  # §5.6, §8.1
                 s.append(smx.round(sij))
-            if pol.kernel.kind == "online":
+            if pol.kernel.kind in BLOCK_KERNELS:
                 out[i] = self._online_row(s, valid, vals, dh)
                 continue
             if pol.max_subtract:
@@ -197,10 +206,13 @@ class ReferenceBackend(ObjectArrayBackend):
         return out
 
     def _online_row(self, s, valid, vals, dh):
-        """One query's output under the ``online(b)`` kernel (docs/semantics.md §8.8), from
-        its scores ``s`` (softmax format) over columns 0..p, the visible ones ``valid``."""
+        """One query's output under the ``online(b)`` or ``flash2(b)`` kernel (docs/semantics.md
+        §8.8), from its scores ``s`` (softmax format) over columns 0..p, the visible ones
+        ``valid``. flash2 takes exp2 for exp and rounds the probability tile to storage."""
         ref, pol = self.ref, self.ref.policy
         c, smx, acc = ref.compute, ref.softmax, ref.accumulate
+        flash2 = pol.kernel.kind == "flash2"
+        exp, tile = (smx.exp2, ref.storage) if flash2 else (smx.exp, c)
         kahan = pol.order.kind == "kahan"  # kahan sums skip masked terms (§3.3)
         m = l = o = None
         for start in range(0, len(s), pol.kernel.block):
@@ -212,9 +224,9 @@ class ReferenceBackend(ObjectArrayBackend):
             for j in seen[1:]:
                 mb = smx.max(mb, s[j])
             m_new = mb if m is None else smx.max(m, mb)
-            r = None if m is None else smx.exp(smx.sub(m, m_new))
-            e = [smx.exp(smx.sub(s[j], m_new)) if valid[j] else mlib.fzero for j in cols]
-            P = [c.round(x) for x in e]
+            r = None if m is None else exp(smx.sub(m, m_new))
+            e = [exp(smx.sub(s[j], m_new)) if valid[j] else mlib.fzero for j in cols]
+            P = [tile.round(x) for x in e]
             use = [t for t, j in enumerate(cols) if valid[j]] if kahan else list(range(len(cols)))
             den = ref_sum([e[t] for t in use], pol.order, acc, acc)
             pv = [ref.dot([P[t] for t in use], [vals[cols[t]][d] for t in use], out_role="accumulate") for d in range(dh)]
