@@ -88,6 +88,7 @@ def test_rerun_is_bit_identical():
     ({"formats": ["p=30,emax=100"]}, "cannot be emulated"),
     ({"model": {"d": 10, "n_heads": 3}}, "divisible"),
     ({"colour": "red"}, "unknown sweep field"),
+    ({"kernel": "online"}, "key block size"),
 ])
 def test_bad_spec_refused_before_work(tmp_path, change, msg):
     spec = tmp_path / "spec.json"
@@ -272,3 +273,18 @@ def test_missing_dask_names_the_real_extra(tmp_path, monkeypatch):
     with pytest.raises(SweepError, match=r"pip install '\.\[dask\]'"):
         run_sweep(SweepSpec.from_dict(SMALL), out, executor="dask", scheduler="tcp://127.0.0.1:8786", progress=None)
     assert not out.exists()
+
+
+def test_kernel_reaches_the_cell_and_naive_keys_stay_as_they_were():
+    """A kernel other than naive is part of the canonical form, the cells and their keys,
+    and reaches the backend; a naive spec's canonical form and keys have no kernel field
+    (so sweeps written before kernels existed keep their fingerprints)."""
+    from collapse_sim import results
+    from collapse_sim.experiments.sweep import run_cell
+
+    naive, online = SweepSpec.from_dict(SMALL), SweepSpec.from_dict({**SMALL, "kernel": "online(3)"})
+    assert "kernel" not in naive.canonical() and "kernel" not in naive.cells()[0]
+    assert online.fingerprint() != naive.fingerprint()
+    assert results.cell_key(online.cells()[0]) != results.cell_key(naive.cells()[0])
+    _, _, prov = run_cell(online.cells()[0], online)
+    assert prov["backend"]["policy"].endswith(",kernel=online(3)")

@@ -46,6 +46,7 @@ FIELDS = {
     "max_len": ("int", 128),
     "model": ("model", ()),
     "order": ("str", "pairwise"),
+    "kernel": ("str", "naive"),
     "backend": ("str", "emulated"),
     "sep": ("int?", None),
 }
@@ -138,6 +139,7 @@ class SweepSpec:
     max_len: int = 128
     model: tuple[tuple[str, object], ...] = ()
     order: str = "pairwise"
+    kernel: str = "naive"
     backend: str = "emulated"
     sep: int | None = None
 
@@ -174,7 +176,12 @@ class SweepSpec:
         plain JSON values: what the output directory records."""
         return {"formats": sorted(self.formats), "families": sorted(self.families), "pe": sorted(self.pe),
                 "seeds": sorted(self.seeds), "max_len": self.max_len, "model": dict(self.model), "order": self.order,
-                "backend": self.backend, "sep": self.sep}
+                "backend": self.backend, "sep": self.sep, **self._kernel_field()}
+
+    def _kernel_field(self) -> dict:
+        """``{"kernel": ...}`` unless the kernel is naive: specs and cells without a kernel
+        keep the fingerprints and keys they had before kernels existed."""
+        return {} if self.kernel == "naive" else {"kernel": self.kernel}
 
     def fingerprint(self) -> str:
         """sha256 of the canonical form as compact JSON with sorted keys."""
@@ -186,7 +193,8 @@ class SweepSpec:
         from ..families import NAMES, FamilyError, make_pairs
         from ..formats import FormatError, parse
         from ..model import ConfigError, token_bound
-        from ..policy import Order, PolicyError
+        from ..backends import kind_for_format
+        from ..policy import Kernel, Order, PolicyError
         from ..positional import KINDS
         from .collapse import memory_estimate
 
@@ -205,8 +213,14 @@ class SweepSpec:
             raise SweepError("the reference backend is O(N^2 d) Python arithmetic; use max_len <= 128 with it")
         try:
             Order.parse(self.order)
+            kernel = Kernel.parse(self.kernel)
         except PolicyError as e:
             raise SweepError(str(e)) from None
+        if kernel.kind != "naive":
+            native = [f for f in self.formats if kind_for_format(self.backend, f) == "native"]
+            if native:
+                raise SweepError(f"kernel {kernel} runs on the emulated and reference backends only; "
+                                 f"{native[0]} runs natively here: drop it from formats or change the backend")
         for f in self.formats:
             try:
                 fmt = parse(f)
@@ -258,7 +272,7 @@ class SweepSpec:
 
     def cells(self) -> list[dict]:
         return [{"format": f, "family": fam, "pe": pe, "seed": s, "max_len": self.max_len, "order": self.order,
-                 "backend": self.backend, "sep": self.sep, "model": dict(self.model)}
+                 "backend": self.backend, "sep": self.sep, "model": dict(self.model), **self._kernel_field()}
                 for f, fam, pe, s in itertools.product(self.formats, self.families, self.pe, self.seeds)]
 
     def config(self, cell: dict):
@@ -386,7 +400,7 @@ def run_cell(cell: dict, spec: SweepSpec):
     from ..compilation import snapshot
 
     params = init_params(spec.config(cell))
-    be = backend_for_format(cell["backend"], cell["format"], cell["order"])
+    be = backend_for_format(cell["backend"], cell["format"], cell["order"], kernel=cell.get("kernel", "naive"))
     t0 = time.time()
     before = snapshot()
     res = collapse_sweep(params, cell["family"], cell["max_len"], be, cell["format"], seed=cell["seed"], sep=cell["sep"])
