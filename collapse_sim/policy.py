@@ -69,11 +69,7 @@ class Order:
     def __post_init__(self) -> None:
         if self.kind not in ORDER_KINDS:
             raise PolicyError(f"unknown reduction order {self.kind!r}; use one of sequential, pairwise, blocked(b), kahan, exact")
-        if self.kind == "blocked":
-            if not isinstance(self.block, int) or self.block < 1:
-                raise PolicyError(f"blocked order needs a block size >= 1, got {self.block!r}")
-        elif self.block is not None:
-            raise PolicyError(f"order {self.kind!r} takes no block size")
+        _check_block(self.block, self.kind == "blocked", f"the {self.kind} order", "block size")
 
     @classmethod
     def parse(cls, text: "str | Order") -> "Order":
@@ -81,13 +77,7 @@ class Order:
             return text
         if not isinstance(text, str):
             raise PolicyError(f"a reduction order is a string such as 'pairwise' or 'blocked(32)', got {text!r}")
-        t = text.strip().lower()
-        m = re.fullmatch(r"blocked\((\d+)\)|blocked:(\d+)", t)
-        if m:
-            return cls("blocked", int(m.group(1) or m.group(2)))
-        if t == "blocked":
-            raise PolicyError("blocked order needs a block size: blocked(b), e.g. blocked(32)")
-        return cls(t)
+        return cls(*_kind_and_block(text, ("blocked",), "order", "block size", 32))
 
     def __str__(self) -> str:
         return f"blocked({self.block})" if self.kind == "blocked" else self.kind
@@ -116,11 +106,7 @@ class Kernel:
     def __post_init__(self) -> None:
         if self.kind not in KERNEL_KINDS:
             raise PolicyError(f"unknown attention kernel {self.kind!r}; use naive, online(b) or flash2(b), e.g. online(64)")
-        if self.kind in BLOCK_KERNELS:
-            if not isinstance(self.block, int) or isinstance(self.block, bool) or self.block < 1:
-                raise PolicyError(f"the {self.kind} kernel needs a key block size >= 1, got {self.block!r}")
-        elif self.block is not None:
-            raise PolicyError("the naive kernel takes no block size")
+        _check_block(self.block, self.kind in BLOCK_KERNELS, f"the {self.kind} kernel", "key block size")
 
     @classmethod
     def parse(cls, text: "str | Kernel") -> "Kernel":
@@ -128,16 +114,31 @@ class Kernel:
             return text
         if not isinstance(text, str):
             raise PolicyError(f"an attention kernel is a string such as 'naive', 'online(64)' or 'flash2(64)', got {text!r}")
-        t = text.strip().lower()
-        m = re.fullmatch(r"(online|flash2)\((\d+)\)", t)
-        if m:
-            return cls(m.group(1), int(m.group(2)))
-        if t in BLOCK_KERNELS:
-            raise PolicyError(f"the {t} kernel needs a key block size: {t}(b), e.g. {t}(64)")
-        return cls(t)
+        return cls(*_kind_and_block(text, BLOCK_KERNELS, "kernel", "key block size", 64))
 
     def __str__(self) -> str:
         return f"{self.kind}({self.block})" if self.kind in BLOCK_KERNELS else self.kind
+
+
+def _kind_and_block(text: str, blocked: tuple[str, ...], what: str, noun: str, example: int) -> tuple:
+    """``("blocked", 32)`` from ``"blocked(32)"`` (or ``"blocked:32"``), ``("pairwise",)`` from
+    ``"pairwise"``; a kind of ``blocked`` without its size is refused in one sentence."""
+    t = text.strip().lower()
+    m = re.fullmatch(rf"({'|'.join(blocked)})(?:\((\d+)\)|:(\d+))", t)
+    if m:
+        return m.group(1), int(m.group(2) or m.group(3))
+    if t in blocked:
+        raise PolicyError(f"the {t} {what} needs a {noun}: {t}(b), e.g. {t}({example})")
+    return (t,)
+
+
+def _check_block(block, needed: bool, what: str, noun: str) -> None:
+    """One sentence for a block size that ``what`` needs (an int >= 1) or must not have."""
+    if needed:
+        if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+            raise PolicyError(f"{what} needs a {noun} >= 1, got {block!r}")
+    elif block is not None:
+        raise PolicyError(f"{what} takes no {noun}")
 
 
 _ROLES = ("storage", "compute", "accumulate", "softmax")

@@ -19,13 +19,7 @@ from collapse_sim.formats import parse
 from collapse_sim.model import ModelConfig, forward, init_params
 from collapse_sim.policy import Kernel, Policy, PolicyError
 from collapse_sim.theory import gamma
-
-TOKS = np.array([1, 2, 3, 0, 1, 1, 2, 3, 3, 1, 0, 2])  # N = 12: no block size below divides it but 2, 3, 4, 6
-
-
-def _same(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return bool(np.all((a == b) | (np.isnan(a) & np.isnan(b))))  # ±0 equal: mpmath has no -0
+from test_model import TOKS, _same, assert_emulated_equals_reference  # N = 12: only b = 2, 3, 4, 6 divide it
 
 
 @pytest.mark.parametrize("cfg, policy", [
@@ -41,14 +35,7 @@ def test_online_kernel_emulated_equals_reference(cfg, policy):
     the emulated backend gives the mpmath reference's bits, with blocks that do not divide N.
     The last case is the realistic flash2 kernel: fp32 arithmetic, the tile cast to bf16,
     with the folded ALiBi biases."""
-    c = ModelConfig(d=8, n_layers=2, vocab=4, seed=5, **cfg)
-    P = init_params(c)
-    probe = np.roll(TOKS, -1)
-    e, r = make_backend("emulated", policy), make_backend("reference", policy)
-    ye, ype = forward(P, TOKS, e, probe=probe)
-    yr, ypr = forward(P, TOKS, r, probe=probe)
-    assert _same(e.to_numpy(ye), r.to_numpy(yr))
-    assert _same(e.to_numpy(ype), r.to_numpy(ypr))
+    assert_emulated_equals_reference(ModelConfig(d=8, n_layers=2, vocab=4, seed=5, **cfg), policy)
 
 
 def test_online_kernel_differs_from_naive_in_low_precision():

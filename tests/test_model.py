@@ -37,8 +37,13 @@ def test_emulated_equals_reference_bit_for_bit(cfg, policy, monkeypatch):
         from collapse_sim.backends import emulated
 
         monkeypatch.setattr(emulated.attention, "CERTIFIED_MIN_TERMS", 0)
-    c = ModelConfig(d=8, n_layers=2, vocab=4, seed=3, **cfg)
-    P = init_params(c)
+    assert_emulated_equals_reference(ModelConfig(d=8, n_layers=2, vocab=4, seed=3, **cfg), policy)
+
+
+def assert_emulated_equals_reference(config, policy):
+    """The emulated backend's and the reference's forwards of TOKS (with a probe after
+    every prefix) under ``policy`` are the same numbers (±0 aside)."""
+    P = init_params(config)
     probe = np.roll(TOKS, -1)
     e, r = make_backend("emulated", policy), make_backend("reference", policy)
     ye, ype = forward(P, TOKS, e, probe=probe)
