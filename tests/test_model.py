@@ -353,7 +353,7 @@ def test_arb_attention_encloses_reference_in_every_block_layout(monkeypatch, hea
 def test_sharded_attention_equals_unsharded_on_four_fake_devices():
     """The emulated attention's query axis split over 4 devices (XLA's fake host
     devices, set before JAX starts, hence a subprocess) gives the same bits, probes
-    included, for two policies."""
+    included (one policy: the split is of the query axis, which no policy changes)."""
     import os
     import subprocess
     import sys
@@ -367,7 +367,7 @@ from collapse_sim.model import ModelConfig, forward, init_params
 assert jax.device_count() == 4, jax.device_count()
 P = init_params(ModelConfig(d=8, n_layers=2, n_heads=2, vocab=6, pe="sinusoidal", seed=1))
 toks = np.random.default_rng(0).integers(0, 6, 37)
-for pol in ["bf16", "compute=fp16,accumulate=fp32,order=sequential"]:
+for pol in ["compute=fp16,accumulate=fp32,order=sequential"]:
     a, b = EmulatedBackend(pol), EmulatedBackend(pol, shard=True)
     assert b.shard and a.label != b.label
     for u, w in zip(forward(P, toks, a, probe=toks), forward(P, toks, b, probe=toks)):

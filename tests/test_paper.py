@@ -69,7 +69,7 @@ def test_softmax_in_format_overflow_is_reported_not_hidden():
     assert d[0] == 0.0
 
 
-@pytest.mark.parametrize("family", ["repeat_last", "ones", "first_copy"])
+@pytest.mark.parametrize("family", ["repeat_last", "first_copy"])  # v vs v*, and pairs that differ in their first token
 @pytest.mark.parametrize("policy", ["bf16", "compute=fp16,accumulate=fp32,order=sequential"])
 def test_bucket_padding_is_bit_identical(family, policy):
     """Padding a stream with trailing tokens changes no earlier output in the emulated backend."""
