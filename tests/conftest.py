@@ -30,3 +30,17 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 def _strict_promotion():
     with jax.numpy_dtype_promotion("strict"):
         yield
+
+
+@pytest.fixture
+def certified_everywhere(monkeypatch):
+    """The exact and blocked orders take their certified float64 path at every size
+    (``CERTIFIED_MIN_TERMS = 0``). The compiled forwards of this process are forgotten
+    before and after: their cache key does not hold the threshold, so a program traced
+    under the other setting would otherwise be reused."""
+    from collapse_sim.backends import _jit, emulated
+
+    _jit._compiled.cache_clear()
+    monkeypatch.setattr(emulated.attention, "CERTIFIED_MIN_TERMS", 0)
+    yield
+    _jit._compiled.cache_clear()

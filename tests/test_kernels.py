@@ -180,3 +180,23 @@ def test_flash2_cli_and_backend_for_format(tmp_path):
     assert main(["collapse", "--family", "repeat_last", "--format", "bf16", "--backend", "reference",
                  "--kernel", "flash2(4)", "--max-len", "6", "--out", str(out)]) == 0
     assert "flash2(4)" in (out / "collapse.json").read_text()
+
+
+def test_block_of_minus_infinity_scores_changes_nothing():
+    """§8.8: a block whose visible scores are all -inf before any finite maximum changes
+    nothing, on both backends (here the first key scores -inf in p = 5, emax = 15:
+    200·(-400) overflows), and a block wider than the keys is one block. The reference
+    gave NaN for row 1 before blocks of -inf were skipped."""
+    import jax.numpy as jnp
+
+    from collapse_sim.backends.emulated import _emulated_attention
+
+    for kern in ("online(1)", "flash2(1)", "online(1000)"):
+        pol = f"compute=(p=5,emax=15),kernel={kern}"
+        e, r = make_backend("emulated", pol), make_backend("reference", pol)
+        q, k, v = ([[200.0], [200.0]], [[-400.0], [1.0]], [[1.0], [2.0]])
+        got = np.asarray(_emulated_attention(e.emu, *(e.store(np.array(a)) for a in (q, k, v)), jnp.arange(2), 1.0,
+                                             None, None, None), np.float64)
+        want = r.to_numpy(r.attention(*(r.store(np.array(a)) for a in (q, k, v)), np.arange(2), np.arange(2), 1.0))
+        # row 0 sees only the -inf score: no finite maximum, 0/0 on both; row 1 skips it
+        assert np.isnan(want[0]).all() and np.isfinite(want[1]).all() and _same(got, want), (kern, got, want)

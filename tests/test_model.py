@@ -29,14 +29,12 @@ def _same(a, b):
     (dict(pe="rope", n_heads=2, d_ff=16), "compute=bf16,order=exact"),
     (dict(pe="sinusoidal", norm="rmsnorm"), "storage=bf16,compute=bf16,accumulate=fp32,order=blocked(3),mode=ru"),
 ])
-def test_emulated_equals_reference_bit_for_bit(cfg, policy, monkeypatch):
+def test_emulated_equals_reference_bit_for_bit(cfg, policy, request):
     """Full forward passes (L = 2, d = 8, n = 12) with a probe after every prefix. The
     exact order runs its certified float64 path (every stage, as at large sizes; the
     blocked cases run op by op with host exact sums, as small stages do)."""
     if "order=exact" in policy:
-        from collapse_sim.backends import emulated
-
-        monkeypatch.setattr(emulated.attention, "CERTIFIED_MIN_TERMS", 0)
+        request.getfixturevalue("certified_everywhere")
     assert_emulated_equals_reference(ModelConfig(d=8, n_layers=2, vocab=4, seed=3, **cfg), policy)
 
 
@@ -54,16 +52,14 @@ def assert_emulated_equals_reference(config, policy):
 
 @pytest.mark.parametrize("policy", ["compute=bf16,order=pairwise", "compute=(p=6,emax=20),order=blocked(3)",
                                     "compute=bf16,order=kahan,mode=rz"])
-def test_causal_segments_equal_full_attention(policy, monkeypatch):
+def test_causal_segments_equal_full_attention(policy, certified_everywhere):
     """Queries in segments over only the keys they can see give the same bits (±0 aside)
     as every query over all keys, with and without probes, windows and ALiBi (blocked:
     the certified segments, as at large sizes)."""
     import jax.numpy as jnp
 
-    from collapse_sim.backends import emulated
     from collapse_sim.backends.emulated import _causal_segments, _emulated_attention
 
-    monkeypatch.setattr(emulated.attention, "CERTIFIED_MIN_TERMS", 0)
 
     e = make_backend("emulated", policy)
     rng = np.random.default_rng(4)
@@ -80,7 +76,7 @@ def test_causal_segments_equal_full_attention(policy, monkeypatch):
 
 @pytest.mark.parametrize("policy", ["compute=bf16,order=exact", "compute=bf16,accumulate=fp32,order=blocked(4)",
                                     "compute=(p=3,emax=100),accumulate=(p=7,emax=100),order=blocked(3),mode=rd"])
-def test_certified_attention_equals_op_by_op(policy, monkeypatch):
+def test_certified_attention_equals_op_by_op(policy, monkeypatch, certified_everywhere):
     """Attention from float64 matrix products (certified) gives the op-by-op bits, with
     probes, ALiBi and a window. Some queries carry ±2^40 entries against keys with
     ±2^40 entries, whose products cancel: their blocks cannot be certified and must
@@ -89,7 +85,6 @@ def test_certified_attention_equals_op_by_op(policy, monkeypatch):
 
     from collapse_sim.backends import emulated
 
-    monkeypatch.setattr(emulated.attention, "CERTIFIED_MIN_TERMS", 0)  # certified at this size too
     e = make_backend("emulated", policy)
     rng = np.random.default_rng(5)
     n, dh = 40, 8
@@ -114,7 +109,7 @@ def test_certified_attention_equals_op_by_op(policy, monkeypatch):
             assert np.array_equal(np.asarray(got).view(np.uint64), np.asarray(slow).view(np.uint64))
 
 
-def test_uncertified_rows_are_redone(monkeypatch):
+def test_uncertified_rows_are_redone(monkeypatch, certified_everywhere):
     """Rows the float64 certificates leave open are redone op by op, bit for bit, in
     the attention and in linear layers, eager and jitted. Attention: with p = 3 the
     third query's weights e = (1, 1/8, ~2^-58) sum to just above the midpoint 1.125,
@@ -125,7 +120,6 @@ def test_uncertified_rows_are_redone(monkeypatch):
 
     from collapse_sim.backends import emulated
 
-    monkeypatch.setattr(emulated.attention, "CERTIFIED_MIN_TERMS", 0)  # certified at this size too
     e = make_backend("emulated", "compute=(p=3,emax=100),order=exact")
     q, k, v = (e.store(np.array(a)[:, None]) for a in ([1.0, 1.0, 1.0], [0.0, -2.0, -40.0], [1.0, 2.0, 3.0]))
     qpos = jnp.arange(3)

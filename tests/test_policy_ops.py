@@ -430,3 +430,17 @@ def test_emulator_needs_x64():
             Emulator("bf16")
     finally:
         jax.config.update("jax_enable_x64", True)
+
+
+@pytest.mark.parametrize("mode, expected", [("rz", 63488.0), ("rd", 63488.0), ("ro", 63488.0), ("ru", np.inf),
+                                            ("rne", np.inf)])
+def test_exact_sum_beyond_float64_rounds_like_the_exact_sum(mode, expected):
+    """An exact sum of 2^1024 lies beyond p = 5, emax = 15 (largest value 63488): it
+    overflows to inf in the nearest and upward modes and gives 63488 toward zero, downward
+    and to odd. The superaccumulator must not hand round_to an infinity (it did: every
+    mode gave inf)."""
+    from collapse_sim.formats import parse
+
+    got = float(exact_sum(jnp.asarray([[2.0**1023, 2.0**1023]]), parse("p=5,emax=15"), mode)[0])
+    assert got == expected
+    assert float(exact_sum(jnp.zeros((2, 0)), parse("bf16"), mode).sum()) == 0.0  # empty rows sum to 0

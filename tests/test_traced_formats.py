@@ -116,15 +116,13 @@ def _forward(policy, shared, probe=False):
     ("compute={f},order=exact", ["fp16"], False),
     ("storage=fp32,compute={f},accumulate=bf16,softmax=fp16,order=kahan,mode=rd", ["e4m3fn"], True),
 ], ids=["pairwise", "exact", "mixed-roles-rd-probes"])
-def test_shared_forward_equals_specialised(template, formats, probe, monkeypatch):
+def test_shared_forward_equals_specialised(template, formats, probe, certified_everywhere):
     """The shared program (formats traced, float64 carrier) gives the specialised
     program's bits (formats static; float32 carrier for fp16, fp8 and the custom format):
     op by op for four formats, certified (the exact order), and mixed roles in a directed
     mode with probes. (Each specialised format compiles its own program, and the exact
     order's compiles are slow: the cases are kept few.)"""
-    from collapse_sim.backends import emulated
-
-    monkeypatch.setattr(emulated.attention, "CERTIFIED_MIN_TERMS", 0)  # the exact order: its certified path
+    # certified_everywhere: the exact order runs its certified path
     for f in formats:
         policy = template.format(f=f)
         shared, special = _forward(policy, True, probe), _forward(policy, False, probe)

@@ -181,7 +181,10 @@ class SweepSpec:
     def _kernel_field(self) -> dict:
         """``{"kernel": ...}`` unless the kernel is naive: specs and cells without a kernel
         keep the fingerprints and keys they had before kernels existed."""
-        return {} if self.kernel == "naive" else {"kernel": self.kernel}
+        from ..policy import Kernel
+
+        k = str(Kernel.parse(self.kernel))  # one spelling per kernel: "ONLINE(64)" and "online:64" are online(64)
+        return {} if k == "naive" else {"kernel": k}
 
     def fingerprint(self) -> str:
         """sha256 of the canonical form as compact JSON with sorted keys."""

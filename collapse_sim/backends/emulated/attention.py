@@ -238,7 +238,7 @@ def _online_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_k
     flash2 = emu.kernel.kind == "flash2"
     k, v, kp, vp, cols, weights = _prepare(emu, q, k, v, qpos, scale, alibi, window, self_kv, fold=flash2)
     nk, dh = k.shape
-    bc = emu.kernel.block
+    bc = min(emu.kernel.block, nk)  # a block wider than the keys is one block: the same bits, no padding
     nb = -(-nk // bc)
     M, A, C = emu.softmax, emu.accumulate, emu.compute
     exp = emu.exp2 if flash2 else emu.exp

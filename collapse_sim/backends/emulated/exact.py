@@ -127,13 +127,17 @@ def _limb_sums(x2, kmin: int, kmax: int, kbase: int, nlimbs: int):
 
 def sticky_sum(x, kmin: int = -1074, kmax: int = 1024, chunk: int = _EXACT_CHUNK, table: int = _EXACT_TABLE):
     """The exact sum of the last axis of ``x`` (numpy float64), as a float64 that rounds
-    to any format of precision p <= 51 as the exact sum does: its top 52 bits and a
-    sticky bit (round to odd). Rows with a non-finite term give their float sum;
+    to any format of precision p <= 31 as the exact sum does: at least 33 of its leading
+    bits and a sticky bit (round to odd); an exact sum of magnitude >= 2^1024 gives the
+    largest float64 of its sign (inexact, beyond every such format's largest value, so
+    each mode overflows or saturates as the exact sum would). Rows with a non-finite term give their float sum;
     rows with a term outside ``[2**kmin, 2**kmax)`` give NaN (see :func:`exact_sum`)."""
     x64 = np.asarray(x, np.float64)
     batch, n = x64.shape[:-1], x64.shape[-1]
-    x2 = x64.reshape(-1, n)
-    rows = x2.shape[0]
+    rows = int(np.prod(batch, dtype=np.int64))
+    if n == 0:
+        return np.zeros(batch, np.float64)
+    x2 = x64.reshape(rows, n)
     kbase = kmin - _LIMB  # one zero limb below everything
     nlimbs = (kmax - kbase) // _LIMB + 4  # + room for carries of up to 2**63 terms
     A = np.zeros((rows, nlimbs), np.int64)
@@ -175,6 +179,7 @@ def sticky_sum(x, kmin: int = -1074, kmax: int = 1024, chunk: int = _EXACT_CHUNK
     with np.errstate(over="ignore"):
         val = np.ldexp(np.ldexp(approx_int.astype(np.float64), half), scale - half)
     val = np.where(top_neg, -val, val)
+    val = np.where(np.isinf(val), np.copysign(np.finfo(np.float64).max, val), val)  # |exact sum| >= 2^1024
     with np.errstate(invalid="ignore", over="ignore"):
         finite = np.all(np.isfinite(x2), axis=-1)
         val = np.where(finite, val, np.sum(x2, axis=-1))

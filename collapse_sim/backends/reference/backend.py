@@ -223,6 +223,8 @@ class ReferenceBackend(ObjectArrayBackend):
             mb = s[seen[0]]
             for j in seen[1:]:
                 mb = smx.max(mb, s[j])
+            if m is None and mb == mlib.fninf:
+                continue  # every visible score -inf before any finite maximum: the block changes nothing (§8.8)
             m_new = mb if m is None else smx.max(m, mb)
             r = None if m is None else exp(smx.sub(m, m_new))
             e = [exp(smx.sub(s[j], m_new)) if valid[j] else mlib.fzero for j in cols]
@@ -236,4 +238,6 @@ class ReferenceBackend(ObjectArrayBackend):
                 l = acc.add(acc.mul(l, r), den)
                 o = [acc.add(acc.mul(od, r), x) for od, x in zip(o, pv)]
             m = m_new
+        if m is None:  # no finite score at all: 0/0, as the emulated backend's empty state gives
+            return [mlib.fnan] * dh
         return [c.round(acc.div(od, l)) for od in o]
