@@ -194,33 +194,42 @@ def _own_kv(q, self_kv):
     return self_kv
 
 
+def _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb):
+    """The keys and values (B, nk, dh) each query row of a block sees: ``k`` and ``v``,
+    with the row's own key and value (``self_kv``: kpb, vpb) in its own column ``pb``."""
+    K = jnp.broadcast_to(k[None], (pb.shape[0], *k.shape))
+    V = jnp.broadcast_to(v[None], K.shape)
+    if self_kv is not None:
+        is_self = (cols[None, :] == pb[:, None])[:, :, None]  # (B, nk, 1)
+        K = jnp.where(is_self, kpb[:, None, :], K)
+        V = jnp.where(is_self, vpb[:, None, :], V)
+    return K, V
+
+
+def _weighted_values(emu: Emulator, P, V, valid, out, path: str):
+    """``Σ_j P_ij V_ij[c]`` for each row i and component c (§8.4): the products exact in the
+    carrier, rounded to the accumulate format (except in the exact and blocked orders),
+    reduced over the keys in the policy's order, the masked keys skipped, rounded to ``out``."""
+    prod = jnp.swapaxes(P[:, :, None] * V, 1, 2)  # (B, dh, nk): reduce over keys
+    if emu.order.kind not in ("exact", "blocked"):
+        prod = round_to(prod, emu.accumulate, emu.mode)
+    vmask = jnp.broadcast_to(valid[:, None, :], prod.shape)
+    return reduce_sum(prod, emu.order, emu.accumulate, out, emu.mode, vmask, emu.bounds, path=path)
+
+
 def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv, path: str = "certified"):
     """Attention with every dot product and sum an :class:`Emulator` reduction, in
     blocks of query rows over all keys. ``path``: how the exact and blocked orders
     take their exact sums (:func:`reduce_sum`; ``"superacc"`` where the certificate
     already failed)."""
-    mode = emu.mode
     k, v, kp, vp, cols, weights = _prepare(emu, q, k, v, qpos, scale, alibi, window, self_kv)
     nk, dh = k.shape
 
     def block(args):
         qb, pb, kpb, vpb = args  # (B, dh), (B,), (B, dh), (B, dh)
-        is_self = cols[None, :] == pb[:, None]  # (B, nk)
-        K = jnp.broadcast_to(k[None], (qb.shape[0], nk, dh))
-        if self_kv is not None:
-            K = jnp.where(is_self[:, :, None], kpb[:, None, :], K)
-        Q = jnp.broadcast_to(qb[:, None, :], K.shape)
-        alpha, valid = weights(emu.dot(Q, K, path=path), pb, path)  # scores: (B, nk), compute format
-        V = jnp.broadcast_to(v[None], K.shape)
-        if self_kv is not None:
-            V = jnp.where(is_self[:, :, None], vpb[:, None, :], V)
-        A = jnp.broadcast_to(alpha[:, :, None], V.shape)
-        prod = A * V  # exact in the carrier
-        prod = jnp.swapaxes(prod, 1, 2)  # (B, dh, nk): reduce over keys
-        if emu.order.kind not in ("exact", "blocked"):
-            prod = round_to(prod, emu.accumulate, mode)
-        vmask = jnp.broadcast_to(valid[:, None, :], prod.shape)
-        return reduce_sum(prod, emu.order, emu.accumulate, emu.compute, mode, vmask, emu.bounds, path=path)
+        K, V = _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb)
+        alpha, valid = weights(emu.dot(jnp.broadcast_to(qb[:, None, :], K.shape), K, path=path), pb, path)
+        return _weighted_values(emu, alpha, V, valid, emu.compute, path)  # alpha: (B, nk), compute format
 
     b, _ = _blocks(q.shape[0], nk * dh)
     return _map_rows(block, (q, qpos, kp, vp), b)
@@ -247,12 +256,7 @@ def _online_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_k
     def block(args):
         qb, pb, kpb, vpb = args  # (B, dh), (B,), (B, dh), (B, dh)
         B = qb.shape[0]
-        is_self = cols[None, :] == pb[:, None]  # (B, nk)
-        K = jnp.broadcast_to(k[None], (B, nk, dh))
-        V = jnp.broadcast_to(v[None], (B, nk, dh))
-        if self_kv is not None:
-            K = jnp.where(is_self[:, :, None], kpb[:, None, :], K)
-            V = jnp.where(is_self[:, :, None], vpb[:, None, :], V)
+        K, V = _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb)
         s, valid = weights.scores(emu.dot(jnp.broadcast_to(qb[:, None, :], K.shape), K, path=path), pb)
         if not emu.softmax_is_compute:
             s = round_to(s, M, mode)
@@ -278,11 +282,7 @@ def _online_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_k
                 P = round_to(e, emu.storage, mode)
             else:  # the probability tile in C
                 P = e if emu.softmax_is_compute else round_to(e, C, mode)
-            prod = jnp.swapaxes(P[:, :, None] * Vb, 1, 2)  # (B, dh, bc), exact in the carrier
-            if emu.order.kind not in ("exact", "blocked"):
-                prod = round_to(prod, A, mode)
-            pv = reduce_sum(prod, emu.order, A, A, mode, jnp.broadcast_to(vb[:, None, :], prod.shape), emu.bounds,
-                            path=path)
+            pv = _weighted_values(emu, P, Vb, vb, A, path)
             o = emu.add(emu.mul(o, jnp.broadcast_to(r[:, None], o.shape), A), pv, A)
             return (m_new, l, o), None
 
