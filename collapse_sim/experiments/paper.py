@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from ..backends import make_backend
-from ..model import ModelConfig, init_params
+from ..model import ModelConfig, gaussian_config, init_params
 from ..policy import Policy
 from ..results import UnitStore
 from .collapse import CollapseResult, collapse_sweep
@@ -50,6 +50,7 @@ class Sizes:
     fig10_n: int
     family_n: int
     remedy_n: int
+    kernel_n: int  # the kernel recipes (captions' model and decoder, v vs v* and counting) up to this n
     ref_n: int  # reference (256-bit arb balls) up to this n: Figs. 8 and 10
     family_ref_n: int  # ... the families
     window: int
@@ -74,16 +75,16 @@ ALL = ("bf16", "fp16", "e4m3fn", "fp32")
 # Quick sizes reach past the paper's crossings (Fig. 8 ≈ 500, Fig. 10 ≈ 800–1,000) in every model:
 # 1,536 = 3 emulated buckets.
 QUICK = Sizes(formats=ALL, fig8_formats=("bf16",), fig10_formats=("bf16",), family_formats=("bf16",),
-              fig8_n=1536, fig9_n=10_000, fig9_points=40, fig10_n=1536, family_n=200, remedy_n=300, ref_n=128,
+              fig8_n=1536, fig9_n=10_000, fig9_points=40, fig10_n=1536, family_n=200, remedy_n=300, kernel_n=512, ref_n=128,
               family_ref_n=200, window=32, caption_n=2048, caption_fmt_n=1536, caption_formats=("bf16",),
               caption_fmt_seeds=1, caption_ref_n=64)
 FULL = Sizes(formats=ALL, fig8_formats=ALL, fig10_formats=ALL, family_formats=ALL, fig8_n=10_000, fig9_n=10_000,
-             fig9_points=120, fig10_n=5000, family_n=2000, remedy_n=2000, ref_n=2048, family_ref_n=512, window=128,
+             fig9_points=120, fig10_n=5000, family_n=2000, remedy_n=2000, kernel_n=2048, ref_n=2048, family_ref_n=512, window=128,
              caption_n=10_000, caption_fmt_n=2048, caption_formats=("bf16", "fp16", "e4m3fn"), caption_fmt_seeds=3,
              caption_ref_n=256, thm_instances=(30, 10), thm_max_n=16, thm42_n=256)
 # Toy sizes: every section and figure in seconds (tests).
 TINY = Sizes(formats=("bf16",), fig8_formats=("bf16",), fig10_formats=("bf16",), family_formats=("bf16",),
-             fig8_n=48, fig9_n=600, fig9_points=6, fig10_n=48, family_n=24, remedy_n=24, ref_n=16, family_ref_n=16,
+             fig8_n=48, fig9_n=600, fig9_points=6, fig10_n=48, family_n=24, remedy_n=24, kernel_n=24, ref_n=16, family_ref_n=16,
              window=8, caption_n=64, caption_fmt_n=48, caption_formats=("bf16",), caption_fmt_seeds=1, caption_ref_n=8,
              seeds=2, backend="native", thm_instances=(2, 1), thm42_d=8, thm42_n=16)
 
@@ -426,16 +427,63 @@ def remedy_mechanism(name: str) -> str | None:
     return next((v for k, v in REMEDY_MECHANISMS.items() if name.startswith(k)), None)
 
 
-def run_remedies(ctx: Context) -> list[tuple[str, str, list[tuple[str, dict[str, CollapseResult]]]]]:
-    """(remedy, its emulated policy, [(family, runs)]) on a RoPE decoder, for every remedy."""
+def run_remedies(ctx: Context) -> list[tuple[str, str, list[tuple[str, dict[str, CollapseResult], object]]]]:
+    """(remedy, its emulated policy, [(family, runs, the policy's SignalNoise)]) on a RoPE decoder, for every remedy."""
     sz, out = ctx.sizes, []
     for name, over, sep, pol in remedies(sz):
         params = _model(pe="rope", **over)
         runs = []
         for fam, _ in REMEDY_FAMILIES:
-            res = run_backends(ctx, params, fam, sz.remedy_n, [pol], tag=f"remedy {name}, {fam}", sep=sep, ref=False)
+            tag = f"remedy {name}, {fam}"
+            res = run_backends(ctx, params, fam, sz.remedy_n, [pol], tag=tag, sep=sep, ref=False)
             ctx.findings[("remedy", name, fam)] = res
-            runs.append((fam, res))
+            runs.append((fam, res, ctx.noise[tag][pol]))
+        out.append((name, pol, runs))
+    return out
+
+
+# --- kernels ------------------------------------------------------------------------------------
+#: The policy that the FlashAttention recipes run under: bf16 tensors, fp32 arithmetic, as the kernels keep them.
+BF16_FP32 = "storage=bf16,compute=fp32,accumulate=fp32,softmax=fp32"
+KERNEL_BLOCK = 64  # key block of the recipes (FlashAttention-2's B_c for d = 64 on most GPUs is 64 or 128)
+
+#: (name, emulated policy, why it could change collapse): the recipes of docs/semantics.md §8.8, each
+#: next to the op-by-op softmax of the same formats.
+KERNELS = [
+    ("bf16, naive softmax", "bf16", "every op rounded to bf16 in the textbook order: the report's baseline"),
+    (f"bf16, online softmax, blocks of {KERNEL_BLOCK}", f"compute=bf16,kernel=online({KERNEL_BLOCK})",
+     "a running maximum and sum over key blocks: the sum is rescaled in bf16 at every block whose maximum grows, "
+     "and the weights are divided by the sum only at the end"),
+    ("bf16 storage, fp32 arithmetic, naive", BF16_FP32,
+     "inputs and weights in bf16, every op in fp32: what the kernels' fp32 registers would give op by op"),
+    (f"FlashAttention-2 recipe, blocks of {KERNEL_BLOCK}", f"{BF16_FP32},kernel=flash2({KERNEL_BLOCK})",
+     "fp32 running max and sum with exp2, but the probability tile is cast to bf16 before it multiplies the values: "
+     "the weights the output sees carry bf16's 2^-8 rounding whatever the fp32 state resolves"),
+    ("e4m3fn, naive softmax", "e4m3fn", "every op in FP8 e4m3: 4 significand bits, weights below 2^-9 vanish"),
+]
+
+#: (label, model, family): v vs v* on both models, and a counting family whose pair differs in exact arithmetic
+#: (``ones`` does not: identical tokens have identical values, so any weights give the same output)
+KERNEL_RUNS = [("captions' model, v vs v*", "gaussian", "repeat_last"), ("decoder (RoPE), v vs v*", "decoder", "repeat_last"),
+               ("decoder (RoPE), count Bernoulli ones", "decoder", "count_bernoulli")]
+
+
+def kernel_mechanism(name: str) -> str | None:
+    return next((why for n, _, why in KERNELS if n == name), None)
+
+
+def run_kernels(ctx: Context) -> list[tuple[str, str, list[tuple[str, dict[str, CollapseResult], object]]]]:
+    """(recipe, its emulated policy, [(run label, runs, the policy's SignalNoise)]) for every kernel recipe of :data:`KERNELS`:
+    the captions' Gaussian model (no positions, seed 0) and the RoPE decoder, up to ``kernel_n``."""
+    sz, out = ctx.sizes, []
+    models = {"gaussian": init_params(gaussian_config(d=64, pe="none", seed=0)), "decoder": _model(pe="rope")}
+    for name, pol, _ in KERNELS:
+        runs = []
+        for label, model, fam in KERNEL_RUNS:
+            tag = f"kernel {name}, {label}"
+            res = run_backends(ctx, models[model], fam, sz.kernel_n, [pol], tag=tag, ref=False)
+            ctx.findings[("kernel", name, label)] = res
+            runs.append((label, res, ctx.noise[tag][pol]))
         out.append((name, pol, runs))
     return out
 

@@ -15,10 +15,11 @@ from ..experiments import captions as cap
 from ..experiments.collapse import CollapseResult
 from ..experiments.fits import N_MIN, PAPER_LINE, Decay, eps, first_below
 from ..experiments.noise import SignalNoise
-from ..experiments.paper import (REF, REMEDY_FAMILIES, Context, median_top, ref_agreement, remedy_mechanism,
-                                 run_families, run_fig8, run_fig9, run_fig10, run_remedies)
+from ..experiments.paper import (KERNEL_RUNS, REF, REMEDY_FAMILIES, Context, kernel_mechanism, median_top, ref_agreement,
+                                 remedy_mechanism, run_families, run_fig8, run_fig9, run_fig10, run_kernels, run_remedies)
 from ..formats import parse as parse_format
 from ..plots import plot_curves
+from ..policy import Policy
 
 #: Below this the 256-bit reference's distance counts as exactly 0: the two inputs are equal in exact
 #: arithmetic. It sits 2^50 above the reference's rounding (2^-256 relative, on outputs of order 1,
@@ -305,19 +306,64 @@ def families(ctx: Context, outdir: Path, lines: list[str]) -> None:
 
 
 # --- remedies -----------------------------------------------------------------------------------
+_CRITERIA_HEAD = ["| run | {what} | eps of its compute format | float64 ‖·‖₁ first below eps | bitwise identical "
+                  f"(n ≥ {N_MIN}) | signal below rounding noise (first n; every n from) | float64 median ‖·‖₁ |",
+                  "|---|---|---|---|---|---|---|"]
+
+
+def _criteria_row(run: str, name: str, pol: str, res: dict[str, CollapseResult], sn: SignalNoise, n_max: int) -> str:
+    """One run under one policy, by the three criteria (docs/reproduce.md, "Three criteria"): float64's
+    exact-arithmetic stand-in below the policy's eps, bitwise identity in the policy, signal below its noise."""
+    f64, e = res["fp64"], Policy.parse(pol).compute.eps
+    first, every = sn.first_below(N_MIN), sn.below_from(N_MIN)
+    noise = "never" if first is None else f"{first:,}; " + (f"{every:,}" if every else "not at N")
+    return (f"| {run} | {name} | 2^{int(np.log2(e))} | {fmt_n(first_below(f64.ns, f64.l1, e), n_max)} | "
+            f"{_ident_cell(res[pol])} | {noise} | {median_top(f64):.2g} |")
+
+
+def _policy_curves(rows, run: str) -> list[dict]:
+    """Per row (name, policy, runs) the policy's L1 curve of ``run``; the first row's float64 curve in black."""
+    series = []
+    for i, (name, pol, runs) in enumerate(rows):
+        res = next(r for label, r, _ in runs if label == run)
+        if i == 0:
+            series.append(dict(label="float64 (native)", x=res["fp64"].ns, y=res["fp64"].l1, color="k", lw=0.8, ls="--"))
+        series.append(dict(label=name, x=res[pol].ns, y=res[pol].l1, color=SETUP_COLORS[i % len(SETUP_COLORS)]))
+    return series
+
+
 def remedies(ctx: Context, outdir: Path, lines: list[str]) -> None:
-    n = ctx.sizes.remedy_n
-    lines += ["## Remedies", "",
+    sz = ctx.sizes
+    kn, n = sz.kernel_n, sz.remedy_n
+    lines += ["## Kernels and remedies", "", "### Kernel recipes", "",
+              f"How the attention is evaluated (docs/semantics.md §8.8), n = 1..{kn:,}: the captions' Gaussian model "
+              "(no positions, seed 0, d = 64) and a one-layer RoPE decoder (d = 64). The float64 column is the same "
+              "computation in float64 with the naive softmax: in exact arithmetic every recipe gives the same output, "
+              "so only the rounding differs between rows.", "",
+              *(h.format(what="recipe") for h in _CRITERIA_HEAD)]
+    krows = run_kernels(ctx)
+    for label, _, _ in KERNEL_RUNS:
+        for name, pol, runs in krows:
+            res, sn = next((r, s) for lab, r, s in runs if lab == label)
+            lines.append(_criteria_row(label, name, pol, res, sn, kn))
+    lines.append("")
+    lines += [f"- **{name}** (`{pol}`): {kernel_mechanism(name)}." for name, pol, _ in krows]
+    png = plot_curves(_policy_curves(krows, KERNEL_RUNS[0][0]), outdir / "kernels.png",
+                      title=f"Kernel recipes: {KERNEL_RUNS[0][0]}, d = 64", ylabel="L1 distance of the pair",
+                      hlines=_eps_lines(["bf16", "e4m3fn"]), x_min=N_MIN, smooth=True)
+    lines += ["", f"![kernel recipes]({png.name})", "", "### Remedies", "",
               f"RoPE (the positional scheme of most current decoders; it puts no positions in the residual stream), "
-              f"one layer, d = 64, n = 1..{n:,}. Cells: where the pair is bitwise identical in the emulated policy "
-              f"(n ≥ {N_MIN}: first n, the n from which every pair is, share of n), and the float64 median L1 "
-              "distance over n ∈ [N/2, N] of the same model and inputs.", "",
-              "| remedy | " + " | ".join(d for _, d in REMEDY_FAMILIES) + " |", "|---|" + "---|" * len(REMEDY_FAMILIES)]
+              f"one layer, d = 64, n = 1..{n:,}.", "", *(h.format(what="remedy") for h in _CRITERIA_HEAD)]
     rows = run_remedies(ctx)
-    for name, pol, runs in rows:
-        cells = [f"{_ident_cell(res[pol])}; float64 {median_top(res['fp64']):.2g}" for _, res in runs]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for fam, desc in REMEDY_FAMILIES:
+        for name, pol, runs in rows:
+            res, sn = next((r, s) for f, r, s in runs if f == fam)
+            lines.append(_criteria_row(desc, name, pol, res, sn, n))
     lines.append("")
     lines += [f"- **{name}**: {why}." for name, _, _ in rows if (why := remedy_mechanism(name))]
-    lines += ["", "p-RoPE, Scalable-Softmax and the sink token are defined op by op in docs/semantics.md §8.7; "
+    png = plot_curves(_policy_curves(rows, REMEDY_FAMILIES[0][0]), outdir / "remedies.png",
+                      title=f"Remedies: {REMEDY_FAMILIES[0][1]}, RoPE decoder, d = 64", ylabel="L1 distance of the pair",
+                      hlines=[BF16_LINE], x_min=N_MIN, smooth=True)
+    lines += ["", f"![remedies]({png.name})", "",
+              "p-RoPE, Scalable-Softmax and the sink token are defined op by op in docs/semantics.md §8.7; "
               "the models are untrained, so these rows show each remedy's arithmetic, not a trained model's use of it.", ""]
