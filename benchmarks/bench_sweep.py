@@ -1,7 +1,7 @@
 """Sweep costs, as ratios measured in one run.
 
     python benchmarks/bench_sweep.py [--n 4096] [--loop-lengths 16] [--mem-n 65536] [--ref-n 16]
-                                     [--policies P1,P2] [--mem B1:S1,B2:S2] [--skip PARTS]
+                                     [--policies P1,P2] [--recipes P1,P2] [--mem B1:S1,B2:S2] [--skip PARTS]
 
 1. Prefix trick: one forward over a length-N stream (all n <= N) against a loop
    that runs each prefix separately (timed on --loop-lengths evenly spaced
@@ -15,7 +15,11 @@
    bf16 with exact dot products by default. Add ``emulated:bf16`` for the pairwise
    order: at N = 65,536 it runs ~40 min on 2 cores (every add rounded, one query
    row at a time over 65k keys, out of cache).
-4. Reference tokens/s at 53 and 256 bits against plain mpmath matrices doing the
+4. Recipes: an emulated forward under each of --recipes (a policy with an attention kernel
+   or an accumulator order) against the same policy with the naive kernel and the pairwise
+   order, at N (compile excluded): the cost of evaluating attention as a kernel does
+   (target <= 1.5x) or of an accumulator model (target <= 2x).
+5. Reference tokens/s at 53 and 256 bits against plain mpmath matrices doing the
    same forward (mpmath.matrix products and elementwise softmax): the arb-ball
    reference (interval backend on python-flint, rigorous enclosures, C matrix
    products) and the op-by-op mpmath reference (which reproduces a policy bit for bit).
@@ -88,6 +92,32 @@ def emulated_vs_native(n, policies):
     return out
 
 
+def _baseline(policy: str) -> str:
+    """``policy`` with the naive kernel and the pairwise order: what a recipe is timed against."""
+    import dataclasses
+
+    from collapse_sim.policy import Kernel, Order, Policy
+
+    return str(dataclasses.replace(Policy.parse(policy), kernel=Kernel.parse("naive"), order=Order.parse("pairwise")))
+
+
+def recipes_vs_baseline(n, recipes):
+    """Seconds of one emulated forward under each recipe policy and under its :func:`_baseline`
+    (compile excluded), each baseline timed next to its recipe."""
+    from collapse_sim.backends import make_backend
+    from collapse_sim.model import ModelConfig, forward, init_params
+
+    P = init_params(ModelConfig(d=64, n_layers=1, vocab=16, pe="sinusoidal", seed=0))
+    toks = np.random.default_rng(0).integers(0, 16, n)
+    out = []
+    for pol in recipes:
+        base, rec = make_backend("emulated", _baseline(pol)), make_backend("emulated", pol)
+        t_base = _timed(lambda: _block(forward(P, toks, base)), repeat=1)
+        t_rec = _timed(lambda: _block(forward(P, toks, rec)), repeat=1)
+        out.append((pol, t_base, t_rec))
+    return out
+
+
 def peak_memory(n, backend="emulated", spec="bf16"):
     code = f"""
 import collapse_sim as cs, numpy as np, resource, jax
@@ -151,7 +181,11 @@ def main(argv=None):
                     help="backend:spec of each memory run (commas between runs, ';' inside one)")
     ap.add_argument("--policies", default="bf16,compute=bf16;order=exact,storage=bf16;compute=bf16;accumulate=fp32;order=blocked(32)",
                     help="emulated policies timed against native f32 (commas between policies, ';' inside one)")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: prefix,emulated,memory,reference")
+    ap.add_argument("--recipes", default="storage=bf16;compute=fp32;accumulate=fp32;softmax=fp32;kernel=online(64),"
+                    "storage=bf16;compute=fp32;accumulate=fp32;softmax=fp32;kernel=flash2(64)",
+                    help="emulated policies with a kernel or accumulator order, each timed against the same policy "
+                         "with the naive kernel and the pairwise order (commas between policies, ';' inside one)")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: prefix,emulated,recipes,memory,reference")
     args = ap.parse_args(argv)
     import collapse_sim as cs
 
@@ -167,6 +201,14 @@ def main(argv=None):
         for pol, nat, emu in emulated_vs_native(args.n, [p.replace(";", ",") for p in args.policies.split(",")]):
             res["emulated"].append({"policy": pol, "native_f32_s": nat, "emulated_s": emu, "ratio": emu / nat})
             print(f"forward N={args.n}: native f32 {nat:.3f}s, emulated {pol} {emu:.2f}s: ratio {emu / nat:.1f}x (target <= 4x: {_met(emu / nat <= 4)})")
+    if "recipes" not in skip:
+        res["recipes"] = []
+        for pol, base, rec in recipes_vs_baseline(args.n, [p.replace(";", ",") for p in args.recipes.split(",")]):
+            target = 2.0 if "order=" in pol else 1.5  # an accumulator model (issue target 2x) or a kernel recipe (1.5x)
+            res["recipes"].append({"policy": pol, "baseline": _baseline(pol), "baseline_s": base, "recipe_s": rec,
+                                   "ratio": rec / base})
+            print(f"recipe N={args.n}: {pol} {rec:.2f}s against {_baseline(pol)} {base:.2f}s: ratio {rec / base:.2f}x "
+                  f"(target <= {target:g}x: {_met(rec / base <= target)})")
     if "memory" not in skip:
         res["memory"] = []
         for entry in args.mem.split(","):

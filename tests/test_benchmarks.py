@@ -32,9 +32,11 @@ def test_bench_sweep_runs(capsys):
     # the emulated timing is left out: compiling its d = 64 forward alone takes ~20 s (the
     # emulated forward itself is covered by test_model and test_semantics)
     _load("bench_sweep").main(["--n", "8", "--loop-lengths", "2", "--skip", "emulated", "--mem-n", "8",
+                               "--recipes", "compute=fp16;kernel=online(3)",
                                "--mem", "native:fp32", "--ref-n", "2"])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(res) == {"prefix", "memory", "reference_53", "reference_256"}
+    assert set(res) == {"prefix", "recipes", "memory", "reference_53", "reference_256"}
+    assert res["recipes"][0]["baseline"].startswith("storage=fp16,compute=fp16") and res["recipes"][0]["ratio"] > 0
     assert res["memory"][0]["peak_bytes"] and not res["memory"][0]["error"]
     assert res["prefix"]["ratio"] > 0 and res["reference_53"]["arb_speedup"] > 0
 
