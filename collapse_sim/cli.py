@@ -366,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--order", default="pairwise", help="reduction order for emulated/reference (default pairwise)")
     p.add_argument("--kernel", default="naive",
                    help="attention kernel for emulated/reference: naive (default), online(b), key blocks of b "
-                        "with a running max and sum (docs/semantics.md §8.8), or flash2(b), FlashAttention-2's "
-                        "recipe of it (§8.8.1)")
+                        "with a running max and sum (docs/semantics.md §8.8), flash2(b), FlashAttention-2's "
+                        "recipe of it (§8.8.1), or flash3fp8(b), FlashAttention-3's FP8 recipe (§8.8.2)")
     p.add_argument("--shard", action="store_true",
                    help="split the emulated attention's queries over all JAX devices (same bits as unsharded)")
     p.add_argument("--max-len", type=int, required=True)

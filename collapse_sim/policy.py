@@ -16,7 +16,9 @@ A :class:`Policy` names the format of each role and the order of reductions:
   rows, then the weighted values) or ``online(b)`` (key blocks of ``b`` with a running
   maximum, sum and output, as FlashAttention-style kernels do; docs/semantics.md §8.8) or
   ``flash2(b)`` (the same loop in FlashAttention-2's recipe: scores in base 2, ``exp2``, the
-  probability tile cast to the storage format before it multiplies the values; §8.8.1).
+  probability tile cast to the storage format before it multiplies the values; §8.8.1) or
+  ``flash3fp8(b)`` (FlashAttention-3's FP8 recipe of it: Q, K, V and the tile in e4m3fn with one
+  scale per head, exponentials offset by 2^8, the blocks last first; §8.8.2).
 
 A policy is a frozen, hashable dataclass (so it is static under ``jax.jit``)
 and reads from a jmp-like string:
@@ -83,8 +85,13 @@ class Order:
         return f"blocked({self.block})" if self.kind == "blocked" else self.kind
 
 
-KERNEL_KINDS = ("naive", "online", "flash2")
-BLOCK_KERNELS = ("online", "flash2")  # the kernels that run the keys in blocks with a running softmax
+KERNEL_KINDS = ("naive", "online", "flash2", "flash3fp8")
+BLOCK_KERNELS = ("online", "flash2", "flash3fp8")  # the kernels that run the keys in blocks with a running softmax
+
+#: The format of flash3fp8's matrix-product inputs and probability tile (docs/semantics.md §8.8.2):
+#: e4m3fn, saturating at 448 as the hardware conversion ``cvt.rn.satfinite`` does.
+FP8_TILE = dataclasses.replace(parse_format("e4m3fn"), name="e4m3fn_satfinite", overflow="saturate",
+                               description="e4m3fn saturating at 448 (flash3fp8's inputs and tile)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +105,12 @@ class Kernel:
     * ``flash2(b)``: ``online(b)`` in FlashAttention-2's recipe (Dao, 2023): the scale folds
       in log2(e), every exp is an exp2, and the probability tile is rounded to the storage
       format before it multiplies the values.
+    * ``flash3fp8(b)``: ``flash2(b)`` in FlashAttention-3's FP8 recipe (Shah et al., 2024): Q, K
+      and V quantised to e4m3fn with one scale per head (their descales folded into the scale
+      and the final normalisation), exponentials offset by 2^8, the tile in e4m3fn, the key
+      blocks visited last first.
+
+    The properties say what a block kernel's recipe changes in §8.8's loop.
     """
 
     kind: str = "naive"
@@ -105,7 +118,7 @@ class Kernel:
 
     def __post_init__(self) -> None:
         if self.kind not in KERNEL_KINDS:
-            raise PolicyError(f"unknown attention kernel {self.kind!r}; use naive, online(b) or flash2(b), e.g. online(64)")
+            raise PolicyError(f"unknown attention kernel {self.kind!r}; use naive, online(b), flash2(b) or flash3fp8(b), e.g. online(64)")
         _check_block(self.block, self.kind in BLOCK_KERNELS, f"the {self.kind} kernel", "key block size")
 
     @classmethod
@@ -113,11 +126,31 @@ class Kernel:
         if isinstance(text, Kernel):
             return text
         if not isinstance(text, str):
-            raise PolicyError(f"an attention kernel is a string such as 'naive', 'online(64)' or 'flash2(64)', got {text!r}")
+            raise PolicyError(f"an attention kernel is a string such as 'naive', 'online(64)', 'flash2(64)' or 'flash3fp8(64)', got {text!r}")
         return cls(*_kind_and_block(text, BLOCK_KERNELS, "kernel", "key block size", 64))
 
     def __str__(self) -> str:
         return f"{self.kind}({self.block})" if self.kind in BLOCK_KERNELS else self.kind
+
+    @property
+    def base2(self) -> bool:
+        """Scores in base 2 (log2 e folded into the scale and the ALiBi biases) and exp2 for exp."""
+        return self.kind in ("flash2", "flash3fp8")
+
+    @property
+    def fp8(self) -> "Format | None":
+        """The format Q, K, V (scaled per head) and the probability tile are cast to, if any."""
+        return FP8_TILE if self.kind == "flash3fp8" else None
+
+    @property
+    def max_offset(self) -> int:
+        """What the exponentials' argument gains: ``e = exp2(s - (m - max_offset))`` (§8.8.2)."""
+        return 8 if self.kind == "flash3fp8" else 0
+
+    @property
+    def reverse(self) -> bool:
+        """Whether the key blocks are visited from the last to the first."""
+        return self.kind == "flash3fp8"
 
 
 def _kind_and_block(text: str, blocked: tuple[str, ...], what: str, noun: str, example: int) -> tuple:

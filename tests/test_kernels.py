@@ -1,12 +1,15 @@
 """The attention kernels of a policy (docs/semantics.md §8.8): ``online(b)`` runs the
 keys in blocks with a running maximum, denominator and output; ``flash2(b)`` is its
-FlashAttention-2 recipe (base-2 scores, exp2, the probability tile in storage, §8.8.1)."""
+FlashAttention-2 recipe (base-2 scores, exp2, the probability tile in storage, §8.8.1);
+``flash3fp8(b)`` FlashAttention-3's FP8 recipe (Q, K, V and the tile in e4m3fn with one scale
+per head, exponentials offset by 2^8, the blocks last first, §8.8.2)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
+from fractions import Fraction
 
 import mpmath
 import numpy as np
@@ -17,8 +20,9 @@ from collapse_sim.backends.reference import ReferenceBackend
 from collapse_sim.backends.reference.arith import times_log2e
 from collapse_sim.formats import parse
 from collapse_sim.model import ModelConfig, forward, init_params
-from collapse_sim.policy import Kernel, Policy, PolicyError
+from collapse_sim.policy import FP8_TILE, Kernel, Policy, PolicyError
 from collapse_sim.theory import gamma
+from oracles import fraction_round
 from test_model import TOKS, _same, assert_emulated_equals_reference  # N = 12: only b = 2, 3, 4, 6 divide it
 
 
@@ -28,13 +32,17 @@ from test_model import TOKS, _same, assert_emulated_equals_reference  # N = 12: 
     (dict(pe="sinusoidal"), "compute=(p=5,emax=15),accumulate=(p=9,emax=30),order=exact,kernel=online(5)"),
     (dict(pe="rope", n_heads=2), "compute=bf16,order=pairwise,kernel=flash2(5)"),
     (dict(pe="alibi", window=6), "storage=bf16,compute=fp32,accumulate=fp32,softmax=fp32,kernel=flash2(7)"),
+    (dict(pe="alibi", window=6), "storage=bf16,compute=fp32,accumulate=fp32,softmax=fp32,kernel=flash3fp8(5)"),
+    (dict(pe="rope", n_heads=2), "compute=bf16,order=pairwise,kernel=flash3fp8(7)"),
 ], ids=["bf16-pairwise-b5", "fp16-fp32acc-kahan-rd-window-alibi-b7", "custom-exact-b5", "flash2-bf16-pairwise-b5",
-        "flash2-bf16-storage-fp32-window-alibi-b7"])
+        "flash2-bf16-storage-fp32-window-alibi-b7", "flash3fp8-bf16-storage-fp32-window-alibi-b5",
+        "flash3fp8-bf16-pairwise-b7"])
 def test_online_kernel_emulated_equals_reference(cfg, policy):
-    """Full forwards (L = 2, d = 8, N = 12, with probes) under the online and flash2 kernels:
-    the emulated backend gives the mpmath reference's bits, with blocks that do not divide N.
-    The last case is the realistic flash2 kernel: fp32 arithmetic, the tile cast to bf16,
-    with the folded ALiBi biases."""
+    """Full forwards (L = 2, d = 8, N = 12, with probes) under the online, flash2 and flash3fp8
+    kernels: the emulated backend gives the mpmath reference's bits, with blocks that do not
+    divide N. The fp32 cases are the realistic kernels: fp32 arithmetic, the tile cast to bf16
+    (flash2) or Q, K, V and the tile to e4m3fn (flash3fp8), with the folded ALiBi biases and a
+    window (blocks skipped); flash3fp8 in bf16 rounds its scales, l and o to bf16 too."""
     assert_emulated_equals_reference(ModelConfig(d=8, n_layers=2, vocab=4, seed=5, **cfg), policy)
 
 
@@ -81,13 +89,17 @@ def test_kernel_grammar():
     f = Policy.parse("storage=bf16,compute=fp32,kernel=flash2(64)")
     assert f.kernel == Kernel.parse("flash2(64)") == Kernel("flash2", 64) and str(f.kernel) == "flash2(64)"
     assert Policy.parse(str(f)) == f and str(f).endswith(",kernel=flash2(64)")
+    g = Policy.parse("storage=bf16,compute=fp32,kernel=flash3fp8(64)")
+    assert g.kernel == Kernel.parse("flash3fp8(64)") == Kernel("flash3fp8", 64) and str(g.kernel) == "flash3fp8(64)"
+    assert Policy.parse(str(g)) == g and str(g).endswith(",kernel=flash3fp8(64)")
     for bad, says in [("online", "block size: online"), ("online(0)", ">= 1"), ("flash", "unknown attention kernel"),
                       ("flash2", "block size: flash2"), ("flash2(0)", "flash2 kernel needs a key block size >= 1"),
-                      ("flash3(64)", "flash2")]:
+                      ("flash3(64)", "flash3fp8"), ("flash3fp8", "block size: flash3fp8"),
+                      ("flash3fp8(0)", "flash3fp8 kernel needs a key block size >= 1")]:
         with pytest.raises(PolicyError, match=says) as err:
             Policy.parse(f"compute=bf16,kernel={bad}")
         assert not re.search(r"[.!?]\s+[A-Z]", str(err.value))  # one sentence
-    for k in ("online(4)", "flash2(4)"):
+    for k in ("online(4)", "flash2(4)", "flash3fp8(4)"):
         with pytest.raises(PolicyError, match="max_subtract=true"):
             Policy.parse(f"compute=bf16,max_subtract=false,kernel={k}")
 
@@ -169,30 +181,154 @@ def test_flash2_tile_in_bf16_moves_each_weight_by_one_rounding():
     assert np.max(np.abs(sb - 1)) > 10 * g1, float(np.max(np.abs(sb - 1)))  # Σ_j ∘_bf16(P_j)/l != 1
 
 
-def test_flash2_cli_and_backend_for_format(tmp_path):
-    """``collapse --kernel flash2(b)`` runs (emulated bf16, a short stream) and
-    backend_for_format passes the kernel through."""
+U_E4M3 = 2.0 ** -4  # unit roundoff of e4m3fn (p = 4)
+HALF_SUB_E4M3 = 2.0 ** -10  # half the smallest subnormal of e4m3fn: the largest rounding error below 2^-6
+
+
+def _dequantised(x):
+    """What flash3fp8's quantisation makes of ``x`` (one head's query, or the keys or values of a
+    prefix; §8.8.2 1), from an exact rational rounding (tests/oracles.py), not from the backends:
+    s·∘_E(x/s) with s = amax/448 exact, and s."""
+    s = max(Fraction(abs(float(y))) for y in np.ravel(x)) / 448
+    deq = np.vectorize(lambda y: s * Fraction(fraction_round(Fraction(float(y)) / s, FP8_TILE, "rne")), otypes=[object])
+    return deq(x), s
+
+
+def test_flash3fp8_agrees_with_naive_at_256_bits_within_the_fp8_bound():
+    """At 256 bits the flash3fp8 attention (b = 5, N = 12 queries and keys, d_h = 8) differs from
+    the naive softmax by the e4m3fn quantisation of Q, K, V and P alone; every other op is
+    rounded to 2^-256 (the slack γ_k(2^-256)·max|o| twice, k = 64(N + d_h) as in the online
+    kernels' test). Per row i, with s_X = amax/448 and x̃ = s_X·∘_E(x/s_X) the dequantised
+    inputs, |x̃ − x| <= Δx = u|x| + s_X·η (u = 2^-4; η = 2^-10, half the smallest subnormal,
+    for values below 2^-6).
+
+    Sharp part (the tile). The kernel's output is o = Σ_j R_j P_j ṽ_j / l, l = Σ_j R_j e_j, with
+    P_j = ∘_E(e_j), |P_j − e_j| <= u·e_j + η, and R_j e_j / l = ŵ_j, the softmax of the
+    scores σ·q̃·k̃ (exactly computable from the oracle's q̃, k̃): so |o − Σ_j ŵ_j ṽ_j| <=
+    Σ_j (u·ŵ_j + η·R_j/l)·|ṽ_j|, and R_j/l <= 2^-8 because the key with the largest score has
+    R·e = 2^8 exactly (the offset of §8.8.2 4), and no rounding error (it is left out).
+    Observed <= bound, and some entry exceeds half of it (the bound halved fails).
+
+    Whole bound (Q, K, V and P from u and η only). The score of key j moves by at most
+    E_j = σ·Σ_c (Δq_c|k_j[c]| + |q_c|Δk_j[c] + Δq_cΔk_j[c]), so with the exact weights α_j,
+    Z± = Σ_k α_k e^(±E_k): ŵ_j ∈ [α_j e^(−E_j)/Z+, α_j e^(E_j)/Z−], and
+    |o − o_naive| <= Σ_j (u·ŵ_j^max + η/2^8 + |ŵ_j − α_j|^max)(|v_j| + Δv_j) + α_j·Δv_j."""
+    rng = np.random.default_rng(3)
+    n, dh, b = 12, 8, 5
+    u, eta = U_E4M3, HALF_SUB_E4M3
+    q, k, v = (rng.standard_normal((n, dh)) * s for s in (1.5, 1.5, 1.0))
+    sigma = 1 / np.sqrt(dh)
+    naive = ReferenceBackend("256")
+    fp8 = ReferenceBackend(dataclasses.replace(naive.ref.policy, kernel=Kernel("flash3fp8", b)))
+    pos = np.arange(n)
+    a, o = (be.attention(*(be.ref.store(x) for x in (q, k, v)), pos, pos, sigma) for be in (naive, fp8))
+    sharp, whole = [], []
+    with mpmath.workprec(600):
+        mp = lambda x: mpmath.mpf(x.numerator) / x.denominator if isinstance(x, Fraction) else mpmath.mpf(x)  # noqa: E731
+        a, o = np.vectorize(mp, otypes=[object])(a), np.vectorize(mp, otypes=[object])(o)
+        slack = 2 * gamma(64 * (n + dh), mpmath.mpf(2) ** -256) * max(abs(x) for x in a.ravel())
+
+        def softmax(x):
+            e = [mpmath.exp(y - max(x)) for y in x]
+            return [y / mpmath.fsum(e) for y in e]
+
+        for i in range(n):
+            (qt, sq), (kt, sk), (vt, sv) = _dequantised(q[i]), _dequantised(k[:i + 1]), _dequantised(v[:i + 1])
+            st = [sigma * mpmath.fsum(mp(qt[c]) * mp(kt[j, c]) for c in range(dh)) for j in range(i + 1)]
+            w, top = softmax(st), int(np.argmax([float(x) for x in st]))
+            alpha = softmax([sigma * mpmath.fsum(mp(q[i, c]) * mp(k[j, c]) for c in range(dh)) for j in range(i + 1)])
+            dq = [u * abs(mp(x)) + mp(sq) * eta for x in q[i]]
+            E = [sigma * mpmath.fsum(dq[c] * abs(mp(k[j, c])) + abs(mp(q[i, c])) * dk + dq[c] * dk
+                                     for c, dk in enumerate(u * abs(mp(x)) + mp(sk) * eta for x in k[j]))
+                 for j in range(i + 1)]
+            zp = mpmath.fsum(al * mpmath.exp(e) for al, e in zip(alpha, E))
+            zm = mpmath.fsum(al * mpmath.exp(-e) for al, e in zip(alpha, E))
+            for c in range(dh):
+                tile = mpmath.fsum((u * w[j] + eta / 256) * abs(mp(vt[j, c])) for j in range(i + 1) if j != top) + slack
+                sharp.append((abs(o[i, c] - mpmath.fsum(w[j] * mp(vt[j, c]) for j in range(i + 1))), tile))
+                bound = slack
+                for j in range(i + 1):
+                    hi, lo = alpha[j] * mpmath.exp(E[j]) / zm, alpha[j] * mpmath.exp(-E[j]) / zp
+                    dv = u * abs(mp(v[j, c])) + mp(sv) * eta
+                    bound += (u * hi + eta / 256 + max(hi - alpha[j], alpha[j] - lo)) * (abs(mp(v[j, c])) + dv)
+                    bound += alpha[j] * dv
+                whole.append((abs(o[i, c] - a[i, c]), bound))
+    for pairs in (sharp, whole):
+        assert all(d <= bd for d, bd in pairs), max(float(d / bd) for d, bd in pairs)
+    assert max(float(d / bd) for d, bd in sharp) > 0.5  # the tile's bound is sharp: halved, it fails
+    assert max(float(d / bd) for d, bd in whole) > 0.01  # the quantisation moves o: the check is not vacuous
+
+
+def _flash3fp8_last_row(keys, values, b):
+    """The flash3fp8(b) output (reference, fp32 arithmetic, bf16 storage) of the query (1, 0) at the
+    last position over ``keys`` and ``values`` (N, 2), scale fl64(1/√2)."""
+    be = ReferenceBackend(f"storage=bf16,compute=fp32,accumulate=fp32,softmax=fp32,kernel=flash3fp8({b})")
+    n = len(keys)
+    q = np.array([[1.0, 0.0]])
+    return be.to_numpy(be.attention(*(be.ref.store(x) for x in (q, keys, values)), np.array([n - 1]),
+                                    np.arange(n), 1 / np.sqrt(2)))[0]
+
+
+def test_flash3fp8_tile_underflow_loses_values_after_the_maximum():
+    """FlashAttention-3's FP8 tile: e = 2^(s − m' + 8) against the running maximum m' of the blocks
+    visited so far (last block first), and P = ∘_e4m3fn(e) is 0 for every e <= 2^-10, half the
+    smallest subnormal (§8.8.2): a key scoring more than 18 below m' (base 2) adds its e to l
+    but nothing to o. One key of score σ2·10·1 (the sink; k = (10, 0), v = (1, −1)) and eleven of
+    score −σ2·10 (k = (−10, 0)), σ2 = ∘_bf16(log2(e)/√2) ≈ 1.02: 20.4 apart, blocks of 4, N = 12.
+    Sink last (column 11, in the first block visited): every other tile entry is 0, and the
+    output equals, bit for bit, the one with their values set to 0 (|v| <= 1 keeps every scale).
+    Sink first (column 0, in the last block visited): the keys of the other blocks were cast
+    against their own maximum (P = 256), and after the rescale r = 2^-20.4 in fp32 their values
+    still move the output; only the sink's block mates (columns 1-3) are lost."""
+    rng = np.random.default_rng(0)
+    n, b = 12, 4
+    others = rng.uniform(-1, 1, (n, 2))
+    for sink in (n - 1, 0):
+        keys = np.tile([-10.0, 0.0], (n, 1))
+        keys[sink] = [10.0, 0.0]
+        values = others.copy()
+        values[sink] = [1.0, -1.0]
+        out = _flash3fp8_last_row(keys, values, b)
+        lost = [j for j in range(n) if j != sink and (sink == n - 1 or j // b == sink // b)]
+        kept = [j for j in range(n) if j != sink and j not in lost]
+        zeroed = values.copy()
+        zeroed[lost] = 0.0
+        assert _same(out, _flash3fp8_last_row(keys, zeroed, b)), (sink, lost)
+        if kept:
+            moved = values.copy()
+            moved[kept] = -values[kept]
+            assert not _same(out, _flash3fp8_last_row(keys, moved, b)), (sink, kept)
+
+
+@pytest.mark.parametrize("kernel", ["flash2(4)", "flash3fp8(64)"])
+def test_kernel_cli_and_backend_for_format(kernel, tmp_path):
+    """``collapse --kernel flash2(b)`` and ``--kernel flash3fp8(b)`` run end to end (reference
+    bf16, a short stream) and backend_for_format passes the kernel through."""
     from collapse_sim.backends import backend_for_format
     from collapse_sim.cli import main
 
-    assert backend_for_format("reference", "bf16", kernel="flash2(4)").policy.kernel == Kernel("flash2", 4)
+    assert backend_for_format("reference", "bf16", kernel=kernel).policy.kernel == Kernel.parse(kernel)
     out = tmp_path / "run"
     assert main(["collapse", "--family", "repeat_last", "--format", "bf16", "--backend", "reference",
-                 "--kernel", "flash2(4)", "--max-len", "6", "--out", str(out)]) == 0
-    assert "flash2(4)" in (out / "collapse.json").read_text()
+                 "--kernel", kernel, "--max-len", "6", "--out", str(out)]) == 0
+    assert kernel in (out / "collapse.json").read_text()
 
 
 def test_block_of_minus_infinity_scores_changes_nothing():
     """§8.8: a block whose visible scores are all -inf before any finite maximum changes
     nothing, on both backends (here the first key scores -inf in p = 5, emax = 15:
     200·(-400) overflows), and a block wider than the keys is one block. The reference
-    gave NaN for row 1 before blocks of -inf were skipped."""
+    gave NaN for row 1 before blocks of -inf were skipped. flash3fp8 visits the -inf block
+    last, as a later term, and its empty row 0 is NaN through its epilogue 0·(1/0); it runs
+    with fp32 accumulate and softmax, as the kernel does (with M = p = 5, ∘_M(m − 8) rounds
+    the tie 296 to 288 and the offset exponential 2^16 overflows M)."""
     import jax.numpy as jnp
 
     from collapse_sim.backends.emulated import _emulated_attention
 
-    for kern in ("online(1)", "flash2(1)", "online(1000)"):
-        pol = f"compute=(p=5,emax=15),kernel={kern}"
+    for kern in ("online(1)", "flash2(1)", "flash3fp8(1)", "online(1000)"):
+        wide = ",accumulate=fp32,softmax=fp32" if kern.startswith("flash3fp8") else ""
+        pol = f"compute=(p=5,emax=15){wide},kernel={kern}"
         e, r = make_backend("emulated", pol), make_backend("reference", pol)
         q, k, v = ([[200.0], [200.0]], [[-400.0], [1.0]], [[1.0], [2.0]])
         got = np.asarray(_emulated_attention(e.emu, *(e.store(np.array(a)) for a in (q, k, v)), jnp.arange(2), 1.0,

@@ -133,7 +133,7 @@ def _certified_scores(emu: Emulator, terms: int) -> bool:
 
 
 def _uncertified_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
-    """The attention op by op: the online or flash2 kernel's blocks, or the naive softmax."""
+    """The attention op by op: a block kernel's blocks (online, flash2, flash3fp8), or the naive softmax."""
     path = exact_path(_terms(q, k))
     if emu.kernel.kind in BLOCK_KERNELS:
         return _online_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv, path)
@@ -145,7 +145,9 @@ def _prepare(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv, fold: 
     a query's own key and value (``self_kv``), and ``weights``, which turns raw scores
     (B, nk) of queries at positions pb into attention weights and the key mask.
     ``fold``: the scale and the ALiBi biases are the flash2 kernel's, times log2(e)
-    (docs/semantics.md §8.8.1; they must then be concrete numbers)."""
+    (docs/semantics.md §8.8.1; they must then be concrete numbers). ``weights.scores`` takes
+    an optional ``descale`` per query row (flash3fp8, §8.8.2): the scale is then
+    ∘_A(scale · descale)."""
     mode, dt = emu.mode, emu.dtype
     if self_kv is not None:
         k = jnp.concatenate([k, jnp.zeros((1, k.shape[1]), dt)])
@@ -161,10 +163,11 @@ def _prepare(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv, fold: 
                else -alibi * jnp.arange(maxd, dtype=jnp.float64))
         bias_table = round_to(jnp.asarray(raw, jnp.float64), emu.storage, mode).astype(dt)
 
-    def scores(s, pb):
+    def scores(s, pb, descale=None):
         """Raw scores (B, nk) of queries at positions pb -> scaled (and biased) scores in the
         compute format (§8.1, before the rounding to the softmax format), and the key mask."""
-        s = emu.mul(s, jnp.broadcast_to(sc, s.shape))
+        f = sc if descale is None else emu.mul(jnp.broadcast_to(sc, descale.shape), descale, emu.accumulate)[:, None]
+        s = emu.mul(s, jnp.broadcast_to(f, s.shape))
         if alibi is not None:
             dist = jnp.clip(pb[:, None] - cols[None, :], 0, bias_table.shape[0] - 1)  # masked entries: any valid index
             s = emu.add(s, bias_table[dist])
@@ -236,28 +239,35 @@ def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
 
 
 def _online_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv, path: str = "certified"):
-    """The ``online(b)`` and ``flash2(b)`` kernels (docs/semantics.md §8.8): per query, the
-    key columns in blocks of b with a running maximum m, denominator l and output o,
-    rescaled by r = exp(m_old - m_new) whenever the maximum grows, and one division o / l at
-    the end. ``flash2`` folds log2(e) into the scale (and the ALiBi biases), takes exp2 for
-    exp and rounds the probability tile to storage instead of compute (§8.8.1).
-    Blocks a query does not see are run too: they change nothing (r = 1 and every added
-    term is zero), so the bits equal those of skipping them, as a kernel does."""
+    """The block kernels ``online(b)``, ``flash2(b)`` and ``flash3fp8(b)`` (docs/semantics.md
+    §8.8): per query, the key columns in blocks of b with a running maximum m, denominator l
+    and output o, rescaled by r = exp(m_old - m_new) whenever the maximum grows, and one
+    division o / l at the end. ``flash2`` folds log2(e) into the scale (and the ALiBi biases),
+    takes exp2 for exp and rounds the probability tile to storage instead of compute (§8.8.1);
+    ``flash3fp8`` quantises q, k, v to e4m3fn per head, folds their descales in, offsets the
+    exponentials by 2^8, rounds the tile to e4m3fn, visits the blocks last first and ends with
+    o · (1/l · s_V) (§8.8.2). Blocks a query does not see are run too: they change nothing
+    (r = 1 and every added term is zero; before any visible block l = o = 0 stay), so the bits
+    equal those of skipping them, as a kernel does."""
     mode, dt = emu.mode, emu.dtype
-    flash2 = emu.kernel.kind == "flash2"
-    k, v, kp, vp, cols, weights = _prepare(emu, q, k, v, qpos, scale, alibi, window, self_kv, fold=flash2)
+    kern = emu.kernel
+    k, v, kp, vp, cols, weights = _prepare(emu, q, k, v, qpos, scale, alibi, window, self_kv, fold=kern.base2)
     nk, dh = k.shape
-    bc = min(emu.kernel.block, nk)  # a block wider than the keys is one block: the same bits, no padding
+    bc = min(kern.block, nk)  # a block wider than the keys is one block: the same bits, no padding
     nb = -(-nk // bc)
     M, A, C = emu.softmax, emu.accumulate, emu.compute
-    exp = emu.exp2 if flash2 else emu.exp
+    exp = emu.exp2 if kern.base2 else emu.exp
+    tile = kern.fp8 or (emu.storage if kern.base2 else (None if emu.softmax_is_compute else C))  # None: e as it is
     neg_inf = jnp.asarray(-jnp.inf, dt)
 
     def block(args):
         qb, pb, kpb, vpb = args  # (B, dh), (B,), (B, dh), (B, dh)
         B = qb.shape[0]
         K, V = _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb)
-        s, valid = weights.scores(emu.dot(jnp.broadcast_to(qb[:, None, :], K.shape), K, path=path), pb)
+        descale = v_descale = None
+        if kern.fp8 is not None:  # §8.8.2 1: each row's query, and the keys and values of its prefix
+            qb, K, V, descale, v_descale = _fp8_inputs(emu, kern.fp8, qb, K, V, cols[None, :] <= pb[:, None])
+        s, valid = weights.scores(emu.dot(jnp.broadcast_to(qb[:, None, :], K.shape), K, path=path), pb, descale)
         if not emu.softmax_is_compute:
             s = round_to(s, M, mode)
         pad = nb * bc - nk  # columns past the last key: masked
@@ -274,25 +284,49 @@ def _online_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_k
             m_safe = jnp.where(seen, m_new, jnp.zeros_like(m_new))
             r = jnp.where(m > neg_inf, exp(emu.sub(jnp.where(m > neg_inf, m, m_safe), m_safe, M), M),
                           jnp.zeros_like(m))
-            e = exp(emu.sub(sb, jnp.broadcast_to(m_safe[:, None], sb.shape), M), M)
+            shift = emu.sub(m_safe, jnp.full_like(m_safe, kern.max_offset), M) if kern.max_offset else m_safe
+            e = exp(emu.sub(sb, jnp.broadcast_to(shift[:, None], sb.shape), M), M)
             e = jnp.where(vb, e, jnp.zeros_like(e))
             den = reduce_sum(e, emu.order, A, A, mode, vb, emu.bounds, nonneg=True, path=path)
             l = emu.add(emu.mul(l, r, A), den, A)
-            if flash2:  # the probability tile cast to storage
-                P = round_to(e, emu.storage, mode)
-            else:  # the probability tile in C
-                P = e if emu.softmax_is_compute else round_to(e, C, mode)
+            P = e if tile is None else round_to(e, tile, mode)  # the probability tile
             pv = _weighted_values(emu, P, Vb, vb, A, path)
             o = emu.add(emu.mul(o, jnp.broadcast_to(r[:, None], o.shape), A), pv, A)
             return (m_new, l, o), None
 
         zero = jnp.zeros((B,), dt)
         (m, l, o), _ = lax.scan(step, (jnp.full((B,), -jnp.inf, dt), zero, jnp.zeros((B, dh), dt)),
-                                (split(s), split(valid), split(V)))
-        return round_to(emu.div(o, jnp.broadcast_to(l[:, None], o.shape), A), C, mode)
+                                (split(s), split(valid), split(V)), reverse=kern.reverse)
+        if v_descale is None:
+            out = emu.div(o, jnp.broadcast_to(l[:, None], o.shape), A)
+        else:  # §8.8.2 6: o · (1/l · s_V)
+            f = emu.mul(emu.div(jnp.ones_like(l), l, A), v_descale, A)
+            out = emu.mul(o, jnp.broadcast_to(f[:, None], o.shape), A)
+        return round_to(out, C, mode)
 
     b, _ = _blocks(q.shape[0], nk * dh)
     return _map_rows(block, (q, qpos, kp, vp), b)
+
+
+def _fp8_inputs(emu: Emulator, E, qb, K, V, seen):
+    """flash3fp8's quantised inputs (docs/semantics.md §8.8.2 1-2) of a block of query rows:
+    ``(q̂, K̂, V̂, descale, s_V)``, each row's query, keys and values divided by their scale
+    ∘_A(amax / 448) (1 where amax = 0) in A and rounded to ``E``; the scales of K and V come
+    from the columns the row sees up to its position (``seen``: (B, nk)); ``descale`` is
+    ∘_A(s_Q · s_K), which the scores fold into their scale."""
+    A = emu.accumulate
+    zero = jnp.zeros((), emu.dtype)
+
+    def quantise(x, amax):  # x: (B, ...), amax: (B,)
+        s = emu.div(amax, jnp.full_like(amax, E.max), A)
+        s = jnp.where(amax == 0, jnp.ones_like(s), s)
+        return round_to(emu.div(x, s.reshape(s.shape + (1,) * (x.ndim - 1)), A), E, emu.mode), s
+
+    qh, s_q = quantise(qb, jnp.max(jnp.abs(qb), axis=-1))
+    mask = seen[:, :, None]
+    Kh, s_k = quantise(K, jnp.max(jnp.where(mask, jnp.abs(K), zero), axis=(1, 2)))
+    Vh, s_v = quantise(V, jnp.max(jnp.where(mask, jnp.abs(V), zero), axis=(1, 2)))
+    return qh, Kh, Vh, emu.mul(s_q, s_k, A), s_v
 
 
 def _certified_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):

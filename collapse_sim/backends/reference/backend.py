@@ -10,7 +10,7 @@ import numpy as np
 
 from ...policy import BLOCK_KERNELS, Policy, PolicyError
 from .._hooks import ArrayPlumbing
-from .arith import Reference, ref_sum, times_log2e, to_float
+from .arith import RefArith, Reference, ref_sum, times_log2e, to_float
 from .constants import ExactConstants
 
 
@@ -153,13 +153,13 @@ class ReferenceBackend(ObjectArrayBackend):
     def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None):
         ref, pol = self.ref, self.ref.policy
         c, smx = ref.compute, ref.softmax
-        flash2 = pol.kernel.kind == "flash2"
-        if flash2 and self.exact_constants:
-            raise PolicyError("the :exact reference has no exact counterpart of the flash2 kernel's folded constants "
-                              "(§8.8.1); drop :exact or use the online kernel")
+        kern = pol.kernel
+        if kern.base2 and self.exact_constants:
+            raise PolicyError(f"the :exact reference has no exact counterpart of the {kern.kind} kernel's folded "
+                              "constants (§8.8.1); drop :exact or use the online kernel")
         st = ref.storage
         fold = lambda x: st.round(times_log2e(x, st.work))  # noqa: E731  §8.8.1: ∘_S(x·log2 e)
-        sc = fold(scale) if flash2 else self._scalar(scale)  # §5.2
+        sc = fold(scale) if kern.base2 else self._scalar(scale)  # §5.2
         bias = self._exact.get(("alibi", float(alibi))) if (alibi is not None and self._exact) else None
         nq, dh = q.shape
         out = np.empty((nq, dh), dtype=object)
@@ -172,18 +172,24 @@ class ReferenceBackend(ObjectArrayBackend):
                 else:
                     keys.append(k[j]); vals.append(v[j])
             valid = [window is None or j > pi - window for j in range(pi + 1)]
+            qi, sci, v_descale = q[i], sc, None
+            if kern.fp8 is not None:  # §8.8.2 1-2: quantised inputs, the descales folded into the scale
+                (qi,), s_q = self._fp8_quantise([q[i]])
+                keys, s_k = self._fp8_quantise(keys)
+                vals, v_descale = self._fp8_quantise(vals)
+                sci = ref.accumulate.mul(sc, ref.accumulate.mul(s_q, s_k))
             s = []
             for j in range(pi + 1):
-                sij = c.mul(ref.dot(list(q[i]), list(keys[j])), sc)
+                sij = c.mul(ref.dot(list(qi), list(keys[j])), sci)
                 if alibi is not None:
-                    if flash2:
+                    if kern.base2:
                         b = fold(float(-alibi * (pi - j)))
                     else:
                         b = bias(pi - j) if bias is not None else st.from_float(float(-alibi * (pi - j)))
                     sij = c.add(sij, b)  # §5.6, §8.1
                 s.append(smx.round(sij))
             if pol.kernel.kind in BLOCK_KERNELS:
-                out[i] = self._online_row(s, valid, vals, dh)
+                out[i] = self._online_row(s, valid, vals, dh, v_descale)
                 continue
             if pol.max_subtract:
                 m = None
@@ -205,18 +211,36 @@ class ReferenceBackend(ObjectArrayBackend):
                     out[i, d] = ref.dot(alpha, col)
         return out
 
-    def _online_row(self, s, valid, vals, dh):
-        """One query's output under the ``online(b)`` or ``flash2(b)`` kernel (docs/semantics.md
-        §8.8), from its scores ``s`` (softmax format) over columns 0..p, the visible ones
-        ``valid``. flash2 takes exp2 for exp and rounds the probability tile to storage."""
+    def _fp8_quantise(self, rows):
+        """``rows`` (a list of vectors: a query, or the keys or values of columns 0..p) quantised
+        as flash3fp8's caller does (docs/semantics.md §8.8.2 1): ``(quantised rows, s)`` with
+        s = ∘_A(amax / 448) (1 where amax = 0) and each entry ∘_E(∘_A(x ÷ s))."""
+        acc, E = self.ref.accumulate, RefArith(self.policy.kernel.fp8, self.policy.mode)
+        amax = mlib.fzero
+        for row in rows:
+            for x in row:
+                amax = E.max(amax, mlib.mpf_abs(x))  # exact, NaN if any entry is NaN
+        s = mlib.fone if amax == mlib.fzero else acc.div(amax, mlib.from_float(E.fmt.max))
+        return [[E.round(acc.div(x, s)) for x in row] for row in rows], s
+
+    def _online_row(self, s, valid, vals, dh, v_descale=None):
+        """One query's output under a block kernel (docs/semantics.md §8.8), from its scores
+        ``s`` (softmax format) over columns 0..p, the visible ones ``valid``: ``online(b)``;
+        ``flash2(b)`` takes exp2 for exp and rounds the probability tile to storage (§8.8.1);
+        ``flash3fp8(b)`` (values already quantised, ``v_descale`` their scale) offsets the
+        exponentials by 2^8, rounds the tile to e4m3fn, visits the blocks last first and ends
+        with o · (1/l · s_V) (§8.8.2)."""
         ref, pol = self.ref, self.ref.policy
         c, smx, acc = ref.compute, ref.softmax, ref.accumulate
-        flash2 = pol.kernel.kind == "flash2"
-        exp, tile = (smx.exp2, ref.storage) if flash2 else (smx.exp, c)
+        kern = pol.kernel
+        exp = smx.exp2 if kern.base2 else smx.exp
+        tile = RefArith(kern.fp8, pol.mode) if kern.fp8 is not None else (ref.storage if kern.base2 else c)
+        offset = mlib.from_int(kern.max_offset)
         kahan = pol.order.kind == "kahan"  # kahan sums skip masked terms (§3.3)
         m = l = o = None
-        for start in range(0, len(s), pol.kernel.block):
-            cols = [j for j in range(start, min(start + pol.kernel.block, len(s)))]
+        starts = range(0, len(s), kern.block)
+        for start in (reversed(starts) if kern.reverse else starts):
+            cols = [j for j in range(start, min(start + kern.block, len(s)))]
             seen = [j for j in cols if valid[j]]
             if not seen:
                 continue  # a block the query does not see
@@ -227,7 +251,8 @@ class ReferenceBackend(ObjectArrayBackend):
                 continue  # every visible score -inf before any finite maximum: the block changes nothing (§8.8)
             m_new = mb if m is None else smx.max(m, mb)
             r = None if m is None else exp(smx.sub(m, m_new))
-            e = [exp(smx.sub(s[j], m_new)) if valid[j] else mlib.fzero for j in cols]
+            shift = smx.sub(m_new, offset) if kern.max_offset else m_new
+            e = [exp(smx.sub(s[j], shift)) if valid[j] else mlib.fzero for j in cols]
             P = [tile.round(x) for x in e]
             use = [t for t, j in enumerate(cols) if valid[j]] if kahan else list(range(len(cols)))
             den = ref_sum([e[t] for t in use], pol.order, acc, acc)
@@ -240,4 +265,7 @@ class ReferenceBackend(ObjectArrayBackend):
             m = m_new
         if m is None:  # no finite score at all: 0/0, as the emulated backend's empty state gives
             return [mlib.fnan] * dh
-        return [c.round(acc.div(od, l)) for od in o]
+        if v_descale is None:
+            return [c.round(acc.div(od, l)) for od in o]
+        f = acc.mul(acc.div(mlib.fone, l), v_descale)  # §8.8.2 6
+        return [c.round(acc.mul(od, f)) for od in o]
