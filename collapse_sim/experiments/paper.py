@@ -460,6 +460,10 @@ KERNELS = [
      "fp32 running max and sum with exp2, but the probability tile is cast to bf16 before it multiplies the values: "
      "the weights the output sees carry bf16's 2^-8 rounding whatever the fp32 state resolves"),
     ("e4m3fn, naive softmax", "e4m3fn", "every op in FP8 e4m3: 4 significand bits, weights below 2^-9 vanish"),
+    (f"FlashAttention-3 FP8 recipe, blocks of {KERNEL_BLOCK}", f"{BF16_FP32},kernel=flash3fp8({KERNEL_BLOCK})",
+     "Q, K, V scaled per head to e4m3's range and cast to it, the probabilities (offset to (0, 256]) cast to e4m3 "
+     "before P·V, everything else in fp32: the weights carry e4m3's 2^-4 rounding, and a key whose weight is below "
+     "2^-18 of the running maximum's reaches the sum but not the output"),
 ]
 
 #: (label, model, family): v vs v* on both models, and a counting family whose pair differs in exact arithmetic
