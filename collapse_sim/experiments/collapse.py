@@ -168,5 +168,11 @@ def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend:
             "max_len": max_len, "backends": [be.describe() for be, _ in backends], "seed": seed,
             "weights": weights, "compilation": compiled.as_dict()}  # the cache in use: in provenance
     files[1].write_text(json.dumps(meta, indent=1, default=str))
-    plot_collapse(results, files[2], title=f"{family}, pe={c.pe}, d={c.d}, L={c.n_layers}")
+    how = ""  # the order and kernel a rounded backend ran in, where not the defaults
+    if backend in ("emulated", "reference"):
+        from ..policy import Kernel, Order
+
+        o, k = str(Order.parse(order)), str(Kernel.parse(kernel))
+        how = (f", order={o}" if o != "pairwise" else "") + (f", kernel={k}" if k != "naive" else "")
+    plot_collapse(results, files[2], title=f"{family}, pe={c.pe}, d={c.d}, L={c.n_layers}{how}")
     return CollapseRun(results, compiled, files)
