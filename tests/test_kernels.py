@@ -21,7 +21,7 @@ from collapse_sim.backends.reference.arith import times_log2e
 from collapse_sim.formats import parse
 from collapse_sim.model import ModelConfig, forward, init_params
 from collapse_sim.policy import FP8_TILE, Kernel, Policy, PolicyError
-from collapse_sim.theory import gamma
+from collapse_sim.theory import forward_ops, gamma
 from oracles import fraction_round
 from test_model import TOKS, _same, assert_emulated_equals_reference  # N = 12: only b = 2, 3, 4, 6 divide it
 
@@ -73,7 +73,7 @@ def test_online_kernel_agrees_with_naive_at_256_bits(kernel):
     online = ReferenceBackend(dataclasses.replace(naive.ref.policy, kernel=kernel))
     a, b = (np.asarray(forward(P, TOKS, be)).ravel() for be in (naive, online))  # mpf values, not float64s
     N, d = TOKS.size, c.d
-    k = 64 * (N + d) * c.n_layers
+    k = forward_ops(N, d, c.n_layers)
     with mpmath.workprec(600):
         ma, mb = [mpmath.mpf(x) for x in a], [mpmath.mpf(x) for x in b]
         diff = max(abs(x - y) for x, y in zip(ma, mb))
@@ -226,7 +226,7 @@ def test_flash3fp8_agrees_with_naive_at_256_bits_within_the_fp8_bound():
     with mpmath.workprec(600):
         mp = lambda x: mpmath.mpf(x.numerator) / x.denominator if isinstance(x, Fraction) else mpmath.mpf(x)  # noqa: E731
         a, o = np.vectorize(mp, otypes=[object])(a), np.vectorize(mp, otypes=[object])(o)
-        slack = 2 * gamma(64 * (n + dh), mpmath.mpf(2) ** -256) * max(abs(x) for x in a.ravel())
+        slack = 2 * gamma(forward_ops(n, dh), mpmath.mpf(2) ** -256) * max(abs(x) for x in a.ravel())
 
         def softmax(x):
             e = [mpmath.exp(y - max(x)) for y in x]

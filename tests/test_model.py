@@ -10,7 +10,7 @@ import pytest
 from collapse_sim.backends import make_backend
 from collapse_sim.families import FamilyError, make_pairs
 from collapse_sim.model import ConfigError, ModelConfig, Params, forward, init_params
-from collapse_sim.theory import gamma
+from collapse_sim.theory import forward_ops, gamma
 from collapse_sim.theory.collapse import reference_differences
 
 TOKS = np.array([1, 2, 3, 0, 1, 1, 2, 3, 3, 1, 0, 2])
@@ -151,9 +151,8 @@ def test_native_f64_close_to_reference_256():
     y64 = make_backend("native", "fp64").to_numpy(forward(P, TOKS, make_backend("native", "fp64")))
     r = make_backend("reference", "256")
     y256 = r.to_numpy(forward(P, TOKS, r))
-    # a few ulps of float64 per op along the longest dependency chain (~4 ops per sublayer, times d and n reductions)
-    u = 2.0**-53
-    bound = 64 * (len(TOKS) + c.d) * c.n_layers * u * np.max(np.abs(y256))
+    # γ_k of float64 with the forward's op count k (theory.forward_ops), against the largest |output|
+    bound = gamma(forward_ops(len(TOKS), c.d, c.n_layers), 2.0**-53) * np.max(np.abs(y256))
     assert np.max(np.abs(y64 - y256)) <= bound
 
 
@@ -243,9 +242,9 @@ def test_first_copy_closed_form():
         for n in range(1, N):
             predicted = K * c / ((c + n) * (c + n + 1))
             observed = max(abs(v) for v in diff[n - 1])
-            # each output is within γ_k(2^-prec)·max|y| of its exact value, k = 64(n + 1 + d) ops (the
+            # each output is within γ_k(2^-prec)·max|y| of its exact value, k = forward_ops(n + 1, d) (the
             # chain length of the theory checks); the 300-bit prediction, ~8d + 8 ops, within γ_{8d+8}(2^-300)
-            tol = 2 * gamma(64 * (n + 1 + d), 2.0**-prec) * scale + gamma(8 * d + 8, 2.0**-300) * predicted
+            tol = 2 * gamma(forward_ops(n + 1, d), 2.0**-prec) * scale + gamma(8 * d + 8, 2.0**-300) * predicted
             assert abs(observed - predicted) <= tol, (n, observed - predicted, tol)
 
 

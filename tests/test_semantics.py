@@ -21,6 +21,7 @@ import pytest
 from collapse_sim.backends import make_backend
 from collapse_sim.formats import builtin_formats
 from collapse_sim.policy import Policy
+from collapse_sim.theory import forward_ops, gamma
 from oracles import format_values, fraction_round, mp_op
 
 
@@ -376,7 +377,7 @@ def test_exact_constants_reach_the_model(pe, heads, d, monkeypatch):
     if pe == "alibi":  # every head's bias came from its exact slope
         assert used["heads"] == set(range(1, heads + 1))
     diff = max(np.max(np.abs(ya - yb)), np.max(np.abs(ypa - ypb)))
-    bound = 64 * (len(toks) + d) * 2.0**-52 * max(np.max(np.abs(ya)), np.max(np.abs(ypa)))
+    bound = 2 * gamma(forward_ops(len(toks), d), 2.0**-53) * max(np.max(np.abs(ya)), np.max(np.abs(ypa)))
     assert 0 < diff <= bound
 
 

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from ..errors import CollapseSimError
 from . import checks
-from .statement import EDGES, Case, Check, Statement, gamma
+from .statement import EDGES, Case, Check, Statement, forward_ops, gamma
 
-__all__ = ["EDGES", "STATEMENTS", "Case", "Check", "Statement", "check", "gamma"]
+__all__ = ["EDGES", "STATEMENTS", "Case", "Check", "Statement", "check", "forward_ops", "gamma"]
 
 STATEMENTS: dict[str, Statement] = {s.name: s for s in checks.ALL}
 

@@ -10,7 +10,7 @@ import numpy as np
 from .. import positional
 from ..model import ModelConfig, Params, init_params
 from . import softmax as sm
-from .statement import Case, Check, Statement, gamma
+from .statement import Case, Check, Statement, forward_ops, gamma
 
 PREC = 200  # mpmath precision of the softmax statements
 REF_PREC = 256  # reference precision of the model statements
@@ -65,8 +65,9 @@ def _tokens(rng, n: int, vocab: int) -> np.ndarray:
 
 
 def _chain(n: int, params: Params) -> int:
+    """The forward's op count at n tokens (:func:`forward_ops`)."""
     c = params.config
-    return 64 * (n + c.d) * c.n_layers
+    return forward_ops(n, c.d, c.n_layers)
 
 
 # -- softmax statements -----------------------------------------------------------

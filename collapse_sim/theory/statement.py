@@ -67,6 +67,23 @@ class Statement:
     cost: str = "cheap"  # "cheap" (pure numbers) or "model" (forward passes)
 
 
+#: Rounded ops per term along a forward's longest dependency chain, per layer (:func:`forward_ops`).
+OPS_PER_TERM = 64
+
+
+def forward_ops(n: int, d: int, layers: int = 1) -> int:
+    """k = 64·(n + d)·L: the op count whose γ_k the package uses as the relative error of a forward
+    (or of a bound evaluated along one) at n tokens, width d, L layers. Per layer a value depends on
+    reductions over at most n + d terms (the softmax sum and weighted values over n keys; dots, norms
+    and MLP rows over d), and each term reaches the output through fewer than 64 rounded ops
+    (docs/semantics.md: projection dot and its rounding, scale, max subtraction, exp, sum, division,
+    weighted sum, residual add, a norm's mean, variance, sqrt, division and gain, two MLP dots and
+    the activation: under 32, doubled for the probe row that shares the keys). It is a count of error
+    terms, each of relative size u against the largest |output|, not a proof for ill-conditioned
+    inputs: the models here have activations of order 1 (LayerNorm, 1/√d weights)."""
+    return OPS_PER_TERM * (n + d) * layers
+
+
 def gamma(k: int, u: float) -> float:
     """γ_k = k·u / (1 − k·u): the relative error of k correctly rounded ops."""
     return k * u / (1 - k * u)
