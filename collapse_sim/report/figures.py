@@ -15,8 +15,9 @@ from ..experiments import captions as cap
 from ..experiments.collapse import CollapseResult
 from ..experiments.fits import N_MIN, PAPER_LINE, Decay, eps, first_below
 from ..experiments.noise import SignalNoise
-from ..experiments.paper import (KERNEL_RUNS, REF, REMEDY_FAMILIES, Context, kernel_mechanism, median_top, ref_agreement,
-                                 remedy_mechanism, run_families, run_fig8, run_fig9, run_fig10, run_kernels, run_remedies)
+from ..experiments.paper import REF, Context, median_top, ref_agreement, run_families, run_fig8, run_fig9, run_fig10
+from ..experiments.remedies import (KERNEL_RUNS, REMEDY_FAMILIES, kernel_mechanism, remedy_mechanism, run_kernels,
+                                    run_remedies)
 from ..formats import parse as parse_format
 from ..plots import plot_curves
 from ..policy import Policy

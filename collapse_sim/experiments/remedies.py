@@ -1,0 +1,115 @@
+"""The report's kernel recipes and remedies, measured (the section "Kernels and remedies").
+
+``run_kernels`` runs v vs v* (the captions' Gaussian model and a RoPE decoder) and a counting
+family under each attention recipe of :data:`KERNELS` (docs/semantics.md §8.8);
+``run_remedies`` runs the copying and counting families under each remedy of :func:`remedies`
+(§8.7, separators, windows, fp32 softmax). Both return data, each run stored as a unit of the
+report (:meth:`collapse_sim.experiments.paper.Context.stored`); :mod:`collapse_sim.report.figures`
+writes the tables, sentences and figures.
+"""
+
+from __future__ import annotations
+
+from ..model import gaussian_config, init_params
+from .collapse import CollapseResult
+from .paper import Context, report_model, run_backends
+
+# --- remedies -----------------------------------------------------------------------------------
+REMEDY_FAMILIES = [("repeat_last", "v vs v*"), ("last_copy", "copy last"), ("ones", "count ones"),
+                   ("count_bernoulli", "count Bernoulli ones")]
+
+
+SSMAX_S = 0.5  # Scalable-Softmax's s for the report: scores ×3.8 at n = 2,000 (untrained models: the mechanism only)
+P_ROPE = 0.25  # p-RoPE's share of rotating frequencies, the value "Round and Round We Go!" recommends
+
+REMEDY_MECHANISMS = {  # one sentence per remedy row: why it could change collapse
+    "commas every 3 tokens": "separators break the repeated run, so the last tokens' weights are not all alike",
+    "sliding window": "a query sees at most w keys, so the repeated token's weight stays ~1/w instead of ~1/n",
+    "fp32 softmax (bf16 storage)": "the softmax's sum and weights keep 24 bits, so small weight differences survive",
+    "fp32 throughout": "every op keeps 24 bits: the distance must fall 2^16 times lower before it is lost",
+    "p-RoPE": "only the highest RoPE frequencies rotate, the rest of q·k ignores position",
+    "Scalable-Softmax": "scores grow with s·ln n, so the softmax stays sharp as n grows instead of flattening to ~1/n",
+    "sink token": "a fixed first token can absorb attention, so the last token's share need not shrink like 1/n",
+}
+
+
+def remedies(sz: Sizes):
+    """(name, model overrides, separator spacing, emulated policy)."""
+    return [("bf16 (baseline)", {}, None, "bf16"),
+            ("commas every 3 tokens", {}, 3, "bf16"),
+            (f"sliding window {sz.window}", dict(window=sz.window), None, "bf16"),
+            ("fp32 softmax (bf16 storage)", {}, None, "storage=bf16,compute=bf16,accumulate=fp32,softmax=fp32"),
+            ("fp32 throughout", {}, None, "fp32"),
+            (f"p-RoPE, a share {P_ROPE} of the frequencies", dict(rope_fraction=P_ROPE), None, "bf16"),
+            (f"Scalable-Softmax, s = {SSMAX_S}", dict(ssmax=SSMAX_S), None, "bf16"),
+            ("sink token", dict(sink=True), None, "bf16")]
+
+
+def remedy_mechanism(name: str) -> str | None:
+    """The sentence of :data:`REMEDY_MECHANISMS` for a row name (names carry their parameters)."""
+    return next((v for k, v in REMEDY_MECHANISMS.items() if name.startswith(k)), None)
+
+
+def run_remedies(ctx: Context) -> list[tuple[str, str, list[tuple[str, dict[str, CollapseResult], object]]]]:
+    """(remedy, its emulated policy, [(family, runs, the policy's SignalNoise)]) on a RoPE decoder, for every remedy."""
+    sz, out = ctx.sizes, []
+    for name, over, sep, pol in remedies(sz):
+        params = report_model(pe="rope", **over)
+        runs = []
+        for fam, _ in REMEDY_FAMILIES:
+            tag = f"remedy {name}, {fam}"
+            res = run_backends(ctx, params, fam, sz.remedy_n, [pol], tag=tag, sep=sep, ref=False)
+            ctx.findings[("remedy", name, fam)] = res
+            runs.append((fam, res, ctx.noise[tag][pol]))
+        out.append((name, pol, runs))
+    return out
+
+
+# --- kernels ------------------------------------------------------------------------------------
+#: The policy that the FlashAttention recipes run under: bf16 tensors, fp32 arithmetic, as the kernels keep them.
+BF16_FP32 = "storage=bf16,compute=fp32,accumulate=fp32,softmax=fp32"
+KERNEL_BLOCK = 64  # key block of the recipes (FlashAttention-2's B_c for d = 64 on most GPUs is 64 or 128)
+
+#: (name, emulated policy, why it could change collapse): the recipes of docs/semantics.md §8.8, each
+#: next to the op-by-op softmax of the same formats.
+KERNELS = [
+    ("bf16, naive softmax", "bf16", "every op rounded to bf16 in the textbook order: the report's baseline"),
+    (f"bf16, online softmax, blocks of {KERNEL_BLOCK}", f"compute=bf16,kernel=online({KERNEL_BLOCK})",
+     "a running maximum and sum over key blocks: the sum is rescaled in bf16 at every block whose maximum grows, "
+     "and the weights are divided by the sum only at the end"),
+    ("bf16 storage, fp32 arithmetic, naive", BF16_FP32,
+     "inputs and weights in bf16, every op in fp32: what the kernels' fp32 registers would give op by op"),
+    (f"FlashAttention-2 recipe, blocks of {KERNEL_BLOCK}", f"{BF16_FP32},kernel=flash2({KERNEL_BLOCK})",
+     "fp32 running max and sum with exp2, but the probability tile is cast to bf16 before it multiplies the values: "
+     "the weights the output sees carry bf16's 2^-8 rounding whatever the fp32 state resolves"),
+    ("e4m3fn, naive softmax", "e4m3fn", "every op in FP8 e4m3: 4 significand bits, weights below 2^-9 vanish"),
+    (f"FlashAttention-3 FP8 recipe, blocks of {KERNEL_BLOCK}", f"{BF16_FP32},kernel=flash3fp8({KERNEL_BLOCK})",
+     "Q, K, V scaled per head to e4m3's range and cast to it, the probabilities (offset to (0, 256]) cast to e4m3 "
+     "before P·V, everything else in fp32: the weights carry e4m3's 2^-4 rounding, and a key whose weight is below "
+     "2^-18 of the running maximum's reaches the sum but not the output"),
+]
+
+#: (label, model, family): v vs v* on both models, and a counting family whose pair differs in exact arithmetic
+#: (``ones`` does not: identical tokens have identical values, so any weights give the same output)
+KERNEL_RUNS = [("captions' model, v vs v*", "gaussian", "repeat_last"), ("decoder (RoPE), v vs v*", "decoder", "repeat_last"),
+               ("decoder (RoPE), count Bernoulli ones", "decoder", "count_bernoulli")]
+
+
+def kernel_mechanism(name: str) -> str | None:
+    return next((why for n, _, why in KERNELS if n == name), None)
+
+
+def run_kernels(ctx: Context) -> list[tuple[str, str, list[tuple[str, dict[str, CollapseResult], object]]]]:
+    """(recipe, its emulated policy, [(run label, runs, the policy's SignalNoise)]) for every kernel recipe of :data:`KERNELS`:
+    the captions' Gaussian model (no positions, seed 0) and the RoPE decoder, up to ``kernel_n``."""
+    sz, out = ctx.sizes, []
+    models = {"gaussian": init_params(gaussian_config(d=64, pe="none", seed=0)), "decoder": report_model(pe="rope")}
+    for name, pol, _ in KERNELS:
+        runs = []
+        for label, model, fam in KERNEL_RUNS[:sz.kernel_runs]:
+            tag = f"kernel {name}, {label}"
+            res = run_backends(ctx, models[model], fam, sz.kernel_n, [pol], tag=tag, ref=False)
+            ctx.findings[("kernel", name, label)] = res
+            runs.append((label, res, ctx.noise[tag][pol]))
+        out.append((name, pol, runs))
+    return out
