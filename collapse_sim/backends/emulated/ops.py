@@ -170,9 +170,12 @@ class Emulator:
         y = jnp.exp(f * jnp.float64(_LN2))
         if not self.mode.nearest:
             y = _inexact_exp(y, f)
-        # 2^n as two exact factors (|n| up to 2^11 stays finite or 0 in each step)
-        h = jnp.clip(n, -2200, 2200).astype(jnp.int32)
-        wide = jnp.ldexp(jnp.ldexp(y, h // 2), h - h // 2)
+        # times 2^n in two products by exact powers of two: y·2^h1 (h1 = n clipped to [-1021, 1023]) is a
+        # normal float64 (y lies in [2^-1/2, 2^1/2]), exact; the second factor rounds once, to 0 or inf where
+        # the first clip left a remainder (|n| past float64's range), and XLA flushes float64 subnormals
+        h = jnp.clip(n, -2200, 2200).astype(jnp.int64)
+        h1 = jnp.clip(h, -1021, 1023)
+        wide = y * _pow2(h1) * _pow2(jnp.clip(h - h1, -1022, 1023))
         wide = jnp.where(fin, wide, jnp.where(a > 0, jnp.inf, jnp.where(a < 0, 0.0, a)))  # +inf, -inf (0), NaN
         if not self.mode.nearest:  # beyond float64's range: inf -> the largest float64, 0 -> the smallest
             wide = _inexact_exp(wide, a, fin & ((wide == 0) | jnp.isinf(wide)))
@@ -212,6 +215,11 @@ class Emulator:
 
 
 _LN2 = 0.6931471805599453  # the float64 nearest ln 2
+
+
+def _pow2(k):
+    """2^k as a float64, exactly, for integers k in [-1022, 1023] (the biased exponent field)."""
+    return lax.bitcast_convert_type((k + 1023).astype(jnp.uint64) << jnp.uint64(52), jnp.float64)
 
 
 def _inexact_exp(wide, a, inexact=None):
