@@ -56,7 +56,8 @@ def test_report_has_every_section_verdict_and_figure(whole):
     out = whole
     text = (out / "report.md").read_text()
     sections = ["## Verdict", "## Formats", "## Rounding", "## Reduction order", "## Fig. 8", "### The captions' reading",
-                "### Decoder variants", "## Fig. 9", "## Fig. 10", "## Copying and counting", "## Kernels and remedies",
+                "### Decoder variants", "## Fig. 9", "## Fig. 10", "## Copying and counting",
+                "## Kernels and remedies", "## Accumulators",
                 "## Signal below rounding noise", "## Theorems", "### Thm 4.2", "## First-collapse lengths",
                 "## Where we disagree", "## Provenance"]
     at = [text.find(s) for s in sections]

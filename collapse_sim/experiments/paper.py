@@ -50,8 +50,8 @@ class Sizes:
     fig10_n: int
     family_n: int
     remedy_n: int
-    kernel_n: int  # the kernel recipes (captions' model and decoder, v vs v* and counting) up to this n
-    kernel_runs: int  # ... on the first this many runs of KERNEL_RUNS (each run compiles a program per recipe)
+    recipe_n: int  # the kernel recipes and accumulator models (captions' model and decoder, v vs v* and counting) up to this n
+    recipe_runs: int  # ... on the first this many runs of recipes.RECIPE_RUNS (each compiles a program per recipe)
     ref_n: int  # reference (256-bit arb balls) up to this n: Figs. 8 and 10
     family_ref_n: int  # ... the families
     window: int
@@ -77,18 +77,18 @@ ALL = ("bf16", "fp16", "e4m3fn", "fp32")
 # 1,536 = 3 emulated buckets.
 QUICK = Sizes(formats=ALL, fig8_formats=("bf16",), fig10_formats=("bf16",), family_formats=("bf16",),
               fig8_n=1536, fig9_n=10_000, fig9_points=40, fig10_n=1536, family_n=200, remedy_n=300,
-              kernel_n=512, kernel_runs=1, ref_n=128,
+              recipe_n=512, recipe_runs=1, ref_n=128,
               family_ref_n=200, window=32, caption_n=2048, caption_fmt_n=1536, caption_formats=("bf16",),
               caption_fmt_seeds=1, caption_ref_n=64)
 FULL = Sizes(formats=ALL, fig8_formats=ALL, fig10_formats=ALL, family_formats=ALL, fig8_n=10_000, fig9_n=10_000,
              fig9_points=120, fig10_n=5000, family_n=2000, remedy_n=2000,
-             kernel_n=2048, kernel_runs=3, ref_n=2048, family_ref_n=512, window=128,
+             recipe_n=2048, recipe_runs=3, ref_n=2048, family_ref_n=512, window=128,
              caption_n=10_000, caption_fmt_n=2048, caption_formats=("bf16", "fp16", "e4m3fn"), caption_fmt_seeds=3,
              caption_ref_n=256, thm_instances=(30, 10), thm_max_n=16, thm42_n=256)
 # Toy sizes: every section and figure in seconds (tests).
 TINY = Sizes(formats=("bf16",), fig8_formats=("bf16",), fig10_formats=("bf16",), family_formats=("bf16",),
              fig8_n=48, fig9_n=600, fig9_points=6, fig10_n=48, family_n=24, remedy_n=24,
-             kernel_n=24, kernel_runs=1, ref_n=16, family_ref_n=16,
+             recipe_n=24, recipe_runs=1, ref_n=16, family_ref_n=16,
              window=8, caption_n=64, caption_fmt_n=48, caption_formats=("bf16",), caption_fmt_seeds=1, caption_ref_n=8,
              seeds=2, backend="native", thm_instances=(2, 1), thm42_d=8, thm42_n=16)
 

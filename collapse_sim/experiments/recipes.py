@@ -1,7 +1,8 @@
-"""The report's kernel recipes and remedies, measured (the section "Kernels and remedies").
+"""The report's recipes, measured: attention kernels, accumulator models, remedies.
 
-``run_kernels`` runs v vs v* (the captions' Gaussian model and a RoPE decoder) and a counting
-family under each attention recipe of :data:`KERNELS` (docs/semantics.md §8.8);
+``run_policies`` runs v vs v* (the captions' Gaussian model and a RoPE decoder) and a counting
+family (:data:`RECIPE_RUNS`) under each policy of a list: the attention recipes of
+:data:`KERNELS` (docs/semantics.md §8.8) and the accumulator models of :data:`ACCUMULATORS` (§3.4);
 ``run_remedies`` runs the copying and counting families under each remedy of :func:`remedies`
 (§8.7, separators, windows, fp32 softmax). Both return data, each run stored as a unit of the
 report (:meth:`collapse_sim.experiments.paper.Context.stored`); :mod:`collapse_sim.report.figures`
@@ -89,27 +90,41 @@ KERNELS = [
      "2^-18 of the running maximum's reaches the sum but not the output"),
 ]
 
+#: (name, emulated policy, why it could change collapse): how dot products and sums accumulate
+#: (docs/semantics.md §3), each next to the IEEE per-op policy of the same formats.
+ACCUMULATORS = [
+    ("bf16, every add rounded to bf16", "bf16", "the IEEE per-op baseline: every product and partial sum rounded to bf16"),
+    ("bf16, fp32 accumulation", "storage=bf16,compute=bf16,accumulate=fp32",
+     "products and partial sums kept in fp32, each reduction rounded once to bf16 at its end"),
+    ("bf16, tensor-core block FMA (V100 model)", "storage=bf16,compute=bf16,accumulate=fp32,order=tcfma-v100",
+     "blocks of 4 exact products added to the fp32 accumulator after alignment to the largest exponent, bits below "
+     "2^(E-23) truncated, the sum truncated to fp32: small terms next to a large one lose bits toward zero"),
+    ("e4m3fn storage, fp32 arithmetic", "storage=e4m3fn,compute=fp32,accumulate=fp32,softmax=fp32",
+     "FP8 inputs and weights, every op in fp32: the FP8 GEMM with an exact fp32 accumulator"),
+    ("e4m3fn storage, 14-bit accumulator promoted every 128", "storage=e4m3fn,compute=fp32,accumulate=fp32,softmax=fp32,"
+     "order=promote-h800", "the H800 FP8 GEMM as DeepSeek-V3 measured it: 14 significand bits (truncating) inside "
+     "chunks of 128 terms, each chunk added into fp32"),
+]
+
 #: (label, model, family): v vs v* on both models, and a counting family whose pair differs in exact arithmetic
 #: (``ones`` does not: identical tokens have identical values, so any weights give the same output)
-KERNEL_RUNS = [("captions' model, v vs v*", "gaussian", "repeat_last"), ("decoder (RoPE), v vs v*", "decoder", "repeat_last"),
+RECIPE_RUNS = [("captions' model, v vs v*", "gaussian", "repeat_last"), ("decoder (RoPE), v vs v*", "decoder", "repeat_last"),
                ("decoder (RoPE), count Bernoulli ones", "decoder", "count_bernoulli")]
 
 
-def kernel_mechanism(name: str) -> str | None:
-    return next((why for n, _, why in KERNELS if n == name), None)
-
-
-def run_kernels(ctx: Context) -> list[tuple[str, str, list[tuple[str, dict[str, CollapseResult], object]]]]:
-    """(recipe, its emulated policy, [(run label, runs, the policy's SignalNoise)]) for every kernel recipe of :data:`KERNELS`:
-    the captions' Gaussian model (no positions, seed 0) and the RoPE decoder, up to ``kernel_n``."""
+def run_policies(ctx: Context, rows, what: str) -> list[tuple[str, str, list[tuple[str, dict[str, CollapseResult], object]]]]:
+    """(name, its emulated policy, [(run label, runs, the policy's SignalNoise)]) for every row
+    (name, policy, why) of ``rows`` (:data:`KERNELS`, :data:`ACCUMULATORS`): the captions' Gaussian model
+    (no positions, seed 0) and the RoPE decoder (:data:`RECIPE_RUNS`), up to ``recipe_n``. ``what``
+    ("kernel", "accumulator") begins the stored units' names."""
     sz, out = ctx.sizes, []
     models = {"gaussian": init_params(gaussian_config(d=64, pe="none", seed=0)), "decoder": report_model(pe="rope")}
-    for name, pol, _ in KERNELS:
+    for name, pol, _ in rows:
         runs = []
-        for label, model, fam in KERNEL_RUNS[:sz.kernel_runs]:
-            tag = f"kernel {name}, {label}"
-            res = run_backends(ctx, models[model], fam, sz.kernel_n, [pol], tag=tag, ref=False)
-            ctx.findings[("kernel", name, label)] = res
+        for label, model, fam in RECIPE_RUNS[:sz.recipe_runs]:
+            tag = f"{what} {name}, {label}"
+            res = run_backends(ctx, models[model], fam, sz.recipe_n, [pol], tag=tag, ref=False)
+            ctx.findings[(what, name, label)] = res
             runs.append((label, res, ctx.noise[tag][pol]))
         out.append((name, pol, runs))
     return out

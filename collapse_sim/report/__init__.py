@@ -6,7 +6,7 @@ The experiments (:mod:`collapse_sim.experiments.paper`, ``.captions``) measure a
 return data; the modules here turn it into words, tables and figures:
 
 * ``basics``: formats, rounding cases, reduction orders;
-* ``figures``: Figs. 8, 9, 10, copying and counting, remedies (Markdown and PNG);
+* ``figures``: Figs. 8, 9, 10, copying and counting, kernels and remedies, accumulators (Markdown and PNG);
 * ``verdicts``: signal below rounding noise, the theorems, the verdict table (and its thresholds);
 * ``findings``: first-collapse lengths next to the paper, and where we disagree with it.
 
@@ -28,6 +28,7 @@ from pathlib import Path
 #: where its heading belongs (the theorems after the signal-below-noise table).
 SECTIONS = [("rounding", "Rounding: known hard cases"), ("sums", "Reduction order"), ("fig8", "Fig. 8"),
             ("fig9", "Fig. 9"), ("fig10", "Fig. 10"), ("families", "Copying and counting"), ("remedies", "Kernels and remedies"),
+            ("accumulators", "Accumulators"),
             ("theorems", "Theorems")]
 NAMES = tuple(name for name, _ in SECTIONS)  # (this module imports no experiment: the CLI lists these names)
 
@@ -51,7 +52,8 @@ def _section_fns() -> dict:
 
     return {"rounding": stored_lines("rounding", basics.section_rounding), "sums": stored_lines("sums", basics.section_sums),
             "fig8": figures.fig8, "fig9": figures.fig9, "fig10": figures.fig10, "families": figures.families,
-            "remedies": figures.remedies, "theorems": lambda ctx, outdir, lines: verdicts.theorems(ctx, lines)}
+            "remedies": figures.remedies, "accumulators": figures.accumulators,
+            "theorems": lambda ctx, outdir, lines: verdicts.theorems(ctx, lines)}
 
 
 def parse_only(text: str) -> list[str]:

@@ -16,7 +16,7 @@ from ..experiments.collapse import CollapseResult
 from ..experiments.fits import N_MIN, PAPER_LINE, Decay, eps, first_below
 from ..experiments.noise import SignalNoise
 from ..experiments.paper import REF, Context, median_top, ref_agreement, run_families, run_fig8, run_fig9, run_fig10
-from ..experiments.remedies import (KERNEL_RUNS, REMEDY_FAMILIES, kernel_mechanism, remedy_mechanism, run_kernels,
+from ..experiments.recipes import (ACCUMULATORS, KERNELS, RECIPE_RUNS, REMEDY_FAMILIES, remedy_mechanism, run_policies,
                                     run_remedies)
 from ..formats import parse as parse_format
 from ..plots import plot_curves
@@ -333,28 +333,44 @@ def _policy_curves(rows, run: str) -> list[dict]:
     return series
 
 
-def remedies(ctx: Context, outdir: Path, lines: list[str]) -> None:
+def _recipe_table(ctx: Context, outdir: Path, lines: list[str], rows, what: str, png: str, title: str, says: str) -> None:
+    """A table of every recipe row (name, policy, why) of ``rows`` (:data:`KERNELS`, :data:`ACCUMULATORS`) by
+    the three criteria on each run of :data:`RECIPE_RUNS`, a sentence per row, and a figure of the first run."""
     sz = ctx.sizes
-    kn, n = sz.kernel_n, sz.remedy_n
-    lines += ["## Kernels and remedies", "", "### Kernel recipes", "",
-              f"How the attention is evaluated (docs/semantics.md §8.8), n = 1..{kn:,}: "
+    kn = sz.recipe_n
+    lines += [f"{says}, n = 1..{kn:,}: "
               + ("the captions' Gaussian model (no positions, seed 0, d = 64) and a one-layer RoPE decoder (d = 64)."
-                 if sz.kernel_runs > 1 else "the captions' Gaussian model (no positions, seed 0, d = 64); the full run "
+                 if sz.recipe_runs > 1 else "the captions' Gaussian model (no positions, seed 0, d = 64); the full run "
                  "adds a one-layer RoPE decoder.") + " The float64 column is the same "
-              "computation in float64 with the naive softmax: in exact arithmetic every recipe gives the same output, "
-              "so only the rounding differs between rows.", "",
-              *(h.format(what="recipe") for h in _CRITERIA_HEAD)]
-    krows = run_kernels(ctx)
-    for label, _, _ in KERNEL_RUNS[:sz.kernel_runs]:
-        for name, pol, runs in krows:
+              "model in float64 with the naive softmax and pairwise sums: in exact arithmetic every row gives the same "
+              "output, so only the rounding differs between rows.", "",
+              *(h.format(what=what) for h in _CRITERIA_HEAD)]
+    measured = run_policies(ctx, rows, what)
+    for label, _, _ in RECIPE_RUNS[:sz.recipe_runs]:
+        for name, pol, runs in measured:
             res, sn = next((r, s) for lab, r, s in runs if lab == label)
             lines.append(_criteria_row(label, name, pol, res, sn, kn))
     lines.append("")
-    lines += [f"- **{name}** (`{pol}`): {kernel_mechanism(name)}." for name, pol, _ in krows]
-    png = plot_curves(_policy_curves(krows, KERNEL_RUNS[0][0]), outdir / "kernels.png",
-                      title=f"Kernel recipes: {KERNEL_RUNS[0][0]}, d = 64", ylabel="L1 distance of the pair",
-                      hlines=_eps_lines(["bf16", "e4m3fn"]), x_min=N_MIN, smooth=True)
-    lines += ["", f"![kernel recipes]({png.name})", "", "### Remedies", "",
+    lines += [f"- **{name}** (`{pol}`): {why}." for name, pol, why in rows]
+    path = plot_curves(_policy_curves(measured, RECIPE_RUNS[0][0]), outdir / png,
+                       title=f"{title}: {RECIPE_RUNS[0][0]}, d = 64", ylabel="L1 distance of the pair",
+                       hlines=_eps_lines(["bf16", "e4m3fn"]), x_min=N_MIN, smooth=True)
+    lines += ["", f"![{title}]({path.name})", ""]
+
+
+def accumulators(ctx: Context, outdir: Path, lines: list[str]) -> None:
+    lines += ["## Accumulators", ""]
+    _recipe_table(ctx, outdir, lines, ACCUMULATORS, "accumulator", "accumulators.png", "Accumulator models",
+                  "How dot products and sums accumulate (docs/semantics.md §3: IEEE per-op pairwise sums, an fp32 "
+                  "accumulator, a tensor core's block FMA, a short accumulator promoted into fp32)")
+
+
+def remedies(ctx: Context, outdir: Path, lines: list[str]) -> None:
+    n = ctx.sizes.remedy_n
+    lines += ["## Kernels and remedies", "", "### Kernel recipes", ""]
+    _recipe_table(ctx, outdir, lines, KERNELS, "kernel", "kernels.png", "Kernel recipes",
+                  "How the attention is evaluated (docs/semantics.md §8.8)")
+    lines += ["### Remedies", "",
               f"RoPE (the positional scheme of most current decoders; it puts no positions in the residual stream), "
               f"one layer, d = 64, n = 1..{n:,}.", "", *(h.format(what="remedy") for h in _CRITERIA_HEAD)]
     rows = run_remedies(ctx)
