@@ -164,6 +164,7 @@ def adversarial_rows(policy: Policy) -> list[list[float]]:
             [1.0] * nc + [2.0**pA] + [0.0] * (nc - 1) + [1.0],  # promotion: 2^pA + 1 is a tie in A
             [2.0 ** (A.emin - 1) * 1.5, 2.0 ** (A.emin - b - 2), -(2.0 ** (A.emin - b - 1))],  # P's subnormals
             [big, big * 0.5] + [0.0] * (nc - 2) + [big],  # overflow in P, then in A
+            [big, 2.0 ** (A.emax - pA - 1)],  # above A's largest value: P overflows where b > p_A
             [0.0] * nc + [1.0, 2.0**-b] + [0.0] * nc,  # chunks of zeros in place
             [1.0 - 2.0 ** (-b - 1), 2.0 ** (-b - 2)] * nc,  # just below a power of two
         ]
@@ -274,3 +275,20 @@ def test_emulated_limits_refused():
         Emulator("compute=bf16,accumulate=fp32,order=tcfma(4,50,rz)").dot(np.ones(4), np.ones(4))
     with pytest.raises(CarrierError, match="b <= 51"):
         Emulator("compute=bf16,accumulate=fp32,order=promote(52,4)").sum(np.ones(4))
+
+
+@pytest.mark.parametrize("policy", [TCFMA[2], PROMOTE[0], PROMOTE[3]])
+def test_shared_program_equals_specialised(policy):
+    """With the formats traced (the shared program, docs/semantics.md §12.1; promote's short
+    format then traced too) the models give the specialised emulator's bits."""
+    pol = Policy.parse(policy)
+    emu, run = _emulated(pol)
+    shared = Emulator(pol, shared=True)
+    traced = jax.jit(lambda data, a, b: (shared.bind(data).dot(a, b), shared.bind(data).sum(a)))
+    adv = np.asarray(adversarial_rows(pol))
+    ra, rb = random_rows(np.random.default_rng(3), 20, 12)
+    a = np.asarray(emu.store(np.concatenate([adv, ra])), np.float64)
+    b = np.asarray(emu.store(np.concatenate([np.ones_like(adv), rb])), np.float64)
+    for want, got in zip(run(a, b), traced(shared.data(), a, b)):
+        want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
+        assert np.all((want == got) | (np.isnan(want) & np.isnan(got))), policy
