@@ -292,3 +292,20 @@ def test_shared_program_equals_specialised(policy):
     for want, got in zip(run(a, b), traced(shared.data(), a, b)):
         want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
         assert np.all((want == got) | (np.isnan(want) & np.isnan(got))), policy
+
+
+@pytest.mark.parametrize("policy,d", [("storage=bf16,compute=fp32,accumulate=fp32,order=tcfma(4,12,rz)", 8),
+                                      ("storage=e4m3fn,compute=fp32,accumulate=fp32,order=promote(14,4)", 9)])
+def test_forward_emulated_equals_reference(policy, d):
+    """Full forwards (L = 2, N = 12, a probe after every prefix) under each model: every dot
+    product and sum of the model (scores, weighted values, projections, MLP, norms' sums,
+    softmax denominator) on both backends, bit for bit. d = 8 for one model and d = 9 (an odd
+    width: blocks and chunks end short, the mean divides by the exact 9, §4.1) for the other:
+    each case compiles its own forward (~20 s), so the two widths are not both run for both.
+    t = 12 < p_A - 1 with fp32 products (48 bits): the truncation, the exactness of the
+    products and the skipped blocks of masked columns all show in the bits. Nc = 4 < N, so
+    promotion happens in the attention's sums over keys."""
+    from collapse_sim.model import ModelConfig
+    from test_model import assert_emulated_equals_reference
+
+    assert_emulated_equals_reference(ModelConfig(d=d, n_layers=2, vocab=4, seed=3, d_ff=2 * d), policy)
