@@ -15,7 +15,10 @@
    bf16 with exact dot products by default. Add ``emulated:bf16`` for the pairwise
    order: at N = 65,536 it runs ~40 min on 2 cores (every add rounded, one query
    row at a time over 65k keys, out of cache).
-4. Reference tokens/s at 53 and 256 bits against plain mpmath matrices doing the
+4. The accumulator models (docs/semantics.md §3.4): an emulated forward at N (d = 64, L = 1,
+   compile excluded) under each policy of --accumulators against the same policy with the
+   pairwise order (the issue's cost line: <= 2x).
+5. Reference tokens/s at 53 and 256 bits against plain mpmath matrices doing the
    same forward (mpmath.matrix products and elementwise softmax): the arb-ball
    reference (interval backend on python-flint, rigorous enclosures, C matrix
    products) and the op-by-op mpmath reference (which reproduces a policy bit for bit).
@@ -88,6 +91,28 @@ def emulated_vs_native(n, policies):
     return out
 
 
+def accumulators_vs_pairwise(n, policies):
+    """Seconds of one emulated forward under each policy and under the same policy with the
+    pairwise order (compile excluded)."""
+    import dataclasses
+
+    from collapse_sim.backends import make_backend
+    from collapse_sim.model import ModelConfig, forward, init_params
+    from collapse_sim.policy import Order, Policy
+
+    P = init_params(ModelConfig(d=64, n_layers=1, vocab=16, pe="sinusoidal", seed=0))
+    toks = np.random.default_rng(0).integers(0, 16, n)
+    out = []
+    for pol in policies:
+        pairwise = str(dataclasses.replace(Policy.parse(pol), order=Order("pairwise")))
+        t = {}
+        for name in (pairwise, pol):
+            be = make_backend("emulated", name)
+            t[name] = _timed(lambda be=be: _block(forward(P, toks, be)), repeat=1)
+        out.append((pol, t[pairwise], t[pol]))
+    return out
+
+
 def peak_memory(n, backend="emulated", spec="bf16"):
     code = f"""
 import collapse_sim as cs, numpy as np, resource, jax
@@ -151,7 +176,11 @@ def main(argv=None):
                     help="backend:spec of each memory run (commas between runs, ';' inside one)")
     ap.add_argument("--policies", default="bf16,compute=bf16;order=exact,storage=bf16;compute=bf16;accumulate=fp32;order=blocked(32)",
                     help="emulated policies timed against native f32 (commas between policies, ';' inside one)")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: prefix,emulated,memory,reference")
+    ap.add_argument("--accumulators", default="storage=bf16;compute=bf16;accumulate=fp32;order=tcfma(4;24;rz)|"
+                    "storage=e4m3fn;compute=fp32;accumulate=fp32;order=promote(14;128)",
+                    help="policies with an accumulator model timed against pairwise ('|' between policies, ';' inside one)")
+    ap.add_argument("--skip", default="",
+                    help="comma list of parts to skip: prefix,emulated,accumulators,memory,reference")
     args = ap.parse_args(argv)
     import collapse_sim as cs
 
@@ -167,6 +196,12 @@ def main(argv=None):
         for pol, nat, emu in emulated_vs_native(args.n, [p.replace(";", ",") for p in args.policies.split(",")]):
             res["emulated"].append({"policy": pol, "native_f32_s": nat, "emulated_s": emu, "ratio": emu / nat})
             print(f"forward N={args.n}: native f32 {nat:.3f}s, emulated {pol} {emu:.2f}s: ratio {emu / nat:.1f}x (target <= 4x: {_met(emu / nat <= 4)})")
+    if "accumulators" not in skip:
+        res["accumulators"] = []
+        for pol, pw, acc in accumulators_vs_pairwise(args.n, [p.replace(";", ",") for p in args.accumulators.split("|")]):
+            res["accumulators"].append({"policy": pol, "pairwise_s": pw, "model_s": acc, "ratio": acc / pw})
+            print(f"forward N={args.n}: emulated {pol} {acc:.2f}s, the same with order=pairwise {pw:.2f}s: "
+                  f"ratio {acc / pw:.1f}x (target <= 2x: {_met(acc / pw <= 2)})")
     if "memory" not in skip:
         res["memory"] = []
         for entry in args.mem.split(","):

@@ -165,8 +165,7 @@ def _check_accumulator(order: Order) -> None:
     tc = order.kind == "tcfma"
     limits = (("k", order.block, 1), ("t", order.bits, 1)) if tc else (("b", order.bits, 2), ("Nc", order.block, 1))
     for name, v, lo in limits:
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise PolicyError(f"the {order.kind} order needs {name} >= {lo}, got {v!r}")
+        _check_at_least(v, lo, f"the {order.kind} order needs {name} >= {lo}")
     if order.rounding not in ACCUMULATOR_ROUNDINGS:
         r = order.rounding.value if isinstance(order.rounding, Mode) else order.rounding
         raise PolicyError(f"the {order.kind} order's rounding must be rz or rne, got {r!r}")
@@ -224,10 +223,15 @@ def _kind_and_block(text: str, blocked: tuple[str, ...], what: str, noun: str, e
 def _check_block(block, needed: bool, what: str, noun: str) -> None:
     """One sentence for a block size that ``what`` needs (an int >= 1) or must not have."""
     if needed:
-        if not isinstance(block, int) or isinstance(block, bool) or block < 1:
-            raise PolicyError(f"{what} needs a {noun} >= 1, got {block!r}")
+        _check_at_least(block, 1, f"{what} needs a {noun} >= 1")
     elif block is not None:
         raise PolicyError(f"{what} takes no {noun}")
+
+
+def _check_at_least(v, lo: int, need: str) -> None:
+    """``need`` (a sentence without its end), then what was given, unless ``v`` is an int >= ``lo``."""
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise PolicyError(f"{need}, got {v!r}")
 
 
 _ROLES = ("storage", "compute", "accumulate", "softmax")

@@ -29,9 +29,9 @@ def test_bench_rounding_runs(capsys):
 
 
 def test_bench_sweep_runs(capsys):
-    # the emulated timing is left out: compiling its d = 64 forward alone takes ~20 s (the
+    # the emulated timings (and the accumulator models') are left out: compiling a d = 64 forward alone takes ~20 s (the
     # emulated forward itself is covered by test_model and test_semantics)
-    _load("bench_sweep").main(["--n", "8", "--loop-lengths", "2", "--skip", "emulated", "--mem-n", "8",
+    _load("bench_sweep").main(["--n", "8", "--loop-lengths", "2", "--skip", "emulated,accumulators", "--mem-n", "8",
                                "--mem", "native:fp32", "--ref-n", "2"])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(res) == {"prefix", "memory", "reference_53", "reference_256"}
