@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from collapse_sim.backends.emulated import CarrierError, Emulator
 from collapse_sim.backends.reference.arith import Reference, ref_sum
 from collapse_sim.formats import Format
-from collapse_sim.policy import Policy
+from collapse_sim.policy import Order, Policy
 from oracles import fraction_round
 
 N = 12  # terms per row: every row of a test has this length (one compiled program per policy)
@@ -272,9 +272,13 @@ def test_tcfma_v100_examples():
 def test_emulated_limits_refused():
     """Beyond float64's exact arithmetic the emulated backend refuses in one sentence."""
     with pytest.raises(CarrierError, match="t \\+ ceil"):
-        Emulator("compute=bf16,accumulate=fp32,order=tcfma(4,50,rz)").dot(np.ones(4), np.ones(4))
+        Emulator("compute=bf16,accumulate=fp32,order=tcfma(4,50,rz)")
     with pytest.raises(CarrierError, match="b <= 51"):
-        Emulator("compute=bf16,accumulate=fp32,order=promote(52,4)").sum(np.ones(4))
+        Emulator("compute=bf16,accumulate=fp32,order=promote(52,4)")
+    with pytest.raises(CarrierError, match="b <= 51"):  # an order given to one sum
+        Emulator("compute=bf16").sum(np.ones(4), order=Order.parse("promote(52,4)"))
+    Emulator("compute=bf16,accumulate=fp32,order=tcfma(1,51,rz)")  # the limits themselves
+    Emulator("compute=bf16,accumulate=fp32,order=promote(51,4)")
 
 
 @pytest.mark.parametrize("policy", [TCFMA[2], PROMOTE[0], PROMOTE[3]])

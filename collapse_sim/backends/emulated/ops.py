@@ -37,7 +37,7 @@ from ...rounding import FormatClass, round_to
 from .carrier import CarrierError, carrier_add, carrier_for
 from .certificates import certified_sum
 from .exact import exact_sum
-from .orders import _blocked, _kahan, _pairwise, _promote, _rounded_add, _sequential, _tcfma
+from .orders import _blocked, _kahan, _pairwise, _promote, _rounded_add, _sequential, _tcfma, check_emulable
 
 
 #: The formats one shared program emulates, with the formats as data (a jit argument, not
@@ -72,6 +72,7 @@ class Emulator:
         self.policy = pol = Policy.parse(policy)
         require_x64("the emulated backend")
         self.order, self.mode, self.max_subtract, self.kernel = pol.order, pol.mode, pol.max_subtract, pol.kernel
+        check_emulable(self.order)
         self.softmax_is_compute = pol.softmax == pol.compute  # then rounding between them is the identity
         fmts = pol.formats()
         self.shared = shared

@@ -88,15 +88,24 @@ def _by_blocks(x, size: int):
     return jnp.moveaxis(x.reshape(*x.shape[:-1], nb, size), -2, 0)
 
 
+def check_emulable(order: Order) -> None:
+    """Refuse, in one sentence, an accumulator model that float64 cannot run exactly
+    (docs/semantics.md §12): tcfma's truncated terms must add exactly (t + ceil(log2(k+1))
+    <= 52), promote's round-to-odd adds need two spare bits (b <= 51)."""
+    if order.kind == "tcfma" and order.bits + order.block.bit_length() > 52:
+        raise CarrierError(f"order {order} needs t + ceil(log2(k+1)) <= 52 to be emulated in float64 "
+                           f"(here {order.bits + order.block.bit_length()}); use the reference backend")
+    if order.kind == "promote" and order.bits > 51:
+        raise CarrierError(f"order {order} needs b <= 51 to be emulated in float64; use the reference backend")
+
+
 def _tcfma(x, order: Order, acc):
     """The running sum of ``tcfma(k,t,r)`` (docs/semantics.md §3.4.1) over the last axis of
     ``x`` (float64), before the final rounding. Each step: the running sum and the block's
     terms scaled by 2^(t - E) (exact: powers of two on normal float64 numbers), truncated to
     integers, added (exact: fewer than 2^53 in all), scaled back and rounded once in r."""
     k, t = order.block, order.bits
-    if t + k.bit_length() > 52:
-        raise CarrierError(f"order {order} needs t + ceil(log2(k+1)) <= 52 to be emulated in float64 "
-                           f"(here {t + k.bit_length()}); use the reference backend")
+    check_emulable(order)
 
     def step(s, block):
         y = jnp.concatenate([s[..., None], block], axis=-1)
@@ -129,8 +138,7 @@ def _promote(x, order: Order, acc, mode):
     term by term), then the chunk sums added into ``acc`` in ``mode``. Each add is made round
     to odd at 53 bits (:func:`carrier_add`'s TwoSum), which rounds on to b <= 51 bits as the
     exact sum does, whatever the terms' widths (exact products)."""
-    if order.bits > 51:
-        raise CarrierError(f"order {order} needs b <= 51 to be emulated in float64; use the reference backend")
+    check_emulable(order)
     short = _short_format(order, acc)
 
     def add(a, b, m):
