@@ -183,7 +183,9 @@ def main(argv=None):
                     help="emulated policies timed against native f32 (commas between policies, ';' inside one)")
     ap.add_argument("--recipes", default="storage=bf16;compute=fp32;accumulate=fp32;softmax=fp32;kernel=online(64),"
                     "storage=bf16;compute=fp32;accumulate=fp32;softmax=fp32;kernel=flash2(64),"
-                    "storage=bf16;compute=fp32;accumulate=fp32;softmax=fp32;kernel=flash3fp8(64)",
+                    "storage=bf16;compute=fp32;accumulate=fp32;softmax=fp32;kernel=flash3fp8(64),"
+                    "storage=bf16;compute=bf16;accumulate=fp32;order=tcfma(4;24;rz),"
+                    "storage=e4m3fn;compute=fp32;accumulate=fp32;order=promote(14;128)",
                     help="emulated policies with a kernel or accumulator order, each timed against the same policy "
                          "with the naive kernel and the pairwise order (commas between policies, ';' inside one)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: prefix,emulated,recipes,memory,reference")

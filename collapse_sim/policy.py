@@ -7,7 +7,9 @@ A :class:`Policy` names the format of each role and the order of reductions:
 * ``accumulate``: running sums inside reductions (softmax denominators, dots).
 * ``softmax``: the format the softmax is evaluated in (scores are rounded to
   it, exp/sum/divide happen in it, probabilities go back to ``compute``).
-* ``order``: ``sequential``, ``pairwise``, ``blocked(b)``, ``kahan`` or ``exact``.
+* ``order``: ``sequential``, ``pairwise``, ``blocked(b)``, ``kahan``, ``exact``, or an
+  accumulator model: ``tcfma(k,t,r)`` (a tensor core's block FMA) or ``promote(b,Nc,r)`` (a
+  short accumulator promoted every ``Nc`` terms); presets ``tcfma-v100``, ``promote-h800``.
 * ``mode``: the rounding mode of every op: ``rne`` (default), ``rna``, ``rnz`` (round to
   nearest, ties to even, away from zero, toward zero), ``rz``, ``ru``, ``rd`` (directed),
   ``ro`` (round to odd); docs/semantics.md §1 defines each.
@@ -43,13 +45,24 @@ from .formats import DESCRIPTION_KEYS, Format, FormatError, format_token, parse 
 from .rounding import Mode
 
 ORDER_KINDS = ("sequential", "pairwise", "blocked", "kahan", "exact")
+#: The accumulator models (docs/semantics.md §3.4): orders with a block size, a bit count and
+#: a rounding of their own.
+ACCUMULATOR_KINDS = ("tcfma", "promote")
+#: The rounding of an accumulator model's own steps (docs/semantics.md §3.4).
+ACCUMULATOR_ROUNDINGS = (Mode.RZ, Mode.RNE)
+#: Named accumulator models, each a behaviour measured in a cited source (docs/semantics.md §3.4).
+ORDER_PRESETS = {
+    "tcfma-v100": ("tcfma", 4, 23, Mode.RZ),  # Fasi, Higham, Mikaitis & Pranesh (2021)
+    "promote-h800": ("promote", 128, 14, Mode.RZ),  # DeepSeek-V3 technical report, §3.3.2
+}
+_ORDER_HELP = "use one of sequential, pairwise, blocked(b), kahan, exact, tcfma(k,t,rz|rne), promote(b,Nc[,rz|rne])"
 
 
 class PolicyError(CollapseSimError):
     """A policy string or combination that cannot be used."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Order:
     """How a reduction visits its terms.
 
@@ -61,17 +74,39 @@ class Order:
       sums added left to right in the accumulate format.
     * ``kahan``: compensated summation, all ops in the accumulate format.
     * ``exact``: the exact sum, rounded once.
+    * ``tcfma(k,t,r)``: a tensor core's block FMA (docs/semantics.md §3.4.1): each step
+      aligns the running sum and the next ``k`` terms to the largest exponent among them,
+      truncates every bit below ``2^(E - t)``, adds exactly and rounds to the accumulate
+      format in ``r`` (``rz`` or ``rne``). ``block`` is k, ``bits`` is t.
+    * ``promote(b,Nc,r)``: a short accumulator of ``b`` significand bits (rounding ``r``,
+      default ``rz``) over chunks of ``Nc`` terms, each chunk's sum added into the
+      accumulate format (§3.4.2). ``block`` is Nc, ``bits`` is b.
 
     Every order ends with one rounding of the accumulated value to ``compute``.
     """
 
     kind: str
     block: int | None = None
+    bits: int | None = None
+    rounding: Mode | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ORDER_KINDS:
-            raise PolicyError(f"unknown reduction order {self.kind!r}; use one of sequential, pairwise, blocked(b), kahan, exact")
+        if self.kind not in ORDER_KINDS + ACCUMULATOR_KINDS:
+            raise PolicyError(f"unknown reduction order {self.kind!r}; {_ORDER_HELP}")
+        if self.kind == "promote" and self.rounding is None:
+            object.__setattr__(self, "rounding", Mode.RZ)  # the model's default (§3.4.2)
+        if self.kind in ACCUMULATOR_KINDS:
+            _check_accumulator(self)
+            return
         _check_block(self.block, self.kind == "blocked", f"the {self.kind} order", "block size")
+        if self.bits is not None or self.rounding is not None:
+            raise PolicyError(f"the {self.kind} order takes no bit count or rounding; those are tcfma's and promote's")
+
+    @property
+    def exact_products(self) -> bool:
+        """Whether a dot product's products enter this order exact (docs/semantics.md §3.2);
+        the other orders round each to the accumulate format first."""
+        return self.kind in ("exact", "blocked") + ACCUMULATOR_KINDS
 
     @classmethod
     def parse(cls, text: "str | Order") -> "Order":
@@ -79,10 +114,63 @@ class Order:
             return text
         if not isinstance(text, str):
             raise PolicyError(f"a reduction order is a string such as 'pairwise' or 'blocked(32)', got {text!r}")
+        t = text.strip().lower()
+        if t in ORDER_PRESETS:
+            return cls(*ORDER_PRESETS[t])
+        m = re.fullmatch(rf"({'|'.join(ACCUMULATOR_KINDS)})(?:\((.*)\))?", t)
+        if m:
+            return cls(m.group(1), *_accumulator_args(m.group(1), m.group(2), text))
         return cls(*_kind_and_block(text, ("blocked",), "order", "block size", 32))
 
     def __str__(self) -> str:
+        if self.kind == "tcfma":
+            return f"tcfma({self.block},{self.bits},{self.rounding.value})"
+        if self.kind == "promote":
+            return f"promote({self.bits},{self.block},{self.rounding.value})"
         return f"blocked({self.block})" if self.kind == "blocked" else self.kind
+
+    def chunk_format(self, acc: Format) -> Format:
+        """``promote``'s short accumulator format (docs/semantics.md §3.4.2): ``bits``
+        significand bits with ``acc``'s exponent range, subnormals, signed zeros and overflow
+        rule; its largest finite value is the largest such number not above ``acc``'s."""
+        b = self.bits
+        top = (acc.top_significand << b) >> acc.p  # floor(top_acc * 2^(b - p_acc))
+        return Format(f"p={b}", b, acc.emin, acc.emax, subnormals=acc.subnormals, overflow=acc.overflow,
+                      max_significand=None if top == 2**b - 1 else top, signed_zero=acc.signed_zero)
+
+    def __repr__(self) -> str:
+        fields = [f"kind={self.kind!r}"] + [f"{f}={getattr(self, f)!r}" for f in ("block", "bits", "rounding")
+                                            if getattr(self, f) is not None]
+        return f"Order({', '.join(fields)})"
+
+
+def _accumulator_args(kind: str, inner: "str | None", text: str) -> tuple:
+    """``(block, bits, rounding)`` of ``tcfma(k,t,r)`` or ``promote(b,Nc[,r])``, in one
+    sentence per bad argument list (the values are checked by :class:`Order`)."""
+    form = "tcfma(k,t,rz|rne), e.g. tcfma(4,23,rz)" if kind == "tcfma" else "promote(b,Nc[,rz|rne]), e.g. promote(14,128)"
+    args = [a.strip() for a in inner.split(",")] if inner is not None else []
+    need = (3,) if kind == "tcfma" else (2, 3)
+    if len(args) not in need or not all(re.fullmatch(r"-?\d+", a) for a in args[:2]):
+        raise PolicyError(f"order {text!r}: write {form}")
+    a, b = int(args[0]), int(args[1])
+    rounding = args[2] if len(args) == 3 else None
+    if rounding is not None:
+        try:
+            rounding = Mode.parse(rounding)
+        except ValueError:
+            rounding = args[2]  # refused by _check_accumulator in one sentence
+    return (a, b, rounding) if kind == "tcfma" else (b, a, rounding)
+
+
+def _check_accumulator(order: Order) -> None:
+    """One sentence for a bad parameter of an accumulator model."""
+    tc = order.kind == "tcfma"
+    limits = (("k", order.block, 1), ("t", order.bits, 1)) if tc else (("b", order.bits, 2), ("Nc", order.block, 1))
+    for name, v, lo in limits:
+        _check_at_least(v, lo, f"the {order.kind} order needs {name} >= {lo}")
+    if order.rounding not in ACCUMULATOR_ROUNDINGS:
+        r = order.rounding.value if isinstance(order.rounding, Mode) else order.rounding
+        raise PolicyError(f"the {order.kind} order's rounding must be rz or rne, got {r!r}")
 
 
 KERNEL_KINDS = ("naive", "online", "flash2", "flash3fp8")
@@ -168,10 +256,15 @@ def _kind_and_block(text: str, blocked: tuple[str, ...], what: str, noun: str, e
 def _check_block(block, needed: bool, what: str, noun: str) -> None:
     """One sentence for a block size that ``what`` needs (an int >= 1) or must not have."""
     if needed:
-        if not isinstance(block, int) or isinstance(block, bool) or block < 1:
-            raise PolicyError(f"{what} needs a {noun} >= 1, got {block!r}")
+        _check_at_least(block, 1, f"{what} needs a {noun} >= 1")
     elif block is not None:
         raise PolicyError(f"{what} takes no {noun}")
+
+
+def _check_at_least(v, lo: int, need: str) -> None:
+    """``need`` (a sentence without its end), then what was given, unless ``v`` is an int >= ``lo``."""
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise PolicyError(f"{need}, got {v!r}")
 
 
 _ROLES = ("storage", "compute", "accumulate", "softmax")

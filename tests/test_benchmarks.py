@@ -29,8 +29,8 @@ def test_bench_rounding_runs(capsys):
 
 
 def test_bench_sweep_runs(capsys):
-    # the emulated timing is left out: compiling its d = 64 forward alone takes ~20 s (the
-    # emulated forward itself is covered by test_model and test_semantics)
+    # the emulated timings are left out: compiling a d = 64 forward alone takes ~20 s (the emulated forward
+    # itself is covered by test_model and test_semantics); the recipes part runs one toy policy
     _load("bench_sweep").main(["--n", "8", "--loop-lengths", "2", "--skip", "emulated", "--mem-n", "8",
                                "--recipes", "compute=fp16;kernel=online(3)",
                                "--mem", "native:fp32", "--ref-n", "2"])

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from collapse_sim.backends.emulated import CarrierError, Emulator, carrier_for, certified_matmul, certified_sum, certify, exact_sum
 from collapse_sim.formats import parse
 from collapse_sim.policy import Order, Policy, PolicyError
-from collapse_sim.rounding import round_to
+from collapse_sim.rounding import Mode, round_to
 from oracles import _neg_zero_result, format_values, fraction_round, mp_op
 
 MODES = ["rne", "rz", "ru", "rd", "rna", "rnz", "ro"]
@@ -32,11 +32,27 @@ def _eq(a, b):
 def test_policy_roundtrip_and_hashable():
     for text in ["bf16", "compute=bf16,accumulate=fp32,softmax=fp32,order=blocked(32)",
                  "storage=fp16,compute=fp16,order=kahan,mode=rz,max_subtract=false",
-                 "compute=(p=5,emax=15),accumulate=fp32", "p=6,emax=20"]:
+                 "compute=(p=5,emax=15),accumulate=fp32", "p=6,emax=20",
+                 "storage=bf16,compute=bf16,accumulate=fp32,order=tcfma(4,24,rz)",
+                 "storage=e4m3fn,compute=fp32,accumulate=fp32,order=promote(14,4)",
+                 "compute=bf16,order=promote(5,3,rne),mode=rd", "compute=fp16,order=tcfma-v100"]:
         p = Policy.parse(text)
         assert Policy.parse(str(p)) == p
         assert hash(p) == hash(Policy.parse(str(p)))
     assert Policy.parse("bf16").order == Order("pairwise")
+
+
+def test_accumulator_orders_parse():
+    """tcfma(k,t,r) and promote(b,Nc[,r]) (docs/semantics.md §3.4): the fields, the default
+    rounding of promote, the presets and the canonical spelling."""
+    assert Order.parse("tcfma(4,23,rz)") == Order("tcfma", 4, 23, Mode.RZ)
+    assert Order.parse(" TCFMA(8, 24, RNE) ") == Order("tcfma", 8, 24, Mode.RNE)
+    assert Order.parse("promote(14,128)") == Order("promote", 128, 14, Mode.RZ) == Order("promote", 128, 14)
+    assert str(Order.parse("promote(14,128)")) == "promote(14,128,rz)"
+    assert Order.parse("tcfma-v100") == Order.parse("tcfma(4,23,rz)")
+    assert Order.parse("promote-h800") == Order.parse("promote(14,128,rz)")
+    assert [Order.parse(o).exact_products for o in ("tcfma(4,23,rz)", "promote(14,4)", "exact", "blocked(2)",
+                                                    "pairwise", "sequential", "kahan")] == [True] * 4 + [False] * 3
 
 
 @pytest.mark.parametrize("bad,msg", [
@@ -44,6 +60,15 @@ def test_policy_roundtrip_and_hashable():
     ("compute=bf16,order=blocked", "block size"), ("accumulate=fp32", "needs compute"),
     ("compute=bf16,colour=red", "unknown key"), ("compute=bf16,mode=sr", "stochastic"),
     ("", "empty"),
+    ("compute=bf16,order=tcfma(0,23,rz)", "tcfma order needs k >= 1, got 0"),
+    ("compute=bf16,order=tcfma(4,0,rz)", "tcfma order needs t >= 1, got 0"),
+    ("compute=bf16,order=promote(1,128)", "promote order needs b >= 2, got 1"),
+    ("compute=bf16,order=promote(14,0)", "promote order needs Nc >= 1, got 0"),
+    ("compute=bf16,order=tcfma(4,23,ru)", "rounding must be rz or rne, got 'ru'"),
+    ("compute=bf16,order=promote(14,4,fast)", "rounding must be rz or rne, got 'fast'"),
+    ("compute=bf16,order=tcfma(4,23)", r"write tcfma\(k,t,rz\|rne\)"),
+    ("compute=bf16,order=promote", r"write promote\(b,Nc"),
+    ("compute=bf16,order=tcfma-h100", "unknown reduction order"),
 ])
 def test_policy_errors(bad, msg):
     with pytest.raises(PolicyError, match=msg):

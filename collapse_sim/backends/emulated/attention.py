@@ -211,10 +211,10 @@ def _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb):
 
 def _weighted_values(emu: Emulator, P, V, valid, out, path: str):
     """``Σ_j P_ij V_ij[c]`` for each row i and component c (§8.4): the products exact in the
-    carrier, rounded to the accumulate format (except in the exact and blocked orders),
+    carrier, rounded to the accumulate format (except in the orders with exact products),
     reduced over the keys in the policy's order, the masked keys skipped, rounded to ``out``."""
     prod = jnp.swapaxes(P[:, :, None] * V, 1, 2)  # (B, dh, nk): reduce over keys
-    if emu.order.kind not in ("exact", "blocked"):
+    if not emu.order.exact_products:
         prod = round_to(prod, emu.accumulate, emu.mode)
     vmask = jnp.broadcast_to(valid[:, None, :], prod.shape)
     return reduce_sum(prod, emu.order, emu.accumulate, out, emu.mode, vmask, emu.bounds, path=path)

@@ -37,7 +37,7 @@ from ...rounding import FormatClass, round_to
 from .carrier import CarrierError, carrier_add, carrier_for
 from .certificates import certified_sum
 from .exact import exact_sum
-from .orders import _blocked, _kahan, _pairwise, _rounded_add, _sequential
+from .orders import _blocked, _kahan, _pairwise, _promote, _rounded_add, _sequential, _tcfma, check_emulable
 
 
 #: The formats one shared program emulates, with the formats as data (a jit argument, not
@@ -72,6 +72,7 @@ class Emulator:
         self.policy = pol = Policy.parse(policy)
         require_x64("the emulated backend")
         self.order, self.mode, self.max_subtract, self.kernel = pol.order, pol.mode, pol.max_subtract, pol.kernel
+        check_emulable(self.order)
         self.softmax_is_compute = pol.softmax == pol.compute  # then rounding between them is the identity
         fmts = pol.formats()
         self.shared = shared
@@ -195,13 +196,13 @@ class Emulator:
 
         Products of two carrier values are exact in the carrier; each is rounded
         to ``accumulate`` (exact if that format has >= 2p bits), then reduced.
-        The ``exact`` and ``blocked`` orders use the exact products (``path``: how
-        their exact sums are taken, see :func:`reduce_sum`).
+        The ``exact``, ``blocked``, ``tcfma`` and ``promote`` orders use the exact products
+        (``path``: how the exact and blocked orders take their exact sums, see :func:`reduce_sum`).
         """
         a, b = jnp.broadcast_arrays(jnp.asarray(a, self.dtype), jnp.asarray(b, self.dtype))
         prod = a * b
         order = order or self.order
-        if order.kind not in ("exact", "blocked"):
+        if not order.exact_products:
             prod = self.rnd(prod, self.accumulate)
         return reduce_sum(prod, order, self.accumulate, self.compute if out_fmt is None else out_fmt, self.mode,
                           bounds=self.bounds, path=path)
@@ -287,6 +288,9 @@ def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, boun
         if with_ok:
             blocks, ok = blocks[0], jnp.all(blocks[1], axis=-1)
         s = _sequential(blocks, add)
+    elif order.kind in ("tcfma", "promote"):  # in float64 whatever the carrier (orders.py)
+        x64 = x.astype(jnp.float64)
+        s = (_tcfma(x64, order, acc) if order.kind == "tcfma" else _promote(x64, order, acc, mode)).astype(x.dtype)
     else:  # pragma: no cover - Order validates kinds
         raise ValueError(order)
     s = r(s, out)

@@ -1,19 +1,26 @@
-"""The reduction orders: the specification of every emulated sum (docs/semantics.md §3.1).
+"""The reduction orders: the specification of every emulated sum (docs/semantics.md §3.1,
+§3.4).
 
 ``sequential`` (left to right), ``pairwise`` (a tree over a power-of-two padding),
 ``kahan`` (compensated) and the split of the ``blocked`` order into blocks, each add
 one correctly rounded add in the accumulate format. The ``exact`` order and the blocks'
 exact sums are :func:`exact.exact_sum`; :func:`ops.reduce_sum` puts them together.
+The accumulator models ``tcfma`` and ``promote`` (§3.4) run in float64 whatever the
+carrier (:func:`_tcfma`, :func:`_promote`).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax.numpy as jnp
 from jax import lax
 
 from ...formats import Format
-from ...rounding import round_to
-from .carrier import carrier_add
+from ...policy import Order
+from ...rounding import FormatParams, Mode, round_to
+from .carrier import CarrierError, carrier_add
+from .exact import _exponent, _pow2
 
 
 def _rounded_add(acc: Format, mode):
@@ -70,3 +77,81 @@ def _blocked(a, b: int, axis: int):
     pad[axis] = (0, nb * b - k)
     a = jnp.pad(a, pad)
     return a.reshape(a.shape[0], nb, b) if axis == 1 else a.reshape(nb, b, a.shape[1])
+
+
+def _by_blocks(x, size: int):
+    """The last axis of ``x`` zero-padded to whole blocks of ``size`` (zeros in place, §3.3)
+    and split, the blocks first: (..., n) -> (nb, ..., size)."""
+    n = x.shape[-1]
+    nb = -(-n // size)
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, nb * size - n)])
+    return jnp.moveaxis(x.reshape(*x.shape[:-1], nb, size), -2, 0)
+
+
+def check_emulable(order: Order) -> None:
+    """Refuse, in one sentence, an accumulator model that float64 cannot run exactly
+    (docs/semantics.md §12): tcfma's truncated terms must add exactly (t + ceil(log2(k+1))
+    <= 52), promote's round-to-odd adds need two spare bits (b <= 51)."""
+    if order.kind == "tcfma" and order.bits + order.block.bit_length() > 52:
+        raise CarrierError(f"order {order} needs t + ceil(log2(k+1)) <= 52 to be emulated in float64 "
+                           f"(here {order.bits + order.block.bit_length()}); use the reference backend")
+    if order.kind == "promote" and order.bits > 51:
+        raise CarrierError(f"order {order} needs b <= 51 to be emulated in float64; use the reference backend")
+
+
+def _tcfma(x, order: Order, acc):
+    """The running sum of ``tcfma(k,t,r)`` (docs/semantics.md §3.4.1) over the last axis of
+    ``x`` (float64), before the final rounding. Each step: the running sum and the block's
+    terms scaled by 2^(t - E) (exact: powers of two on normal float64 numbers), truncated to
+    integers, added (exact: fewer than 2^53 in all), scaled back and rounded once in r."""
+    k, t = order.block, order.bits
+    check_emulable(order)
+
+    def step(s, block):
+        y = jnp.concatenate([s[..., None], block], axis=-1)
+        E = jnp.max(jnp.where(y != 0, _exponent(y), -1023), axis=-1)
+        up = jnp.clip(t - E, -1022, 1023)  # every E of a nonzero y is in range; a zero y is skipped
+        S = jnp.sum(jnp.trunc(y * _pow2(up)[..., None]), axis=-1) * _pow2(-up)
+        S = jnp.where(S == 0, jnp.zeros_like(S), S)  # +0
+        v = jnp.where(jnp.all(jnp.isfinite(y), axis=-1), S, jnp.sum(y, axis=-1))  # specials: the IEEE sum
+        return jnp.where(jnp.all(block == 0, axis=-1), s, round_to(v, acc, order.rounding)), None
+
+    s, _ = lax.scan(step, jnp.zeros(x.shape[:-1], jnp.float64), _by_blocks(x, k))
+    return s
+
+
+def _short_format(order: Order, acc: "Format | FormatParams"):
+    """``promote``'s short accumulator format (:meth:`Order.chunk_format`), also for a
+    traced accumulate format (its class widened to hold b bits and finer quanta)."""
+    if isinstance(acc, Format):
+        return order.chunk_format(acc)
+    b = order.bits
+    p, top = (jnp.asarray(v).astype(jnp.int64) for v in (acc.p, acc.top))
+    top_b = jnp.where(b >= p, top << jnp.maximum(b - p, 0), top >> jnp.maximum(p - b, 0))
+    cls = dataclasses.replace(acc.cls, pmax=max(acc.cls.pmax, b), qmin=acc.cls.qmin - b + 1)
+    return FormatParams(jnp.int32(b), acc.emin, acc.emax, top_b, acc.overflow, cls=cls)
+
+
+def _promote(x, order: Order, acc, mode):
+    """The running sum of ``promote(b,Nc,r)`` (docs/semantics.md §3.4.2) over the last axis of
+    ``x`` (float64), before the final rounding: every chunk's short sum (all chunks at once,
+    term by term), then the chunk sums added into ``acc`` in ``mode``. Each add is made round
+    to odd at 53 bits (:func:`carrier_add`'s TwoSum), which rounds on to b <= 51 bits as the
+    exact sum does, whatever the terms' widths (exact products)."""
+    check_emulable(order)
+    short = _short_format(order, acc)
+
+    def add(a, b, m):
+        return carrier_add(a, b, Mode.RO if m.nearest else m)
+
+    def term(c, v):
+        return round_to(add(c, v, order.rounding), short, order.rounding), None
+
+    chunks = jnp.moveaxis(_by_blocks(x, order.block), -1, 0)  # (Nc, nc, ...)
+    c, _ = lax.scan(term, jnp.zeros(chunks.shape[1:], jnp.float64), chunks)
+
+    def promote(s, cv):
+        return round_to(add(s, cv, mode), acc, mode), None
+
+    s, _ = lax.scan(promote, jnp.zeros(c.shape[1:], jnp.float64), c)
+    return s

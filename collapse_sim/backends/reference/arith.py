@@ -1,5 +1,6 @@
 """Correctly rounded scalar arithmetic in mpmath: the reference's ops (docs/semantics.md §2)
-and reduction orders and dot products (§3.1, §3.2), on mpmath mpf tuples.
+and reduction orders, accumulator models and dot products (§3.1, §3.2, §3.4), on mpmath
+mpf tuples.
 
 Every elementary op is evaluated exactly (+ − ×) or at ``2p + 64`` bits truncated,
 with a sticky bit when the truncation lost something (÷ √ exp exp2: the result is then
@@ -237,7 +238,8 @@ def _gt(m1: int, e1: int, m2: int, e2: int) -> bool:
 
 
 def ref_sum(terms: list, order: Order, acc: RefArith, out: RefArith, exact_prods: list | None = None):
-    """Sum ``terms`` (format values, or exact values for blocked/exact) in ``order``."""
+    """Sum ``terms`` (format values, or exact values for the orders with exact products,
+    :attr:`Order.exact_products`) in ``order`` (docs/semantics.md §3.1, §3.4)."""
     if not terms:
         return mlib.fzero
     if order.kind == "sequential":
@@ -267,9 +269,43 @@ def ref_sum(terms: list, order: Order, acc: RefArith, out: RefArith, exact_prods
         s = blocks[0]
         for t in blocks[1:]:
             s = acc.add(s, t)
+    elif order.kind == "tcfma":
+        s = _tcfma(terms, order.block, order.bits, RefArith(acc.fmt, order.rounding))
+    elif order.kind == "promote":
+        short = RefArith(order.chunk_format(acc.fmt), order.rounding)
+        s = mlib.fzero
+        for i in range(0, len(terms), order.block):
+            c = mlib.fzero
+            for t in terms[i:i + order.block]:
+                c = short.add(c, t)
+            s = acc.add(s, c)
     else:  # pragma: no cover
         raise ValueError(order)
     return out.round(s)
+
+
+def _tcfma(terms, k: int, t: int, step: RefArith):
+    """The ``tcfma(k,t,r)`` running sum (docs/semantics.md §3.4.1): per block of ``k`` terms,
+    the running sum and the block aligned to their largest exponent E, truncated toward zero
+    below 2^(E - t), added exactly and rounded by ``step`` (the accumulate format in r)."""
+    s = mlib.fzero
+    for i in range(0, len(terms), k):
+        block = terms[i:i + k]
+        if all(x == mlib.fzero for x in block):
+            continue  # a block of zeros leaves the sum as it is
+        group = [s, *block]
+        if any(x in (mlib.finf, mlib.fninf, mlib.fnan) for x in group):
+            s = step.round(_exact_total(group))
+            continue
+        E = max(x[2] + x[3] - 1 for x in group if x != mlib.fzero)
+        q = E - t
+        total = mlib.fzero
+        for sign, man, exp, _ in (x for x in group if x != mlib.fzero):
+            if exp < q:
+                man, exp = man >> (q - exp), q  # toward zero: the magnitude's bits below 2^q dropped
+            total = mlib.mpf_add(total, mlib.from_man_exp(-man if sign else man, exp), 0)
+        s = step.round(total)
+    return s
 
 
 def _exact_total(terms):
@@ -321,7 +357,7 @@ class Reference:
     def dot(self, a, b, order: Order | None = None, out_role: str = "compute"):
         order = order or self.policy.order
         prods = [mlib.mpf_mul(x, y, 0) for x, y in zip(a, b)]
-        if order.kind not in ("exact", "blocked"):
+        if not order.exact_products:
             prods = [self.accumulate.round(p) for p in prods]
         return ref_sum(prods, order, self.accumulate, self.arith(out_role))
 
