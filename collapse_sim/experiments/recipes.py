@@ -100,7 +100,7 @@ ACCUMULATORS = [
      "blocks of 4 exact products added to the fp32 accumulator after alignment to the largest exponent, bits below "
      "2^(E-23) truncated, the sum truncated to fp32: small terms next to a large one lose bits toward zero"),
     ("e4m3fn storage, fp32 arithmetic", "storage=e4m3fn,compute=fp32,accumulate=fp32,softmax=fp32",
-     "FP8 inputs and weights, every op in fp32: the FP8 GEMM with an exact fp32 accumulator"),
+     "FP8 inputs and weights, every op and every partial sum in fp32: an FP8 GEMM with a full fp32 accumulator"),
     ("e4m3fn storage, 14-bit accumulator promoted every 128", "storage=e4m3fn,compute=fp32,accumulate=fp32,softmax=fp32,"
      "order=promote-h800", "the H800 FP8 GEMM as DeepSeek-V3 measured it: 14 significand bits (truncating) inside "
      "chunks of 128 terms, each chunk added into fp32"),
