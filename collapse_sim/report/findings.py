@@ -10,7 +10,8 @@ import numpy as np
 
 from ..experiments import captions as cap
 from ..experiments.fits import N_MIN, PAPER_LINE, first_below
-from ..experiments.paper import FAMILY_SETUPS, FIG8_SETUPS, FIG10_SETUPS, REF, Context, median_top, remedies
+from ..experiments.paper import FAMILY_SETUPS, FIG8_SETUPS, FIG10_SETUPS, REF, Context, median_top
+from ..experiments.recipes import remedies
 from .figures import exact_zero, fmt_n
 from .verdicts import REPRODUCED, fig9_word, separators_work
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 
 from ..experiments.fits import N_MIN, PAPER_LINE, first_below
-from ..experiments.paper import FIG8_SETUPS, Context, median_top, noise_table, remedies, run_theorems
+from ..experiments.paper import FIG8_SETUPS, Context, median_top, noise_table, run_theorems
+from ..experiments.recipes import remedies
 from .figures import exact_zero
 
 VERDICT_MARK = "<!-- verdict table -->"
