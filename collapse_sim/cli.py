@@ -100,7 +100,8 @@ def cmd_collapse(args) -> int:
                                          seed=args.seed, max_len=max(16384, 2 * args.max_len + 8),
                                          kind=args.model, qkv_var=args.qkv_var, sin_at=args.sin_at,
                                          alibi_slope=args.alibi_slope, alibi_at=args.alibi_at,
-                                         rope_fraction=args.rope_fraction, ssmax=args.ssmax, sink=args.sink))
+                                         rope_fraction=args.rope_fraction, ssmax=args.ssmax, sink=args.sink,
+                                         adaptive_temperature=args.adaptive_temperature))
     run = run_collapse(params, args.family, args.max_len, fmts, out, backend=args.backend, order=args.order,
                        shard=args.shard, sep=args.sep, seed=args.seed, mem_limit_gib=args.mem_limit,
                        time_limit_s=args.time_limit, weights=args.weights, kernel=args.kernel)
@@ -390,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ssmax", type=float, default=None,
                    help="Scalable-Softmax: multiply each query by s·ln(keys it sees) (default off)")
     p.add_argument("--sink", action="store_true", help="start every sequence with a sink token")
+    p.add_argument("--adaptive-temperature", action="store_true",
+                   help="adaptive temperature: each attention row's scores times β(entropy of its softmax), then the "
+                        "softmax again (Veličković et al.; docs/semantics.md §8.7; naive kernel only)")
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--heads", type=int, default=1)

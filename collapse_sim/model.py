@@ -46,6 +46,7 @@ Shapes: ``embed (vocab, d)``, ``wq/wk/wv/wo (d, d)`` acting as ``x @ W``,
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from pathlib import Path
 
@@ -95,6 +96,7 @@ class ModelConfig:
     rope_fraction: float = 1.0  # p-RoPE: the fraction of RoPE's frequency pairs that rotate (the highest ones)
     ssmax: float | None = None  # Scalable-Softmax: each query times s·ln(number of keys it sees)
     sink: bool = False  # a sink token at position 0 before every sequence
+    adaptive_temperature: bool = False  # each row's scores times β(entropy of its softmax), softmax again
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -366,6 +368,9 @@ def forward(params: Params, tokens, backend, probe=None):
             raise ConfigError("probe must have one token per prefix (same length as tokens)")
         if probe.min() < 0 or (bound is not None and probe.max() >= bound):
             raise ConfigError(f"probe token ids must lie in [0, {bound})" if bound else "probe token ids must be >= 0")
+    if c.adaptive_temperature and "adaptive" not in inspect.signature(backend.attention).parameters:
+        raise ConfigError(f"backend {getattr(backend, 'label', backend.kind)} does not define adaptive temperature "
+                          "(docs/semantics.md §8.7); run it on the emulated, reference or native backend")
     n_ids = int(max(tokens.max(), -1 if probe is None else probe.max())) + 1
     fn = _gaussian_impl if c.kind == "gaussian" else _forward_impl
     arrays = forward_arrays(params, need, n_ids)
@@ -397,6 +402,9 @@ def forward_tapped(params: Params, tokens, backend, *, delta0=None):
     if c.sink:
         raise ConfigError("theory traces take models without a sink token (their rows would not be the "
                           "prefixes'); use sink=False")
+    if c.adaptive_temperature:
+        raise ConfigError("theory traces read the attention as one softmax of the scores, which adaptive temperature "
+                          "(a second softmax at an entropy-dependent temperature) is not; use adaptive_temperature=False")
     if c.kind == "gaussian":
         if delta0 is not None:
             raise ConfigError("the gaussian model has no layer-0 representations to perturb; use kind='decoder' "
@@ -557,17 +565,20 @@ def alibi_slopes(c: ModelConfig) -> list[float] | None:
 def _head(c: ModelConfig, B, p: str, hd: int, qkv, qkv_p, pos, slope):
     """One head's causal attention, for the decoder and the Gaussian model alike: RoPE on
     q and k (at the query's position), Scalable-Softmax's factor on q, then the backend's
-    attention primitive over the stream; with a probe (``qkv_p``: its q, k, v, one per
-    prefix), each probe at position n + 1 over the stream's keys 0..n and its own key.
+    attention primitive over the stream (with adaptive temperature's constants where it is
+    on, docs/semantics.md §8.7); with a probe (``qkv_p``: its q, k, v, one per prefix), each
+    probe at position n + 1 over the stream's keys 0..n and its own key.
     Returns (out, out_probe or None)."""
     qh, kh, vh = _queries_keys(c, B, *qkv, pos)
     qh, kh, vh = B.tap(f"{p}q{hd}", qh), B.tap(f"{p}k{hd}", kh), B.tap(f"{p}v{hd}", vh)
-    scale = 1 / np.sqrt(c.dh)
-    out = B.attention(qh, kh, vh, pos, pos, scale=scale, alibi=slope, window=c.window)
+    # adaptive temperature is passed only when on: backends that do not define it never see it
+    kw = dict(scale=1 / np.sqrt(c.dh), alibi=slope, window=c.window,
+              **({"adaptive": ADAPTIVE_TEMPERATURE} if c.adaptive_temperature else {}))
+    out = B.attention(qh, kh, vh, pos, pos, **kw)
     if qkv_p is None:
         return out, None
     qph, kph, vph = _queries_keys(c, B, *qkv_p, pos + 1)
-    return out, B.attention(qph, kh, vh, pos + 1, pos, scale=scale, alibi=slope, window=c.window, self_kv=(kph, vph))
+    return out, B.attention(qph, kh, vh, pos + 1, pos, self_kv=(kph, vph), **kw)
 
 
 def _queries_keys(c: ModelConfig, B, q, k, v, pos):
@@ -578,6 +589,14 @@ def _queries_keys(c: ModelConfig, B, q, k, v, pos):
     if c.ssmax is not None:
         q = B.mul(q, B.col(B.store(ssmax_factors(c, pos)), like=q))
     return q, k, v
+
+
+#: Adaptive temperature's constants (docs/semantics.md §8.7), as the backends' attention takes
+#: them: the polynomial β(H), float64 coefficients highest power first (np.polyval order), and
+#: the entropy threshold above which it applies. From the printed listing of Veličković,
+#: Perivolaropoulos, Barbero, Pascanu, "softmax is not enough (for sharp out-of-distribution)",
+#: arXiv 2410.01104: poly_fit = [-0.037, 0.481, -2.3, 4.917, -1.791], entropy > 0.5.
+ADAPTIVE_TEMPERATURE = ((-0.037, 0.481, -2.3, 4.917, -1.791), 0.5)
 
 
 def ssmax_factors(c: ModelConfig, pos) -> np.ndarray:

@@ -173,48 +173,56 @@ def test_exp_round_to_odd_beyond_float64():
             assert mlib.to_float(ref.exp(mlib.from_float(float(x)))) == w, (name, x)
 
 
-@pytest.mark.parametrize("fn", ["exp", "exp2"])
+@pytest.mark.parametrize("fn", ["exp", "exp2", "ln"])
 @pytest.mark.parametrize("name", ["bf16", "fp16"])
-def test_exp_on_every_input(name, fn):
-    """exp and exp2 of every finite value (both signs) in the new modes and the directed
-    ones (tests/test_policy_ops.py checks exp in rne; exp2 is checked in rne here) against
-    mpmath: e^a or 2^a is evaluated once per input at 240 bits and rounded in each mode by
-    exact rationals. The tiny arguments, whose value float64 rounds to 1, are the hard cases
-    for the modes that are not round to nearest, and for exp2 the integers, whose 2^a is
-    exact (a format value, subnormal or past the range). The reference's RefArith is checked
-    on every 16th input."""
+def test_exp_and_ln_on_every_input(name, fn):
+    """exp and exp2 of every finite value (both signs), ln of every value from 0 to +inf and
+    of a few negative ones, against mpmath: e^a, 2^a or ln a is evaluated once per input at
+    240 bits and rounded in each mode by exact rationals. exp runs in the new modes and the
+    directed ones (tests/test_policy_ops.py checks it in rne), exp2 and ln in every mode. The
+    tiny arguments, whose e^a float64 rounds to 1, are the hard cases for exp in the modes that
+    are not round to nearest; for exp2 the integers, whose 2^a is exact (a format value,
+    subnormal or past the range); for ln the values next to 1, whose ln is tiny, and ln 1 = 0,
+    its one exact value. The reference's RefArith is checked on every 16th input."""
     fmt = parse(name)
     vals = [float(v) for v in format_values(fmt)]
-    xs = np.array(vals + [-v for v in vals[1:]])
-    xs = xs[np.abs(xs) < 200]
-    exact = [_exp_sticky(float(x), fn == "exp2") for x in xs]
-    for mode in NEW + ["rz", "ru", "rd"] + (["rne"] if fn == "exp2" else []):
+    if fn == "ln":
+        xs = np.array(vals + [np.inf, -1.0, -fmt.max, -np.inf, np.nan])
+    else:
+        xs = np.array(vals + [-v for v in vals[1:]])
+        xs = xs[np.abs(xs) < 200]
+    exact = [_sticky(float(x), fn) for x in xs]
+    for mode in NEW + ["rz", "ru", "rd"] + (["rne"] if fn != "exp" else []):
         emu = Emulator(Policy.uniform(fmt, mode=Mode(mode)))
         got = np.asarray(jax.jit(getattr(emu, fn))(jnp.asarray(xs, emu.dtype)), np.float64)
         want = np.array([fraction_round(v, fmt, mode) for v in exact])
-        bad = got.view(np.uint64) != want.view(np.uint64)
+        bad = (got.view(np.uint64) != want.view(np.uint64)) & ~(np.isnan(got) & np.isnan(want))
         assert not bad.any(), (mode, list(zip(xs[bad][:5], got[bad][:5], want[bad][:5])))
         ref = getattr(RefArith(fmt, Mode(mode)), fn)
-        sub = slice(None, None, 16)
+        sub = np.r_[0:len(xs):16, len(xs) - 5:len(xs)] if fn == "ln" else slice(None, None, 16)
         got_ref = np.array([mlib.to_float(ref(mlib.from_float(float(x)))) for x in xs[sub]])
         assert _eq(got_ref, want[sub]), mode
 
 
-def _exp_sticky(x: float, base2: bool = False) -> Fraction:
-    """e^x (2^x with ``base2``) truncated at 240 bits, nudged strictly inside the truncation
-    interval when inexact (x != 0; for 2^x, x not an integer): a value that rounds to
-    p <= 25 bits in every mode as e^x (2^x) does."""
-    if base2 and x == math.floor(x):
+def _sticky(x: float, fn: str) -> "Fraction | float":
+    """e^x, 2^x or ln x truncated toward zero at 240 bits, nudged strictly inside the
+    truncation interval (away from zero) when inexact: a value that rounds to p <= 25 bits
+    in every mode as the true value does. The exact cases are returned exactly (2^x of an
+    integer x, e^0 = 1, ln 1 = 0) and ln's special ones as floats (ln 0 = -inf, ln(+inf) =
+    +inf, NaN for x < 0)."""
+    if fn == "exp2" and x == math.floor(x):
         return Fraction(2) ** int(x)
-    if x == 0:
-        return Fraction(1)
+    if fn == "ln" and not 0 < x < math.inf:
+        return {0.0: -math.inf, math.inf: math.inf}.get(x, math.nan)
+    if x == (1.0 if fn == "ln" else 0.0):
+        return Fraction(0 if fn == "ln" else 1)
     a = mlib.from_float(x)
-    if base2:
+    if fn == "exp2":
         a = mlib.mpf_mul(a, mlib.mpf_ln2(300), 300)  # x·ln 2 to 300 bits: 2^x to ~2^-290 relative
-    r = mlib.mpf_exp(a, 240, "d")
+    r = mlib.mpf_log(a, 240, "d") if fn == "ln" else mlib.mpf_exp(a, 240, "d")
     p, q = mlib.to_rational(r)
     v = Fraction(int(p), int(q))
-    return v + Fraction(2) ** (math.floor(math.log2(v)) - 250)
+    return v + (1 if v > 0 else -1) * Fraction(2) ** (math.floor(math.log2(abs(v))) - 250)
 
 
 # --- sums ------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ is s·ln n, a sink row is the first row of the token table)."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -151,7 +153,8 @@ def test_theory_refuses_what_it_does_not_model():
 
 def test_gaussian_sink_draw_and_the_collapse_flags(tmp_path):
     """The Gaussian model's sink is σ·z, z from default_rng([seed, 0, 1]) (§8.7), and leaves every
-    id's draws as they were; collapse's --rope-fraction, --ssmax and --sink reach the model."""
+    id's draws as they were; collapse's --rope-fraction, --ssmax, --sink and --adaptive-temperature
+    reach the model."""
     import json
 
     from collapse_sim.cli import main
@@ -166,6 +169,166 @@ def test_gaussian_sink_draw_and_the_collapse_flags(tmp_path):
                for k, s, p in zip(("gauss.q", "gauss.k", "gauss.v"), z, plain))
     out = tmp_path / "c"
     assert main(["collapse", "--family", "repeat_last", "--pe", "rope", "--rope-fraction", "0.5", "--ssmax", "1",
-                 "--sink", "--format", "bf16", "--backend", "native", "--max-len", "8", "--d", "8", "--out", str(out)]) == 0
+                 "--sink", "--adaptive-temperature", "--format", "bf16", "--backend", "native", "--max-len", "8",
+                 "--d", "8", "--out", str(out)]) == 0
     cfg = json.loads((out / "collapse.json").read_text())["config"]
-    assert (cfg["rope_fraction"], cfg["ssmax"], cfg["sink"]) == (0.5, 1.0, True)
+    assert (cfg["rope_fraction"], cfg["ssmax"], cfg["sink"], cfg["adaptive_temperature"]) == (0.5, 1.0, True, True)
+
+
+# --- adaptive temperature (docs/semantics.md §8.7) ------------------------------------------
+
+def test_adaptive_temperature_emulated_equals_reference_with_probes():
+    """A full forward (L = 2, d = 8, N = 12, bf16, pairwise) with a probe after every prefix:
+    the emulated backend equals the op-by-op reference bit for bit."""
+    P = init_params(ModelConfig(d=8, vocab=5, seed=3, n_layers=2, pe="rope", adaptive_temperature=True))
+    toks = np.array([1, 2, 3, 1, 4, 0, 2, 2, 3, 1, 0, 4])
+    probe = np.roll(toks, 1)
+    e, r = make_backend("emulated", "compute=bf16,order=pairwise"), make_backend("reference", "compute=bf16,order=pairwise")
+    ye, ype = (e.to_numpy(a) for a in forward(P, toks, e, probe=probe))
+    yr, ypr = (r.to_numpy(a) for a in forward(P, toks, r, probe=probe))
+    assert ye.shape == (12, 8) and np.all(np.isfinite(ye)) and _same(ye, yr) and _same(ype, ypr)
+
+
+def _attend(B, q, k, v, adaptive: bool, window=None):
+    """The attention primitive of backend B on float64 q, k, v (rows at positions 0..n-1),
+    with adaptive temperature's constants or without: the output rows, in B's arrays (under
+    jit for the JAX backends, compiled once per backend, setting and shape)."""
+    n, dh = q.shape
+    if B.kind == "reference":
+        return _attention(B, adaptive, window, n, dh, B.store(q), B.store(k), B.store(v))
+    return _jitted(B, adaptive, window, n, dh)(B.store(q), B.store(k), B.store(v))
+
+
+def _attention(B, adaptive, window, n, dh, q, k, v):
+    from collapse_sim.model import ADAPTIVE_TEMPERATURE
+
+    kw = {"adaptive": ADAPTIVE_TEMPERATURE} if adaptive else {}
+    return B.attention(q, k, v, np.arange(n), np.arange(n), scale=1 / np.sqrt(dh), window=window, **kw)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(B, adaptive, window, n, dh):
+    import jax
+
+    return jax.jit(functools.partial(_attention, B, adaptive, window, n, dh))
+
+
+def _one_row(scores):
+    """q, k, v (n x 4) whose last query's scores are ``scores`` exactly (q·k = 2·s, scale 1/2)
+    and whose values are one-hot, so that the last output row is that query's weights."""
+    n = len(scores)
+    q, k = np.zeros((n, 4)), np.zeros((n, 4))
+    q[:, 0], k[:, 0] = 1.0, 2.0 * np.asarray(scores, np.float64)
+    return q, k, np.eye(n, 4)
+
+
+@pytest.mark.parametrize("policy,window", [("compute=bf16,softmax=fp32,order=kahan", 5),
+                                           ("compute=bf16,order=exact", None)])
+def test_adaptive_temperature_attention_paths(policy, window, certified_everywhere):
+    """The attention primitive alone, on random q, k, v (n = 12): emulated == reference bit for
+    bit where the softmax format differs from the compute format and kahan skips the window's
+    masked columns, and in the exact order with the certified float64 path forced everywhere
+    (adaptive temperature must not take that path, which does not define it). The option
+    changes the reference's result, so an emulated path that dropped it would differ. With the
+    window, the plain softmax agrees too: kahan's sum starts at the first visible exp as it is,
+    not rounded to the accumulator (§3.1, §3.3; the emulated sum once rounded it there)."""
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((12, 4)) for _ in range(3))
+    e, r = make_backend("emulated", policy), make_backend("reference", policy)
+    want, plain = (r.to_numpy(_attend(r, q, k, v, on, window)) for on in (True, False))
+    assert not _same(want, plain)
+    assert _same(e.to_numpy(_attend(e, q, k, v, True, window)), want)
+    if window is not None:
+        assert _same(e.to_numpy(_attend(e, q, k, v, False, window)), plain)
+
+
+def test_adaptive_temperature_example():
+    """The scores (0, 0, 0, 1): the softmax's entropy H = 1.268 > 1/2 and the polynomial gives
+    β = poly(H) = 1.631. At 256 bits the β the reference applied (read off its output as
+    ln(w'_3 / w'_0), the two scores differing by exactly 1) equals the polynomial of the entropy
+    computed independently by mpmath at 512 bits, within the bound derived below; native
+    float64 gives the oracle's sharpened weights within the same bound at u = 2^-53; in bf16
+    the sharpened largest weight (0.63) exceeds the plain softmax's (0.475) on the emulated
+    backend and the reference alike. Scores (0, 0, 0, 5) (H = 0.12 <= 1/2) and (0, 0, 0, 2.5)
+    (H = 0.71 > 1/2, but poly(H) = 0.71 < 1: β = 1) keep the plain softmax's weights bit for bit."""
+    import mpmath
+
+    from collapse_sim.model import ADAPTIVE_TEMPERATURE
+    from collapse_sim.theory import gamma
+
+    # the paper's listing: poly_fit = jnp.array([-0.037, 0.481, -2.3, 4.917, -1.791]), entropy > 0.5
+    poly, threshold = [-0.037, 0.481, -2.3, 4.917, -1.791], 0.5
+    assert ADAPTIVE_TEMPERATURE == (tuple(poly), threshold)
+    s, n = [0.0, 0.0, 0.0, 1.0], 4
+    with mpmath.workprec(512):  # the oracle: the definition in exact-real arithmetic, float64 coefficients
+        ex = [mpmath.exp(x) for x in s]
+        w = [x / mpmath.fsum(ex) for x in ex]
+        H = -mpmath.fsum(x * mpmath.log(x) for x in w)
+        beta = mpmath.fsum(mpmath.mpf(c) * H ** (len(poly) - 1 - i) for i, c in enumerate(poly))  # highest power first
+        ex2 = [mpmath.exp(beta * x) for x in s]
+        w2 = [x / mpmath.fsum(ex2) for x in ex2]
+    assert H > threshold and beta > 1 and max(w2) > max(w)
+
+    def bound(u):
+        """|β̂ − β| and the relative error of a sharpened weight, for a backend whose every op is
+        correctly rounded with unit roundoff u (first order, each γ_k covering its own O(u²)):
+        the first softmax's weights are off by γ_{n+1} relative (exp, n − 1 adds, the division),
+        so ln w by as much absolutely, and ln, the product and the n − 1 adds of the entropy add
+        γ_{n+1}·H: |Ĥ − H| <= e_H = γ_{2n+2}·(2H + 1). Horner's rule over the 4 + 1 coefficients
+        adds γ_8·Σ|c_k|Ĥ^k (Higham, Accuracy and Stability, (5.3)) and the polynomial's slope
+        carries e_H: e_β = γ_8·Σ|c_k|Ĥ^k + Σ k|c_k|Ĥ^(k−1)·e_H, Ĥ taken as H + e_H; max(·, 1)
+        is 1-Lipschitz. Scores times β̂ move by max|s|·(e_β + u·β) each, which moves a weight by
+        twice that relatively, and the second softmax adds γ_{n+2} (the subtraction too)."""
+        Hh = float(H) + gamma(2 * n + 2, u) * (2 * float(H) + 1)
+        e_h = gamma(2 * n + 2, u) * (2 * float(H) + 1)
+        deg = len(poly) - 1
+        e_b = (gamma(2 * deg, u) * sum(abs(c) * Hh ** (deg - i) for i, c in enumerate(poly))
+               + sum((deg - i) * abs(c) * Hh ** (deg - i - 1) for i, c in enumerate(poly[:-1])) * e_h)
+        return e_b, 2 * max(map(abs, s)) * (e_b + u * float(beta)) + gamma(n + 2, u)
+
+    # 256 bits: the β the reference applied, ln(w'_3 / w'_0) = ŝ'_3 − ŝ'_0 = β̂ up to the two exps
+    # and the two divisions (the subtraction of the maximum is exact here): γ_4
+    r = make_backend("reference", "256")
+    out = _attend(r, *_one_row(s), True)[-1]
+    u = 2.0**-256
+    with mpmath.workprec(512):
+        seen = mpmath.log(mpmath.mp.make_mpf(out[3]) / mpmath.mp.make_mpf(out[0]))
+        assert abs(seen - beta) <= bound(u)[0] + gamma(4, u)
+    # native float64: the sharpened weights
+    nat = make_backend("native", "fp64")
+    got = np.asarray(_attend(nat, *_one_row(s), True))[-1]
+    e_w = bound(2.0**-53)[1]
+    assert all(abs(g - float(x)) <= e_w * float(x) for g, x in zip(got, w2)), (got, w2, e_w)
+    # bf16: sharper where β > 1, the plain softmax's bits where β = 1
+    for B in (make_backend("emulated", "compute=bf16,order=pairwise"), make_backend("reference", "compute=bf16,order=pairwise")):
+        def weights(scores, adaptive):
+            return B.to_numpy(_attend(B, *_one_row(scores), adaptive))[-1]
+
+        sharp, plain = weights(s, True), weights(s, False)
+        assert sharp.max() > plain.max() and sharp.argmax() == plain.argmax() == 3, (B.label, sharp, plain)
+        for low in ([0.0, 0.0, 0.0, 5.0], [0.0, 0.0, 0.0, 2.5]):
+            assert _same(weights(low, True), weights(low, False)), (B.label, low)
+
+
+def test_adaptive_temperature_refusals():
+    """What does not define adaptive temperature refuses it in one sentence: theory traces and
+    so Thm 4.2's bound (they read the attention as one softmax of the scores), the interval
+    backends (no attention with it), and the online and flash2 kernels on both backends that
+    have them (they never hold a row's weights at once). A non-bool option is refused too."""
+    from collapse_sim.policy import PolicyError
+    from collapse_sim.theory.collapse import collapse_bound
+    from collapse_sim.theory.trace import trace
+
+    P = init_params(ModelConfig(d=8, vocab=5, pe="none", adaptive_temperature=True))
+    toks = np.array([1, 2, 3])
+    with pytest.raises(ConfigError, match="theory traces .* adaptive temperature"):
+        trace(P, toks)
+    with pytest.raises(ConfigError, match="adaptive temperature"):
+        collapse_bound(P, toks)
+    with pytest.raises(ConfigError, match="interval:mp64 does not define adaptive temperature"):
+        forward(P, toks, make_backend("interval", "64"))
+    for kind in ("emulated", "reference"):
+        with pytest.raises(PolicyError, match="online kernel never holds.*use kernel=naive"):
+            forward(P, toks, make_backend(kind, "compute=bf16,kernel=online(2)"))
+    with pytest.raises(ConfigError, match="adaptive_temperature must be True or False"):
+        ModelConfig(adaptive_temperature=1)

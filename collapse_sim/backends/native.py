@@ -68,8 +68,9 @@ class NativeBackend(JaxBackendBase):
     def linear(self, x, w):
         return x @ w
 
-    def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None):
-        return _native_attention(q, k, v, jnp.asarray(qpos), scale, alibi, window, self_kv, self.dtype, self.div)
+    def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None, adaptive=None):
+        return _native_attention(q, k, v, jnp.asarray(qpos), scale, alibi, window, self_kv, self.dtype, self.div,
+                                 adaptive)
 
 
 def _softmax(s, div):
@@ -79,7 +80,21 @@ def _softmax(s, div):
     return div(e, jnp.broadcast_to(jnp.sum(e, axis=-1, keepdims=True), e.shape))
 
 
-def _native_attention(q, k, v, qpos, scale, alibi, window, self_kv, dtype, div=jnp.divide):
+def _adaptive_softmax(s, valid, div, poly, threshold):
+    """Adaptive temperature (docs/semantics.md §8.7) in the scores' dtype, by plain jnp ops:
+    the softmax ``a`` of the masked scores ``s``, its entropy H = −Σ a·ln a (0·ln 0 = 0),
+    β = max(poly(H), 1) by Horner's rule where H > ``threshold`` (else 1), the softmax of s·β."""
+    a = _softmax(s, div)
+    H = -jnp.sum(jnp.where(valid & (a > 0), a * jnp.log(jnp.where(a > 0, a, jnp.ones_like(a))), jnp.zeros_like(a)),
+                 axis=-1, keepdims=True)
+    P = jnp.zeros_like(H)
+    for c in poly:
+        P = P * H + jnp.asarray(c, s.dtype)
+    one = jnp.ones_like(H)
+    return _softmax(s * jnp.where(H > threshold, jnp.maximum(P, one), one), div)
+
+
+def _native_attention(q, k, v, qpos, scale, alibi, window, self_kv, dtype, div=jnp.divide, adaptive=None):
     nk = k.shape[0]
     if self_kv is not None:
         k = jnp.concatenate([k, jnp.zeros((1, k.shape[1]), k.dtype)])
@@ -100,7 +115,7 @@ def _native_attention(q, k, v, qpos, scale, alibi, window, self_kv, dtype, div=j
         if window is not None:
             valid = valid & (cols[None, :] > pb[:, None] - window)
         s = jnp.where(valid, s, jnp.asarray(-jnp.inf, dtype))
-        a = _softmax(s, div)
+        a = _softmax(s, div) if adaptive is None else _adaptive_softmax(s, valid, div, *adaptive)
         if self_kv is None:
             return a @ v
         is_self = cols[None, :] == pb[:, None]

@@ -57,7 +57,7 @@ _MODEL_KEYS = {"d": "int", "n_layers": "int", "n_heads": "int", "d_ff": "int", "
                "norm": "str", "ape": "str", "value_proj": "bool", "out_proj": "bool", "embed_std": "num",
                "qk_std": "num?", "v_std": "num?", "ff_std": "num?", "norm_eps": "num",
                "kind": "str", "qkv_var": "num?", "sin_at": "str", "alibi_slope": "num?", "alibi_at": "str",
-               "rope_fraction": "num", "ssmax": "num?", "sink": "bool"}
+               "rope_fraction": "num", "ssmax": "num?", "sink": "bool", "adaptive_temperature": "bool"}
 _MODEL_DEFAULTS = {"d": 16, "n_layers": 1, "vocab": 16}  # over ModelConfig's own defaults
 
 

@@ -15,7 +15,7 @@ import mpmath.libmp as mlib
 import numpy as np
 from jax import lax
 
-from ...policy import BLOCK_KERNELS
+from ...policy import BLOCK_KERNELS, PolicyError
 from ...rounding import round_to
 from ..reference.arith import times_log2e
 from .._rows import _fill_rows, _map_rows
@@ -220,22 +220,59 @@ def _weighted_values(emu: Emulator, P, V, valid, out, path: str):
     return reduce_sum(prod, emu.order, emu.accumulate, out, emu.mode, vmask, emu.bounds, path=path)
 
 
-def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv, path: str = "certified"):
+def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv, path: str = "certified",
+                        adaptive=None):
     """Attention with every dot product and sum an :class:`Emulator` reduction, in
     blocks of query rows over all keys. ``path``: how the exact and blocked orders
     take their exact sums (:func:`reduce_sum`; ``"superacc"`` where the certificate
-    already failed)."""
+    already failed). ``adaptive`` (adaptive temperature's polynomial and threshold): its
+    weights (:func:`_adaptive_weights`) instead of the softmax."""
     k, v, kp, vp, cols, weights = _prepare(emu, q, k, v, qpos, scale, alibi, window, self_kv)
     nk, dh = k.shape
 
     def block(args):
         qb, pb, kpb, vpb = args  # (B, dh), (B,), (B, dh), (B, dh)
         K, V = _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb)
-        alpha, valid = weights(emu.dot(jnp.broadcast_to(qb[:, None, :], K.shape), K, path=path), pb, path)
+        raw = emu.dot(jnp.broadcast_to(qb[:, None, :], K.shape), K, path=path)
+        if adaptive is None:
+            alpha, valid = weights(raw, pb, path)
+        else:
+            alpha, valid = _adaptive_weights(emu, weights.scores, raw, pb, path, *adaptive)
         return _weighted_values(emu, alpha, V, valid, emu.compute, path)  # alpha: (B, nk), compute format
 
     b, _ = _blocks(q.shape[0], nk * dh)
     return _map_rows(block, (q, qpos, kp, vp), b)
+
+
+def _adaptive_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv, adaptive):
+    """Attention with adaptive temperature (docs/semantics.md §8.7; ``adaptive``: its
+    polynomial and threshold): the naive kernel op by op over whole rows, for every order
+    (the certified float64 path does not define it)."""
+    if emu.kernel.kind != "naive":
+        raise PolicyError(f"adaptive temperature needs each row's weights at once, which the {emu.kernel.kind} kernel "
+                          "never holds (docs/semantics.md §8.7); use kernel=naive")
+    return _op_by_op_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv, exact_path(_terms(q, k)), adaptive)
+
+
+def _adaptive_weights(emu: Emulator, scores, raw, pb, path: str, poly, threshold):
+    """Adaptive temperature's weights and key mask (docs/semantics.md §8.7) from raw scores
+    (B, nk) of queries at positions pb: the softmax of the scores, the entropy H of those
+    weights (in the compute format), β = max(poly(H), 1) where H > ``threshold`` (else 1;
+    ``poly``: float64 coefficients, highest power first, rounded to storage), and the softmax
+    of the scores times β (rounded to the softmax format)."""
+    mode, C, M = emu.mode, emu.compute, emu.softmax
+    s, valid = scores(raw, pb)
+    s = s if emu.softmax_is_compute else round_to(s, M, mode)  # §8.1's s_ij
+    alpha = masked_softmax(emu, s, valid, path)
+    lam = emu.ln(jnp.where(valid & (alpha > 0), alpha, jnp.ones_like(alpha)), C)  # ln 1 = 0: the 0·ln 0 = 0 terms
+    H = -_weighted_values(emu, alpha, lam[:, :, None], valid, C, path)[:, 0]
+    coef = [emu.store(jnp.float64(c)) for c in poly]  # constants, rounded to storage (§5)
+    P = jnp.broadcast_to(coef[0], H.shape)
+    for c in coef[1:]:
+        P = emu.add(emu.mul(P, H, C), jnp.broadcast_to(c, H.shape), C)
+    one = jnp.ones_like(H)
+    beta = jnp.where(H > threshold, jnp.maximum(P, one), one)  # exact; NaN P stays NaN
+    return masked_softmax(emu, emu.mul(s, jnp.broadcast_to(beta[:, None], s.shape), M), valid, path), valid
 
 
 def _online_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv, path: str = "certified"):

@@ -12,7 +12,7 @@ import numpy as np
 
 from ...policy import Policy
 from .._jit import JaxBackendBase, run_jitted
-from .attention import _emulated_attention, _linear, exact_path
+from .attention import _adaptive_attention, _emulated_attention, _linear, exact_path
 from .ops import Emulator, shared_class_refusal
 from .schedule import _causal_segments, _segment_count, _sharded
 
@@ -180,8 +180,10 @@ class EmulatedBackend(JaxBackendBase):
     def linear(self, x, w):
         return _linear(self.emu, x, w)
 
-    def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None):
+    def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None, adaptive=None):
         del kpos  # keys sit at positions 0..Nk-1
+        if adaptive is not None:  # adaptive temperature (docs/semantics.md §8.7): op by op, unsegmented, unsharded
+            return _adaptive_attention(self.emu, q, k, v, jnp.asarray(qpos), scale, alibi, window, self_kv, adaptive)
         if self.shard:
             return _sharded(self.emu, q, k, v, np.asarray(qpos), scale, alibi, window, self_kv)
         if isinstance(qpos, np.ndarray) and np.all(np.diff(qpos) >= 0) and _segment_count(self.emu, qpos.size, q.shape[1]) > 1:

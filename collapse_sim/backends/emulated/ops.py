@@ -3,8 +3,8 @@
 Every op is computed in a wider *carrier* float (carrier.py) and rounded to the
 policy's format with :func:`collapse_sim.rounding.round_to`, so + − × ÷ √ are
 *correctly rounded* in the target format, in every mode of
-:class:`collapse_sim.rounding.Mode` but stochastic (carrier.py says why). ``exp`` is
-(and ``exp2``) always evaluated in float64 and then rounded: correct except within ~2^-50 relative of
+:class:`collapse_sim.rounding.Mode` but stochastic (carrier.py says why). ``exp`` (and
+``exp2`` and ``ln``) is always evaluated in float64 and then rounded: correct except within ~2^-50 relative of
 a midpoint (nearest modes) or a format value other than 1 (directed modes, round to
 odd); none is known for p <= 16, the tests check every bf16 and fp16 input in every
 mode. Outside the nearest modes the float64 value is marked inexact first
@@ -180,6 +180,21 @@ class Emulator:
         wide = jnp.where(fin, wide, jnp.where(a > 0, jnp.inf, jnp.where(a < 0, 0.0, a)))  # +inf, -inf (0), NaN
         if not self.mode.nearest:  # beyond float64's range: inf -> the largest float64, 0 -> the smallest
             wide = _inexact_exp(wide, a, fin & ((wide == 0) | jnp.isinf(wide)))
+        return round_to(wide, self.compute if fmt is None else fmt, self.mode).astype(self.dtype)
+
+    def ln(self, a, fmt=None):
+        """``∘_F(ln a)`` (docs/semantics.md §2), like :meth:`exp`: float64's ``log``, then one
+        rounding. ``ln a`` of a finite ``a > 0`` other than 1 is irrational (e^r is irrational
+        for every rational r != 0, Lindemann-Weierstrass), never a format value, so for the
+        modes that are not round to nearest the float64 value is marked inexact as
+        :meth:`exp` marks its own (float64's ``log`` of a format value of p <= 25 bits is never
+        1, where that mark picks a side by the sign of ``a``). ``ln 1 = 0`` exactly,
+        ``ln 0 = -inf``, ``ln(+inf) = +inf``, ``ln a`` of ``a < 0`` is NaN, each then rounded
+        to the format (an infinity to its overflow value)."""
+        a = jnp.asarray(a, jnp.float64)
+        wide = jnp.log(a)
+        if not self.mode.nearest:
+            wide = _inexact_exp(wide, a, jnp.isfinite(a) & (a > 0) & (a != 1))
         return round_to(wide, self.compute if fmt is None else fmt, self.mode).astype(self.dtype)
 
     # --- reductions --------------------------------------------------------

@@ -53,18 +53,21 @@ def _pairwise(x, add):
 
 
 def _kahan(x, add, valid=None):
+    """Compensated summation of the ``valid`` terms only (masked terms must be zeros): the
+    first valid term starts the sum as it is (not rounded to the accumulator), as §3.1's
+    ``s = x_0`` over the unmasked terms (§3.3); with none, the sum is 0."""
     xs = jnp.moveaxis(x, -1, 0)
     vs = jnp.ones(xs.shape, bool) if valid is None else jnp.moveaxis(valid, -1, 0)
 
     def step(carry, inp):
-        s, c = carry
+        s, c, started = carry
         v, ok = inp
         y = add(v, -c)
         t = add(s, y)
         c2 = add(add(t, -s), -y)
-        return (jnp.where(ok, t, s), jnp.where(ok, c2, c)), None
+        return (jnp.where(ok, jnp.where(started, t, v), s), jnp.where(ok & started, c2, c), started | ok), None
 
-    (s, _), _ = lax.scan(step, (xs[0], jnp.zeros_like(xs[0])), (xs[1:], vs[1:]))
+    (s, _, _), _ = lax.scan(step, (xs[0], jnp.zeros_like(xs[0]), vs[0]), (xs[1:], vs[1:]))
     return s
 
 

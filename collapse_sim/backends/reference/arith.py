@@ -3,7 +3,7 @@ and reduction orders, accumulator models and dot products (§3.1, §3.2, §3.4),
 mpf tuples.
 
 Every elementary op is evaluated exactly (+ − ×) or at ``2p + 64`` bits truncated,
-with a sticky bit when the truncation lost something (÷ √ exp exp2: the result is then
+with a sticky bit when the truncation lost something (÷ √ exp exp2 ln: the result is then
 round-to-odd, which rounds on to ``p`` bits exactly as the exact value would), and is
 then rounded to the format with integer arithmetic, including its exponent range
 (gradual underflow, overflow policy).
@@ -185,6 +185,21 @@ class RefArith:
         g = self.work + 32
         r = mlib.mpf_exp(mlib.mpf_mul(f, mlib.mpf_ln2(g), g), self.work, "d")
         return self.round(self._sticky(mlib.mpf_shift(r, n), False))
+
+    def ln(self, a):
+        """``∘(ln a)`` (docs/semantics.md §2): ``ln 1 = 0`` exactly; for any other finite
+        ``a > 0`` the logarithm is irrational and is taken at ``2p + 64`` bits, truncated with
+        a sticky bit like :meth:`exp`. ``ln 0 = -inf`` and ``ln(+inf) = +inf`` (then rounded:
+        the format's overflow value), NaN for ``a < 0`` and NaN."""
+        if a == mlib.finf:
+            return self.round(a)
+        if a[1] == 0 and a not in (mlib.fnan, mlib.fninf):  # a zero
+            return self.round(mlib.fninf)
+        if a[1] == 0 or a[0]:  # NaN, -inf, a < 0
+            return mlib.fnan
+        if a == mlib.fone:
+            return mlib.fzero
+        return self.round(self._sticky(mlib.mpf_log(a, self.work, "d"), False))
 
     def max(self, a, b):
         if a == mlib.fnan or b == mlib.fnan:

@@ -150,10 +150,13 @@ class ReferenceBackend(ObjectArrayBackend):
     def linear(self, x, w):
         return self._matmul(x, w, lambda a, b: self.ref.dot(list(a), list(b)))
 
-    def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None):
+    def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None, adaptive=None):
         ref, pol = self.ref, self.ref.policy
         c, smx = ref.compute, ref.softmax
         kern = pol.kernel
+        if adaptive is not None and kern.kind != "naive":
+            raise PolicyError(f"adaptive temperature needs each row's weights at once, which the {kern.kind} "
+                              "kernel never holds (docs/semantics.md §8.7); use kernel=naive")
         if kern.base2 and self.exact_constants:
             raise PolicyError(f"the :exact reference has no exact counterpart of the {kern.kind} kernel's folded "
                               "constants (§8.8.1); drop :exact or use the online kernel")
@@ -191,25 +194,51 @@ class ReferenceBackend(ObjectArrayBackend):
             if pol.kernel.kind in BLOCK_KERNELS:
                 out[i] = self._online_row(s, valid, vals, dh, v_descale)
                 continue
-            if pol.max_subtract:
-                m = None
-                for j in range(pi + 1):
-                    if valid[j]:
-                        m = s[j] if m is None else smx.max(m, s[j])
-                s = [smx.sub(x, m) for x in s]
-            e = [smx.exp(x) if ok else mlib.fzero for x, ok in zip(s, valid)]
-            den = ref_sum(e if pol.order.kind != "kahan" else [x for x, ok in zip(e, valid) if ok] or [mlib.fzero],
-                          pol.order, ref.accumulate, smx)
-            alpha = [c.round(smx.div(x, den)) for x in e]
+            alpha = self._softmax_row(s, valid)
+            if adaptive is not None:
+                beta = self._adaptive_beta(alpha, valid, *adaptive)
+                alpha = self._softmax_row([smx.mul(x, beta) for x in s], valid)
             for d in range(dh):
-                col = [vals[j][d] for j in range(pi + 1)]
-                if pol.order.kind == "kahan":
-                    a2 = [a for a, ok in zip(alpha, valid) if ok]
-                    col = [x for x, ok in zip(col, valid) if ok]
-                    out[i, d] = ref.dot(a2, col)
-                else:
-                    out[i, d] = ref.dot(alpha, col)
+                out[i, d] = self._masked_dot(alpha, [vals[j][d] for j in range(pi + 1)], valid)
         return out
+
+    def _softmax_row(self, s, valid):
+        """The weights (compute format) of one row's scores ``s`` (softmax format) over its
+        columns, the visible ones ``valid`` (docs/semantics.md §8.3)."""
+        ref, pol, smx = self.ref, self.ref.policy, self.ref.softmax
+        if pol.max_subtract:
+            m = None
+            for x, ok in zip(s, valid):
+                if ok:
+                    m = x if m is None else smx.max(m, x)
+            s = [smx.sub(x, m) for x in s]
+        e = [smx.exp(x) if ok else mlib.fzero for x, ok in zip(s, valid)]
+        den = ref_sum(e if pol.order.kind != "kahan" else [x for x, ok in zip(e, valid) if ok] or [mlib.fzero],
+                      pol.order, ref.accumulate, smx)
+        return [ref.compute.round(smx.div(x, den)) for x in e]
+
+    def _masked_dot(self, a, b, valid):
+        """dot(a, b) → compute over a row's columns in their places (§3.2, §3.3): kahan
+        skips the masked ones."""
+        if self.ref.policy.order.kind == "kahan":
+            a, b = [x for x, ok in zip(a, valid) if ok], [x for x, ok in zip(b, valid) if ok]
+        return self.ref.dot(a, b)
+
+    def _adaptive_beta(self, alpha, valid, poly, threshold):
+        """Adaptive temperature's β of one row (docs/semantics.md §8.7) from its weights
+        ``alpha``: the entropy H = −dot(α, ln α) in the compute format (0·ln 0 = 0), Horner's
+        rule for the polynomial ``poly`` (float64 coefficients, highest power first) rounded
+        to storage, β = max(poly(H), 1) where H > ``threshold``, else 1."""
+        c, st = self.ref.compute, self.ref.storage
+        lam = [c.ln(a) if ok and a[1] != 0 else mlib.fzero for a, ok in zip(alpha, valid)]  # a[1] = 0: 0, NaN
+        H = mlib.mpf_neg(self._masked_dot(alpha, lam, valid))
+        coef = [st.from_float(x) for x in poly]
+        P = coef[0]
+        for x in coef[1:]:
+            P = c.add(c.mul(P, H), x)
+        if H != mlib.fnan and mlib.mpf_gt(H, mlib.from_float(threshold)):
+            return c.max(P, mlib.fone)
+        return mlib.fone
 
     def _fp8_quantise(self, rows):
         """``rows`` (a list of vectors: a query, or the keys or values of columns 0..p) quantised
