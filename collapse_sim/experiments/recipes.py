@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..model import gaussian_config, init_params
 from .collapse import CollapseResult
-from .paper import Context, report_model, run_backends
+from .paper import Context, Sizes, report_model, run_backends
 
 # --- remedies -----------------------------------------------------------------------------------
 REMEDY_FAMILIES = [("repeat_last", "v vs v*"), ("last_copy", "copy last"), ("ones", "count ones"),
@@ -31,6 +31,9 @@ REMEDY_MECHANISMS = {  # one sentence per remedy row: why it could change collap
     "p-RoPE": "only the highest RoPE frequencies rotate, the rest of q·k ignores position",
     "Scalable-Softmax": "scores grow with s·ln n, so the softmax stays sharp as n grows instead of flattening to ~1/n",
     "sink token": "a fixed first token can absorb attention, so the last token's share need not shrink like 1/n",
+    "adaptive temperature": "a row whose weights' entropy H exceeds 0.5 has its scores multiplied by max(poly(H), 1) "
+                            "and its softmax taken again; the printed polynomial exceeds 1 only for 0.85 < H < 5.94, "
+                            "so a row spread evenly over more than ~381 keys (H > 5.94) is left as it is",
 }
 
 
@@ -43,7 +46,8 @@ def remedies(sz: Sizes):
             ("fp32 throughout", {}, None, "fp32"),
             (f"p-RoPE, a share {P_ROPE} of the frequencies", dict(rope_fraction=P_ROPE), None, "bf16"),
             (f"Scalable-Softmax, s = {SSMAX_S}", dict(ssmax=SSMAX_S), None, "bf16"),
-            ("sink token", dict(sink=True), None, "bf16")]
+            ("sink token", dict(sink=True), None, "bf16"),
+            ("adaptive temperature", dict(adaptive_temperature=True), None, "bf16")]
 
 
 def remedy_mechanism(name: str) -> str | None:
