@@ -161,3 +161,16 @@ def test_cli_bad_format_one_sentence():
 def test_cli_round(capsys):
     assert main(["round", "65520", "65519", "-f", "fp16"]) == 0
     assert capsys.readouterr().out.split() == ["65520", "->", "inf", "65519", "->", "65504.0"]
+
+
+@pytest.mark.parametrize("policy, role", [("e8m0fnu", "storage"), ("compute=bf16,softmax=e5m3fnu", "softmax"),
+                                          ("compute=bf16,accumulate=(p=8,emax=127,zero=false)", "accumulate")])
+def test_policy_refuses_formats_without_negatives_or_zero(policy, role):
+    """A policy's formats hold differences (s − max in the softmax, residuals): one sentence
+    names the format, why, and the role; e4m3b11fnuz (signed, with zero) is taken."""
+    from collapse_sim.policy import Policy, PolicyError
+
+    with pytest.raises(PolicyError, match=f"cannot be a policy's {role} format") as e:
+        Policy.parse(policy)
+    assert str(e.value).count(". ") == 0 and "\n" not in str(e.value)
+    assert Policy.parse("e4m3b11fnuz").compute == parse("float8_e4m3b11fnuz")
