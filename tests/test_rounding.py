@@ -347,3 +347,24 @@ def test_mode_parse():
     assert Mode.parse("nearest") is Mode.RNE
     with pytest.raises(ValueError, match="unknown rounding mode"):
         Mode.parse("banana")
+
+
+
+def test_e8m0fnu_rounding_down_is_the_mx_scale():
+    """§1 step 6 with RD to e8m0fnu is the OCP MX scale rule (docs/semantics.md §13) where both
+    are defined: for amax in the range, collapse_sim.mx's scale 2^e equals
+    round_to(amax · 2^-emax_elem, "e8m0fnu", "rd"), the clamp at 2^-127 included; above it
+    the scale is NaN while RD gives 2^127 (why mx.py computes the exponent itself)."""
+    from collapse_sim.mx import MX_FORMATS, mx_quantize
+
+    rng = np.random.default_rng(5)
+    amax = np.concatenate([rng.uniform(1, 2, 200) * 2.0 ** rng.integers(-1000, 1000, 200),
+                           [2.0**-135, 2.0**-127, 1.5 * 2.0**-127, 2.0**-126, 2.0**127, 1.99 * 2.0**135]])
+    for name in ("mxfp8_e4m3", "mxfp4_e2m1", "mxint8"):
+        m = MX_FORMATS[name]
+        e = mx_quantize(amax[:, None], m, axis=-1).scale_exp[:, 0]
+        rd = np.asarray(round_to(np.ldexp(amax, -m.emax_elem), "e8m0fnu", "rd"))  # the product is exact here
+        inside = amax < 2.0 ** (128 + m.emax_elem)
+        assert inside.sum() > 50 and (~inside).sum() > 50 and (e[inside] == -127).sum() > 20
+        assert _same(rd[inside], np.ldexp(1.0, e[inside].astype(int))).all(), name
+        assert np.isnan(e[~inside]).all() and (rd[~inside] == 2.0**127).all(), name
