@@ -164,6 +164,8 @@ def _bitlen(c: _Carrier, m):
 
 
 _OVERFLOW_CODES = {"inf": 0, "nan": 1, "saturate": 2}
+#: What a format class fixes about the structure of the rounding (a static flag each, shared by its formats)
+_CLASS_FLAGS = ("subnormals", "signed_zero", "signed", "has_zero")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,10 +201,9 @@ class FormatClass:
 
     def why_not(self, fmt: Format) -> "str | None":
         """Why ``fmt`` is not a member (None if it is)."""
-        flags = ("subnormals", "signed_zero", "signed", "has_zero")
-        if any(getattr(fmt, f) != getattr(self, f) for f in flags):
-            return (f"{fmt.name} has {', '.join(f'{f}={getattr(fmt, f)}' for f in flags)}; the class has "
-                    f"{', '.join(f'{f}={getattr(self, f)}' for f in flags)}")
+        if any(getattr(fmt, f) != getattr(self, f) for f in _CLASS_FLAGS):
+            return (f"{fmt.name} has {', '.join(f'{f}={getattr(fmt, f)}' for f in _CLASS_FLAGS)}; the class has "
+                    f"{', '.join(f'{f}={getattr(self, f)}' for f in _CLASS_FLAGS)}")
         if fmt.p > self.pmax:
             return f"{fmt.name} has p={fmt.p} > {self.pmax}"
         if fmt.min_exponent_of_quantum < self.qmin or fmt.emax > self.emax:
@@ -238,21 +239,11 @@ class FormatParams:
     def tree_unflatten(cls, fc, leaves):
         return cls(*leaves, cls=fc)
 
-    @property
-    def subnormals(self) -> bool:
-        return self.cls.subnormals
-
-    @property
-    def signed_zero(self) -> bool:
-        return self.cls.signed_zero
-
-    @property
-    def signed(self) -> bool:
-        return self.cls.signed
-
-    @property
-    def has_zero(self) -> bool:
-        return self.cls.has_zero
+    def __getattr__(self, name: str):
+        """The flags (``subnormals``, ``signed_zero``, ``signed``, ``has_zero``) are the class's."""
+        if name in _CLASS_FLAGS:
+            return getattr(self.cls, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def max(self):
