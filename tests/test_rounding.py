@@ -319,15 +319,20 @@ def test_jit_and_eager_agree():
 
 @given(
     x=st.floats(allow_nan=False, allow_infinity=True, width=64),
-    p=st.integers(2, 25),
+    p=st.integers(1, 25),
     emax=st.integers(1, 127),
     mode=st.sampled_from(DET_MODES),
+    domain=st.sampled_from(["", ",signed=false", ",zero=false", ",signed=false,zero=false,subnormals=false"]),
 )
-@example(x=1 + 2.0**-8 + 2.0**-40, p=8, emax=127, mode="rne")
-@example(x=5e-324, p=2, emax=1, mode="ru")
-@example(x=-1.7976931348623157e308, p=25, emax=127, mode="rz")
-def test_random_custom_formats_against_fractions(x, p, emax, mode):
-    fmt = parse(f"p={p},emax={emax}")
+@example(x=1 + 2.0**-8 + 2.0**-40, p=8, emax=127, mode="rne", domain="")
+@example(x=5e-324, p=2, emax=1, mode="ru", domain="")
+@example(x=-1.7976931348623157e308, p=25, emax=127, mode="rz", domain="")
+@example(x=-(2.0**-30), p=5, emax=7, mode="rz", domain=",zero=false")  # signed without zero: -s
+@example(x=2.0**-11, p=5, emax=7, mode="rne", domain=",zero=false")  # subnormal s = 2^-10, R = 0 -> s
+@example(x=3 * 2.0**-8, p=1, emax=7, mode="rne", domain="")  # p = 1 with "subnormals": quantum 2^emin below it
+def test_random_custom_formats_against_fractions(x, p, emax, mode, domain):
+    """Random formats (p = 1..25, with or without sign, zero) and values against the rational oracle."""
+    fmt = parse(f"p={p},emax={emax}{domain}")
     got = float(round_to(jnp.float64(x), fmt, mode))
     assert _same([got], [fraction_round(x, fmt, mode)]).all()
 
