@@ -177,9 +177,9 @@ class FormatClass:
     the formats' precision ``p``, exponent range, largest significand and overflow rule
     are traced values. Fixed are the narrowest carrier dtype of the inputs, whether the
     formats have subnormals, signed zeros, negative numbers and a zero (gradual underflow
-    or a flush, one zero or two, the domain: the structure of the rounding), and bounds the whole class keeps to: ``p <=
-    pmax``, every quantum ``>= 2**qmin`` (the smallest subnormal, or the smallest normal
-    without subnormals) and largest binade ``<= 2**emax``. The bounds make the fast
+    or a flush, one zero or two, the domain: the structure of the rounding), and bounds
+    the whole class keeps to: ``p <= pmax``, every quantum ``>= 2**qmin`` (the smallest
+    subnormal, or the smallest normal without subnormals) and largest binade ``<= 2**emax``. The bounds make the fast
     round-to-nearest path valid for every member (the format's normal range inside the
     carrier's, its subnormals carrier normals), and they bound the exact sums' terms.
     """

@@ -19,9 +19,9 @@ def section_formats(lines: list[str]) -> None:
     unsigned = [r["name"] for r in table_rows() if not r["signed"]]
     zeroless = [r["name"] for r in table_rows() if not r["zero"]]
     if unsigned or zeroless:
-        lines += ["", f"Unsigned (a negative value rounds to NaN, so no policy takes them): {', '.join(unsigned) or 'none'}; "
-                  f"without zero (0 rounds to NaN, smaller values to the min subnormal column's value): "
-                  f"{', '.join(zeroless) or 'none'}."]
+        lines += ["", "Unsigned (a negative value rounds to NaN, so no policy takes them): "
+                  f"{', '.join(unsigned) or 'none'}; without zero (0 rounds to NaN, smaller values to the "
+                  f"min subnormal column's value): {', '.join(zeroless) or 'none'}."]
     lines.append("")
 
 
