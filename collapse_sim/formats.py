@@ -3,12 +3,14 @@
 A :class:`Format` is described by its precision ``p`` (significand bits,
 hidden bit included), the exponent of its smallest normal number ``emin``,
 the exponent of its largest binade ``emax``, whether it has subnormals, what
-happens on overflow, and (for formats such as fp8 e4m3fn that give up the top
-encodings to NaN) the largest finite value.
+happens on overflow, (for formats such as fp8 e4m3fn that give up the top
+encodings to NaN) the largest finite value, and its domain: whether it has a
+negative zero, negative numbers (``signed``) and a zero (``has_zero``).
 
 Every finite positive value of a format is ``m * 2**(e - p + 1)`` with integer
 ``2**(p-1) <= m < 2**p`` and ``emin <= e <= emax`` (normals), or
-``0 < m < 2**(p-1)`` with ``e = emin`` (subnormals).
+``0 < m < 2**(p-1)`` with ``e = emin`` (subnormals); a signed format also holds
+their negatives, a format with zero also 0.
 
 >>> parse("bf16").unit_roundoff == 2.0**-8
 True
@@ -49,7 +51,12 @@ class Format:
         ``"nan"`` (as in fp8 e4m3fn, which has no infinity).
       max_significand: largest integer significand in the top binade; ``None``
         means ``2**p - 1`` (IEEE). e4m3fn uses 14 (``0b1110``): 448.
-      signed_zero: False for the ``fnuz`` formats, whose only zero is +0.
+      signed_zero: False for the ``fnuz`` formats, whose only zero is +0 (and for
+        every format without negative numbers or without zero).
+      signed: False for an unsigned format (e5m3fnu, e8m0fnu): no negative
+        numbers; a negative input rounds to NaN (docs/semantics.md §1).
+      has_zero: False for a format without zero (e8m0fnu): 0 rounds to NaN and
+        a value below the smallest positive one rounds to it, in every mode.
       description: a few words for the formats table.
     """
 
@@ -61,6 +68,8 @@ class Format:
     overflow: Overflow = "inf"
     max_significand: int | None = None
     signed_zero: bool = True
+    signed: bool = True
+    has_zero: bool = True
     description: str = dataclasses.field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +83,9 @@ class Format:
         if ms is not None and not (2 ** (self.p - 1) <= ms <= 2**self.p - 1):
             raise FormatError(f"format {self.name!r}: max_significand (maxsig) must lie in [2^(p-1), 2^p - 1] = "
                               f"[{2 ** (self.p - 1)}, {2**self.p - 1}], got {ms}")
+        if self.signed_zero and not (self.signed and self.has_zero):
+            what = "unsigned" if not self.signed else "without zero"
+            raise FormatError(f"format {self.name!r} is {what}, so it has no -0: give signed_zero=False")
 
     # --- properties -------------------------------------------------------
     @property
@@ -105,7 +117,8 @@ class Format:
 
     @property
     def min_subnormal(self) -> float:
-        """Smallest positive value (the smallest normal when subnormals are off)."""
+        """Smallest positive value (the smallest normal when subnormals are off; a format
+        without zero rounds every smaller positive value to it)."""
         if not self.subnormals:
             return self.min_normal
         return _to_float(Fraction(2) ** (self.emin - self.p + 1))
@@ -132,9 +145,22 @@ class Format:
             parts.append(f"overflow={self.overflow}")
         if self.max_significand is not None:
             parts.append(f"maxsig={self.max_significand}")
-        if not self.signed_zero:
+        if not self.signed:
+            parts.append("signed=false")
+        if not self.has_zero:
+            parts.append("zero=false")
+        if not self.signed_zero and self.signed and self.has_zero:  # otherwise implied
             parts.append("signed_zero=false")
         return ",".join(parts)
+
+    def why_not_arithmetic(self) -> str | None:
+        """Why the model's arithmetic cannot run in this format (None if it can): its
+        values and their differences need both signs and zero."""
+        if not self.signed:
+            return f"{self.name} is unsigned (a negative value rounds to NaN)"
+        if not self.has_zero:
+            return f"{self.name} has no zero (0 rounds to NaN)"
+        return None
 
     def __str__(self) -> str:
         return self.name
@@ -202,16 +228,34 @@ register(Format("e3m2fn", 3, -2, 4, overflow="saturate", description="fp6 OCP MX
 register(Format("e2m1fn", 2, 0, 2, overflow="saturate", description="fp4 OCP MX E2M1 (finite only)"),
          "fp4", "fp4_e2m1", "float4_e2m1fn")
 
+register(
+    Format("e4m3b11fnuz", 4, -10, 4, overflow="nan", signed_zero=False,
+           description="fp8 E4M3 B11 FNUZ (bias 11, no -0, NaN on overflow, max 30)"),
+    "float8_e4m3b11fnuz",
+)
+register(
+    Format("e5m3fnu", 4, -14, 16, overflow="nan", max_significand=14, signed=False, signed_zero=False,
+           description="fp8 E5M3 FNU: unsigned (negative -> NaN), NaN on overflow, max 114688"),
+    "float8_e5m3fnu",
+)
+register(
+    Format("e8m0fnu", 1, -127, 127, subnormals=False, overflow="nan", signed=False, has_zero=False,
+           signed_zero=False,
+           description="OCP MX E8M0 scale: 2^-127..2^127, unsigned, no zero (0 -> NaN), NaN on overflow"),
+    "float8_e8m0fnu", "e8m0",
+)
+
 #: The ml_dtypes / numpy dtype name holding each built-in format exactly, if any.
 NUMPY_DTYPES: dict[str, str] = {
     "fp64": "float64", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
     "e4m3fn": "float8_e4m3fn", "e4m3": "float8_e4m3", "e5m2": "float8_e5m2",
     "e4m3fnuz": "float8_e4m3fnuz", "e5m2fnuz": "float8_e5m2fnuz", "e3m4": "float8_e3m4",
     "e2m3fn": "float6_e2m3fn", "e3m2fn": "float6_e3m2fn", "e2m1fn": "float4_e2m1fn",
+    "e4m3b11fnuz": "float8_e4m3b11fnuz", "e5m3fnu": "float8_e5m3fnu", "e8m0fnu": "float8_e8m0fnu",
 }
 
 _BOOL = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
-DESCRIPTION_KEYS = ("p", "emin", "emax", "subnormals", "overflow", "maxsig", "signed_zero", "name")
+DESCRIPTION_KEYS = ("p", "emin", "emax", "subnormals", "overflow", "maxsig", "signed_zero", "signed", "zero", "name")
 
 
 def split_top_level(text: str, what: str, error: type = FormatError) -> list[str]:
@@ -255,7 +299,8 @@ def parse(spec: str | Format) -> Format:
     ``emax`` (default ``2**(w-1)-1`` style: 15 needs ``emax=15``), ``emin``
     (default ``1 - emax``), ``subnormals`` (true/false), ``overflow``
     (inf/saturate/nan), ``maxsig`` (largest top-binade significand),
-    ``signed_zero`` and ``name``. It may be written in parentheses,
+    ``signed_zero``, ``signed`` (false: no negative numbers), ``zero`` (false: no
+    zero; both imply ``signed_zero=false``) and ``name``. It may be written in parentheses,
     ``(p=5,emax=15)``, the spelling lists and policies need.
 
     A description must be one whose properties float64 can state: u = 2^-p,
@@ -306,6 +351,8 @@ def parse(spec: str | Format) -> Format:
         raise FormatError(f"format description {text!r} needs an exponent range emax=..., as in 'p=5,emax=15'")
     p, emax = _int("p"), _int("emax")
     emin = _int("emin") if "emin" in fields else 1 - emax
+    signed = _bool("signed") if "signed" in fields else True
+    has_zero = _bool("zero") if "zero" in fields else True
     overflow = fields.get("overflow", "inf").lower()
     if overflow not in _OVERFLOWS:
         raise FormatError(f"format description {text!r}: overflow must be one of {', '.join(_OVERFLOWS)}, got {overflow!r}")
@@ -317,7 +364,9 @@ def parse(spec: str | Format) -> Format:
         subnormals=_bool("subnormals") if "subnormals" in fields else True,
         overflow=overflow,  # type: ignore[arg-type]
         max_significand=_int("maxsig") if "maxsig" in fields else None,
-        signed_zero=_bool("signed_zero") if "signed_zero" in fields else True,
+        signed_zero=_bool("signed_zero") if "signed_zero" in fields else signed and has_zero,
+        signed=signed,
+        has_zero=has_zero,
         description="custom",
     )
     _check_describable(fmt, text)
@@ -405,7 +454,7 @@ def table_rows(formats: "list[Format] | None" = None) -> list[dict[str, object]]
     for f in builtin_formats() if formats is None else formats:
         rows.append({
             "name": f.name, "p": f.p, "emin": f.emin, "emax": f.emax,
-            "subnormals": f.subnormals, "overflow": f.overflow,
+            "subnormals": f.subnormals, "overflow": f.overflow, "signed": f.signed, "zero": f.has_zero,
             "u": f.unit_roundoff, "eps": f.eps, "max": f.max,
             "min_normal": f.min_normal, "min_subnormal": f.min_subnormal,
             "description": f.description,

@@ -10,6 +10,15 @@ block of real values ``V_0..V_{k−1}`` becomes (docs/semantics.md §13):
                                                 the element's largest value saturate to it
     value_i = 2^e · P_i
 
+The scale is a value of the built-in format ``e8m0fnu``, whose range this module
+takes. For a finite block with ``0 < amax < 2^(128 + emax_elem)`` it is
+``round_to(amax · 2^−emax_elem, "e8m0fnu", "rd")`` (rounding down with p = 1 is
+``2^⌊log2⌋``, and below 2^−127 a format without zero gives its smallest value:
+the clamp; tests/test_rounding.py checks the two agree), but not outside: above
+the range RD gives 2^127 where a block has a NaN scale, an all-zero block's 0
+rounds to NaN where it has 2^−127, and ``amax · 2^−emax_elem`` can underflow in
+float64. So the exponent is computed here, from ``frexp``, and those cases apart.
+
 ``V_i / 2^e`` is exact in float64 (a power-of-two scale of a float64 value that
 cannot overflow: |V_i / 2^e| < 2^(emax_elem+1)), except that it can underflow for
 values far below the block's largest, which round to 0 either way; so the one rounding
@@ -39,7 +48,8 @@ from .errors import CollapseSimError
 from .formats import Format, parse
 from .rounding import round_to
 
-SCALE_EMIN, SCALE_EMAX = -127, 127  # E8M0: 2^-127 .. 2^127, code 255 = NaN
+SCALE_FORMAT = parse("e8m0fnu")
+SCALE_EMIN, SCALE_EMAX = SCALE_FORMAT.emin, SCALE_FORMAT.emax  # E8M0: 2^-127 .. 2^127, code 255 = NaN
 INT8_QUANTUM = 2.0**-6  # MXINT8 element step
 INT8_MAX = 127  # largest |k| of an MXINT8 element k·2^-6
 

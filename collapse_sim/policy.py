@@ -286,6 +286,11 @@ class Policy:
             raise PolicyError("stochastic rounding is available through round_to(..., key=...), not as a policy mode")
         if self.kernel.kind in BLOCK_KERNELS and not self.max_subtract:
             raise PolicyError(f"the {self.kernel.kind} kernel rescales by its running maximum, so it needs max_subtract=true")
+        for role in _ROLES:
+            why = getattr(self, role).why_not_arithmetic()
+            if why is not None:
+                raise PolicyError(f"{why}, so it cannot be a policy's {role} format: the model's values need both "
+                                  "signs and zero; use it with round_to")
 
     @classmethod
     def uniform(cls, fmt: "Format | str", order: "Order | str" = "pairwise", **kw) -> "Policy":

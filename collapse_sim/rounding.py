@@ -38,6 +38,9 @@ Semantics (IEEE 754 where it speaks):
   no round to odd; this is CPFloat's choice).
 * NaN stays NaN; ±inf becomes ±inf, NaN (``overflow="nan"``) or ±max
   (``"saturate"``).
+* An unsigned format (``signed=False``) turns every negative input into NaN (−0 into
+  +0); a format without zero (``has_zero=False``) turns ±0 into NaN and every rounded
+  magnitude below its smallest positive value into that value, in every mode.
 * Stochastic rounding rounds up with probability ``(x - RD(x)) / ulp``,
   exactly, using random integers as wide as the input type.
 """
@@ -161,6 +164,8 @@ def _bitlen(c: _Carrier, m):
 
 
 _OVERFLOW_CODES = {"inf": 0, "nan": 1, "saturate": 2}
+#: What a format class fixes about the structure of the rounding (a static flag each, shared by its formats)
+_CLASS_FLAGS = ("subnormals", "signed_zero", "signed", "has_zero")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,10 +176,10 @@ class FormatClass:
     A program that rounds to a format of this class holds the same code for every one:
     the formats' precision ``p``, exponent range, largest significand and overflow rule
     are traced values. Fixed are the narrowest carrier dtype of the inputs, whether the
-    formats have subnormals and signed zeros (gradual underflow or a flush, one zero or
-    two: the structure of the rounding), and bounds the whole class keeps to: ``p <=
-    pmax``, every quantum ``>= 2**qmin`` (the smallest subnormal, or the smallest normal
-    without subnormals) and largest binade ``<= 2**emax``. The bounds make the fast
+    formats have subnormals, signed zeros, negative numbers and a zero (gradual underflow
+    or a flush, one zero or two, the domain: the structure of the rounding), and bounds
+    the whole class keeps to: ``p <= pmax``, every quantum ``>= 2**qmin`` (the smallest
+    subnormal, or the smallest normal without subnormals) and largest binade ``<= 2**emax``. The bounds make the fast
     round-to-nearest path valid for every member (the format's normal range inside the
     carrier's, its subnormals carrier normals), and they bound the exact sums' terms.
     """
@@ -185,6 +190,8 @@ class FormatClass:
     emax: int = 127
     subnormals: bool = True
     signed_zero: bool = True
+    signed: bool = True
+    has_zero: bool = True
 
     def __post_init__(self) -> None:
         c = _Carrier(self.dtype)
@@ -194,9 +201,9 @@ class FormatClass:
 
     def why_not(self, fmt: Format) -> "str | None":
         """Why ``fmt`` is not a member (None if it is)."""
-        if fmt.subnormals != self.subnormals or fmt.signed_zero != self.signed_zero:
-            return (f"{fmt.name} has subnormals={fmt.subnormals}, signed_zero={fmt.signed_zero}; the class has "
-                    f"subnormals={self.subnormals}, signed_zero={self.signed_zero}")
+        if any(getattr(fmt, f) != getattr(self, f) for f in _CLASS_FLAGS):
+            return (f"{fmt.name} has {', '.join(f'{f}={getattr(fmt, f)}' for f in _CLASS_FLAGS)}; the class has "
+                    f"{', '.join(f'{f}={getattr(self, f)}' for f in _CLASS_FLAGS)}")
         if fmt.p > self.pmax:
             return f"{fmt.name} has p={fmt.p} > {self.pmax}"
         if fmt.min_exponent_of_quantum < self.qmin or fmt.emax > self.emax:
@@ -232,13 +239,11 @@ class FormatParams:
     def tree_unflatten(cls, fc, leaves):
         return cls(*leaves, cls=fc)
 
-    @property
-    def subnormals(self) -> bool:
-        return self.cls.subnormals
-
-    @property
-    def signed_zero(self) -> bool:
-        return self.cls.signed_zero
+    def __getattr__(self, name: str):
+        """The flags (``subnormals``, ``signed_zero``, ``signed``, ``has_zero``) are the class's."""
+        if name in _CLASS_FLAGS:
+            return getattr(self.cls, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def max(self):
@@ -274,6 +279,34 @@ def _tiny_pattern(c: "_Carrier", fmt: "Format | FormatParams"):
     if isinstance(fmt, Format):
         return c.u(c.pattern_of_value(1, fmt.emin))
     return (_int(c, fmt.emin) + c.bias).astype(c.u) << c.u(c.pc - 1)
+
+
+def _smallest_pattern(c: "_Carrier", fmt: "Format | FormatParams"):
+    """Magnitude pattern of the smallest positive value: 2**(emin - p + 1) with subnormals,
+    2**emin without."""
+    if not fmt.subnormals:
+        return _tiny_pattern(c, fmt)
+    if isinstance(fmt, Format):
+        pat = c.pattern_of_value(1, fmt.min_exponent_of_quantum)
+        if pat is None:
+            raise RoundingError(f"format {fmt.name} has no zero and its smallest value 2^{fmt.min_exponent_of_quantum} "
+                                f"is below {c.dtype}'s smallest; round from float64")
+        return c.u(pat)
+    q = _int(c, fmt.emin) - _int(c, fmt.p) + 1  # a carrier normal: the class keeps qmin >= the carrier's emin
+    return (q + c.bias).astype(c.u) << c.u(c.pc - 1)
+
+
+def _domain(c: "_Carrier", fmt: "Format | FormatParams", pat, mag, neg, lim: "_Limits"):
+    """The rounded magnitude ``pat`` of an input of magnitude ``mag`` after the rules of
+    formats without negative numbers or without zero (docs/semantics.md §1): no zero,
+    ±0 gives NaN and a magnitude below the smallest value (0 included) gives the smallest;
+    unsigned, a negative input (−0 aside) gives NaN."""
+    if not fmt.has_zero:
+        smallest = _smallest_pattern(c, fmt)
+        pat = jnp.where(mag == 0, lim.nan, jnp.where(pat < smallest, smallest, pat))
+    if not fmt.signed:
+        pat = jnp.where(neg & (mag != 0), lim.nan, pat)
+    return pat
 
 
 class _Limits:
@@ -339,14 +372,18 @@ def _round_rne_fast(x, fmt: "Format | FormatParams"):
     sign_bit = U(1) << U(W - 1)
     xbits = lax.bitcast_convert_type(x, U)
     xsign = xbits & sign_bit
-    if isinstance(fmt, Format):
+    if isinstance(fmt, Format) and fmt.p > 1:
         ebits = {32: 8, 64: 11}[c.width]
         r = lax.reduce_precision(x, exponent_bits=ebits, mantissa_bits=fmt.p - 1)
         rn_bits = lax.bitcast_convert_type(r, U)
-    else:  # what reduce_precision does, with a traced shift: round half to even at bit pc - p
-        sh = (U(c.pc) - _int(c, fmt.p).astype(U))
+    else:  # what reduce_precision does, with a traced shift: round half to even at bit pc - p. With
+        # p = 1 the kept significand is the hidden bit, 1, odd: a tie goes up (reduce_precision with
+        # no mantissa bits looks at the exponent's last bit instead, and sends 3 to 2)
+        p = jnp.asarray(_int(c, fmt.p)).astype(U)
+        sh = U(c.pc) - p
         mag = xbits & ~sign_bit
-        rn_bits = xsign | (((mag + ((U(1) << (sh - U(1))) - U(1)) + ((mag >> sh) & U(1))) >> sh) << sh)
+        odd = jnp.where(p == U(1), U(1), (mag >> sh) & U(1))
+        rn_bits = xsign | (((mag + ((U(1) << (sh - U(1))) - U(1)) + odd) >> sh) << sh)
     tiny_pat = _tiny_pattern(c, fmt)
     if fmt.subnormals:
         C = _magic(c, fmt, x.dtype)
@@ -359,6 +396,7 @@ def _round_rne_fast(x, fmt: "Format | FormatParams"):
     lim = _Limits(c, fmt)
     pat = jnp.where(lim.over(mag), lim.overflow, mag)  # RNE always rounds away on overflow; ±inf lands here too
     pat = jnp.where(jnp.isnan(x), lim.nan, pat)
+    pat = _domain(c, fmt, pat, xbits & ~sign_bit, xsign != 0, lim)
     return _signed(c, fmt, pat, xsign != 0, lim, x.dtype)
 
 
@@ -476,6 +514,7 @@ def _round_general(x, key, fmt: "Format | FormatParams", mode: Mode):
     # Specials.
     pat = jnp.where(is_inf, lim.overflow, pat)
     pat = jnp.where(is_nan, lim.nan, pat)
+    pat = _domain(c, fmt, pat, mag, neg, lim)
     return _signed(c, fmt, pat, neg, lim, x.dtype)
 
 

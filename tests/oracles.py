@@ -3,7 +3,8 @@
 Neither shares code with collapse_sim.rounding: the MPFR oracle lets MPFR do
 the rounding (precision p, exponent range set so that subnormals are exact
 with ``subnormalize``); the rational oracle does it with Python integers.
-The overflow rule is written here again, straight from IEEE 754 §7.4.
+The overflow rule is written here again, straight from IEEE 754 §7.4, and the rules
+of unsigned formats and formats without zero from docs/semantics.md §1 (steps 1 and 6).
 """
 
 from __future__ import annotations
@@ -36,14 +37,27 @@ def _overflow(value: Fraction | float, negative: bool, fmt: Format, mode: str) -
     return -big if negative else big
 
 
+def _outside(zero: bool, negative: bool, fmt: Format) -> bool:
+    """§1 step 1: an unsigned format takes no negative value (−0 is a zero), a format
+    without zero no zero: NaN, in every mode."""
+    return (not fmt.signed and negative and not zero) or (not fmt.has_zero and zero)
+
+
 def _special(x: float, fmt: Format) -> float:
-    if math.isnan(x):
+    if math.isnan(x) or _outside(False, x < 0, fmt):
         return math.nan
     big = {"inf": math.inf, "nan": math.nan, "saturate": float(fmt.max_exact)}[fmt.overflow]
     return -big if x < 0 else big
 
 
 def _fix_zero(r: float, negative: bool, fmt: Format) -> float:
+    """A zero result's sign; without zero (§1 step 6), every result below the smallest
+    positive value s is s."""
+    if not fmt.has_zero:
+        s = 2.0**fmt.min_exponent_of_quantum
+        if abs(r) < s:
+            return -s if negative else s
+        return r
     if r == 0:
         return -0.0 if (negative and fmt.signed_zero) else 0.0
     return r
@@ -120,12 +134,19 @@ def mpfr_round(x: float, fmt: Format, mode: str) -> float:
     """Round the exact value of the Python float ``x`` to ``fmt`` with MPFR."""
     if math.isnan(x) or math.isinf(x):
         return _special(x, fmt)
-    assert fmt.subnormals, "MPFR oracle covers formats with gradual underflow"
+    # without zero every result below 2^emin ends as the smallest value, flushed or not
+    assert fmt.subnormals or not fmt.has_zero, "MPFR oracle covers formats with gradual underflow"
+    negative = math.copysign(1.0, x) < 0
+    if _outside(x == 0, negative, fmt):
+        return math.nan
+    if not fmt.has_zero and abs(x) < 2.0**fmt.min_exponent_of_quantum:
+        # below the smallest value s every mode gives s (§1 step 6); not left to MPFR, which at
+        # precision 1 keeps 2^-129 under emin = -126 (gmpy2 2.3.2, MPFR 4.2.2; precision 2 underflows)
+        return _fix_zero(0.0, negative, fmt)
     if mode in _MPFR_MODES:
         r = _mpfr(x, fmt.p, fmt.emin, fmt.emax, _MPFR_MODES[mode])[0]
     else:
         r = _mpfr_derived(x, fmt, mode)
-    negative = math.copysign(1.0, x) < 0
     if gmpy2.is_infinite(r) or abs(r) > _largest(fmt):  # an exact comparison
         return _overflow(r, negative, fmt, mode)
     return _fix_zero(float(r), negative, fmt)
@@ -141,6 +162,8 @@ def fraction_round(x: Fraction | float, fmt: Format, mode: str, negative_zero: b
         x = Fraction(x)
     else:
         negative = x < 0 or (x == 0 and negative_zero)
+    if _outside(x == 0, negative, fmt):
+        return math.nan
     a = abs(x)
     if a == 0:
         return _fix_zero(0.0, negative, fmt)
@@ -183,7 +206,7 @@ def fraction_round(x: Fraction | float, fmt: Format, mode: str, negative_zero: b
 
 def format_values(fmt: Format) -> list[Fraction]:
     """Every non-negative finite value of ``fmt``, ascending, from its definition."""
-    vals = [Fraction(0)]
+    vals = [Fraction(0)] if fmt.has_zero else []
     q0 = fmt.emin - fmt.p + 1
     if fmt.subnormals:
         vals += [Fraction(m) * Fraction(2) ** q0 for m in range(1, 2 ** (fmt.p - 1))]

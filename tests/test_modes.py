@@ -90,7 +90,7 @@ def test_known_values(x, fmt, rna, rnz, ro):
         assert ref == want or (math.isnan(ref) and math.isnan(want)), (x, fmt, mode, ref, want)  # no -0 in mpmath
 
 
-@pytest.mark.parametrize("name", ["e4m3fn", "e5m2", "e2m1fn", "p=3,emax=3,subnormals=false"])
+@pytest.mark.parametrize("name", ["e4m3fn", "e5m2", "e2m1fn", "e4m3b11fnuz", "p=3,emax=3,subnormals=false"])
 @pytest.mark.parametrize("mode", NEW)
 def test_reference_rounding_against_fractions(name, mode):
     """RefArith.round on every value, midpoint and neighbour of small formats (both signs)."""

@@ -18,7 +18,9 @@ from collapse_sim.rounding import Mode, round_to
 from oracles import format_values, fraction_round, mpfr_round
 
 DET_MODES = ["rne", "rz", "ru", "rd", "rna", "rnz", "ro"]
-EXHAUSTIVE = ["bf16", "fp16", "e4m3fn", "e5m2"]
+#: ml_dtypes 0.7's other formats: bias 11 without -0, unsigned, and unsigned without zero (p = 1)
+DOMAIN = ["e4m3b11fnuz", "e5m3fnu", "e8m0fnu"]
+EXHAUSTIVE = ["bf16", "fp16", "e4m3fn", "e5m2", *DOMAIN]
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,12 +28,14 @@ def _test_points(fmt):
     """Values, midpoints, and the inputs one ulp of f32 / f64 either side of each midpoint.
 
     Returns (f64 points, f32 points) including both signs; f32 points are those
-    exactly representable in float32.
+    exactly representable in float32. A format without zero gets 0 as a value here (the
+    midpoint below its smallest value and the points around it), and every format the
+    smallest float32 and float64 (far below its range).
     """
-    vals = format_values(fmt)
+    vals = ([] if fmt.has_zero else [Fraction(0)]) + format_values(fmt)
     # one more value past the top: 2^(emax+1) closes the last interval (overflow set)
     vals_ext = vals + [Fraction(2) ** (fmt.emax + 1)]
-    pts = set(float(v) for v in vals)
+    pts = set(float(v) for v in vals) | {2.0**-149, 5e-324}
     mids = [(a + b) / 2 for a, b in zip(vals_ext[:-1], vals_ext[1:])]
     mids.append(Fraction(fmt.max_exact) + (Fraction(2) ** (fmt.emax - fmt.p + 1)) / 2)
     for m in mids:
@@ -85,6 +89,7 @@ def test_exhaustive_against_mpfr(name, mode):
 
 FAST = EXHAUSTIVE + ["e4m3", "e4m3fnuz", "e5m2fnuz", "e3m4", "e2m3fn", "e3m2fn", "e2m1fn",
                      "p=3,emax=3,subnormals=false", "p=6,emin=-4,emax=5,overflow=saturate"]
+_F32_TINY = 2.0**-126  # float32's smallest normal
 
 
 @pytest.mark.parametrize("name", FAST)
@@ -95,17 +100,19 @@ def test_fast_nearest_path_against_mpfr(name):
     from collapse_sim.rounding import _round_general, fast_path_applies
 
     fmt = parse(name)
+    general_rne = jax.jit(lambda x, key: _round_general(x, key, fmt, Mode.RNE))  # eager, it took seconds per format
     p64, p32 = _test_points(fmt)
     lo = 2.0**fmt.emin
     normal = [pts[(np.abs(pts) >= lo) | (pts == 0)] for pts in (p64, p32)]
     lookup = _oracle_table(normal[0], fmt, "rne", mpfr_round if fmt.subnormals else fraction_round)
     for pts, dt in zip(normal, (jnp.float64, jnp.float32)):
         pts = np.concatenate([pts, [np.inf, -np.inf, np.nan]])
-        assert fast_path_applies(fmt, dt)
+        # e8m0fnu's 2^-127 is a float32 subnormal: from float32 the general path rounds it
+        assert fast_path_applies(fmt, dt) == (dt == jnp.float64 or lo >= _F32_TINY)
         expected = np.where(np.isfinite(pts), 0.0, np.nan)
         expected[np.isfinite(pts)] = lookup(pts[np.isfinite(pts)])
         got = np.asarray(round_to(jnp.asarray(pts, dt), fmt, "rne")).astype(np.float64)
-        general = np.asarray(_round_general(jnp.asarray(pts, dt), jax.random.key(0), fmt, Mode.RNE)).astype(np.float64)
+        general = np.asarray(general_rne(jnp.asarray(pts, dt), jax.random.key(0))).astype(np.float64)
         fin = np.isfinite(pts)
         assert _same(got, general).all()
         ok = _same(got[fin], expected[fin])
@@ -131,9 +138,11 @@ def test_other_formats_against_fractions(name, mode):
 
 def test_mpfr_and_fraction_oracles_agree():
     """On a sample of fp16's test points and on every test point of e5m2 (whose values,
-    midpoints and their neighbours the fp16 sample happens to miss: it holds no midpoint)."""
+    midpoints and their neighbours the fp16 sample happens to miss: it holds no midpoint),
+    and of the unsigned formats (e8m0fnu: p = 1, no zero)."""
     p16, _ = _test_points(parse("fp16"))
-    for fmt, pts in ((parse("fp16"), p16[:: max(1, len(p16) // 3000)]), (parse("e5m2"), _test_points(parse("e5m2"))[0])):
+    small = [(parse(n), _test_points(parse(n))[0]) for n in ("e5m2", "e5m3fnu", "e8m0fnu")]
+    for fmt, pts in ((parse("fp16"), p16[:: max(1, len(p16) // 3000)]), *small):
         for mode in DET_MODES:
             for x in pts:
                 a, b = mpfr_round(float(x), fmt, mode), fraction_round(float(x), fmt, mode)
@@ -162,6 +171,25 @@ def test_mpfr_and_fraction_oracles_agree():
         (-(2.0**-149), jnp.float32, "bf16", "rd", -(2.0**-133)),
         (-(2.0**-149), jnp.float32, "bf16", "ru", -0.0),
         (-(2.0**-30), jnp.float64, "e4m3fnuz", "rne", 0.0),  # no negative zero
+        (31.0, jnp.float32, "e4m3b11fnuz", "rne", math.nan),  # above max 30 (tie to 32): NaN
+        (-31.0, jnp.float32, "e4m3b11fnuz", "rz", -30.0),
+        (-(2.0**-20), jnp.float32, "e4m3b11fnuz", "rne", 0.0),
+        (-0.0, jnp.float32, "e5m3fnu", "rne", 0.0),  # unsigned: -0 is +0
+        (-(2.0**-40), jnp.float64, "e5m3fnu", "ru", math.nan),  # negative: NaN, although RU would give -0
+        (-math.inf, jnp.float32, "e5m3fnu", "rne", math.nan),
+        (118784.0, jnp.float32, "e5m3fnu", "rne", 114688.0),  # the tie above max (significand 14, even)
+        (118784.0, jnp.float32, "e5m3fnu", "rna", math.nan),
+        (3.0, jnp.float64, "e8m0fnu", "rne", 4.0),  # p = 1: the significand is 1, odd, so a tie goes up
+        (1.5, jnp.float32, "e8m0fnu", "rne", 2.0),
+        (5.0, jnp.float32, "e8m0fnu", "rne", 4.0),
+        (3.0, jnp.float32, "e8m0fnu", "rnz", 2.0),
+        (3.0, jnp.float32, "e8m0fnu", "ro", 2.0),  # p = 1: round to odd truncates
+        (0.0, jnp.float32, "e8m0fnu", "rne", math.nan),  # no zero
+        (-0.0, jnp.float64, "e8m0fnu", "ru", math.nan),
+        (2.0**-149, jnp.float32, "e8m0fnu", "rz", 2.0**-127),  # below the smallest value: it, in every mode
+        (5e-324, jnp.float64, "e8m0fnu", "rd", 2.0**-127),
+        (1.5 * 2.0**127, jnp.float64, "e8m0fnu", "rne", math.nan),  # overflow
+        (1.5 * 2.0**127, jnp.float64, "e8m0fnu", "rd", 2.0**127),
     ],
 )
 def test_known_hard_cases(x, dtype, fmt, mode, expected):
@@ -231,6 +259,51 @@ def test_stochastic_rounding_frequencies(name):
     assert (r == 1.5).all()
 
 
+@pytest.mark.parametrize("name", ["e5m3fnu", "e8m0fnu"])
+def test_stochastic_rounding_domain(name):
+    """Stochastic rounding obeys §1 steps 1 and 6 on every draw: a negative input gives NaN
+    (-0 gives +0 with zero, NaN without), below e8m0fnu's 2^-127 every draw gives 2^-127; and
+    between two values the frequency of the upper one is (x - RD x)/ulp within 5 binomial
+    sigmas (e8m0fnu: p = 1, so ulp(2^k) = 2^k)."""
+    fmt = parse(name)
+    n = 20000
+    s = fmt.min_subnormal
+    x = jnp.asarray([-1.0, -s / 4, -0.0, 0.0, s / 3, s / 2], jnp.float64)
+    r = np.asarray(round_to(jnp.tile(x, 100), fmt, "sr", key=jax.random.key(3))).reshape(100, -1)
+    zero = 0.0 if fmt.has_zero else math.nan
+    below = [0.0, s] if fmt.has_zero else [s]
+    assert np.isnan(r[:, :2]).all() and _same(r[:, 2:4], np.full((100, 2), zero)).all()
+    assert set(np.unique(r[:, 4:])) <= set(below) and (fmt.has_zero or (r[:, 4:] == s).all())
+    lo = 2.0 ** (fmt.emax - 2)
+    ulp = float(fmt.ulp(lo))
+    for frac in (0.25, 0.5, 0.875):
+        got = np.asarray(round_to(jnp.full((n,), lo + frac * ulp), fmt, "sr", key=jax.random.key(int(frac * 8))))
+        assert set(np.unique(got)) <= {lo, lo + ulp}
+        freq, sigma = np.mean(got == lo + ulp), math.sqrt(frac * (1 - frac) / n)
+        assert abs(freq - frac) <= 5 * sigma, (name, frac, freq)
+
+
+@pytest.mark.parametrize("name", DOMAIN)
+def test_traced_domain_formats_against_mpfr(name):
+    """The traced path (FormatClass with the format's subnormals, signed zero, sign and zero
+    flags) on every test point from float64, in RNE (its fast path), RD and RO, against MPFR;
+    a class whose flags differ refuses the format."""
+    from collapse_sim.rounding import FormatClass, RoundingError
+
+    fmt = parse(name)
+    cls = FormatClass(subnormals=fmt.subnormals, signed_zero=fmt.signed_zero, signed=fmt.signed, has_zero=fmt.has_zero)
+    p64, _ = _test_points(fmt)
+    x = jnp.asarray(np.concatenate([p64, [np.inf, -np.inf, np.nan]]))
+    for mode in ("rne", "rd", "ro"):
+        lookup = _oracle_table(p64, fmt, mode, mpfr_round)
+        want = np.concatenate([lookup(p64), [mpfr_round(v, fmt, mode) for v in (math.inf, -math.inf, math.nan)]])
+        got = np.asarray(round_to(x, cls.params(fmt), mode))
+        ok = _same(got, want)
+        assert ok.all(), (name, mode, np.asarray(x)[~ok][:5], got[~ok][:5], want[~ok][:5])
+    with pytest.raises(RoundingError, match="is not of the format class"):
+        FormatClass().params(fmt)
+
+
 def test_stochastic_needs_key():
     with pytest.raises(ValueError, match="PRNG key"):
         round_to(jnp.float32(1.0), "bf16", "sr")
@@ -246,15 +319,20 @@ def test_jit_and_eager_agree():
 
 @given(
     x=st.floats(allow_nan=False, allow_infinity=True, width=64),
-    p=st.integers(2, 25),
+    p=st.integers(1, 25),
     emax=st.integers(1, 127),
     mode=st.sampled_from(DET_MODES),
+    domain=st.sampled_from(["", ",signed=false", ",zero=false", ",signed=false,zero=false,subnormals=false"]),
 )
-@example(x=1 + 2.0**-8 + 2.0**-40, p=8, emax=127, mode="rne")
-@example(x=5e-324, p=2, emax=1, mode="ru")
-@example(x=-1.7976931348623157e308, p=25, emax=127, mode="rz")
-def test_random_custom_formats_against_fractions(x, p, emax, mode):
-    fmt = parse(f"p={p},emax={emax}")
+@example(x=1 + 2.0**-8 + 2.0**-40, p=8, emax=127, mode="rne", domain="")
+@example(x=5e-324, p=2, emax=1, mode="ru", domain="")
+@example(x=-1.7976931348623157e308, p=25, emax=127, mode="rz", domain="")
+@example(x=-(2.0**-30), p=5, emax=7, mode="rz", domain=",zero=false")  # signed without zero: -s
+@example(x=2.0**-11, p=5, emax=7, mode="rne", domain=",zero=false")  # subnormal s = 2^-10, R = 0 -> s
+@example(x=3 * 2.0**-8, p=1, emax=7, mode="rne", domain="")  # p = 1 with "subnormals": quantum 2^emin below it
+def test_random_custom_formats_against_fractions(x, p, emax, mode, domain):
+    """Random formats (p = 1..25, with or without sign, zero) and values against the rational oracle."""
+    fmt = parse(f"p={p},emax={emax}{domain}")
     got = float(round_to(jnp.float64(x), fmt, mode))
     assert _same([got], [fraction_round(x, fmt, mode)]).all()
 
@@ -274,3 +352,24 @@ def test_mode_parse():
     assert Mode.parse("nearest") is Mode.RNE
     with pytest.raises(ValueError, match="unknown rounding mode"):
         Mode.parse("banana")
+
+
+
+def test_e8m0fnu_rounding_down_is_the_mx_scale():
+    """§1 step 6 with RD to e8m0fnu is the OCP MX scale rule (docs/semantics.md §13) where both
+    are defined: for amax in the range, collapse_sim.mx's scale 2^e equals
+    round_to(amax · 2^-emax_elem, "e8m0fnu", "rd"), the clamp at 2^-127 included; above it
+    the scale is NaN while RD gives 2^127 (why mx.py computes the exponent itself)."""
+    from collapse_sim.mx import MX_FORMATS, mx_quantize
+
+    rng = np.random.default_rng(5)
+    amax = np.concatenate([rng.uniform(1, 2, 200) * 2.0 ** rng.integers(-1000, 1000, 200),
+                           [2.0**-135, 2.0**-127, 1.5 * 2.0**-127, 2.0**-126, 2.0**127, 1.99 * 2.0**135]])
+    for name in ("mxfp8_e4m3", "mxfp4_e2m1", "mxint8"):
+        m = MX_FORMATS[name]
+        e = mx_quantize(amax[:, None], m, axis=-1).scale_exp[:, 0]
+        rd = np.asarray(round_to(np.ldexp(amax, -m.emax_elem), "e8m0fnu", "rd"))  # the product is exact here
+        inside = amax < 2.0 ** (128 + m.emax_elem)
+        assert inside.sum() > 50 and (~inside).sum() > 50 and (e[inside] == -127).sum() > 20
+        assert _same(rd[inside], np.ldexp(1.0, e[inside].astype(int))).all(), name
+        assert np.isnan(e[~inside]).all() and (rd[~inside] == 2.0**127).all(), name

@@ -16,6 +16,12 @@ def section_formats(lines: list[str]) -> None:
     for r in table_rows():
         lines.append(f"| {r['name']} | {r['p']} | {r['emin']} | {r['emax']} | {r['u']:.3g} | {r['max']:.6g} | "
                      f"{r['min_subnormal']:.6g} | {r['overflow']} |")
+    unsigned = [r["name"] for r in table_rows() if not r["signed"]]
+    zeroless = [r["name"] for r in table_rows() if not r["zero"]]
+    if unsigned or zeroless:
+        lines += ["", "Unsigned (a negative value rounds to NaN, so no policy takes them): "
+                  f"{', '.join(unsigned) or 'none'}; without zero (0 rounds to NaN, smaller values to the "
+                  f"min subnormal column's value): {', '.join(zeroless) or 'none'}."]
     lines.append("")
 
 
