@@ -31,6 +31,9 @@ class NativeBackend(JaxBackendBase):
         name = NUMPY_DTYPES.get(fmt.name)
         if name is None:
             raise CollapseSimError(f"format {fmt.name} has no native JAX dtype; run it on the emulated or reference backend")
+        if not (fmt.signed and fmt.has_zero):  # as a policy refuses it (a model needs negatives and zero)
+            raise CollapseSimError(f"format {fmt.name} has no {'negative values' if not fmt.signed else 'zero'}, so a "
+                                   "model cannot run in it; use it with round_to, or pick a signed format with a zero")
         if name == "float64":
             require_x64("the native float64 backend")
         self.fmt = fmt
