@@ -188,3 +188,39 @@ def test_segment_count_by_size():
     counts = [_segment_count(pairwise, n, 64) for n in range(1, 80_000, 997)]
     assert counts == sorted(counts) and max(counts) == _SEGMENTS and min(counts) == 1
     assert all(_segment_count(exact, n, 64) <= _segment_count(pairwise, n, 64) for n in range(1, 80_000, 997))
+
+
+_LEVEL_SCRIPT = """
+import sys
+import numpy as np
+import collapse_sim
+collapse_sim.enable_x64()
+from collapse_sim.backends import make_backend
+from collapse_sim.model import ModelConfig, forward, init_params
+P = init_params(ModelConfig(d=8, n_layers=1, d_ff=8, vocab=5, pe="rope", seed=3))
+toks = np.array([1, 2, 3, 1, 4, 0, 2, 2])
+ys = [np.asarray(make_backend("emulated", pol).to_numpy(forward(P, toks, make_backend("emulated", pol))))
+      for pol in ("bf16", "storage=bf16,compute=fp32,accumulate=fp32,softmax=fp32,kernel=flash2(3)")]
+np.save(sys.argv[1], np.stack(ys))
+"""
+
+
+def test_optimisation_level_changes_no_bit(tmp_path):
+    """The suite runs at XLA's backend optimisation level 0 (tests/conftest.py, to compile
+    faster); forwards compiled at the default level in a fresh process give the same bits."""
+    import numpy as np
+
+    from conftest import OPT_FLAG
+
+    assert OPT_FLAG in os.environ["XLA_FLAGS"]
+    script = tmp_path / "levels.py"
+    script.write_text(_LEVEL_SCRIPT)
+    outs = {}
+    for name, flags in (("test level", os.environ["XLA_FLAGS"]), ("default level", os.environ["XLA_FLAGS"].replace(OPT_FLAG, ""))):
+        env = dict(os.environ, XLA_FLAGS=flags.strip())
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path / f"{len(outs)}.npy")], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        outs[name] = np.load(tmp_path / f"{len(outs)}.npy")
+    a, b = outs.values()
+    assert np.isfinite(a).all() and np.array_equal(a.view(np.uint64), b.view(np.uint64))
