@@ -14,7 +14,7 @@ import pytest
 from collapse_sim.backends import make_backend
 from collapse_sim.errors import CollapseSimError
 from collapse_sim.formats import format_token, parse as parse_format
-from collapse_sim.model import ModelConfig, forward, gaussian_config, init_params, weight_shapes
+from collapse_sim.model import ModelConfig, forward, forward_tapped, gaussian_config, init_params, weight_shapes
 from collapse_sim.mx import MX_FORMATS, MXFormat, mx_format
 from collapse_sim.policy import Policy, PolicyError
 from collapse_sim.positional import SINUSOIDAL
@@ -188,6 +188,16 @@ def test_format_role_rounds_weights_once_to_it_then_storage(monkeypatch):
     bf16 = parse_format("bf16")
     w10 = np.vectorize(lambda x: fraction_round(float(x), parse_format("p=10,emax=15"), "rne"))(P.arrays["l0.wq"])
     assert np.array_equal(stored, np.vectorize(lambda x: fraction_round(float(x), bf16, "rne"))(w10))
+
+
+def test_tapped_forward_applies_the_role_too():
+    """forward_tapped (the analysis entry, no backend.run) quantises the weights as forward does."""
+    c = ModelConfig(d=4, n_layers=1, vocab=4, pe="none", norm="rmsnorm", seed=1)
+    P, toks = init_params(c), np.array([1, 2, 3, 0, 1])
+    mx, plain = (make_backend("reference", f"compute=bf16{w}") for w in (",weights=mx(e2m1fn,2)", ""))
+    y = mx.to_numpy(forward_tapped(P, toks, mx))
+    assert np.array_equal(y, mx.to_numpy(forward(P, toks, mx)))
+    assert not np.array_equal(y, plain.to_numpy(forward_tapped(P, toks, plain)))
 
 
 def test_native_has_no_weights_role():
