@@ -373,7 +373,7 @@ def forward(params: Params, tokens, backend, probe=None):
                           "(docs/semantics.md §8.7); run it on the emulated, reference or native backend")
     n_ids = int(max(tokens.max(), -1 if probe is None else probe.max())) + 1
     fn = _gaussian_impl if c.kind == "gaussian" else _forward_impl
-    arrays = forward_arrays(params, need, n_ids)
+    arrays = weights_role(forward_arrays(params, need, n_ids), backend)
     if not c.sink:
         return backend.run(fn, c, arrays, tokens, probe)
     out = backend.run(fn, c, arrays, *_with_sink(tokens, probe))
@@ -410,8 +410,9 @@ def forward_tapped(params: Params, tokens, backend, *, delta0=None):
             raise ConfigError("the gaussian model has no layer-0 representations to perturb; use kind='decoder' "
                               "for Jacobians")
         arrays = forward_arrays(params, len(tokens), int(tokens.max()) + 1 if tokens.size else 0)
-        return _gaussian_impl(c, arrays, tokens, None, backend)
-    return _forward_impl(c, forward_arrays(params, len(tokens)), tokens, None, backend, delta0=delta0)
+        return _gaussian_impl(c, weights_role(arrays, backend), tokens, None, backend)
+    return _forward_impl(c, weights_role(forward_arrays(params, len(tokens)), backend), tokens, None, backend,
+                         delta0=delta0)
 
 
 def token_bound(c: ModelConfig) -> int | None:
@@ -440,6 +441,33 @@ def forward_arrays(params: Params, need: int, n_ids: int = 0) -> dict:
         else:
             out["embed"] = np.concatenate([out.pop("sink")[None], out["embed"]])
     return out
+
+
+MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2")  # (d_in, d_out), used as x @ W
+TABLES = ("embed", "pos", *GAUSS)  # one row of d per token id or position
+
+
+def weight_axis(name: str) -> int | None:
+    """The axis a policy's weights role blocks the array ``name`` of :func:`forward_arrays` along
+    (docs/semantics.md §5.1): 0 (the contraction axis) for the matrices, 1 (along d) for the
+    token and position tables (the sink is row 0 of the token table by then), 0 for the one-axis
+    gains and biases; None for the sinusoidal table, a constant that stays in storage (§5.4)."""
+    if name == SINUSOIDAL:
+        return None
+    if name.rsplit(".", 1)[-1] in MATRICES:
+        return 0
+    if name in TABLES:
+        return 1
+    if name.endswith(("_g", "_b")) or name.rsplit(".", 1)[-1] in ("b1", "b2"):
+        return 0
+    raise ConfigError(f"array {name!r} is not a weight of the model; forward_arrays names every array it passes")
+
+
+def weights_role(arrays: dict, backend) -> dict:
+    """``arrays`` (:func:`forward_arrays`) with every weight through the backend's weights role,
+    on the host before the forward (``backend.quantize_weights``, along :func:`weight_axis`):
+    the forward then rounds them to storage like any array (docs/semantics.md §5.1)."""
+    return {k: v if weight_axis(k) is None else backend.quantize_weights(v, weight_axis(k)) for k, v in arrays.items()}
 
 
 def sink_draws(c: ModelConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

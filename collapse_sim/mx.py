@@ -171,3 +171,24 @@ def mx_quantize(x, fmt: "str | MXFormat", *, axis: int = -1, block: int | None =
 def mx_round(x, fmt: "str | MXFormat", *, axis: int = -1, block: int | None = None) -> np.ndarray:
     """``x`` through MX quantisation and back: the values an MX tensor holds (float64)."""
     return mx_quantize(x, fmt, axis=axis, block=block).dequantize()
+
+
+def mx_element_name(fmt: MXFormat) -> str:
+    """How a policy names ``fmt``'s element: the element format's name, or ``int8``."""
+    return "int8" if fmt.element is None else fmt.element.name
+
+
+def mx_for_element(element: str, block: int = 32) -> MXFormat:
+    """The MX format whose element is ``element`` (``e4m3fn``, ``e5m2``, ``e2m3fn``, ``e3m2fn``,
+    ``e2m1fn`` or another name of one of those formats, or ``int8``), with blocks of ``block``:
+    what a policy's ``weights=mx(ELEMENT,k)`` names (docs/semantics.md §5.1)."""
+    name = str(element).strip().lower()
+    try:
+        f = None if name == "int8" else parse(name)
+    except CollapseSimError:
+        f = False  # no format of that name: matches no element
+    for m in MX_FORMATS.values():
+        if m.element == f:  # None (int8) or the element format, whatever its name
+            return mx_format(m, block)
+    names = ", ".join(mx_element_name(m) for m in MX_FORMATS.values())
+    raise MXError(f"{element!r} is not an MX element format; use one of {names}")

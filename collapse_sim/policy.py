@@ -14,6 +14,10 @@ A :class:`Policy` names the format of each role and the order of reductions:
   nearest, ties to even, away from zero, toward zero), ``rz``, ``ru``, ``rd`` (directed),
   ``ro`` (round to odd); docs/semantics.md §1 defines each.
 * ``max_subtract``: whether softmax subtracts the row maximum first.
+* ``weights``: what the parameter arrays are quantised to before they are stored
+  (docs/semantics.md §5.1): a format (default: ``storage``), or OCP MX blocks
+  ``mx(ELEMENT[,k])`` (``e4m3fn``, ``e5m2``, ``e2m3fn``, ``e3m2fn``, ``e2m1fn`` or ``int8``
+  elements, ``k = 32`` by default) along each array's stated axis; then rounded to ``storage``.
 * ``kernel``: how the attention is evaluated: ``naive`` (the softmax of whole score
   rows, then the weighted values) or ``online(b)`` (key blocks of ``b`` with a running
   maximum, sum and output, as FlashAttention-style kernels do; docs/semantics.md §8.8) or
@@ -40,9 +44,12 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import numpy as np
+
 from .errors import CollapseSimError, require_text
 from .formats import DESCRIPTION_KEYS, Format, FormatError, format_token, parse as parse_format, split_top_level
-from .rounding import Mode
+from .mx import MXError, MXFormat, mx_element_name, mx_for_element, mx_round
+from .rounding import Mode, round_to
 
 ORDER_KINDS = ("sequential", "pairwise", "blocked", "kahan", "exact")
 #: The accumulator models (docs/semantics.md §3.4): orders with a block size, a bit count and
@@ -280,8 +287,15 @@ class Policy:
     mode: Mode = Mode.RNE
     max_subtract: bool = True
     kernel: Kernel = Kernel()
+    #: The weights role (docs/semantics.md §5.1): None (the storage format), another format,
+    #: or an MX format (:func:`weights_role` reads one from its policy-string spelling).
+    weights: "Format | MXFormat | None" = None
 
     def __post_init__(self) -> None:
+        if self.weights is not None and not isinstance(self.weights, (Format, MXFormat)):
+            raise PolicyError(f"the weights role is a format or an MX format such as mx(e4m3fn,32), got {self.weights!r}")
+        if self.weights == self.storage:
+            object.__setattr__(self, "weights", None)  # the default, written as such (str, equality, hash)
         if self.mode is Mode.SR:
             raise PolicyError("stochastic rounding is available through round_to(..., key=...), not as a policy mode")
         if self.kernel.kind in BLOCK_KERNELS and not self.max_subtract:
@@ -305,6 +319,9 @@ class Policy:
                      "a format such as 'bf16', roles such as 'compute=bf16,accumulate=fp32', or a Policy")
         parts = split_top_level(text, "policy", PolicyError)
         first_key = parts[0].split("=", 1)[0].strip().lower()
+        if _is_mx(parts[0]):
+            raise PolicyError(f"policy {text!r}: an MX format is a weights role only; write e.g. "
+                              "compute=bf16,weights=mx(e4m3fn,32)")
         if "=" not in text or first_key in DESCRIPTION_KEYS or text.strip().startswith("("):
             try:  # one format for every role: a name, a description, or a description in parentheses
                 return cls.uniform(text)
@@ -319,9 +336,12 @@ class Policy:
             if k in DESCRIPTION_KEYS:
                 raise PolicyError(f"policy {text!r}: {k!r} is a key of a custom format, which goes in parentheses "
                                   "in a policy: compute=(p=5,emax=15)")
-            if k not in (*_ROLES, "order", "mode", "max_subtract", "kernel"):
+            if k not in (*_ROLES, "order", "mode", "max_subtract", "kernel", "weights"):
                 raise PolicyError(f"policy {text!r}: unknown key {k!r} (keys: {', '.join(_ROLES)}, order, mode, "
-                                  "max_subtract, kernel)")
+                                  "max_subtract, kernel, weights)")
+            if k in _ROLES and _is_mx(v):
+                raise PolicyError(f"policy {text!r}: {k}={v} is not possible, an MX format is a weights role only; "
+                                  f"write weights={v}")
             fields[k] = v
         if "compute" not in fields:
             raise PolicyError(f"policy {text!r} needs compute=FORMAT")
@@ -337,8 +357,9 @@ class Policy:
             mode = Mode.parse(fields.get("mode", "rne"))
         except ValueError as e:
             raise PolicyError(f"policy {text!r}: {e}") from None
+        weights = weights_role(fields["weights"], text) if "weights" in fields else None
         return cls(order=Order.parse(fields.get("order", "pairwise")), mode=mode, max_subtract=ms == "true",
-                   kernel=Kernel.parse(fields.get("kernel", "naive")), **fmts)
+                   kernel=Kernel.parse(fields.get("kernel", "naive")), weights=weights, **fmts)
 
     def formats(self) -> tuple[Format, ...]:
         return (self.storage, self.compute, self.accumulate, self.softmax)
@@ -346,4 +367,49 @@ class Policy:
     def __str__(self) -> str:
         roles = ",".join(f"{r}={format_token(getattr(self, r))}" for r in _ROLES)
         kernel = "" if self.kernel.kind == "naive" else f",kernel={self.kernel}"  # naive: the names runs are stored under
-        return f"{roles},order={self.order},mode={self.mode.value},max_subtract={str(self.max_subtract).lower()}{kernel}"
+        weights = "" if self.weights is None else f",weights={weights_token(self.weights)}"  # likewise the default
+        return f"{roles},order={self.order},mode={self.mode.value},max_subtract={str(self.max_subtract).lower()}{kernel}{weights}"
+
+    def weights_values(self, w, axis: int) -> np.ndarray:
+        """What the weights role makes of the float64 parameter array ``w`` (docs/semantics.md
+        §5.1), before the forward rounds it to storage: ``w`` itself by default, ``∘_W(w)`` in the
+        policy's mode for a format ``W``, or its MX blocks along ``axis`` dequantised (exact in
+        float64). An MX block whose scale would exceed E8M0's 2^127 is refused."""
+        w = np.asarray(w, dtype=np.float64)
+        if self.weights is None:
+            return w
+        if isinstance(self.weights, Format):
+            return np.asarray(round_to(w, self.weights, self.mode), dtype=np.float64)
+        out = mx_round(w, self.weights, axis=axis)
+        if np.isnan(out).any() and not np.isnan(w).any():
+            raise PolicyError(f"a weight of magnitude {np.max(np.abs(w)):.3g} is beyond what weights="
+                              f"{weights_token(self.weights)} can scale (E8M0 scales stop at 2^127); scale the weights down")
+        return out
+
+
+def _is_mx(value: str) -> bool:
+    return re.match(r"\s*mx\s*\(", value, flags=re.IGNORECASE) is not None
+
+
+def weights_role(value: str, text: str = "") -> "Format | MXFormat":
+    """The weights role ``value`` of policy ``text``: ``mx(ELEMENT[,k])`` or a format, refused
+    in one sentence."""
+    where = f"policy {text!r}: " if text else ""
+    if not _is_mx(value):
+        try:
+            return parse_format(value)
+        except FormatError as e:
+            raise PolicyError(f"{where}weights: {e}") from None
+    m = re.fullmatch(r"\s*mx\s*\(([^,()]*)(?:,\s*(-?\d+)\s*)?\)\s*", value, flags=re.IGNORECASE)
+    if m is None:
+        raise PolicyError(f"{where}weights={value} is not an MX spec; write mx(ELEMENT) or mx(ELEMENT,k), "
+                          "e.g. mx(e4m3fn,32)")
+    try:
+        return mx_for_element(m.group(1), 32 if m.group(2) is None else int(m.group(2)))
+    except MXError as e:
+        raise PolicyError(f"{where}weights={value}: {e}") from None
+
+
+def weights_token(w: "Format | MXFormat") -> str:
+    """How a policy string writes the weights role ``w``: ``mx(ELEMENT,k)`` or the format's token."""
+    return f"mx({mx_element_name(w)},{w.block})" if isinstance(w, MXFormat) else format_token(w)

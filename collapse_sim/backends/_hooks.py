@@ -23,6 +23,14 @@ class ArrayPlumbing(AnalysisHooks):
     (numpy for the object-array backends; the JAX backends set jax.numpy). No arithmetic."""
 
     xp = np
+    policy = None  # the backends that follow a policy (emulated, reference) set theirs
+
+    def quantize_weights(self, w, axis: int) -> np.ndarray:
+        """The policy's weights role on a float64 weight array, on the host before the forward
+        (docs/semantics.md §5.1: the forward's ``store`` then rounds the result to storage). A
+        backend without a policy (native runs a JAX dtype; interval) has none: ``w`` itself."""
+        w = np.asarray(w, dtype=np.float64)
+        return w if self.policy is None else self.policy.weights_values(w, axis)
 
     def take(self, table, idx):
         return table[self.xp.asarray(idx)]

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..backends import make_backend
 from ..model import ModelConfig, init_params
-from ..policy import Policy
+from ..policy import Policy, PolicyError
 from ..results import UnitStore
 from .collapse import CollapseResult, collapse_sweep
 from .fits import N_MIN, PAPER_LINE, Decay, decay_fit, eps, first_below  # noqa: F401  (Decay, eps: public here too)
@@ -193,9 +193,14 @@ def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str
 
 def format_backend(sizes: Sizes, spec: str):
     """The backend that runs a format name or policy string at these sizes: emulated, or
-    natively in the JAX dtype of the policy's storage format (``sizes.backend == "native"``)."""
+    natively in the JAX dtype of the policy's storage format (``sizes.backend == "native"``), which
+    has no weights role (docs/semantics.md §5.1): a policy with one is refused there."""
     if sizes.backend == "native":
-        return make_backend("native", Policy.parse(spec).storage.name)
+        pol = Policy.parse(spec)
+        if pol.weights is not None:
+            raise PolicyError(f"policy {spec!r} has a weights role, which the native backend (a JAX dtype) "
+                              "cannot run; run it on the emulated backend")
+        return make_backend("native", pol.storage.name)
     return make_backend("emulated", spec)
 
 
