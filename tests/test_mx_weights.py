@@ -15,7 +15,7 @@ from collapse_sim.backends import make_backend
 from collapse_sim.errors import CollapseSimError
 from collapse_sim.formats import format_token, parse as parse_format
 from collapse_sim.model import ModelConfig, forward, forward_tapped, gaussian_config, init_params, weight_shapes
-from collapse_sim.mx import MX_FORMATS, MXFormat, mx_format
+from collapse_sim.mx import MX_FORMATS, MXFormat, mx_format, mx_round
 from collapse_sim.policy import Policy, PolicyError
 from collapse_sim.positional import SINUSOIDAL
 from oracles import fraction_round
@@ -200,18 +200,18 @@ def test_tapped_forward_applies_the_role_too():
     assert not np.array_equal(y, plain.to_numpy(forward_tapped(P, toks, plain)))
 
 
-def test_native_has_no_weights_role():
-    """The native backend runs a JAX dtype, not a policy: the report's native runs refuse a
-    policy with a weights role instead of dropping it."""
+def test_report_native_runs_take_the_weights_role():
+    """The report's toy native runs (a JAX dtype) take a policy's weights role: it is applied
+    on the host before the forward (docs/semantics.md §5.1); a plain native backend has none."""
     from collapse_sim.experiments.paper import format_backend
 
     sizes = types.SimpleNamespace(backend="native")
+    w = np.linspace(-1, 1, 64).reshape(8, 8)
     assert format_backend(sizes, "compute=bf16,accumulate=fp32").kind == "native"
-    with pytest.raises(PolicyError, match="weights role, which the native backend"):
-        format_backend(sizes, "compute=bf16,weights=mx(e2m1fn)")
-    be = make_backend("native", "bf16")
-    w = np.linspace(-1, 1, 8)
-    assert np.array_equal(be.quantize_weights(w, 0), w)
+    be = format_backend(sizes, "compute=bf16,weights=mx(e2m1fn)")
+    assert be.kind == "native" and np.array_equal(be.quantize_weights(w, 0), mx_round(w, "mxfp4_e2m1", axis=0))
+    assert not np.array_equal(be.quantize_weights(w, 0), w)
+    assert np.array_equal(make_backend("native", "bf16").quantize_weights(w, 0), w)
 
 
 # --------------------------------------------------------------------------- full forwards

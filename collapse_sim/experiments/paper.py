@@ -28,7 +28,7 @@ import numpy as np
 
 from ..backends import make_backend
 from ..model import ModelConfig, init_params
-from ..policy import Policy, PolicyError
+from ..policy import Policy
 from ..results import UnitStore
 from .collapse import CollapseResult, collapse_sweep
 from .fits import N_MIN, PAPER_LINE, Decay, decay_fit, eps, first_below  # noqa: F401  (Decay, eps: public here too)
@@ -193,14 +193,16 @@ def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str
 
 def format_backend(sizes: Sizes, spec: str):
     """The backend that runs a format name or policy string at these sizes: emulated, or
-    natively in the JAX dtype of the policy's storage format (``sizes.backend == "native"``), which
-    has no weights role (docs/semantics.md §5.1): a policy with one is refused there."""
+    natively in the JAX dtype of the policy's storage format (``sizes.backend == "native"``: the toy
+    sizes, which test the report's plumbing; the dtype's arithmetic stands in for the policy's order
+    and kernel). A weights role is applied to the weights on the host before any forward
+    (docs/semantics.md §5.1), so a native run takes it too."""
     if sizes.backend == "native":
         pol = Policy.parse(spec)
+        be = make_backend("native", pol.storage.name)
         if pol.weights is not None:
-            raise PolicyError(f"policy {spec!r} has a weights role, which the native backend (a JAX dtype) "
-                              "cannot run; run it on the emulated backend")
-        return make_backend("native", pol.storage.name)
+            be.policy = pol  # only its weights role is read (quantize_weights)
+        return be
     return make_backend("emulated", spec)
 
 

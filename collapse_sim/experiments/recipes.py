@@ -108,6 +108,13 @@ ACCUMULATORS = [
     ("e4m3fn storage, 14-bit accumulator promoted every 128", "storage=e4m3fn,compute=fp32,accumulate=fp32,softmax=fp32,"
      "order=promote-h800", "the H800 FP8 GEMM as DeepSeek-V3 measured it: 14 significand bits (truncating) inside "
      "chunks of 128 terms, each chunk added into fp32"),
+    ("bf16, MXFP8 (e4m3) weights in blocks of 32", "compute=bf16,weights=mx(e4m3fn,32)",
+     "every block of 32 weights (along the contraction axis; d for the token tables) shares a power-of-two scale and "
+     "keeps 4 significand bits (docs/semantics.md §5.1, §13); the float64 column is the model with its weights as "
+     "drawn, so the noise includes the weights' quantisation, the same for both members of a pair"),
+    ("bf16, MXFP4 (e2m1) weights in blocks of 32", "compute=bf16,weights=mx(e2m1fn,32)",
+     "as MXFP8 with 2 significand bits: a block's weights take the magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 times its "
+     "scale, its largest mapped to 4 or 6"),
 ]
 
 #: (label, model, family): v vs v* on both models, and a counting family whose pair differs in exact arithmetic

@@ -333,7 +333,8 @@ def _policy_curves(rows, run: str) -> list[dict]:
     return series
 
 
-def _recipe_table(ctx: Context, outdir: Path, lines: list[str], rows, what: str, png: str, title: str, says: str) -> None:
+def _recipe_table(ctx: Context, outdir: Path, lines: list[str], rows, what: str, png: str, title: str, says: str,
+                  also: str = "") -> None:
     """A table of every recipe row (name, policy, why) of ``rows`` (:data:`KERNELS`, :data:`ACCUMULATORS`) by
     the three criteria on each run of :data:`RECIPE_RUNS`, a sentence per row, and a figure of the first run."""
     sz = ctx.sizes
@@ -343,7 +344,7 @@ def _recipe_table(ctx: Context, outdir: Path, lines: list[str], rows, what: str,
                  if sz.recipe_runs > 1 else "the captions' Gaussian model (no positions, seed 0, d = 64); the full run "
                  "adds a one-layer RoPE decoder.") + " The float64 column is the same "
               "model in float64 with the naive softmax and pairwise sums: in exact arithmetic every row gives the same "
-              "output, so only the rounding differs between rows.", "",
+              "output, so only the rounding differs between rows" + also + ".", "",
               *(h.format(what=what) for h in _CRITERIA_HEAD)]
     measured = run_policies(ctx, rows, what)
     for label, _, _ in RECIPE_RUNS[:sz.recipe_runs]:
@@ -359,10 +360,11 @@ def _recipe_table(ctx: Context, outdir: Path, lines: list[str], rows, what: str,
 
 
 def accumulators(ctx: Context, outdir: Path, lines: list[str]) -> None:
-    lines += ["## Accumulators", ""]
-    _recipe_table(ctx, outdir, lines, ACCUMULATORS, "accumulator", "accumulators.png", "Accumulator models",
+    lines += ["## Accumulators and block-scaled weights", ""]
+    _recipe_table(ctx, outdir, lines, ACCUMULATORS, "accumulator", "accumulators.png", "Accumulators and MX weights",
                   "How dot products and sums accumulate (docs/semantics.md §3: IEEE per-op pairwise sums, an fp32 "
-                  "accumulator, a tensor core's block FMA, a short accumulator promoted into fp32)")
+                  "accumulator, a tensor core's block FMA, a short accumulator promoted into fp32) and weights stored "
+                  "in OCP MX block formats (§5.1, §13)", also=" (the MX rows also change the weights themselves)")
 
 
 def remedies(ctx: Context, outdir: Path, lines: list[str]) -> None:
