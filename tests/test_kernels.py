@@ -336,3 +336,25 @@ def test_block_of_minus_infinity_scores_changes_nothing():
         want = r.to_numpy(r.attention(*(r.store(np.array(a)) for a in (q, k, v)), np.arange(2), np.arange(2), 1.0))
         # row 0 sees only the -inf score: no finite maximum, 0/0 on both; row 1 skips it
         assert np.isnan(want[0]).all() and np.isfinite(want[1]).all() and _same(got, want), (kern, got, want)
+
+
+@pytest.mark.parametrize("kern", ["naive", "online(2)", "flash3fp8(2)"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_later_value_never_reaches_an_earlier_row(kern, bad):
+    """§3.3 and §10: row i depends on positions 0..i only; a later key's product is an exact
+    zero in place, whatever its value holds. A NaN or inf value at the last position leaves
+    every earlier row finite and equal on both backends (the emulated weighted sum once took
+    0·NaN = NaN from columns past the row's position)."""
+    import jax.numpy as jnp
+
+    from collapse_sim.backends.emulated import _emulated_attention
+
+    pol = f"storage=bf16,compute=fp32,accumulate=fp32,softmax=fp32,kernel={kern}"
+    e, r = make_backend("emulated", pol), make_backend("reference", pol)
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((6, 2)) for _ in range(3))
+    v[-1, 0] = bad
+    got = np.asarray(_emulated_attention(e.emu, *(e.store(a) for a in (q, k, v)), jnp.arange(6), 0.5, None, None, None),
+                     np.float64)
+    want = r.to_numpy(r.attention(*(r.store(a) for a in (q, k, v)), np.arange(6), np.arange(6), 0.5))
+    assert np.isfinite(want[:-1]).all() and _same(got, want), (got, want)

@@ -212,8 +212,11 @@ def _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb):
 def _weighted_values(emu: Emulator, P, V, valid, out, path: str):
     """``Σ_j P_ij V_ij[c]`` for each row i and component c (§8.4): the products exact in the
     carrier, rounded to the accumulate format (except in the orders with exact products),
-    reduced over the keys in the policy's order, the masked keys skipped, rounded to ``out``."""
-    prod = jnp.swapaxes(P[:, :, None] * V, 1, 2)  # (B, dh, nk): reduce over keys
+    reduced over the keys in the policy's order, the masked keys skipped, rounded to ``out``.
+    A masked key's product is an exact zero (§3.3) whatever its value holds: 0·inf and 0·NaN
+    of a later position must not reach an earlier row."""
+    prod = jnp.where(valid[:, :, None], P[:, :, None] * V, jnp.zeros((), P.dtype))
+    prod = jnp.swapaxes(prod, 1, 2)  # (B, dh, nk): reduce over keys
     if not emu.order.exact_products:
         prod = round_to(prod, emu.accumulate, emu.mode)
     vmask = jnp.broadcast_to(valid[:, None, :], prod.shape)
