@@ -62,7 +62,8 @@ ORDER_PRESETS = {
     "tcfma-v100": ("tcfma", 4, 23, Mode.RZ),  # Fasi, Higham, Mikaitis & Pranesh (2021)
     "promote-h800": ("promote", 128, 14, Mode.RZ),  # DeepSeek-V3 technical report, §3.3.2
 }
-_ORDER_HELP = "use one of sequential, pairwise, blocked(b), kahan, exact, tcfma(k,t,rz|rne), promote(b,Nc[,rz|rne])"
+_ORDER_HELP = ("use one of sequential, pairwise, blocked(b), kahan, exact, tcfma(k,t,rz|rne), promote(b,Nc[,rz|rne]), "
+               "or a preset: " + ", ".join(ORDER_PRESETS))
 
 
 class PolicyError(CollapseSimError):
@@ -102,6 +103,8 @@ class Order:
             raise PolicyError(f"unknown reduction order {self.kind!r}; {_ORDER_HELP}")
         if self.kind == "promote" and self.rounding is None:
             object.__setattr__(self, "rounding", Mode.RZ)  # the model's default (§3.4.2)
+        if self.rounding is not None and not isinstance(self.rounding, Mode):
+            object.__setattr__(self, "rounding", Mode.parse(self.rounding))  # 'rz' given to the constructor
         if self.kind in ACCUMULATOR_KINDS:
             _check_accumulator(self)
             return

@@ -58,7 +58,7 @@ def backend_for_format(kind: str, fmt_name: str, order: str = "pairwise", *, sha
     natively (its ops are IEEE binary64 already). ``shard`` splits emulated attention
     over all JAX devices."""
     from ..formats import parse
-    from ..policy import Kernel, Policy
+    from ..policy import Kernel, Order, Policy
 
     fmt = parse(fmt_name)
     which = kind_for_format(kind, fmt_name)
@@ -67,6 +67,9 @@ def backend_for_format(kind: str, fmt_name: str, order: str = "pairwise", *, sha
         fix = (f"{fmt_name} runs natively: drop it from the formats" if kind != "native"
                else "the native backend runs what XLA does: use the emulated or reference backend")
         raise CollapseSimError(f"the {k} kernel runs on the emulated and reference backends only; {fix}")
+    if kind == "native" and Order.parse(order).kind != "pairwise":
+        raise CollapseSimError(f"the native backend sums as XLA does, not in the {Order.parse(order)} order; "
+                               "use the emulated or reference backend for it")
     if which == "reference":
         return make_backend("reference", Policy.uniform(fmt, order, kernel=k))
     if which == "native":

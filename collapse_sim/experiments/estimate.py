@@ -28,6 +28,8 @@ COST = {
     ("emulated", "kahan"): 6.0e-8,
     ("emulated", "exact"): 2.0e-9,
     ("emulated", "blocked"): 6.0e-9,
+    ("emulated", "tcfma"): 5.5e-8,  # 3.7x pairwise, promote 4.9x (bench_sweep's recipes, N = 4,096)
+    ("emulated", "promote"): 7.5e-8,
     ("reference", None): 4.0e-6,
 }
 # seconds to compile one forward program cold (no cache): native; emulated op-by-op orders; the
@@ -75,8 +77,11 @@ def multiply_adds(config, tokens: int, probe: bool) -> float:
 
 
 def order_kind(order: "str | None") -> str:
-    """``"blocked"`` for ``"blocked(32)"``; ``"pairwise"`` (the default order) for None."""
-    return (order or "pairwise").split("(")[0].strip()
+    """``"blocked"`` for ``"blocked(32)"``, ``"tcfma"`` for the preset ``"tcfma-v100"``; ``"pairwise"``
+    (the default order) for None."""
+    from ..policy import Order
+
+    return Order.parse(order or "pairwise").kind
 
 
 def forward_cost(backend: str, order: "str | None") -> float:

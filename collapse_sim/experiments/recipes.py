@@ -87,7 +87,8 @@ KERNELS = [
     (f"FlashAttention-2 recipe, blocks of {KERNEL_BLOCK}", f"{BF16_FP32},kernel=flash2({KERNEL_BLOCK})",
      "fp32 running max and sum with exp2, but the probability tile is cast to bf16 before it multiplies the values: "
      "the weights the output sees carry bf16's 2^-8 rounding whatever the fp32 state resolves"),
-    ("e4m3fn, naive softmax", "e4m3fn", "every op in FP8 e4m3: 4 significand bits, weights below 2^-9 vanish"),
+    ("e4m3fn, naive softmax", "e4m3fn", "every op in FP8 e4m3: 4 significand bits, weights at or below 2^-10 vanish (2^-9 is its "
+     "smallest subnormal)"),
     (f"FlashAttention-3 FP8 recipe, blocks of {KERNEL_BLOCK}", f"{BF16_FP32},kernel=flash3fp8({KERNEL_BLOCK})",
      "Q, K, V scaled per head to e4m3's range and cast to it, the probabilities (offset to (0, 256]) cast to e4m3 "
      "before P·V, everything else in fp32: the weights carry e4m3's 2^-4 rounding, and a key whose weight is below "
@@ -100,14 +101,19 @@ ACCUMULATORS = [
     ("bf16, every add rounded to bf16", "bf16", "the IEEE per-op baseline: every product and partial sum rounded to bf16"),
     ("bf16, fp32 accumulation", "storage=bf16,compute=bf16,accumulate=fp32",
      "products and partial sums kept in fp32, each reduction rounded once to bf16 at its end"),
-    ("bf16, tensor-core block FMA (V100 model)", "storage=bf16,compute=bf16,accumulate=fp32,order=tcfma-v100",
-     "blocks of 4 exact products added to the fp32 accumulator after alignment to the largest exponent, bits below "
-     "2^(E-23) truncated, the sum truncated to fp32: small terms next to a large one lose bits toward zero"),
+    ("fp16, fp32 accumulation", "storage=fp16,compute=fp16,accumulate=fp32",
+     "the comparator of the next row: fp16 values, fp32 pairwise partial sums"),
+    ("fp16, tensor-core block FMA (V100 model)", "storage=fp16,compute=fp16,accumulate=fp32,order=tcfma-v100",
+     "the V100's fp16 tensor-core step as Fasi et al. measured it: blocks of 4 exact products added to the fp32 "
+     "accumulator after alignment to the largest exponent, bits below 2^(E-23) truncated, the sum truncated to fp32, "
+     "so small terms next to a large one lose bits toward zero; here every sum of the model accumulates so, the "
+     "softmax denominators and norms too"),
     ("e4m3fn storage, fp32 arithmetic", "storage=e4m3fn,compute=fp32,accumulate=fp32,softmax=fp32",
      "FP8 inputs and weights, every op and every partial sum in fp32: an FP8 GEMM with a full fp32 accumulator"),
     ("e4m3fn storage, 14-bit accumulator promoted every 128", "storage=e4m3fn,compute=fp32,accumulate=fp32,softmax=fp32,"
-     "order=promote-h800", "the H800 FP8 GEMM as DeepSeek-V3 measured it: 14 significand bits (truncating) inside "
-     "chunks of 128 terms, each chunk added into fp32"),
+     "order=promote-h800", "the H800 FP8 GEMM as the DeepSeek-V3 report describes it: about 14 significand bits "
+     "inside chunks of 128 terms (rounding toward zero: this model's choice), each chunk added into fp32; here every "
+     "sum of the model accumulates so, the softmax denominators and norms too"),
     ("bf16, MXFP8 (e4m3) weights in blocks of 32", "compute=bf16,weights=mx(e4m3fn,32)",
      "every block of 32 weights (along the contraction axis; d for the token tables) shares a power-of-two scale and "
      "keeps 4 significand bits (docs/semantics.md §5.1, §13); the float64 column is the model with its weights as "

@@ -215,10 +215,13 @@ class SweepSpec:
         if self.backend == "reference" and self.max_len > 128:
             raise SweepError("the reference backend is O(N^2 d) Python arithmetic; use max_len <= 128 with it")
         try:
-            Order.parse(self.order)
+            order = Order.parse(self.order)
             kernel = Kernel.parse(self.kernel)
         except PolicyError as e:
             raise SweepError(str(e)) from None
+        if self.backend == "native" and order.kind != "pairwise":
+            raise SweepError(f"the native backend sums as XLA does, not in the {order} order; "
+                             "use the emulated or reference backend for it")
         if kernel.kind != "naive":
             native = [f for f in self.formats if kind_for_format(self.backend, f) == "native"]
             if native:

@@ -342,9 +342,9 @@ def _recipe_table(ctx: Context, outdir: Path, lines: list[str], rows, what: str,
     lines += [f"{says}, n = 1..{kn:,}: "
               + ("the captions' Gaussian model (no positions, seed 0, d = 64) and a one-layer RoPE decoder (d = 64)."
                  if sz.recipe_runs > 1 else "the captions' Gaussian model (no positions, seed 0, d = 64); the full run "
-                 "adds a one-layer RoPE decoder.") + " The float64 column is the same "
-              "model in float64 with the naive softmax and pairwise sums: in exact arithmetic every row gives the same "
-              "output, so only the rounding differs between rows" + also + ".", "",
+                 "adds a one-layer RoPE decoder.") + " The float64 column is the model as drawn (weights and inputs "
+              "unrounded) in native float64: each row departs from it by its rounding, including the rounding of the "
+              "weights and inputs to its storage format" + also + ".", "",
               *(h.format(what=what) for h in _CRITERIA_HEAD)]
     measured = run_policies(ctx, rows, what)
     for label, _, _ in RECIPE_RUNS[:sz.recipe_runs]:
@@ -364,14 +364,15 @@ def accumulators(ctx: Context, outdir: Path, lines: list[str]) -> None:
     _recipe_table(ctx, outdir, lines, ACCUMULATORS, "accumulator", "accumulators.png", "Accumulators and MX weights",
                   "How dot products and sums accumulate (docs/semantics.md §3: IEEE per-op pairwise sums, an fp32 "
                   "accumulator, a tensor core's block FMA, a short accumulator promoted into fp32) and weights stored "
-                  "in OCP MX block formats (§5.1, §13)", also=" (the MX rows also change the weights themselves)")
+                  "in OCP MX block formats (§5.1, §13)", also=" (in the MX rows, the weights' block quantisation)")
 
 
 def remedies(ctx: Context, outdir: Path, lines: list[str]) -> None:
     n = ctx.sizes.remedy_n
     lines += ["## Kernels and remedies", "", "### Kernel recipes", ""]
     _recipe_table(ctx, outdir, lines, KERNELS, "kernel", "kernels.png", "Kernel recipes",
-                  "How the attention is evaluated (docs/semantics.md §8.8)")
+                  "How the attention is evaluated (docs/semantics.md §8.8)",
+                  also=" (and, in FlashAttention-3's recipe, the quantisation of Q, K and V to e4m3)")
     lines += ["### Remedies", "",
               f"RoPE (the positional scheme of most current decoders; it puts no positions in the residual stream), "
               f"one layer, d = 64, n = 1..{n:,}.", "", *(h.format(what="remedy") for h in _CRITERIA_HEAD)]

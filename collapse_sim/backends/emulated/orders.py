@@ -84,8 +84,10 @@ def _blocked(a, b: int, axis: int):
 
 def _by_blocks(x, size: int):
     """The last axis of ``x`` zero-padded to whole blocks of ``size`` (zeros in place, §3.3)
-    and split, the blocks first: (..., n) -> (nb, ..., size)."""
+    and split, the blocks first: (..., n) -> (nb, ..., size). A block longer than the row is
+    the row: its trailing zeros would change neither accumulator model (§3.4) but cost memory."""
     n = x.shape[-1]
+    size = max(1, min(size, n))
     nb = -(-n // size)
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, nb * size - n)])
     return jnp.moveaxis(x.reshape(*x.shape[:-1], nb, size), -2, 0)
