@@ -1,6 +1,6 @@
 """The decoder of PAPER.md §1, written once against a backend.
 
-(One module of ~650 lines on purpose: config, weights and forward pass are one
+(One module of ~700 lines on purpose: config, weights and forward pass are one
 specification, read top to bottom beside docs/semantics.md.)
 
     x^(0)_i   = E[t_i] (+ P[i] for absolute encodings)

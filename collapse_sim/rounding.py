@@ -1,5 +1,9 @@
 """How a value becomes a number: ``round_to(x, fmt, mode)``.
 
+(One module of ~580 lines on purpose: every mode's rounding, its fast path, the traced
+formats' path and the format domains are one definition, docs/semantics.md §1, and must
+be read and changed together.)
+
 The rounding works on the IEEE bit pattern of the input with integer
 operations only, except for a fast round-to-nearest-even path
 (``_round_rne_fast``: ``lax.reduce_precision`` on the bit pattern in the normal
