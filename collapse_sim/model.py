@@ -50,6 +50,7 @@ import inspect
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from . import positional
@@ -466,7 +467,14 @@ def weight_axis(name: str) -> int | None:
 def weights_role(arrays: dict, backend) -> dict:
     """``arrays`` (:func:`forward_arrays`) with every weight through the backend's weights role,
     on the host before the forward (``backend.quantize_weights``, along :func:`weight_axis`):
-    the forward then rounds them to storage like any array (docs/semantics.md §5.1)."""
+    the forward then rounds them to storage like any array (docs/semantics.md §5.1). Without a
+    weights role the arrays pass as they are (they may be traced: theory's Jacobians)."""
+    policy = getattr(backend, "policy", None)
+    if policy is None or policy.weights is None:
+        return arrays
+    if any(isinstance(v, jax.core.Tracer) for v in arrays.values()):
+        raise ConfigError(f"the weights role {policy.weights} quantises the weights on the host, before a forward, "
+                          "so a traced forward (theory traces, explain-native) cannot take it; use a policy without one")
     return {k: v if weight_axis(k) is None else backend.quantize_weights(v, weight_axis(k)) for k, v in arrays.items()}
 
 

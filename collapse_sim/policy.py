@@ -103,8 +103,8 @@ class Order:
             raise PolicyError(f"unknown reduction order {self.kind!r}; {_ORDER_HELP}")
         if self.kind == "promote" and self.rounding is None:
             object.__setattr__(self, "rounding", Mode.RZ)  # the model's default (§3.4.2)
-        if self.rounding is not None and not isinstance(self.rounding, Mode):
-            object.__setattr__(self, "rounding", Mode.parse(self.rounding))  # 'rz' given to the constructor
+        if isinstance(self.rounding, str) and not isinstance(self.rounding, Mode) and self.rounding in set(Mode):
+            object.__setattr__(self, "rounding", Mode(self.rounding))  # 'rz' given to the constructor
         if self.kind in ACCUMULATOR_KINDS:
             _check_accumulator(self)
             return

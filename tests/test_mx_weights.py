@@ -223,3 +223,18 @@ def test_emulated_equals_reference_with_mxfp4_weights():
     backends agree bit for bit."""
     assert_emulated_equals_reference(ModelConfig(d=8, n_layers=2, vocab=4, seed=3, pe="rope", d_ff=16, out_proj=True),
                                      "compute=bf16,weights=mx(e2m1fn)")
+
+
+def test_traced_forwards_refuse_a_weights_role_and_run_without_one():
+    """The weights role works on concrete weights before a forward; a forward traced with its
+    weights as arguments (theory's compiled taps, explain-native) refuses it in one sentence,
+    and runs as before without one (the role must not touch traced arrays)."""
+    from collapse_sim.model import ConfigError
+    from collapse_sim.theory.trace import compiled_taps
+
+    P = init_params(ModelConfig(d=8, vocab=4, seed=3))
+    toks = np.array([1, 2, 3])
+    y, taps, _ = compiled_taps(P, toks, make_backend("emulated", "bf16"))
+    assert np.isfinite(np.asarray(y)).all() and taps
+    with pytest.raises(ConfigError, match="quantises the weights on the host"):
+        compiled_taps(P, toks, make_backend("emulated", "compute=bf16,weights=mx(e2m1fn)"))
