@@ -369,9 +369,7 @@ def forward(params: Params, tokens, backend, probe=None):
             raise ConfigError("probe must have one token per prefix (same length as tokens)")
         if probe.min() < 0 or (bound is not None and probe.max() >= bound):
             raise ConfigError(f"probe token ids must lie in [0, {bound})" if bound else "probe token ids must be >= 0")
-    if c.adaptive_temperature and "adaptive" not in inspect.signature(backend.attention).parameters:
-        raise ConfigError(f"backend {getattr(backend, 'label', backend.kind)} does not define adaptive temperature "
-                          "(docs/semantics.md §8.7); run it on the emulated, reference or native backend")
+    check_backend(c, backend)
     n_ids = int(max(tokens.max(), -1 if probe is None else probe.max())) + 1
     fn = _gaussian_impl if c.kind == "gaussian" else _forward_impl
     arrays = weights_role(forward_arrays(params, need, n_ids), backend)
@@ -462,6 +460,20 @@ def weight_axis(name: str) -> int | None:
     if name.endswith(("_g", "_b")) or name.rsplit(".", 1)[-1] in ("b1", "b2"):
         return 0
     raise ConfigError(f"array {name!r} is not a weight of the model; forward_arrays names every array it passes")
+
+
+def check_backend(c: ModelConfig, backend) -> None:
+    """Refuse, in one sentence and before any work, a backend that cannot run the model: adaptive
+    temperature needs a backend that defines it and the naive kernel (docs/semantics.md §8.7)."""
+    if not c.adaptive_temperature:
+        return
+    if "adaptive" not in inspect.signature(backend.attention).parameters:
+        raise ConfigError(f"backend {getattr(backend, 'label', backend.kind)} does not define adaptive temperature "
+                          "(docs/semantics.md §8.7); run it on the emulated, reference or native backend")
+    policy = getattr(backend, "policy", None)
+    if policy is not None and policy.kernel.kind != "naive":
+        raise ConfigError(f"adaptive temperature needs each row's weights at once, which the {policy.kernel.kind} "
+                          "kernel never holds (docs/semantics.md §8.7); use kernel=naive")
 
 
 def weights_role(arrays: dict, backend) -> dict:

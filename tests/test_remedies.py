@@ -327,8 +327,14 @@ def test_adaptive_temperature_refusals():
         collapse_bound(P, toks)
     with pytest.raises(ConfigError, match="interval:mp64 does not define adaptive temperature"):
         forward(P, toks, make_backend("interval", "64"))
-    for kind in ("emulated", "reference"):
+    from collapse_sim.model import ADAPTIVE_TEMPERATURE
+
+    for kind in ("emulated", "reference"):  # the model refuses before any work; the backends' attention too
+        be = make_backend(kind, "compute=bf16,kernel=online(2)")
+        with pytest.raises(ConfigError, match="online kernel never holds.*use kernel=naive"):
+            forward(P, toks, be)
         with pytest.raises(PolicyError, match="online kernel never holds.*use kernel=naive"):
-            forward(P, toks, make_backend(kind, "compute=bf16,kernel=online(2)"))
+            be.attention(*(be.store(np.ones((2, 2))) for _ in range(3)), np.arange(2), np.arange(2), 1.0,
+                         adaptive=ADAPTIVE_TEMPERATURE)
     with pytest.raises(ConfigError, match="adaptive_temperature must be True or False"):
         ModelConfig(adaptive_temperature=1)

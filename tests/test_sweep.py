@@ -89,6 +89,8 @@ def test_rerun_is_bit_identical():
     ({"model": {"d": 10, "n_heads": 3}}, "divisible"),
     ({"colour": "red"}, "unknown sweep field"),
     ({"kernel": "online"}, "key block size"),
+    ({"kernel": "online(4)", "model": {"adaptive_temperature": True}}, "the online kernel never holds"),
+    ({"backend": "native", "formats": ["bf16"], "order": "kahan"}, "not in the kahan order"),
 ])
 def test_bad_spec_refused_before_work(tmp_path, change, msg):
     spec = tmp_path / "spec.json"

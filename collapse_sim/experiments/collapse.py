@@ -122,7 +122,7 @@ def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend:
     from ..compilation import snapshot
     from ..families import make_pairs
     from ..formats import format_token
-    from ..model import token_bound
+    from ..model import check_backend, token_bound
     from ..plots import plot_collapse
     from ..progress import stage
     from ..results import provenance, write_csv
@@ -145,6 +145,8 @@ def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend:
             raise UsageError("--shard needs more than one JAX device; on CPU set "
                              "XLA_FLAGS=--xla_force_host_platform_device_count=K before starting")
     backends = [(backend_for_format(backend, format_token(f), order, shard=shard, kernel=kernel), f.name) for f in fmts]
+    for be, _ in backends:
+        check_backend(c, be)
     if not time_limit_s > 0:
         raise UsageError(f"--time-limit must be a positive number of seconds, got {time_limit_s}")
     per_format = [estimate.seconds(c, pairs, be.kind, order) for be, _ in backends]

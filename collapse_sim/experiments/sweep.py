@@ -219,6 +219,9 @@ class SweepSpec:
             kernel = Kernel.parse(self.kernel)
         except PolicyError as e:
             raise SweepError(str(e)) from None
+        if dict(self.model).get("adaptive_temperature") and kernel.kind != "naive":
+            raise SweepError(f"adaptive temperature needs each row's weights at once, which the {kernel.kind} kernel "
+                             "never holds (docs/semantics.md §8.7); use kernel naive")
         if self.backend == "native" and order.kind != "pairwise":
             raise SweepError(f"the native backend sums as XLA does, not in the {order} order; "
                              "use the emulated or reference backend for it")
