@@ -84,6 +84,8 @@ def _ident_cell(r: CollapseResult) -> str:
 #: One colour per format, shared by a format's curve and its eps line.
 FORMAT_COLORS = {"bf16": "tab:blue", "fp16": "tab:orange", "e4m3fn": "tab:green", "fp32": "tab:red"}
 SETUP_COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+#: one colour per row of a recipe figure (kernels, accumulators, remedies: up to ten rows; more repeat, dashed)
+RECIPE_COLORS = SETUP_COLORS + ["tab:pink", "tab:gray", "tab:olive", "tab:cyan"]
 
 
 def _curves(res: dict[str, CollapseResult], metric: str = "l1"):
@@ -329,7 +331,8 @@ def _policy_curves(rows, run: str) -> list[dict]:
         res = next(r for label, r, _ in runs if label == run)
         if i == 0:
             series.append(dict(label="float64 (native)", x=res["fp64"].ns, y=res["fp64"].l1, color="k", lw=0.8, ls="--"))
-        series.append(dict(label=name, x=res[pol].ns, y=res[pol].l1, color=SETUP_COLORS[i % len(SETUP_COLORS)]))
+        series.append(dict(label=name, x=res[pol].ns, y=res[pol].l1, color=RECIPE_COLORS[i % len(RECIPE_COLORS)],
+                           ls="-" if i < len(RECIPE_COLORS) else "--"))
     return series
 
 
