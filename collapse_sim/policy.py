@@ -303,7 +303,7 @@ class Policy:
             raise PolicyError("stochastic rounding is available through round_to(..., key=...), not as a policy mode")
         if self.kernel.kind in BLOCK_KERNELS and not self.max_subtract:
             raise PolicyError(f"the {self.kernel.kind} kernel rescales by its running maximum, so it needs max_subtract=true")
-        for role in _ROLES:
+        for role in _ROLES + (("weights",) if isinstance(self.weights, Format) else ()):
             why = getattr(self, role).why_not_arithmetic()
             if why is not None:
                 raise PolicyError(f"{why}, so it cannot be a policy's {role} format: the model's values need both "

@@ -4,9 +4,11 @@ import shutil
 import tempfile
 
 # The suite compiles several hundred small XLA programs whose run time is negligible: LLVM at
-# optimisation level 0 compiles them about a third faster. No bit depends on the level (XLA:CPU
-# keeps IEEE semantics: no fast math, no contraction into FMA); tests/test_compilation.py checks
-# forwards compiled in a fresh process at the default level against this level bit for bit.
+# optimisation level 0 compiles them about a third faster. The emulated and reference backends'
+# bits do not depend on the level (they round with integer ops and exact float64 steps);
+# tests/test_compilation.py checks emulated forwards compiled in fresh processes at the default
+# level against this one bit for bit. Native float32/float64 bits do depend on it (at the
+# default level XLA contracts a·b + c into FMAs), so no test compares those bit for bit.
 OPT_FLAG = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {OPT_FLAG}".strip()
 

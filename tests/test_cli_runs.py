@@ -121,7 +121,7 @@ def test_collapse_shard_flag_same_table_on_four_fake_devices(tmp_path):
     """`collapse --shard` on 4 fake CPU devices writes the same distances as an unsharded run."""
     import os
 
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()}
     args = ["--family", "repeat_last", "--format", "bf16", "--max-len", "30", "--d", "8", "--pe", "rope", "--vocab", "8"]
     tables = []
     for extra, name in (([], "plain"), (["--shard"], "sharded")):

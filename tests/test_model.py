@@ -368,7 +368,7 @@ for pol in ["compute=fp16,accumulate=fp32,order=sequential"]:
         assert u.shape == w.shape and np.array_equal(u.view(np.uint64), w.view(np.uint64)), pol
 print("ok")
 '''
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 

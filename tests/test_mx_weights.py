@@ -73,6 +73,8 @@ def test_format_role_round_trip():
     ("compute=bf16,softmax=mx(int8)", ["softmax=mx(int8) is not possible"]),
     ("mx(e4m3fn,32)", ["an MX format is a weights role only"]),
     ("compute=bf16,weights=nope", ["weights: unknown format 'nope'"]),
+    ("compute=bf16,weights=e5m3fnu", ["e5m3fnu is unsigned", "cannot be a policy's weights format"]),
+    ("compute=bf16,weights=e8m0fnu", ["e8m0fnu is unsigned", "cannot be a policy's weights format"]),
 ])
 def test_bad_roles_are_refused_in_one_sentence(text, words):
     with pytest.raises(PolicyError) as e:
