@@ -310,7 +310,8 @@ def families(ctx: Context, outdir: Path, lines: list[str]) -> None:
 
 # --- remedies -----------------------------------------------------------------------------------
 _CRITERIA_HEAD = ["| run | {what} | eps of its compute format | float64 ‖·‖₁ first below eps | bitwise identical "
-                  f"(n ≥ {N_MIN}) | signal below rounding noise (first n; every n from) | float64 median ‖·‖₁ |",
+                  f"(n ≥ {N_MIN}) | signal below rounding noise (first n; every n from) | "
+                  "float64 median ‖·‖₁, n ∈ [N/2, N] |",
                   "|---|---|---|---|---|---|---|"]
 
 
@@ -390,5 +391,6 @@ def remedies(ctx: Context, outdir: Path, lines: list[str]) -> None:
                       title=f"Remedies: {REMEDY_FAMILIES[0][1]}, RoPE decoder, d = 64", ylabel="L1 distance of the pair",
                       hlines=[BF16_LINE], x_min=N_MIN, smooth=True)
     lines += ["", f"![remedies]({png.name})", "",
-              "p-RoPE, Scalable-Softmax, the sink token and adaptive temperature are defined op by op in docs/semantics.md §8.7; "
+              "p-RoPE, Scalable-Softmax, the sink token and adaptive temperature are defined op by op in "
+              "docs/semantics.md §8.7; "
               "the models are untrained, so these rows show each remedy's arithmetic, not a trained model's use of it.", ""]
