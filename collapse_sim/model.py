@@ -471,9 +471,8 @@ def check_backend(c: ModelConfig, backend) -> None:
         raise ConfigError(f"backend {getattr(backend, 'label', backend.kind)} does not define adaptive temperature "
                           "(docs/semantics.md §8.7); run it on the emulated, reference or native backend")
     policy = getattr(backend, "policy", None)
-    if policy is not None and policy.kernel.kind != "naive":
-        raise ConfigError(f"adaptive temperature needs each row's weights at once, which the {policy.kernel.kind} "
-                          "kernel never holds (docs/semantics.md §8.7); use kernel=naive")
+    if policy is not None and (why := policy.kernel.why_not_adaptive()) is not None:
+        raise ConfigError(why)
 
 
 def weights_role(arrays: dict, backend) -> dict:

@@ -132,6 +132,13 @@ class Order:
             return cls(m.group(1), *_accumulator_args(m.group(1), m.group(2), text))
         return cls(*_kind_and_block(text, ("blocked",), "order", "block size", 32))
 
+    def why_not_native(self) -> str | None:
+        """Why the native backend (XLA's own sums) cannot run this order, or None for pairwise, the
+        default it stands in for."""
+        if self.kind == "pairwise":
+            return None
+        return f"the native backend sums as XLA does, not in the {self} order; use the emulated or reference backend for it"
+
     def __str__(self) -> str:
         if self.kind == "tcfma":
             return f"tcfma({self.block},{self.bits},{self.rounding.value})"
@@ -226,6 +233,13 @@ class Kernel:
         if not isinstance(text, str):
             raise PolicyError(f"an attention kernel is a string such as 'naive', 'online(64)', 'flash2(64)' or 'flash3fp8(64)', got {text!r}")
         return cls(*_kind_and_block(text, BLOCK_KERNELS, "kernel", "key block size", 64))
+
+    def why_not_adaptive(self) -> str | None:
+        """Why adaptive temperature (docs/semantics.md §8.7) cannot run under this kernel, or None."""
+        if self.kind == "naive":
+            return None
+        return (f"adaptive temperature needs each row's weights at once, which the {self.kind} kernel never holds "
+                "(docs/semantics.md §8.7); use kernel=naive")
 
     def __str__(self) -> str:
         return f"{self.kind}({self.block})" if self.kind in BLOCK_KERNELS else self.kind

@@ -67,9 +67,8 @@ def backend_for_format(kind: str, fmt_name: str, order: str = "pairwise", *, sha
         fix = (f"{fmt_name} runs natively: drop it from the formats" if kind != "native"
                else "the native backend runs what XLA does: use the emulated or reference backend")
         raise CollapseSimError(f"the {k} kernel runs on the emulated and reference backends only; {fix}")
-    if kind == "native" and Order.parse(order).kind != "pairwise":
-        raise CollapseSimError(f"the native backend sums as XLA does, not in the {Order.parse(order)} order; "
-                               "use the emulated or reference backend for it")
+    if kind == "native" and (why := Order.parse(order).why_not_native()) is not None:
+        raise CollapseSimError(why)
     if which == "reference":
         return make_backend("reference", Policy.uniform(fmt, order, kernel=k))
     if which == "native":

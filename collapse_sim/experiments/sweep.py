@@ -219,12 +219,10 @@ class SweepSpec:
             kernel = Kernel.parse(self.kernel)
         except PolicyError as e:
             raise SweepError(str(e)) from None
-        if dict(self.model).get("adaptive_temperature") and kernel.kind != "naive":
-            raise SweepError(f"adaptive temperature needs each row's weights at once, which the {kernel.kind} kernel "
-                             "never holds (docs/semantics.md §8.7); use kernel naive")
-        if self.backend == "native" and order.kind != "pairwise":
-            raise SweepError(f"the native backend sums as XLA does, not in the {order} order; "
-                             "use the emulated or reference backend for it")
+        if dict(self.model).get("adaptive_temperature") and (why := kernel.why_not_adaptive()) is not None:
+            raise SweepError(why)
+        if self.backend == "native" and (why := order.why_not_native()) is not None:
+            raise SweepError(why)
         if kernel.kind != "naive":
             native = [f for f in self.formats if kind_for_format(self.backend, f) == "native"]
             if native:

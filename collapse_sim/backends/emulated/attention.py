@@ -251,9 +251,8 @@ def _adaptive_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
     """Attention with adaptive temperature (docs/semantics.md §8.7; ``adaptive``: its
     polynomial and threshold): the naive kernel op by op over whole rows, for every order
     (the certified float64 path does not define it)."""
-    if emu.kernel.kind != "naive":
-        raise PolicyError(f"adaptive temperature needs each row's weights at once, which the {emu.kernel.kind} kernel "
-                          "never holds (docs/semantics.md §8.7); use kernel=naive")
+    if (why := emu.kernel.why_not_adaptive()) is not None:
+        raise PolicyError(why)
     return _op_by_op_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv, exact_path(_terms(q, k)), adaptive)
 
 

@@ -154,9 +154,8 @@ class ReferenceBackend(ObjectArrayBackend):
         ref, pol = self.ref, self.ref.policy
         c, smx = ref.compute, ref.softmax
         kern = pol.kernel
-        if adaptive is not None and kern.kind != "naive":
-            raise PolicyError(f"adaptive temperature needs each row's weights at once, which the {kern.kind} "
-                              "kernel never holds (docs/semantics.md §8.7); use kernel=naive")
+        if adaptive is not None and (why := kern.why_not_adaptive()) is not None:
+            raise PolicyError(why)
         if kern.base2 and self.exact_constants:
             raise PolicyError(f"the :exact reference has no exact counterpart of the {kern.kind} kernel's folded "
                               "constants (§8.8.1); drop :exact or use the online kernel")
