@@ -89,6 +89,7 @@ CLI_CASES = [
     (["collapse", *SMALL, "--backend", "native", "--format", "e8m0fnu"], "e8m0fnu has no negative values"),
     (["collapse", *SMALL, "--backend", "native", "--order", "tcfma-v100"], "not in the tcfma(4,23,rz) order"),
     (["collapse", *SMALL, "--adaptive-temperature", "--kernel", "online(4)"], "the online kernel never holds"),
+    (["collapse", "--family", "ones", "--max-len", "100000000000", "--d", "8"], "exceeds --mem-limit"),
     (["collapse", *SMALL, "--format", "e5m3fnu"], "e5m3fnu"),
     (["collapse", *SMALL, "--format", "(p=30,emax=15)"], "cannot be emulated exactly"),
     (["collapse", "--family", "nope", "--max-len", "4"], "invalid choice: 'nope'"),

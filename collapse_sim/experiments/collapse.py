@@ -129,13 +129,13 @@ def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend:
     from . import estimate
 
     log = log or (lambda m: print(m, flush=True))
-    pairs = make_pairs(family, max_len, token_bound(params.config), seed=seed, sep=sep)
     c = params.config
-    est = memory_estimate(c, max_len, sep)
+    est = memory_estimate(c, max_len, sep)  # before the pairs: an absurd --max-len must not allocate them
     if est > mem_limit_gib * 2**30:
         raise UsageError(f"estimated memory {est / 2**30:.1f} GiB exceeds --mem-limit {mem_limit_gib} GiB; lower --max-len")
     if backend == "reference" and max_len > REFERENCE_MAX_LEN:
         raise UsageError(f"the reference backend is O(N^2 d) Python arithmetic; use --max-len <= {REFERENCE_MAX_LEN} with it")
+    pairs = make_pairs(family, max_len, token_bound(params.config), seed=seed, sep=sep)
     if shard:
         import jax
 
