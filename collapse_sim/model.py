@@ -371,7 +371,7 @@ def forward(params: Params, tokens, backend, probe=None):
             raise ConfigError(f"probe token ids must lie in [0, {bound})" if bound else "probe token ids must be >= 0")
     check_backend(c, backend)
     n_ids = int(max(tokens.max(), -1 if probe is None else probe.max())) + 1
-    fn = _gaussian_impl if c.kind == "gaussian" else _forward_impl
+    fn = _gaussian_impl if c.kind == "gaussian" else _forward_scanned
     arrays = weights_role(forward_arrays(params, need, n_ids), backend)
     if not c.sink:
         return backend.run(fn, c, arrays, tokens, probe)
@@ -497,13 +497,26 @@ def sink_draws(c: ModelConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return z[0], z[1], z[2]
 
 
-def _forward_impl(c: ModelConfig, arrays, tokens, probe, B, delta0=None):
+def _forward_scanned(c: ModelConfig, arrays, tokens, probe, B):
+    """:func:`_forward_impl` with its layers as one loop body where ``B`` compiles (below)."""
+    return _forward_impl(c, arrays, tokens, probe, B, scan=True)
+
+
+def _forward_impl(c: ModelConfig, arrays, tokens, probe, B, delta0=None, scan=False):
     """The forward pass proper (traceable: the native and emulated backends jit it).
 
     ``delta0`` (N, d), if given, is added to the layer-0 representations v^(0): the
     handle for Jacobians ∂y/∂v^(0) (collapse_sim.theory.trace). Intermediate values
     pass through ``B.tap(name, x)``; norm scales and attention weights through
-    ``B.freeze`` (identity except on analysis backends)."""
+    ``B.freeze`` (identity except on analysis backends).
+
+    ``scan``: on a backend that says so (``B.scans_layers``: the emulated one), the layers
+    run as one ``lax.scan`` over their stacked weights, so XLA compiles one layer, not
+    ``n_layers`` copies (its compile time grows faster than the program: two unrolled
+    layers took three times one). The same ops in the same order, so the same bits; the
+    taps then name every layer ``l0.`` (analysis backends call this without ``scan``).
+    The native backend keeps the layers unrolled: XLA's bf16 bits there depend on the
+    program's shape (float32 excess precision inside it, none across a loop's carry)."""
     N = tokens.shape[0]
     need = N + (1 if probe is not None else 0)
     W = {k: B.store(v) for k, v in arrays.items()}
@@ -524,13 +537,30 @@ def _forward_impl(c: ModelConfig, arrays, tokens, probe, B, delta0=None):
             pe = pe_p = None
     if delta0 is not None:
         x = B.add(x, delta0)
-    for layer in range(c.n_layers):
-        x, xp = _layer(c, W, f"l{layer}.", x, xp, pos, B, pe, pe_p)
+    if scan and c.n_layers > 1 and getattr(B, "scans_layers", False):
+        x, xp = _scan_layers(c, W, x, xp, pos, B, pe, pe_p)
+    else:
+        for layer in range(c.n_layers):
+            x, xp = _layer(c, W, f"l{layer}.", x, xp, pos, B, pe, pe_p)
     x = B.tap(f"l{c.n_layers}.x", x)
     y = _norm(c, W, "n3", x, B)
     if xp is None:
         return y
     return y, _norm(c, W, "n3", xp, B)
+
+
+def _scan_layers(c: ModelConfig, W, x, xp, pos, B, pe, pe_p):
+    """Every layer of :func:`_layer` as one ``lax.scan`` step over the layers' stacked weights."""
+    import jax
+
+    names = [k[3:] for k in W if k.startswith("l0.")]
+    stacked = {n: B.xp.stack([W[f"l{layer}.{n}"] for layer in range(c.n_layers)]) for n in names}
+
+    def step(carry, Wl):
+        return _layer(c, {**W, **{"l0." + n: w for n, w in Wl.items()}}, "l0.", *carry, pos, B, pe, pe_p), None
+
+    (x, xp), _ = jax.lax.scan(step, (x, xp), stacked)
+    return x, xp
 
 
 def _norm(c: ModelConfig, W, name: str, x, B):

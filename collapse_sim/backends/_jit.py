@@ -53,6 +53,10 @@ class JaxBackendBase(ArrayPlumbing):
     kind = ""
     label = ""
     xp = jnp
+    # The model's layers compile as one loop body (model._scan_layers): the emulated backend's
+    # bits are its ops' (the same either way); the native backend's are not (XLA keeps bf16 values
+    # in float32 inside an unrolled program, not across a loop's carry), so it runs them unrolled.
+    scans_layers = False
 
     def __hash__(self) -> int:
         return hash((self.kind, self.label))

@@ -93,6 +93,7 @@ class EmulatedBackend(JaxBackendBase):
     """
 
     kind = "emulated"
+    scans_layers = True  # one compiled layer, not n_layers copies (model._scan_layers): the same bits
 
     def __init__(self, policy: "Policy | str | Emulator", *, shard: bool = False, shared: "bool | None" = None):
         self.emu = policy if isinstance(policy, Emulator) else Emulator(policy)
