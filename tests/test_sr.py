@@ -153,3 +153,106 @@ def test_bad_draws_and_modes_are_refused():
         with pytest.raises(RoundingError, match=r"sr\(r\)"):
             parse_mode(bad)
     assert parse_mode("SR(4, seed=3)") == Stochastic(4, 3) and parse_mode("sr(4)").value == "sr(4,seed=0)"
+
+
+# --- stochastic rounding as a policy mode of the emulated ops --------------------------
+
+
+def _sum_of_ones_law(n: int, r: int):
+    """The exact law of a sequential bf16 sum of ``n`` ones under ``sr(r)``, from the oracle
+    above: from s, the add gives s + 1's down or up result, up with probability t / 2^r.
+    Returns the mean, the variance (Fractions) and the support."""
+    fmt = parse("bf16")
+    law = {0.0: 1}  # value -> numerator over 2^(r * steps)
+    for _ in range(n):
+        nxt: dict = {}
+        for s, w in law.items():
+            down, up, F, D = sr_parts(s + 1.0, fmt)
+            t = F >> (D - r) if D >= r else F << (r - D)
+            for v, c in ((down, (1 << r) - t), (up, t)):
+                if c:
+                    nxt[v] = nxt.get(v, 0) + w * c
+        law = nxt
+    den = 1 << (r * n)
+    mean = sum(Fraction(w * Fraction(v)) for v, w in law.items()) / den
+    var = sum(w * (Fraction(v) - mean) ** 2 for v, w in law.items()) / den
+    return mean, var, sorted(law)
+
+
+def _bernstein(var, spread, m: int, delta: float) -> float:
+    """The epsilon of Bernstein's inequality for the mean of ``m`` independent copies of X
+    with variance ``var`` and |X - E X| <= ``spread``: P(|mean - E X| >= eps) <=
+    2 exp(-m eps^2 / (2 var + 2 spread eps / 3)) = delta, solved for eps."""
+    L = math.log(2 / delta)
+    a, b, c = m, -2 * spread * L / 3, -2 * float(var) * L
+    return (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)
+
+
+@pytest.mark.parametrize("r", [1, 2, 8])
+def test_sequential_sum_of_ones_under_sr(r):
+    """A sequential bf16 sum of n = 1024 ones: RNE stalls at 256; under sr(r) each add of 1 to
+    s in [2^k, 2^(k+1)) (k >= 8) has frac = 2^(7-k), so t = 2^(7-k+r) while k <= 7 + r
+    (unbiased) and 0 beyond: the sum stalls at 2^(8+r). The exact law of the sum (computed
+    from the definition) has mean n for r = 8 and below n for r = 1, 2; the mean over m seeds'
+    rows lies within Bernstein's eps of it (failure probability 1e-9), and farther than eps
+    from n when the definition predicts a bias."""
+    from collapse_sim.backends.emulated.ops import Emulator
+
+    n, m = 1024, 2048
+    ones = jnp.ones((m, n))
+    assert (np.asarray(Emulator("compute=bf16,order=sequential").sum(ones[:2])) == 256).all()
+    mean, var, support = _sum_of_ones_law(n, r)
+    got = np.asarray(Emulator(f"compute=bf16,order=sequential,mode=sr({r},seed=5)").sum(ones))
+    assert set(np.unique(got)) <= set(support)
+    spread = max(abs(Fraction(v) - mean) for v in support)
+    eps = _bernstein(var, float(spread), m, 1e-9)
+    assert abs(got.mean() - float(mean)) <= eps, (r, got.mean(), float(mean), eps)
+    if r == 8:
+        assert mean == n  # every add unbiased below 2^16
+    else:
+        assert mean < n - 2 * eps and got.max() <= 2 ** (8 + r), (r, float(mean), eps)
+
+
+def _rz53(q: Fraction) -> float:
+    """The float64 next to the exact q > 0 toward zero: its first p + r <= 52 bits are q's,
+    so it has q's truncations (and q's results under sr(r), whatever the draw)."""
+    x = float(q)
+    return math.nextafter(x, 0.0) if Fraction(x) > q else x
+
+
+def _sqrt_rz53(a: Fraction) -> float:
+    k = 200  # floor(sqrt(a) * 2^k) by integers, then toward zero to float64
+    s = math.isqrt(a.numerator * 4**k // a.denominator)
+    return _rz53(Fraction(s, 2**k))
+
+
+def test_emulated_ops_under_sr_against_the_oracle():
+    """The emulated + - * / sqrt under compute=bf16,mode=sr(4,seed=2) on random bf16 operands
+    and on sums -2^k + 2^(k-60) that float64 rounds onto a value (the carrier's round to odd):
+    each result is the oracle's rounding of the exact result with the draws docs/semantics.md
+    §2 names, rounding n = 0, 1, 2, ... of the emulator: the top 4 bits of
+    jax.random.bits(fold_in(key(2), n), shape, uint64)."""
+    from collapse_sim.backends.emulated.ops import Emulator
+
+    fmt = parse("bf16")
+    rng = np.random.default_rng(3)
+    k = rng.integers(-20, 20, 400).astype(float)  # -2^k + 2^(k-60): the float64 sum rounds to -2^k, a value
+    a = np.concatenate([np.asarray(round_to(rng.uniform(0.5, 4, 4000) * rng.choice([-1, 1], 4000), fmt)), -(2**k)])
+    b = np.concatenate([np.asarray(round_to(rng.uniform(0.5, 4, 4000), fmt)), 2 ** (k - 60)])
+    emu = Emulator("compute=bf16,order=sequential,mode=sr(4,seed=2)")
+    exact = {"add": lambda x, y: _rz53(abs(Fraction(x) + Fraction(y))) * (1 if x + y >= 0 else -1),
+             "sub": lambda x, y: _rz53(abs(Fraction(x) - Fraction(y))) * (1 if x - y >= 0 else -1),
+             "mul": lambda x, y: _rz53(abs(Fraction(x) * Fraction(y))) * (1 if x * y >= 0 else -1),
+             "div": lambda x, y: _rz53(abs(Fraction(x) / Fraction(y))) * (1 if x / y >= 0 else -1),
+             "sqrt": lambda x, y: _sqrt_rz53(Fraction(y))}
+    for n, (op, f) in enumerate(exact.items()):
+        got = np.asarray(getattr(emu, op)(jnp.asarray(b)) if op == "sqrt" else getattr(emu, op)(jnp.asarray(a), jnp.asarray(b)))
+        u = np.asarray(jax.random.bits(jax.random.fold_in(jax.random.key(2), n), a.shape, jnp.uint64)) >> np.uint64(60)
+        want = []
+        for x, y, ui in zip(a, b, u):
+            down, up, F, D = sr_parts(f(float(x), float(y)), fmt)
+            t = F >> (D - 4) if D >= 4 else F << (4 - D)
+            want.append(up if t + int(ui) >= 16 else down)
+        ok = _same(got, np.array(want))
+        assert ok.all(), (op, a[~ok][:3], b[~ok][:3], got[~ok][:3], np.array(want)[~ok][:3])
+    assert emu.roundings == 5
