@@ -75,8 +75,13 @@ def _points(name):
             extra.update((v, math.nextafter(v, math.inf), math.nextafter(v, -math.inf),
                           float(np.nextafter(f, np.float32(np.inf))), float(np.nextafter(f, np.float32(-np.inf)))))
     extra = np.array(sorted(extra), np.float64)
-    pts = np.unique(np.concatenate([p64, extra, -extra, [np.inf, -np.inf, np.nan]]))
-    down, up, F, D = zip(*(sr_parts(float(x), fmt) for x in pts))
+    pos = np.unique(np.concatenate([p64[p64 > 0], extra, [np.inf]]))
+    table = [sr_parts(x, fmt) for x in pos.tolist()]  # a negative point's results are their negations (§1 step 5)
+    flip = [(-d, -u, F, D) for d, u, F, D in table]
+    pts = np.concatenate([pos, -pos, [0.0, -0.0, np.nan]])
+    down, up, F, D = zip(*(table + flip + [sr_parts(x, fmt) for x in (0.0, -0.0, math.nan)]))
+    for i in range(0, len(pos), 997):  # the symmetry the table uses, on a sample of the points
+        assert _same(np.array(flip[i][:2]), np.array(sr_parts(-pos[i], fmt)[:2])).all() and flip[i][2:] == sr_parts(-pos[i], fmt)[2:]
     return fmt, pts, np.array(down), np.array(up), F, D
 
 
@@ -256,3 +261,17 @@ def test_emulated_ops_under_sr_against_the_oracle():
         ok = _same(got, np.array(want))
         assert ok.all(), (op, a[~ok][:3], b[~ok][:3], got[~ok][:3], np.array(want)[~ok][:3])
     assert emu.roundings == 5
+
+
+def test_traced_formats_take_the_same_draws():
+    """A format as data (FormatParams, one program for the class) rounds under sr(r) with
+    given draws to the same bits as the static format: every point of e5m2 and e4m3fn, r = 3,
+    every draw."""
+    from collapse_sim.rounding import FormatClass
+
+    for name in ("e5m2", "e4m3fn"):
+        fmt, pts, *_ = _points(name)
+        x = jnp.asarray(pts)
+        for u in range(8):
+            d = np.full(pts.shape, u, np.uint64)
+            assert _same(round_to(x, FormatClass().params(fmt), "sr(3)", draws=d), round_to(x, fmt, "sr(3)", draws=d)).all()
