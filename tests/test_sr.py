@@ -10,6 +10,7 @@ from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
+import mpmath
 import numpy as np
 import pytest
 
@@ -231,8 +232,15 @@ def _sqrt_rz53(a: Fraction) -> float:
     return _rz53(Fraction(s, 2**k))
 
 
+def _exp_rz53(x: float) -> float:
+    """e^x (x != 0 is never a float64's logarithm: e^x is irrational) to 300 bits, then toward zero."""
+    with mpmath.workprec(300):
+        v = mpmath.exp(mpmath.mpf(x))
+        return _rz53(Fraction(*(int(c) for c in mpmath.libmp.to_rational(v._mpf_)))) if x != 0 else 1.0
+
+
 def test_emulated_ops_under_sr_against_the_oracle():
-    """The emulated + - * / sqrt under compute=bf16,mode=sr(4,seed=2) on random bf16 operands
+    """The emulated + - * / sqrt exp under compute=bf16,mode=sr(4,seed=2) on random bf16 operands
     and on sums -2^k + 2^(k-60) that float64 rounds onto a value (the carrier's round to odd):
     each result is the oracle's rounding of the exact result with the draws docs/semantics.md
     §2 names, rounding n = 0, 1, 2, ... of the emulator: the top 4 bits of
@@ -249,9 +257,11 @@ def test_emulated_ops_under_sr_against_the_oracle():
              "sub": lambda x, y: _rz53(abs(Fraction(x) - Fraction(y))) * (1 if x - y >= 0 else -1),
              "mul": lambda x, y: _rz53(abs(Fraction(x) * Fraction(y))) * (1 if x * y >= 0 else -1),
              "div": lambda x, y: _rz53(abs(Fraction(x) / Fraction(y))) * (1 if x / y >= 0 else -1),
-             "sqrt": lambda x, y: _sqrt_rz53(Fraction(y))}
+             "sqrt": lambda x, y: _sqrt_rz53(Fraction(y)),
+             "exp": lambda x, y: _exp_rz53(x)}
     for n, (op, f) in enumerate(exact.items()):
-        got = np.asarray(getattr(emu, op)(jnp.asarray(b)) if op == "sqrt" else getattr(emu, op)(jnp.asarray(a), jnp.asarray(b)))
+        unary = {"sqrt": b, "exp": a}.get(op)
+        got = np.asarray(getattr(emu, op)(jnp.asarray(unary)) if unary is not None else getattr(emu, op)(jnp.asarray(a), jnp.asarray(b)))
         u = np.asarray(jax.random.bits(jax.random.fold_in(jax.random.key(2), n), a.shape, jnp.uint64)) >> np.uint64(60)
         want = []
         for x, y, ui in zip(a, b, u):
@@ -260,7 +270,7 @@ def test_emulated_ops_under_sr_against_the_oracle():
             want.append(up if t + int(ui) >= 16 else down)
         ok = _same(got, np.array(want))
         assert ok.all(), (op, a[~ok][:3], b[~ok][:3], got[~ok][:3], np.array(want)[~ok][:3])
-    assert emu.roundings == 5
+    assert emu.roundings == 6
 
 
 def test_traced_formats_take_the_same_draws():
