@@ -66,15 +66,15 @@ def cmd_formats(args) -> int:
 def cmd_round(args) -> int:
     from . import enable_x64
     from .formats import parse
-    from .rounding import Mode, round_to
+    from .rounding import Mode, Stochastic, parse_mode, round_to
 
     enable_x64()
     import jax
     import jax.numpy as jnp
 
     fmt = parse(args.format)
-    mode = Mode.parse(args.mode)
-    key = jax.random.key(args.seed) if mode is Mode.SR else None
+    mode = parse_mode(args.mode)
+    key = jax.random.key(args.seed) if mode is Mode.SR or isinstance(mode, Stochastic) else None
     values = [_parse_value(text) for text in args.values]  # every value checked before any is printed
     for text, v in zip(args.values, values):
         r = float(round_to(jnp.float64(v), fmt, mode, key=key))
@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("round", help="round decimal values to a format (exactly, from their float64 value)")
     p.add_argument("values", nargs="+")
     p.add_argument("--format", "-f", required=True)
-    p.add_argument("--mode", "-m", default="rne", help="rne, rna, rnz, rz, ru, rd, ro or sr")
+    p.add_argument("--mode", "-m", default="rne", help="rne, rna, rnz, rz, ru, rd, ro, sr or sr(r) (r random bits; --seed seeds the draws)")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed for stochastic rounding")
     p.set_defaults(func=cmd_round)
 

@@ -12,7 +12,9 @@ A :class:`Policy` names the format of each role and the order of reductions:
   short accumulator promoted every ``Nc`` terms); presets ``tcfma-v100``, ``promote-h800``.
 * ``mode``: the rounding mode of every op: ``rne`` (default), ``rna``, ``rnz`` (round to
   nearest, ties to even, away from zero, toward zero), ``rz``, ``ru``, ``rd`` (directed),
-  ``ro`` (round to odd); docs/semantics.md §1 defines each.
+  ``ro`` (round to odd), or ``sr(r,seed=s)`` (stochastic with ``r`` random bits per rounding,
+  the draws seeded by ``s``, default 0; the emulated ops and sums run it, not yet the
+  forward); docs/semantics.md §1 defines each.
 * ``max_subtract``: whether softmax subtracts the row maximum first.
 * ``weights``: what the parameter arrays are quantised to before they are stored
   (docs/semantics.md §5.1): a format (default: ``storage``), or OCP MX blocks
@@ -49,7 +51,7 @@ import numpy as np
 from .errors import CollapseSimError, require_text
 from .formats import DESCRIPTION_KEYS, Format, FormatError, format_token, parse as parse_format, split_top_level
 from .mx import MXError, MXFormat, mx_element_name, mx_for_element, mx_round
-from .rounding import Mode, round_to
+from .rounding import Mode, RoundingError, Stochastic, parse_mode, round_to
 
 ORDER_KINDS = ("sequential", "pairwise", "blocked", "kahan", "exact")
 #: The accumulator models (docs/semantics.md §3.4): orders with a block size, a bit count and
@@ -68,6 +70,11 @@ _ORDER_HELP = ("use one of sequential, pairwise, blocked(b), kahan, exact, tcfma
 
 class PolicyError(CollapseSimError):
     """A policy string or combination that cannot be used."""
+
+
+class StochasticRoundingError(PolicyError):
+    """A policy in stochastic rounding (``mode=sr(r)``) given to a backend or an order that
+    does not run it."""
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -301,7 +308,7 @@ class Policy:
     accumulate: Format
     softmax: Format
     order: Order = Order("pairwise")
-    mode: Mode = Mode.RNE
+    mode: "Mode | Stochastic" = Mode.RNE
     max_subtract: bool = True
     kernel: Kernel = Kernel()
     #: The weights role (docs/semantics.md §5.1): None (the storage format), another format,
@@ -314,7 +321,8 @@ class Policy:
         if self.weights == self.storage:
             object.__setattr__(self, "weights", None)  # the default, written as such (str, equality, hash)
         if self.mode is Mode.SR:
-            raise PolicyError("stochastic rounding is available through round_to(..., key=...), not as a policy mode")
+            raise PolicyError("a policy's stochastic rounding names its random bits and seed: mode=sr(r) or "
+                              "mode=sr(r,seed=s), e.g. sr(8,seed=1)")
         if self.kernel.kind in BLOCK_KERNELS and not self.max_subtract:
             raise PolicyError(f"the {self.kernel.kind} kernel rescales by its running maximum, so it needs max_subtract=true")
         for role in _ROLES + (("weights",) if isinstance(self.weights, Format) else ()):
@@ -371,8 +379,8 @@ class Policy:
         if ms not in ("true", "false"):
             raise PolicyError(f"policy {text!r}: max_subtract must be true or false, got {fields['max_subtract']!r}")
         try:
-            mode = Mode.parse(fields.get("mode", "rne"))
-        except ValueError as e:
+            mode = parse_mode(fields.get("mode", "rne"))
+        except RoundingError as e:
             raise PolicyError(f"policy {text!r}: {e}") from None
         weights = weights_role(fields["weights"], text) if "weights" in fields else None
         return cls(order=Order.parse(fields.get("order", "pairwise")), mode=mode, max_subtract=ms == "true",
@@ -396,6 +404,9 @@ class Policy:
         if self.weights is None:
             return w
         if isinstance(self.weights, Format):
+            if isinstance(self.mode, Stochastic):
+                raise PolicyError(f"weights={format_token(self.weights)} rounds the weights in the policy's mode, and "
+                                  f"{self.mode} has no draws for them; give the weights role with a deterministic mode")
             return np.asarray(round_to(w, self.weights, self.mode), dtype=np.float64)
         out = mx_round(w, self.weights, axis=axis)
         if np.isnan(out).any() and not np.isnan(w).any():

@@ -45,14 +45,20 @@ Semantics (IEEE 754 where it speaks):
 * An unsigned format (``signed=False``) turns every negative input into NaN (−0 into
   +0); a format without zero (``has_zero=False``) turns ±0 into NaN and every rounded
   magnitude below its smallest positive value into that value, in every mode.
-* Stochastic rounding rounds up with probability ``(x - RD(x)) / ulp``,
-  exactly, using random integers as wide as the input type.
+* Stochastic rounding with ``r`` random bits (``sr(r)``, docs/semantics.md §1): the
+  first ``r`` bits of the discarded part, ``t = floor(frac * 2**r)``, plus an ``r``-bit
+  random integer ``u``; the magnitude rounds up iff ``t + u >= 2**r`` (it carries), so
+  ``P(up) = t / 2**r``. ``sr`` draws as many bits as the input type is wide (32 from
+  float32, 64 from float64), which makes ``P(up) = (x - RZ(x)) / ulp`` exactly wherever
+  the discarded part has at most that many bits. The draws come from a ``jax.random`` key
+  or are given (``draws=``), so that every draw can be enumerated.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from functools import partial
 
 import jax
@@ -113,6 +119,54 @@ class Mode(str, enum.Enum):
         if self in (Mode.RZ, Mode.RO):
             return negative != negative
         raise ValueError("stochastic rounding overflows by its draw, value by value")
+
+
+#: The most random bits ``sr(r)`` takes: a draw is held in an unsigned integer as wide as
+#: the carrier (64 bits from float64 inputs; from float32 inputs, 32).
+SR_MAX_BITS = 64
+_SR_RE = re.compile(r"\s*(?:sr|stochastic)\s*\(\s*(-?\d+)\s*(?:,\s*seed\s*=\s*(-?\d+)\s*)?\)\s*", re.IGNORECASE)
+_SR_FORM = "sr(r) or sr(r,seed=s) with integers 1 <= r <= 64 and s >= 0, e.g. sr(8,seed=1)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stochastic:
+    """Stochastic rounding with ``bits`` random bits per rounding (docs/semantics.md §1),
+    as a policy's mode: ``sr(r)`` or ``sr(r,seed=s)``. ``seed`` seeds the draws of a whole
+    emulated computation (docs/semantics.md §2); :func:`round_to` itself takes a key or the
+    draws. It stands where a :class:`Mode` stands: ``value`` is its spelling, and like the
+    directed modes it is not a nearest mode (+ and - are carried rounded to odd)."""
+
+    bits: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, v, lo, hi in (("r", self.bits, 1, SR_MAX_BITS), ("seed", self.seed, 0, 2**32 - 1)):
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise RoundingError(f"stochastic rounding's {name} must be an integer in [{lo}, {hi}], got {v!r}; "
+                                    f"write {_SR_FORM}")
+
+    nearest = False
+
+    @property
+    def value(self) -> str:
+        return f"sr({self.bits},seed={self.seed})"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def parse_mode(m: "str | Mode | Stochastic") -> "Mode | Stochastic":
+    """A rounding mode: a :class:`Mode` (``sr`` too: as many random bits as the input is wide)
+    or, for ``sr(r)`` and ``sr(r,seed=s)``, a :class:`Stochastic`."""
+    if isinstance(m, (Mode, Stochastic)):
+        return m
+    text = str(m)
+    if "(" in text:
+        hit = _SR_RE.fullmatch(text)
+        if hit is None:
+            raise RoundingError(f"unknown rounding mode {m!r}; stochastic rounding with r random bits is {_SR_FORM}")
+        return Stochastic(int(hit.group(1)), int(hit.group(2) or 0))
+    return Mode.parse(text)
 
 
 class _Carrier:
@@ -414,16 +468,28 @@ def _magic(c: "_Carrier", fmt: "Format | FormatParams", dtype):
     return lax.bitcast_convert_type(pat, dtype)
 
 
-@partial(jax.jit, static_argnames=("mode",))
-def _round_traced(x, key, fmt: FormatParams, mode: Mode):
+def _sr_draws(x, key, draws, bits: "int | None"):
+    """The ``bits``-bit random integers of a stochastic rounding of ``x`` (None for the
+    other modes): the given ``draws`` (broadcast to ``x``'s shape), or the top ``bits``
+    bits of one random word per element drawn from ``key``."""
+    if bits is None:
+        return None
+    c = _Carrier(x.dtype)
+    if draws is not None:
+        return jnp.broadcast_to(jnp.asarray(draws).astype(c.u), x.shape)
+    return jax.random.bits(key, x.shape, dtype=c.u) >> c.u(c.width - bits)
+
+
+@partial(jax.jit, static_argnames=("mode", "bits"))
+def _round_traced(x, key, draws, fmt: FormatParams, mode: Mode, bits: "int | None"):
     """Rounding to a traced format: every member of its class has the fast nearest path."""
     if mode is Mode.RNE:
         return _round_rne_fast(x, fmt)
-    return _round_general(x, key, fmt, mode)
+    return _round_general(x, _sr_draws(x, key, draws, bits), fmt, mode, bits)
 
 
-@partial(jax.jit, static_argnames=("fmt", "mode"))
-def _round_impl(x, key, fmt: Format, mode: Mode):
+@partial(jax.jit, static_argnames=("fmt", "mode", "bits"))
+def _round_impl(x, key, draws, fmt: Format, mode: Mode, bits: "int | None"):
     if mode is Mode.RNE and fast_path_applies(fmt, x.dtype):
         c = _Carrier(x.dtype)
         if not fmt.subnormals or _magic_tiny_ok(fmt, c):
@@ -433,11 +499,13 @@ def _round_impl(x, key, fmt: Format, mode: Mode):
         tiny_pat = c.u(c.pattern_of_value(1, fmt.emin))
         mag = lax.bitcast_convert_type(x, c.u) & ~(c.u(1) << c.u(c.width - 1))
         tiny = (mag < tiny_pat) & (mag != 0)
-        return lax.cond(jnp.any(tiny), lambda v: _round_general(v, key, fmt, mode), lambda v: _round_rne_fast(v, fmt), x)
-    return _round_general(x, key, fmt, mode)
+        return lax.cond(jnp.any(tiny), lambda v: _round_general(v, None, fmt, mode), lambda v: _round_rne_fast(v, fmt), x)
+    return _round_general(x, _sr_draws(x, key, draws, bits), fmt, mode, bits)
 
 
-def _round_general(x, key, fmt: "Format | FormatParams", mode: Mode):
+def _round_general(x, draws, fmt: "Format | FormatParams", mode: Mode, sr_bits: "int | None" = None):
+    """Every mode's rounding on the bit pattern; ``draws``: stochastic rounding's random
+    integers in [0, 2**sr_bits), one per element (None for the other modes)."""
     c = _Carrier(x.dtype)
     U, I = c.u, c.i
     W = c.width
@@ -487,15 +555,13 @@ def _round_general(x, key, fmt: "Format | FormatParams", mode: Mode):
         up = inexact & ~neg
     elif mode is Mode.RD:
         up = inexact & neg
-    else:  # stochastic: up with probability rem / 2**d
-        r = jax.random.bits(key, x.shape, dtype=U)
-        in_range = (d >= 1) & (d <= W)
-        sh = jnp.clip(W - d, 0, W - 1).astype(U)
-        thresh = jnp.where(d == W, rem, rem << sh)  # rem * 2**(W-d) < 2**W
-        deep = d > W  # rem/2**d < 2**-(W - pc): compare against the top random bits
-        thresh_deep = rem >> jnp.clip(d - W, 0, W - 1).astype(U)
-        up = jnp.where(in_range, r < thresh, False) | (deep & (r < thresh_deep))
-        up = up & inexact
+    else:  # stochastic with `bits` random bits: t = floor(frac * 2**bits), frac = rem / 2**d; up iff t + draw carries
+        r = sr_bits
+        t = jnp.where(d >= r, jnp.where(d - r >= W, U(0), rem >> jnp.clip(d - r, 0, W - 1).astype(U)),
+                      rem << jnp.clip(r - d, 0, W - 1).astype(U))  # rem < 2**d, so < 2**r <= 2**W
+        half = U(1) << U(r - 1)
+        need = (half - t) + half  # 2**r - t, modulo 2**W (for r = W and t > 0 it is in [1, 2**W))
+        up = (t != 0) & (draws >= need)
 
     # Result magnitude pattern.
     shallow = d <= c.pc - 1  # rounding only touches fraction bits of the pattern
@@ -522,12 +588,18 @@ def _round_general(x, key, fmt: "Format | FormatParams", mode: Mode):
     return _signed(c, fmt, pat, neg, lim, x.dtype)
 
 
-def _check_key(key, mode: Mode):
-    """The PRNG key for ``_round_impl``: a given key must be a ``jax.random`` key; SR needs one."""
+def _check_key(key, draws, mode: Mode):
+    """The PRNG key for ``_round_impl`` (None where it draws nothing): a given key must be
+    a ``jax.random`` key; stochastic rounding needs a key or the draws, not both."""
+    if mode is not Mode.SR:
+        if draws is not None:
+            raise RoundingError(f"draws are the random integers of stochastic rounding; mode {mode.value} takes none")
+        return None
+    if (key is None) == (draws is None):
+        raise RoundingError("stochastic rounding needs an explicit PRNG key or the draws, one of them: "
+                            "round_to(x, fmt, 'sr', key=jax.random.key(0)) or round_to(x, fmt, 'sr(4)', draws=...)")
     if key is None:
-        if mode is Mode.SR:
-            raise RoundingError("stochastic rounding needs an explicit PRNG key: round_to(x, fmt, 'sr', key=jax.random.key(0))")
-        return jax.random.key(0)  # unused by the deterministic modes
+        return None
     dtype = getattr(key, "dtype", None)
     typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
     raw = dtype == jnp.uint32 and getattr(key, "shape", None) == (2,)  # a jax.random.PRNGKey
@@ -536,7 +608,24 @@ def _check_key(key, mode: Mode):
     return key
 
 
-def round_to(x, fmt: "Format | str | FormatParams", mode: "Mode | str" = Mode.RNE, *, key=None):
+def _check_draws(draws, bits: int, width: int):
+    """``draws`` as given to :func:`round_to`: integers in [0, 2**bits) (checked where they are
+    concrete; traced draws are trusted)."""
+    if bits > width:
+        raise RoundingError(f"stochastic rounding from float{width} takes at most {width} random bits, got sr({bits}); "
+                            "round from float64")
+    if draws is None or isinstance(draws, jax.core.Tracer):
+        return draws
+    d = np.asarray(draws)
+    if not np.issubdtype(d.dtype, np.integer):
+        raise RoundingError(f"draws must be integers in [0, 2^{bits}), got dtype {d.dtype}")
+    if d.size and (d.min() < 0 or int(d.max()) >> bits):
+        raise RoundingError(f"draws must be integers in [0, 2^{bits}) for sr({bits}), got values in [{d.min()}, {d.max()}]")
+    return d
+
+
+def round_to(x, fmt: "Format | str | FormatParams", mode: "Mode | Stochastic | str" = Mode.RNE, *, key=None,
+             draws=None):
     """Round every element of ``x`` to ``fmt``.
 
     Returns an array whose values are values of ``fmt``, of the input's dtype:
@@ -546,8 +635,11 @@ def round_to(x, fmt: "Format | str | FormatParams", mode: "Mode | str" = Mode.RN
     ``jax.enable_x64(True)`` and the result is a float64 array): an input is
     never cut to float32 on the way in.
     ``mode`` is one of ``rne`` (default), ``rna``, ``rnz``, ``rz``, ``ru``, ``rd``,
-    ``ro``, ``sr`` (:class:`Mode`);
-    stochastic rounding needs a ``jax.random`` key. ``fmt`` may be a :class:`FormatParams`
+    ``ro``, ``sr`` (:class:`Mode`), or ``sr(r)`` (:class:`Stochastic`: ``r`` random bits;
+    plain ``sr`` draws as many bits as the input type is wide: 32 or 64). Stochastic rounding
+    needs a ``jax.random`` key, or ``draws``: the random integers themselves, in [0, 2**r),
+    broadcast to ``x``'s shape (element ``i`` rounds up iff ``t_i + draws_i >= 2**r``,
+    docs/semantics.md §1). ``fmt`` may be a :class:`FormatParams`
     (a format as data, the same bits): one compiled program then serves every format of
     its class.
 
@@ -559,8 +651,10 @@ def round_to(x, fmt: "Format | str | FormatParams", mode: "Mode | str" = Mode.RN
     """
     traced = isinstance(fmt, FormatParams)
     fmt = fmt if traced else parse(fmt)
-    mode = Mode.parse(mode)
-    key = _check_key(key, mode)
+    mode = parse_mode(mode)
+    bits = mode.bits if isinstance(mode, Stochastic) else None
+    mode = Mode.SR if isinstance(mode, Stochastic) else mode
+    key = _check_key(key, draws, mode)
     impl = _round_traced if traced else _round_impl
     if not isinstance(x, jax.Array):  # python and numpy values keep their own dtype (float -> float64)
         try:
@@ -571,10 +665,16 @@ def round_to(x, fmt: "Format | str | FormatParams", mode: "Mode | str" = Mode.RN
         raise RoundingError(f"round_to takes floating-point values, got dtype {x.dtype}; convert with .astype(float)")
     if x.dtype == np.float64 and not jax.config.jax_enable_x64:
         with jax.enable_x64(True):  # round the float64 value itself, not its float32 cut
-            return impl(jnp.asarray(x, dtype=jnp.float64), key, fmt, mode)
+            bits = 64 if mode is Mode.SR and bits is None else bits
+            return impl(jnp.asarray(x, dtype=jnp.float64), key, _check_draws(draws, bits, 64) if bits else None,
+                        fmt, mode, bits)
     x = jnp.asarray(x)
     if x.dtype not in (jnp.float32, jnp.float64):
         x = x.astype(jnp.float32)
     if traced and jnp.dtype(x.dtype).itemsize < jnp.dtype(fmt.cls.dtype).itemsize:
         raise RoundingError(f"{fmt} is rounded to from {fmt.cls.dtype} or wider, got {x.dtype}; widen the input")
-    return impl(x, key, fmt, mode)
+    width = 8 * jnp.dtype(x.dtype).itemsize
+    if mode is Mode.SR:
+        bits = width if bits is None else bits
+        draws = _check_draws(draws, bits, width)
+    return impl(x, key, draws, fmt, mode, bits)

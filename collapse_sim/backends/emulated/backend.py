@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ...policy import Policy
+from ...policy import Policy, StochasticRoundingError
 from .._jit import JaxBackendBase, run_jitted
 from .attention import _adaptive_attention, _emulated_attention, _linear, exact_path
 from .ops import Emulator, shared_class_refusal
@@ -97,6 +97,10 @@ class EmulatedBackend(JaxBackendBase):
 
     def __init__(self, policy: "Policy | str | Emulator", *, shard: bool = False, shared: "bool | None" = None):
         self.emu = policy if isinstance(policy, Emulator) else Emulator(policy)
+        if self.emu.stochastic:
+            raise StochasticRoundingError(
+                f"the emulated forward does not run {self.emu.mode} yet (its row blocks, loops and probe steps would "
+                "reuse draws, docs/semantics.md §12); stochastic rounding runs in the Emulator's ops and sums")
         self.policy = self.emu.policy
         self.dtype = self.emu.dtype
         self.shard = shard and jax.device_count() > 1

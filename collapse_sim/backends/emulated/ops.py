@@ -3,7 +3,10 @@
 Every op is computed in a wider *carrier* float (carrier.py) and rounded to the
 policy's format with :func:`collapse_sim.rounding.round_to`, so + − × ÷ √ are
 *correctly rounded* in the target format, in every mode of
-:class:`collapse_sim.rounding.Mode` but stochastic (carrier.py says why). ``exp`` (and
+:class:`collapse_sim.rounding.Mode` but plain ``sr``; stochastic rounding with ``r`` bits,
+a policy's ``sr(r,seed=s)`` (:class:`collapse_sim.rounding.Stochastic`), runs in a float64
+carrier for ``2(p + r) + 1 <= 53`` (docs/semantics.md §2 says why), every rounding with
+draws of its own (:meth:`Emulator.draws`). ``exp`` (and
 ``exp2`` and ``ln``) is always evaluated in float64 and then rounded: correct except within ~2^-50 relative of
 a midpoint (nearest modes) or a format value other than 1 (directed modes, round to
 odd); none is known for p <= 16, the tests check every bf16 and fp16 input in every
@@ -24,7 +27,6 @@ certificates (certificates.py) or the superaccumulator (exact.py), which agree b
 from __future__ import annotations
 
 import copy
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +34,8 @@ from jax import lax
 
 from ... import require_x64
 from ...formats import Format
-from ...policy import Order, Policy
-from ...rounding import FormatClass, round_to
+from ...policy import Order, Policy, StochasticRoundingError
+from ...rounding import FormatClass, Stochastic, round_to
 from .carrier import CarrierError, carrier_add, carrier_for
 from .certificates import certified_sum
 from .exact import exact_sum
@@ -75,6 +77,11 @@ class Emulator:
         check_emulable(self.order)
         self.softmax_is_compute = pol.softmax == pol.compute  # then rounding between them is the identity
         fmts = pol.formats()
+        self.stochastic = isinstance(self.mode, Stochastic)
+        if self.stochastic:
+            _check_stochastic(pol)
+            self._seed_key = jax.random.key(self.mode.seed)
+        self.roundings = 0  # how many roundings have drawn (stochastic rounding: the next one's stream)
         self.shared = shared
         if shared:
             why = shared_class_refusal(pol)
@@ -86,7 +93,7 @@ class Emulator:
             self.key = ("shared", SHARED_CLASS, str(self.order), self.mode, self.max_subtract, self.softmax_is_compute,
                         self.kernel)
         else:
-            self.dtype = jnp.dtype(carrier_for(*fmts))
+            self.dtype = jnp.dtype(jnp.float64 if self.stochastic else carrier_for(*fmts))
             self.roles = fmts
             qmin, emax = min(f.min_exponent_of_quantum for f in fmts), max(f.emax for f in fmts)
             self.key = ("policy", pol)
@@ -120,16 +127,30 @@ class Emulator:
         return f"Emulator({self.policy}{', shared=True' if self.shared else ''})"
 
     # --- rounding --------------------------------------------------------
+    def draws(self, shape):
+        """Stochastic rounding's draws for the next rounding of an array of ``shape``
+        (docs/semantics.md §2): the top r bits of ``jax.random.bits(fold_in(key(seed), n),
+        shape)``, n counting this emulator's roundings from 0 (None in the other modes)."""
+        if not self.stochastic:
+            return None
+        key = jax.random.fold_in(self._seed_key, self.roundings)
+        self.roundings += 1
+        return jax.random.bits(key, shape, jnp.uint64) >> jnp.uint64(64 - self.mode.bits)
+
+    def _round(self, x, fmt):
+        """One rounding of ``x`` to ``fmt`` in the policy's mode (its own draws)."""
+        return round_to(x, fmt, self.mode, draws=self.draws(jnp.shape(x)))
+
     def rnd(self, x, fmt: Format | None = None):
         """Round ``x`` (carried in the carrier dtype) to ``fmt`` (default: compute)."""
-        return round_to(jnp.asarray(x, self.dtype), self.compute if fmt is None else fmt, self.mode)
+        return self._round(jnp.asarray(x, self.dtype), self.compute if fmt is None else fmt)
 
     def store(self, x):
         """Bring external data (any float array) in: one rounding to the storage format."""
         x = jnp.asarray(x)
         if x.dtype != jnp.float64:
             x = x.astype(jnp.float64) if jax.config.jax_enable_x64 else x
-        return round_to(x, self.storage, self.mode).astype(self.dtype)
+        return self._round(x, self.storage).astype(self.dtype)
 
     # --- elementary ops ----------------------------------------------------
     def add(self, a, b, fmt=None):
@@ -153,7 +174,7 @@ class Emulator:
         wide = jnp.exp(a)
         if not self.mode.nearest:  # a nearest mode needs no mark: e^a is never a midpoint either
             wide = _inexact_exp(wide, a)
-        return round_to(wide, self.compute if fmt is None else fmt, self.mode).astype(self.dtype)
+        return self._round(wide, self.compute if fmt is None else fmt).astype(self.dtype)
 
     def exp2(self, a, fmt=None):
         """``∘_F(2^a)`` (docs/semantics.md §2), like :meth:`exp`: float64 then one rounding.
@@ -180,7 +201,7 @@ class Emulator:
         wide = jnp.where(fin, wide, jnp.where(a > 0, jnp.inf, jnp.where(a < 0, 0.0, a)))  # +inf, -inf (0), NaN
         if not self.mode.nearest:  # beyond float64's range: inf -> the largest float64, 0 -> the smallest
             wide = _inexact_exp(wide, a, fin & ((wide == 0) | jnp.isinf(wide)))
-        return round_to(wide, self.compute if fmt is None else fmt, self.mode).astype(self.dtype)
+        return self._round(wide, self.compute if fmt is None else fmt).astype(self.dtype)
 
     def ln(self, a, fmt=None):
         """``∘_F(ln a)`` (docs/semantics.md §2), like :meth:`exp`: float64's ``log``, then one
@@ -195,7 +216,7 @@ class Emulator:
         wide = jnp.log(a)
         if not self.mode.nearest:
             wide = _inexact_exp(wide, a, jnp.isfinite(a) & (a > 0) & (a != 1))
-        return round_to(wide, self.compute if fmt is None else fmt, self.mode).astype(self.dtype)
+        return self._round(wide, self.compute if fmt is None else fmt).astype(self.dtype)
 
     # --- reductions --------------------------------------------------------
     def sum(self, x, axis: int = -1, out_fmt: Format | None = None, order: Order | None = None,
@@ -204,7 +225,7 @@ class Emulator:
         then rounding once to ``out_fmt`` (default: compute). ``path``: see :func:`reduce_sum`."""
         x = jnp.moveaxis(jnp.asarray(x, self.dtype), axis, -1)
         return reduce_sum(x, order or self.order, self.accumulate, self.compute if out_fmt is None else out_fmt,
-                          self.mode, bounds=self.bounds, path=path)
+                          self.mode, bounds=self.bounds, path=path, draws=self.draws)
 
     def dot(self, a, b, out_fmt: Format | None = None, order: Order | None = None, path: str = "certified"):
         """Vector dot product over the last axis (batched over the rest).
@@ -220,7 +241,7 @@ class Emulator:
         if not order.exact_products:
             prod = self.rnd(prod, self.accumulate)
         return reduce_sum(prod, order, self.accumulate, self.compute if out_fmt is None else out_fmt, self.mode,
-                          bounds=self.bounds, path=path)
+                          bounds=self.bounds, path=path, draws=self.draws)
 
     def matmul(self, a, b, out_fmt=None, order=None):
         """``a @ b`` for a: (..., m, k), b: (k, n), each entry a :meth:`dot`."""
@@ -228,6 +249,25 @@ class Emulator:
         bt = jnp.swapaxes(jnp.asarray(b, self.dtype), -1, -2)
         ae, be = jnp.broadcast_arrays(a[..., :, None, :], bt.reshape((1,) * (a.ndim - 1) + bt.shape))
         return self.dot(ae, be, out_fmt, order)
+
+
+#: The orders whose every add is one rounding, and so one stochastic rounding under ``sr(r)``.
+STOCHASTIC_ORDERS = ("sequential", "pairwise")
+
+
+def _check_stochastic(policy: Policy) -> None:
+    """Refuse, in one sentence, what the emulator does not run under stochastic rounding:
+    an order other than sequential or pairwise (their sums round once or carry state: exact,
+    blocked, kahan, tcfma, promote), and r beyond the float64 carrier (docs/semantics.md §2:
+    2(p + r) + 1 <= 53, so that a carried quotient or root keeps its first p + r bits)."""
+    mode = policy.mode
+    if policy.order.kind not in STOCHASTIC_ORDERS:
+        raise StochasticRoundingError(f"under {mode} the emulator sums in the sequential or pairwise order (each add "
+                                      f"one stochastic rounding), not {policy.order}")
+    p = max(f.p for f in policy.formats())
+    if 2 * (p + mode.bits) + 1 > 53:
+        raise CarrierError(f"{mode} with a format of p={p} needs r <= {26 - p} in the float64 carrier "
+                           "(2(p + r) + 1 <= 53, docs/semantics.md §2); use fewer random bits")
 
 
 _LN2 = 0.6931471805599453  # the float64 nearest ln 2
@@ -262,7 +302,7 @@ _PATHS = ("certified", "float64", "superacc")
 
 
 def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, bounds=(-1074, 1024), nonneg=False,
-               path: str = "certified"):
+               path: str = "certified", draws=None):
     """Reduce the last axis. Masked-out terms must be zeros; ``valid`` (same shape)
     is needed only by ``kahan``, whose state would change on trailing zeros.
     ``bounds`` = (kmin, kmax) of the terms for the exact superaccumulator; ``nonneg``:
@@ -273,14 +313,21 @@ def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, boun
     the superaccumulator elsewhere. ``"float64"``: the certificate only, returning
     ``(s, ok)``; where ``ok`` is false ``s`` is not the result and the caller must
     redo it (other orders are always ok). ``"superacc"``: :func:`exact_sum` only, for
-    code that redoes what the certificate left open (no certificate, no branches)."""
+    code that redoes what the certificate left open (no certificate, no branches).
+
+    ``draws``: under stochastic rounding, ``draws(shape)`` gives the draws of one rounding
+    (:meth:`Emulator.draws`): one call per pairwise level, one stacked array for the
+    sequential order's adds, one for the final rounding."""
     if path not in _PATHS:
         raise ValueError(f"path must be one of {_PATHS}, not {path!r}")
     with_ok = path == "float64"
     if x.shape[-1] == 0:
         s = jnp.zeros(x.shape[:-1], x.dtype)
         return (s, jnp.ones(s.shape, bool)) if with_ok else s
-    r = functools.partial(round_to, mode=mode)
+    stochastic = isinstance(mode, Stochastic)
+    if stochastic and (draws is None or order.kind not in STOCHASTIC_ORDERS):
+        raise StochasticRoundingError(f"reduce_sum under {mode} takes the sequential or pairwise order and its draws")
+    draws = draws if stochastic else (lambda shape: None)
     add = _rounded_add(acc, mode)
     ok = None
 
@@ -290,9 +337,9 @@ def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, boun
         return certified_sum(x, fmt, mode, *bounds, nonneg=nonneg, exact_fallback=not with_ok)
 
     if order.kind == "sequential":
-        s = _sequential(x, add)
+        s = _sequential(x, add, draws((x.shape[-1] - 1, *x.shape[:-1])) if stochastic else None)
     elif order.kind == "pairwise":
-        s = _pairwise(x, add)
+        s = _pairwise(x, lambda u, v: add(u, v, draws(u.shape)))
     elif order.kind == "kahan":
         s = _kahan(x, add, valid)
     elif order.kind == "exact":
@@ -308,7 +355,7 @@ def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, boun
         s = (_tcfma(x64, order, acc) if order.kind == "tcfma" else _promote(x64, order, acc, mode)).astype(x.dtype)
     else:  # pragma: no cover - Order validates kinds
         raise ValueError(order)
-    s = r(s, out)
+    s = round_to(s, out, mode, draws=draws(s.shape))
     if not with_ok:
         return s
     return s, (jnp.ones(s.shape, bool) if ok is None else ok)

@@ -24,21 +24,23 @@ from .exact import _exponent, _pow2
 
 
 def _rounded_add(acc: Format, mode):
-    """One correctly rounded add in the accumulate format."""
+    """One correctly rounded add in the accumulate format (``draws``: stochastic rounding's)."""
 
-    def add(u, v):
-        return round_to(carrier_add(u, v, mode), acc, mode)
+    def add(u, v, draws=None):
+        return round_to(carrier_add(u, v, mode), acc, mode, draws=draws)
 
     return add
 
 
-def _sequential(x, add):
+def _sequential(x, add, draws=None):
+    """Left to right; ``draws`` (stochastic rounding): one array of draws per add, stacked
+    along the first axis."""
     xs = jnp.moveaxis(x, -1, 0)
 
     def step(s, v):
-        return add(s, v), None
+        return add(s, *v), None
 
-    s, _ = lax.scan(step, xs[0], xs[1:])
+    s, _ = lax.scan(step, xs[0], (xs[1:],) if draws is None else (xs[1:], draws))
     return s
 
 

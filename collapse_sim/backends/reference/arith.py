@@ -15,8 +15,8 @@ import mpmath.libmp as mlib
 import numpy as np
 
 from ...formats import Format
-from ...policy import Order, Policy
-from ...rounding import Mode, RoundingError
+from ...policy import Order, Policy, StochasticRoundingError
+from ...rounding import Mode, Stochastic
 
 # mpmath has no signed zero: the reference's zeros are all +0, and comparisons
 # with the other backends treat -0 and +0 as equal.
@@ -32,8 +32,9 @@ class RefArith:
     """Correctly rounded scalar arithmetic in one format, on mpmath mpf tuples."""
 
     def __init__(self, fmt: Format, mode: Mode = Mode.RNE):
-        if mode is Mode.SR:
-            raise RoundingError("the reference rounds deterministically; stochastic rounding is round_to(..., 'sr', key=...)")
+        if mode is Mode.SR or isinstance(mode, Stochastic):
+            raise StochasticRoundingError(f"the reference backend rounds deterministically and does not run {mode.value}; "
+                                          "use round_to(..., key=...) or the emulated ops for stochastic rounding")
         self.fmt = fmt
         self.mode = mode
         self.work = 2 * fmt.p + 64
