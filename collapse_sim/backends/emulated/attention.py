@@ -57,7 +57,9 @@ def exact_path(terms: int) -> str:
 def _linear(emu: Emulator, x, w):
     """``x @ w``, each entry an :meth:`Emulator.dot`: from certified float64 matrix
     products in blocks of rows where the policy allows, op by op for the rows they
-    leave uncertified (:func:`_fill_rows`); op by op otherwise."""
+    leave uncertified (:func:`_fill_rows`); op by op otherwise. Under an operands role
+    both operands are quantised along the contraction axis first (§13.1)."""
+    x, w = emu.operand(x, -1), emu.operand(w, 0)
     n, din = x.shape
     dout = w.shape[1]
     wt = w.T  # (dout, din)
@@ -129,7 +131,7 @@ def _certified_scores(emu: Emulator, terms: int) -> bool:
     """Whether an attention call of ``terms`` products comes from certified float64 matrix
     products: the exact and blocked orders under the naive kernel, for large calls
     (:data:`CERTIFIED_MIN_TERMS`; the online kernel runs op by op)."""
-    return _certified(emu, terms) and emu.kernel.kind == "naive"
+    return _certified(emu, terms) and emu.kernel.kind == "naive" and emu.operands is None
 
 
 def _uncertified_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
@@ -209,6 +211,26 @@ def _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb):
     return K, V
 
 
+def _value_operands(emu: Emulator, vq, V, cols, pb):
+    """The values (B, nk, dh) as the weighted values' operands under an operands role
+    (docs/semantics.md §13.1): MX blocks of k columns along the keys. For row i (position
+    ``pb[i]``) every block ending before its last block ``[t·k, t·k + k)``, ``t = pb[i] // k``,
+    is a block of the stream's values, the same for every row that sees it (``vq``: the
+    values quantised once); the last block holds the row's columns ``t·k..pb[i]`` only (its
+    own value at ``pb[i]`` for a probe; later columns absent, zeros, which raise no block
+    maximum), so it is quantised per row, from ``V`` (the row's values, :func:`_row_keys_values`)."""
+    kb = emu.operands.block
+    nk = V.shape[1]
+    start = (pb // kb) * kb  # (B,): the first column of each row's last block
+    idx = start[:, None] + jnp.arange(kb)[None, :]  # (B, kb)
+    seen = (idx <= pb[:, None]) & (idx < nk)
+    last = jnp.take_along_axis(V, jnp.clip(idx, 0, nk - 1)[:, :, None], axis=1)  # (B, kb, dh)
+    last = emu.operand(jnp.where(seen[:, :, None], last, jnp.zeros((), V.dtype)), 1)
+    in_last = (cols[None, :] >= start[:, None])[:, :, None]  # columns past pb[i] are masked anyway
+    at = jnp.clip(cols[None, :] - start[:, None], 0, kb - 1)[:, :, None]
+    return jnp.where(in_last, jnp.take_along_axis(last, at, axis=1), vq[None])
+
+
 def _weighted_values(emu: Emulator, P, V, valid, out, path: str):
     """``Σ_j P_ij V_ij[c]`` for each row i and component c (§8.4): the products exact in the
     carrier, rounded to the accumulate format (except in the orders with exact products),
@@ -232,6 +254,7 @@ def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
     weights (:func:`_adaptive_weights`) instead of the softmax."""
     k, v, kp, vp, cols, weights = _prepare(emu, q, k, v, qpos, scale, alibi, window, self_kv)
     nk, dh = k.shape
+    vq = emu.operand(v, 0)  # the values' full key blocks under an operands role: the same for every row
 
     def block(args):
         qb, pb, kpb, vpb = args  # (B, dh), (B,), (B, dh), (B, dh)
@@ -241,6 +264,8 @@ def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
             alpha, valid = weights(raw, pb, path)
         else:
             alpha, valid = _adaptive_weights(emu, weights.scores, raw, pb, path, *adaptive)
+        if emu.operands is not None:  # §13.1: P and V in key blocks, V's last block the row's own
+            alpha, V = emu.operand(alpha, -1), _value_operands(emu, vq, V, cols, pb)
         return _weighted_values(emu, alpha, V, valid, emu.compute, path)  # alpha: (B, nk), compute format
 
     b, _ = _blocks(q.shape[0], nk * dh)
