@@ -1,0 +1,211 @@
+"""The operands role (docs/semantics.md §13.1): both operands of the projections, the MLP, the
+scores and the weighted values in OCP MX blocks along the contraction axis. The quantisation
+against the exact-rational MX oracle of tests/test_mx.py (random and extreme blocks, E8M0's
+extremes, the rounding to compute after it); the policy grammar; full forwards emulated ==
+reference bit for bit; the prefix trick against separate runs (the values' last key block is
+the row's own); the refusals."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import jax
+import numpy as np
+import pytest
+
+from collapse_sim.backends import make_backend
+from collapse_sim.errors import CollapseSimError
+from collapse_sim.model import ModelConfig, forward, init_params
+from collapse_sim.mx import MX_FORMATS, MXFormat, mx_format, mx_values
+from collapse_sim.policy import Policy, PolicyError
+from oracles import fraction_round
+from test_mx import EMAX_ELEM, element_values, oracle_block
+
+ROLE = "storage=bf16,compute=fp32,accumulate=fp32,operands=mx(e4m3fn,32)"
+
+
+def _same(a, b) -> bool:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return bool(np.all((a == b) | (np.isnan(a) & np.isnan(b))))  # ±0 equal: the reference has no -0
+
+
+def _oracle(x: np.ndarray, name: str, k: int, axis: int, compute=None) -> np.ndarray:
+    """§13.1's Q(x) along ``axis`` from the exact-rational oracle: blocks of ``k`` (the last
+    short), then (with ``compute``) each value rounded to it, ties to even."""
+    v = np.moveaxis(np.asarray(x, np.float64), axis, -1)
+    out = np.empty_like(v)
+    for idx in np.ndindex(*v.shape[:-1]):
+        row = v[idx]
+        out[idx] = np.concatenate([oracle_block(list(row[i:i + k]), name) for i in range(0, row.size, k)])
+    if compute is not None:
+        out = np.vectorize(lambda t: t if np.isnan(t) else fraction_round(Fraction(t), compute, "rne"))(out)
+    return np.moveaxis(out, -1, axis)
+
+
+# --------------------------------------------------------------------------- the quantisation
+
+
+def _extreme_blocks(name: str, k: int, shifts) -> np.ndarray:
+    """Blocks of ``k`` (rows): every element value and midpoint of neighbours, times the
+    block's scale 2^s, beside the largest element times 2^s (which sets the scale)."""
+    vals = sorted(element_values(name))
+    top = float(vals[-1])
+    mids = [float((a + b) / 2) for a, b in zip(vals, vals[1:])]
+    xs = np.array([float(v) for v in vals] + mids)
+    xs = np.concatenate([xs, -xs])
+    rows = []
+    for s in shifts:
+        for i in range(0, xs.size, k - 1):
+            chunk = list(xs[i:i + k - 1] * 2.0**s)
+            rows.append([top * 2.0**s] + chunk + [0.0] * (k - 1 - len(chunk)))
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("name", list(MX_FORMATS))
+def test_mx_values_equal_the_oracle_at_e8m0_extremes(name):
+    """The jax.numpy rule the forward runs (``mx_values``, compiled) equals the exact-rational
+    oracle on every element value and tie at shared exponents from E8M0's smallest, 2^-127,
+    to its largest, 2^127 (``s = 127 - emax_elem``), on blocks past it (NaN), blocks holding a
+    NaN or an infinity, and random blocks along either axis with a short last block."""
+    k = 16
+    emax = EMAX_ELEM[name]
+    x = _extreme_blocks(name, k, (-127, -126, -20, 0, 33, 127 - emax))
+    x = np.concatenate([x, [[2.0**(128 + emax)] + [1.0] * (k - 1)], [[np.nan] + [1.0] * (k - 1)],
+                        [[np.inf] + [1.0] * (k - 1)], np.zeros((1, k))])
+    fmt = mx_format(name, k)
+    got = np.asarray(jax.jit(lambda a: mx_values(a, fmt, 1))(x))
+    assert _same(got, _oracle(x, name, k, 1))
+    assert np.isnan(got[-4:-1]).all() and (got[-1] == 0).all()
+    rng = np.random.default_rng(1)
+    r = rng.standard_normal((21, 6)) * 2.0 ** rng.integers(-140, 100, (21, 6))
+    fmt5 = mx_format(name, 5)  # 21 along axis 0: four blocks of 5 and one of 1
+    assert _same(np.asarray(jax.jit(lambda a: mx_values(a, fmt5, 0))(r)), _oracle(r, name, 5, 0))
+
+
+@pytest.mark.parametrize("policy,name,k", [
+    ("compute=fp32,operands=mx(e4m3fn,8)", "mxfp8_e4m3", 8),
+    ("storage=bf16,compute=bf16,operands=mx(e2m1fn,4)", "mxfp4_e2m1", 4),
+    ("compute=fp16,operands=mx(int8,3)", "mxint8", 3),
+    ("compute=fp16,operands=mx(e5m2,8)", "mxfp8_e5m2", 8),
+])
+def test_the_backends_operand_is_q_of_section_13_1(policy, name, k):
+    """``Emulator.operand`` and ``ReferenceBackend.operand``, each backend's one quantisation of
+    operands, are §13.1's Q(x) = ∘_C(mx_round(x)) on compute values along either axis: random
+    values over the compute format's whole range (subnormals included, where ∘_C rounds or
+    flushes the dequantised values below its range), blocks whose scale clamps at 2^-127."""
+    e, r = make_backend("emulated", policy), make_backend("reference", policy)
+    C = e.policy.compute
+    rng = np.random.default_rng(7)
+    lo = C.min_exponent_of_quantum
+    x = rng.standard_normal((9, 2 * k + 1)) * 2.0 ** rng.integers(lo, C.emax - 1, (9, 2 * k + 1))
+    x[0] = rng.standard_normal(2 * k + 1) * 2.0**lo  # a row of subnormals and zeros
+    x = np.asarray(e.store(x), np.float64)  # compute values (storage is within compute here)
+    for axis in (0, 1):
+        want = _oracle(x, name, k, axis, C)
+        got = np.asarray(jax.jit(lambda a: e.emu.operand(a, axis))(x))
+        assert _same(got, want), (axis, x[~((got == want) | np.isnan(want))][:4])
+        assert _same(r.to_numpy(r.operand(r.ref.store(x), axis)), want)
+
+
+# --------------------------------------------------------------------------- the policy grammar
+
+
+@pytest.mark.parametrize("text,element,k", [
+    ("storage=bf16,compute=fp32,accumulate=fp32,operands=mx(e4m3fn,32)", "mxfp8_e4m3", 32),
+    ("compute=bf16,operands=mx(e2m1fn)", "mxfp4_e2m1", 32),
+    ("compute=bf16,weights=mx(e5m2,16),operands= MX( int8 , 8 ),order=kahan", "mxint8", 8),
+])
+def test_operands_role_round_trip(text, element, k):
+    p = Policy.parse(text)
+    assert isinstance(p.operands, MXFormat) and p.operands == mx_format(element, k)
+    s = str(p)
+    elem = "int8" if element == "mxint8" else MX_FORMATS[element].element.name
+    assert s.endswith(f",operands=mx({elem},{k})")
+    q = Policy.parse(s)
+    assert q == p and hash(q) == hash(p) and str(q) == s
+    assert Policy.parse(s.split(",operands=")[0]) != p and "operands" not in str(Policy.parse("compute=bf16"))
+
+
+@pytest.mark.parametrize("text,words", [
+    ("compute=bf16,operands=scaled(e4m3fn,tensor)", ["scaled fp8 operands are not implemented", "mx(ELEMENT[,k])"]),
+    ("compute=bf16,operands=scaled(e4m3fn,block,2)", ["scaled fp8 operands are not implemented"]),
+    ("compute=bf16,operands=e4m3fn", ["operands=e4m3fn is not an MX spec", "operands=mx(e4m3fn,32)"]),
+    ("compute=bf16,operands=mx(e4m3)", ["'e4m3' is not an MX element format"]),
+    ("compute=bf16,operands=mx(e2m1fn,0)", ["at least one element", "block=0"]),
+    ("compute=bf16,operands=mx(e2m1fn,2,2)", ["operands=mx(e2m1fn,2,2) is not an MX spec"]),
+    ("compute=bf16,kernel=online(8),operands=mx(e4m3fn)", ["naive kernel only", "use kernel=naive"]),
+    ("compute=bf16,kernel=flash3fp8(8),operands=mx(e4m3fn)", ["naive kernel only"]),
+    ("compute=mx(e4m3fn)", ["weights role only", "operands=mx(e4m3fn)"]),
+    ("compute=bf16,operand=mx(e4m3fn)", ["unknown key 'operand'", "operands"]),
+])
+def test_bad_operands_roles_are_refused_in_one_sentence(text, words):
+    with pytest.raises(PolicyError) as e:
+        Policy.parse(text)
+    msg = str(e.value)
+    assert isinstance(e.value, CollapseSimError) and isinstance(e.value, ValueError)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_native_and_wide_reference_refuse_the_role():
+    """The native backend cannot quantise operands (the report's toy native runs hand it the
+    policy, as for a weights role); the reference quantises through float64, so a compute
+    format beyond it is refused. Both in one sentence, before any work."""
+    import types
+
+    from collapse_sim.experiments.paper import format_backend
+
+    P = init_params(ModelConfig(d=8, vocab=4, seed=3))
+    be = format_backend(types.SimpleNamespace(backend="native"), ROLE)
+    with pytest.raises(PolicyError, match="the native backend does not quantise the dot products' operands"):
+        forward(P, np.array([1, 2]), be)
+    with pytest.raises(PolicyError, match=r"does not hold every value of p=60"):
+        make_backend("reference", "compute=(p=60,emax=100),operands=mx(e4m3fn)")
+
+
+# --------------------------------------------------------------------------- full forwards
+
+#: L = 2, d = 8 (one short block of 32 along d and d_h; e2m1 in blocks of 4: two per row, four
+#: along d_ff = 16), a window and ALiBi (masked columns in the values' blocks) in one case.
+CASES = {
+    "e4m3-k32-N40": (ModelConfig(d=8, n_layers=2, vocab=4, seed=3, pe="rope", d_ff=16, out_proj=True), ROLE, 40),
+    "e2m1-k4-N12": (ModelConfig(d=8, n_layers=2, n_heads=2, vocab=4, seed=5, pe="alibi", window=6, d_ff=16),
+                    "storage=bf16,compute=bf16,accumulate=fp32,operands=mx(e2m1fn,4)", 12),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def emulated_run(request):
+    """(config, policy, tokens, probe, emulated outputs and probe outputs) of one case."""
+    config, policy, n = CASES[request.param]
+    toks = np.random.default_rng(n).integers(0, config.vocab, n)
+    probe = np.roll(toks, -1)
+    e = make_backend("emulated", policy)
+    y, yp = forward(init_params(config), toks, e, probe=probe)
+    return config, policy, toks, probe, e.to_numpy(y), e.to_numpy(yp)
+
+
+def test_emulated_equals_reference_with_mx_operands(emulated_run):
+    """Stream and probe outputs of both backends, bit for bit; the role changes the outputs."""
+    config, policy, toks, probe, y, yp = emulated_run
+    P = init_params(config)
+    r = make_backend("reference", policy)
+    yr, ypr = forward(P, toks, r, probe=probe)
+    assert _same(y, r.to_numpy(yr)) and _same(yp, r.to_numpy(ypr))
+    without = make_backend("reference", policy.rsplit(",operands=", 1)[0])
+    assert not _same(y, without.to_numpy(forward(P, toks, without)))
+
+
+def test_prefix_trick_equals_separate_runs_with_mx_operands(emulated_run):
+    """Row n of the one emulated forward equals the last row of a separate forward over
+    t_0..t_n, and its probe row that of t_0..t_n, π_n (the reference, equal to the emulated
+    backend by the test above, runs the short forwards without a compile each), for every n of
+    the short case and, in the long one, the lengths around the key block of 32."""
+    config, policy, toks, probe, y, yp = emulated_run
+    P = init_params(config)
+    r = make_backend("reference", policy)
+    ns = range(len(toks)) if len(toks) <= 12 else (0, 30, 31, 32, 33, 39)
+    for n in ns:
+        sep = r.to_numpy(forward(P, toks[:n + 1], r))
+        assert _same(y[n], sep[-1]), n
+        sep_p = r.to_numpy(forward(P, np.concatenate([toks[:n + 1], probe[n:n + 1]]), r))
+        assert _same(yp[n], sep_p[-1]), n
