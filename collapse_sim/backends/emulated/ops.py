@@ -136,14 +136,13 @@ class Emulator:
     def operand(self, x, axis: int = -1):
         """``x`` (compute values) as an operand of a dot product under the policy's operands role
         (docs/semantics.md §13.1): MX blocks along ``axis`` (the contraction axis), dequantised
-        (exact in float64, :func:`collapse_sim.mx.mx_values`), then rounded to compute in the
-        policy's mode; ``x`` itself without the role. The one place the emulated backend
-        quantises operands: the linear layers, the attention's entry (q, k) and its weighted
-        values (P, V) call it."""
+        (exact in float64, :func:`collapse_sim.mx.mx_values`): values of compute again (§13.1
+        says why), so exact in the carrier; ``x`` itself without the role. The one place the
+        emulated backend quantises operands: the linear layers, the attention's entry (q, k)
+        and its weighted values (P, V) call it."""
         if self.operands is None:
             return x
-        wide = mx_values(jnp.asarray(x, jnp.float64), self.operands, axis)
-        return round_to(wide, self.compute, self.mode).astype(self.dtype)
+        return mx_values(jnp.asarray(x, jnp.float64), self.operands, axis).astype(self.dtype)
 
     # --- elementary ops ----------------------------------------------------
     def add(self, a, b, fmt=None):

@@ -169,12 +169,12 @@ class ReferenceBackend(ObjectArrayBackend):
         """``x`` (an object array of compute values) as an operand of a dot product under the
         policy's operands role (docs/semantics.md §13.1): MX blocks along ``axis`` (the
         contraction axis) by :func:`collapse_sim.mx.mx_round` on the float64 values (exact:
-        the constructor checked that compute lies within float64), each value then rounded to
-        compute; ``x`` itself without the role. The one place the reference quantises operands."""
+        the constructor checked that compute lies within float64), values of compute again
+        (§13.1); ``x`` itself without the role. The one place the reference quantises operands."""
         if self.policy.operands is None:
             return x
-        q = mx_round(to_float(x), self.policy.operands, axis=axis)
-        return np.frompyfunc(lambda v: self.ref.compute.round(mlib.from_float(float(v))), 1, 1)(q)
+        return np.frompyfunc(lambda v: mlib.from_float(float(v)), 1, 1)(mx_round(to_float(x), self.policy.operands,
+                                                                                  axis=axis))
 
     def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None, adaptive=None):
         ref, pol = self.ref, self.ref.policy
