@@ -92,7 +92,8 @@ def cmd_collapse(args) -> int:
     enable_x64()
     if args.policy is not None and (args.format is not None or args.order != "pairwise" or args.kernel != "naive"):
         raise UsageError("--policy names the formats, order and kernel itself; drop --format, --order and --kernel")
-    fmts = check_collapse(args.max_len, args.mem_limit, args.format or "bf16,fp16,fp32", args.backend, args.policy)
+    fmts = check_collapse(args.max_len, args.mem_limit, "bf16,fp16,fp32" if args.format is None else args.format,
+                          args.backend, args.policy)
     if args.weights:
         params = Params.load(args.weights)
     else:
