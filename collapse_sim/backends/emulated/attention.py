@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import mpmath.libmp as mlib
 import numpy as np
@@ -211,24 +212,29 @@ def _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb):
     return K, V
 
 
-def _value_operands(emu: Emulator, vq, V, cols, pb):
-    """The values (B, nk, dh) as the weighted values' operands under an operands role
-    (docs/semantics.md §13.1): MX blocks of k columns along the keys. For row i (position
-    ``pb[i]``) every block ending before its last block ``[t·k, t·k + k)``, ``t = pb[i] // k``,
-    is a block of the stream's values, the same for every row that sees it (``vq``: the
-    values quantised once); the last block holds the row's columns ``t·k..pb[i]`` only (its
-    own value at ``pb[i]`` for a probe; later columns absent, zeros, which raise no block
-    maximum), so it is quantised per row, from ``V`` (the row's values, :func:`_row_keys_values`)."""
+def _value_operands(emu: Emulator, vq, v, pb, vpb=None):
+    """The values of query rows at positions ``pb`` as the weighted values' operands under an
+    operands role (docs/semantics.md §13.1): MX blocks of k columns along the keys. For row i
+    every block before its last one, ``[t·k, t·k + k)`` with ``t = pb[i] // k``, is a block of
+    the stream's values ``v``, the same for every row that has it (``vq``: ``v`` quantised
+    once); the last block holds the row's columns ``t·k..pb[i]`` only (its own value ``vpb[i]``
+    at ``pb[i]`` for a probe; later columns absent, zeros, which raise no block maximum), so it
+    is quantised per row and written over ``vq``'s block (a dynamic slice per row: a select over
+    all columns costs XLA:CPU three times as much). The result (B, nb·k, dh) keeps the zero
+    columns that pad the keys to whole blocks: trailing masked columns change no sum (§3.3).
+    Columns past ``pb[i]`` hold whatever ``vq`` has there (the caller masks them)."""
     kb = emu.operands.block
-    nk = V.shape[1]
-    start = (pb // kb) * kb  # (B,): the first column of each row's last block
-    idx = start[:, None] + jnp.arange(kb)[None, :]  # (B, kb)
-    seen = (idx <= pb[:, None]) & (idx < nk)
-    last = jnp.take_along_axis(V, jnp.clip(idx, 0, nk - 1)[:, :, None], axis=1)  # (B, kb, dh)
-    last = emu.operand(jnp.where(seen[:, :, None], last, jnp.zeros((), V.dtype)), 1)
-    in_last = (cols[None, :] >= start[:, None])[:, :, None]  # columns past pb[i] are masked anyway
-    at = jnp.clip(cols[None, :] - start[:, None], 0, kb - 1)[:, :, None]
-    return jnp.where(in_last, jnp.take_along_axis(last, at, axis=1), vq[None])
+    nk, dh = v.shape
+    nb = -(-nk // kb)
+    pad = lambda x: jnp.pad(x, ((0, nb * kb - nk), (0, 0)))  # noqa: E731
+    t = pb // kb  # (B,): each row's last block
+    last = pad(v).reshape(nb, kb, dh)[t]  # (B, kb, dh)
+    col = t[:, None] * kb + jnp.arange(kb)[None, :]  # (B, kb): their columns
+    if vpb is not None:
+        last = jnp.where((col == pb[:, None])[:, :, None], vpb[:, None, :], last)
+    last = emu.operand(jnp.where((col <= pb[:, None])[:, :, None], last, jnp.zeros((), v.dtype)), 1)
+    rows = jnp.broadcast_to(pad(vq)[None], (pb.shape[0], nb * kb, dh))
+    return jax.vmap(lambda r, b, s: lax.dynamic_update_slice(r, b, (s, 0)))(rows, last, t * kb)
 
 
 def _weighted_values(emu: Emulator, P, V, valid, out, path: str):
@@ -265,7 +271,9 @@ def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
         else:
             alpha, valid = _adaptive_weights(emu, weights.scores, raw, pb, path, *adaptive)
         if emu.operands is not None:  # §13.1: P and V in key blocks, V's last block the row's own
-            alpha, V = emu.operand(alpha, -1), _value_operands(emu, vq, V, cols, pb)
+            V = _value_operands(emu, vq, v, pb, None if self_kv is None else vpb)
+            pad = ((0, 0), (0, V.shape[1] - nk))  # the keys padded to whole blocks, masked
+            alpha, valid = emu.operand(jnp.pad(alpha, pad), -1), jnp.pad(valid, pad)
         return _weighted_values(emu, alpha, V, valid, emu.compute, path)  # alpha: (B, nk), compute format
 
     b, _ = _blocks(q.shape[0], nk * dh)
