@@ -166,11 +166,14 @@ def test_native_and_wide_reference_refuse_the_role():
 
 # --------------------------------------------------------------------------- full forwards
 
-#: L = 2, d = 8 (one short block of 32 along d and d_h; e2m1 in blocks of 4: two per row, four
-#: along d_ff = 16), a window and ALiBi (masked columns in the values' blocks) in one case.
+#: L = 2, d = 8: e4m3 in blocks of 32 (one short block along d and d_h; N = 40, so a row's last
+#: key block is full or short), e2m1 in blocks of 4 (two per row, four along d_ff = 16, three
+#: along the keys) with two heads, a window and ALiBi (masked columns in the values' blocks) and
+#: adaptive temperature (P is the second softmax's weights; its entropy dot is not quantised).
 CASES = {
-    "e4m3-k32-N40": (ModelConfig(d=8, n_layers=2, vocab=4, seed=3, pe="rope", d_ff=16, out_proj=True), ROLE, 40),
-    "e2m1-k4-N12": (ModelConfig(d=8, n_layers=2, n_heads=2, vocab=4, seed=5, pe="alibi", window=6, d_ff=16),
+    "e4m3-k32-N40": (ModelConfig(d=8, n_layers=2, vocab=4, seed=3, pe="rope"), ROLE, 40),
+    "e2m1-k4-N12": (ModelConfig(d=8, n_layers=2, n_heads=2, vocab=4, seed=5, pe="alibi", window=6, d_ff=16,
+                                adaptive_temperature=True),
                     "storage=bf16,compute=bf16,accumulate=fp32,operands=mx(e2m1fn,4)", 12),
 }
 
