@@ -104,10 +104,10 @@ class ReferenceBackend(ObjectArrayBackend):
             self.label += ":exact"
         self._exact: dict = {}  # float64 constant (a float, or a table's (shape, bytes)) -> its exact value
         self.policy = self.ref.policy
-        c = self.policy.compute
-        if self.policy.operands is not None and not (c.p <= 53 and c.emax <= 1023 and c.min_exponent_of_quantum >= -1074):
+        cf = self.policy.compute
+        if self.policy.operands is not None and not (cf.p <= 53 and cf.emax <= 1023 and cf.min_exponent_of_quantum >= -1074):
             raise PolicyError(f"operands={weights_token(self.policy.operands)} quantises compute values through float64 "
-                              f"(collapse_sim.mx), which does not hold every value of {c.name}; use a compute format "
+                              f"(collapse_sim.mx), which does not hold every value of {cf.name}; use a compute format "
                               "within float64 with the operands role")
         c = self.ref.compute
         self._add = np.frompyfunc(c.add, 2, 1)
