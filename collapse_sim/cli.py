@@ -90,7 +90,10 @@ def cmd_collapse(args) -> int:
 
     out = _check_out(args, "collapse.csv", "collapse.json", "collapse.png")
     enable_x64()
-    fmts = check_collapse(args.max_len, args.mem_limit, args.format, args.backend)
+    if args.policy is not None and (args.format is not None or args.order != "pairwise" or args.kernel != "naive"):
+        raise UsageError("--policy names the formats, order and kernel itself; drop --format, --order and --kernel")
+    fmts = check_collapse(args.max_len, args.mem_limit, "bf16,fp16,fp32" if args.format is None else args.format,
+                          args.backend, args.policy)
     if args.weights:
         params = Params.load(args.weights)
     else:
@@ -104,7 +107,7 @@ def cmd_collapse(args) -> int:
                                          adaptive_temperature=args.adaptive_temperature))
     run = run_collapse(params, args.family, args.max_len, fmts, out, backend=args.backend, order=args.order,
                        shard=args.shard, sep=args.sep, seed=args.seed, mem_limit_gib=args.mem_limit,
-                       time_limit_s=args.time_limit, weights=args.weights, kernel=args.kernel)
+                       time_limit_s=args.time_limit, weights=args.weights, kernel=args.kernel, policy=args.policy)
     print(collapse_summary(run.results))
     for r in run.results:
         if r.nonfinite.any():
@@ -362,7 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("collapse", help="distance between paired inputs for every n, per format; first collapse length")
     p.add_argument("--family", required=True, choices=NAMES)
-    p.add_argument("--format", default="bf16,fp16,fp32", help="comma-separated formats (default bf16,fp16,fp32); custom ones in parentheses: '(p=5,emax=15)'")
+    p.add_argument("--format", default=None, help="comma-separated formats (default bf16,fp16,fp32); custom ones in parentheses: '(p=5,emax=15)'")
+    p.add_argument("--policy", default=None,
+                   help="one precision policy (docs/policies.md) instead of --format, --order and --kernel, for the "
+                        "emulated or reference backend, e.g. 'storage=bf16,compute=fp32,accumulate=fp32,"
+                        "operands=mx(e4m3fn,32)'")
     p.add_argument("--backend", default="emulated", choices=["emulated", "native", "reference"])
     p.add_argument("--order", default="pairwise", help="reduction order for emulated/reference (default pairwise)")
     p.add_argument("--kernel", default="naive",

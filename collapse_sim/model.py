@@ -462,15 +462,27 @@ def weight_axis(name: str) -> int | None:
     raise ConfigError(f"array {name!r} is not a weight of the model; forward_arrays names every array it passes")
 
 
+#: The backends that quantise the dot products' operands under a policy's operands role
+#: (docs/semantics.md §13.1).
+OPERAND_BACKENDS = ("emulated", "reference")
+
+
 def check_backend(c: ModelConfig, backend) -> None:
     """Refuse, in one sentence and before any work, a backend that cannot run the model: adaptive
-    temperature needs a backend that defines it and the naive kernel (docs/semantics.md §8.7)."""
+    temperature needs a backend that defines it and the naive kernel (docs/semantics.md §8.7);
+    an operands role needs the emulated or reference backend (§13.1)."""
+    policy = getattr(backend, "policy", None)
+    if getattr(policy, "operands", None) is not None and backend.kind not in OPERAND_BACKENDS:
+        from .policy import PolicyError, weights_token
+
+        raise PolicyError(f"the {backend.kind} backend does not quantise the dot products' operands "
+                          f"(operands={weights_token(policy.operands)}, docs/semantics.md §13.1); run the policy on the "
+                          "emulated or reference backend")
     if not c.adaptive_temperature:
         return
     if "adaptive" not in inspect.signature(backend.attention).parameters:
         raise ConfigError(f"backend {getattr(backend, 'label', backend.kind)} does not define adaptive temperature "
                           "(docs/semantics.md §8.7); run it on the emulated, reference or native backend")
-    policy = getattr(backend, "policy", None)
     if policy is not None and (why := policy.kernel.why_not_adaptive()) is not None:
         raise ConfigError(why)
 

@@ -22,7 +22,10 @@ float64. So the exponent is computed here, from ``frexp``, and those cases apart
 ``V_i / 2^e`` is exact in float64 (a power-of-two scale of a float64 value that
 cannot overflow: |V_i / 2^e| < 2^(emax_elem+1)), except that it can underflow for
 values far below the block's largest, which round to 0 either way; so the one rounding
-is the element rounding, done by :func:`collapse_sim.rounding.round_to`.
+is the element rounding: ``round`` (half to even) at the element's quantum, which
+:func:`collapse_sim.rounding.round_to` to the element format equals (tests/test_mx.py
+checks it against the exact-rational oracle; it is written with ``frexp``, ``ldexp`` and
+``round`` alone so that jax.numpy runs it inside a compiled forward as cheaply as numpy).
 
 Where the spec leaves the choice to the implementation, this module decides, and
 docs/semantics.md §13 says so: an all-zero block gets ``e = −127`` and zero elements;
@@ -46,11 +49,11 @@ import numpy as np
 
 from .errors import CollapseSimError
 from .formats import Format, parse
-from .rounding import round_to
 
 SCALE_FORMAT = parse("e8m0fnu")
 SCALE_EMIN, SCALE_EMAX = SCALE_FORMAT.emin, SCALE_FORMAT.emax  # E8M0: 2^-127 .. 2^127, code 255 = NaN
-INT8_QUANTUM = 2.0**-6  # MXINT8 element step
+INT8_EXP = -6  # MXINT8 element step 2^-6
+INT8_QUANTUM = 2.0**INT8_EXP
 INT8_MAX = 127  # largest |k| of an MXINT8 element k·2^-6
 
 
@@ -128,44 +131,96 @@ class MXBlocks:
         return np.moveaxis(out, -1, self.axis)
 
 
-def _round_elements(x: np.ndarray, fmt: MXFormat) -> np.ndarray:
-    """``∘_elem(x)``: nearest, ties to even, saturating at the element's largest magnitude."""
+def _round_elements(x, fmt: MXFormat, xp=np):
+    """``∘_elem(x)``: nearest, ties to even, saturating at the element's largest magnitude, for
+    ``|x| < 2^(emax_elem + 1)``. The element's quantum at ``x`` is ``2^(max(⌊log2|x|⌋, emin) − p + 1)``
+    (its subnormals below ``2^emin``; ``2^−6`` for INT8), so the rounding is ``xp.round`` (half to
+    even) of ``x`` over that power of two, both scalings exact in float64."""
     top = fmt.max_element
-    x = np.clip(x, -top, top)  # beyond the largest value: saturate (clip, then round: the same)
+    x = xp.clip(x, -top, top)  # beyond the largest value: saturate (clip, then round: the same)
     if fmt.element is None:
-        return np.round(x / INT8_QUANTUM) * INT8_QUANTUM  # numpy rounds half to even; x / 2^-6 exact
-    return np.asarray(round_to(x, fmt.element), dtype=np.float64)
+        q = xp.full(x.shape, INT8_EXP, dtype=xp.int32)
+    else:  # x = 0 (and a float64 subnormal, far below every element): the element's smallest quantum
+        q = xp.maximum(_floor_log2(x, xp), fmt.element.emin) - (fmt.element.p - 1)
+    return xp.round(x * _pow2(-q, xp)) * _pow2(q, xp)
+
+
+def _floor_log2(x, xp):
+    """``⌊log2|x|⌋`` of normal float64 values (numpy or jax.numpy); −1023 or less for 0 and subnormals."""
+    if xp is np:
+        return np.frexp(x)[1] - 1  # |x| = m·2^e, m in [1/2, 1)
+    import jax
+
+    bits = jax.lax.bitcast_convert_type(x, xp.uint64)
+    return ((bits >> 52) & 0x7FF).astype(xp.int32) - 1023  # the biased exponent field
+
+
+def _pow2(k, xp):
+    """``2^k`` as float64, exactly, for integers ``-1022 <= k <= 1023`` (numpy or jax.numpy)."""
+    if xp is np:
+        return np.ldexp(1.0, k)
+    import jax
+
+    return jax.lax.bitcast_convert_type((k + 1023).astype(xp.uint64) << 52, xp.float64)
+
+
+def _quantize_blocks(v, fmt: MXFormat, xp=np):
+    """The rule of the module docstring on float64 values ``v`` (numpy or jax.numpy: ``xp``)
+    blocked along their last axis: ``(e, bad, P)``, the scale exponents (..., n_blocks) as
+    integers, where a block has no scale (``bad``: NaN or infinite values, ``e > 127``) and
+    the element values (``v``'s shape, NaN in a bad block). The last block may be short."""
+    k, n = min(fmt.block, max(v.shape[-1], 1)), v.shape[-1]  # one block longer than the axis: no padding to it
+    nb = -(-n // k)
+    pad = xp.zeros(v.shape[:-1] + (nb * k - n,), dtype=xp.float64)
+    padded = xp.concatenate([v, pad], axis=-1).reshape(v.shape[:-1] + (nb, k))  # zeros raise no amax
+    amax = xp.max(xp.abs(padded), axis=-1)  # NaN if the block holds a NaN, inf if an infinity
+    special = ~xp.isfinite(amax)
+    e = xp.where(amax == 0, SCALE_EMIN,
+                 xp.maximum(_floor_log2(xp.where(special, 1.0, amax), xp) - fmt.emax_elem, SCALE_EMIN))
+    bad = special | (e > SCALE_EMAX)
+    scaled = padded * _pow2(-xp.where(bad, 0, e), xp)[..., None]  # exact: a power of two in range
+    P = xp.where(bad[..., None], xp.nan, _round_elements(xp.where(bad[..., None], 0.0, scaled), fmt, xp))
+    return e, bad, P.reshape(v.shape[:-1] + (nb * k,))[..., :n]
+
+
+def _along(x, axis: int, what: str = "mx_quantize"):
+    """``x`` (numpy or jax) with the blocked ``axis`` moved last, and that axis as an index >= 0."""
+    axis = _count(axis, "axis")
+    if x.ndim == 0:
+        raise MXError(f"{what} takes an array with at least one axis to block along")
+    if not -x.ndim <= axis < x.ndim:
+        raise MXError(f"axis {axis} is out of range for an array of {x.ndim} dimension(s)")
+    return axis % x.ndim
 
 
 def mx_quantize(x, fmt: "str | MXFormat", *, axis: int = -1, block: int | None = None) -> MXBlocks:
     """Quantise float64 values ``x`` to MX blocks of ``block`` consecutive elements along
     ``axis`` (the module docstring's rule)."""
     fmt = mx_format(fmt, block)
-    axis = _count(axis, "axis")
     raw = np.asarray(x)
     if not (np.issubdtype(raw.dtype, np.floating) or np.issubdtype(raw.dtype, np.integer)
             or raw.dtype == np.bool_):
         raise MXError(f"mx_quantize takes real numbers, got an array of dtype {raw.dtype}")
     x = raw.astype(np.float64)
-    if x.ndim == 0:
-        raise MXError("mx_quantize takes an array with at least one axis to block along")
-    if not -x.ndim <= axis < x.ndim:
-        raise MXError(f"axis {axis} is out of range for an array of {x.ndim} dimension(s)")
-    axis %= x.ndim
-    v = np.moveaxis(x, axis, -1)
-    k, n = min(fmt.block, max(v.shape[-1], 1)), v.shape[-1]  # one block longer than the axis: no padding to it
-    nb = -(-n // k)
-    padded = np.concatenate([v, np.zeros(v.shape[:-1] + (nb * k - n,))], axis=-1).reshape(v.shape[:-1] + (nb, k))
+    axis = _along(x, axis)
     with np.errstate(invalid="ignore"):
-        amax = np.max(np.abs(padded), axis=-1)  # NaN if the block holds a NaN, inf if an infinity
-    special = ~np.isfinite(amax)
-    _, e2 = np.frexp(np.where(special | (amax == 0), 1.0, amax))  # amax = m·2^e2, m in [1/2, 1): ⌊log2⌋ = e2 − 1
-    e = np.where(amax == 0, SCALE_EMIN, np.maximum(e2 - 1 - fmt.emax_elem, SCALE_EMIN))
-    bad = special | (e > SCALE_EMAX)
-    scaled = np.ldexp(padded, -np.where(bad, 0, e)[..., None])
-    P = np.where(bad[..., None], np.nan, _round_elements(np.where(bad[..., None], 0.0, scaled), fmt))
-    elements = np.moveaxis(P.reshape(v.shape[:-1] + (nb * k,))[..., :n], -1, axis)
-    return MXBlocks(fmt, axis, np.where(bad, np.nan, e.astype(np.float64)), elements)
+        e, bad, P = _quantize_blocks(np.moveaxis(x, axis, -1), fmt)
+    return MXBlocks(fmt, axis, np.where(bad, np.nan, e.astype(np.float64)), np.moveaxis(P, -1, axis))
+
+
+def mx_values(x, fmt: MXFormat, axis: int = -1):
+    """The values of ``x`` (a float64 jax array, traceable) through MX quantisation and back,
+    in blocks of ``fmt.block`` along ``axis``: :func:`mx_round`'s values, computed by the same
+    rule in jax.numpy (one rule, two array modules; tests/test_mx_operands.py checks both
+    against the exact-rational oracle)."""
+    import jax.numpy as jnp
+
+    axis = _along(x, axis, "mx_values")
+    v = jnp.moveaxis(jnp.asarray(x, jnp.float64), axis, -1)
+    e, bad, P = _quantize_blocks(v, fmt, jnp)
+    k = min(fmt.block, max(v.shape[-1], 1))
+    e, bad = (jnp.repeat(a, k, axis=-1)[..., : v.shape[-1]] for a in (e, bad))
+    return jnp.moveaxis(jnp.where(bad, jnp.nan, P * _pow2(jnp.where(bad, 0, e), jnp)), -1, axis)
 
 
 def mx_round(x, fmt: "str | MXFormat", *, axis: int = -1, block: int | None = None) -> np.ndarray:

@@ -20,6 +20,9 @@ A :class:`Policy` names the format of each role and the order of reductions:
   (docs/semantics.md §5.1): a format (default: ``storage``), or OCP MX blocks
   ``mx(ELEMENT[,k])`` (``e4m3fn``, ``e5m2``, ``e2m3fn``, ``e3m2fn``, ``e2m1fn`` or ``int8``
   elements, ``k = 32`` by default) along each array's stated axis; then rounded to ``storage``.
+* ``operands``: OCP MX blocks ``mx(ELEMENT[,k])`` that both operands of every dot product of
+  the projections, the MLP, the scores and the weighted values are quantised to, along the
+  contraction axis, immediately before the dot (docs/semantics.md §13.1; naive kernel only).
 * ``kernel``: how the attention is evaluated: ``naive`` (the softmax of whole score
   rows, then the weighted values) or ``online(b)`` (key blocks of ``b`` with a running
   maximum, sum and output, as FlashAttention-style kernels do; docs/semantics.md §8.8) or
@@ -314,10 +317,19 @@ class Policy:
     #: The weights role (docs/semantics.md §5.1): None (the storage format), another format,
     #: or an MX format (:func:`weights_role` reads one from its policy-string spelling).
     weights: "Format | MXFormat | None" = None
+    #: The operands role (docs/semantics.md §13.1): None, or the MX format both operands of the
+    #: model's dot products are quantised to along the contraction axis (:func:`operands_role`).
+    operands: "MXFormat | None" = None
 
     def __post_init__(self) -> None:
         if self.weights is not None and not isinstance(self.weights, (Format, MXFormat)):
             raise PolicyError(f"the weights role is a format or an MX format such as mx(e4m3fn,32), got {self.weights!r}")
+        if self.operands is not None and not isinstance(self.operands, MXFormat):
+            raise PolicyError(f"the operands role is an MX format such as mx(e4m3fn,32), got {self.operands!r}")
+        if self.operands is not None and self.kernel.kind != "naive":
+            raise PolicyError(f"operands={weights_token(self.operands)} is defined under the naive kernel only (the "
+                              f"{self.kernel} kernel's probability tiles have no MX blocking along the keys here, "
+                              "docs/semantics.md §13.1); use kernel=naive")
         if self.weights == self.storage:
             object.__setattr__(self, "weights", None)  # the default, written as such (str, equality, hash)
         if self.mode is Mode.SR:
@@ -345,8 +357,8 @@ class Policy:
         parts = split_top_level(text, "policy", PolicyError)
         first_key = parts[0].split("=", 1)[0].strip().lower()
         if _is_mx(parts[0]):
-            raise PolicyError(f"policy {text!r}: an MX format is a weights role only; write e.g. "
-                              "compute=bf16,weights=mx(e4m3fn,32)")
+            raise PolicyError(f"policy {text!r}: an MX format is a weights role only (or an operands role, the dot "
+                              "products' inputs); write e.g. compute=bf16,weights=mx(e4m3fn,32)")
         if "=" not in text or first_key in DESCRIPTION_KEYS or text.strip().startswith("("):
             try:  # one format for every role: a name, a description, or a description in parentheses
                 return cls.uniform(text)
@@ -361,12 +373,12 @@ class Policy:
             if k in DESCRIPTION_KEYS:
                 raise PolicyError(f"policy {text!r}: {k!r} is a key of a custom format, which goes in parentheses "
                                   "in a policy: compute=(p=5,emax=15)")
-            if k not in (*_ROLES, "order", "mode", "max_subtract", "kernel", "weights"):
+            if k not in (*_ROLES, "order", "mode", "max_subtract", "kernel", "weights", "operands"):
                 raise PolicyError(f"policy {text!r}: unknown key {k!r} (keys: {', '.join(_ROLES)}, order, mode, "
-                                  "max_subtract, kernel, weights)")
+                                  "max_subtract, kernel, weights, operands)")
             if k in _ROLES and _is_mx(v):
-                raise PolicyError(f"policy {text!r}: {k}={v} is not possible, an MX format is a weights role only; "
-                                  f"write weights={v}")
+                raise PolicyError(f"policy {text!r}: {k}={v} is not possible, an MX format is a weights role only "
+                                  f"(or an operands role, the dot products' inputs); write weights={v} or operands={v}")
             fields[k] = v
         if "compute" not in fields:
             raise PolicyError(f"policy {text!r} needs compute=FORMAT")
@@ -383,8 +395,9 @@ class Policy:
         except RoundingError as e:
             raise PolicyError(f"policy {text!r}: {e}") from None
         weights = weights_role(fields["weights"], text) if "weights" in fields else None
+        operands = operands_role(fields["operands"], text) if "operands" in fields else None
         return cls(order=Order.parse(fields.get("order", "pairwise")), mode=mode, max_subtract=ms == "true",
-                   kernel=Kernel.parse(fields.get("kernel", "naive")), weights=weights, **fmts)
+                   kernel=Kernel.parse(fields.get("kernel", "naive")), weights=weights, operands=operands, **fmts)
 
     def formats(self) -> tuple[Format, ...]:
         return (self.storage, self.compute, self.accumulate, self.softmax)
@@ -393,7 +406,9 @@ class Policy:
         roles = ",".join(f"{r}={format_token(getattr(self, r))}" for r in _ROLES)
         kernel = "" if self.kernel.kind == "naive" else f",kernel={self.kernel}"  # naive: the names runs are stored under
         weights = "" if self.weights is None else f",weights={weights_token(self.weights)}"  # likewise the default
-        return f"{roles},order={self.order},mode={self.mode.value},max_subtract={str(self.max_subtract).lower()}{kernel}{weights}"
+        operands = "" if self.operands is None else f",operands={weights_token(self.operands)}"
+        return (f"{roles},order={self.order},mode={self.mode.value},max_subtract={str(self.max_subtract).lower()}"
+                f"{kernel}{weights}{operands}")
 
     def weights_values(self, w, axis: int) -> np.ndarray:
         """What the weights role makes of the float64 parameter array ``w`` (docs/semantics.md
@@ -428,14 +443,33 @@ def weights_role(value: str, text: str = "") -> "Format | MXFormat":
             return parse_format(value)
         except FormatError as e:
             raise PolicyError(f"{where}weights: {e}") from None
+    return _mx_spec("weights", value, where)
+
+
+def _mx_spec(role: str, value: str, where: str) -> MXFormat:
+    """The MX format ``mx(ELEMENT[,k])`` that ``role=value`` names, refused in one sentence."""
     m = re.fullmatch(r"\s*mx\s*\(([^,()]*)(?:,\s*(-?\d+)\s*)?\)\s*", value, flags=re.IGNORECASE)
     if m is None:
-        raise PolicyError(f"{where}weights={value} is not an MX spec; write mx(ELEMENT) or mx(ELEMENT,k), "
+        raise PolicyError(f"{where}{role}={value} is not an MX spec; write mx(ELEMENT) or mx(ELEMENT,k), "
                           "e.g. mx(e4m3fn,32)")
     try:
         return mx_for_element(m.group(1), 32 if m.group(2) is None else int(m.group(2)))
     except MXError as e:
-        raise PolicyError(f"{where}weights={value}: {e}") from None
+        raise PolicyError(f"{where}{role}={value}: {e}") from None
+
+
+def operands_role(value: str, text: str = "") -> MXFormat:
+    """The operands role ``value`` of policy ``text``: ``mx(ELEMENT[,k])`` (docs/semantics.md
+    §13.1), refused in one sentence. Per-tensor and per-block scaled fp8 (``scaled(...)``) and
+    plain formats are not operand quantisations the backends implement."""
+    where = f"policy {text!r}: " if text else ""
+    if re.match(r"\s*scaled\s*\(", value, flags=re.IGNORECASE):
+        raise PolicyError(f"{where}operands={value}: scaled fp8 operands are not implemented; the operands role "
+                          "takes OCP MX blocks, mx(ELEMENT[,k]), e.g. operands=mx(e4m3fn,32)")
+    if not _is_mx(value):
+        raise PolicyError(f"{where}operands={value} is not an MX spec; the operands role takes OCP MX blocks, "
+                          "mx(ELEMENT[,k]), e.g. operands=mx(e4m3fn,32)")
+    return _mx_spec("operands", value, where)
 
 
 def weights_token(w: "Format | MXFormat") -> str:

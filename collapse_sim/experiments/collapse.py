@@ -81,15 +81,22 @@ def memory_estimate(config, max_len: int, sep: int | None = None) -> int:
 REFERENCE_MAX_LEN = 128
 
 
-def check_collapse(max_len: int, mem_limit_gib: float, formats: str, backend: str) -> list:
+def check_collapse(max_len: int, mem_limit_gib: float, formats: str, backend: str, policy: str | None = None) -> list:
     """The run's lengths, memory limit and formats (``formats``: comma-separated names), checked
-    before any model is built; returns the parsed formats."""
+    before any model is built; returns the parsed formats (with ``policy``, a policy string that
+    replaces them, its compute format)."""
     from ..formats import NUMPY_DTYPES, parse_list
 
     if max_len <= 0:
         raise UsageError(f"--max-len must be positive, got {max_len}")
     if not mem_limit_gib > 0:
         raise UsageError(f"--mem-limit must be a positive number of GiB, got {mem_limit_gib}")
+    if policy is not None:
+        from ..policy import Policy
+
+        if backend not in ("emulated", "reference"):
+            raise UsageError(f"--policy runs on the emulated or reference backend, not {backend}; use --format with it")
+        return [Policy.parse(policy).compute]
     fmts = parse_list(formats)
     if backend == "native":
         for f in fmts:
@@ -110,12 +117,14 @@ class CollapseRun:
 def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend: str = "emulated",
                  order: str = "pairwise", shard: bool = False, sep: int | None = None, seed: int = 0,
                  mem_limit_gib: float = 8.0, time_limit_s: float = 3600.0, weights: str | None = None,
-                 kernel: str = "naive", log=None) -> CollapseRun:
+                 kernel: str = "naive", policy: str | None = None, log=None) -> CollapseRun:
     """The ``collapse`` experiment: the pairs of ``family`` for n = 1..max_len through ``params``
     in every format of ``fmts`` (from :func:`check_collapse`) on ``backend``, refused in one
     sentence if its memory or time estimate exceeds the limits; writes collapse.csv,
     collapse.json and collapse.png into ``out`` (a folder already checked with
-    :func:`collapse_sim.results.check_output_dir`). ``log`` prints the progress lines."""
+    :func:`collapse_sim.results.check_output_dir`). ``policy``: one policy string that replaces
+    ``fmts``, ``order`` and ``kernel`` (the results' backend label records it, every role
+    included). ``log`` prints the progress lines."""
     import json
 
     from ..backends import backend_for_format
@@ -144,7 +153,17 @@ def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend:
         if jax.device_count() < 2:
             raise UsageError("--shard needs more than one JAX device; on CPU set "
                              "XLA_FLAGS=--xla_force_host_platform_device_count=K before starting")
-    backends = [(backend_for_format(backend, format_token(f), order, shard=shard, kernel=kernel), f.name) for f in fmts]
+    if policy is not None:
+        from ..backends import make_backend
+        from ..backends.emulated import EmulatedBackend
+        from ..policy import Policy
+
+        pol = Policy.parse(policy)
+        order, kernel = str(pol.order), str(pol.kernel)
+        backends = [(EmulatedBackend(pol, shard=shard) if backend == "emulated" else make_backend(backend, pol), str(pol))]
+    else:
+        backends = [(backend_for_format(backend, format_token(f), order, shard=shard, kernel=kernel), f.name)
+                    for f in fmts]
     for be, _ in backends:
         check_backend(c, be)
     if not time_limit_s > 0:

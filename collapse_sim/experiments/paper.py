@@ -200,8 +200,8 @@ def format_backend(sizes: Sizes, spec: str):
     if sizes.backend == "native":
         pol = Policy.parse(spec)
         be = make_backend("native", pol.storage.name)
-        if pol.weights is not None:
-            be.policy = pol  # only its weights role is read (quantize_weights)
+        if pol.weights is not None or pol.operands is not None:
+            be.policy = pol  # its weights role is read (quantize_weights); an operands role is refused (check_backend)
         return be
     return make_backend("emulated", spec)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import mpmath.libmp as mlib
 import numpy as np
@@ -57,7 +58,9 @@ def exact_path(terms: int) -> str:
 def _linear(emu: Emulator, x, w):
     """``x @ w``, each entry an :meth:`Emulator.dot`: from certified float64 matrix
     products in blocks of rows where the policy allows, op by op for the rows they
-    leave uncertified (:func:`_fill_rows`); op by op otherwise."""
+    leave uncertified (:func:`_fill_rows`); op by op otherwise. Under an operands role
+    both operands are quantised along the contraction axis first (§13.1)."""
+    x, w = emu.operand(x, -1), emu.operand(w, 0)
     n, din = x.shape
     dout = w.shape[1]
     wt = w.T  # (dout, din)
@@ -129,7 +132,7 @@ def _certified_scores(emu: Emulator, terms: int) -> bool:
     """Whether an attention call of ``terms`` products comes from certified float64 matrix
     products: the exact and blocked orders under the naive kernel, for large calls
     (:data:`CERTIFIED_MIN_TERMS`; the online kernel runs op by op)."""
-    return _certified(emu, terms) and emu.kernel.kind == "naive"
+    return _certified(emu, terms) and emu.kernel.kind == "naive" and emu.operands is None
 
 
 def _uncertified_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
@@ -209,13 +212,49 @@ def _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb):
     return K, V
 
 
-def _weighted_values(emu: Emulator, P, V, valid, out, path: str):
+def _value_operands(emu: Emulator, vq, v, pb, vpb=None):
+    """The values of query rows at positions ``pb`` as the weighted values' operands under an
+    operands role (docs/semantics.md §13.1): MX blocks of k columns along the keys. For row i
+    every block before its last one, ``[t·k, t·k + k)`` with ``t = pb[i] // k``, is a block of
+    the stream's values ``v``, the same for every row that has it (``vq``: ``v`` quantised
+    once); the last block holds the row's columns ``t·k..pb[i]`` only (its own value ``vpb[i]``
+    at ``pb[i]`` for a probe; later columns absent, zeros, which raise no block maximum), so it
+    is quantised per row. Returns ``(V, (start, last))``: ``vq`` for every row (B, nb·k, dh), a
+    broadcast, with the zero columns that pad the keys to whole blocks (trailing masked columns
+    change no sum, §3.3), and each row's first column ``t·k`` and quantised last block
+    (B, k, dh), whose products :func:`_weighted_values` writes over the shared ones (a dynamic
+    slice per row: selecting over all columns, or materialising every row's values, costs
+    XLA:CPU two to three times as much). Columns past ``pb[i]`` hold ``vq``'s values there (the
+    caller masks them)."""
+    kb = emu.operands.block
+    nk, dh = v.shape
+    nb = -(-nk // kb)
+    pad = lambda x: jnp.pad(x, ((0, nb * kb - nk), (0, 0)))  # noqa: E731
+    t = pb // kb  # (B,): each row's last block
+    last = pad(v).reshape(nb, kb, dh)[t]  # (B, kb, dh)
+    col = t[:, None] * kb + jnp.arange(kb)[None, :]  # (B, kb): their columns
+    if vpb is not None:
+        last = jnp.where((col == pb[:, None])[:, :, None], vpb[:, None, :], last)
+    last = emu.operand(jnp.where((col <= pb[:, None])[:, :, None], last, jnp.zeros((), v.dtype)), 1)
+    return jnp.broadcast_to(pad(vq)[None], (pb.shape[0], nb * kb, dh)), (t * kb, last)
+
+
+def _weighted_values(emu: Emulator, P, V, valid, out, path: str, last=None):
     """``Σ_j P_ij V_ij[c]`` for each row i and component c (§8.4): the products exact in the
     carrier, rounded to the accumulate format (except in the orders with exact products),
     reduced over the keys in the policy's order, the masked keys skipped, rounded to ``out``.
     A masked key's product is an exact zero (§3.3) whatever its value holds: 0·inf and 0·NaN
-    of a later position must not reach an earlier row."""
-    prod = jnp.where(valid[:, :, None], P[:, :, None] * V, jnp.zeros((), P.dtype))
+    of a later position must not reach an earlier row. ``last`` (an operands role's
+    ``(start, V_last)``, :func:`_value_operands`): each row's values at columns
+    ``start..start + k − 1`` are ``V_last``'s, not ``V``'s."""
+    zero = jnp.zeros((), P.dtype)
+    prod = jnp.where(valid[:, :, None], P[:, :, None] * V, zero)
+    if last is not None:
+        start, Vl = last
+        at = lambda x, s: lax.dynamic_slice_in_dim(x, s, Vl.shape[1], axis=0)  # noqa: E731
+        Pl, ok = jax.vmap(at)(P, start), jax.vmap(at)(valid, start)
+        put = lambda x, y, s: lax.dynamic_update_slice_in_dim(x, y, s, axis=0)  # noqa: E731
+        prod = jax.vmap(put)(prod, jnp.where(ok[:, :, None], Pl[:, :, None] * Vl, zero), start)
     prod = jnp.swapaxes(prod, 1, 2)  # (B, dh, nk): reduce over keys
     if not emu.order.exact_products:
         prod = round_to(prod, emu.accumulate, emu.mode)
@@ -232,6 +271,7 @@ def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
     weights (:func:`_adaptive_weights`) instead of the softmax."""
     k, v, kp, vp, cols, weights = _prepare(emu, q, k, v, qpos, scale, alibi, window, self_kv)
     nk, dh = k.shape
+    vq = emu.operand(v, 0)  # the values' full key blocks under an operands role: the same for every row
 
     def block(args):
         qb, pb, kpb, vpb = args  # (B, dh), (B,), (B, dh), (B, dh)
@@ -241,6 +281,11 @@ def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
             alpha, valid = weights(raw, pb, path)
         else:
             alpha, valid = _adaptive_weights(emu, weights.scores, raw, pb, path, *adaptive)
+        if emu.operands is not None:  # §13.1: P and V in key blocks, V's last block the row's own
+            V, last = _value_operands(emu, vq, v, pb, None if self_kv is None else vpb)
+            pad = ((0, 0), (0, V.shape[1] - nk))  # the keys padded to whole blocks, masked
+            alpha, valid = emu.operand(jnp.pad(alpha, pad), -1), jnp.pad(valid, pad)
+            return _weighted_values(emu, alpha, V, valid, emu.compute, path, last)
         return _weighted_values(emu, alpha, V, valid, emu.compute, path)  # alpha: (B, nk), compute format
 
     b, _ = _blocks(q.shape[0], nk * dh)

@@ -187,6 +187,10 @@ class EmulatedBackend(JaxBackendBase):
 
     def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None, adaptive=None):
         del kpos  # keys sit at positions 0..Nk-1
+        # the scores' operands (docs/semantics.md §13.1): each query and key in blocks along d_h
+        q, k = self.emu.operand(q), self.emu.operand(k)
+        if self_kv is not None:
+            self_kv = (self.emu.operand(self_kv[0]), self_kv[1])
         if adaptive is not None:  # adaptive temperature (docs/semantics.md §8.7): op by op, unsegmented, unsharded
             return _adaptive_attention(self.emu, q, k, v, jnp.asarray(qpos), scale, alibi, window, self_kv, adaptive)
         if self.shard:

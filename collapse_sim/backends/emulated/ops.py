@@ -34,6 +34,7 @@ from jax import lax
 
 from ... import require_x64
 from ...formats import Format
+from ...mx import mx_values
 from ...policy import Order, Policy, StochasticRoundingError
 from ...rounding import FormatClass, Stochastic, round_to
 from .carrier import CarrierError, carrier_add, carrier_for
@@ -74,6 +75,7 @@ class Emulator:
         self.policy = pol = Policy.parse(policy)
         require_x64("the emulated backend")
         self.order, self.mode, self.max_subtract, self.kernel = pol.order, pol.mode, pol.max_subtract, pol.kernel
+        self.operands = pol.operands  # the MX blocks of the dot products' operands (§13.1), or None
         check_emulable(self.order)
         self.softmax_is_compute = pol.softmax == pol.compute  # then rounding between them is the identity
         fmts = pol.formats()
@@ -91,7 +93,7 @@ class Emulator:
             self.roles = tuple(SHARED_CLASS.params(f) for f in fmts)
             qmin, emax = SHARED_CLASS.qmin, SHARED_CLASS.emax
             self.key = ("shared", SHARED_CLASS, str(self.order), self.mode, self.max_subtract, self.softmax_is_compute,
-                        self.kernel)
+                        self.kernel, self.operands)
         else:
             self.dtype = jnp.dtype(jnp.float64 if self.stochastic else carrier_for(*fmts))
             self.roles = fmts
@@ -151,6 +153,17 @@ class Emulator:
         if x.dtype != jnp.float64:
             x = x.astype(jnp.float64) if jax.config.jax_enable_x64 else x
         return self._round(x, self.storage).astype(self.dtype)
+
+    def operand(self, x, axis: int = -1):
+        """``x`` (compute values) as an operand of a dot product under the policy's operands role
+        (docs/semantics.md §13.1): MX blocks along ``axis`` (the contraction axis), dequantised
+        (exact in float64, :func:`collapse_sim.mx.mx_values`): values of compute again (§13.1
+        says why), so exact in the carrier; ``x`` itself without the role. The one place the
+        emulated backend quantises operands: the linear layers, the attention's entry (q, k)
+        and its weighted values (P, V) call it."""
+        if self.operands is None:
+            return x
+        return mx_values(jnp.asarray(x, jnp.float64), self.operands, axis).astype(self.dtype)
 
     # --- elementary ops ----------------------------------------------------
     def add(self, a, b, fmt=None):

@@ -8,7 +8,8 @@ from __future__ import annotations
 import mpmath.libmp as mlib
 import numpy as np
 
-from ...policy import BLOCK_KERNELS, Policy, PolicyError
+from ...mx import mx_round
+from ...policy import BLOCK_KERNELS, Policy, PolicyError, weights_token
 from .._hooks import ArrayPlumbing
 from .arith import RefArith, Reference, ref_sum, times_log2e, to_float
 from .constants import ExactConstants
@@ -50,6 +51,15 @@ class ObjectArrayBackend(ArrayPlumbing):
             for j in range(w.shape[1]):
                 out[i, j] = dot(x[i], w[:, j])
         return out
+
+
+def _objects(rows: list) -> np.ndarray:
+    """A 2-d object array of the mpf tuples ``rows[i][j]`` (``np.array`` would unpack the tuples)."""
+    out = np.empty((len(rows), len(rows[0]) if rows else 0), dtype=object)
+    for i, r in enumerate(rows):
+        for j, x in enumerate(r):
+            out[i, j] = x
+    return out
 
 
 def _relu(v):
@@ -94,6 +104,11 @@ class ReferenceBackend(ObjectArrayBackend):
             self.label += ":exact"
         self._exact: dict = {}  # float64 constant (a float, or a table's (shape, bytes)) -> its exact value
         self.policy = self.ref.policy
+        cf = self.policy.compute
+        if self.policy.operands is not None and not (cf.p <= 53 and cf.emax <= 1023 and cf.min_exponent_of_quantum >= -1074):
+            raise PolicyError(f"operands={weights_token(self.policy.operands)} quantises compute values through float64 "
+                              f"(collapse_sim.mx), which does not hold every value of {cf.name}; use a compute format "
+                              "within float64 with the operands role")
         c = self.ref.compute
         self._add = np.frompyfunc(c.add, 2, 1)
         self._sub = np.frompyfunc(c.sub, 2, 1)
@@ -148,7 +163,18 @@ class ReferenceBackend(ObjectArrayBackend):
         return self._each_row(x, lambda r: self.ref.compute.div(self.ref.sum(list(r)), n))
 
     def linear(self, x, w):
-        return self._matmul(x, w, lambda a, b: self.ref.dot(list(a), list(b)))
+        return self._matmul(self.operand(x, -1), self.operand(w, 0), lambda a, b: self.ref.dot(list(a), list(b)))
+
+    def operand(self, x, axis: int = -1):
+        """``x`` (an object array of compute values) as an operand of a dot product under the
+        policy's operands role (docs/semantics.md §13.1): MX blocks along ``axis`` (the
+        contraction axis) by :func:`collapse_sim.mx.mx_round` on the float64 values (exact:
+        the constructor checked that compute lies within float64), values of compute again
+        (§13.1); ``x`` itself without the role. The one place the reference quantises operands."""
+        if self.policy.operands is None:
+            return x
+        return np.frompyfunc(lambda v: mlib.from_float(float(v)), 1, 1)(mx_round(to_float(x), self.policy.operands,
+                                                                                  axis=axis))
 
     def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None, adaptive=None):
         ref, pol = self.ref, self.ref.policy
@@ -164,6 +190,9 @@ class ReferenceBackend(ObjectArrayBackend):
         sc = fold(scale) if kern.base2 else self._scalar(scale)  # §5.2
         bias = self._exact.get(("alibi", float(alibi))) if (alibi is not None and self._exact) else None
         nq, dh = q.shape
+        q, k = self.operand(q), self.operand(k)  # §13.1: the scores' operands, along d_h
+        if self_kv is not None:
+            self_kv = (self.operand(self_kv[0]), self_kv[1])
         out = np.empty((nq, dh), dtype=object)
         for i in range(nq):
             pi = int(qpos[i])
@@ -197,6 +226,9 @@ class ReferenceBackend(ObjectArrayBackend):
             if adaptive is not None:
                 beta = self._adaptive_beta(alpha, valid, *adaptive)
                 alpha = self._softmax_row([smx.mul(x, beta) for x in s], valid)
+            if pol.operands is not None:  # §13.1: the row's weights and its prefix's values in key blocks
+                alpha = list(self.operand(_objects([alpha]), -1)[0])
+                vals = self.operand(_objects([list(r) for r in vals]), 0)
             for d in range(dh):
                 out[i, d] = self._masked_dot(alpha, [vals[j][d] for j in range(pi + 1)], valid)
         return out
