@@ -57,7 +57,7 @@ def test_report_has_every_section_verdict_and_figure(whole):
     text = (out / "report.md").read_text()
     sections = ["## Verdict", "## Formats", "## Rounding", "## Reduction order", "## Fig. 8", "### The captions' reading",
                 "### Decoder variants", "## Fig. 9", "## Fig. 10", "## Copying and counting",
-                "## Kernels and remedies", "## Accumulators and block-scaled weights",
+                "## Kernels and remedies", "## Accumulators and block-scaled formats",
                 "## Signal below rounding noise", "## Theorems", "### Thm 4.2", "## First-collapse lengths",
                 "## Where we disagree", "## Provenance"]
     at = [text.find(s) for s in sections]

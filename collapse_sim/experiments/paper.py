@@ -196,12 +196,13 @@ def format_backend(sizes: Sizes, spec: str):
     natively in the JAX dtype of the policy's storage format (``sizes.backend == "native"``: the toy
     sizes, which test the report's plumbing; the dtype's arithmetic stands in for the policy's order
     and kernel). A weights role is applied to the weights on the host before any forward
-    (docs/semantics.md §5.1), so a native run takes it too."""
-    if sizes.backend == "native":
+    (docs/semantics.md §5.1), so a native run takes it too; an operands role (§13.1) is not, so
+    such a policy runs emulated at every size."""
+    if sizes.backend == "native" and Policy.parse(spec).operands is None:
         pol = Policy.parse(spec)
         be = make_backend("native", pol.storage.name)
-        if pol.weights is not None or pol.operands is not None:
-            be.policy = pol  # its weights role is read (quantize_weights); an operands role is refused (check_backend)
+        if pol.weights is not None:
+            be.policy = pol  # its weights role is read (quantize_weights)
         return be
     return make_backend("emulated", spec)
 

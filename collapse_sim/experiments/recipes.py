@@ -121,6 +121,13 @@ ACCUMULATORS = [
     ("bf16, MXFP4 (e2m1) weights in blocks of 32", "compute=bf16,weights=mx(e2m1fn,32)",
      "as MXFP8 with 2 significand bits: a block's weights take the magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 times its "
      "scale, its largest mapped to 4 or 6"),
+    ("bf16, MXFP8 (e4m3) dot products, fp32 accumulation", "storage=bf16,compute=bf16,accumulate=fp32,operands=mx(e4m3fn,32)",
+     "an MX GEMM: both operands of every dot product (projections, scores, P·V) in blocks of 32 along the contraction "
+     "axis, each with a power-of-two scale and 4 significand bits (docs/semantics.md §13.1), the products summed in "
+     "fp32; compare the row with fp32 accumulation above"),
+    ("bf16, MXFP4 (e2m1) dot products, fp32 accumulation", "storage=bf16,compute=bf16,accumulate=fp32,operands=mx(e2m1fn,32)",
+     "as MXFP8 with 2 significand bits: the attention weights of a block of 32 keys take at most 8 magnitudes, "
+     "scaled from the block's largest, so the many nearly equal weights of a long row fall on the same few values"),
 ]
 
 #: (label, model, family): v vs v* on both models, and a counting family whose pair differs in exact arithmetic

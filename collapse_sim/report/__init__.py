@@ -28,7 +28,7 @@ from pathlib import Path
 #: where its heading belongs (the theorems after the signal-below-noise table).
 SECTIONS = [("rounding", "Rounding: known hard cases"), ("sums", "Reduction order"), ("fig8", "Fig. 8"),
             ("fig9", "Fig. 9"), ("fig10", "Fig. 10"), ("families", "Copying and counting"), ("remedies", "Kernels and remedies"),
-            ("accumulators", "Accumulators and block-scaled weights"),
+            ("accumulators", "Accumulators and block-scaled formats"),
             ("theorems", "Theorems")]
 NAMES = tuple(name for name, _ in SECTIONS)  # (this module imports no experiment: the CLI lists these names)
 

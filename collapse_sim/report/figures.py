@@ -364,11 +364,14 @@ def _recipe_table(ctx: Context, outdir: Path, lines: list[str], rows, what: str,
 
 
 def accumulators(ctx: Context, outdir: Path, lines: list[str]) -> None:
-    lines += ["## Accumulators and block-scaled weights", ""]
-    _recipe_table(ctx, outdir, lines, ACCUMULATORS, "accumulator", "accumulators.png", "Accumulators and MX weights",
+    lines += ["## Accumulators and block-scaled formats", ""]
+    _recipe_table(ctx, outdir, lines, ACCUMULATORS, "accumulator", "accumulators.png", "Accumulators and MX formats",
                   "How dot products and sums accumulate (docs/semantics.md §3: IEEE per-op pairwise sums, an fp32 "
-                  "accumulator, a tensor core's block FMA, a short accumulator promoted into fp32) and weights stored "
-                  "in OCP MX block formats (§5.1, §13)", also=" (in the MX rows, the weights' block quantisation)")
+                  "accumulator, a tensor core's block FMA, a short accumulator promoted into fp32), weights stored "
+                  "in OCP MX block formats (§5.1, §13) and dot products taking both operands in MX blocks, as MX "
+                  "GEMMs do (§13.1)", also=" (in the MX weights rows, the weights' block quantisation; the MX "
+                  "dot-product rows' noise does not include their operands' quantisation, which happens inside the "
+                  "forward)")
 
 
 def remedies(ctx: Context, outdir: Path, lines: list[str]) -> None:
