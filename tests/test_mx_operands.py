@@ -149,19 +149,26 @@ def test_bad_operands_roles_are_refused_in_one_sentence(text, words):
 
 
 def test_native_and_wide_reference_refuse_the_role():
-    """The native backend cannot quantise operands (the report's toy native runs hand it the
-    policy, as for a weights role); the reference quantises through float64, so a compute
-    format beyond it is refused. Both in one sentence, before any work."""
+    """The native backend cannot quantise operands (handed the policy, as the report's toy
+    native runs hand it a weights role, it refuses; the report runs such a policy emulated at
+    every size); the reference quantises compute and stored values through float64, so a
+    compute or storage format beyond it is refused (a wide stored weight would otherwise be
+    rounded twice). Each in one sentence, before any work."""
     import types
 
     from collapse_sim.experiments.paper import format_backend
+    from collapse_sim.policy import Policy
 
     P = init_params(ModelConfig(d=8, vocab=4, seed=3))
-    be = format_backend(types.SimpleNamespace(backend="native"), ROLE)
+    be = make_backend("native", "bf16")
+    be.policy = Policy.parse(ROLE)
     with pytest.raises(PolicyError, match="the native backend does not quantise the dot products' operands"):
         forward(P, np.array([1, 2]), be)
+    assert format_backend(types.SimpleNamespace(backend="native"), ROLE).kind == "emulated"
     with pytest.raises(PolicyError, match=r"does not hold every value of p=60"):
         make_backend("reference", "compute=(p=60,emax=100),operands=mx(e4m3fn)")
+    with pytest.raises(PolicyError, match=r"does not hold every value of p=64"):
+        make_backend("reference", "storage=(p=64,emax=127),compute=bf16,operands=mx(e4m3fn,4)")
 
 
 # --------------------------------------------------------------------------- full forwards

@@ -104,11 +104,13 @@ class ReferenceBackend(ObjectArrayBackend):
             self.label += ":exact"
         self._exact: dict = {}  # float64 constant (a float, or a table's (shape, bytes)) -> its exact value
         self.policy = self.ref.policy
-        cf = self.policy.compute
-        if self.policy.operands is not None and not (cf.p <= 53 and cf.emax <= 1023 and cf.min_exponent_of_quantum >= -1074):
-            raise PolicyError(f"operands={weights_token(self.policy.operands)} quantises compute values through float64 "
-                              f"(collapse_sim.mx), which does not hold every value of {cf.name}; use a compute format "
-                              "within float64 with the operands role")
+        # the operands are compute values or stored ones (weights, a first layer's input), quantised through float64
+        wide = [f for f in (self.policy.compute, self.policy.storage)
+                if not (f.p <= 53 and f.emax <= 1023 and f.min_exponent_of_quantum >= -1074)]
+        if self.policy.operands is not None and wide:
+            raise PolicyError(f"operands={weights_token(self.policy.operands)} quantises compute and stored values "
+                              f"through float64 (collapse_sim.mx), which does not hold every value of {wide[0].name}; "
+                              "use compute and storage formats within float64 with the operands role")
         c = self.ref.compute
         self._add = np.frompyfunc(c.add, 2, 1)
         self._sub = np.frompyfunc(c.sub, 2, 1)
@@ -169,7 +171,7 @@ class ReferenceBackend(ObjectArrayBackend):
         """``x`` (an object array of compute values) as an operand of a dot product under the
         policy's operands role (docs/semantics.md §13.1): MX blocks along ``axis`` (the
         contraction axis) by :func:`collapse_sim.mx.mx_round` on the float64 values (exact:
-        the constructor checked that compute lies within float64), values of compute again
+        the constructor checked that compute and storage lie within float64), values of compute again
         (§13.1); ``x`` itself without the role. The one place the reference quantises operands."""
         if self.policy.operands is None:
             return x
