@@ -71,14 +71,22 @@ def cmd_round(args) -> int:
     enable_x64()
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     fmt = parse(args.format)
     mode = parse_mode(args.mode)
-    key = jax.random.key(args.seed) if mode is Mode.SR or isinstance(mode, Stochastic) else None
+    stochastic = mode is Mode.SR or isinstance(mode, Stochastic)
+    if args.seed is not None and not stochastic:
+        raise UsageError(f"--seed seeds stochastic rounding's draws; mode {args.mode} draws none")
+    if args.seed is not None and "seed=" in args.mode.replace(" ", ""):
+        raise UsageError("the mode names its seed already (sr(r,seed=s)); drop --seed")
+    seed = args.seed if args.seed is not None else getattr(mode, "seed", 0)
+    key = jax.random.key(seed) if stochastic else None
     values = [_parse_value(text) for text in args.values]  # every value checked before any is printed
-    for text, v in zip(args.values, values):
-        r = float(round_to(jnp.float64(v), fmt, mode, key=key))
-        print(f"{text} -> {r!r}")
+    # one array: stochastic rounding draws for each value on its own
+    rounded = np.asarray(round_to(jnp.asarray(values, jnp.float64), fmt, mode, key=key), np.float64)
+    for text, r in zip(args.values, rounded):
+        print(f"{text} -> {float(r)!r}")
     return 0
 
 
@@ -357,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("values", nargs="+")
     p.add_argument("--format", "-f", required=True)
     p.add_argument("--mode", "-m", default="rne", help="rne, rna, rnz, rz, ru, rd, ro, sr or sr(r) (r random bits; --seed seeds the draws)")
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed for stochastic rounding")
+    p.add_argument("--seed", type=int, default=None,
+                   help="PRNG seed for stochastic rounding (default 0, or the mode's own: sr(r,seed=s)); each value draws its own bits")
     p.set_defaults(func=cmd_round)
 
     from .families import NAMES
@@ -476,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     on stderr and returns 2."""
     try:
         args = build_parser().parse_args(argv)
-        if getattr(args, "seed", 0) < 0:  # every command seeds numpy or JAX generators, which take seeds >= 0
+        if (getattr(args, "seed", 0) or 0) < 0:  # every command seeds numpy or JAX generators, which take seeds >= 0
             raise UsageError(f"--seed must be >= 0, got {args.seed}")
         if args.command != "formats":  # the one command that compiles nothing
             from .compilation import cache_dir_from, record_at_exit, snapshot, use_cache

@@ -68,6 +68,8 @@ CLI_CASES = [
     (["round", "0x1p99999", "--format", "bf16"], "beyond the float64 range"),
     (["round", "1", "--format", "bf17"], "unknown format 'bf17'"),
     (["round", "1", "--format", "bf16", "--seed", "-1"], "--seed must be >= 0"),
+    (["round", "1", "--format", "bf16", "--seed", "3"], "mode rne draws none"),
+    (["round", "1", "--format", "bf16", "--mode", "sr(4,seed=1)", "--seed", "3"], "names its seed already"),
     (["formats", "p=100000,emax=15"], "use p <= 1074"),
     (["formats", "p=5,emax=100000"], "use emax <= 1023"),
     (["formats", "p=5,emax=15,emin=-2000"], "use emin >= -1070"),
@@ -366,6 +368,20 @@ def test_round_accepts_hex_floats(capsys):
     assert main(["round", "0x1p-30", "0x1.01p0", "--format", "bf16"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out == [f"0x1p-30 -> {2.0**-30!r}", f"0x1.01p0 -> {1.0!r}"]  # 1 + 2^-8 is a tie: to even
+
+
+def test_round_stochastic_takes_the_modes_seed_and_draws_per_value(capsys):
+    """``--mode sr(r,seed=s)`` is ``--mode sr(r) --seed s``; every value draws its own bits, so
+    64 copies of a value a quarter of the way between two bf16 neighbours do not all round
+    the same way (each rounds up with probability 1/4: all alike has probability < 2^-26)."""
+    x = "1.001953125"  # 1 + 2^-9: a quarter of bf16's quantum 2^-7 above 1
+    assert main(["round", x, "--format", "bf16", "--mode", "sr(8,seed=5)"]) == 0
+    named = capsys.readouterr().out
+    assert main(["round", x, "--format", "bf16", "--mode", "sr(8)", "--seed", "5"]) == 0
+    assert capsys.readouterr().out == named
+    assert main(["round", *[x] * 64, "--format", "bf16", "--mode", "sr(8)"]) == 0
+    got = {ln.split(" -> ")[1] for ln in capsys.readouterr().out.splitlines()}
+    assert got == {repr(1.0), repr(1.0078125)}, got
 
 
 # --- no silent precision loss --------------------------------------------------------------
