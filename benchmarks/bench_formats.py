@@ -67,7 +67,7 @@ def compile_times(n, layers, orders, specialised: bool, fmt: str = "bf16", d=64)
 
     from collapse_sim.backends import _jit
     from collapse_sim.backends.emulated import EmulatedBackend, backend
-    from collapse_sim.model import _forward_impl, forward_arrays
+    from collapse_sim.model import _forward_scanned, forward_arrays
 
     params = _model(layers, d)
     arrays = forward_arrays(params, n)
@@ -78,7 +78,7 @@ def compile_times(n, layers, orders, specialised: bool, fmt: str = "bf16", d=64)
     for order in orders:
         be = EmulatedBackend(f"compute={fmt},order={order}", shared=not specialised)
         prog, data = (be, None) if specialised else (backend._SharedProgram(be.shared), be.shared.data())
-        f = _jit._compiled(prog, _forward_impl, params.config.computation(), names, False)
+        f = _jit._compiled(prog, _forward_scanned, params.config.computation(), names, False)  # what forward compiles
         t0 = time.perf_counter()
         lowered = f.lower(vals, toks, toks, data)
         t1 = time.perf_counter()

@@ -402,3 +402,21 @@ def test_one_compile_per_policy_and_shape():
             assert len(compiles) == before, f"n={n}: repeated calls compiled {len(compiles) - before} times"
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_scanned_layers_equal_the_unrolled_loop():
+    """The emulated forward runs its layers as one ``lax.scan`` over stacked weights
+    (model._scan_layers): the same bits as the layers unrolled, here with three layers, a sink
+    token, learned positions and probes (a stacking or carry mistake changes the output)."""
+    from collapse_sim.backends._jit import run_jitted
+    from collapse_sim.model import _forward_impl, _with_sink, forward_arrays, weights_role
+
+    c = ModelConfig(d=4, n_layers=3, vocab=4, seed=7, pe="learned", max_len=16, sink=True, d_ff=4)
+    P, toks = init_params(c), TOKS[:6]
+    be = make_backend("emulated", "compute=bf16,order=sequential")
+    scanned = forward(P, toks, be, probe=np.roll(toks, -1))
+    t, pr = _with_sink(toks, np.roll(toks, -1))
+    arrays = weights_role(forward_arrays(P, t.size + 1, int(max(t.max(), pr.max())) + 1), be)
+    unrolled = run_jitted(be, _forward_impl, c, arrays, t, pr)
+    for a, b in zip(scanned, unrolled):
+        assert np.array_equal(np.asarray(a), np.asarray(b)[1:])
