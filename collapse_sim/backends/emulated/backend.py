@@ -6,11 +6,13 @@ departures: docs/semantics.md §12.
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ...policy import Policy, StochasticRoundingError
+from ...policy import BLOCK_KERNELS, Policy, StochasticRoundingError
 from .._jit import JaxBackendBase, run_jitted
 from .attention import _adaptive_attention, _emulated_attention, _linear, exact_path
 from .ops import Emulator, shared_class_refusal
@@ -62,7 +64,7 @@ class _SharedProgram:
         return _compiler_options()
 
     def bind(self, data) -> "EmulatedBackend":
-        return EmulatedBackend(self.emu.bind(data))
+        return EmulatedBackend(self.emu.bind(data).fresh())
 
 
 class EmulatedBackend(JaxBackendBase):
@@ -97,13 +99,14 @@ class EmulatedBackend(JaxBackendBase):
 
     def __init__(self, policy: "Policy | str | Emulator", *, shard: bool = False, shared: "bool | None" = None):
         self.emu = policy if isinstance(policy, Emulator) else Emulator(policy)
-        if self.emu.stochastic:
-            raise StochasticRoundingError(
-                f"the emulated forward does not run {self.emu.mode} yet (its row blocks, loops and probe steps would "
-                "reuse draws, docs/semantics.md §12); stochastic rounding runs in the Emulator's ops and sums")
         self.policy = self.emu.policy
         self.dtype = self.emu.dtype
         self.shard = shard and jax.device_count() > 1
+        if self.emu.stochastic and (self.shard or self.emu.kernel.kind in BLOCK_KERNELS):
+            raise StochasticRoundingError(
+                f"the emulated forward runs {self.emu.mode} with the naive kernel, unsharded (docs/semantics.md §12), "
+                f"not {'sharded' if self.shard else 'with the ' + str(self.emu.kernel) + ' kernel'}; "
+                "use kernel=naive" + (" and an unsharded backend" if self.shard else ""))
         self.label = f"emulated:{self.policy}" + (f":sharded{jax.device_count()}" if self.shard else "")
         if self.emu.shared or self.shard or shared is False:
             self.shared = None
@@ -129,7 +132,18 @@ class EmulatedBackend(JaxBackendBase):
             # format values, exact in the policy's carrier; converted on the host, since an
             # eager astype would compile a program per shape and dtype
             return jax.tree.map(lambda y: jax.device_put(np.asarray(y).astype(self.dtype)), out)
-        return run_jitted(self, fn, config, arrays, tokens, probe)
+        # under stochastic rounding every trace runs on a fresh emulator (bind): its draws start at n = 0
+        return run_jitted(self, fn, config, arrays, tokens, probe, () if self.emu.stochastic else None)
+
+    def bind(self, data) -> "EmulatedBackend":
+        """This backend on a fresh emulator (:meth:`Emulator.fresh`), for one trace of the
+        specialised program under stochastic rounding (``data``: empty)."""
+        b = copy.copy(self)
+        b.emu = self.emu.fresh()
+        return b
+
+    def draw_scope(self, i):
+        return self.emu.stream(i)
 
     def _use_shared(self, fn, config, arrays, tokens, probe) -> bool:
         """``shared=True``: always. Automatic: once another policy of the shared class has
