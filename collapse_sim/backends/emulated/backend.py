@@ -7,12 +7,14 @@ departures: docs/semantics.md §12.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ...policy import BLOCK_KERNELS, Policy, StochasticRoundingError
+from ...rounding import Stochastic
 from .._jit import JaxBackendBase, run_jitted
 from .attention import _adaptive_attention, _emulated_attention, _linear, exact_path
 from .ops import Emulator, shared_class_refusal
@@ -108,7 +110,14 @@ class EmulatedBackend(JaxBackendBase):
                 f"not {'sharded' if self.shard else 'with the ' + str(self.emu.kernel) + ' kernel'}; "
                 "use kernel=naive" + (" and an unsharded backend" if self.shard else ""))
         self.label = f"emulated:{self.policy}" + (f":sharded{jax.device_count()}" if self.shard else "")
-        if self.emu.shared or self.shard or shared is False:
+        # the compiled program's identity: under sr the seed's key is the program's argument (run)
+        self._program = (f"emulated:{dataclasses.replace(self.policy, mode=Stochastic(self.emu.mode.bits))}"
+                         if self.emu.stochastic else self.label)
+        if self.emu.stochastic and shared:
+            raise StochasticRoundingError(f"the emulated forward runs {self.emu.mode} in the program specialised to "
+                                          "the policy's formats (docs/semantics.md §12.1), not the shared one; "
+                                          "leave shared unset")
+        if self.emu.shared or self.shard or shared is False or self.emu.stochastic:
             self.shared = None
         elif shared or shared_class_refusal(self.policy) is None:
             self.shared = Emulator(self.policy, shared=True)  # raises if the formats do not allow it
@@ -132,14 +141,21 @@ class EmulatedBackend(JaxBackendBase):
             # format values, exact in the policy's carrier; converted on the host, since an
             # eager astype would compile a program per shape and dtype
             return jax.tree.map(lambda y: jax.device_put(np.asarray(y).astype(self.dtype)), out)
-        # under stochastic rounding every trace runs on a fresh emulator (bind): its draws start at n = 0
-        return run_jitted(self, fn, config, arrays, tokens, probe, () if self.emu.stochastic else None)
+        # under stochastic rounding every trace runs on a fresh emulator (bind), its draws from n = 0, and
+        # the seed's key is an argument: one program for every seed
+        return run_jitted(self, fn, config, arrays, tokens, probe, self.emu.fresh()._key if self.emu.stochastic else None)
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self._program))
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other._program == self._program
 
     def bind(self, data) -> "EmulatedBackend":
-        """This backend on a fresh emulator (:meth:`Emulator.fresh`), for one trace of the
-        specialised program under stochastic rounding (``data``: empty)."""
+        """This backend on a fresh emulator (:meth:`Emulator.fresh`) whose seed's key is
+        ``data`` (traced), for one trace of the specialised program under stochastic rounding."""
         b = copy.copy(self)
-        b.emu = self.emu.fresh()
+        b.emu = self.emu.fresh(data)
         return b
 
     def draw_scope(self, i):

@@ -142,13 +142,14 @@ class Emulator:
         self.roundings += 1
         return jax.random.bits(key, shape, jnp.uint64) >> jnp.uint64(64 - self.mode.bits)
 
-    def fresh(self) -> "Emulator":
+    def fresh(self, key=None) -> "Emulator":
         """This emulator with its draws back at the start (a new computation's first rounding
-        is n = 0 in the top scope, key(seed)): the emulated forward takes one per trace."""
+        is n = 0 in the top scope, ``key(seed)``): the emulated forward takes one per trace.
+        ``key``: the seed's key, as the compiled forward's argument (traced), for ``key(seed)``."""
         emu = copy.copy(self)
         emu.roundings = 0
         if self.stochastic:
-            emu._key = self._seed_key
+            emu._key = self._seed_key if key is None else key
         return emu
 
     @contextlib.contextmanager
