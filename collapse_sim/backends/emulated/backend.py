@@ -94,6 +94,11 @@ class EmulatedBackend(JaxBackendBase):
     of the cheaper kind; one that switches formats compiles two in all, never one per
     format); ``True`` always the shared one (an error if the formats do not allow it);
     ``False`` always the specialised one. Sharded backends use the specialised one.
+
+    Under stochastic rounding (``mode=sr(r,seed=s)``, docs/semantics.md §2) every trace runs
+    on a fresh emulator whose draw scopes follow the layers and row blocks (``draw_scope``,
+    ``Emulator.stream``), in the specialised program with the seed's key as its argument;
+    a block kernel, sharding and ``shared=True`` are refused.
     """
 
     kind = "emulated"
@@ -108,7 +113,7 @@ class EmulatedBackend(JaxBackendBase):
             raise StochasticRoundingError(
                 f"the emulated forward runs {self.emu.mode} with the naive kernel, unsharded (docs/semantics.md §12), "
                 f"not {'sharded' if self.shard else 'with the ' + str(self.emu.kernel) + ' kernel'}; "
-                "use kernel=naive" + (" and an unsharded backend" if self.shard else ""))
+                f"use {'an unsharded backend' if self.shard else 'kernel=naive'}")
         self.label = f"emulated:{self.policy}" + (f":sharded{jax.device_count()}" if self.shard else "")
         # the compiled program's identity: under sr the seed's key is the program's argument (run)
         self._program = (f"emulated:{dataclasses.replace(self.policy, mode=Stochastic(self.emu.mode.bits))}"
