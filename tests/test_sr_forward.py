@@ -100,6 +100,23 @@ def test_row_blocks_draw_afresh(monkeypatch):
     assert all((out[i] != out[0]).any() for i in range(1, 4))
 
 
+def test_attention_row_blocks_draw_afresh(monkeypatch):
+    """The attention op by op in blocks of one query row: four equal queries at the same
+    position (so every rounding of their rows is of the same values) give different rows."""
+    nk, dh = 4, 16
+    monkeypatch.setattr(attention, "_BLOCK_ELEMS", nk * dh)  # keys · d_h: one query row per block
+    emu = Emulator(BF16_SR)
+    rng = np.random.default_rng(0)
+    q = jnp.tile(jnp.asarray(rng.standard_normal(dh)), (4, 1))
+    k, v = (jnp.asarray(rng.standard_normal((nk, dh))) for _ in range(2))
+    q, k, v = (round_to(a, parse("bf16"), "rne") for a in (q, k, v))  # bf16 values
+    run = jax.jit(lambda q, k, v: attention._emulated_attention(emu.fresh(), q, k, v, jnp.full(4, nk - 1), 0.25,
+                                                                None, None, None))
+    out = np.asarray(run(q, k, v))
+    assert np.array_equal(np.asarray(round_to(jnp.asarray(out), parse("bf16"), "rne")), out)
+    assert all((out[i] != out[0]).any() for i in range(1, 4))
+
+
 def test_refusals():
     """A block kernel and the shared program (formats as data) refuse sr in one sentence."""
     with pytest.raises(StochasticRoundingError, match="naive kernel"):
