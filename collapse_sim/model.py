@@ -553,7 +553,8 @@ def _forward_impl(c: ModelConfig, arrays, tokens, probe, B, delta0=None, scan=Fa
         x, xp = _scan_layers(c, W, x, xp, pos, B, pe, pe_p)
     else:
         for layer in range(c.n_layers):
-            x, xp = _layer(c, W, f"l{layer}.", x, xp, pos, B, pe, pe_p)
+            with B.draw_scope(layer):
+                x, xp = _layer(c, W, f"l{layer}.", x, xp, pos, B, pe, pe_p)
     x = B.tap(f"l{c.n_layers}.x", x)
     y = _norm(c, W, "n3", x, B)
     if xp is None:
@@ -562,16 +563,19 @@ def _forward_impl(c: ModelConfig, arrays, tokens, probe, B, delta0=None, scan=Fa
 
 
 def _scan_layers(c: ModelConfig, W, x, xp, pos, B, pe, pe_p):
-    """Every layer of :func:`_layer` as one ``lax.scan`` step over the layers' stacked weights."""
+    """Every layer of :func:`_layer` as one ``lax.scan`` step over the layers' stacked weights,
+    each in its backend's draw scope (``B.draw_scope(layer)``, the layer index traced)."""
     import jax
 
     names = [k[3:] for k in W if k.startswith("l0.")]
     stacked = {n: B.xp.stack([W[f"l{layer}.{n}"] for layer in range(c.n_layers)]) for n in names}
 
-    def step(carry, Wl):
-        return _layer(c, {**W, **{"l0." + n: w for n, w in Wl.items()}}, "l0.", *carry, pos, B, pe, pe_p), None
+    def step(carry, lw):
+        layer, Wl = lw
+        with B.draw_scope(layer):
+            return _layer(c, {**W, **{"l0." + n: w for n, w in Wl.items()}}, "l0.", *carry, pos, B, pe, pe_p), None
 
-    (x, xp), _ = jax.lax.scan(step, (x, xp), stacked)
+    (x, xp), _ = jax.lax.scan(step, (x, xp), (B.xp.arange(c.n_layers), stacked))
     return x, xp
 
 

@@ -3,6 +3,8 @@ every backend shares (numpy or jax.numpy: ``xp``)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 
@@ -16,6 +18,11 @@ class AnalysisHooks:
 
     def freeze(self, x):
         return x
+
+    def draw_scope(self, i):
+        """A context for iteration ``i`` of the model's layer loop: stochastic rounding's draw
+        scope in the emulated backend (docs/semantics.md §2); nothing here."""
+        return contextlib.nullcontext()
 
 
 class ArrayPlumbing(AnalysisHooks):

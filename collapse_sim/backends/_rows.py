@@ -23,13 +23,22 @@ def _pad_rows(a, nb, b):
     return jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]).reshape(nb, b, *a.shape[1:])
 
 
-def _map_rows(fn, args, b: int):
+def _map_rows(fn, args, b: int, scope=None):
     """``fn`` over blocks of ``b`` rows of each of ``args`` (arrays of n rows, zero-padded
     to whole blocks; ``fn`` takes the tuple of blocks), by ``lax.map``; every output
-    rejoined to n rows."""
+    rejoined to n rows. ``scope``: a context for block ``i`` (its index, traced) that each
+    call of ``fn`` runs in (the emulator's draw scope, :meth:`Emulator.stream`)."""
     n = args[0].shape[0]
     nb = -(-n // b)
-    out = lax.map(fn, tuple(_pad_rows(a, nb, b) for a in args))
+    blocks = tuple(_pad_rows(a, nb, b) for a in args)
+    if scope is None:
+        out = lax.map(fn, blocks)
+    else:
+        def scoped(ib):
+            with scope(ib[0]):
+                return fn(ib[1])
+
+        out = lax.map(scoped, (jnp.arange(nb), blocks))
     return jax.tree.map(lambda o: o.reshape(nb * b, *o.shape[2:])[:n], out)
 
 

@@ -70,7 +70,8 @@ def _linear(emu: Emulator, x, w):
         return emu.dot(ae, be, path=path)
 
     if not _certified(emu, n * din * dout):
-        return _map_rows(lambda a: op_by_op(a[0], exact_path(n * din * dout)), (x,), _blocks(n, din * dout)[0])
+        return _map_rows(lambda a: op_by_op(a[0], exact_path(n * din * dout)), (x,), _blocks(n, din * dout)[0],
+                         emu.stream)
     wstats = matmul_stats(emu, w)
 
     def block(a):
@@ -97,19 +98,19 @@ def masked_softmax(emu: Emulator, s, valid, path: str = "certified"):
     same = emu.softmax_is_compute  # then both roundings between them are identities
     s = jnp.asarray(s, emu.dtype)
     if not same:
-        s = round_to(s, emu.softmax, mode)
+        s = emu.rnd(s, emu.softmax)
     if emu.max_subtract:
         m = jnp.max(jnp.where(valid, s, jnp.asarray(-jnp.inf, emu.dtype)), axis=-1)
         s = emu.sub(s, jnp.broadcast_to(m[:, None], s.shape), emu.softmax)
     e = emu.exp(s, emu.softmax)
     e = jnp.where(valid, e, jnp.zeros_like(e))
     den = reduce_sum(e, emu.order, emu.accumulate, emu.softmax, mode, valid, emu.bounds, nonneg=True,  # exp >= 0
-                     path=path)
+                     path=path, draws=emu.draws)
     with_ok = path == "float64"
     if with_ok:
         den, ok = den
     alpha = emu.div(e, jnp.broadcast_to(den[:, None], e.shape), emu.softmax)
-    alpha = alpha if same else round_to(alpha, emu.compute, mode)
+    alpha = alpha if same else emu.rnd(alpha, emu.compute)
     return (alpha, ok) if with_ok else alpha
 
 
@@ -151,7 +152,7 @@ def _prepare(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv, fold: 
     (docs/semantics.md §8.8.1; they must then be concrete numbers). ``weights.scores`` takes
     an optional ``descale`` per query row (flash3fp8, §8.8.2): the scale is then
     ∘_A(scale · descale)."""
-    mode, dt = emu.mode, emu.dtype
+    dt = emu.dtype
     if self_kv is not None:
         k = jnp.concatenate([k, jnp.zeros((1, k.shape[1]), dt)])
         v = jnp.concatenate([v, jnp.zeros((1, v.shape[1]), dt)])
@@ -164,7 +165,7 @@ def _prepare(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv, fold: 
         maxd = max(nk, int(qpos.shape[0])) + 1
         raw = (np.vectorize(_log2e_times)(-float(alibi) * np.arange(maxd, dtype=np.float64)) if fold
                else -alibi * jnp.arange(maxd, dtype=jnp.float64))
-        bias_table = round_to(jnp.asarray(raw, jnp.float64), emu.storage, mode).astype(dt)
+        bias_table = emu._round(jnp.asarray(raw, jnp.float64), emu.storage).astype(dt)
 
     def scores(s, pb, descale=None):
         """Raw scores (B, nk) of queries at positions pb -> scaled (and biased) scores in the
@@ -257,9 +258,9 @@ def _weighted_values(emu: Emulator, P, V, valid, out, path: str, last=None):
         prod = jax.vmap(put)(prod, jnp.where(ok[:, :, None], Pl[:, :, None] * Vl, zero), start)
     prod = jnp.swapaxes(prod, 1, 2)  # (B, dh, nk): reduce over keys
     if not emu.order.exact_products:
-        prod = round_to(prod, emu.accumulate, emu.mode)
+        prod = emu.rnd(prod, emu.accumulate)
     vmask = jnp.broadcast_to(valid[:, None, :], prod.shape)
-    return reduce_sum(prod, emu.order, emu.accumulate, out, emu.mode, vmask, emu.bounds, path=path)
+    return reduce_sum(prod, emu.order, emu.accumulate, out, emu.mode, vmask, emu.bounds, path=path, draws=emu.draws)
 
 
 def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv, path: str = "certified",
@@ -289,7 +290,7 @@ def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
         return _weighted_values(emu, alpha, V, valid, emu.compute, path)  # alpha: (B, nk), compute format
 
     b, _ = _blocks(q.shape[0], nk * dh)
-    return _map_rows(block, (q, qpos, kp, vp), b)
+    return _map_rows(block, (q, qpos, kp, vp), b, emu.stream)
 
 
 def _adaptive_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv, adaptive):
@@ -307,9 +308,9 @@ def _adaptive_weights(emu: Emulator, scores, raw, pb, path: str, poly, threshold
     weights (in the compute format), β = max(poly(H), 1) where H > ``threshold`` (else 1;
     ``poly``: float64 coefficients, highest power first, rounded to storage), and the softmax
     of the scores times β (rounded to the softmax format)."""
-    mode, C, M = emu.mode, emu.compute, emu.softmax
+    C, M = emu.compute, emu.softmax
     s, valid = scores(raw, pb)
-    s = s if emu.softmax_is_compute else round_to(s, M, mode)  # §8.1's s_ij
+    s = s if emu.softmax_is_compute else emu.rnd(s, M)  # §8.1's s_ij
     alpha = masked_softmax(emu, s, valid, path)
     lam = emu.ln(jnp.where(valid & (alpha > 0), alpha, jnp.ones_like(alpha)), C)  # ln 1 = 0: the 0·ln 0 = 0 terms
     H = -_weighted_values(emu, alpha, lam[:, :, None], valid, C, path)[:, 0]

@@ -6,11 +6,15 @@ departures: docs/semantics.md §12.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ...policy import Policy, StochasticRoundingError
+from ...policy import BLOCK_KERNELS, Policy, StochasticRoundingError
+from ...rounding import Stochastic
 from .._jit import JaxBackendBase, run_jitted
 from .attention import _adaptive_attention, _emulated_attention, _linear, exact_path
 from .ops import Emulator, shared_class_refusal
@@ -62,7 +66,7 @@ class _SharedProgram:
         return _compiler_options()
 
     def bind(self, data) -> "EmulatedBackend":
-        return EmulatedBackend(self.emu.bind(data))
+        return EmulatedBackend(self.emu.bind(data).fresh())
 
 
 class EmulatedBackend(JaxBackendBase):
@@ -90,6 +94,11 @@ class EmulatedBackend(JaxBackendBase):
     of the cheaper kind; one that switches formats compiles two in all, never one per
     format); ``True`` always the shared one (an error if the formats do not allow it);
     ``False`` always the specialised one. Sharded backends use the specialised one.
+
+    Under stochastic rounding (``mode=sr(r,seed=s)``, docs/semantics.md §2) every trace runs
+    on a fresh emulator whose draw scopes follow the layers and row blocks (``draw_scope``,
+    ``Emulator.stream``), in the specialised program with the seed's key as its argument;
+    a block kernel, sharding and ``shared=True`` are refused.
     """
 
     kind = "emulated"
@@ -97,15 +106,23 @@ class EmulatedBackend(JaxBackendBase):
 
     def __init__(self, policy: "Policy | str | Emulator", *, shard: bool = False, shared: "bool | None" = None):
         self.emu = policy if isinstance(policy, Emulator) else Emulator(policy)
-        if self.emu.stochastic:
-            raise StochasticRoundingError(
-                f"the emulated forward does not run {self.emu.mode} yet (its row blocks, loops and probe steps would "
-                "reuse draws, docs/semantics.md §12); stochastic rounding runs in the Emulator's ops and sums")
         self.policy = self.emu.policy
         self.dtype = self.emu.dtype
         self.shard = shard and jax.device_count() > 1
+        if self.emu.stochastic and (self.shard or self.emu.kernel.kind in BLOCK_KERNELS):
+            raise StochasticRoundingError(
+                f"the emulated forward runs {self.emu.mode} with the naive kernel, unsharded (docs/semantics.md §12), "
+                f"not {'sharded' if self.shard else 'with the ' + str(self.emu.kernel) + ' kernel'}; "
+                f"use {'an unsharded backend' if self.shard else 'kernel=naive'}")
         self.label = f"emulated:{self.policy}" + (f":sharded{jax.device_count()}" if self.shard else "")
-        if self.emu.shared or self.shard or shared is False:
+        # the compiled program's identity: under sr the seed's key is the program's argument (run)
+        self._program = (f"emulated:{dataclasses.replace(self.policy, mode=Stochastic(self.emu.mode.bits))}"
+                         if self.emu.stochastic else self.label)
+        if self.emu.stochastic and shared:
+            raise StochasticRoundingError(f"the emulated forward runs {self.emu.mode} in the program specialised to "
+                                          "the policy's formats (docs/semantics.md §12.1), not the shared one; "
+                                          "leave shared unset")
+        if self.emu.shared or self.shard or shared is False or self.emu.stochastic:
             self.shared = None
         elif shared or shared_class_refusal(self.policy) is None:
             self.shared = Emulator(self.policy, shared=True)  # raises if the formats do not allow it
@@ -129,7 +146,25 @@ class EmulatedBackend(JaxBackendBase):
             # format values, exact in the policy's carrier; converted on the host, since an
             # eager astype would compile a program per shape and dtype
             return jax.tree.map(lambda y: jax.device_put(np.asarray(y).astype(self.dtype)), out)
-        return run_jitted(self, fn, config, arrays, tokens, probe)
+        # under stochastic rounding every trace runs on a fresh emulator (bind), its draws from n = 0, and
+        # the seed's key is an argument: one program for every seed
+        return run_jitted(self, fn, config, arrays, tokens, probe, self.emu.fresh()._key if self.emu.stochastic else None)
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self._program))
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other._program == self._program
+
+    def bind(self, data) -> "EmulatedBackend":
+        """This backend on a fresh emulator (:meth:`Emulator.fresh`) whose seed's key is
+        ``data`` (traced), for one trace of the specialised program under stochastic rounding."""
+        b = copy.copy(self)
+        b.emu = self.emu.fresh(data)
+        return b
+
+    def draw_scope(self, i):
+        return self.emu.stream(i)
 
     def _use_shared(self, fn, config, arrays, tokens, probe) -> bool:
         """``shared=True``: always. Automatic: once another policy of the shared class has

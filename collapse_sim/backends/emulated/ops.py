@@ -26,6 +26,7 @@ certificates (certificates.py) or the superaccumulator (exact.py), which agree b
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import jax
@@ -83,7 +84,8 @@ class Emulator:
         if self.stochastic:
             _check_stochastic(pol)
             self._seed_key = jax.random.key(self.mode.seed)
-        self.roundings = 0  # how many roundings have drawn (stochastic rounding: the next one's stream)
+            self._key = self._seed_key  # the innermost draw scope's key (:meth:`stream`)
+        self.roundings = 0  # roundings and scopes drawn in the innermost scope (stochastic rounding: the next one's n)
         self.shared = shared
         if shared:
             why = shared_class_refusal(pol)
@@ -131,13 +133,42 @@ class Emulator:
     # --- rounding --------------------------------------------------------
     def draws(self, shape):
         """Stochastic rounding's draws for the next rounding of an array of ``shape``
-        (docs/semantics.md §2): the top r bits of ``jax.random.bits(fold_in(key(seed), n),
-        shape)``, n counting this emulator's roundings from 0 (None in the other modes)."""
+        (docs/semantics.md §2): the top r bits of ``jax.random.bits(fold_in(K, n), shape)``, K
+        the innermost draw scope's key (``key(seed)`` outside every :meth:`stream`) and n
+        counting the roundings and scopes in that scope from 0 (None in the other modes)."""
         if not self.stochastic:
             return None
-        key = jax.random.fold_in(self._seed_key, self.roundings)
+        key = jax.random.fold_in(self._key, self.roundings)
         self.roundings += 1
         return jax.random.bits(key, shape, jnp.uint64) >> jnp.uint64(64 - self.mode.bits)
+
+    def fresh(self, key=None) -> "Emulator":
+        """This emulator with its draws back at the start (a new computation's first rounding
+        is n = 0 in the top scope, ``key(seed)``): the emulated forward takes one per trace.
+        ``key``: the seed's key, as the compiled forward's argument (traced), for ``key(seed)``."""
+        emu = copy.copy(self)
+        emu.roundings = 0
+        if self.stochastic:
+            emu._key = self._seed_key if key is None else key
+        return emu
+
+    @contextlib.contextmanager
+    def stream(self, i):
+        """A draw scope for iteration ``i`` (an integer, traced inside a loop body) of a loop
+        (docs/semantics.md §2): inside it the roundings draw from the key
+        ``fold_in(fold_in(K, n), i)``, K the enclosing scope's key and n the scope's own index
+        among the enclosing scope's roundings, counting again from 0; the scope takes that one
+        index of its parent. A loop body traced once thus draws afresh in every iteration.
+        Nothing happens in the deterministic modes (their bits do not depend on scopes)."""
+        if not self.stochastic:
+            yield self
+            return
+        outer, n = self._key, self.roundings
+        self._key, self.roundings = jax.random.fold_in(jax.random.fold_in(outer, n), i), 0
+        try:
+            yield self
+        finally:
+            self._key, self.roundings = outer, n + 1
 
     def _round(self, x, fmt):
         """One rounding of ``x`` to ``fmt`` in the policy's mode (its own draws)."""
