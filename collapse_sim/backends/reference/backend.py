@@ -195,14 +195,16 @@ class ReferenceBackend(ObjectArrayBackend):
         contraction axis) by :func:`collapse_sim.mx.mx_round` on the float64 values (exact:
         the constructor checked that compute lies within float64), values of compute again
         (§13.1); or float32-scaled tiles (§13.2) by :func:`collapse_sim.mx.scaled_values`, the
-        emulated backend's function, on the same float64 values; ``x`` itself without the role. The one place the reference quantises operands."""
+        emulated backend's function, on the same float64 values; ``x`` itself without the role.
+        The one place the reference quantises operands."""
         if self.policy.operands is None:
             return x
         if isinstance(self.policy.operands, ScaledFormat):  # §13.2: the one rule, through float64
             q = _scaled(np.asarray(to_float(x), np.float64), self.policy.operands, self.policy.compute, axis)
         else:
             q = mx_round(to_float(x), self.policy.operands, axis=axis)
-        return np.frompyfunc(lambda v: mlib.from_float(float(v)), 1, 1)(q)
+        with np.errstate(invalid="ignore"):  # a NaN tile's values: mpmath's NaN
+            return np.frompyfunc(lambda v: mlib.from_float(float(v)), 1, 1)(q)
 
     def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None, adaptive=None):
         ref, pol = self.ref, self.ref.policy
