@@ -311,8 +311,19 @@ def amax_scale(amax, elem: Format, scale_fmt, mode="rne", margin: int = 0):
     from .rounding import round_to
 
     amax = jnp.asarray(amax, jnp.float64)
-    s = round_to(amax * 2.0**margin / elem.max, scale_fmt, mode)  # 2^margin: exact, margin <= 64
+    s = round_to(_div(amax * 2.0**margin, elem.max), scale_fmt, mode)  # 2^margin: exact, margin <= 64
     return jnp.where(amax == 0, jnp.ones_like(s), s)
+
+
+def _div(a, b):
+    """``a / b`` in float64, elementwise, one IEEE division: the divisor behind an optimisation
+    barrier, so that XLA cannot rewrite a division by a constant or a broadcast into a product
+    by its (rounded) reciprocal."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    a, b = jnp.broadcast_arrays(jnp.asarray(a, jnp.float64), jnp.asarray(b, jnp.float64))
+    return lax.div(a, lax.optimization_barrier(b))
 
 
 def scale_cast(x, s, elem: Format, scale_fmt, mode="rne"):
@@ -323,11 +334,9 @@ def scale_cast(x, s, elem: Format, scale_fmt, mode="rne"):
     26-bit value (|a/b − c| = |a − bc|/b with a − bc a nonzero multiple of the quanta), so
     float64's rounding never lands on a value of F nor crosses a midpoint of one: a correct
     rounding in every deterministic mode, F of p <= 25 bits."""
-    import jax.numpy as jnp
-
     from .rounding import round_to
 
-    return round_to(round_to(jnp.asarray(x, jnp.float64) / s, scale_fmt, mode), elem, mode)
+    return round_to(round_to(_div(x, s), scale_fmt, mode), elem, mode)
 
 
 def scaled_values(x, fmt: ScaledFormat, compute, axis: int = -1):
