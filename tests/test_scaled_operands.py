@@ -237,14 +237,15 @@ def test_prefix_trick_equals_separate_runs_with_scaled_operands(emulated_run):
 
 
 def test_collapse_policy_runs_with_the_scaled_role(tmp_path):
-    """``collapse --policy`` on a tiny case (the reference backend: no compile) records the role."""
-    import csv
+    """``collapse --policy`` on a tiny case (the reference backend: no compile) records the role
+    in the table's format column and the run's JSON."""
+    import json
 
     from collapse_sim.cli import main
 
     out = tmp_path / "c"
-    assert main(["collapse", "--family", "repeat_last", "--max-len", "4", "--d", "8", "--backend", "reference",
-                 "--policy", ROLE, "--out", str(out)]) == 0
-    with open(out / "collapse.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and all(r["format"].endswith(",operands=scaled(e4m3fn,32)") for r in rows)
+    args = ["collapse", "--family", "repeat_last", "--max-len", "4", "--d", "8", "--backend", "reference"]
+    assert main([*args, "--policy", ROLE, "--out", str(out)]) == 0
+    table = (out / "collapse.csv").read_text().splitlines()
+    assert len(table) == 5 and all(",operands=scaled(e4m3fn,32)" in row for row in table[1:])
+    assert json.loads((out / "collapse.json").read_text())["backends"][0]["policy"] == str(Policy.parse(ROLE))
