@@ -22,7 +22,8 @@ A :class:`Policy` names the format of each role and the order of reductions:
   elements, ``k = 32`` by default) along each array's stated axis; then rounded to ``storage``.
 * ``operands``: OCP MX blocks ``mx(ELEMENT[,k])`` that both operands of every dot product of
   the projections, the MLP, the scores and the weighted values are quantised to, along the
-  contraction axis, immediately before the dot (docs/semantics.md §13.1; naive kernel only).
+  contraction axis, immediately before the dot (docs/semantics.md §13.1; naive kernel only), or
+  ``scaled(ELEMENT,k[,margin])``: tiles of ``k`` with a float32 scale each (§13.2).
 * ``kernel``: how the attention is evaluated: ``naive`` (the softmax of whole score
   rows, then the weighted values) or ``online(b)`` (key blocks of ``b`` with a running
   maximum, sum and output, as FlashAttention-style kernels do; docs/semantics.md §8.8) or
