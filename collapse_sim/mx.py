@@ -38,6 +38,10 @@ Elements: FP8 E4M3 (``e4m3fn``, emax 8), FP8 E5M2 (``e5m2``, emax 15), FP6 E2M3
 (``e2m3fn``, emax 2), FP6 E3M2 (``e3m2fn``, emax 4), FP4 E2M1 (``e2m1fn``, emax 2),
 and INT8: two's complement with an implicit scale 2^-6 (emax 0), values k·2^-6 for
 |k| ≤ 127 (the symmetric range; the code −128 is not produced).
+
+Scaled fp8 (docs/semantics.md §13.2) is the other block-scaled kind: tiles with a float32
+scale ``∘_fp32(amax · 2^margin / max_elem)`` each (:class:`ScaledFormat`, :func:`scaled_values`);
+its scale-and-cast rule (:func:`amax_scale`, :func:`scale_cast`) is also flash3fp8's (§8.8.2).
 """
 
 from __future__ import annotations
