@@ -131,13 +131,20 @@ def test_scaled_values_equal_the_exact_rational_oracle(policy):
 
 
 def test_saturation_and_the_rounding_to_compute_matter():
-    """Two defining choices of §13.2, seen on single tiles: a float32 scale rounded down puts
-    amax / s past 448, which saturates (the element is 448, the value 448·s < amax); and the
-    dequantised ê·s (up to 28 bits) is rounded to compute."""
+    """Three defining choices of §13.2, seen on single tiles: a float32 scale rounded down puts
+    amax / s past 448 (the element is 448, the value 448·s < amax); a subnormal scale puts x / s
+    far past it, where the saturating cast gives 448 (not e4m3fn's NaN); and the dequantised ê·s
+    (up to 28 bits) is rounded to compute."""
     fmt = scaled_for_element("e4m3fn", 4)
     a = next(float(np.float32(1 + i * 2.0**-23)) for i in range(1, 10**6) if _past_top([1 + i * 2.0**-23], fmt))
     s = float(np.float32(a / 448))
     assert a / s > 448 and oracle_tile([a], fmt, FP32) == [fraction_round(Fraction(448) * Fraction(s), FP32, "rne")]
+    # a subnormal scale: 667·2^-149 / 448 rounds to s = 2^-149, x / s = 667 is past e4m3fn's NaN; saturated: 448
+    tiny = [667 * 2.0**-149, -(2.0**-149), 0.0, 3 * 2.0**-149]
+    want = [448 * 2.0**-149, -(2.0**-149), 0.0, 3 * 2.0**-149]
+    assert oracle_tile(tiny, fmt, FP32) == want
+    assert _same(np.asarray(jax.jit(lambda v: scaled_values(v, fmt, FP32))(np.array([tiny, [a, 1, 2, 3]]))),
+                 [want, oracle_tile([a, 1, 2, 3], fmt, FP32)])
     bf16 = parse("bf16")
     x = [1.0, 0.3, -0.7, 0.01]
     exact = oracle_tile(x, fmt, parse("fp64"))  # ê·s, exact in float64
