@@ -38,6 +38,10 @@ Elements: FP8 E4M3 (``e4m3fn``, emax 8), FP8 E5M2 (``e5m2``, emax 15), FP6 E2M3
 (``e2m3fn``, emax 2), FP6 E3M2 (``e3m2fn``, emax 4), FP4 E2M1 (``e2m1fn``, emax 2),
 and INT8: two's complement with an implicit scale 2^-6 (emax 0), values k·2^-6 for
 |k| ≤ 127 (the symmetric range; the code −128 is not produced).
+
+Scaled fp8 (docs/semantics.md §13.2) is the other block-scaled kind: tiles with a float32
+scale ``∘_fp32(amax · 2^margin / max_elem)`` each (:class:`ScaledFormat`, :func:`scaled_values`);
+its scale-and-cast rule (:func:`amax_scale`, :func:`scale_cast`) is also flash3fp8's (§8.8.2).
 """
 
 from __future__ import annotations
@@ -247,3 +251,122 @@ def mx_for_element(element: str, block: int = 32) -> MXFormat:
             return mx_format(m, block)
     names = ", ".join(mx_element_name(m) for m in MX_FORMATS.values())
     raise MXError(f"{element!r} is not an MX element format; use one of {names}")
+
+
+# --------------------------------------------------------------------------- scaled fp8 (float32 scales)
+
+#: The format of a scaled operand's scale (docs/semantics.md §13.2): float32, as FP8 recipes keep it.
+FP32 = parse("fp32")
+#: The elements a scaled operand may have (docs/semantics.md §13.2): the float elements of MX.
+SCALED_ELEMENTS = ("e4m3fn", "e5m2", "e2m3fn", "e3m2fn", "e2m1fn")
+#: The widest compute format (significand bits) whose values a scaled operand divides in float64
+#: with one correct rounding (:func:`scale_cast`; docs/semantics.md §13.2).
+SCALED_MAX_P = 25
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledFormat:
+    """Scaled fp8 (docs/semantics.md §13.2): tiles of ``block`` consecutive values along the
+    contraction axis, each with its own float32 scale ``∘_fp32(amax · 2^margin / max_elem)``,
+    the elements ``element`` values, saturating. ``element`` is the format as named (its
+    overflow rule is replaced by saturation in :attr:`saturating`)."""
+
+    element: Format
+    block: int = 128
+    margin: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block", _count(self.block, "the tile length k"))
+        object.__setattr__(self, "margin", _count(self.margin, "the margin"))
+        if self.block < 1:
+            raise MXError(f"a scaled tile holds at least one element, got k={self.block}")
+        if not 0 <= self.margin <= 64:
+            raise MXError(f"the margin of a scaled operand is an integer from 0 to 64, got {self.margin}")
+        if not any(self.element == parse(n) for n in SCALED_ELEMENTS):
+            raise MXError(f"{self.element.name!r} is not a scaled element format; use one of "
+                          f"{', '.join(SCALED_ELEMENTS)}")
+
+    @property
+    def saturating(self) -> Format:
+        """The element format with saturating overflow (the ``satfinite`` conversion)."""
+        return dataclasses.replace(self.element, overflow="saturate")
+
+    def token(self) -> str:
+        """How a policy string writes it: ``scaled(ELEMENT,k)`` or ``scaled(ELEMENT,k,margin)``."""
+        return f"scaled({self.element.name},{self.block}{f',{self.margin}' if self.margin else ''})"
+
+
+def scaled_for_element(element: str, block: int = 128, margin: int = 0) -> ScaledFormat:
+    """The scaled format with element ``element`` (a name of one of :data:`SCALED_ELEMENTS`)."""
+    try:
+        f = parse(str(element).strip().lower())
+    except CollapseSimError:
+        raise MXError(f"{element!r} is not a scaled element format; use one of {', '.join(SCALED_ELEMENTS)}") from None
+    return ScaledFormat(f, block, margin)
+
+
+def amax_scale(amax, elem: Format, scale_fmt, mode="rne", margin: int = 0):
+    """The scale of docs/semantics.md §8.8.2 and §13.2 (jax.numpy, traceable): ``s =
+    ∘_F(amax · 2^margin / max_E)`` in ``mode`` (F = ``scale_fmt``, E = ``elem``), and ``s = 1``
+    where ``amax = 0``. The quotient is taken in float64 and rounded once to F (one correct
+    rounding for F of p <= 25 bits: see :func:`scale_cast`)."""
+    import jax.numpy as jnp
+
+    from .rounding import round_to
+
+    amax = jnp.asarray(amax, jnp.float64)
+    s = round_to(_div(amax * 2.0**margin, elem.max), scale_fmt, mode)  # 2^margin: exact, margin <= 64
+    return jnp.where(amax == 0, jnp.ones_like(s), s)
+
+
+def _div(a, b):
+    """``a / b`` in float64, elementwise, one IEEE division: the divisor behind an optimisation
+    barrier, so that XLA cannot rewrite a division by a constant or a broadcast into a product
+    by its (rounded) reciprocal."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    a, b = jnp.broadcast_arrays(jnp.asarray(a, jnp.float64), jnp.asarray(b, jnp.float64))
+    return lax.div(a, lax.optimization_barrier(b))
+
+
+def scale_cast(x, s, elem: Format, scale_fmt, mode="rne"):
+    """The cast of docs/semantics.md §8.8.2 and §13.2 (jax.numpy, traceable): ``ê = ∘_E(∘_F(x /
+    s))`` in ``mode``, E = ``elem`` with its own overflow rule (a saturating element: the
+    ``satfinite`` conversion), F = ``scale_fmt``. ``x / s`` is taken in float64 and rounded once to
+    F: for values of at most 26 bits an inexact quotient lies at least 2^-52 relative from every
+    26-bit value (|a/b − c| = |a − bc|/b with a − bc a nonzero multiple of the quanta), so
+    float64's rounding never lands on a value of F nor crosses a midpoint of one: a correct
+    rounding in every deterministic mode, F of p <= 25 bits."""
+    from .rounding import round_to
+
+    return round_to(round_to(_div(x, s), scale_fmt, mode), elem, mode)
+
+
+def scaled_values(x, fmt: ScaledFormat, compute, axis: int = -1):
+    """The values of ``x`` (float64 values of ``compute``; a jax array, traceable) as scaled
+    operands (docs/semantics.md §13.2): tiles of ``fmt.block`` along ``axis`` (the last may be
+    short), each with the float32 scale of :func:`amax_scale` (2^-149, float32's smallest, where
+    it underflows to 0) and the elements of :func:`scale_cast`, ties to even, saturating, then
+    dequantised ``∘_C(ê · s)`` to ``compute`` (a :class:`Format` or traced
+    :class:`collapse_sim.rounding.FormatParams`), ties to even. ``ê · s`` is exact in float64
+    (at most 4 + 24 bits, within float64's range). A tile holding a NaN or an infinity, or whose
+    scale overflows float32, gives NaN for each of its values."""
+    import jax.numpy as jnp
+
+    from .rounding import round_to
+
+    axis = _along(x, axis, "scaled_values")
+    v = jnp.moveaxis(jnp.asarray(x, jnp.float64), axis, -1)
+    n = v.shape[-1]
+    k = min(fmt.block, max(n, 1))
+    nb = -(-n // k)
+    padded = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, nb * k - n)]).reshape(v.shape[:-1] + (nb, k))
+    amax = jnp.max(jnp.abs(padded), axis=-1, keepdims=True)  # zeros raise no amax; NaN, inf pass through
+    s = amax_scale(jnp.where(jnp.isfinite(amax), amax, 0.0), fmt.saturating, FP32, "rne", fmt.margin)
+    s = jnp.maximum(s, 2.0**FP32.min_exponent_of_quantum)  # an underflowed scale: float32's smallest
+    bad = ~jnp.isfinite(amax) | jnp.isinf(s)
+    s = jnp.where(bad, 1.0, s)
+    e = scale_cast(padded, s, fmt.saturating, FP32, "rne")
+    out = jnp.where(bad, jnp.nan, round_to(e * s, compute, "rne"))
+    return jnp.moveaxis(out.reshape(v.shape[:-1] + (nb * k,))[..., :n], -1, axis)

@@ -22,7 +22,8 @@ A :class:`Policy` names the format of each role and the order of reductions:
   elements, ``k = 32`` by default) along each array's stated axis; then rounded to ``storage``.
 * ``operands``: OCP MX blocks ``mx(ELEMENT[,k])`` that both operands of every dot product of
   the projections, the MLP, the scores and the weighted values are quantised to, along the
-  contraction axis, immediately before the dot (docs/semantics.md §13.1; naive kernel only).
+  contraction axis, immediately before the dot (docs/semantics.md §13.1; naive kernel only), or
+  ``scaled(ELEMENT,k[,margin])``: tiles of ``k`` with a float32 scale each (§13.2).
 * ``kernel``: how the attention is evaluated: ``naive`` (the softmax of whole score
   rows, then the weighted values) or ``online(b)`` (key blocks of ``b`` with a running
   maximum, sum and output, as FlashAttention-style kernels do; docs/semantics.md §8.8) or
@@ -53,7 +54,7 @@ import numpy as np
 
 from .errors import CollapseSimError, require_text
 from .formats import DESCRIPTION_KEYS, Format, FormatError, format_token, parse as parse_format, split_top_level
-from .mx import MXError, MXFormat, mx_element_name, mx_for_element, mx_round
+from .mx import SCALED_MAX_P, MXError, MXFormat, ScaledFormat, mx_element_name, mx_for_element, mx_round, scaled_for_element
 from .rounding import Mode, RoundingError, Stochastic, parse_mode, round_to
 
 ORDER_KINDS = ("sequential", "pairwise", "blocked", "kahan", "exact")
@@ -317,15 +318,22 @@ class Policy:
     #: The weights role (docs/semantics.md §5.1): None (the storage format), another format,
     #: or an MX format (:func:`weights_role` reads one from its policy-string spelling).
     weights: "Format | MXFormat | None" = None
-    #: The operands role (docs/semantics.md §13.1): None, or the MX format both operands of the
-    #: model's dot products are quantised to along the contraction axis (:func:`operands_role`).
-    operands: "MXFormat | None" = None
+    #: The operands role (docs/semantics.md §13.1, §13.2): None, or the MX or scaled format both
+    #: operands of the model's dot products are quantised to along the contraction axis
+    #: (:func:`operands_role`).
+    operands: "MXFormat | ScaledFormat | None" = None
 
     def __post_init__(self) -> None:
         if self.weights is not None and not isinstance(self.weights, (Format, MXFormat)):
             raise PolicyError(f"the weights role is a format or an MX format such as mx(e4m3fn,32), got {self.weights!r}")
-        if self.operands is not None and not isinstance(self.operands, MXFormat):
-            raise PolicyError(f"the operands role is an MX format such as mx(e4m3fn,32), got {self.operands!r}")
+        if self.operands is not None and not isinstance(self.operands, (MXFormat, ScaledFormat)):
+            raise PolicyError(f"the operands role is an MX or scaled format such as mx(e4m3fn,32) or scaled(e4m3fn,128), "
+                              f"got {self.operands!r}")
+        long = [f for f in (self.compute, self.storage) if f.p > SCALED_MAX_P]
+        if isinstance(self.operands, ScaledFormat) and long:
+            raise PolicyError(f"operands={weights_token(self.operands)} divides compute and stored values by float32 "
+                              f"scales in float64, one correct rounding for formats of at most {SCALED_MAX_P} bits "
+                              f"(docs/semantics.md §13.2), not {long[0].name}'s {long[0].p}; use such formats")
         if self.operands is not None and self.kernel.kind != "naive":
             raise PolicyError(f"operands={weights_token(self.operands)} is defined under the naive kernel only (the "
                               f"{self.kernel} kernel's probability tiles have no MX blocking along the keys here, "
@@ -458,20 +466,44 @@ def _mx_spec(role: str, value: str, where: str) -> MXFormat:
         raise PolicyError(f"{where}{role}={value}: {e}") from None
 
 
-def operands_role(value: str, text: str = "") -> MXFormat:
+def operands_role(value: str, text: str = "") -> "MXFormat | ScaledFormat":
     """The operands role ``value`` of policy ``text``: ``mx(ELEMENT[,k])`` (docs/semantics.md
-    §13.1), refused in one sentence. Per-tensor and per-block scaled fp8 (``scaled(...)``) and
-    plain formats are not operand quantisations the backends implement."""
+    §13.1) or ``scaled(ELEMENT,k[,margin])`` (§13.2), refused in one sentence. Per-tensor
+    scales (``scaled(ELEMENT,tensor)``) and plain formats are not operand quantisations the
+    backends implement."""
     where = f"policy {text!r}: " if text else ""
     if re.match(r"\s*scaled\s*\(", value, flags=re.IGNORECASE):
-        raise PolicyError(f"{where}operands={value}: scaled fp8 operands are not implemented; the operands role "
-                          "takes OCP MX blocks, mx(ELEMENT[,k]), e.g. operands=mx(e4m3fn,32)")
+        return _scaled_spec(value, where)
     if not _is_mx(value):
-        raise PolicyError(f"{where}operands={value} is not an MX spec; the operands role takes OCP MX blocks, "
-                          "mx(ELEMENT[,k]), e.g. operands=mx(e4m3fn,32)")
+        raise PolicyError(f"{where}operands={value} is not an operand quantisation; the operands role takes OCP MX "
+                          "blocks, mx(ELEMENT[,k]), or float32-scaled tiles, scaled(ELEMENT,k[,margin]), e.g. "
+                          "operands=mx(e4m3fn,32)")
     return _mx_spec("operands", value, where)
 
 
-def weights_token(w: "Format | MXFormat") -> str:
-    """How a policy string writes the weights role ``w``: ``mx(ELEMENT,k)`` or the format's token."""
+def _scaled_spec(value: str, where: str) -> ScaledFormat:
+    """The scaled format ``scaled(ELEMENT,k[,margin])`` that ``operands=value`` names (§13.2)."""
+    m = re.fullmatch(r"\s*scaled\s*\(([^,()]*),\s*([^,()]*?)\s*(?:,\s*([^,()]*?)\s*)?\)\s*", value,
+                     flags=re.IGNORECASE)
+    if m is None:
+        raise PolicyError(f"{where}operands={value} is not a scaled spec; write scaled(ELEMENT,k) or "
+                          "scaled(ELEMENT,k,margin), e.g. scaled(e4m3fn,128)")
+    element, k, margin = m.group(1), m.group(2), m.group(3)
+    if k.lower() == "tensor":
+        raise PolicyError(f"{where}operands={value}: per-tensor scales are not implemented; give a tile length k "
+                          "along the contraction axis, e.g. scaled(e4m3fn,128)")
+    for what, t in (("the tile length k", k), ("the margin", margin)):
+        if t is not None and re.fullmatch(r"-?\d+", t) is None:
+            raise PolicyError(f"{where}operands={value}: {what} must be an integer, got {t!r}")
+    try:
+        return scaled_for_element(element, int(k), 0 if margin is None else int(margin))
+    except MXError as e:
+        raise PolicyError(f"{where}operands={value}: {e}") from None
+
+
+def weights_token(w: "Format | MXFormat | ScaledFormat") -> str:
+    """How a policy string writes the weights or operands role ``w``: ``mx(ELEMENT,k)``,
+    ``scaled(ELEMENT,k[,margin])`` or the format's token."""
+    if isinstance(w, ScaledFormat):
+        return w.token()
     return f"mx({mx_element_name(w)},{w.block})" if isinstance(w, MXFormat) else format_token(w)

@@ -16,6 +16,7 @@ import mpmath.libmp as mlib
 import numpy as np
 from jax import lax
 
+from ...mx import amax_scale, scale_cast
 from ...policy import BLOCK_KERNELS, PolicyError
 from ...rounding import round_to
 from ..reference.arith import times_log2e
@@ -402,10 +403,9 @@ def _fp8_inputs(emu: Emulator, E, qb, K, V, seen):
     A = emu.accumulate
     zero = jnp.zeros((), emu.dtype)
 
-    def quantise(x, amax):  # x: (B, ...), amax: (B,)
-        s = emu.div(amax, jnp.full_like(amax, E.max), A)
-        s = jnp.where(amax == 0, jnp.ones_like(s), s)
-        return round_to(emu.div(x, s.reshape(s.shape + (1,) * (x.ndim - 1)), A), E, emu.mode), s
+    def quantise(x, amax):  # x: (B, ...), amax: (B,); the rule of §8.8.2 1 and §13.2 (collapse_sim.mx)
+        s = amax_scale(amax, E, A, emu.mode).astype(emu.dtype)
+        return scale_cast(x, s.reshape(s.shape + (1,) * (x.ndim - 1)), E, A, emu.mode).astype(emu.dtype), s
 
     qh, s_q = quantise(qb, jnp.max(jnp.abs(qb), axis=-1))
     mask = seen[:, :, None]

@@ -35,7 +35,7 @@ from jax import lax
 
 from ... import require_x64
 from ...formats import Format
-from ...mx import mx_values
+from ...mx import ScaledFormat, mx_values, scaled_values
 from ...policy import Order, Policy, StochasticRoundingError
 from ...rounding import FormatClass, Stochastic, round_to
 from .carrier import CarrierError, carrier_add, carrier_for
@@ -189,11 +189,15 @@ class Emulator:
         """``x`` (compute values) as an operand of a dot product under the policy's operands role
         (docs/semantics.md §13.1): MX blocks along ``axis`` (the contraction axis), dequantised
         (exact in float64, :func:`collapse_sim.mx.mx_values`): values of compute again (§13.1
-        says why), so exact in the carrier; ``x`` itself without the role. The one place the
+        says why), so exact in the carrier; or float32-scaled tiles along ``axis``, dequantised
+        and rounded to compute (§13.2, :func:`collapse_sim.mx.scaled_values`); ``x`` itself
+        without the role. The one place the
         emulated backend quantises operands: the linear layers, the attention's entry (q, k)
         and its weighted values (P, V) call it."""
         if self.operands is None:
             return x
+        if isinstance(self.operands, ScaledFormat):  # §13.2: float32 scales, then rounded to compute
+            return scaled_values(jnp.asarray(x, jnp.float64), self.operands, self.compute, axis).astype(self.dtype)
         return mx_values(jnp.asarray(x, jnp.float64), self.operands, axis).astype(self.dtype)
 
     # --- elementary ops ----------------------------------------------------

@@ -5,10 +5,11 @@ attention with masked columns, windows and probes (§3.3, §8, §10).
 
 from __future__ import annotations
 
+import jax
 import mpmath.libmp as mlib
 import numpy as np
 
-from ...mx import mx_round
+from ...mx import ScaledFormat, mx_round, scaled_values
 from ...policy import BLOCK_KERNELS, Policy, PolicyError, weights_token
 from .._hooks import ArrayPlumbing
 from .arith import RefArith, Reference, ref_sum, times_log2e, to_float
@@ -70,6 +71,25 @@ def _relu(v):
     return v if (v[1] != 0 and not v[0]) else mlib.fzero
 
 
+
+_scaled_jit = jax.jit(scaled_values, static_argnums=(1, 2, 3))
+
+
+def _scaled(x: np.ndarray, fmt: ScaledFormat, compute, axis: int) -> np.ndarray:
+    """:func:`collapse_sim.mx.scaled_values` on float64 ``x`` (numpy), compiled once per shape
+    bucket: the axis is padded with zeros to a power of two (trailing zeros raise no tile's
+    largest magnitude and quantise to 0, so the values before them are unchanged), so the
+    reference's rows of every length p + 1 share a few programs."""
+    axis = axis % x.ndim
+    n = x.shape[axis]
+    m = 1 << max(n - 1, 0).bit_length()
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, m - n)
+    with jax.enable_x64(True):
+        out = np.asarray(_scaled_jit(np.pad(x, pad), fmt, compute, axis), np.float64)
+    return np.take(out, np.arange(n), axis=axis)
+
+
 class ReferenceBackend(ObjectArrayBackend):
     """Model primitives in mpmath, in the emulated backend's exact order.
 
@@ -105,8 +125,8 @@ class ReferenceBackend(ObjectArrayBackend):
         self._exact: dict = {}  # float64 constant (a float, or a table's (shape, bytes)) -> its exact value
         self.policy = self.ref.policy
         # the operands are compute values or stored ones (weights, a first layer's input), quantised through float64
-        wide = [f for f in (self.policy.compute, self.policy.storage)
-                if not (f.p <= 53 and f.emax <= 1023 and f.min_exponent_of_quantum >= -1074)]
+        held = (self.policy.compute, self.policy.storage)
+        wide = [f for f in held if not (f.p <= 53 and f.emax <= 1023 and f.min_exponent_of_quantum >= -1074)]
         if self.policy.operands is not None and wide:
             raise PolicyError(f"operands={weights_token(self.policy.operands)} quantises compute and stored values "
                               f"through float64 (collapse_sim.mx), which does not hold every value of {wide[0].name}; "
@@ -172,11 +192,17 @@ class ReferenceBackend(ObjectArrayBackend):
         policy's operands role (docs/semantics.md §13.1): MX blocks along ``axis`` (the
         contraction axis) by :func:`collapse_sim.mx.mx_round` on the float64 values (exact:
         the constructor checked that compute and storage lie within float64), values of compute again
-        (§13.1); ``x`` itself without the role. The one place the reference quantises operands."""
+        (§13.1); or float32-scaled tiles (§13.2) by :func:`collapse_sim.mx.scaled_values`, the
+        emulated backend's function, on the same float64 values; ``x`` itself without the role.
+        The one place the reference quantises operands."""
         if self.policy.operands is None:
             return x
-        return np.frompyfunc(lambda v: mlib.from_float(float(v)), 1, 1)(mx_round(to_float(x), self.policy.operands,
-                                                                                  axis=axis))
+        if isinstance(self.policy.operands, ScaledFormat):  # §13.2: the one rule, through float64
+            q = _scaled(np.asarray(to_float(x), np.float64), self.policy.operands, self.policy.compute, axis)
+        else:
+            q = mx_round(to_float(x), self.policy.operands, axis=axis)
+        with np.errstate(invalid="ignore"):  # a NaN tile's values: mpmath's NaN
+            return np.frompyfunc(lambda v: mlib.from_float(float(v)), 1, 1)(q)
 
     def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None, adaptive=None):
         ref, pol = self.ref, self.ref.policy
