@@ -202,7 +202,7 @@ def test_native_and_wide_reference_refuse_the_scaled_role():
     assert format_backend(types.SimpleNamespace(backend="native"), ROLE).kind == "emulated"  # the report's choice
     with pytest.raises(PolicyError, match=r"at most 25 bits .* not fp64's 53"):
         make_backend("reference", "compute=fp64,operands=scaled(e4m3fn,8)")
-    with pytest.raises(PolicyError, match=r"at most 25 bits .* not p=30's 30"):  # stored weights are divided too
+    with pytest.raises(PolicyError, match=r"at most 25 bits .* not p=30,emin=-126,emax=127's 30"):  # stored weights are divided too
         make_backend("emulated", "storage=(p=30,emax=127),compute=bf16,operands=scaled(e4m3fn,8)")
 
 
