@@ -203,7 +203,9 @@ def _small_model_args(p, *, pe: str, d_ff: int, out: str) -> None:
     p.add_argument("--heads", type=int, default=1)
     p.add_argument("--d-ff", type=int, default=d_ff)
     p.add_argument("--vocab", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the model's random weights and of the family's draws (a stochastic rounding policy "
+                        "names its own: mode=sr(r,seed=s))")
     p.add_argument("--weights", default=None, help="PATH of PATH.json + PATH.npz to use instead of a random init")
     p.add_argument("--out", default=out)
 

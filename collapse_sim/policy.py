@@ -336,8 +336,10 @@ class Policy:
                               f"(docs/semantics.md §13.2), not {long[0].name}'s {long[0].p}; use such formats")
         if self.operands is not None and self.kernel.kind != "naive":
             raise PolicyError(f"operands={weights_token(self.operands)} is defined under the naive kernel only (the "
-                              f"{self.kernel} kernel's probability tiles have no MX blocking along the keys here, "
-                              "docs/semantics.md §13.1); use kernel=naive")
+                              f"{self.kernel} kernel's probability tiles have no "
+                              f"{'scaled tiles' if isinstance(self.operands, ScaledFormat) else 'MX blocking'} along "
+                              f"the keys here, docs/semantics.md "
+                              f"{'§13.2' if isinstance(self.operands, ScaledFormat) else '§13.1'}); use kernel=naive")
         if self.weights == self.storage:
             object.__setattr__(self, "weights", None)  # the default, written as such (str, equality, hash)
         if self.mode is Mode.SR:

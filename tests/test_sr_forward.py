@@ -123,3 +123,13 @@ def test_refusals():
         EmulatedBackend(BF16_SR + ",kernel=online(4)")
     with pytest.raises(StochasticRoundingError, match="specialised"):
         EmulatedBackend(BF16_SR, shared=True)
+
+
+def test_tapped_forwards_refuse_stochastic_rounding():
+    """compiled_taps (explain-native, theory traces) traces a backend as it is, not on the fresh
+    emulator per trace that the stochastic forward needs: refused in one sentence."""
+    from collapse_sim.theory.trace import compiled_taps
+
+    P = init_params(ModelConfig(d=4, n_layers=1, vocab=4, seed=1))
+    with pytest.raises(StochasticRoundingError, match="tapped forwards run in a deterministic mode"):
+        compiled_taps(P, np.array([1, 2, 3]), EmulatedBackend("compute=bf16,mode=sr(8,seed=1)"))

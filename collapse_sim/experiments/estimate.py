@@ -30,12 +30,16 @@ COST = {
     ("emulated", "blocked"): 6.0e-9,
     ("emulated", "tcfma"): 5.5e-8,  # 3.7x pairwise, promote 4.9x (bench_sweep's recipes, N = 4,096)
     ("emulated", "promote"): 7.5e-8,
+    # stochastic rounding (mode=sr(r,seed=s)): one forward at N = 64, d = 64 with a probe ran in
+    # 0.49 s, 3.8e-7 per multiply-add (an upper figure: small N is dominated by the dense layers)
+    ("emulated", "sr"): 3.8e-7,
     ("reference", None): 4.0e-6,
 }
 # seconds to compile one forward program cold (no cache): native; emulated op-by-op orders; the
 # certified ones (exact, blocked), which compile the certified path, the op-by-op redo and the
-# superaccumulator
-COMPILE = {"native": 2.0, "emulated": 6.0, "emulated-certified": 30.0, "reference": 0.0}
+# superaccumulator; the stochastic forward, whose every rounding draws its own random bits
+# (measured: 212 s for one program at d = 64, N = 64, on a loaded machine; 21 s at d = 4)
+COMPILE = {"native": 2.0, "emulated": 6.0, "emulated-certified": 30.0, "emulated-sr": 200.0, "reference": 0.0}
 TIME_LIMIT = 3600.0  # default --time-limit, seconds
 
 
@@ -90,12 +94,15 @@ def forward_cost(backend: str, order: "str | None") -> float:
     return COST.get(("emulated", order_kind(order)), COST[("emulated", "sequential")])
 
 
-def seconds(config, pairs, backend: str, order: "str | None" = None, *, formats: int = 1) -> Estimate:
+def seconds(config, pairs, backend: str, order: "str | None" = None, *, formats: int = 1,
+            stochastic: bool = False) -> Estimate:
     """The time of one collapse run per format: every run of ``pairs`` (a family's
     :class:`~collapse_sim.families.Pairs`) through the backend of kind ``backend``
     (``native``, ``emulated``, ``reference``: the kind that really runs the format, e.g.
-    :func:`collapse_sim.backends.kind_for_format`), for ``formats`` formats."""
-    cost = forward_cost(backend, order)
+    :func:`collapse_sim.backends.kind_for_format`), for ``formats`` formats; ``stochastic``: the
+    emulated forward in stochastic rounding (``mode=sr(r,seed=s)``)."""
+    stochastic = stochastic and backend == "emulated"
+    cost = COST[("emulated", "sr")] if stochastic else forward_cost(backend, order)
     shapes = set()
     work = 0.0
     for run in pairs.runs:
@@ -106,6 +113,8 @@ def seconds(config, pairs, backend: str, order: "str | None" = None, *, formats:
     kind = backend
     if backend == "emulated" and order_kind(order) in ("exact", "blocked"):  # the certified orders
         kind = "emulated-certified"
+    if stochastic:
+        kind = "emulated-sr"
     return Estimate(work * cost * formats, COMPILE[kind] * programs, programs)
 
 

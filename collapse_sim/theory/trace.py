@@ -92,7 +92,14 @@ def compiled_taps(params: Params, tokens: np.ndarray, backend, *, delta0=None, c
     """``forward_tapped`` on ``backend`` compiled as one XLA program (the weights and ``delta0``
     its arguments, ``tokens`` a constant): run eagerly, every op of every new shape compiled its
     own small program (hundreds per theorem check). Returns ``(y, taps in tap order, the
-    attention matrices an AnalysisBackend keeps (else []))``."""
+    attention matrices an AnalysisBackend keeps (else []))``. A backend in stochastic rounding is
+    refused: this traces it directly, with its draw count and seed fixed at trace time, not on the
+    fresh emulator per trace that its forward runs (docs/semantics.md §2)."""
+    if getattr(getattr(backend, "emu", None), "stochastic", False):
+        from ..policy import StochasticRoundingError
+
+        raise StochasticRoundingError(f"tapped forwards run in a deterministic mode, not {backend.emu.mode}; "
+                                      "use the policy with mode=rne (or another deterministic mode)")
     names: list[str] = []
 
     def run(arrays, delta0):
