@@ -153,19 +153,34 @@ def _floor_log2(x, xp):
     """``⌊log2|x|⌋`` of normal float64 values (numpy or jax.numpy); −1023 or less for 0 and subnormals."""
     if xp is np:
         return np.frexp(x)[1] - 1  # |x| = m·2^e, m in [1/2, 1)
-    import jax
+    from .rounding import float64_exponent
 
-    bits = jax.lax.bitcast_convert_type(x, xp.uint64)
-    return ((bits >> 52) & 0x7FF).astype(xp.int32) - 1023  # the biased exponent field
+    return float64_exponent(x)
 
 
 def _pow2(k, xp):
     """``2^k`` as float64, exactly, for integers ``-1022 <= k <= 1023`` (numpy or jax.numpy)."""
     if xp is np:
         return np.ldexp(1.0, k)
-    import jax
+    from .rounding import pow2
 
-    return jax.lax.bitcast_convert_type((k + 1023).astype(xp.uint64) << 52, xp.float64)
+    return pow2(k)
+
+
+def _tile_len(n: int, block: int) -> int:
+    """The tile length along an axis of ``n`` values: ``block``, or ``n`` where it is shorter."""
+    return min(block, max(n, 1))
+
+
+def _tiles(v, block: int, xp):
+    """``v`` (..., n) as tiles (..., nb, k) of ``block`` consecutive values along its last axis,
+    the last tile padded with zeros (which raise no block's largest magnitude); one tile of n
+    where n < block (no padding up to a tile longer than the axis)."""
+    n = v.shape[-1]
+    k = _tile_len(n, block)
+    nb = -(-n // k)
+    pad = xp.zeros(v.shape[:-1] + (nb * k - n,), dtype=xp.float64)
+    return xp.concatenate([v, pad], axis=-1).reshape(v.shape[:-1] + (nb, k))
 
 
 def _quantize_blocks(v, fmt: MXFormat, xp=np):
@@ -173,10 +188,7 @@ def _quantize_blocks(v, fmt: MXFormat, xp=np):
     blocked along their last axis: ``(e, bad, P)``, the scale exponents (..., n_blocks) as
     integers, where a block has no scale (``bad``: NaN or infinite values, ``e > 127``) and
     the element values (``v``'s shape, NaN in a bad block). The last block may be short."""
-    k, n = min(fmt.block, max(v.shape[-1], 1)), v.shape[-1]  # one block longer than the axis: no padding to it
-    nb = -(-n // k)
-    pad = xp.zeros(v.shape[:-1] + (nb * k - n,), dtype=xp.float64)
-    padded = xp.concatenate([v, pad], axis=-1).reshape(v.shape[:-1] + (nb, k))  # zeros raise no amax
+    padded = _tiles(v, fmt.block, xp)
     amax = xp.max(xp.abs(padded), axis=-1)  # NaN if the block holds a NaN, inf if an infinity
     special = ~xp.isfinite(amax)
     e = xp.where(amax == 0, SCALE_EMIN,
@@ -184,7 +196,7 @@ def _quantize_blocks(v, fmt: MXFormat, xp=np):
     bad = special | (e > SCALE_EMAX)
     scaled = padded * _pow2(-xp.where(bad, 0, e), xp)[..., None]  # exact: a power of two in range
     P = xp.where(bad[..., None], xp.nan, _round_elements(xp.where(bad[..., None], 0.0, scaled), fmt, xp))
-    return e, bad, P.reshape(v.shape[:-1] + (nb * k,))[..., :n]
+    return e, bad, P.reshape(v.shape[:-1] + (-1,))[..., :v.shape[-1]]
 
 
 def _along(x, axis: int, what: str = "mx_quantize"):
@@ -222,7 +234,7 @@ def mx_values(x, fmt: MXFormat, axis: int = -1):
     axis = _along(x, axis, "mx_values")
     v = jnp.moveaxis(jnp.asarray(x, jnp.float64), axis, -1)
     e, bad, P = _quantize_blocks(v, fmt, jnp)
-    k = min(fmt.block, max(v.shape[-1], 1))
+    k = _tile_len(v.shape[-1], fmt.block)
     e, bad = (jnp.repeat(a, k, axis=-1)[..., : v.shape[-1]] for a in (e, bad))
     return jnp.moveaxis(jnp.where(bad, jnp.nan, P * _pow2(jnp.where(bad, 0, e), jnp)), -1, axis)
 
@@ -358,10 +370,7 @@ def scaled_values(x, fmt: ScaledFormat, compute, axis: int = -1):
 
     axis = _along(x, axis, "scaled_values")
     v = jnp.moveaxis(jnp.asarray(x, jnp.float64), axis, -1)
-    n = v.shape[-1]
-    k = min(fmt.block, max(n, 1))
-    nb = -(-n // k)
-    padded = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, nb * k - n)]).reshape(v.shape[:-1] + (nb, k))
+    padded = _tiles(v, fmt.block, jnp)
     amax = jnp.max(jnp.abs(padded), axis=-1, keepdims=True)  # zeros raise no amax; NaN, inf pass through
     s = amax_scale(jnp.where(jnp.isfinite(amax), amax, 0.0), fmt.saturating, FP32, "rne", fmt.margin)
     s = jnp.maximum(s, 2.0**FP32.min_exponent_of_quantum)  # an underflowed scale: float32's smallest
@@ -369,4 +378,4 @@ def scaled_values(x, fmt: ScaledFormat, compute, axis: int = -1):
     s = jnp.where(bad, 1.0, s)
     e = scale_cast(padded, s, fmt.saturating, FP32, "rne")
     out = jnp.where(bad, jnp.nan, round_to(e * s, compute, "rne"))
-    return jnp.moveaxis(out.reshape(v.shape[:-1] + (nb * k,))[..., :n], -1, axis)
+    return jnp.moveaxis(out.reshape(v.shape[:-1] + (-1,))[..., :v.shape[-1]], -1, axis)

@@ -13,8 +13,8 @@ A :class:`Policy` names the format of each role and the order of reductions:
 * ``mode``: the rounding mode of every op: ``rne`` (default), ``rna``, ``rnz`` (round to
   nearest, ties to even, away from zero, toward zero), ``rz``, ``ru``, ``rd`` (directed),
   ``ro`` (round to odd), or ``sr(r,seed=s)`` (stochastic with ``r`` random bits per rounding,
-  the draws seeded by ``s``, default 0; the emulated ops and sums run it, not yet the
-  forward); docs/semantics.md §1 defines each.
+  the draws seeded by ``s``, default 0; the emulated ops, sums and forward run it, docs/semantics.md
+  §2 and §12 say where); docs/semantics.md §1 defines each.
 * ``max_subtract``: whether softmax subtracts the row maximum first.
 * ``weights``: what the parameter arrays are quantised to before they are stored
   (docs/semantics.md §5.1): a format (default: ``storage``), or OCP MX blocks

@@ -313,6 +313,19 @@ class FormatParams:
         return f"FormatParams({self.cls})"
 
 
+def float64_exponent(x):
+    """``⌊log2|x|⌋`` of normal float64 values, from their bits (traceable); −1023 for zeros and
+    subnormals (which lie below 2^−1022 = 2^(−1023 + 1))."""
+    bits = lax.bitcast_convert_type(jnp.asarray(x, jnp.float64), jnp.uint64)
+    return ((bits >> jnp.uint64(52)) & jnp.uint64(0x7FF)).astype(jnp.int64) - 1023
+
+
+def pow2(k):
+    """``2^k`` as float64, exactly, for integer arrays ``k`` in [−1022, 1023], built from its
+    bits (the biased exponent field; traceable)."""
+    return lax.bitcast_convert_type((jnp.asarray(k) + 1023).astype(jnp.uint64) << jnp.uint64(52), jnp.float64)
+
+
 def format_int(v, dtype):
     """A format's integer parameter (``p``, ``emin``, ...) as an integer of ``dtype``, for
     arithmetic with other integers of that type: a traced one converted, a Python int kept."""

@@ -20,7 +20,7 @@ import numpy as np
 from jax import lax
 
 from ...formats import Format
-from ...rounding import round_to
+from ...rounding import float64_exponent as _exponent, pow2 as _pow2, round_to  # noqa: F401 (re-exported)
 _NO_BITS = 4096  # lowest-set-bit exponent given to zeros: above every real one
 
 
@@ -43,11 +43,6 @@ def lsb_exponent(x):
     return jnp.where(m == 0, _NO_BITS, k)
 
 
-def _exponent(x64):
-    """floor(log2|x|) of normal float64 values, from their bits; -1023 for zeros and
-    subnormals (which are below 2**-1022 = 2**(-1023 + 1))."""
-    bits = lax.bitcast_convert_type(jnp.asarray(x64, jnp.float64), jnp.uint64)
-    return ((bits >> jnp.uint64(52)) & jnp.uint64(0x7FF)).astype(jnp.int64) - 1023
 
 
 _LIMB = 32
@@ -187,6 +182,3 @@ def sticky_sum(x, kmin: int = -1074, kmax: int = 1024, chunk: int = _EXACT_CHUNK
     return val.reshape(batch)
 
 
-def _pow2(k):
-    """2.0**k as float64 for integer arrays k in [-1022, 1023], built from bits."""
-    return lax.bitcast_convert_type(((k + 1023).astype(jnp.uint64)) << jnp.uint64(52), jnp.float64)

@@ -37,7 +37,7 @@ from ... import require_x64
 from ...formats import Format
 from ...mx import ScaledFormat, mx_values, scaled_values
 from ...policy import Order, Policy, StochasticRoundingError
-from ...rounding import FormatClass, Stochastic, round_to
+from ...rounding import FormatClass, Stochastic, pow2 as _pow2, round_to
 from .carrier import CarrierError, carrier_add, carrier_for
 from .certificates import certified_sum
 from .exact import exact_sum
@@ -321,9 +321,6 @@ def _check_stochastic(policy: Policy) -> None:
 _LN2 = 0.6931471805599453  # the float64 nearest ln 2
 
 
-def _pow2(k):
-    """2^k as a float64, exactly, for integers k in [-1022, 1023] (the biased exponent field)."""
-    return lax.bitcast_convert_type((k + 1023).astype(jnp.uint64) << jnp.uint64(52), jnp.float64)
 
 
 def _inexact_exp(wide, a, inexact=None):
