@@ -2,6 +2,7 @@ import atexit
 import os
 import shutil
 import tempfile
+import types
 
 # The suite compiles several hundred small XLA programs whose run time is negligible: LLVM at
 # optimisation level 0 compiles them about a third faster. The emulated and reference backends'
@@ -53,3 +54,23 @@ def certified_everywhere(monkeypatch):
     monkeypatch.setattr(emulated.attention, "CERTIFIED_MIN_TERMS", 0)
     yield
     _jit._compiled.cache_clear()
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli(*argv)`` runs ``collapse-sim ARGV`` in this process (``cli.main``, which turns every
+    error into one line and a status) and returns its ``returncode``, ``stdout`` and ``stderr``,
+    as ``subprocess.run`` would, without a Python start and a JAX import per call. The entry point
+    in a process of its own (status 2, no traceback) is checked by tests/test_errors.py."""
+    from collapse_sim.cli import main
+
+    def run(*argv):
+        capsys.readouterr()
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as e:  # argparse's --help and the like
+            rc = e.code
+        said = capsys.readouterr()
+        return types.SimpleNamespace(returncode=rc, stdout=said.out, stderr=said.err)
+
+    return run

@@ -67,10 +67,9 @@ def test_run_collapse_without_argparse(tmp_path):
     (["--family", "repeat_last", "--max-len", "10", "--vocab", "3"], "vocabulary"),
     (["--family", "nope", "--max-len", "10"], "invalid choice"),
 ])
-def test_collapse_bad_input_one_sentence_nothing_written(tmp_path, args, msg):
+def test_collapse_bad_input_one_sentence_nothing_written(tmp_path, args, msg, cli):
     out = tmp_path / "never"
-    r = subprocess.run([sys.executable, "-m", "collapse_sim.cli", "collapse", *args, "--out", str(out)],
-                       capture_output=True, text=True)
+    r = cli("collapse", *args, "--out", out)
     assert r.returncode == 2, r.stderr
     assert msg in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert not out.exists()
@@ -108,10 +107,8 @@ def test_oversquash_and_scaling_commands(tmp_path, capsys):
     (["scaling", "--p", "4-16"], "--p must look like"),
     (["scaling", "--p", "4..30"], "carrier"),
 ])
-def test_theory_commands_bad_input(tmp_path, argv, msg):
-    r = subprocess.run([sys.executable, "-m", "collapse_sim.cli", *argv, "--out", str(tmp_path / "x")]
-                       if argv[0] != "theorem" else [sys.executable, "-m", "collapse_sim.cli", *argv],
-                       capture_output=True, text=True)
+def test_theory_commands_bad_input(tmp_path, argv, msg, cli):
+    r = cli(*argv, "--out", tmp_path / "x") if argv[0] != "theorem" else cli(*argv)
     assert r.returncode == 2, r.stderr
     assert msg in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "x").exists()

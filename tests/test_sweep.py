@@ -92,12 +92,11 @@ def test_rerun_is_bit_identical():
     ({"kernel": "online(4)", "model": {"adaptive_temperature": True}}, "the online kernel never holds"),
     ({"backend": "native", "formats": ["bf16"], "order": "kahan"}, "not in the kahan order"),
 ])
-def test_bad_spec_refused_before_work(tmp_path, change, msg):
+def test_bad_spec_refused_before_work(tmp_path, change, msg, cli):
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({**SPEC, **change}))
     out = tmp_path / "never"
-    r = subprocess.run([sys.executable, "-m", "collapse_sim.cli", "sweep", str(spec), "--out", str(out)],
-                       capture_output=True, text=True)
+    r = cli("sweep", spec, "--out", out)
     assert r.returncode == 2, r.stderr
     assert msg in r.stderr and r.stderr.count("\n") == 1
     assert not out.exists()
@@ -153,12 +152,11 @@ def test_changed_spec_refused_and_directory_untouched(small_out, change, words):
     assert _snapshot(small_out) == before
 
 
-def test_changed_spec_refused_by_the_cli_in_one_line(small_out, tmp_path):
+def test_changed_spec_refused_by_the_cli_in_one_line(small_out, tmp_path, cli):
     before = _snapshot(small_out)
     spec = tmp_path / "spec30.json"
     spec.write_text(json.dumps({**SMALL, "max_len": 30}))
-    r = subprocess.run([sys.executable, "-m", "collapse_sim.cli", "sweep", str(spec), "--out", str(small_out)],
-                       capture_output=True, text=True)
+    r = cli("sweep", spec, "--out", small_out)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "already holds a different sweep (max_len 8 -> 30)" in r.stderr
     assert _snapshot(small_out) == before
@@ -247,12 +245,11 @@ def test_mem_limit_is_the_collapse_estimate():
     (json.dumps({**SMALL, "max_len": 10**12}).encode(), "GiB limit"),
     (b"{\"formats\": [", "not valid JSON"),
 ])
-def test_unusable_spec_file_refused_in_one_line_nothing_written(tmp_path, content, msg):
+def test_unusable_spec_file_refused_in_one_line_nothing_written(tmp_path, content, msg, cli):
     spec = tmp_path / "spec.json"
     spec.write_bytes(content)
     out = tmp_path / "never"
-    r = subprocess.run([sys.executable, "-m", "collapse_sim.cli", "sweep", str(spec), "--out", str(out)],
-                       capture_output=True, text=True, timeout=120)
+    r = cli("sweep", spec, "--out", out)
     assert r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not out.exists()
 
