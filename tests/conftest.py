@@ -36,6 +36,23 @@ settings.register_profile("search", max_examples=2000, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
+#: Modules whose tests share one expensive module fixture (test_report_resume's toy report, ~90 s):
+#: with ``-n 2`` they run on one worker (pyproject's ``--dist loadgroup``), so the fixture is built
+#: once, and first, so that the other worker takes the rest of the suite meanwhile.
+FIRST_GROUPS = ("test_report_resume.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    first = []
+    for item in items:
+        name = item.path.name
+        if name in FIRST_GROUPS:
+            item.add_marker(pytest.mark.xdist_group(name))
+            first.append(item)
+    ids = {id(i) for i in first}
+    items[:] = first + [i for i in items if id(i) not in ids]
+
+
 @pytest.fixture(autouse=True)
 def _strict_promotion():
     with jax.numpy_dtype_promotion("strict"):
