@@ -31,7 +31,7 @@ def test_collapse_small_run(tmp_path):
     assert (out / "collapse.png").exists() and (out / "collapse.json").exists()
 
 
-def test_run_collapse_without_argparse(tmp_path):
+def test_run_collapse_without_argparse(tmp_path, monkeypatch):
     """The collapse command's experiment called from Python: refused in one sentence with nothing
     written when its memory estimate is over the limit; otherwise it writes the three files and
     collapse.csv holds exactly the distances it returns (floats written by repr read back bit for bit).
@@ -47,6 +47,16 @@ def test_run_collapse_without_argparse(tmp_path):
     with pytest.raises(UsageError, match="exceeds --mem-limit"):
         run_collapse(params, "ones", 20, fmts, tmp_path / "refused", mem_limit_gib=2.0**-30)
     assert not (tmp_path / "refused").exists()
+    import collapse_sim.experiments.collapse as collapse
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # a run stopped (Ctrl-C) before its results: no folder left behind
+        m.setattr(collapse, "collapse_sweep", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            run_collapse(params, "ones", 20, fmts, tmp_path / "stopped", log=lambda m: None)
+    assert not (tmp_path / "stopped").exists()
     said: list[str] = []
     run = run_collapse(params, "ones", 20, fmts, tmp_path / "c", log=said.append)
     assert [f.name for f in run.files] == ["collapse.csv", "collapse.json", "collapse.png"]

@@ -122,7 +122,8 @@ def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend:
     in every format of ``fmts`` (from :func:`check_collapse`) on ``backend``, refused in one
     sentence if its memory or time estimate exceeds the limits; writes collapse.csv,
     collapse.json and collapse.png into ``out`` (a folder already checked with
-    :func:`collapse_sim.results.check_output_dir`). ``policy``: one policy string that replaces
+    :func:`collapse_sim.results.check_output_dir`; created only once every format has run, so
+    a run stopped on the way leaves nothing behind). ``policy``: one policy string that replaces
     ``fmts``, ``order`` and ``kernel`` (the results' backend label records it, every role
     included). ``log`` prints the progress lines."""
     import json
@@ -172,7 +173,6 @@ def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend:
                   for be, _ in backends]
     est = sum(per_format, estimate.Estimate(0.0, 0.0, 0))
     estimate.check(est, time_limit_s, f"this collapse run ({len(fmts)} format{'s' * (len(fmts) != 1)}, n <= {max_len})")
-    out.mkdir(parents=True, exist_ok=True)
     log(f"[collapse] estimated time: {est.describe()}")
     before = snapshot()
     results = []
@@ -184,6 +184,7 @@ def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend:
                                progress=lambda m: log(f"[collapse]   {m.split(': ', 1)[-1]}"))
         results.append(r)
     compiled = snapshot().since(before)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run stopped before its results leaves no folder behind
     files = (out / "collapse.csv", out / "collapse.json", out / "collapse.png")
     write_csv(files[0], [row for r in results for row in r.rows()])
     meta = {"provenance": provenance(), "config": dataclasses.asdict(c), "family": family, "sep": sep,
