@@ -109,13 +109,32 @@ def figure_collapse(results, title: str = ""):
     group = [min((k for f, k in rank.items() if lab == f or lab.startswith(f + " ") or lab.startswith(f + ":")),
                  default=len(rank)) for lab in labels]
     order = sorted(range(len(labels)), key=lambda j: (group[j], j))
-    handles, labels = [handles[j] for j in order], [labels[j] for j in order]
+    handles, labels = [handles[j] for j in order], [_wrap_label(labels[j]) for j in order]
     ax.set_xlabel("n")
     ax.set_ylabel("‖y − y*‖∞")
     ax.set_title(title or "representational collapse")
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(handles, labels, fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return fig
+
+
+def _wrap_label(label: str, width: int = 36) -> str:
+    """A legend label on lines of at most ~``width`` characters, broken after the commas outside
+    parentheses (a long policy string, e.g. storage=bf16,compute=fp32,...,kernel=flash3fp8(64),
+    would otherwise widen the legend until it squeezes the axes)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(label):
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            parts.append(label[start:i + 1])
+            start = i + 1
+    parts.append(label[start:])
+    lines = [""]
+    for part in parts:
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines)
 
 
 def plot_collapse(results, path: "str | Path", title: str = "") -> Path:
