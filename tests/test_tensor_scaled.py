@@ -11,6 +11,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 import jax
+import jax.numpy as jnp
 import mpmath.libmp as mlib
 import numpy as np
 import pytest
@@ -194,3 +195,31 @@ def test_prefix_trick_equals_separate_runs_with_tensor_scales(runs):
     for n in (4, N - 1):
         assert _same(y[n], r.to_numpy(forward(P, toks[:n + 1], r))[-1]), n
         assert _same(yp[n], r.to_numpy(forward(P, np.concatenate([toks[:n + 1], probe[n:n + 1]]), r))[-1]), n
+
+
+@pytest.mark.parametrize("probes", [False, True])
+def test_keys_and_values_per_query_row_equal_the_oracle(probes):
+    """The emulated attention's keys and values of a block of query rows (positions 4..7, and a
+    probe's own key and value at its position with ``probes``), each row's over its columns
+    0..p_i with their amax, equal the oracle on those columns, in both ways the block is
+    quantised: rows sharing their amaxes (the largest key and value at column 0: quantised once)
+    and rows with their own (a larger key and value at column 5)."""
+    from collapse_sim.backends.emulated.attention import _tensor_scaled_kv
+
+    e = make_backend("emulated", ROLE)
+    fmt, C = e.policy.operands, e.policy.compute
+    rng = np.random.default_rng(5)
+    rnd = np.vectorize(lambda t: fraction_round(Fraction(t), C, "rne"))
+    pb = np.arange(4, 8)
+    for big in (0, 5):
+        k, v = rnd(rng.standard_normal((9, 3))), rnd(rng.standard_normal((9, 3)))
+        k[big, 1], v[big, 2] = 9.5, -7.25
+        own = (rnd(rng.standard_normal((4, 3))), rnd(rng.standard_normal((4, 3)))) if probes else None
+        kpb, vpb = own if probes else (np.zeros((4, 3)), np.zeros((4, 3)))
+        f = jax.jit(lambda k, v, kpb, vpb: _tensor_scaled_kv(e.emu, k, v, jnp.arange(9), own, jnp.asarray(pb),
+                                                             kpb, vpb))
+        K, V = (np.asarray(a) for a in f(k, v, kpb, vpb))
+        for i, p in enumerate(pb):
+            for X, x, o in ((K, k, kpb), (V, v, vpb)):
+                cols = np.concatenate([x[:p], o[i:i + 1]]) if probes else x[:p + 1]
+                assert _same(X[i, :p + 1], oracle_tensor(cols, fmt, C)), (big, i)

@@ -216,6 +216,27 @@ def _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb):
     return K, V
 
 
+def _tensor_scaled_kv(emu: Emulator, k, v, cols, self_kv, pb, kpb, vpb):
+    """The keys and values (B, nk, dh) of a block of query rows (:func:`_row_keys_values`) as
+    per-tensor scaled operands (docs/semantics.md §13.2.1): each row's with the amax of its
+    columns 0..p_i. Where the block's rows share both amaxes (the running maximum is a step
+    function: most blocks), the stream's keys and values are quantised once and each row's own
+    (a probe's) apart; otherwise every row's. The same bits either way: the quantisation is a
+    function of each value and its amax."""
+    K, V = _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb)
+    seen = cols[None, :] <= pb[:, None]
+    aK, aV = _seen_amax(K, seen), _seen_amax(V, seen)
+
+    def shared():
+        q = lambda x, a: emu.operand(x, -1, a[0])  # noqa: E731
+        return _row_keys_values(q(k, aK), q(v, aV), cols, self_kv, pb, q(kpb, aK), q(vpb, aV))
+
+    def per_row():
+        return emu.operand(K, -1, aK[:, None, None]), emu.operand(V, -1, aV[:, None, None])
+
+    return lax.cond(jnp.all(aK == aK[0]) & jnp.all(aV == aV[0]), shared, per_row)  # a NaN amax: per row
+
+
 def _value_operands(emu: Emulator, vq, v, pb, vpb=None):
     """The values of query rows at positions ``pb`` as the weighted values' operands under an
     operands role (docs/semantics.md §13.1): MX blocks of k columns along the keys. For row i
@@ -280,10 +301,10 @@ def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
 
     def block(args):
         qb, pb, kpb, vpb = args  # (B, dh), (B,), (B, dh), (B, dh)
-        K, V = _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb)
         if emu.per_tensor:  # §13.2.1: each row's keys and values with the amax of its columns 0..p_i
-            seen = cols[None, :] <= pb[:, None]
-            K, V = (emu.operand(X, -1, _seen_amax(X, seen)[:, None, None]) for X in (K, V))
+            K, V = _tensor_scaled_kv(emu, k, v, cols, self_kv, pb, kpb, vpb)
+        else:
+            K, V = _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb)
         raw = emu.dot(jnp.broadcast_to(qb[:, None, :], K.shape), K, path=path)
         if adaptive is None:
             alpha, valid = weights(raw, pb, path)
