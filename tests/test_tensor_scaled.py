@@ -216,8 +216,8 @@ def test_keys_and_values_per_query_row_equal_the_oracle(probes):
         k[big, 1], v[big, 2] = 9.5, -7.25
         own = (rnd(rng.standard_normal((4, 3))), rnd(rng.standard_normal((4, 3)))) if probes else None
         kpb, vpb = own if probes else (np.zeros((4, 3)), np.zeros((4, 3)))
-        f = jax.jit(lambda k, v, kpb, vpb: _tensor_scaled_kv(e.emu, k, v, jnp.arange(9), own, jnp.asarray(pb),
-                                                             kpb, vpb))
+        f = jax.jit(lambda k, v, kpb, vpb: _tensor_scaled_kv(e.emu, k, v, jnp.arange(9), own, jnp.asarray(pb), kpb,
+                                                             vpb, (e.emu.prefix_amax(k), e.emu.prefix_amax(v))))
         K, V = (np.asarray(a) for a in f(k, v, kpb, vpb))
         for i, p in enumerate(pb):
             for X, x, o in ((K, k, kpb), (V, v, vpb)):

@@ -216,22 +216,28 @@ def _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb):
     return K, V
 
 
-def _tensor_scaled_kv(emu: Emulator, k, v, cols, self_kv, pb, kpb, vpb):
+def _tensor_scaled_kv(emu: Emulator, k, v, cols, self_kv, pb, kpb, vpb, running):
     """The keys and values (B, nk, dh) of a block of query rows (:func:`_row_keys_values`) as
     per-tensor scaled operands (docs/semantics.md §13.2.1): each row's with the amax of its
-    columns 0..p_i. Where the block's rows share both amaxes (the running maximum is a step
-    function: most blocks), the stream's keys and values are quantised once and each row's own
-    (a probe's) apart; otherwise every row's. The same bits either way: the quantisation is a
-    function of each value and its amax."""
-    K, V = _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb)
-    seen = cols[None, :] <= pb[:, None]
-    aK, aV = _seen_amax(K, seen), _seen_amax(V, seen)
+    columns 0..p_i, from ``running`` (the running amaxes of ``k``'s and ``v``'s rows,
+    :meth:`Emulator.prefix_amax`) at p_i, or for a probe at p_i − 1 and its own key's or value's.
+    Where the block's rows share both amaxes (the running maximum is a step function: most
+    blocks), the stream's keys and values are quantised once and each row's own (a probe's)
+    apart; otherwise every row's. The same bits either way: the quantisation is a function of
+    each value and its amax."""
+    def amax(cm, own):
+        if self_kv is None:
+            return cm[pb, 0]
+        return jnp.maximum(cm[pb - 1, 0], jnp.max(jnp.abs(own), axis=-1))  # NaN propagates, as the running max
+
+    aK, aV = amax(running[0], kpb), amax(running[1], vpb)
 
     def shared():
         q = lambda x, a: emu.operand(x, -1, a[0])  # noqa: E731
         return _row_keys_values(q(k, aK), q(v, aV), cols, self_kv, pb, q(kpb, aK), q(vpb, aV))
 
     def per_row():
+        K, V = _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb)
         return emu.operand(K, -1, aK[:, None, None]), emu.operand(V, -1, aV[:, None, None])
 
     return lax.cond(jnp.all(aK == aK[0]) & jnp.all(aV == aV[0]), shared, per_row)  # a NaN amax: per row
@@ -298,11 +304,12 @@ def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
     nk, dh = k.shape
     tiled = emu.operands is not None and not emu.per_tensor
     vq = emu.operand(v, 0) if tiled else v  # the values' full key blocks: the same for every row
+    running = (emu.prefix_amax(k), emu.prefix_amax(v))  # per tensor: the keys' and values' running amaxes
 
     def block(args):
         qb, pb, kpb, vpb = args  # (B, dh), (B,), (B, dh), (B, dh)
         if emu.per_tensor:  # §13.2.1: each row's keys and values with the amax of its columns 0..p_i
-            K, V = _tensor_scaled_kv(emu, k, v, cols, self_kv, pb, kpb, vpb)
+            K, V = _tensor_scaled_kv(emu, k, v, cols, self_kv, pb, kpb, vpb, running)
         else:
             K, V = _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb)
         raw = emu.dot(jnp.broadcast_to(qb[:, None, :], K.shape), K, path=path)
