@@ -644,10 +644,10 @@ def _layer(c: ModelConfig, W, p: str, x, xp, pos, B, pe=None, pe_p=None):
 
 def _stream_rows(B, stream) -> dict:
     """The keyword that hands a probe's linear layer or attention the stream's rows of the same
-    operand (``stream_rows``), where the backend's policy scales operands per tensor: a probe's
-    scale covers the stream's rows before it (docs/semantics.md §13.2.1); nothing otherwise."""
-    ops = getattr(getattr(B, "policy", None), "operands", None)
-    return {"stream_rows": stream} if stream is not None and getattr(ops, "per_tensor", False) else {}
+    operand (``stream_rows``), where the backend says it needs them (``B.needs_stream_rows``: its
+    operands are scaled per tensor, and a probe's scale covers the stream's rows before it,
+    docs/semantics.md §13.2.1); nothing otherwise."""
+    return {"stream_rows": stream} if stream is not None and getattr(B, "needs_stream_rows", False) else {}
 
 
 def alibi_slopes(c: ModelConfig) -> list[float] | None:

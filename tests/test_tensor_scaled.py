@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from collapse_sim.backends import make_backend
+from collapse_sim.backends.emulated.backend import EmulatedBackend
 from collapse_sim.model import ModelConfig, forward, init_params
 from collapse_sim.mx import P_AMAX, ScaledFormat, scaled_values
 from collapse_sim.policy import Policy
@@ -166,19 +167,23 @@ def runs(request):
     toks[5] = toks[4]  # a repeated token
     probe = np.full(N, low)
     out = {}
-    for kind in ("emulated", "reference"):
-        b = make_backend(kind, ROLE)
+    backends = {"emulated": make_backend("emulated", ROLE), "reference": make_backend("reference", ROLE)}
+    if c.d == 9:  # the shared program (formats as data), whose backend has no policy to read the role from
+        backends["shared"] = EmulatedBackend(ROLE, shared=True)
+    for kind, b in backends.items():
         y, yp = forward(P, toks, b, probe=probe)
         out[kind] = (b.to_numpy(y), b.to_numpy(yp))
     return c, P, toks, probe, out
 
 
 def test_emulated_equals_reference_with_tensor_scales(runs):
-    """Stream and probe outputs of both backends, bit for bit; the role changes the outputs, and
-    differs from tiles of the same element."""
+    """Stream and probe outputs of both backends, bit for bit (at d = 9 the emulated shared
+    program's too); the role changes the outputs, and differs from tiles of the same element."""
     c, P, toks, probe, out = runs
     (y, yp), (yr, ypr) = out["emulated"], out["reference"]
     assert _same(y, yr) and _same(yp, ypr)
+    if "shared" in out:
+        assert _same(y, out["shared"][0]) and _same(yp, out["shared"][1])
     assert np.isfinite(y).all() and np.isfinite(yp).all()
     for other in (ROLE.rsplit(",operands=", 1)[0], ROLE.replace("tensor", "4")):
         o = make_backend("reference", other)

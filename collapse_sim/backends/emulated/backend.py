@@ -217,6 +217,12 @@ class EmulatedBackend(JaxBackendBase):
         s = self.emu.sum(x, path=exact_path(x.size))
         return self.emu.div(s, jnp.full(s.shape, float(n), self.dtype))
 
+    @property
+    def needs_stream_rows(self) -> bool:
+        """Whether a probe's linear layers and attention take the stream's rows (``stream_rows``):
+        under per-tensor scaled operands (docs/semantics.md §13.2.1), also in the shared program."""
+        return self.emu.per_tensor
+
     def linear(self, x, w, stream_rows=None):
         return _linear(self.emu, x, w, stream_rows)
 

@@ -200,12 +200,18 @@ class ReferenceBackend(ObjectArrayBackend):
         return self._matmul(self.operand(x, -1, self._prefix_amax(x, stream_rows)), self.operand(w, 0),
                             lambda a, b: self.ref.dot(list(a), list(b)))
 
+    @property
+    def needs_stream_rows(self) -> bool:
+        """Whether a probe's linear layers and attention take the stream's rows (``stream_rows``):
+        under per-tensor scaled operands (docs/semantics.md §13.2.1)."""
+        ops = self.policy.operands
+        return isinstance(ops, ScaledFormat) and ops.per_tensor
+
     def _prefix_amax(self, x, stream_rows=None):
         """Under per-tensor scales (§13.2.1) the amax of each activation row of ``x`` (after the
         ``stream_rows`` for probes): :func:`collapse_sim.mx.prefix_amax` on the float64 values;
         None otherwise."""
-        ops = self.policy.operands
-        if not (isinstance(ops, ScaledFormat) and ops.per_tensor):
+        if not self.needs_stream_rows:
             return None
         return prefix_amax(to_float(x), None if stream_rows is None else to_float(stream_rows))
 
@@ -244,7 +250,7 @@ class ReferenceBackend(ObjectArrayBackend):
         nq, dh = q.shape
         # §13.1: the scores' operands, along d_h; per tensor (§13.2.1) each query with the amax of the
         # queries up to it (after the stream's for probes), the keys per row below
-        per_tensor = isinstance(pol.operands, ScaledFormat) and pol.operands.per_tensor
+        per_tensor = self.needs_stream_rows
         q = self.operand(q, -1, self._prefix_amax(q, stream_rows))
         if not per_tensor:
             k = self.operand(k)
