@@ -120,6 +120,8 @@ def test_tensor_scaled_values_equal_the_exact_rational_oracle(policy):
     rows = oracle_rows(cases["inf"], fmt, C)
     assert np.isfinite(rows[:3]).all() and np.isnan(rows[3:]).all()
     assert (oracle_tensor(cases["zero"], fmt, C) == 0).all()
+    if C.emin <= -126:  # fp32's and bf16's subnormal amaxes give a subnormal (or underflowed) float32 scale
+        assert _amax(cases["subnormal amax"]) * 2**fmt.margin / fmt.element.max < 2.0**-126
     past = cases["past max_E"]
     assert all(_past_top(list(past[: t + 1].ravel()), fmt) for t in range(5))
     # P: weights in [0, 1] and one just above 1 (a narrow accumulate), with the static amax 1
