@@ -602,15 +602,15 @@ def _layer(c: ModelConfig, W, p: str, x, xp, pos, B, pe=None, pe_p=None):
     h = _norm(c, W, p + "n1", x, B)
     hp = _norm(c, W, p + "n1", xp, B) if xp is not None else None
 
-    def proj(u, name):
-        return B.linear(u, W[p + name]) if (p + name) in W else u
+    def proj(u, name, stream=None):  # stream: the stream's inputs, where u holds the probes'
+        return B.linear(u, W[p + name], **_stream_rows(B, stream)) if (p + name) in W else u
 
     hqk = B.add(h, pe) if pe is not None else h  # ape="scores": positions enter q and k only
     q, k, v = proj(hqk, "wq"), proj(hqk, "wk"), proj(h, "wv")
     qp = kp = vp = None
     if hp is not None:
         hqkp = B.add(hp, pe_p) if pe_p is not None else hp
-        qp, kp, vp = proj(hqkp, "wq"), proj(hqkp, "wk"), proj(hp, "wv")
+        qp, kp, vp = proj(hqkp, "wq", hqk), proj(hqkp, "wk", hqk), proj(hp, "wv", h)
     heads, heads_p = [], []
     dh = c.dh
     slopes = alibi_slopes(c)
@@ -621,24 +621,33 @@ def _layer(c: ModelConfig, W, p: str, x, xp, pos, B, pe=None, pe_p=None):
                       None if slopes is None else slopes[hd])
         heads.append(o)
         heads_p.append(op)
-    a = B.concat_cols(heads)
-    a = proj(a, "wo")
+    o = B.concat_cols(heads)
+    a = proj(o, "wo")
     z = B.tap(p + "z", B.add(a, x))
     ap = zp = None
     if hp is not None:
-        ap = proj(B.concat_cols(heads_p), "wo")
+        ap = proj(B.concat_cols(heads_p), "wo", o)
         zp = B.add(ap, xp)
 
-    def mlp(u):
+    def mlp(u, stream=None):  # stream: the stream's MLP inputs (h2, f), where u is the probes' z
         if not c.d_ff:
-            return u
+            return u, None
         h2 = _norm(c, W, p + "n2", u, B)
-        f1 = B.linear(h2, W[p + "w1"])
+        f1 = proj(h2, "w1", None if stream is None else stream[0])
         f = B.relu(B.add(f1, B.row(W[p + "b1"], like=f1)))
-        f2 = B.linear(f, W[p + "w2"])
-        return B.add(B.add(f2, B.row(W[p + "b2"], like=f2)), u)
+        f2 = proj(f, "w2", None if stream is None else stream[1])
+        return B.add(B.add(f2, B.row(W[p + "b2"], like=f2)), u), (h2, f)
 
-    return mlp(z), (mlp(zp) if zp is not None else None)
+    y, inputs = mlp(z)
+    return y, (mlp(zp, inputs)[0] if zp is not None else None)
+
+
+def _stream_rows(B, stream) -> dict:
+    """The keyword that hands a probe's linear layer or attention the stream's rows of the same
+    operand (``stream_rows``), where the backend says it needs them (``B.needs_stream_rows``: its
+    operands are scaled per tensor, and a probe's scale covers the stream's rows before it,
+    docs/semantics.md §13.2.1); nothing otherwise."""
+    return {"stream_rows": stream} if stream is not None and getattr(B, "needs_stream_rows", False) else {}
 
 
 def alibi_slopes(c: ModelConfig) -> list[float] | None:
@@ -671,7 +680,7 @@ def _head(c: ModelConfig, B, p: str, hd: int, qkv, qkv_p, pos, slope):
     if qkv_p is None:
         return out, None
     qph, kph, vph = _queries_keys(c, B, *qkv_p, pos + 1)
-    return out, B.attention(qph, kh, vh, pos + 1, pos, self_kv=(kph, vph), **kw)
+    return out, B.attention(qph, kh, vh, pos + 1, pos, self_kv=(kph, vph), **kw, **_stream_rows(B, qh))
 
 
 def _queries_keys(c: ModelConfig, B, q, k, v, pos):

@@ -280,18 +280,21 @@ SCALED_MAX_P = 25
 class ScaledFormat:
     """Scaled fp8 (docs/semantics.md §13.2): tiles of ``block`` consecutive values along the
     contraction axis, each with its own float32 scale ``∘_fp32(amax · 2^margin / max_elem)``,
-    the elements ``element`` values, saturating. ``element`` is the format as named (its
-    overflow rule is replaced by saturation in :attr:`saturating`)."""
+    the elements ``element`` values, saturating; or, with ``block=None``, one such scale per
+    tensor (§13.2.1: the amax of the whole operand tensor, of its rows up to the row computed
+    for an activation). ``element`` is the format as named (its overflow rule is replaced by
+    saturation in :attr:`saturating`)."""
 
     element: Format
-    block: int = 128
+    block: int | None = 128
     margin: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "block", _count(self.block, "the tile length k"))
+        if self.block is not None:
+            object.__setattr__(self, "block", _count(self.block, "the tile length k"))
+            if self.block < 1:
+                raise MXError(f"a scaled tile holds at least one element, got k={self.block}")
         object.__setattr__(self, "margin", _count(self.margin, "the margin"))
-        if self.block < 1:
-            raise MXError(f"a scaled tile holds at least one element, got k={self.block}")
         if not 0 <= self.margin <= 64:
             raise MXError(f"the margin of a scaled operand is an integer from 0 to 64, got {self.margin}")
         if not any(self.element == parse(n) for n in SCALED_ELEMENTS):
@@ -299,17 +302,24 @@ class ScaledFormat:
                           f"{', '.join(SCALED_ELEMENTS)}")
 
     @property
+    def per_tensor(self) -> bool:
+        """Whether the scale is one per tensor (§13.2.1) rather than one per tile of ``block``."""
+        return self.block is None
+
+    @property
     def saturating(self) -> Format:
         """The element format with saturating overflow (the ``satfinite`` conversion)."""
         return dataclasses.replace(self.element, overflow="saturate")
 
     def token(self) -> str:
-        """How a policy string writes it: ``scaled(ELEMENT,k)`` or ``scaled(ELEMENT,k,margin)``."""
-        return f"scaled({self.element.name},{self.block}{f',{self.margin}' if self.margin else ''})"
+        """How a policy string writes it: ``scaled(ELEMENT,k|tensor)`` or ``scaled(ELEMENT,k|tensor,margin)``."""
+        k = "tensor" if self.per_tensor else self.block
+        return f"scaled({self.element.name},{k}{f',{self.margin}' if self.margin else ''})"
 
 
-def scaled_for_element(element: str, block: int = 128, margin: int = 0) -> ScaledFormat:
-    """The scaled format with element ``element`` (a name of one of :data:`SCALED_ELEMENTS`)."""
+def scaled_for_element(element: str, block: "int | None" = 128, margin: int = 0) -> ScaledFormat:
+    """The scaled format with element ``element`` (a name of one of :data:`SCALED_ELEMENTS`);
+    ``block=None``: per-tensor scales."""
     try:
         f = parse(str(element).strip().lower())
     except CollapseSimError:
@@ -355,7 +365,7 @@ def scale_cast(x, s, elem: Format, scale_fmt, mode="rne"):
     return round_to(round_to(_div(x, s), scale_fmt, mode), elem, mode)
 
 
-def scaled_values(x, fmt: ScaledFormat, compute, axis: int = -1):
+def scaled_values(x, fmt: ScaledFormat, compute, axis: int = -1, amax=None):
     """The values of ``x`` (float64 values of ``compute``; a jax array, traceable) as scaled
     operands (docs/semantics.md §13.2): tiles of ``fmt.block`` along ``axis`` (the last may be
     short), each with the float32 scale of :func:`amax_scale` (2^-149, float32's smallest, where
@@ -363,19 +373,73 @@ def scaled_values(x, fmt: ScaledFormat, compute, axis: int = -1):
     dequantised ``∘_C(ê · s)`` to ``compute`` (a :class:`Format` or traced
     :class:`collapse_sim.rounding.FormatParams`), ties to even. ``ê · s`` is exact in float64
     (at most 4 + 24 bits, within float64's range). A tile holding a NaN or an infinity, or whose
-    scale overflows float32, gives NaN for each of its values."""
+    scale overflows float32, gives NaN for each of its values.
+
+    Per-tensor scales (``fmt.block`` None, §13.2.1): the same rule with one scale from ``amax``
+    (float64, broadcastable to ``x``: the largest magnitude each value's tensor has, e.g.
+    :func:`prefix_amax`'s; NaN or inf where it holds a NaN or an infinity), or, without
+    ``amax``, from all of ``x`` (:func:`tensor_amax`); ``axis`` is then not used. ``amax`` is
+    refused with tiles, whose scales come from the tiles themselves."""
+    import jax.numpy as jnp
+
+    v = jnp.asarray(x, jnp.float64)
+    if fmt.per_tensor:
+        a = tensor_amax(v, jnp) if amax is None else jnp.asarray(amax, jnp.float64)
+        return _scale_and_cast(v, jnp.broadcast_to(a, v.shape), fmt, compute)
+    if amax is not None:
+        raise MXError(f"{fmt.token()} takes its scales from its tiles of {fmt.block}, not from a given amax")
+    axis = _along(v, axis, "scaled_values")
+    v = jnp.moveaxis(v, axis, -1)
+    padded = _tiles(v, fmt.block, jnp)
+    out = _scale_and_cast(padded, jnp.max(jnp.abs(padded), axis=-1, keepdims=True), fmt, compute)
+    return jnp.moveaxis(out.reshape(v.shape[:-1] + (-1,))[..., :v.shape[-1]], -1, axis)
+
+
+def _scale_and_cast(x, amax, fmt: ScaledFormat, compute):
+    """§13.2's steps on float64 values ``x`` whose scale comes from ``amax`` (broadcastable to
+    ``x``; a tile's or a tensor's largest magnitude, NaN or inf where it holds a NaN or an
+    infinity): the float32 scale (1 for amax = 0, 2^-149 where it underflows), the saturating
+    cast, the dequantised value rounded to ``compute``; NaN where amax is not finite or the
+    scale overflows."""
     import jax.numpy as jnp
 
     from .rounding import round_to
 
-    axis = _along(x, axis, "scaled_values")
-    v = jnp.moveaxis(jnp.asarray(x, jnp.float64), axis, -1)
-    padded = _tiles(v, fmt.block, jnp)
-    amax = jnp.max(jnp.abs(padded), axis=-1, keepdims=True)  # zeros raise no amax; NaN, inf pass through
     s = amax_scale(jnp.where(jnp.isfinite(amax), amax, 0.0), fmt.saturating, FP32, "rne", fmt.margin)
     s = jnp.maximum(s, 2.0**FP32.min_exponent_of_quantum)  # an underflowed scale: float32's smallest
     bad = ~jnp.isfinite(amax) | jnp.isinf(s)
     s = jnp.where(bad, 1.0, s)
-    e = scale_cast(padded, s, fmt.saturating, FP32, "rne")
-    out = jnp.where(bad, jnp.nan, round_to(e * s, compute, "rne"))
-    return jnp.moveaxis(out.reshape(v.shape[:-1] + (-1,))[..., :v.shape[-1]], -1, axis)
+    e = scale_cast(x, s, fmt.saturating, FP32, "rne")
+    return jnp.where(bad, jnp.nan, round_to(e * s, compute, "rne"))
+
+
+#: The amax of the attention weights P as a per-tensor operand (docs/semantics.md §13.2.1): the
+#: bound of their range [0, 1], static, not measured.
+P_AMAX = 1.0
+
+
+def tensor_amax(x, xp=np):
+    """The largest magnitude of all of ``x`` (numpy or jax.numpy: ``xp``), exactly; NaN if it
+    holds a NaN, inf if an infinity (and no NaN): a per-tensor scale's amax (§13.2.1)."""
+    return xp.max(xp.abs(x)) if x.size else xp.zeros((), xp.float64)
+
+
+def prefix_amax(x, stream_rows=None, xp=np):
+    """Each row's per-tensor amax of activation rows ``x`` (n, ...) in position order
+    (docs/semantics.md §13.2.1): row t's is the largest magnitude of rows 0..t, a running
+    maximum over the rows; shape (n, 1, ...) to broadcast against ``x``. With ``stream_rows``
+    (n, ...): ``x``'s rows are the probes, row n after the stream's rows 0..n, and its amax is
+    that of the stream's rows 0..n and its own row. NaN propagates (a row holding a NaN makes every
+    later row's amax NaN), as the running maximum of numpy and of ``lax.cummax`` do."""
+    def rows(a):
+        return xp.max(xp.abs(a).reshape(a.shape[0], -1), axis=1)
+
+    def running(a):
+        if xp is np:
+            return np.maximum.accumulate(a)
+        from jax import lax
+
+        return lax.cummax(a, axis=0)
+
+    a = running(rows(x)) if stream_rows is None else xp.maximum(running(rows(stream_rows)), rows(x))
+    return a.reshape((x.shape[0],) + (1,) * (x.ndim - 1))

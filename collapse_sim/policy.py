@@ -23,7 +23,8 @@ A :class:`Policy` names the format of each role and the order of reductions:
 * ``operands``: OCP MX blocks ``mx(ELEMENT[,k])`` that both operands of every dot product of
   the projections, the MLP, the scores and the weighted values are quantised to, along the
   contraction axis, immediately before the dot (docs/semantics.md §13.1; naive kernel only), or
-  ``scaled(ELEMENT,k[,margin])``: tiles of ``k`` with a float32 scale each (§13.2).
+  ``scaled(ELEMENT,k[,margin])``: tiles of ``k`` with a float32 scale each (§13.2);
+  ``scaled(ELEMENT,tensor[,margin])``: one float32 scale per operand tensor (§13.2.1).
 * ``kernel``: how the attention is evaluated: ``naive`` (the softmax of whole score
   rows, then the weighted values) or ``online(b)`` (key blocks of ``b`` with a running
   maximum, sum and output, as FlashAttention-style kernels do; docs/semantics.md §8.8) or
@@ -337,7 +338,7 @@ class Policy:
         if self.operands is not None and self.kernel.kind != "naive":
             raise PolicyError(f"operands={weights_token(self.operands)} is defined under the naive kernel only (the "
                               f"{self.kernel} kernel's probability tiles have no "
-                              f"{'scaled tiles' if isinstance(self.operands, ScaledFormat) else 'MX blocking'} along "
+                              f"{'scaled operands' if isinstance(self.operands, ScaledFormat) else 'MX blocking'} along "
                               f"the keys here, docs/semantics.md "
                               f"{'§13.2' if isinstance(self.operands, ScaledFormat) else '§13.1'}); use kernel=naive")
         if self.weights == self.storage:
@@ -470,42 +471,42 @@ def _mx_spec(role: str, value: str, where: str) -> MXFormat:
 
 def operands_role(value: str, text: str = "") -> "MXFormat | ScaledFormat":
     """The operands role ``value`` of policy ``text``: ``mx(ELEMENT[,k])`` (docs/semantics.md
-    §13.1) or ``scaled(ELEMENT,k[,margin])`` (§13.2), refused in one sentence. Per-tensor
-    scales (``scaled(ELEMENT,tensor)``) and plain formats are not operand quantisations the
-    backends implement."""
+    §13.1), ``scaled(ELEMENT,k[,margin])`` (§13.2) or ``scaled(ELEMENT,tensor[,margin])``
+    (§13.2.1), refused in one sentence. Plain formats are not operand quantisations."""
     where = f"policy {text!r}: " if text else ""
     if re.match(r"\s*scaled\s*\(", value, flags=re.IGNORECASE):
         return _scaled_spec(value, where)
     if not _is_mx(value):
         raise PolicyError(f"{where}operands={value} is not an operand quantisation; the operands role takes OCP MX "
-                          "blocks, mx(ELEMENT[,k]), or float32-scaled tiles, scaled(ELEMENT,k[,margin]), e.g. "
+                          "blocks, mx(ELEMENT[,k]), or float32-scaled tiles or tensors, scaled(ELEMENT,k|tensor[,margin]), e.g. "
                           "operands=mx(e4m3fn,32)")
     return _mx_spec("operands", value, where)
 
 
 def _scaled_spec(value: str, where: str) -> ScaledFormat:
-    """The scaled format ``scaled(ELEMENT,k[,margin])`` that ``operands=value`` names (§13.2)."""
+    """The scaled format ``scaled(ELEMENT,k[,margin])`` (§13.2) or ``scaled(ELEMENT,tensor[,margin])``
+    (§13.2.1) that ``operands=value`` names."""
     m = re.fullmatch(r"\s*scaled\s*\(([^,()]*),\s*([^,()]*?)\s*(?:,\s*([^,()]*?)\s*)?\)\s*", value,
                      flags=re.IGNORECASE)
     if m is None:
         raise PolicyError(f"{where}operands={value} is not a scaled spec; write scaled(ELEMENT,k) or "
-                          "scaled(ELEMENT,k,margin), e.g. scaled(e4m3fn,128)")
+                          "scaled(ELEMENT,k,margin) (k a tile length or tensor), e.g. scaled(e4m3fn,128)")
     element, k, margin = m.group(1), m.group(2), m.group(3)
-    if k.lower() == "tensor":
-        raise PolicyError(f"{where}operands={value}: per-tensor scales are not implemented; give a tile length k "
-                          "along the contraction axis, e.g. scaled(e4m3fn,128)")
-    for what, t in (("the tile length k", k), ("the margin", margin)):
-        if t is not None and re.fullmatch(r"-?\d+", t) is None:
-            raise PolicyError(f"{where}operands={value}: {what} must be an integer, got {t!r}")
+    tensor = k.lower() == "tensor"  # one scale per tensor (§13.2.1)
+    if not tensor and re.fullmatch(r"-?\d+", k) is None:
+        raise PolicyError(f"{where}operands={value}: the tile length k must be an integer, or tensor for one scale "
+                          f"per tensor, got {k!r}")
+    if margin is not None and re.fullmatch(r"-?\d+", margin) is None:
+        raise PolicyError(f"{where}operands={value}: the margin must be an integer, got {margin!r}")
     try:
-        return scaled_for_element(element, int(k), 0 if margin is None else int(margin))
+        return scaled_for_element(element, None if tensor else int(k), 0 if margin is None else int(margin))
     except MXError as e:
         raise PolicyError(f"{where}operands={value}: {e}") from None
 
 
 def weights_token(w: "Format | MXFormat | ScaledFormat") -> str:
     """How a policy string writes the weights or operands role ``w``: ``mx(ELEMENT,k)``,
-    ``scaled(ELEMENT,k[,margin])`` or the format's token."""
+    ``scaled(ELEMENT,k|tensor[,margin])`` or the format's token."""
     if isinstance(w, ScaledFormat):
         return w.token()
     return f"mx({mx_element_name(w)},{w.block})" if isinstance(w, MXFormat) else format_token(w)

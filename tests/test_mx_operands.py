@@ -131,7 +131,7 @@ def test_operands_role_round_trip(text, element, k):
 
 
 @pytest.mark.parametrize("text,words", [
-    ("compute=bf16,operands=scaled(e4m3fn,tensor)", ["per-tensor scales are not implemented"]),  # §13.2
+    ("compute=bf16,operands=scaled(e4m3fn,tensor,65)", ["margin", "from 0 to 64", "65"]),  # §13.2.1
     ("compute=bf16,operands=e4m3fn", ["operands=e4m3fn is not an operand quantisation", "operands=mx(e4m3fn,32)"]),
     ("compute=bf16,operands=mx(e4m3)", ["'e4m3' is not an MX element format"]),
     ("compute=bf16,operands=mx(e2m1fn,0)", ["at least one element", "block=0"]),

@@ -29,15 +29,16 @@ FP32 = parse("fp32")
 # --------------------------------------------------------------------------- the oracle
 
 
-def oracle_tile(xs: list[float], fmt: ScaledFormat, compute) -> list[float]:
+def oracle_tile(xs: list[float], fmt: ScaledFormat, compute, amax=None) -> list[float]:
     """§13.2 on one tile, in exact rationals: s = ∘_fp32(amax · 2^margin / max_E) (1 for a zero
     tile, 2^-149 where it rounds to 0, NaN values where it overflows or the tile holds a NaN or
     an infinity), ê = ∘_E(∘_fp32(x / s)) with |·| > max_E giving ±max_E, value ∘_C(ê · s);
-    every rounding to nearest, ties to even."""
-    if not all(np.isfinite(xs)):
+    every rounding to nearest, ties to even. ``amax`` (a float, §13.2.1's per-tensor scales):
+    the amax of the tensor holding ``xs`` in place of theirs (NaN or inf: NaN values)."""
+    if not all(np.isfinite(xs)) or (amax is not None and not np.isfinite(amax)):
         return [np.nan] * len(xs)
     E = fmt.element
-    amax = max(abs(Fraction(x)) for x in xs)
+    amax = max(abs(Fraction(x)) for x in xs) if amax is None else Fraction(amax)
     if amax == 0:
         s = Fraction(1)
     else:
@@ -158,6 +159,7 @@ def test_saturation_and_the_rounding_to_compute_matter():
     (ROLE, "scaled(e4m3fn,32)"),
     ("compute=bf16,operands= Scaled( E5M2 , 128 , 2 ),order=kahan", "scaled(e5m2,128,2)"),
     ("compute=bf16,weights=mx(e4m3fn,16),operands=scaled(e4m3fn,1,0)", "scaled(e4m3fn,1)"),
+    ("compute=bf16,operands=scaled( E4M3FN , Tensor ,2)", "scaled(e4m3fn,tensor,2)"),  # §13.2.1
 ])
 def test_scaled_role_round_trip(text, token):
     p = Policy.parse(text)
@@ -170,16 +172,18 @@ def test_scaled_role_round_trip(text, token):
 
 
 @pytest.mark.parametrize("text,words", [
-    ("compute=bf16,operands=scaled(e4m3fn,tensor)", ["per-tensor scales are not implemented", "scaled(e4m3fn,128)"]),
+    ("compute=bf16,operands=scaled(e4m3fn,tensors)", ["the tile length k must be an integer, or tensor", "'tensors'"]),
     ("compute=bf16,operands=scaled(e4m3fn)", ["operands=scaled(e4m3fn) is not a scaled spec", "scaled(ELEMENT,k)"]),
     ("compute=bf16,operands=scaled(int8,4)", ["'int8' is not a scaled element format", "e4m3fn, e5m2"]),
     ("compute=bf16,operands=scaled(e4m3fn,0)", ["at least one element", "k=0"]),
     ("compute=bf16,operands=scaled(e4m3fn,4,-1)", ["margin", "from 0 to 64", "-1"]),
     ("compute=bf16,operands=scaled(e4m3fn,x)", ["the tile length k must be an integer", "'x'"]),
+    ("compute=bf16,operands=scaled(e4m3fn,4,x)", ["the margin must be an integer", "'x'"]),
     ("compute=bf16,operands=scaled(e4m3fn,4,1,1)", ["is not a scaled spec"]),
     ("compute=bf16,kernel=online(8),operands=scaled(e4m3fn,8)", ["operands=scaled(e4m3fn,8) is defined under the "
                                                                  "naive kernel only", "use kernel=naive"]),
-    ("compute=bf16,operands=e4m3fn", ["operands=e4m3fn is not an operand quantisation", "scaled(ELEMENT,k[,margin])"]),
+    ("compute=bf16,operands=e4m3fn", ["operands=e4m3fn is not an operand quantisation",
+                                     "scaled(ELEMENT,k|tensor[,margin])"]),
 ])
 def test_bad_scaled_roles_are_refused_in_one_sentence(text, words):
     refused_in_one_sentence(text, words)

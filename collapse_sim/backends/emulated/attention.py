@@ -16,7 +16,7 @@ import mpmath.libmp as mlib
 import numpy as np
 from jax import lax
 
-from ...mx import amax_scale, scale_cast
+from ...mx import P_AMAX, amax_scale, scale_cast
 from ...policy import BLOCK_KERNELS, PolicyError
 from ...rounding import round_to
 from ..reference.arith import times_log2e
@@ -56,12 +56,14 @@ def exact_path(terms: int) -> str:
     return "certified" if terms >= CERTIFIED_MIN_TERMS else "superacc"
 
 
-def _linear(emu: Emulator, x, w):
+def _linear(emu: Emulator, x, w, stream_rows=None):
     """``x @ w``, each entry an :meth:`Emulator.dot`: from certified float64 matrix
     products in blocks of rows where the policy allows, op by op for the rows they
     leave uncertified (:func:`_fill_rows`); op by op otherwise. Under an operands role
-    both operands are quantised along the contraction axis first (§13.1)."""
-    x, w = emu.operand(x, -1), emu.operand(w, 0)
+    both operands are quantised along the contraction axis first (§13.1); per tensor
+    (§13.2.1) ``x``'s rows with the amax of the rows up to each (after ``stream_rows``,
+    the stream's inputs, where ``x`` holds the probes) and ``w`` with its own."""
+    x, w = emu.operand(x, -1, emu.prefix_amax(x, stream_rows)), emu.operand(w, 0)
     n, din = x.shape
     dout = w.shape[1]
     wt = w.T  # (dout, din)
@@ -214,6 +216,33 @@ def _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb):
     return K, V
 
 
+def _tensor_scaled_kv(emu: Emulator, k, v, cols, self_kv, pb, kpb, vpb, running):
+    """The keys and values (B, nk, dh) of a block of query rows (:func:`_row_keys_values`) as
+    per-tensor scaled operands (docs/semantics.md §13.2.1): each row's with the amax of its
+    columns 0..p_i, from ``running`` (the running amaxes of ``k``'s and ``v``'s rows,
+    :meth:`Emulator.prefix_amax`) at p_i, or for a probe at p_i − 1 and its own key's or value's.
+    Where the block's rows share both amaxes (the running maximum is a step function: most
+    blocks), the stream's keys and values are quantised once and each row's own (a probe's)
+    apart; otherwise every row's. The same bits either way: the quantisation is a function of
+    each value and its amax."""
+    def amax(cm, own):
+        if self_kv is None:
+            return cm[pb, 0]
+        return jnp.maximum(cm[pb - 1, 0], jnp.max(jnp.abs(own), axis=-1))  # NaN propagates, as the running max
+
+    aK, aV = amax(running[0], kpb), amax(running[1], vpb)
+
+    def shared():
+        q = lambda x, a: emu.operand(x, -1, a[0])  # noqa: E731
+        return _row_keys_values(q(k, aK), q(v, aV), cols, self_kv, pb, q(kpb, aK), q(vpb, aV))
+
+    def per_row():
+        K, V = _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb)
+        return emu.operand(K, -1, aK[:, None, None]), emu.operand(V, -1, aV[:, None, None])
+
+    return lax.cond(jnp.all(aK == aK[0]) & jnp.all(aV == aV[0]), shared, per_row)  # a NaN amax: per row
+
+
 def _value_operands(emu: Emulator, vq, v, pb, vpb=None):
     """The values of query rows at positions ``pb`` as the weighted values' operands under an
     operands role (docs/semantics.md §13.1): MX blocks of k columns along the keys. For row i
@@ -273,17 +302,24 @@ def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
     weights (:func:`_adaptive_weights`) instead of the softmax."""
     k, v, kp, vp, cols, weights = _prepare(emu, q, k, v, qpos, scale, alibi, window, self_kv)
     nk, dh = k.shape
-    vq = emu.operand(v, 0)  # the values' full key blocks under an operands role: the same for every row
+    tiled = emu.operands is not None and not emu.per_tensor
+    vq = emu.operand(v, 0) if tiled else v  # the values' full key blocks: the same for every row
+    running = (emu.prefix_amax(k), emu.prefix_amax(v))  # per tensor: the keys' and values' running amaxes
 
     def block(args):
         qb, pb, kpb, vpb = args  # (B, dh), (B,), (B, dh), (B, dh)
-        K, V = _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb)
+        if emu.per_tensor:  # §13.2.1: each row's keys and values with the amax of its columns 0..p_i
+            K, V = _tensor_scaled_kv(emu, k, v, cols, self_kv, pb, kpb, vpb, running)
+        else:
+            K, V = _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb)
         raw = emu.dot(jnp.broadcast_to(qb[:, None, :], K.shape), K, path=path)
         if adaptive is None:
             alpha, valid = weights(raw, pb, path)
         else:
             alpha, valid = _adaptive_weights(emu, weights.scores, raw, pb, path, *adaptive)
-        if emu.operands is not None:  # §13.1: P and V in key blocks, V's last block the row's own
+        if emu.per_tensor:  # §13.2.1: the weights with the static amax 1 of their range
+            return _weighted_values(emu, emu.operand(alpha, -1, P_AMAX), V, valid, emu.compute, path)
+        if tiled:  # §13.1: P and V in key blocks, V's last block the row's own
             V, last = _value_operands(emu, vq, v, pb, None if self_kv is None else vpb)
             pad = ((0, 0), (0, V.shape[1] - nk))  # the keys padded to whole blocks, masked
             alpha, valid = emu.operand(jnp.pad(alpha, pad), -1), jnp.pad(valid, pad)
@@ -401,17 +437,22 @@ def _fp8_inputs(emu: Emulator, E, qb, K, V, seen):
     from the columns the row sees up to its position (``seen``: (B, nk)); ``descale`` is
     ∘_A(s_Q · s_K), which the scores fold into their scale."""
     A = emu.accumulate
-    zero = jnp.zeros((), emu.dtype)
 
     def quantise(x, amax):  # x: (B, ...), amax: (B,); the rule of §8.8.2 1 and §13.2 (collapse_sim.mx)
         s = amax_scale(amax, E, A, emu.mode).astype(emu.dtype)
         return scale_cast(x, s.reshape(s.shape + (1,) * (x.ndim - 1)), E, A, emu.mode).astype(emu.dtype), s
 
     qh, s_q = quantise(qb, jnp.max(jnp.abs(qb), axis=-1))
-    mask = seen[:, :, None]
-    Kh, s_k = quantise(K, jnp.max(jnp.where(mask, jnp.abs(K), zero), axis=(1, 2)))
-    Vh, s_v = quantise(V, jnp.max(jnp.where(mask, jnp.abs(V), zero), axis=(1, 2)))
+    Kh, s_k = quantise(K, _seen_amax(K, seen))
+    Vh, s_v = quantise(V, _seen_amax(V, seen))
     return qh, Kh, Vh, emu.mul(s_q, s_k, A), s_v
+
+
+def _seen_amax(X, seen):
+    """The largest magnitude (B,) of each row's keys or values ``X`` (B, nk, dh) over the columns
+    it has (``seen``: (B, nk), its prefix 0..p_i, visible through the window or not); NaN if one
+    of them holds a NaN."""
+    return jnp.max(jnp.where(seen[:, :, None], jnp.abs(X), jnp.zeros((), X.dtype)), axis=(1, 2))
 
 
 def _certified_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):

@@ -217,15 +217,26 @@ class EmulatedBackend(JaxBackendBase):
         s = self.emu.sum(x, path=exact_path(x.size))
         return self.emu.div(s, jnp.full(s.shape, float(n), self.dtype))
 
-    def linear(self, x, w):
-        return _linear(self.emu, x, w)
+    @property
+    def needs_stream_rows(self) -> bool:
+        """Whether a probe's linear layers and attention take the stream's rows (``stream_rows``):
+        under per-tensor scaled operands (docs/semantics.md §13.2.1), also in the shared program."""
+        return self.emu.per_tensor
 
-    def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None, adaptive=None):
+    def linear(self, x, w, stream_rows=None):
+        return _linear(self.emu, x, w, stream_rows)
+
+    def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None, adaptive=None,
+                  stream_rows=None):
         del kpos  # keys sit at positions 0..Nk-1
-        # the scores' operands (docs/semantics.md §13.1): each query and key in blocks along d_h
-        q, k = self.emu.operand(q), self.emu.operand(k)
-        if self_kv is not None:
-            self_kv = (self.emu.operand(self_kv[0]), self_kv[1])
+        # the scores' operands (docs/semantics.md §13.1): each query and key in blocks along d_h; per
+        # tensor (§13.2.1) each query with the amax of the queries up to it (after the stream's,
+        # ``stream_rows``, for probes), the keys per query row in the attention (attention.py)
+        q = self.emu.operand(q, -1, self.emu.prefix_amax(q, stream_rows))
+        if not self.emu.per_tensor:
+            k = self.emu.operand(k)
+            if self_kv is not None:
+                self_kv = (self.emu.operand(self_kv[0]), self_kv[1])
         if adaptive is not None:  # adaptive temperature (docs/semantics.md §8.7): op by op, unsegmented, unsharded
             return _adaptive_attention(self.emu, q, k, v, jnp.asarray(qpos), scale, alibi, window, self_kv, adaptive)
         if self.shard:

@@ -35,7 +35,7 @@ from jax import lax
 
 from ... import require_x64
 from ...formats import Format
-from ...mx import ScaledFormat, mx_values, scaled_values
+from ...mx import ScaledFormat, mx_values, prefix_amax, scaled_values
 from ...policy import Order, Policy, StochasticRoundingError
 from ...rounding import FormatClass, Stochastic, pow2 as _pow2, round_to
 from .carrier import CarrierError, carrier_add, carrier_for
@@ -185,20 +185,34 @@ class Emulator:
             x = x.astype(jnp.float64) if jax.config.jax_enable_x64 else x
         return self._round(x, self.storage).astype(self.dtype)
 
-    def operand(self, x, axis: int = -1):
+    def operand(self, x, axis: int = -1, amax=None):
         """``x`` (compute values) as an operand of a dot product under the policy's operands role
         (docs/semantics.md §13.1): MX blocks along ``axis`` (the contraction axis), dequantised
         (exact in float64, :func:`collapse_sim.mx.mx_values`): values of compute again (§13.1
         says why), so exact in the carrier; or float32-scaled tiles along ``axis``, dequantised
-        and rounded to compute (§13.2, :func:`collapse_sim.mx.scaled_values`); ``x`` itself
-        without the role. The one place the
+        and rounded to compute (§13.2, :func:`collapse_sim.mx.scaled_values`), or one float32
+        scale per tensor (§13.2.1) from ``amax`` (broadcastable to ``x``: :meth:`prefix_amax`'s
+        for activation rows, a row's keys' or values' own, 1 for the weights P), from all of
+        ``x`` without it (a weight matrix); ``x`` itself without the role. The one place the
         emulated backend quantises operands: the linear layers, the attention's entry (q, k)
         and its weighted values (P, V) call it."""
         if self.operands is None:
             return x
         if isinstance(self.operands, ScaledFormat):  # §13.2: float32 scales, then rounded to compute
-            return scaled_values(jnp.asarray(x, jnp.float64), self.operands, self.compute, axis).astype(self.dtype)
+            return scaled_values(jnp.asarray(x, jnp.float64), self.operands, self.compute, axis,
+                                 amax).astype(self.dtype)
         return mx_values(jnp.asarray(x, jnp.float64), self.operands, axis).astype(self.dtype)
+
+    @property
+    def per_tensor(self) -> bool:
+        """Whether the operands role scales each operand tensor as one (§13.2.1)."""
+        return isinstance(self.operands, ScaledFormat) and self.operands.per_tensor
+
+    def prefix_amax(self, x, stream_rows=None):
+        """Under per-tensor scales (§13.2.1) the amax of each activation row of ``x`` (rows in
+        position order; probes after the ``stream_rows``): :func:`collapse_sim.mx.prefix_amax`;
+        None otherwise (tiles and MX blocks take their scales from their own values)."""
+        return prefix_amax(jnp.asarray(x, jnp.float64), stream_rows, jnp) if self.per_tensor else None
 
     # --- elementary ops ----------------------------------------------------
     def add(self, a, b, fmt=None):

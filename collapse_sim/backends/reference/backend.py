@@ -9,7 +9,7 @@ import jax
 import mpmath.libmp as mlib
 import numpy as np
 
-from ...mx import ScaledFormat, mx_round, scaled_values
+from ...mx import P_AMAX, ScaledFormat, mx_round, prefix_amax, scaled_values, tensor_amax
 from ...policy import BLOCK_KERNELS, Policy, PolicyError, weights_token
 from .._hooks import ArrayPlumbing
 from .arith import RefArith, Reference, ref_sum, times_log2e, to_float
@@ -75,19 +75,31 @@ def _relu(v):
 _scaled_jit = jax.jit(scaled_values, static_argnums=(1, 2, 3))
 
 
-def _scaled(x: np.ndarray, fmt: ScaledFormat, compute, axis: int) -> np.ndarray:
+def _scaled(x: np.ndarray, fmt: ScaledFormat, compute, axis: int, amax=None) -> np.ndarray:
     """:func:`collapse_sim.mx.scaled_values` on float64 ``x`` (numpy), compiled once per shape
     bucket: the axis is padded with zeros to a power of two (trailing zeros raise no tile's
     largest magnitude and quantise to 0, so the values before them are unchanged), so the
-    reference's rows of every length p + 1 share a few programs."""
+    reference's rows of every length p + 1 share a few programs. Per tensor (§13.2.1) the amax
+    (``amax``, or all of ``x``'s: :func:`collapse_sim.mx.tensor_amax`) goes to the program
+    beside ``x``, both padded so on every axis."""
+    if fmt.per_tensor:
+        a = np.broadcast_to(tensor_amax(x) if amax is None else np.asarray(amax, np.float64), x.shape)
+        pad = [(0, _bucket(n) - n) for n in x.shape]
+        with jax.enable_x64(True):
+            out = np.asarray(_scaled_jit(np.pad(x, pad), fmt, compute, 0, np.pad(a, pad)), np.float64)
+        return out[tuple(slice(0, n) for n in x.shape)]
     axis = axis % x.ndim
     n = x.shape[axis]
-    m = 1 << max(n - 1, 0).bit_length()
     pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, m - n)
+    pad[axis] = (0, _bucket(n) - n)
     with jax.enable_x64(True):
         out = np.asarray(_scaled_jit(np.pad(x, pad), fmt, compute, axis), np.float64)
     return np.take(out, np.arange(n), axis=axis)
+
+
+def _bucket(n: int) -> int:
+    """The power of two at or above ``n`` (1 for 0): :func:`_scaled`'s padded length."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 class ReferenceBackend(ObjectArrayBackend):
@@ -184,27 +196,45 @@ class ReferenceBackend(ObjectArrayBackend):
         n = mlib.from_int(int(x.shape[-1]))
         return self._each_row(x, lambda r: self.ref.compute.div(self.ref.sum(list(r)), n))
 
-    def linear(self, x, w):
-        return self._matmul(self.operand(x, -1), self.operand(w, 0), lambda a, b: self.ref.dot(list(a), list(b)))
+    def linear(self, x, w, stream_rows=None):
+        return self._matmul(self.operand(x, -1, self._prefix_amax(x, stream_rows)), self.operand(w, 0),
+                            lambda a, b: self.ref.dot(list(a), list(b)))
 
-    def operand(self, x, axis: int = -1):
+    @property
+    def needs_stream_rows(self) -> bool:
+        """Whether a probe's linear layers and attention take the stream's rows (``stream_rows``):
+        under per-tensor scaled operands (docs/semantics.md §13.2.1)."""
+        ops = self.policy.operands
+        return isinstance(ops, ScaledFormat) and ops.per_tensor
+
+    def _prefix_amax(self, x, stream_rows=None):
+        """Under per-tensor scales (§13.2.1) the amax of each activation row of ``x`` (after the
+        ``stream_rows`` for probes): :func:`collapse_sim.mx.prefix_amax` on the float64 values;
+        None otherwise."""
+        if not self.needs_stream_rows:
+            return None
+        return prefix_amax(to_float(x), None if stream_rows is None else to_float(stream_rows))
+
+    def operand(self, x, axis: int = -1, amax=None):
         """``x`` (an object array of compute values) as an operand of a dot product under the
         policy's operands role (docs/semantics.md §13.1): MX blocks along ``axis`` (the
         contraction axis) by :func:`collapse_sim.mx.mx_round` on the float64 values (exact:
         the constructor checked that compute and storage lie within float64), values of compute again
         (§13.1); or float32-scaled tiles (§13.2) by :func:`collapse_sim.mx.scaled_values`, the
-        emulated backend's function, on the same float64 values; ``x`` itself without the role.
+        emulated backend's function, on the same float64 values, per tensor (§13.2.1) with the
+        amax ``amax`` (broadcastable to ``x``), or all of ``x``'s; ``x`` itself without the role.
         The one place the reference quantises operands."""
         if self.policy.operands is None:
             return x
         if isinstance(self.policy.operands, ScaledFormat):  # §13.2: the one rule, through float64
-            q = _scaled(np.asarray(to_float(x), np.float64), self.policy.operands, self.policy.compute, axis)
+            q = _scaled(np.asarray(to_float(x), np.float64), self.policy.operands, self.policy.compute, axis, amax)
         else:
             q = mx_round(to_float(x), self.policy.operands, axis=axis)
         with np.errstate(invalid="ignore"):  # a NaN tile's values: mpmath's NaN
             return np.frompyfunc(lambda v: mlib.from_float(float(v)), 1, 1)(q)
 
-    def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None, adaptive=None):
+    def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None, adaptive=None,
+                  stream_rows=None):
         ref, pol = self.ref, self.ref.policy
         c, smx = ref.compute, ref.softmax
         kern = pol.kernel
@@ -218,9 +248,14 @@ class ReferenceBackend(ObjectArrayBackend):
         sc = fold(scale) if kern.base2 else self._scalar(scale)  # §5.2
         bias = self._exact.get(("alibi", float(alibi))) if (alibi is not None and self._exact) else None
         nq, dh = q.shape
-        q, k = self.operand(q), self.operand(k)  # §13.1: the scores' operands, along d_h
-        if self_kv is not None:
-            self_kv = (self.operand(self_kv[0]), self_kv[1])
+        # §13.1: the scores' operands, along d_h; per tensor (§13.2.1) each query with the amax of the
+        # queries up to it (after the stream's for probes), the keys per row below
+        per_tensor = self.needs_stream_rows
+        q = self.operand(q, -1, self._prefix_amax(q, stream_rows))
+        if not per_tensor:
+            k = self.operand(k)
+            if self_kv is not None:
+                self_kv = (self.operand(self_kv[0]), self_kv[1])
         out = np.empty((nq, dh), dtype=object)
         for i in range(nq):
             pi = int(qpos[i])
@@ -231,6 +266,8 @@ class ReferenceBackend(ObjectArrayBackend):
                 else:
                     keys.append(k[j]); vals.append(v[j])
             valid = [window is None or j > pi - window for j in range(pi + 1)]
+            if per_tensor:  # §13.2.1: the row's keys with the amax of its columns 0..p_i
+                keys = list(self.operand(_objects([list(r) for r in keys]), -1))
             qi, sci, v_descale = q[i], sc, None
             if kern.fp8 is not None:  # §8.8.2 1-2: quantised inputs, the descales folded into the scale
                 (qi,), s_q = self._fp8_quantise([q[i]])
@@ -255,7 +292,7 @@ class ReferenceBackend(ObjectArrayBackend):
                 beta = self._adaptive_beta(alpha, valid, *adaptive)
                 alpha = self._softmax_row([smx.mul(x, beta) for x in s], valid)
             if pol.operands is not None:  # §13.1: the row's weights and its prefix's values in key blocks
-                alpha = list(self.operand(_objects([alpha]), -1)[0])
+                alpha = list(self.operand(_objects([alpha]), -1, P_AMAX if per_tensor else None)[0])
                 vals = self.operand(_objects([list(r) for r in vals]), 0)
             for d in range(dh):
                 out[i, d] = self._masked_dot(alpha, [vals[j][d] for j in range(pi + 1)], valid)
