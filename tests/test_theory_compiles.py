@@ -65,3 +65,16 @@ def test_oversquash_profile_compiles_one_program_per_jacobian():
     assert _programs(before) == 3
     assert sorted(r.profiles) == ["bf16 (frozen)", "fp64 (frozen)", "fp64 (full model)"] and r.bound.shape == (7,)
 
+
+def test_scaling_sweep_compiles_one_emulated_forward():
+    """Every format of the scaling sweep runs in the emulated backend's shared program: a
+    second sweep at the same shape over other p compiles nothing (the automatic choice
+    compiled the specialised program for the first p and the shared one for the second)."""
+    from collapse_sim.theory import scaling as sc
+
+    P = sc.scaling_model()
+    first = sc.scaling_sweep(P, "zero_ones", [10], 9)
+    before = snapshot()
+    more = sc.scaling_sweep(P, "zero_ones", [4, 5], 9)
+    assert _programs(before) == 0
+    assert first.ps == [10] and more.ps == [4, 5] and len(more.measured) == 2

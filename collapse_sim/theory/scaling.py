@@ -91,15 +91,19 @@ class ScalingResult:
 def scaling_sweep(params: Params, family: str, ps, n_max: int, *, order: str = "pairwise", emax: int = 60,
                   seed: int = 0, progress=None) -> ScalingResult:
     """Measured (emulated custom formats p bits, exponent range ±emax, so no
-    over/underflow interferes) and predicted first-collapse lengths for each p."""
-    from ..backends import make_backend
+    over/underflow interferes) and predicted first-collapse lengths for each p.
+
+    Every p runs in the emulated backend's shared program (formats as data, the same bits as
+    the program specialised to each format): one compiled forward serves the whole sweep,
+    where the automatic choice would compile the specialised one for the first p as well."""
+    from ..backends.emulated import EmulatedBackend
     from ..pairing import collapse_sweep
 
     A, B = exact_pair_outputs(params, family, n_max, seed=seed)
     measured, predicted = [], []
     for p in ps:
         pol = f"compute=(p={p},emax={emax}),order={order}"
-        res = collapse_sweep(params, family, n_max, make_backend("emulated", pol), f"p={p}", seed=seed)
+        res = collapse_sweep(params, family, n_max, EmulatedBackend(pol, shared=True), f"p={p}", seed=seed)
         measured.append(res.first_identical())
         predicted.append(predicted_first_collapse(A, B, p))
         if progress:
