@@ -40,7 +40,7 @@ def test_trace_equals_the_compiled_native_pass_to_rounding():
     from collapse_sim.theory.trace import trace
 
     toks = np.random.default_rng(3).integers(0, 8, 12)
-    for pe in ("rope", "alibi", "sinusoidal"):
+    for pe in ("rope", "alibi"):  # RoPE's tables, ALiBi's slopes; two heads, a window, an MLP, two layers
         P = init_params(ModelConfig(d=8, n_layers=2, n_heads=2, d_ff=8, vocab=8, pe=pe, window=5, seed=4))
         B = make_backend("native", "fp64")
         y = B.to_numpy(forward(P, toks, B))
@@ -61,9 +61,9 @@ def test_oversquash_profile_compiles_one_program_per_jacobian():
     P = init_params(ModelConfig(d=4, n_layers=1, vocab=5, pe="none", seed=61))
     toks = np.array([0, 3, 1, 4, 2, 2, 3])  # a length no other test uses: every program is new here
     before = snapshot()
-    r = oversquash_profile(P, toks, ("fp64", "bf16"))
-    assert _programs(before) == 3
-    assert sorted(r.profiles) == ["bf16 (frozen)", "fp64 (frozen)", "fp64 (full model)"] and r.bound.shape == (7,)
+    r = oversquash_profile(P, toks, ("fp64",))
+    assert _programs(before) == 2
+    assert sorted(r.profiles) == ["fp64 (frozen)", "fp64 (full model)"] and r.bound.shape == (7,)
 
 
 def test_scaling_sweep_compiles_one_emulated_forward():
