@@ -29,7 +29,7 @@ def _cli(args, cache, stats, cwd):
 @pytest.mark.parametrize("args", [
     ["collapse", "--family", "repeat_last", "--format", "bf16,fp64", "--pe", "rope", "--max-len", "24", "--d", "8",
      "--vocab", "8", "--out", "out"],
-    ["theorem", "thm42", "--instances", "2", "--max-n", "6"],
+    ["theorem", "thm51", "--instances", "1", "--max-n", "6"],
 ], ids=["collapse", "theorem"])
 def test_rerun_compiles_nothing(tmp_path, args):
     """A second run of the same command, in a new process, loads every program from the cache."""

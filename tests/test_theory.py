@@ -462,3 +462,25 @@ def test_thm51_jacobian_equals_central_differences(frozen):
     err = np.abs(J - D)
     assert np.all(err <= bound), f"max |J - D| = {err.max():.3g}, bound there {bound.flat[np.argmax(err)]:.3g}"
     assert np.abs(J).max() > 1e3 * bound.max()  # the check is not vacuous: J is far from 0 relative to the bound
+
+
+def test_scaling_ulp_equals_the_format_spacing():
+    """``scaling.ulp`` (float64 exponent bits) equals :meth:`Format.ulp` (exact rationals) of a
+    p-bit format with float64's exponent range, bit for bit: at zero, float64 subnormals, the
+    smallest normal and its neighbours, powers of two and their neighbours, the largest float64
+    and random magnitudes of both signs."""
+    from collapse_sim.formats import Format
+    from collapse_sim.theory import scaling as sc
+
+    tiny = 2.0**-1022
+    edges = [0.0, -0.0, 5e-324, -5e-324, tiny, np.nextafter(tiny, 0), np.nextafter(tiny, 1), 1.0,
+             np.nextafter(1.0, 0), np.nextafter(1.0, 2), 2.0**-600, 3 * 2.0**700, np.finfo(np.float64).max]
+    rng = np.random.default_rng(9)
+    y = np.array(edges + list(rng.standard_normal(200) * 2.0 ** rng.integers(-1074, 1000, 200)), dtype=np.float64)
+    for p in (2, 11, 25, 53):
+        fmt = Format(f"p={p}", p, -1022, 1023)
+        got = sc.ulp(y, p)
+        want = np.array([float(fmt.ulp(float(v))) for v in y])
+        assert np.array_equal(got.view(np.uint64), want.view(np.uint64)), p
+    with pytest.raises(ValueError, match="finite"):
+        sc.ulp(np.array([1.0, np.inf]), 8)

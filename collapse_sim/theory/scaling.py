@@ -19,16 +19,26 @@ import dataclasses
 
 import numpy as np
 
+from ..errors import CollapseSimError
 from ..families import make_pairs
-from ..formats import Format
 from ..model import Params
 
 
+#: The smallest normal exponent of the formats the scaling law compares (float64's range).
+EMIN = -1022
+
+
 def ulp(y: np.ndarray, p: int) -> np.ndarray:
-    """Spacing of a p-bit format with float64's exponent range at each |y| (:meth:`Format.ulp`,
-    exact; values below 2^-1022, zero included, get the spacing at 2^-1022)."""
-    fmt = Format(f"p={p}", p, -1022, 1023)
-    return np.vectorize(lambda v: float(fmt.ulp(float(v))), otypes=[np.float64])(y)
+    """Spacing of a p-bit format with float64's exponent range at each |y|: :meth:`Format.ulp`
+    of ``Format(p, -1022, 1023)``, exactly, 2^(max(e, -1022) − p + 1) with e = ⌊log2|y|⌋
+    (values below 2^-1022, zero included, get the spacing at 2^-1022). e comes from the
+    float64 exponent (``frexp``: |y| = m·2^E, m ∈ [½, 1), so e = E − 1), and the power of two
+    is exact (``ldexp``), so no value goes through Python's rationals."""
+    y = np.asarray(y, dtype=np.float64)
+    if not np.all(np.isfinite(y)):
+        raise CollapseSimError("a format's spacing is taken at finite values; the exact outputs hold inf or NaN")
+    e = np.frexp(np.abs(y))[1] - 1
+    return np.ldexp(1.0, np.where(y == 0, EMIN, np.maximum(e, EMIN)) - p + 1)
 
 
 def exact_pair_outputs(params: Params, family: str, n_max: int, *, seed: int = 0):
@@ -91,15 +101,19 @@ class ScalingResult:
 def scaling_sweep(params: Params, family: str, ps, n_max: int, *, order: str = "pairwise", emax: int = 60,
                   seed: int = 0, progress=None) -> ScalingResult:
     """Measured (emulated custom formats p bits, exponent range ±emax, so no
-    over/underflow interferes) and predicted first-collapse lengths for each p."""
-    from ..backends import make_backend
+    over/underflow interferes) and predicted first-collapse lengths for each p.
+
+    Every p runs in the emulated backend's shared program (formats as data, the same bits as
+    the program specialised to each format): one compiled forward serves the whole sweep,
+    where the automatic choice would compile the specialised one for the first p as well."""
+    from ..backends.emulated import EmulatedBackend
     from ..pairing import collapse_sweep
 
     A, B = exact_pair_outputs(params, family, n_max, seed=seed)
     measured, predicted = [], []
     for p in ps:
         pol = f"compute=(p={p},emax={emax}),order={order}"
-        res = collapse_sweep(params, family, n_max, make_backend("emulated", pol), f"p={p}", seed=seed)
+        res = collapse_sweep(params, family, n_max, EmulatedBackend(pol, shared=True), f"p={p}", seed=seed)
         measured.append(res.first_identical())
         predicted.append(predicted_first_collapse(A, B, p))
         if progress:

@@ -1,16 +1,21 @@
 """Every intermediate quantity of one float64 forward pass, and Jacobians ∂y_n/∂v_i^(0).
 
-The analysis backend is the native float64 backend, recording what the
-model taps (layer inputs v^(ℓ), norm scales σ, per-head q/k/v after RoPE, the
-attention matrices Λ^(ℓ,h), z^(ℓ)) so that the theorem bounds of this package can be
-evaluated from the same numbers the model used. With ``frozen=True`` the norm scales
-and attention weights are constants under differentiation: the model of Thm 5.1's
+The analysis backend runs the model's own forward (``model.forward_tapped``) in float64,
+recording what the model taps (layer inputs v^(ℓ), norm scales σ, per-head q/k/v after
+RoPE, the attention matrices Λ^(ℓ,h), z^(ℓ)) so that the theorem bounds of this package
+can be evaluated from the same numbers the model used. With ``frozen=True`` the norm
+scales and attention weights are constants under differentiation: the model of Thm 5.1's
 assumptions (i) and (ii).
 
-Each trace and each Jacobian is one compiled XLA program (weights as arguments), like
-every native forward: in another ``dtype`` (bf16, fp16) it is therefore "what XLA does"
-with the whole pass in view, which on CPU keeps float32 intermediates inside fusions
-(docs/backends.md), not a rounding after every op.
+What compiles: a trace (:func:`trace`) runs in numpy, eagerly (:class:`TraceBackend`),
+and compiles nothing: the theorem checks draw a new architecture for every random
+instance, so a compiled trace was one XLA program per instance, each costing more to
+compile (~0.4 s) or to load from the cache (~0.1 s) than the pass itself. A Jacobian
+(:func:`jacobian`) needs JAX's autodiff and is one compiled XLA program (weights and
+the zero perturbation as arguments); in another ``dtype`` (bf16, fp16) it is therefore
+"what XLA does" with the whole pass in view, which on CPU keeps float32 intermediates
+inside fusions (docs/backends.md), not a rounding after every op. :func:`compiled_taps`
+compiles the tapped forward of any backend (explain-native).
 """
 
 from __future__ import annotations
@@ -27,8 +32,16 @@ from ..backends.native import NativeBackend
 from ..model import Params, forward_tapped
 
 
+def _softmax_np(s):
+    """``jax.nn.softmax`` over the last axis in numpy: exp(s − max) ÷ sum."""
+    e = np.exp(s - np.max(s, axis=-1, keepdims=True))
+    return e / np.sum(e, axis=-1, keepdims=True)
+
+
 class AnalysisBackend(NativeBackend):
     """float64 (or ``dtype``), full attention matrices (kept in ``_attn`` while the model is traced)."""
+
+    _softmax = staticmethod(jax.nn.softmax)
 
     def __init__(self, frozen: bool = False, dtype: str = "fp64"):
         super().__init__(dtype)
@@ -42,17 +55,54 @@ class AnalysisBackend(NativeBackend):
     def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None):
         if self_kv is not None:
             raise ValueError("the analysis backend does not take probe tokens")
-        qpos, kpos = jnp.asarray(qpos), jnp.asarray(kpos)
-        s = (q @ k.T) * jnp.asarray(scale, q.dtype)
+        xp = self.xp
+        qpos, kpos = xp.asarray(qpos), xp.asarray(kpos)
+        s = (q @ k.T) * xp.asarray(scale, q.dtype)
         if alibi is not None:
-            s = s - jnp.asarray(alibi, s.dtype) * (qpos[:, None] - kpos[None, :]).astype(s.dtype)
+            s = s - xp.asarray(alibi, s.dtype) * (qpos[:, None] - kpos[None, :]).astype(s.dtype)
         valid = kpos[None, :] <= qpos[:, None]
         if window is not None:
             valid = valid & (kpos[None, :] > qpos[:, None] - window)
-        a = jax.nn.softmax(jnp.where(valid, s, -jnp.inf), axis=-1)
-        a = self.freeze(jnp.where(valid, a, jnp.zeros_like(a)))
+        a = self._softmax(xp.where(valid, s, -xp.inf))
+        a = self.freeze(xp.where(valid, a, xp.zeros_like(a)))
         self._attn.append(a)
         return a @ v
+
+
+class TraceBackend(AnalysisBackend):
+    """The analysis backend in float64 numpy, run eagerly op by op (nothing compiles): the
+    model's ops in the model's order, matrix products through BLAS like XLA's dots. Its values
+    differ from the compiled native float64 pass by float64 roundings (fused or reordered ops),
+    which the bounds' γ_K(2^-53) widening covers either way (docs/theory.md)."""
+
+    xp = np
+    _softmax = staticmethod(_softmax_np)
+    add, sub, mul, div, sqrt = (staticmethod(f) for f in (np.add, np.subtract, np.multiply, np.divide, np.sqrt))
+
+    def __init__(self):
+        super().__init__(False, "fp64")
+        self.label = "analysis:fp64:numpy"
+
+    def freeze(self, x):
+        return x
+
+    def store(self, x):
+        return np.asarray(x, np.float64)
+
+    def const(self, c, like):
+        return np.full(np.shape(like), c, np.float64)
+
+    def to_numpy(self, x):
+        return np.asarray(x, np.float64)
+
+    def relu(self, x):
+        return np.maximum(x, 0.0)
+
+    def mean(self, x):
+        return np.mean(x, axis=-1)
+
+    def linear(self, x, w):
+        return x @ w
 
 
 @dataclasses.dataclass
@@ -117,19 +167,23 @@ def compiled_taps(params: Params, tokens: np.ndarray, backend, *, delta0=None, c
 
 
 def trace(params: Params, tokens) -> Trace:
+    """The float64 intermediates of one pass over ``tokens`` (:class:`TraceBackend`: numpy,
+    eagerly, nothing compiled)."""
     require_x64("theory traces")
     c = params.config
     tokens = np.asarray(tokens)
-    y, R, A = compiled_taps(params, tokens, AnalysisBackend())
-    y, R = np.asarray(y), {k: np.asarray(v) for k, v in R.items()}
+    B = TraceBackend()
+    rec = Recorder(B)
+    y = np.asarray(forward_tapped(params, tokens, rec), np.float64)
+    R, A = rec.records, B._attn
     L, H = c.n_layers, c.n_heads
-    attn = {(l, h): np.asarray(A[l * H + h]) for l in range(L) for h in range(H)}
+    attn = {(l, h): A[l * H + h] for l in range(L) for h in range(H)}
     sig = {k[: -len("_sigma")]: v for k, v in R.items() if k.endswith("_sigma")}
     if c.kind == "gaussian":  # one layer fed by the draws: no layer-0 input, no residual z
         x, z = [None, R["l1.x"]], []
     else:
         x, z = [R[f"l{l}.x"] for l in range(L + 1)], [R[f"l{l}.z"] for l in range(L)]
-    return Trace(params, np.asarray(tokens), x, z,
+    return Trace(params, tokens, x, z,
                  sig, *({(l, h): R[f"l{l}.{w}{h}"] for l in range(L) for h in range(H)} for w in "qkv"), attn, y)
 
 
@@ -148,9 +202,12 @@ def jacobian(params: Params, tokens, *, frozen: bool = True, dtype: str = "fp64"
     def last(arrays, delta):
         return forward_tapped(Params(params.config, arrays), tokens, B, delta0=delta)[-1]
 
-    # one compiled program (eagerly, every op of the forward and its transpose compiled its own)
-    J = jax.jit(jax.jacrev(last, argnums=1))(params.arrays, jnp.zeros((N, d), B.dtype))  # (d_out, N, d_in)
-    return np.transpose(np.asarray(J, np.float64), (1, 0, 2))
+    def jac(arrays, delta):  # (d_out, N, d_in) -> (N, d_out, d_in), widened to float64 (exactly) in the program
+        return jnp.transpose(jax.jacrev(last, argnums=1)(arrays, delta), (1, 0, 2)).astype(jnp.float64)
+
+    # one compiled program (eagerly, every op of the forward and its transpose compiled its own); its
+    # arguments are numpy arrays, so no eager op (a cast, a zeros) compiles a program of its own
+    return np.asarray(jax.jit(jac)(params.arrays, np.zeros((N, d), B.dtype)))
 
 
 def spectral_norm(W) -> float:
