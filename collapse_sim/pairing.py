@@ -118,17 +118,39 @@ def pad_stream(tokens: np.ndarray, probe: np.ndarray | None, bucket: int | None)
     return pad(tokens), pad(probe)
 
 
+#: Bucketed emulated runs without probes up to this many tokens run the program with probes
+#: (:func:`shares_probe_program`): below it a run's arithmetic costs less than a compile.
+PROBE_PROGRAM_MAX_N = 1024
+
+
+def shares_probe_program(backend, n: int, bucket: int | None) -> bool:
+    """Whether a run of ``n`` (padded) tokens without probes runs the compiled forward with
+    probes instead, its probe rows computed and dropped: families with and without probes
+    (``repeat_last`` and ``ones``) then share one program per model, policy and bucket. Only
+    bucketed runs of the emulated backend up to :data:`PROBE_PROGRAM_MAX_N`: there every
+    stream row's bits are defined without the probes (docs/semantics.md §10), so they are the
+    same either way (tests/test_pairing.py); not under stochastic rounding, whose draws count
+    the probes' roundings too, nor natively, where XLA's bits depend on the whole program."""
+    if not bucket or n > PROBE_PROGRAM_MAX_N or getattr(backend, "kind", None) != "emulated":
+        return False
+    return not getattr(getattr(backend, "emu", None), "stochastic", True)
+
+
 def pair_outputs(params: Params, pairs: Pairs, backend, *, raw: bool = False, progress=None,
                  bucket: int | None = None):
     """Both members of every pair, ``(A, B)``, each (n, d): float64 arrays, or the
     backend's own numbers with ``raw=True`` (e.g. intervals). One forward per run;
-    ``bucket`` pads each run's stream (see :func:`pad_stream`)."""
+    ``bucket`` pads each run's stream (see :func:`pad_stream`), and a short emulated run
+    without probes may run the program with probes (:func:`shares_probe_program`)."""
     convert = (lambda a: a) if raw else backend.to_numpy
     outs = []
     for i, run in enumerate(pairs.runs):
         t0 = time.time()
         tokens, probe = pad_stream(run.tokens, run.probe, bucket)
-        res = forward(params, tokens, backend, probe=probe)
+        if probe is None and shares_probe_program(backend, tokens.size, bucket):
+            res = forward(params, tokens, backend, probe=tokens)[0]
+        else:
+            res = forward(params, tokens, backend, probe=probe)
         if run.probe is None:
             outs.append({"y": convert(res), "p": None})
         else:

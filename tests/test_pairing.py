@@ -87,3 +87,34 @@ def test_pair_outputs_are_the_members_outputs():
             for side, got in (("a", A), ("b", B)):
                 alone = backend.to_numpy(forward(params, np.array(member(pairs, side, n)), backend))[-1]
                 assert np.array_equal(got[n - 1], alone), f"{name} {side} n={n}"
+
+
+def test_runs_without_probes_share_the_program_with_probes():
+    """A bucketed emulated sweep of a family without probes (``ones``) after one with probes
+    (``repeat_last``) at the same bucket compiles nothing: it runs the program with probes
+    and drops their rows (pairing.shares_probe_program), with the bits of the forward without
+    probes (docs/semantics.md §10: probes never feed the stream); and not under stochastic
+    rounding or past PROBE_PROGRAM_MAX_N."""
+    import collapse_sim.pairing as pairing
+    from collapse_sim.backends import make_backend
+    from collapse_sim.compilation import snapshot
+    from collapse_sim.model import ModelConfig, init_params
+    from collapse_sim.pairing import collapse_sweep, shares_probe_program
+
+    P = init_params(ModelConfig(d=4, n_layers=1, vocab=6, pe="rope", seed=11))
+    be = make_backend("emulated", "compute=bf16,order=pairwise,kernel=online(4)")
+    collapse_sweep(P, "repeat_last", 10, be, "bf16", bucket=16)
+    t0 = snapshot()
+    shared = collapse_sweep(P, "ones", 10, be, "bf16", bucket=16, keep_outputs=True)
+    assert snapshot().since(t0).compiled == 0
+    pairing_max = pairing.PROBE_PROGRAM_MAX_N
+    try:
+        pairing.PROBE_PROGRAM_MAX_N = 0  # the program without probes
+        alone = collapse_sweep(P, "ones", 10, be, "bf16", bucket=16, keep_outputs=True)
+    finally:
+        pairing.PROBE_PROGRAM_MAX_N = pairing_max
+    for a, b in zip(shared.outputs, alone.outputs):
+        assert np.array_equal(a.view(np.uint64), b.view(np.uint64))
+    assert not shares_probe_program(make_backend("emulated", "compute=bf16,mode=sr(4,seed=1)"), 16, 16)
+    assert not shares_probe_program(be, pairing_max + 1, 16) and not shares_probe_program(be, 16, None)
+    assert not shares_probe_program(make_backend("native", "bf16"), 16, 16)
