@@ -134,9 +134,7 @@ class Order:
     def parse(cls, text: "str | Order") -> "Order":
         if isinstance(text, Order):
             return text
-        if not isinstance(text, str):
-            raise PolicyError(f"a reduction order is a string such as 'pairwise' or 'blocked(32)', got {text!r}")
-        t = text.strip().lower()
+        t = require_text(text, PolicyError, "a reduction order", "a string such as 'pairwise' or 'blocked(32)'").strip().lower()
         if t in ORDER_PRESETS:
             return cls(*ORDER_PRESETS[t])
         m = re.fullmatch(rf"({'|'.join(ACCUMULATOR_KINDS)})(?:\((.*)\))?", t)
@@ -242,8 +240,7 @@ class Kernel:
     def parse(cls, text: "str | Kernel") -> "Kernel":
         if isinstance(text, Kernel):
             return text
-        if not isinstance(text, str):
-            raise PolicyError(f"an attention kernel is a string such as 'naive', 'online(64)', 'flash2(64)' or 'flash3fp8(64)', got {text!r}")
+        require_text(text, PolicyError, "an attention kernel", "a string such as 'naive', 'online(64)', 'flash2(64)' or 'flash3fp8(64)'")
         return cls(*_kind_and_block(text, BLOCK_KERNELS, "kernel", "key block size", 64))
 
     def why_not_adaptive(self) -> str | None:
