@@ -51,7 +51,9 @@ Semantics (IEEE 754 where it speaks):
   ``P(up) = t / 2**r``. ``sr`` draws as many bits as the input type is wide (32 from
   float32, 64 from float64), which makes ``P(up) = (x - RZ(x)) / ulp`` exactly wherever
   the discarded part has at most that many bits. The draws come from a ``jax.random`` key
-  or are given (``draws=``), so that every draw can be enumerated.
+  or are given (``draws=``), so that every draw can be enumerated. The emulated backend
+  gives draws from a counter-based hash (:func:`hash_draws`, splitmix64; docs/semantics.md §2),
+  a few integer ops per element that compile like any other elementwise op.
 """
 
 from __future__ import annotations
@@ -491,6 +493,47 @@ def _sr_draws(x, key, draws, bits: "int | None"):
     if draws is not None:
         return jnp.broadcast_to(jnp.asarray(draws).astype(c.u), x.shape)
     return jax.random.bits(key, x.shape, dtype=c.u) >> c.u(c.width - bits)
+
+
+#: splitmix64's increment: the odd integer nearest 2^64 / φ (docs/semantics.md §2)
+SPLITMIX_G = 0x9E3779B97F4A7C15
+_MIX_MUL = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)  # splitmix64's output function's multipliers
+
+
+def _need_uint64(what: str) -> None:
+    if not jax.config.jax_enable_x64:
+        raise RoundingError(f"{what} works on 64-bit words, which JAX holds only with float64 on; "
+                            "call collapse_sim.enable_x64() first")
+
+
+def split_word(w, k):
+    """splitmix64's ``k``-th output from the state ``w``: ``mix(w + (k + 1)·G)`` modulo 2^64
+    (docs/semantics.md §2), as uint64. ``w``: a word (an integer or a uint64 array, traced or
+    not); ``k >= 0``: a Python int (folded into a constant) or an integer array (traced inside
+    a loop body), broadcast against ``w``."""
+    _need_uint64("split_word")
+    u = jnp.uint64
+    if isinstance(k, int):
+        inc = u((k + 1) * SPLITMIX_G % 2**64)
+    else:
+        inc = (jnp.asarray(k).astype(u) + u(1)) * u(SPLITMIX_G)
+    z = jnp.asarray(w, u) + inc
+    z = (z ^ (z >> u(30))) * u(_MIX_MUL[0])
+    z = (z ^ (z >> u(27))) * u(_MIX_MUL[1])
+    return z ^ (z >> u(31))
+
+
+def hash_draws(word, shape, bits: int):
+    """The ``bits``-bit draws of one stochastic rounding of an array of ``shape`` whose slot
+    word is ``word`` (docs/semantics.md §2): the element of row-major index ``j`` draws the top
+    ``bits`` bits of ``split_word(word, j)``, as uint64. Elementwise integer ops on ``lax.iota``:
+    no per-element PRNG, so they compile like the rounding they feed."""
+    _need_uint64("hash_draws")
+    if not 1 <= bits <= SR_MAX_BITS:
+        raise RoundingError(f"stochastic rounding takes 1 to {SR_MAX_BITS} random bits, got {bits}")
+    shape = tuple(shape)
+    j = lax.iota(jnp.uint64, int(np.prod(shape, dtype=np.int64))).reshape(shape)
+    return split_word(word, j) >> jnp.uint64(64 - bits)
 
 
 @partial(jax.jit, static_argnames=("mode", "bits"))
