@@ -16,6 +16,9 @@ arithmetic (``jnp.float32(1e-40) * 2 == 0`` under jit), so any scheme that
 scales by powers of two would lose the subnormals of bf16 (which are float32
 subnormals) or of float64 inputs. Integer operations are also immune to the
 compiler's floating-point rewrites, so jit and eager agree bit for bit.
+Stochastic rounding ``sr(r)`` from float64 has a fast path too (``_round_sr_fast``: the
+draw added to the bit pattern, then a truncation; below the normal range an exact scaling
+by powers of two, where the float64 subnormals it would flush all round down anyway).
 
 The result has the dtype of the input (float32 or float64) and is exactly a
 value of ``fmt`` (or ±inf / NaN per the format's overflow policy), carried in
@@ -473,6 +476,52 @@ def _round_rne_fast(x, fmt: "Format | FormatParams"):
     return _signed(c, fmt, pat, xsign != 0, lim, x.dtype)
 
 
+def _sr_fast_applies(fmt: Format, dtype, bits: int) -> bool:
+    """Whether ``sr(bits)`` to ``fmt`` from ``dtype`` has the fast path: float64 input, the
+    format's normal range inside float64's with subnormals that are float64 normals, and
+    ``bits`` within the 53 - p discarded bits of a normal input, and ``2^(q - bits)`` (q the
+    quantum's exponent below the normal range) a float64 normal: a float64 subnormal input,
+    which XLA may flush to 0, then has t = 0 and rounds to 0 whatever the draw."""
+    c = _Carrier(dtype)
+    return (c.width == 64 and fast_path_applies(fmt, dtype) and _magic_tiny_ok(fmt, c) and bits <= c.pc - fmt.p
+            and fmt.emin - fmt.p + 1 - bits >= c.emin)
+
+
+def _round_sr_fast(x, draws, fmt: Format, bits: int):
+    """Stochastic rounding with ``bits`` random bits (docs/semantics.md §1) by one integer add.
+
+    In the format's normal range the quantum is fixed by the input's own exponent: the low
+    D = 53 - p bits of the bit pattern are the discarded part, whose top ``bits`` bits are t,
+    so adding ``draw << (D - bits)`` carries out of them iff t + draw >= 2^bits; truncating the
+    D bits then gives N·q, a carry into the exponent field being the next binade. Below it the
+    quantum is 2^q (q = emin - p + 1): ``|x| · 2^-q · 2^bits`` is exact (powers of two, every
+    product a float64 normal or a zero), its floor is N·2^bits + t, and adding the draw and
+    shifting right by ``bits`` gives N (float64 subnormal inputs, flushed to 0 by XLA, have
+    t = 0 and N = 0 anyway). Then the overflow rule (the overflow value when the draw rounded
+    up, else max) and the specials. Equal bit for bit to the general path (tests/test_sr.py)."""
+    c = _Carrier(x.dtype)
+    U = c.u
+    sign_bit = U(1) << U(c.width - 1)
+    xbits = lax.bitcast_convert_type(x, U)
+    neg = (xbits & sign_bit) != 0
+    mag = xbits & ~sign_bit
+    D = c.pc - fmt.p
+    down = (mag >> U(D)) << U(D)
+    normal = ((mag + (draws << U(D - bits))) >> U(D)) << U(D)
+    q = fmt.emin - fmt.p + 1
+    y = jnp.floor(jnp.abs(x) * pow2(-q) * pow2(bits))  # N·2^bits + t, below 2^(p - 1 + bits)
+    N = (y.astype(U) + draws) >> U(bits)
+    tiny = lax.bitcast_convert_type(N.astype(x.dtype) * pow2(q), U)
+    tiny_pat = _tiny_pattern(c, fmt)
+    small = mag < tiny_pat
+    pat = jnp.where(small, tiny, normal)
+    lim = _Limits(c, fmt)  # only the normal range overflows: below it a result is at most 2^emin
+    pat = jnp.where(lim.over(pat), jnp.where(normal != down, lim.overflow, lim.xmax), pat)
+    pat = jnp.where(mag >= lim.inf, jnp.where(mag == lim.inf, lim.overflow, lim.nan), pat)
+    pat = _domain(c, fmt, pat, mag, neg, lim)
+    return _signed(c, fmt, pat, neg, lim, x.dtype)
+
+
 def _magic(c: "_Carrier", fmt: "Format | FormatParams", dtype):
     """C = 1.5 * 2**(q + pc - 1), q = emin - p + 1: the binade of C has spacing 2**q, so
     ``(x + C) - C`` rounds a tiny x to a multiple of the format's quantum, ties to even."""
@@ -556,6 +605,8 @@ def _round_impl(x, key, draws, fmt: Format, mode: Mode, bits: "int | None"):
         mag = lax.bitcast_convert_type(x, c.u) & ~(c.u(1) << c.u(c.width - 1))
         tiny = (mag < tiny_pat) & (mag != 0)
         return lax.cond(jnp.any(tiny), lambda v: _round_general(v, None, fmt, mode), lambda v: _round_rne_fast(v, fmt), x)
+    if mode is Mode.SR and _sr_fast_applies(fmt, x.dtype, bits):
+        return _round_sr_fast(x, _sr_draws(x, key, draws, bits), fmt, bits)
     return _round_general(x, _sr_draws(x, key, draws, bits), fmt, mode, bits)
 
 
