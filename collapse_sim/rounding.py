@@ -555,11 +555,13 @@ def _need_uint64(what: str) -> None:
                             "call collapse_sim.enable_x64() first")
 
 
-def split_word(w, k):
+def split_word(w, k, top_bits: int = 64):
     """splitmix64's ``k``-th output from the state ``w``: ``mix(w + (k + 1)·G)`` modulo 2^64
     (docs/semantics.md §2), as uint64. ``w``: a word (an integer or a uint64 array, traced or
     not); ``k >= 0``: a Python int (folded into a constant) or an integer array (traced inside
-    a loop body), broadcast against ``w``."""
+    a loop body), broadcast against ``w``. ``top_bits``: only the top ``top_bits`` bits are
+    right (the others are for the caller to drop): mix's last step, ``z ^ (z >> 31)``, leaves
+    the top 31 bits as they are, so it is skipped for ``top_bits <= 31``."""
     _need_uint64("split_word")
     u = jnp.uint64
     if isinstance(k, int):
@@ -569,7 +571,7 @@ def split_word(w, k):
     z = jnp.asarray(w, u) + inc
     z = (z ^ (z >> u(30))) * u(_MIX_MUL[0])
     z = (z ^ (z >> u(27))) * u(_MIX_MUL[1])
-    return z ^ (z >> u(31))
+    return z if top_bits <= 31 else z ^ (z >> u(31))
 
 
 def hash_draws(word, shape, bits: int):
@@ -582,7 +584,7 @@ def hash_draws(word, shape, bits: int):
         raise RoundingError(f"stochastic rounding takes 1 to {SR_MAX_BITS} random bits, got {bits}")
     shape = tuple(shape)
     j = lax.iota(jnp.uint64, int(np.prod(shape, dtype=np.int64))).reshape(shape)
-    return split_word(word, j) >> jnp.uint64(64 - bits)
+    return split_word(word, j, bits) >> jnp.uint64(64 - bits)
 
 
 @partial(jax.jit, static_argnames=("mode", "bits"))

@@ -64,6 +64,15 @@ def test_top_word_is_splitmix64s_first_output():
     assert [int(split_word(0, k)) for k in (0, 1)] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4]
 
 
+def test_hash_draws_equal_the_text_for_every_width():
+    """hash_draws skips mix's last step where it cannot reach the top r bits (r <= 31): every
+    r around that edge, and 1 and 64, against the text."""
+    w = split(5, 2)
+    for r in (1, 8, 30, 31, 32, 33, 40, 64):
+        want = [split(w, j) >> (64 - r) for j in range(64)]
+        assert np.asarray(hash_draws(np.uint64(w), (8, 8), r)).ravel().tolist() == want, r
+
+
 def test_emulator_draws_equal_the_text():
     """An emulator's draws, compiled and not, equal the text's bit for bit: two roundings in the
     top scope, a loop of three iterations traced once (``lax.map``: the loop's scope takes one
