@@ -115,7 +115,7 @@ class EmulatedBackend(JaxBackendBase):
                 f"not {'sharded' if self.shard else 'with the ' + str(self.emu.kernel) + ' kernel'}; "
                 f"use {'an unsharded backend' if self.shard else 'kernel=naive'}")
         self.label = f"emulated:{self.policy}" + (f":sharded{jax.device_count()}" if self.shard else "")
-        # the compiled program's identity: under sr the seed's key is the program's argument (run)
+        # the compiled program's identity: under sr the seed is the program's argument (run)
         self._program = (f"emulated:{dataclasses.replace(self.policy, mode=Stochastic(self.emu.mode.bits))}"
                          if self.emu.stochastic else self.label)
         if self.emu.stochastic and shared:
