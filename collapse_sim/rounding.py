@@ -494,7 +494,7 @@ def _round_sr_fast(x, draws, fmt: Format, bits: int):
     D = 53 - p bits of the bit pattern are the discarded part, whose top ``bits`` bits are t,
     so adding ``draw << (D - bits)`` carries out of them iff t + draw >= 2^bits; truncating the
     D bits then gives N·q, a carry into the exponent field being the next binade. Below it the
-    quantum is 2^q (q = emin - p + 1): ``|x| · 2^-q · 2^bits`` is exact (powers of two, every
+    quantum is 2^q (q = emin - p + 1): ``|x| · 2^(bits - q)`` is exact (a power of two, the
     product a float64 normal or a zero), its floor is N·2^bits + t, and adding the draw and
     shifting right by ``bits`` gives N (float64 subnormal inputs, flushed to 0 by XLA, have
     t = 0 and N = 0 anyway). Then the overflow rule (the overflow value when the draw rounded
@@ -506,17 +506,16 @@ def _round_sr_fast(x, draws, fmt: Format, bits: int):
     neg = (xbits & sign_bit) != 0
     mag = xbits & ~sign_bit
     D = c.pc - fmt.p
-    down = (mag >> U(D)) << U(D)
-    normal = ((mag + (draws << U(D - bits))) >> U(D)) << U(D)
+    normal = ((mag + (draws << U(D - bits))) >> U(D)) << U(D)  # above mag iff the draw carried
     q = fmt.emin - fmt.p + 1
-    y = jnp.floor(jnp.abs(x) * pow2(-q) * pow2(bits))  # N·2^bits + t, below 2^(p - 1 + bits)
+    y = jnp.floor(jnp.abs(x) * pow2(bits - q))  # N·2^bits + t, below 2^(p - 1 + bits)
     N = (y.astype(U) + draws) >> U(bits)
     tiny = lax.bitcast_convert_type(N.astype(x.dtype) * pow2(q), U)
     tiny_pat = _tiny_pattern(c, fmt)
     small = mag < tiny_pat
     pat = jnp.where(small, tiny, normal)
     lim = _Limits(c, fmt)  # only the normal range overflows: below it a result is at most 2^emin
-    pat = jnp.where(lim.over(pat), jnp.where(normal != down, lim.overflow, lim.xmax), pat)
+    pat = jnp.where(lim.over(pat), jnp.where(normal > mag, lim.overflow, lim.xmax), pat)
     pat = jnp.where(mag >= lim.inf, jnp.where(mag == lim.inf, lim.overflow, lim.nan), pat)
     pat = _domain(c, fmt, pat, mag, neg, lim)
     return _signed(c, fmt, pat, neg, lim, x.dtype)
