@@ -170,3 +170,24 @@ def test_neighbouring_words_differ():
     iterations = np.asarray(split_word(split_word(W, 1), k))  # a loop in slot 1
     words = np.concatenate([elements, slots, iterations])
     assert np.unique(words).size == words.size
+
+
+def test_an_emulator_traced_once_still_runs_eagerly():
+    """The top scope's word is made where it is used and never kept: an emulator that rounded
+    inside a compiled function, in a scope and out of it, keeps no traced word and rounds
+    eagerly afterwards, its slots counted on (slots 0 to 2 in the trace, then slot 3)."""
+    emu = Emulator("compute=bf16,order=pairwise,mode=sr(8,seed=4)")
+    x = jnp.full((4,), 1.0 + 2.0**-9)  # a quarter of the way to the next bf16 value: t = 64
+
+    def traced(v):
+        with emu.stream(jnp.int32(1)):
+            y = emu.rnd(v)
+        return emu.rnd(y), emu.rnd(v)
+
+    jax.jit(traced)(x)
+    assert emu._word is None and emu.roundings == 3  # the scope took slot 0, the roundings 1 and 2
+    want = Scopes(4)
+    for _ in range(3):
+        want._slot()
+    u = np.array(want.draws(4, 8))
+    assert np.asarray(emu.rnd(x)).tolist() == np.where(64 + u >= 256, 1.0 + 2.0**-7, 1.0).tolist()

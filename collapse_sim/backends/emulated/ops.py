@@ -85,7 +85,7 @@ class Emulator:
         if self.stochastic:
             _check_stochastic(pol)
         self._seed = self.mode.seed if self.stochastic else None  # the seed s (traced: the program's argument)
-        self._word = None  # the innermost draw scope's word (:meth:`stream`); None: the top scope's, split(s, 0)
+        self._word = None  # the innermost draw scope's word (:meth:`stream`); None in the top scope (split(s, 0))
         self.roundings = 0  # roundings and scopes drawn in the innermost scope (stochastic rounding: the next one's n)
         self.shared = shared
         if shared:
@@ -133,11 +133,10 @@ class Emulator:
 
     # --- rounding --------------------------------------------------------
     def _scope_word(self):
-        """The innermost draw scope's word (the top scope's, ``split(s, 0)``, made on first use:
-        inside the compiled forward from its traced seed)."""
-        if self._word is None:
-            self._word = split_word(self._seed, 0)
-        return self._word
+        """The innermost draw scope's word; in the top scope ``split(s, 0)``, made where it is
+        used (inside the compiled forward from its traced seed) and never kept, so that no
+        traced word outlives its trace."""
+        return split_word(self._seed, 0) if self._word is None else self._word
 
     def draws(self, shape):
         """Stochastic rounding's draws for the next rounding of an array of ``shape``
@@ -171,8 +170,8 @@ class Emulator:
         if not self.stochastic:
             yield self
             return
-        outer, n = self._scope_word(), self.roundings
-        self._word, self.roundings = split_word(split_word(outer, n), i), 0
+        outer, n = self._word, self.roundings
+        self._word, self.roundings = split_word(split_word(self._scope_word(), n), i), 0
         try:
             yield self
         finally:
