@@ -39,8 +39,9 @@ COST = {
 # seconds to compile one forward program cold (no cache): native; emulated op-by-op orders; the
 # certified ones (exact, blocked), which compile the certified path, the op-by-op redo and the
 # superaccumulator; the stochastic forward, whose adds are made round-to-odd and whose every rounding
-# hashes its own draws (measured 2026-12-02 on 2 cores shared, load ~6: 23.7 s for one program at
-# d = 64, N = 64 against 6.8 s under rne, 23 s at N = 512; 172 s while its draws were threefry's)
+# hashes its own draws (measured 2026-12-02 on 2 cores shared: one program at d = 64, N = 64 in 11.2 s
+# at load ~2.5 and 23.7 s at load ~6, against 2.3 s and 6.8 s under rne; ~23 s at N = 512; 58.5 s
+# and 172 s while its draws were threefry's, benchmarks/README.md)
 COMPILE = {"native": 2.0, "emulated": 6.0, "emulated-certified": 30.0, "emulated-sr": 30.0, "reference": 0.0}
 TIME_LIMIT = 3600.0  # default --time-limit, seconds
 
