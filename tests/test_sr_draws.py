@@ -191,3 +191,52 @@ def test_an_emulator_traced_once_still_runs_eagerly():
         want._slot()
     u = np.array(want.draws(4, 8))
     assert np.asarray(emu.rnd(x)).tolist() == np.where(64 + u >= 256, 1.0 + 2.0**-7, 1.0).tolist()
+
+
+def test_sums_draw_as_the_text_says():
+    """A bf16 sum of m = 5 terms over a batch of 3 rows under sr(8), sequential and pairwise,
+    against the text's slots, computed with plain integers and the rounding oracle of
+    tests/test_sr.py: the sequential adds draw one stacked (m - 1, 3) array (add k takes row k),
+    the pairwise order one array per level (the padded 8 terms: levels of 4, 2 and 1 per row),
+    both one more slot for the output rounding; a rounding after the sum takes the next slot."""
+    from fractions import Fraction
+
+    from collapse_sim.formats import parse
+    from test_sr import sr_parts
+
+    fmt, r, seed = parse("bf16"), 8, 6
+    rng = np.random.default_rng(1)
+    x = np.asarray(rng.integers(1, 256, (3, 5)) * 2.0 ** rng.integers(-12, 0, (3, 5)))  # bf16 values
+
+    def sr(v, u):  # §1: up iff t + u >= 2^r, for the exact value v (a float64 here: every sum is exact)
+        down, up, F, D = sr_parts(float(v), fmt)
+        t = F >> (D - r) if D >= r else F << (r - D)
+        return up if t + u >= 2**r else down
+
+    for order in ("sequential", "pairwise"):
+        emu = Emulator(f"compute=bf16,order={order},mode=sr({r},seed={seed})")
+
+        def run(v, w):
+            e = emu.fresh()
+            return e.sum(v), e.rnd(w)
+
+        got, after = (np.asarray(a) for a in jax.jit(run)(jnp.asarray(x), jnp.asarray(x[:, 0] / 3)))
+        sc = Scopes(seed)
+        if order == "sequential":
+            u = np.array(sc.draws(4 * 3, r)).reshape(4, 3)
+            want = [x[b, 0] for b in range(3)]
+            for k in range(4):
+                want = [sr(Fraction(want[b]) + Fraction(x[b, k + 1]), u[k, b]) for b in range(3)]
+        else:
+            level = np.concatenate([x, np.zeros((3, 3))], axis=1).tolist()
+            while len(level[0]) > 1:
+                half = len(level[0]) // 2
+                u = np.array(sc.draws(3 * half, r)).reshape(3, half)
+                level = [[sr(Fraction(row[2 * i]) + Fraction(row[2 * i + 1]), u[b, i]) for i in range(half)]
+                         for b, row in enumerate(level)]
+            want = [row[0] for row in level]
+        out = sc.draws(3, r)  # the output rounding's slot (bf16 to bf16: exact, whatever the draw)
+        want = [sr(v, ui) for v, ui in zip(want, out)]
+        assert got.tolist() == want, (order, got, want)
+        u_after = sc.draws(3, r)
+        assert after.tolist() == [sr(Fraction(x[b, 0]) / 3, u_after[b]) for b in range(3)], order
