@@ -477,11 +477,11 @@ def _round_rne_fast(x, fmt: "Format | FormatParams"):
 
 
 def _sr_fast_applies(fmt: Format, dtype, bits: int) -> bool:
-    """Whether ``sr(bits)`` to ``fmt`` from ``dtype`` has the fast path: float64 input, the
-    format's normal range inside float64's with subnormals that are float64 normals, and
-    ``bits`` within the 53 - p discarded bits of a normal input, and ``2^(q - bits)`` (q the
-    quantum's exponent below the normal range) a float64 normal: a float64 subnormal input,
-    which XLA may flush to 0, then has t = 0 and rounds to 0 whatever the draw."""
+    """Whether ``sr(bits)`` to ``fmt`` from ``dtype`` has the fast path: a float64 input; the
+    format's normal range inside float64's, with subnormals that are float64 normals; ``bits``
+    within the 53 - p discarded bits of a normal input; and ``2^(q - bits)`` (q the quantum's
+    exponent below the normal range) a float64 normal, so that a float64 subnormal input,
+    which XLA may flush to 0, has t = 0 and rounds to 0 whatever the draw."""
     c = _Carrier(dtype)
     return (c.width == 64 and fast_path_applies(fmt, dtype) and _magic_tiny_ok(fmt, c) and bits <= c.pc - fmt.p
             and fmt.emin - fmt.p + 1 - bits >= c.emin)
