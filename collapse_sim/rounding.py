@@ -16,6 +16,9 @@ arithmetic (``jnp.float32(1e-40) * 2 == 0`` under jit), so any scheme that
 scales by powers of two would lose the subnormals of bf16 (which are float32
 subnormals) or of float64 inputs. Integer operations are also immune to the
 compiler's floating-point rewrites, so jit and eager agree bit for bit.
+Stochastic rounding ``sr(r)`` from float64 has a fast path too (``_round_sr_fast``: the
+draw added to the bit pattern, then a truncation; below the normal range an exact scaling
+by powers of two, where the float64 subnormals it would flush all round down anyway).
 
 The result has the dtype of the input (float32 or float64) and is exactly a
 value of ``fmt`` (or ±inf / NaN per the format's overflow policy), carried in
@@ -51,7 +54,9 @@ Semantics (IEEE 754 where it speaks):
   ``P(up) = t / 2**r``. ``sr`` draws as many bits as the input type is wide (32 from
   float32, 64 from float64), which makes ``P(up) = (x - RZ(x)) / ulp`` exactly wherever
   the discarded part has at most that many bits. The draws come from a ``jax.random`` key
-  or are given (``draws=``), so that every draw can be enumerated.
+  or are given (``draws=``), so that every draw can be enumerated. The emulated backend
+  gives draws from a counter-based hash (:func:`hash_draws`, splitmix64; docs/semantics.md §2),
+  a few integer ops per element that compile like any other elementwise op.
 """
 
 from __future__ import annotations
@@ -471,6 +476,51 @@ def _round_rne_fast(x, fmt: "Format | FormatParams"):
     return _signed(c, fmt, pat, xsign != 0, lim, x.dtype)
 
 
+def _sr_fast_applies(fmt: Format, dtype, bits: int) -> bool:
+    """Whether ``sr(bits)`` to ``fmt`` from ``dtype`` has the fast path: a float64 input; the
+    format's normal range inside float64's, with subnormals that are float64 normals; ``bits``
+    within the 53 - p discarded bits of a normal input; and ``2^(q - bits)`` (q the quantum's
+    exponent below the normal range) a float64 normal, so that a float64 subnormal input,
+    which XLA may flush to 0, has t = 0 and rounds to 0 whatever the draw."""
+    c = _Carrier(dtype)
+    return (c.width == 64 and fast_path_applies(fmt, dtype) and _magic_tiny_ok(fmt, c) and bits <= c.pc - fmt.p
+            and fmt.emin - fmt.p + 1 - bits >= c.emin)
+
+
+def _round_sr_fast(x, draws, fmt: Format, bits: int):
+    """Stochastic rounding with ``bits`` random bits (docs/semantics.md §1) by one integer add.
+
+    In the format's normal range the quantum is fixed by the input's own exponent: the low
+    D = 53 - p bits of the bit pattern are the discarded part, whose top ``bits`` bits are t,
+    so adding ``draw << (D - bits)`` carries out of them iff t + draw >= 2^bits; truncating the
+    D bits then gives N·q, a carry into the exponent field being the next binade. Below it the
+    quantum is 2^q (q = emin - p + 1): ``|x| · 2^(bits - q)`` is exact (a power of two, the
+    product a float64 normal or a zero), its floor is N·2^bits + t, and adding the draw and
+    shifting right by ``bits`` gives N (float64 subnormal inputs, flushed to 0 by XLA, have
+    t = 0 and N = 0 anyway). Then the overflow rule (the overflow value when the draw rounded
+    up, else max) and the specials. Equal bit for bit to the general path (tests/test_sr.py)."""
+    c = _Carrier(x.dtype)
+    U = c.u
+    sign_bit = U(1) << U(c.width - 1)
+    xbits = lax.bitcast_convert_type(x, U)
+    neg = (xbits & sign_bit) != 0
+    mag = xbits & ~sign_bit
+    D = c.pc - fmt.p
+    normal = ((mag + (draws << U(D - bits))) >> U(D)) << U(D)  # above mag iff the draw carried
+    q = fmt.emin - fmt.p + 1
+    y = jnp.floor(jnp.abs(x) * pow2(bits - q))  # N·2^bits + t, below 2^(p - 1 + bits)
+    N = (y.astype(U) + draws) >> U(bits)
+    tiny = lax.bitcast_convert_type(N.astype(x.dtype) * pow2(q), U)
+    tiny_pat = _tiny_pattern(c, fmt)
+    small = mag < tiny_pat
+    pat = jnp.where(small, tiny, normal)
+    lim = _Limits(c, fmt)  # only the normal range overflows: below it a result is at most 2^emin
+    pat = jnp.where(lim.over(pat), jnp.where(normal > mag, lim.overflow, lim.xmax), pat)
+    pat = jnp.where(mag >= lim.inf, jnp.where(mag == lim.inf, lim.overflow, lim.nan), pat)
+    pat = _domain(c, fmt, pat, mag, neg, lim)
+    return _signed(c, fmt, pat, neg, lim, x.dtype)
+
+
 def _magic(c: "_Carrier", fmt: "Format | FormatParams", dtype):
     """C = 1.5 * 2**(q + pc - 1), q = emin - p + 1: the binade of C has spacing 2**q, so
     ``(x + C) - C`` rounds a tiny x to a multiple of the format's quantum, ties to even."""
@@ -493,6 +543,49 @@ def _sr_draws(x, key, draws, bits: "int | None"):
     return jax.random.bits(key, x.shape, dtype=c.u) >> c.u(c.width - bits)
 
 
+#: splitmix64's increment: the odd integer nearest 2^64 / φ (docs/semantics.md §2)
+SPLITMIX_G = 0x9E3779B97F4A7C15
+_MIX_MUL = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)  # splitmix64's output function's multipliers
+
+
+def _need_uint64(what: str) -> None:
+    if not jax.config.jax_enable_x64:
+        raise RoundingError(f"{what} works on 64-bit words, which JAX holds only with float64 on; "
+                            "call collapse_sim.enable_x64() first")
+
+
+def split_word(w, k, top_bits: int = 64):
+    """splitmix64's ``k``-th output from the state ``w``: ``mix(w + (k + 1)·G)`` modulo 2^64
+    (docs/semantics.md §2), as uint64. ``w``: a word (an integer or a uint64 array, traced or
+    not); ``k >= 0``: a Python int (folded into a constant) or an integer array (traced inside
+    a loop body), broadcast against ``w``. ``top_bits``: only the top ``top_bits`` bits are
+    right (the others are for the caller to drop): mix's last step, ``z ^ (z >> 31)``, leaves
+    the top 31 bits as they are, so it is skipped for ``top_bits <= 31``."""
+    _need_uint64("split_word")
+    u = jnp.uint64
+    if isinstance(k, int):
+        inc = u((k + 1) * SPLITMIX_G % 2**64)
+    else:
+        inc = (jnp.asarray(k).astype(u) + u(1)) * u(SPLITMIX_G)
+    z = jnp.asarray(w, u) + inc
+    z = (z ^ (z >> u(30))) * u(_MIX_MUL[0])
+    z = (z ^ (z >> u(27))) * u(_MIX_MUL[1])
+    return z if top_bits <= 31 else z ^ (z >> u(31))
+
+
+def hash_draws(word, shape, bits: int):
+    """The ``bits``-bit draws of one stochastic rounding of an array of ``shape`` whose slot
+    word is ``word`` (docs/semantics.md §2): the element of row-major index ``j`` draws the top
+    ``bits`` bits of ``split_word(word, j)``, as uint64. Elementwise integer ops on ``lax.iota``:
+    no per-element PRNG, so they compile like the rounding they feed."""
+    _need_uint64("hash_draws")
+    if not 1 <= bits <= SR_MAX_BITS:
+        raise RoundingError(f"stochastic rounding takes 1 to {SR_MAX_BITS} random bits, got {bits}")
+    shape = tuple(shape)
+    j = lax.iota(jnp.uint64, int(np.prod(shape, dtype=np.int64))).reshape(shape)
+    return split_word(word, j, bits) >> jnp.uint64(64 - bits)
+
+
 @partial(jax.jit, static_argnames=("mode", "bits"))
 def _round_traced(x, key, draws, fmt: FormatParams, mode: Mode, bits: "int | None"):
     """Rounding to a traced format: every member of its class has the fast nearest path."""
@@ -513,6 +606,8 @@ def _round_impl(x, key, draws, fmt: Format, mode: Mode, bits: "int | None"):
         mag = lax.bitcast_convert_type(x, c.u) & ~(c.u(1) << c.u(c.width - 1))
         tiny = (mag < tiny_pat) & (mag != 0)
         return lax.cond(jnp.any(tiny), lambda v: _round_general(v, None, fmt, mode), lambda v: _round_rne_fast(v, fmt), x)
+    if mode is Mode.SR and _sr_fast_applies(fmt, x.dtype, bits):
+        return _round_sr_fast(x, _sr_draws(x, key, draws, bits), fmt, bits)
     return _round_general(x, _sr_draws(x, key, draws, bits), fmt, mode, bits)
 
 

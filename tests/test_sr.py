@@ -243,8 +243,10 @@ def test_emulated_ops_under_sr_against_the_oracle():
     """The emulated + - * / sqrt exp under compute=bf16,mode=sr(4,seed=2) on random bf16 operands
     and on sums -2^k + 2^(k-60) that float64 rounds onto a value (the carrier's round to odd):
     each result is the oracle's rounding of the exact result with the draws docs/semantics.md
-    §2 names, rounding n = 0, 1, 2, ... of the emulator: the top 4 bits of
-    jax.random.bits(fold_in(key(2), n), shape, uint64)."""
+    §2 names, written again with plain integers (test_sr_draws.Scopes): rounding n = 0, 1, 2, ...
+    takes slot n of the top scope, element j the top 4 bits of split(split(split(2, 0), n), j)."""
+    from test_sr_draws import Scopes
+
     from collapse_sim.backends.emulated.ops import Emulator
 
     fmt = parse("bf16")
@@ -253,16 +255,17 @@ def test_emulated_ops_under_sr_against_the_oracle():
     a = np.concatenate([np.asarray(round_to(rng.uniform(0.5, 4, 4000) * rng.choice([-1, 1], 4000), fmt)), -(2**k)])
     b = np.concatenate([np.asarray(round_to(rng.uniform(0.5, 4, 4000), fmt)), 2 ** (k - 60)])
     emu = Emulator("compute=bf16,order=sequential,mode=sr(4,seed=2)")
+    scopes = Scopes(2)
     exact = {"add": lambda x, y: _rz53(abs(Fraction(x) + Fraction(y))) * (1 if x + y >= 0 else -1),
              "sub": lambda x, y: _rz53(abs(Fraction(x) - Fraction(y))) * (1 if x - y >= 0 else -1),
              "mul": lambda x, y: _rz53(abs(Fraction(x) * Fraction(y))) * (1 if x * y >= 0 else -1),
              "div": lambda x, y: _rz53(abs(Fraction(x) / Fraction(y))) * (1 if x / y >= 0 else -1),
              "sqrt": lambda x, y: _sqrt_rz53(Fraction(y)),
              "exp": lambda x, y: _exp_rz53(x)}
-    for n, (op, f) in enumerate(exact.items()):
+    for op, f in exact.items():
         unary = {"sqrt": b, "exp": a}.get(op)
         got = np.asarray(getattr(emu, op)(jnp.asarray(unary)) if unary is not None else getattr(emu, op)(jnp.asarray(a), jnp.asarray(b)))
-        u = np.asarray(jax.random.bits(jax.random.fold_in(jax.random.key(2), n), a.shape, jnp.uint64)) >> np.uint64(60)
+        u = scopes.draws(a.size, 4)  # rounding n: slot n of the top scope
         want = []
         for x, y, ui in zip(a, b, u):
             down, up, F, D = sr_parts(f(float(x), float(y)), fmt)

@@ -30,16 +30,19 @@ COST = {
     ("emulated", "blocked"): 6.0e-9,
     ("emulated", "tcfma"): 5.5e-8,  # 3.7x pairwise, promote 4.9x (bench_sweep's recipes, N = 4,096)
     ("emulated", "promote"): 7.5e-8,
-    # stochastic rounding (mode=sr(r,seed=s)): one forward at N = 64, d = 64 with a probe ran in
-    # 0.49 s, 3.8e-7 per multiply-add (an upper figure: small N is dominated by the dense layers)
-    ("emulated", "sr"): 3.8e-7,
+    # stochastic rounding (mode=sr(r,seed=s), pairwise, bf16): 1.09 s for one forward at N = 512,
+    # d = 64, L = 1 against 0.27 s under rne (best of 3 after the compile; 2026-12-02, 2 cores shared,
+    # load 3-5)
+    ("emulated", "sr"): 6.5e-8,
     ("reference", None): 4.0e-6,
 }
 # seconds to compile one forward program cold (no cache): native; emulated op-by-op orders; the
 # certified ones (exact, blocked), which compile the certified path, the op-by-op redo and the
-# superaccumulator; the stochastic forward, whose every rounding draws its own random bits
-# (measured: 212 s for one program at d = 64, N = 64, on a loaded machine; 21 s at d = 4)
-COMPILE = {"native": 2.0, "emulated": 6.0, "emulated-certified": 30.0, "emulated-sr": 200.0, "reference": 0.0}
+# superaccumulator; the stochastic forward, whose adds are made round-to-odd and whose every rounding
+# hashes its own draws (measured 2026-12-02 on 2 cores shared: one program at d = 64, N = 64 in 11.2 s
+# at load ~2.5 and 23.7 s at load ~6, against 2.3 s and 6.8 s under rne; ~23 s at N = 512; 58.5 s
+# and 172 s while its draws were threefry's, benchmarks/README.md)
+COMPILE = {"native": 2.0, "emulated": 6.0, "emulated-certified": 30.0, "emulated-sr": 30.0, "reference": 0.0}
 TIME_LIMIT = 3600.0  # default --time-limit, seconds
 
 

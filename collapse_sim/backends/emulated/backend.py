@@ -97,7 +97,7 @@ class EmulatedBackend(JaxBackendBase):
 
     Under stochastic rounding (``mode=sr(r,seed=s)``, docs/semantics.md §2) every trace runs
     on a fresh emulator whose draw scopes follow the layers and row blocks (``draw_scope``,
-    ``Emulator.stream``), in the specialised program with the seed's key as its argument;
+    ``Emulator.stream``), in the specialised program with the seed as its argument;
     a block kernel, sharding and ``shared=True`` are refused.
     """
 
@@ -115,7 +115,7 @@ class EmulatedBackend(JaxBackendBase):
                 f"not {'sharded' if self.shard else 'with the ' + str(self.emu.kernel) + ' kernel'}; "
                 f"use {'an unsharded backend' if self.shard else 'kernel=naive'}")
         self.label = f"emulated:{self.policy}" + (f":sharded{jax.device_count()}" if self.shard else "")
-        # the compiled program's identity: under sr the seed's key is the program's argument (run)
+        # the compiled program's identity: under sr the seed is the program's argument (run)
         self._program = (f"emulated:{dataclasses.replace(self.policy, mode=Stochastic(self.emu.mode.bits))}"
                          if self.emu.stochastic else self.label)
         if self.emu.stochastic and shared:
@@ -146,9 +146,10 @@ class EmulatedBackend(JaxBackendBase):
             # format values, exact in the policy's carrier; converted on the host, since an
             # eager astype would compile a program per shape and dtype
             return jax.tree.map(lambda y: jax.device_put(np.asarray(y).astype(self.dtype)), out)
-        # under stochastic rounding every trace runs on a fresh emulator (bind), its draws from n = 0, and
-        # the seed's key is an argument: one program for every seed
-        return run_jitted(self, fn, config, arrays, tokens, probe, self.emu.fresh()._key if self.emu.stochastic else None)
+        # under stochastic rounding every trace runs on a fresh emulator (bind), its draws from slot 0, and
+        # the seed is an argument: one program for every seed
+        return run_jitted(self, fn, config, arrays, tokens, probe,
+                          np.uint64(self.emu.mode.seed) if self.emu.stochastic else None)
 
     def __hash__(self) -> int:
         return hash((self.kind, self._program))
@@ -157,8 +158,8 @@ class EmulatedBackend(JaxBackendBase):
         return type(other) is type(self) and other._program == self._program
 
     def bind(self, data) -> "EmulatedBackend":
-        """This backend on a fresh emulator (:meth:`Emulator.fresh`) whose seed's key is
-        ``data`` (traced), for one trace of the specialised program under stochastic rounding."""
+        """This backend on a fresh emulator (:meth:`Emulator.fresh`) whose seed is ``data`` (a
+        traced uint64), for one trace of the specialised program under stochastic rounding."""
         b = copy.copy(self)
         b.emu = self.emu.fresh(data)
         return b

@@ -6,7 +6,8 @@ policy's format with :func:`collapse_sim.rounding.round_to`, so + − × ÷ √ 
 :class:`collapse_sim.rounding.Mode` but plain ``sr``; stochastic rounding with ``r`` bits,
 a policy's ``sr(r,seed=s)`` (:class:`collapse_sim.rounding.Stochastic`), runs in a float64
 carrier for ``2(p + r) + 1 <= 53`` (docs/semantics.md §2 says why), every rounding with
-draws of its own (:meth:`Emulator.draws`). ``exp`` (and
+draws of its own (:meth:`Emulator.draws`: a splitmix64 hash of its draw scope's word and
+each element's index, :func:`collapse_sim.rounding.hash_draws`). ``exp`` (and
 ``exp2`` and ``ln``) is always evaluated in float64 and then rounded: correct except within ~2^-50 relative of
 a midpoint (nearest modes) or a format value other than 1 (directed modes, round to
 odd); none is known for p <= 16, the tests check every bf16 and fp16 input in every
@@ -37,7 +38,7 @@ from ... import require_x64
 from ...formats import Format
 from ...mx import ScaledFormat, mx_values, prefix_amax, scaled_values
 from ...policy import Order, Policy, StochasticRoundingError
-from ...rounding import FormatClass, Stochastic, pow2 as _pow2, round_to
+from ...rounding import FormatClass, Stochastic, hash_draws, pow2 as _pow2, round_to, split_word
 from .carrier import CarrierError, carrier_add, carrier_for
 from .certificates import certified_sum
 from .exact import exact_sum
@@ -83,8 +84,8 @@ class Emulator:
         self.stochastic = isinstance(self.mode, Stochastic)
         if self.stochastic:
             _check_stochastic(pol)
-            self._seed_key = jax.random.key(self.mode.seed)
-            self._key = self._seed_key  # the innermost draw scope's key (:meth:`stream`)
+        self._seed = self.mode.seed if self.stochastic else None  # the seed s (traced: the program's argument)
+        self._word = None  # the innermost draw scope's word (:meth:`stream`); None in the top scope (split(s, 0))
         self.roundings = 0  # roundings and scopes drawn in the innermost scope (stochastic rounding: the next one's n)
         self.shared = shared
         if shared:
@@ -131,44 +132,50 @@ class Emulator:
         return f"Emulator({self.policy}{', shared=True' if self.shared else ''})"
 
     # --- rounding --------------------------------------------------------
+    def _scope_word(self):
+        """The innermost draw scope's word; in the top scope ``split(s, 0)``, made where it is
+        used (inside the compiled forward from its traced seed) and never kept, so that no
+        traced word outlives its trace."""
+        return split_word(self._seed, 0) if self._word is None else self._word
+
     def draws(self, shape):
         """Stochastic rounding's draws for the next rounding of an array of ``shape``
-        (docs/semantics.md §2): the top r bits of ``jax.random.bits(fold_in(K, n), shape)``, K
-        the innermost draw scope's key (``key(seed)`` outside every :meth:`stream`) and n
-        counting the roundings and scopes in that scope from 0 (None in the other modes)."""
+        (docs/semantics.md §2; None in the other modes): it takes slot n of the innermost draw
+        scope, of word W (n counts that scope's roundings and scopes from 0), and element j
+        draws the top r bits of ``split(split(W, n), j)`` (:func:`collapse_sim.rounding.hash_draws`)."""
         if not self.stochastic:
             return None
-        key = jax.random.fold_in(self._key, self.roundings)
+        w = split_word(self._scope_word(), self.roundings)
         self.roundings += 1
-        return jax.random.bits(key, shape, jnp.uint64) >> jnp.uint64(64 - self.mode.bits)
+        return hash_draws(w, shape, self.mode.bits)
 
-    def fresh(self, key=None) -> "Emulator":
+    def fresh(self, seed=None) -> "Emulator":
         """This emulator with its draws back at the start (a new computation's first rounding
-        is n = 0 in the top scope, ``key(seed)``): the emulated forward takes one per trace.
-        ``key``: the seed's key, as the compiled forward's argument (traced), for ``key(seed)``."""
+        takes slot 0 of the top scope, of word ``split(s, 0)``): the emulated forward takes one
+        per trace. ``seed``: the seed s as the compiled forward's argument (a traced uint64
+        scalar); default the policy's."""
         emu = copy.copy(self)
         emu.roundings = 0
         if self.stochastic:
-            emu._key = self._seed_key if key is None else key
+            emu._seed, emu._word = (self.mode.seed if seed is None else seed), None
         return emu
 
     @contextlib.contextmanager
     def stream(self, i):
         """A draw scope for iteration ``i`` (an integer, traced inside a loop body) of a loop
-        (docs/semantics.md §2): inside it the roundings draw from the key
-        ``fold_in(fold_in(K, n), i)``, K the enclosing scope's key and n the scope's own index
-        among the enclosing scope's roundings, counting again from 0; the scope takes that one
-        index of its parent. A loop body traced once thus draws afresh in every iteration.
-        Nothing happens in the deterministic modes (their bits do not depend on scopes)."""
+        (docs/semantics.md §2): the scope takes slot n of the enclosing scope, of word W, and its
+        word is ``split(split(W, n), i)``; inside it the slots count from 0 again. A loop body
+        traced once thus draws afresh in every iteration. Nothing happens in the deterministic
+        modes (their bits do not depend on scopes)."""
         if not self.stochastic:
             yield self
             return
-        outer, n = self._key, self.roundings
-        self._key, self.roundings = jax.random.fold_in(jax.random.fold_in(outer, n), i), 0
+        outer, n = self._word, self.roundings
+        self._word, self.roundings = split_word(split_word(self._scope_word(), n), i), 0
         try:
             yield self
         finally:
-            self._key, self.roundings = outer, n + 1
+            self._word, self.roundings = outer, n + 1
 
     def _round(self, x, fmt):
         """One rounding of ``x`` to ``fmt`` in the policy's mode (its own draws)."""
