@@ -37,9 +37,18 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 #: Modules whose tests share one expensive module fixture (test_report_resume's toy report, ~90 s):
-#: with ``-n 2`` they run on one worker (pyproject's ``--dist loadgroup``), so the fixture is built
-#: once, and first, so that the other worker takes the rest of the suite meanwhile.
+#: with ``-n 2`` they run on one worker (xdist's ``loadgroup`` scheduling, chosen below), so the
+#: fixture is built once, and first, so that the other worker takes the rest of the suite meanwhile.
 FIRST_GROUPS = ("test_report_resume.py",)
+
+
+def pytest_cmdline_main(config):
+    """``-n K`` schedules with ``--dist loadgroup`` (xdist's default is ``load``, which may split a
+    module's tests, and so its module fixtures, over workers): after xdist's own hook (tryfirst),
+    before pytest's (which runs the session). Set here rather than in pyproject's addopts so that
+    ``-p no:xdist`` still runs."""
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -73,21 +82,34 @@ def certified_everywhere(monkeypatch):
     _jit._compiled.cache_clear()
 
 
+_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                  "jax_persistent_cache_min_entry_size_bytes")
+
+
 @pytest.fixture
-def cli(capsys):
+def cli(capfd):
     """``cli(*argv)`` runs ``collapse-sim ARGV`` in this process (``cli.main``, which turns every
-    error into one line and a status) and returns its ``returncode``, ``stdout`` and ``stderr``,
-    as ``subprocess.run`` would, without a Python start and a JAX import per call. The entry point
-    in a process of its own (status 2, no traceback) is checked by tests/test_errors.py."""
+    error into one line and a status) and returns its ``returncode``, ``stdout`` and ``stderr``
+    (file descriptors 1 and 2: XLA's own messages too), as ``subprocess.run`` would, without a
+    Python start and a JAX import per call. The command turns JAX's persistent compilation cache
+    on; the cache settings are put back afterwards. The entry point in a process of its own
+    (status 2, no traceback, a fresh interpreter) is checked by tests/test_errors.py."""
+    from jax.experimental.compilation_cache import compilation_cache
+
     from collapse_sim.cli import main
 
+    saved = {k: getattr(jax.config, k) for k in _CACHE_OPTIONS}
+
     def run(*argv):
-        capsys.readouterr()
+        capfd.readouterr()
         try:
             rc = main([str(a) for a in argv])
         except SystemExit as e:  # argparse's --help and the like
             rc = e.code
-        said = capsys.readouterr()
+        said = capfd.readouterr()
         return types.SimpleNamespace(returncode=rc, stdout=said.out, stderr=said.err)
 
-    return run
+    yield run
+    for k, v in saved.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()

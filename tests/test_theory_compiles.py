@@ -78,3 +78,6 @@ def test_scaling_sweep_compiles_one_emulated_forward():
     more = sc.scaling_sweep(P, "zero_ones", [4, 5], 9)
     assert _programs(before) == 0
     assert first.ps == [10] and more.ps == [4, 5] and len(more.measured) == 2
+    # a range past the shared program's class (emax >= 128) takes the specialised program
+    wide = sc.scaling_sweep(P, "zero_ones", [4], 9, emax=200)
+    assert wide.measured == more.measured[:1]  # no over/underflow at these sizes: the range does not matter

@@ -105,15 +105,20 @@ def scaling_sweep(params: Params, family: str, ps, n_max: int, *, order: str = "
 
     Every p runs in the emulated backend's shared program (formats as data, the same bits as
     the program specialised to each format): one compiled forward serves the whole sweep,
-    where the automatic choice would compile the specialised one for the first p as well."""
-    from ..backends.emulated import EmulatedBackend
+    where the automatic choice would compile the specialised one for the first p as well.
+    Formats outside the shared program's class (e.g. emax >= 128) and streams longer than
+    SHARED_MAX_N take the automatic choice."""
+    from ..backends.emulated import SHARED_MAX_N, EmulatedBackend
+    from ..backends.emulated.ops import shared_class_refusal
     from ..pairing import collapse_sweep
+    from ..policy import Policy
 
     A, B = exact_pair_outputs(params, family, n_max, seed=seed)
     measured, predicted = [], []
     for p in ps:
         pol = f"compute=(p={p},emax={emax}),order={order}"
-        res = collapse_sweep(params, family, n_max, EmulatedBackend(pol, shared=True), f"p={p}", seed=seed)
+        share = shared_class_refusal(Policy.parse(pol)) is None and n_max + 1 <= SHARED_MAX_N
+        res = collapse_sweep(params, family, n_max, EmulatedBackend(pol, shared=share or None), f"p={p}", seed=seed)
         measured.append(res.first_identical())
         predicted.append(predicted_first_collapse(A, B, p))
         if progress:
