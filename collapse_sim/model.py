@@ -54,6 +54,7 @@ import jax
 import numpy as np
 
 from . import positional
+from .backends.inputs import AttentionInputs
 from .errors import CollapseSimError
 from .positional import SINUSOIDAL
 
@@ -674,13 +675,14 @@ def _head(c: ModelConfig, B, p: str, hd: int, qkv, qkv_p, pos, slope):
     qh, kh, vh = _queries_keys(c, B, *qkv, pos)
     qh, kh, vh = B.tap(f"{p}q{hd}", qh), B.tap(f"{p}k{hd}", kh), B.tap(f"{p}v{hd}", vh)
     # adaptive temperature is passed only when on: backends that do not define it never see it
-    kw = dict(scale=1 / np.sqrt(c.dh), alibi=slope, window=c.window,
-              **({"adaptive": ADAPTIVE_TEMPERATURE} if c.adaptive_temperature else {}))
-    out = B.attention(qh, kh, vh, pos, pos, **kw)
+    kw = {"adaptive": ADAPTIVE_TEMPERATURE} if c.adaptive_temperature else {}
+    inputs = AttentionInputs(qh, kh, vh, pos, scale=1 / np.sqrt(c.dh), alibi=slope, window=c.window)
+    out = B.attention(inputs, **kw)
     if qkv_p is None:
         return out, None
     qph, kph, vph = _queries_keys(c, B, *qkv_p, pos + 1)
-    return out, B.attention(qph, kh, vh, pos + 1, pos, self_kv=(kph, vph), **kw, **_stream_rows(B, qh))
+    probes = dataclasses.replace(inputs, q=qph, qpos=pos + 1, self_kv=(kph, vph))
+    return out, B.attention(probes, **kw, **_stream_rows(B, qh))
 
 
 def _queries_keys(c: ModelConfig, B, q, k, v, pos):

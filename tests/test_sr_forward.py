@@ -17,6 +17,7 @@ from collapse_sim.formats import parse
 from collapse_sim.model import ModelConfig, forward, init_params
 from collapse_sim.policy import StochasticRoundingError
 from collapse_sim.rounding import round_to
+from collapse_sim.backends.inputs import AttentionInputs
 from collapse_sim.theory.statement import forward_ops, gamma
 
 P = 18  # a format of 18 bits: gamma_k(2u) of the forward's op count stays far below 1 (bf16's would not)
@@ -110,8 +111,8 @@ def test_attention_row_blocks_draw_afresh(monkeypatch):
     q = jnp.tile(jnp.asarray(rng.standard_normal(dh)), (4, 1))
     k, v = (jnp.asarray(rng.standard_normal((nk, dh))) for _ in range(2))
     q, k, v = (round_to(a, parse("bf16"), "rne") for a in (q, k, v))  # bf16 values
-    run = jax.jit(lambda q, k, v: attention._emulated_attention(emu.fresh(), q, k, v, jnp.full(4, nk - 1), 0.25,
-                                                                None, None, None))
+    run = jax.jit(lambda q, k, v: attention._emulated_attention(emu.fresh(), AttentionInputs(q, k, v, jnp.full(4, nk - 1),
+                                                                                            0.25)))
     out = np.asarray(run(q, k, v))
     assert np.array_equal(np.asarray(round_to(jnp.asarray(out), parse("bf16"), "rne")), out)
     assert all((out[i] != out[0]).any() for i in range(1, 4))
