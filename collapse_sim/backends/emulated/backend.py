@@ -240,6 +240,7 @@ class EmulatedBackend(JaxBackendBase):
             return _adaptive_attention(self.emu, dataclasses.replace(a, qpos=jnp.asarray(qpos)), adaptive)
         if self.shard:
             return _sharded(self.emu, a)
-        if isinstance(qpos, np.ndarray) and np.all(np.diff(qpos) >= 0) and _segment_count(self.emu, qpos.size, a.q.shape[1]) > 1:
+        if (isinstance(qpos, np.ndarray) and np.all(np.diff(qpos) >= 0)
+                and _segment_count(self.emu, qpos.size, a.q.shape[1]) > 1):
             return _causal_segments(self.emu, a)
         return _emulated_attention(self.emu, dataclasses.replace(a, qpos=jnp.asarray(qpos)))
