@@ -69,9 +69,11 @@ def test_causal_segments_equal_full_attention(policy, certified_everywhere):
     pos = np.arange(n)
     for qpos, skv, alibi, window in ((pos, None, None, None), (pos + 1, (kp, vp), 0.25, 5)):
         # under jit, as the model runs them (eager calls would recompile every lax.map body)
-        full = jax.jit(lambda q, k, v, skv: _emulated_attention(e.emu, AttentionInputs(q, k, v, jnp.asarray(qpos), 0.5, alibi, window, skv)))
+        full = jax.jit(lambda q, k, v, skv: _emulated_attention(
+            e.emu, AttentionInputs(q, k, v, jnp.asarray(qpos), 0.5, alibi, window, skv)))
         # three segments of unequal key lengths: each segment compiles its own attention body
-        seg = jax.jit(lambda q, k, v, skv: _causal_segments(e.emu, AttentionInputs(q, k, v, qpos, 0.5, alibi, window, skv), segments=3))
+        seg = jax.jit(lambda q, k, v, skv: _causal_segments(
+            e.emu, AttentionInputs(q, k, v, qpos, 0.5, alibi, window, skv), segments=3))
         assert _same(full(q, k, v, skv), seg(q, k, v, skv))
 
 
@@ -275,6 +277,37 @@ def test_save_load_roundtrip(tmp_path):
     np.savez(tmp_path / "m.npz", **bad)
     with pytest.raises(ConfigError, match="non-finite"):
         Params.load(tmp_path / "m")
+
+
+def test_weights_file_written_by_name_loads_into_the_typed_weights(tmp_path):
+    """The weights file format is the npz names (``embed``, ``pos``, ``l{ℓ}.wq`` ..., ``n3_g``,
+    ``n3_b``): a file written by hand with exactly those names loads, and the forward's typed
+    weights (model.Weights, one LayerWeights per layer) hold each array, bit for bit, in its role;
+    an array no role takes is refused."""
+    import dataclasses
+    import json
+
+    from collapse_sim.model import Weights, forward_arrays
+
+    c = ModelConfig(d=4, n_layers=2, vocab=3, pe="learned", max_len=5, d_ff=2, out_proj=True)
+    shapes = {"embed": (3, 4), "pos": (5, 4), "n3_g": (4,), "n3_b": (4,)}
+    for layer in range(2):
+        shapes.update({f"l{layer}.{n}": (4, 4) for n in ("wq", "wk", "wv", "wo")})
+        shapes.update({f"l{layer}.{n}": (4,) for n in ("n1_g", "n1_b", "n2_g", "n2_b", "b2")})
+        shapes.update({f"l{layer}.w1": (4, 2), f"l{layer}.b1": (2,), f"l{layer}.w2": (2, 4)})
+    rng = np.random.default_rng(11)
+    arrays = {k: rng.standard_normal(s) for k, s in shapes.items()}  # every array distinct
+    (tmp_path / "w.json").write_text(json.dumps(dataclasses.asdict(c)))
+    np.savez(tmp_path / "w.npz", **arrays)
+    W = Weights.from_arrays(c, forward_arrays(Params.load(tmp_path / "w"), 3))
+    got = {"embed": W.embed, "pos": W.pos, "n3_g": W.n3_g, "n3_b": W.n3_b}
+    for layer, lw in enumerate(W.layers):
+        got.update({f"l{layer}.{f.name}": getattr(lw, f.name) for f in dataclasses.fields(lw)})
+    assert got.keys() == arrays.keys()
+    for k, a in arrays.items():
+        assert np.array_equal(got[k], a), k
+    with pytest.raises(ConfigError, match="l2.wq"):
+        Weights.from_arrays(c, {**arrays, "l2.wq": arrays["l0.wq"]})
 
 
 def test_bad_config():

@@ -432,8 +432,8 @@ def test_norm_formula_op_order_variance_and_eps(kind):
         assert _differs(want, alt), name
     for backend in ("reference", "emulated"):
         B = make_backend(backend, NORM_POLICY)
-        W = {"n1_g": B.store(np.array(g)), "n1_b": B.store(np.array(b))}
-        got = B.to_numpy(_norm(cfg, W, "n1", B.add(B.store(x1), B.store(x2)), B))
+        gain, bias = B.store(np.array(g)), B.store(np.array(b))
+        got = B.to_numpy(_norm(cfg, gain, bias, "n1", B.add(B.store(x1), B.store(x2)), B))
         assert _same(got, want), backend
 
 
