@@ -1,6 +1,6 @@
 """The decoder of PAPER.md §1, written once against a backend.
 
-(One module of ~700 lines on purpose: config, weights and forward pass are one
+(One module of ~850 lines on purpose: config, weights and forward pass are one
 specification, read top to bottom beside docs/semantics.md.)
 
     x^(0)_i   = E[t_i] (+ P[i] for absolute encodings)
@@ -49,11 +49,13 @@ import dataclasses
 import inspect
 import json
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 
 from . import positional
+from .backends.inputs import AttentionInputs
 from .errors import CollapseSimError
 from .positional import SINUSOIDAL
 
@@ -267,6 +269,80 @@ class Params:
                 raise ConfigError(f"array {k!r} has non-finite weights (inf or NaN); replace them with finite values")
 
 
+# --------------------------------------------------------------------------
+# The weights as the forward reads them: a typed pytree (the file format is Params.arrays').
+
+Array = Any  # a numpy array (float64 on the host), a JAX array, or a backend's array type
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer's weights, each named in files ``l{ℓ}.<field>``; None where the config
+    has none. Matrices act as ``x @ W``.
+
+    * ``wq``, ``wk``: (d, d), the queries' and keys' projections;
+    * ``wv``: (d, d) with ``value_proj``, ``wo``: (d, d) with ``out_proj``;
+    * ``n1_g``, ``n2_g``: (d,) the gains of the attention's and the MLP's input norms (not with
+      ``norm="none"``), ``n1_b``, ``n2_b``: (d,) their biases (layernorm only);
+    * ``w1``: (d, d_ff), ``b1``: (d_ff,), ``w2``: (d_ff, d), ``b2``: (d,): the MLP (``d_ff > 0``)."""
+
+    wq: Array
+    wk: Array
+    wv: Array | None = None
+    wo: Array | None = None
+    n1_g: Array | None = None
+    n1_b: Array | None = None
+    n2_g: Array | None = None
+    n2_b: Array | None = None
+    w1: Array | None = None
+    b1: Array | None = None
+    w2: Array | None = None
+    b2: Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """Every array one forward reads (:func:`forward_arrays`), by role; None where the model
+    has none.
+
+    * ``layers``: one :class:`LayerWeights` per layer (the decoder; empty for the Gaussian model);
+    * ``embed``: (n_tokens, d) the token table (``vocab`` rows; with a sink, the sink's row first);
+    * ``pos``: (max_len, d) the learned position table (``pe="learned"``);
+    * ``sinusoidal``: (need, d) the sinusoidal table for the positions a forward needs;
+    * ``n3_g``, ``n3_b``: (d,) the output norm's gain and (layernorm) bias;
+    * ``gauss_q``, ``gauss_k``, ``gauss_v``: (n_ids, d) the Gaussian model's draws per id
+      (with a sink, the sink's row first)."""
+
+    layers: tuple[LayerWeights, ...] = ()
+    embed: Array | None = None
+    pos: Array | None = None
+    sinusoidal: Array | None = None
+    n3_g: Array | None = None
+    n3_b: Array | None = None
+    gauss_q: Array | None = None
+    gauss_k: Array | None = None
+    gauss_v: Array | None = None
+
+    @classmethod
+    def from_arrays(cls, c: ModelConfig, arrays: dict) -> "Weights":
+        """The arrays of :func:`forward_arrays` (file names: ``embed``, ``l0.wq``, ...) by role;
+        an array no role takes raises ConfigError."""
+        left = dict(arrays)
+        take = lambda name: left.pop(name, None)  # noqa: E731
+        layers = tuple(LayerWeights(**{f.name: take(f"l{i}.{f.name}") for f in dataclasses.fields(LayerWeights)})
+                       for i in range(c.n_layers if c.kind == "decoder" else 0))
+        top = {f.name: take(_FILE_NAMES.get(f.name, f.name)) for f in dataclasses.fields(cls) if f.name != "layers"}
+        if left:
+            raise ConfigError(f"array(s) {', '.join(sorted(left))} are no weights of this model; "
+                              "forward_arrays names every array a forward reads")
+        return cls(layers, **top)
+
+
+_FILE_NAMES = {"sinusoidal": SINUSOIDAL, "gauss_q": "gauss.q", "gauss_k": "gauss.k", "gauss_v": "gauss.v"}
+for _cls in (LayerWeights, Weights):
+    jax.tree_util.register_dataclass(_cls, data_fields=[f.name for f in dataclasses.fields(_cls)], meta_fields=[])
+
+
 def weight_shapes(c: ModelConfig) -> dict[str, tuple]:
     """The name and shape of every weight array of a model of config ``c``."""
     if c.kind == "gaussian":  # no weights: only the optional output norm's gain and bias
@@ -420,7 +496,8 @@ def token_bound(c: ModelConfig) -> int | None:
     return None if c.kind == "gaussian" else c.vocab
 
 
-GAUSS = ("gauss.q", "gauss.k", "gauss.v")  # the Gaussian model's draws for ids 0..n_ids-1, passed with the weights
+#: The Gaussian model's draws for ids 0..n_ids-1, passed with the weights (Weights.gauss_q, _k, _v).
+GAUSS = tuple(_FILE_NAMES[n] for n in ("gauss_q", "gauss_k", "gauss_v"))
 
 
 def forward_arrays(params: Params, need: int, n_ids: int = 0) -> dict:
@@ -531,15 +608,15 @@ def _forward_impl(c: ModelConfig, arrays, tokens, probe, B, delta0=None, scan=Fa
     program's shape (float32 excess precision inside it, none across a loop's carry)."""
     N = tokens.shape[0]
     need = N + (1 if probe is not None else 0)
-    W = {k: B.store(v) for k, v in arrays.items()}
+    W = Weights.from_arrays(c, {k: B.store(v) for k, v in arrays.items()})
     pos = np.arange(N)
-    x = B.take(W["embed"], tokens)
+    x = B.take(W.embed, tokens)
     xp = None
     if probe is not None:
-        xp = B.take(W["embed"], probe)
+        xp = B.take(W.embed, probe)
     pe = pe_p = None
     if c.pe in ("sinusoidal", "learned"):
-        table = W[SINUSOIDAL] if c.pe == "sinusoidal" else B.take(W["pos"], np.arange(need))
+        table = W.sinusoidal if c.pe == "sinusoidal" else B.take(W.pos, np.arange(need))
         pe = B.take(table, pos)
         pe_p = B.take(table, pos + 1) if xp is not None else None
         if c.ape == "residual":
@@ -554,35 +631,34 @@ def _forward_impl(c: ModelConfig, arrays, tokens, probe, B, delta0=None, scan=Fa
     else:
         for layer in range(c.n_layers):
             with B.draw_scope(layer):
-                x, xp = _layer(c, W, f"l{layer}.", x, xp, pos, B, pe, pe_p)
+                x, xp = _layer(c, W.layers[layer], f"l{layer}.", x, xp, pos, B, pe, pe_p)
     x = B.tap(f"l{c.n_layers}.x", x)
-    y = _norm(c, W, "n3", x, B)
+    y = _norm(c, W.n3_g, W.n3_b, "n3", x, B)
     if xp is None:
         return y
-    return y, _norm(c, W, "n3", xp, B)
+    return y, _norm(c, W.n3_g, W.n3_b, "n3", xp, B)
 
 
-def _scan_layers(c: ModelConfig, W, x, xp, pos, B, pe, pe_p):
-    """Every layer of :func:`_layer` as one ``lax.scan`` step over the layers' stacked weights,
-    each in its backend's draw scope (``B.draw_scope(layer)``, the layer index traced)."""
-    import jax
-
-    names = [k[3:] for k in W if k.startswith("l0.")]
-    stacked = {n: B.xp.stack([W[f"l{layer}.{n}"] for layer in range(c.n_layers)]) for n in names}
+def _scan_layers(c: ModelConfig, W: Weights, x, xp, pos, B, pe, pe_p):
+    """Every layer of :func:`_layer` as one ``lax.scan`` step over the layers' stacked weights
+    (one :class:`LayerWeights` whose arrays have a leading layer axis), each in its backend's
+    draw scope (``B.draw_scope(layer)``, the layer index traced)."""
+    stacked = jax.tree.map(lambda *ws: B.xp.stack(ws), *W.layers)
 
     def step(carry, lw):
         layer, Wl = lw
         with B.draw_scope(layer):
-            return _layer(c, {**W, **{"l0." + n: w for n, w in Wl.items()}}, "l0.", *carry, pos, B, pe, pe_p), None
+            return _layer(c, Wl, "l0.", *carry, pos, B, pe, pe_p), None
 
     (x, xp), _ = jax.lax.scan(step, (x, xp), (B.xp.arange(c.n_layers), stacked))
     return x, xp
 
 
-def _norm(c: ModelConfig, W, name: str, x, B):
+def _norm(c: ModelConfig, g, b, name: str, x, B):
+    """The norm of the config (gain ``g``, layernorm bias ``b``: (d,)) of each row of ``x``;
+    ``name`` names its tap (``{name}_sigma``)."""
     if c.norm == "none":
         return x
-    g = W[name + "_g"]
     if c.norm == "layernorm":
         mu = B.mean(x)
         xc = B.sub(x, B.col(mu, like=x))
@@ -593,24 +669,26 @@ def _norm(c: ModelConfig, W, name: str, x, B):
     den = B.freeze(B.tap(name + "_sigma", B.sqrt(B.add(var, B.const(c.norm_eps, like=var)))))
     y = B.mul(B.div(xc, B.col(den, like=xc)), B.row(g, like=x))
     if c.norm == "layernorm":
-        y = B.add(y, B.row(W[name + "_b"], like=x))
+        y = B.add(y, B.row(b, like=x))
     return y
 
 
-def _layer(c: ModelConfig, W, p: str, x, xp, pos, B, pe=None, pe_p=None):
+def _layer(c: ModelConfig, W: LayerWeights, p: str, x, xp, pos, B, pe=None, pe_p=None):
+    """One decoder layer with weights ``W`` (``p``: its taps' prefix, ``l{ℓ}.``), over the
+    stream ``x`` and the probes ``xp`` (or None)."""
     x = B.tap(p + "x", x)
-    h = _norm(c, W, p + "n1", x, B)
-    hp = _norm(c, W, p + "n1", xp, B) if xp is not None else None
+    h = _norm(c, W.n1_g, W.n1_b, p + "n1", x, B)
+    hp = _norm(c, W.n1_g, W.n1_b, p + "n1", xp, B) if xp is not None else None
 
-    def proj(u, name, stream=None):  # stream: the stream's inputs, where u holds the probes'
-        return B.linear(u, W[p + name], **_stream_rows(B, stream)) if (p + name) in W else u
+    def proj(u, w, stream=None):  # stream: the stream's inputs, where u holds the probes'
+        return B.linear(u, w, **_stream_rows(B, stream)) if w is not None else u
 
     hqk = B.add(h, pe) if pe is not None else h  # ape="scores": positions enter q and k only
-    q, k, v = proj(hqk, "wq"), proj(hqk, "wk"), proj(h, "wv")
+    q, k, v = proj(hqk, W.wq), proj(hqk, W.wk), proj(h, W.wv)
     qp = kp = vp = None
     if hp is not None:
         hqkp = B.add(hp, pe_p) if pe_p is not None else hp
-        qp, kp, vp = proj(hqkp, "wq", hqk), proj(hqkp, "wk", hqk), proj(hp, "wv", h)
+        qp, kp, vp = proj(hqkp, W.wq, hqk), proj(hqkp, W.wk, hqk), proj(hp, W.wv, h)
     heads, heads_p = [], []
     dh = c.dh
     slopes = alibi_slopes(c)
@@ -622,21 +700,21 @@ def _layer(c: ModelConfig, W, p: str, x, xp, pos, B, pe=None, pe_p=None):
         heads.append(o)
         heads_p.append(op)
     o = B.concat_cols(heads)
-    a = proj(o, "wo")
+    a = proj(o, W.wo)
     z = B.tap(p + "z", B.add(a, x))
     ap = zp = None
     if hp is not None:
-        ap = proj(B.concat_cols(heads_p), "wo", o)
+        ap = proj(B.concat_cols(heads_p), W.wo, o)
         zp = B.add(ap, xp)
 
     def mlp(u, stream=None):  # stream: the stream's MLP inputs (h2, f), where u is the probes' z
         if not c.d_ff:
             return u, None
-        h2 = _norm(c, W, p + "n2", u, B)
-        f1 = proj(h2, "w1", None if stream is None else stream[0])
-        f = B.relu(B.add(f1, B.row(W[p + "b1"], like=f1)))
-        f2 = proj(f, "w2", None if stream is None else stream[1])
-        return B.add(B.add(f2, B.row(W[p + "b2"], like=f2)), u), (h2, f)
+        h2 = _norm(c, W.n2_g, W.n2_b, p + "n2", u, B)
+        f1 = proj(h2, W.w1, None if stream is None else stream[0])
+        f = B.relu(B.add(f1, B.row(W.b1, like=f1)))
+        f2 = proj(f, W.w2, None if stream is None else stream[1])
+        return B.add(B.add(f2, B.row(W.b2, like=f2)), u), (h2, f)
 
     y, inputs = mlp(z)
     return y, (mlp(zp, inputs)[0] if zp is not None else None)
@@ -674,13 +752,14 @@ def _head(c: ModelConfig, B, p: str, hd: int, qkv, qkv_p, pos, slope):
     qh, kh, vh = _queries_keys(c, B, *qkv, pos)
     qh, kh, vh = B.tap(f"{p}q{hd}", qh), B.tap(f"{p}k{hd}", kh), B.tap(f"{p}v{hd}", vh)
     # adaptive temperature is passed only when on: backends that do not define it never see it
-    kw = dict(scale=1 / np.sqrt(c.dh), alibi=slope, window=c.window,
-              **({"adaptive": ADAPTIVE_TEMPERATURE} if c.adaptive_temperature else {}))
-    out = B.attention(qh, kh, vh, pos, pos, **kw)
+    kw = {"adaptive": ADAPTIVE_TEMPERATURE} if c.adaptive_temperature else {}
+    inputs = AttentionInputs(qh, kh, vh, pos, scale=1 / np.sqrt(c.dh), alibi=slope, window=c.window)
+    out = B.attention(inputs, **kw)
     if qkv_p is None:
         return out, None
     qph, kph, vph = _queries_keys(c, B, *qkv_p, pos + 1)
-    return out, B.attention(qph, kh, vh, pos + 1, pos, self_kv=(kph, vph), **kw, **_stream_rows(B, qh))
+    probes = dataclasses.replace(inputs, q=qph, qpos=pos + 1, self_kv=(kph, vph))
+    return out, B.attention(probes, **kw, **_stream_rows(B, qh))
 
 
 def _queries_keys(c: ModelConfig, B, q, k, v, pos):
@@ -762,20 +841,21 @@ def _gaussian_impl(c: ModelConfig, arrays, tokens, probe, B):
     decoder's attention (:func:`_head`: RoPE, ALiBi, window, probes) and the output norm
     ``norm3`` (none by default for this model's readings). A probe after prefix n is
     id ``probe[n]`` at position n + 1."""
-    W = {k: B.store(v) for k, v in arrays.items()}
+    W = Weights.from_arrays(c, {k: B.store(v) for k, v in arrays.items()})
     pos = np.arange(tokens.shape[0])
-    qkv = [B.take(W[name], tokens) for name in GAUSS]
-    qkv_p = None if probe is None else [B.take(W[name], probe) for name in GAUSS]
+    draws = (W.gauss_q, W.gauss_k, W.gauss_v)
+    qkv = [B.take(w, tokens) for w in draws]
+    qkv_p = None if probe is None else [B.take(w, probe) for w in draws]
     if c.pe == "sinusoidal":
         placed = {"keys": (1,), "qk": (0, 1), "values": (2,)}[c.sin_at]
 
         def place(xs, at):
-            pe = B.take(W[SINUSOIDAL], at)
+            pe = B.take(W.sinusoidal, at)
             return [B.add(x, pe) if i in placed else x for i, x in enumerate(xs)]
 
         qkv = place(qkv, pos)
         qkv_p = None if qkv_p is None else place(qkv_p, pos + 1)
     slopes = alibi_slopes(c)
     out, out_p = _head(c, B, "l0.", 0, qkv, qkv_p, pos, None if slopes is None else slopes[0])
-    y = _norm(c, W, "n3", B.tap("l1.x", out), B)
-    return y if out_p is None else (y, _norm(c, W, "n3", out_p, B))
+    y = _norm(c, W.n3_g, W.n3_b, "n3", B.tap("l1.x", out), B)
+    return y if out_p is None else (y, _norm(c, W.n3_g, W.n3_b, "n3", out_p, B))

@@ -21,6 +21,7 @@ from collapse_sim.backends.reference.arith import times_log2e
 from collapse_sim.formats import parse
 from collapse_sim.model import ModelConfig, forward, init_params
 from collapse_sim.policy import FP8_TILE, Kernel, Policy, PolicyError
+from collapse_sim.backends.inputs import AttentionInputs
 from collapse_sim.theory import forward_ops, gamma
 from oracles import fraction_round
 from test_model import TOKS, _same, assert_emulated_equals_reference  # N = 12: only b = 2, 3, 4, 6 divide it
@@ -136,7 +137,7 @@ def _flash2_attention(storage: str, b: int, q, k, v):
     st = be.ref.storage
     assert mpmath.mpf(st.round(times_log2e(math.log(2), st.work))) == 1
     pos = np.arange(q.shape[0])
-    return be.to_numpy(be.attention(*(be.ref.store(x) for x in (q, k, v)), pos, pos, math.log(2)))
+    return be.to_numpy(be.attention(AttentionInputs(*(be.ref.store(x) for x in (q, k, v)), pos, math.log(2))))
 
 
 def test_flash2_tile_in_bf16_moves_each_weight_by_one_rounding():
@@ -221,7 +222,7 @@ def test_flash3fp8_agrees_with_naive_at_256_bits_within_the_fp8_bound():
     naive = ReferenceBackend("256")
     fp8 = ReferenceBackend(dataclasses.replace(naive.ref.policy, kernel=Kernel("flash3fp8", b)))
     pos = np.arange(n)
-    a, o = (be.attention(*(be.ref.store(x) for x in (q, k, v)), pos, pos, sigma) for be in (naive, fp8))
+    a, o = (be.attention(AttentionInputs(*(be.ref.store(x) for x in (q, k, v)), pos, sigma)) for be in (naive, fp8))
     sharp, whole = [], []
     with mpmath.workprec(600):
         mp = lambda x: mpmath.mpf(x.numerator) / x.denominator if isinstance(x, Fraction) else mpmath.mpf(x)  # noqa: E731
@@ -265,8 +266,8 @@ def _flash3fp8_last_row(keys, values, b):
     be = ReferenceBackend(f"storage=bf16,compute=fp32,accumulate=fp32,softmax=fp32,kernel=flash3fp8({b})")
     n = len(keys)
     q = np.array([[1.0, 0.0]])
-    return be.to_numpy(be.attention(*(be.ref.store(x) for x in (q, keys, values)), np.array([n - 1]),
-                                    np.arange(n), 1 / np.sqrt(2)))[0]
+    return be.to_numpy(be.attention(AttentionInputs(*(be.ref.store(x) for x in (q, keys, values)), np.array([n - 1]),
+                                                   1 / np.sqrt(2))))[0]
 
 
 def test_flash3fp8_tile_underflow_loses_values_after_the_maximum():
@@ -331,9 +332,9 @@ def test_block_of_minus_infinity_scores_changes_nothing():
         pol = f"compute=(p=5,emax=15){wide},kernel={kern}"
         e, r = make_backend("emulated", pol), make_backend("reference", pol)
         q, k, v = ([[200.0], [200.0]], [[-400.0], [1.0]], [[1.0], [2.0]])
-        got = np.asarray(_emulated_attention(e.emu, *(e.store(np.array(a)) for a in (q, k, v)), jnp.arange(2), 1.0,
-                                             None, None, None), np.float64)
-        want = r.to_numpy(r.attention(*(r.store(np.array(a)) for a in (q, k, v)), np.arange(2), np.arange(2), 1.0))
+        got = np.asarray(_emulated_attention(e.emu, AttentionInputs(*(e.store(np.array(a)) for a in (q, k, v)),
+                                                                 jnp.arange(2), 1.0)), np.float64)
+        want = r.to_numpy(r.attention(AttentionInputs(*(r.store(np.array(a)) for a in (q, k, v)), np.arange(2), 1.0)))
         # row 0 sees only the -inf score: no finite maximum, 0/0 on both; row 1 skips it
         assert np.isnan(want[0]).all() and np.isfinite(want[1]).all() and _same(got, want), (kern, got, want)
 
@@ -354,7 +355,7 @@ def test_a_later_value_never_reaches_an_earlier_row(kern, bad):
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((6, 2)) for _ in range(3))
     v[-1, 0] = bad
-    got = np.asarray(_emulated_attention(e.emu, *(e.store(a) for a in (q, k, v)), jnp.arange(6), 0.5, None, None, None),
+    got = np.asarray(_emulated_attention(e.emu, AttentionInputs(*(e.store(a) for a in (q, k, v)), jnp.arange(6), 0.5)),
                      np.float64)
-    want = r.to_numpy(r.attention(*(r.store(a) for a in (q, k, v)), np.arange(6), np.arange(6), 0.5))
+    want = r.to_numpy(r.attention(AttentionInputs(*(r.store(a) for a in (q, k, v)), np.arange(6), 0.5)))
     assert np.isfinite(want[:-1]).all() and _same(got, want), (got, want)

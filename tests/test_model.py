@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from collapse_sim.backends import make_backend
+from collapse_sim.backends.inputs import AttentionInputs
 from collapse_sim.families import FamilyError, make_pairs
 from collapse_sim.model import ConfigError, ModelConfig, Params, forward, init_params
 from collapse_sim.theory import forward_ops, gamma
@@ -68,9 +69,11 @@ def test_causal_segments_equal_full_attention(policy, certified_everywhere):
     pos = np.arange(n)
     for qpos, skv, alibi, window in ((pos, None, None, None), (pos + 1, (kp, vp), 0.25, 5)):
         # under jit, as the model runs them (eager calls would recompile every lax.map body)
-        full = jax.jit(lambda q, k, v, skv: _emulated_attention(e.emu, q, k, v, jnp.asarray(qpos), 0.5, alibi, window, skv))
+        full = jax.jit(lambda q, k, v, skv: _emulated_attention(
+            e.emu, AttentionInputs(q, k, v, jnp.asarray(qpos), 0.5, alibi, window, skv)))
         # three segments of unequal key lengths: each segment compiles its own attention body
-        seg = jax.jit(lambda q, k, v, skv: _causal_segments(e.emu, q, k, v, qpos, 0.5, alibi, window, skv, segments=3))
+        seg = jax.jit(lambda q, k, v, skv: _causal_segments(
+            e.emu, AttentionInputs(q, k, v, qpos, 0.5, alibi, window, skv), segments=3))
         assert _same(full(q, k, v, skv), seg(q, k, v, skv))
 
 
@@ -97,7 +100,7 @@ def test_certified_attention_equals_op_by_op(policy, monkeypatch, certified_ever
     pos = np.arange(n)
     for qpos, skv, alibi, window in ((pos, None, None, None), (pos + 1, (kp, vp), 0.25, 7)):
         def att(q, k, v, qpos, skv):
-            return emulated._emulated_attention(e.emu, q, k, v, qpos, 0.5, alibi, window, skv)
+            return emulated._emulated_attention(e.emu, AttentionInputs(q, k, v, qpos, 0.5, alibi, window, skv))
 
         got = [att(q, k, v, jnp.asarray(qpos), skv)]  # eager: the uncertified rows' blocks redone in Python
         if skv is None:  # traced: a loop over those blocks (once per policy: each costs a compile)
@@ -123,7 +126,7 @@ def test_uncertified_rows_are_redone(monkeypatch, certified_everywhere):
     e = make_backend("emulated", "compute=(p=3,emax=100),order=exact")
     q, k, v = (e.store(np.array(a)[:, None]) for a in ([1.0, 1.0, 1.0], [0.0, -2.0, -40.0], [1.0, 2.0, 3.0]))
     qpos = jnp.arange(3)
-    _, ok = emulated._certified_attention(e.emu, q, k, v, qpos, 1.0, None, None, None)
+    _, ok = emulated._certified_attention(e.emu, AttentionInputs(q, k, v, qpos, 1.0))
     assert np.asarray(ok).tolist() == [True, True, False]
     rng = np.random.default_rng(9)
     x, w = rng.integers(-6, 7, (40, 8)).astype(float), rng.standard_normal((8, 5))
@@ -132,7 +135,7 @@ def test_uncertified_rows_are_redone(monkeypatch, certified_everywhere):
     assert not np.asarray(emulated.certified_matmul(e.emu, x[:3], w)[1]).any()
 
     def both():
-        att = emulated._emulated_attention(e.emu, q, k, v, qpos, 1.0, None, None, None)
+        att = emulated._emulated_attention(e.emu, AttentionInputs(q, k, v, qpos, 1.0))
         return att, emulated._linear(e.emu, x, w)
 
     got = [both(), jax.jit(both)()]
@@ -274,6 +277,37 @@ def test_save_load_roundtrip(tmp_path):
     np.savez(tmp_path / "m.npz", **bad)
     with pytest.raises(ConfigError, match="non-finite"):
         Params.load(tmp_path / "m")
+
+
+def test_weights_file_written_by_name_loads_into_the_typed_weights(tmp_path):
+    """The weights file format is the npz names (``embed``, ``pos``, ``l{ℓ}.wq`` ..., ``n3_g``,
+    ``n3_b``): a file written by hand with exactly those names loads, and the forward's typed
+    weights (model.Weights, one LayerWeights per layer) hold each array, bit for bit, in its role;
+    an array no role takes is refused."""
+    import dataclasses
+    import json
+
+    from collapse_sim.model import Weights, forward_arrays
+
+    c = ModelConfig(d=4, n_layers=2, vocab=3, pe="learned", max_len=5, d_ff=2, out_proj=True)
+    shapes = {"embed": (3, 4), "pos": (5, 4), "n3_g": (4,), "n3_b": (4,)}
+    for layer in range(2):
+        shapes.update({f"l{layer}.{n}": (4, 4) for n in ("wq", "wk", "wv", "wo")})
+        shapes.update({f"l{layer}.{n}": (4,) for n in ("n1_g", "n1_b", "n2_g", "n2_b", "b2")})
+        shapes.update({f"l{layer}.w1": (4, 2), f"l{layer}.b1": (2,), f"l{layer}.w2": (2, 4)})
+    rng = np.random.default_rng(11)
+    arrays = {k: rng.standard_normal(s) for k, s in shapes.items()}  # every array distinct
+    (tmp_path / "w.json").write_text(json.dumps(dataclasses.asdict(c)))
+    np.savez(tmp_path / "w.npz", **arrays)
+    W = Weights.from_arrays(c, forward_arrays(Params.load(tmp_path / "w"), 3))
+    got = {"embed": W.embed, "pos": W.pos, "n3_g": W.n3_g, "n3_b": W.n3_b}
+    for layer, lw in enumerate(W.layers):
+        got.update({f"l{layer}.{f.name}": getattr(lw, f.name) for f in dataclasses.fields(lw)})
+    assert got.keys() == arrays.keys()
+    for k, a in arrays.items():
+        assert np.array_equal(got[k], a), k
+    with pytest.raises(ConfigError, match="l2.wq"):
+        Weights.from_arrays(c, {**arrays, "l2.wq": arrays["l0.wq"]})
 
 
 def test_bad_config():

@@ -16,6 +16,7 @@ import pytest
 from collapse_sim.backends import make_backend
 from collapse_sim.model import ModelConfig, forward, init_params
 from collapse_sim.mx import MX_FORMATS, MXFormat, mx_format, mx_values
+from collapse_sim.backends.inputs import AttentionInputs
 from collapse_sim.policy import Policy, PolicyError
 from oracles import fraction_round
 from test_mx import EMAX_ELEM, element_values, oracle_block
@@ -238,8 +239,10 @@ def test_causal_segments_equal_full_attention_with_mx_operands(certified_everywh
     v = e.store(rng.standard_normal((n, dh)) * 4.0 ** (np.arange(n) % 4)[:, None])  # the last of a block is largest, and
     pos = np.arange(n)  # FP4 loses the rest: a segment ending inside a block (7, 14 of 21) must not take in its later keys
     for qpos, skv, alibi, window in ((pos, None, None, None), (pos + 1, (kp, vp), 0.25, 5)):
-        full = jax.jit(lambda q, k, v, skv: _emulated_attention(e.emu, q, k, v, jnp.asarray(qpos), 0.5, alibi, window, skv))
-        seg = jax.jit(lambda q, k, v, skv: _causal_segments(e.emu, q, k, v, qpos, 0.5, alibi, window, skv, segments=3))
+        full = jax.jit(lambda q, k, v, skv: _emulated_attention(
+            e.emu, AttentionInputs(q, k, v, jnp.asarray(qpos), 0.5, alibi, window, skv)))
+        seg = jax.jit(lambda q, k, v, skv: _causal_segments(
+            e.emu, AttentionInputs(q, k, v, qpos, 0.5, alibi, window, skv), segments=3))
         assert _same(full(q, k, v, skv), seg(q, k, v, skv))
 
 

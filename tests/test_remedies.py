@@ -15,6 +15,7 @@ import pytest
 
 from collapse_sim import enable_x64, positional
 from collapse_sim.backends import make_backend
+from collapse_sim.backends.inputs import AttentionInputs
 from collapse_sim.model import ConfigError, ModelConfig, forward, gaussian_config, init_params, ssmax_factors
 
 enable_x64()
@@ -203,7 +204,7 @@ def _attention(B, adaptive, window, n, dh, q, k, v):
     from collapse_sim.model import ADAPTIVE_TEMPERATURE
 
     kw = {"adaptive": ADAPTIVE_TEMPERATURE} if adaptive else {}
-    return B.attention(q, k, v, np.arange(n), np.arange(n), scale=1 / np.sqrt(dh), window=window, **kw)
+    return B.attention(AttentionInputs(q, k, v, np.arange(n), scale=1 / np.sqrt(dh), window=window), **kw)
 
 
 @functools.lru_cache(maxsize=None)
@@ -334,7 +335,7 @@ def test_adaptive_temperature_refusals():
         with pytest.raises(ConfigError, match="online kernel never holds.*use kernel=naive"):
             forward(P, toks, be)
         with pytest.raises(PolicyError, match="online kernel never holds.*use kernel=naive"):
-            be.attention(*(be.store(np.ones((2, 2))) for _ in range(3)), np.arange(2), np.arange(2), 1.0,
+            be.attention(AttentionInputs(*(be.store(np.ones((2, 2))) for _ in range(3)), np.arange(2), 1.0),
                          adaptive=ADAPTIVE_TEMPERATURE)
     with pytest.raises(ConfigError, match="adaptive_temperature must be True or False"):
         ModelConfig(adaptive_temperature=1)

@@ -22,6 +22,7 @@ from collapse_sim import enable_x64
 from collapse_sim.backends import make_backend
 from collapse_sim.formats import parse as parse_format
 from collapse_sim.model import ModelConfig, _queries_keys
+from collapse_sim.backends.inputs import AttentionInputs
 from collapse_sim.theory import gamma
 
 enable_x64()
@@ -39,7 +40,7 @@ def _weights(backend, s: float, n: int = N) -> np.ndarray:
     v[0] = 1.0
     q, k, v = _queries_keys(ModelConfig(d=1, vocab=2, pe="none", ssmax=s), backend, *(backend.store(x) for x in
                                                                                   (np.ones((n, 1)), k, v)), pos)
-    return np.asarray(backend.to_numpy(backend.attention(q, k, v, pos, pos, scale=1.0)), np.float64)[:, 0]
+    return np.asarray(backend.to_numpy(backend.attention(AttentionInputs(q, k, v, pos, scale=1.0))), np.float64)[:, 0]
 
 
 def ssmax_weight(n: np.ndarray, s: float) -> np.ndarray:

@@ -21,6 +21,7 @@ import pytest
 from collapse_sim.backends import make_backend
 from collapse_sim.formats import builtin_formats
 from collapse_sim.policy import Policy
+from collapse_sim.backends.inputs import AttentionInputs
 from collapse_sim.theory import forward_ops, gamma
 from oracles import format_values, fraction_round, mp_op
 
@@ -431,8 +432,8 @@ def test_norm_formula_op_order_variance_and_eps(kind):
         assert _differs(want, alt), name
     for backend in ("reference", "emulated"):
         B = make_backend(backend, NORM_POLICY)
-        W = {"n1_g": B.store(np.array(g)), "n1_b": B.store(np.array(b))}
-        got = B.to_numpy(_norm(cfg, W, "n1", B.add(B.store(x1), B.store(x2)), B))
+        gain, bias = B.store(np.array(g)), B.store(np.array(b))
+        got = B.to_numpy(_norm(cfg, gain, bias, "n1", B.add(B.store(x1), B.store(x2)), B))
         assert _same(got, want), backend
 
 
@@ -491,9 +492,9 @@ def test_attention_scale_alibi_window_and_probe(order):
         Q, K, V, KP, VP = (B.store(a) for a in raw)
 
         def both(Q, K, V, KP, VP):
-            return (B.attention(Q, K, V, np.arange(n), np.arange(n), scale, alibi=slope, window=w),
-                    B.attention(Q, K, V, np.arange(n) + 1, np.arange(n), scale, alibi=slope, window=w,
-                                self_kv=(KP, VP)))
+            return (B.attention(AttentionInputs(Q, K, V, np.arange(n), scale, alibi=slope, window=w)),
+                    B.attention(AttentionInputs(Q, K, V, np.arange(n) + 1, scale, alibi=slope, window=w,
+                                                self_kv=(KP, VP))))
 
         o, op = (jax.jit(both) if backend == "emulated" else both)(Q, K, V, KP, VP)
         assert _same(B.to_numpy(o), want), backend

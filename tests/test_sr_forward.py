@@ -17,6 +17,7 @@ from collapse_sim.formats import parse
 from collapse_sim.model import ModelConfig, forward, init_params
 from collapse_sim.policy import StochasticRoundingError
 from collapse_sim.rounding import round_to
+from collapse_sim.backends.inputs import AttentionInputs
 from collapse_sim.theory.statement import forward_ops, gamma
 
 P = 18  # a format of 18 bits: gamma_k(2u) of the forward's op count stays far below 1 (bf16's would not)
@@ -75,12 +76,13 @@ def test_layers_draw_afresh(monkeypatch):
     somewhere among 64 roundings (all equal with probability 2^-64)."""
 
     def layer(c, W, p, x, xp, pos, B, pe=None, pe_p=None):
-        return x, 2 * xp + B.add(x, W[p + "w"])
+        return x, 2 * xp + B.add(x, W.wq)
 
     monkeypatch.setattr(model, "_layer", layer)
     B = EmulatedBackend(BF16_SR)
     x, w = jnp.ones((8, 8)), jnp.full((8, 8), 2.0 ** -8)
-    run = jax.jit(lambda key: model._scan_layers(ModelConfig(d=8, n_layers=2), {"l0.w": w, "l1.w": w}, x,
+    W = model.Weights((model.LayerWeights(w, w),) * 2)
+    run = jax.jit(lambda key: model._scan_layers(ModelConfig(d=8, n_layers=2), W, x,
                                                  jnp.zeros_like(x), np.arange(8), B.bind(key), None, None)[1])
     k = (np.asarray(run(np.uint64(1))) - 3) / 2.0 ** -7  # 2·r1 + r2 = 3 + (2·up1 + up2)·2^-7
     assert np.isin(k, [0, 1, 2, 3]).all()
@@ -110,8 +112,8 @@ def test_attention_row_blocks_draw_afresh(monkeypatch):
     q = jnp.tile(jnp.asarray(rng.standard_normal(dh)), (4, 1))
     k, v = (jnp.asarray(rng.standard_normal((nk, dh))) for _ in range(2))
     q, k, v = (round_to(a, parse("bf16"), "rne") for a in (q, k, v))  # bf16 values
-    run = jax.jit(lambda q, k, v: attention._emulated_attention(emu.fresh(), q, k, v, jnp.full(4, nk - 1), 0.25,
-                                                                None, None, None))
+    run = jax.jit(lambda q, k, v: attention._emulated_attention(
+        emu.fresh(), AttentionInputs(q, k, v, jnp.full(4, nk - 1), 0.25)))
     out = np.asarray(run(q, k, v))
     assert np.array_equal(np.asarray(round_to(jnp.asarray(out), parse("bf16"), "rne")), out)
     assert all((out[i] != out[0]).any() for i in range(1, 4))

@@ -21,6 +21,7 @@ import mpmath
 import numpy as np
 from mpmath.ctx_iv import MPIntervalContext
 
+from .inputs import AttentionInputs
 from .reference.backend import ObjectArrayBackend
 
 
@@ -90,7 +91,9 @@ class IntervalBackend(ObjectArrayBackend):
     def linear(self, x, w):
         return self._matmul(x, w, lambda a, b: self._sum(p * q for p, q in zip(a, b)))
 
-    def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None):
+    def attention(self, inputs: AttentionInputs):
+        q, k, v, qpos, scale = inputs.q, inputs.k, inputs.v, inputs.qpos, inputs.scale
+        alibi, window, self_kv = inputs.alibi, inputs.window, inputs.self_kv
         iv = self.ctx
         sc = iv.mpf(float(scale))
         nq, dh = q.shape
@@ -277,10 +280,12 @@ class ArbBackend(IntervalBackend):
     def linear(self, x, w):
         return self._matmul(x, w)
 
-    def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None):
+    def attention(self, inputs: AttentionInputs):
         """Softmax attention on balls, scores and weighted values as arb matrix products.
         No shift before ``exp``: arb exponents are unbounded, so exp cannot overflow or
         underflow, and the exact softmax is what is enclosed."""
+        q, k, v, qpos, scale = inputs.q, inputs.k, inputs.v, inputs.qpos, inputs.scale
+        alibi, window, self_kv = inputs.alibi, inputs.window, inputs.self_kv
         arb, zero = self.flint.arb, self._zero
         sc = arb(float(scale))
         nq, dh = q.shape

@@ -19,6 +19,7 @@ from ..errors import CollapseSimError
 from ..formats import NUMPY_DTYPES, parse as parse_format
 from ._jit import JaxBackendBase
 from ._rows import _map_rows
+from .inputs import AttentionInputs
 
 _QBLOCK_ELEMS = 1 << 24
 
@@ -71,9 +72,8 @@ class NativeBackend(JaxBackendBase):
     def linear(self, x, w):
         return x @ w
 
-    def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None, adaptive=None):
-        return _native_attention(q, k, v, jnp.asarray(qpos), scale, alibi, window, self_kv, self.dtype, self.div,
-                                 adaptive)
+    def attention(self, inputs: AttentionInputs, adaptive=None):
+        return _native_attention(inputs, self.dtype, self.div, adaptive)
 
 
 def _softmax(s, div):
@@ -97,14 +97,15 @@ def _adaptive_softmax(s, valid, div, poly, threshold):
     return _softmax(s * jnp.where(H > threshold, jnp.maximum(P, one), one), div)
 
 
-def _native_attention(q, k, v, qpos, scale, alibi, window, self_kv, dtype, div=jnp.divide, adaptive=None):
+def _native_attention(a: AttentionInputs, dtype, div=jnp.divide, adaptive=None):
+    q, k, v, qpos, alibi, window, self_kv = a.q, a.k, a.v, jnp.asarray(a.qpos), a.alibi, a.window, a.self_kv
     nk = k.shape[0]
     if self_kv is not None:
         k = jnp.concatenate([k, jnp.zeros((1, k.shape[1]), k.dtype)])
         v = jnp.concatenate([v, jnp.zeros((1, v.shape[1]), v.dtype)])
         nk += 1
     cols = jnp.arange(nk)
-    sc = jnp.asarray(scale, jnp.float64).astype(dtype) if jax.config.jax_enable_x64 else jnp.asarray(scale, dtype)
+    sc = jnp.asarray(a.scale, jnp.float64).astype(dtype) if jax.config.jax_enable_x64 else jnp.asarray(a.scale, dtype)
 
     def block(args):
         qb, pb, kpb, vpb = args

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import positional, require_x64
+from ..backends.inputs import AttentionInputs
 from ..backends.native import NativeBackend
 from ..model import Params, forward_tapped
 
@@ -52,12 +53,13 @@ class AnalysisBackend(NativeBackend):
     def freeze(self, x):
         return jax.lax.stop_gradient(x) if self.frozen else x
 
-    def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None):
-        if self_kv is not None:
+    def attention(self, inputs: AttentionInputs):
+        q, k, v, alibi, window = inputs.q, inputs.k, inputs.v, inputs.alibi, inputs.window
+        if inputs.self_kv is not None:
             raise ValueError("the analysis backend does not take probe tokens")
         xp = self.xp
-        qpos, kpos = xp.asarray(qpos), xp.asarray(kpos)
-        s = (q @ k.T) * xp.asarray(scale, q.dtype)
+        qpos, kpos = xp.asarray(inputs.qpos), xp.arange(k.shape[0])  # keys at positions 0..n_k - 1
+        s = (q @ k.T) * xp.asarray(inputs.scale, q.dtype)
         if alibi is not None:
             s = s - xp.asarray(alibi, s.dtype) * (qpos[:, None] - kpos[None, :]).astype(s.dtype)
         valid = kpos[None, :] <= qpos[:, None]

@@ -8,6 +8,7 @@ op by op, so the result is the op-by-op result bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -21,6 +22,7 @@ from ...policy import BLOCK_KERNELS, PolicyError
 from ...rounding import round_to
 from ..reference.arith import times_log2e
 from .._rows import _fill_rows, _map_rows
+from ..inputs import AttentionInputs
 from .certificates import certified_matmul, matmul_stats, row_norms
 from .ops import Emulator, reduce_sum
 
@@ -117,14 +119,14 @@ def masked_softmax(emu: Emulator, s, valid, path: str = "certified"):
     return (alpha, ok) if with_ok else alpha
 
 
-def _emulated_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
-    """Attention of queries ``q`` at positions ``qpos`` over keys ``0..len(k)-1``: from
+def _emulated_attention(emu: Emulator, a: AttentionInputs):
+    """Attention of queries ``a.q`` at positions ``a.qpos`` over keys ``0..len(a.k)-1``: from
     certified float64 matrix products where the policy allows (exact and blocked
     orders), op by op for every query row they leave uncertified; op by op otherwise."""
-    if not _certified_scores(emu, _terms(q, k)):
-        return _uncertified_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv)
-    o, ok = _certified_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv)
-    return _fill_uncertified(emu, o, ok, q, k, v, qpos, scale, alibi, window, self_kv)
+    if not _certified_scores(emu, _terms(a.q, a.k)):
+        return _uncertified_attention(emu, a)
+    o, ok = _certified_attention(emu, a)
+    return _fill_uncertified(emu, o, ok, a)
 
 
 def _terms(q, k) -> int:
@@ -139,30 +141,31 @@ def _certified_scores(emu: Emulator, terms: int) -> bool:
     return _certified(emu, terms) and emu.kernel.kind == "naive" and emu.operands is None
 
 
-def _uncertified_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
+def _uncertified_attention(emu: Emulator, a: AttentionInputs):
     """The attention op by op: a block kernel's blocks (online, flash2, flash3fp8), or the naive softmax."""
-    path = exact_path(_terms(q, k))
+    path = exact_path(_terms(a.q, a.k))
     if emu.kernel.kind in BLOCK_KERNELS:
-        return _online_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv, path)
-    return _op_by_op_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv, path)
+        return _online_attention(emu, a, path)
+    return _op_by_op_attention(emu, a, path)
 
 
-def _prepare(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv, fold: bool = False):
+def _prepare(emu: Emulator, a: AttentionInputs, fold: bool = False):
     """What the op-by-op and certified attention share: keys and values with a slot for
-    a query's own key and value (``self_kv``), and ``weights``, which turns raw scores
+    a query's own key and value (``a.self_kv``), and ``weights``, which turns raw scores
     (B, nk) of queries at positions pb into attention weights and the key mask.
     ``fold``: the scale and the ALiBi biases are the flash2 kernel's, times log2(e)
     (docs/semantics.md §8.8.1; they must then be concrete numbers). ``weights.scores`` takes
     an optional ``descale`` per query row (flash3fp8, §8.8.2): the scale is then
     ∘_A(scale · descale)."""
     dt = emu.dtype
+    k, v, qpos, scale, alibi, window, self_kv = a.k, a.v, a.qpos, a.scale, a.alibi, a.window, a.self_kv
     if self_kv is not None:
         k = jnp.concatenate([k, jnp.zeros((1, k.shape[1]), dt)])
         v = jnp.concatenate([v, jnp.zeros((1, v.shape[1]), dt)])
     nk = k.shape[0]
     cols = jnp.arange(nk)
     sc = emu.store(jnp.float64(_log2e_times(scale) if fold else scale))
-    kp, vp = _own_kv(q, self_kv)
+    kp, vp = _own_kv(a)
     bias_table = None
     if alibi is not None:  # -slope·distance for every distance, rounded once (a gather per block)
         maxd = max(nk, int(qpos.shape[0])) + 1
@@ -197,11 +200,11 @@ def _log2e_times(x) -> float:
     return mlib.to_float(times_log2e(float(x), 53))
 
 
-def _own_kv(q, self_kv):
-    """Each query's own key and value (``self_kv``), or zeros of ``q``'s shape."""
-    if self_kv is None:
-        return jnp.zeros_like(q), jnp.zeros_like(q)
-    return self_kv
+def _own_kv(a: AttentionInputs):
+    """Each query's own key and value (``a.self_kv``), or zeros of ``a.q``'s shape."""
+    if a.self_kv is None:
+        return jnp.zeros_like(a.q), jnp.zeros_like(a.q)
+    return a.self_kv
 
 
 def _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb):
@@ -293,14 +296,14 @@ def _weighted_values(emu: Emulator, P, V, valid, out, path: str, last=None):
     return reduce_sum(prod, emu.order, emu.accumulate, out, emu.mode, vmask, emu.bounds, path=path, draws=emu.draws)
 
 
-def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv, path: str = "certified",
-                        adaptive=None):
+def _op_by_op_attention(emu: Emulator, a: AttentionInputs, path: str = "certified", adaptive=None):
     """Attention with every dot product and sum an :class:`Emulator` reduction, in
     blocks of query rows over all keys. ``path``: how the exact and blocked orders
     take their exact sums (:func:`reduce_sum`; ``"superacc"`` where the certificate
     already failed). ``adaptive`` (adaptive temperature's polynomial and threshold): its
     weights (:func:`_adaptive_weights`) instead of the softmax."""
-    k, v, kp, vp, cols, weights = _prepare(emu, q, k, v, qpos, scale, alibi, window, self_kv)
+    k, v, kp, vp, cols, weights = _prepare(emu, a)
+    self_kv = a.self_kv
     nk, dh = k.shape
     tiled = emu.operands is not None and not emu.per_tensor
     vq = emu.operand(v, 0) if tiled else v  # the values' full key blocks: the same for every row
@@ -326,17 +329,17 @@ def _op_by_op_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self
             return _weighted_values(emu, alpha, V, valid, emu.compute, path, last)
         return _weighted_values(emu, alpha, V, valid, emu.compute, path)  # alpha: (B, nk), compute format
 
-    b, _ = _blocks(q.shape[0], nk * dh)
-    return _map_rows(block, (q, qpos, kp, vp), b, emu.stream)
+    b, _ = _blocks(a.q.shape[0], nk * dh)
+    return _map_rows(block, (a.q, a.qpos, kp, vp), b, emu.stream)
 
 
-def _adaptive_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv, adaptive):
+def _adaptive_attention(emu: Emulator, a: AttentionInputs, adaptive):
     """Attention with adaptive temperature (docs/semantics.md §8.7; ``adaptive``: its
     polynomial and threshold): the naive kernel op by op over whole rows, for every order
     (the certified float64 path does not define it)."""
     if (why := emu.kernel.why_not_adaptive()) is not None:
         raise PolicyError(why)
-    return _op_by_op_attention(emu, q, k, v, qpos, scale, alibi, window, self_kv, exact_path(_terms(q, k)), adaptive)
+    return _op_by_op_attention(emu, a, exact_path(_terms(a.q, a.k)), adaptive)
 
 
 def _adaptive_weights(emu: Emulator, scores, raw, pb, path: str, poly, threshold):
@@ -360,7 +363,7 @@ def _adaptive_weights(emu: Emulator, scores, raw, pb, path: str, poly, threshold
     return masked_softmax(emu, emu.mul(s, jnp.broadcast_to(beta[:, None], s.shape), M), valid, path), valid
 
 
-def _online_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv, path: str = "certified"):
+def _online_attention(emu: Emulator, a: AttentionInputs, path: str = "certified"):
     """The block kernels ``online(b)``, ``flash2(b)`` and ``flash3fp8(b)`` (docs/semantics.md
     §8.8): per query, the key columns in blocks of b with a running maximum m, denominator l
     and output o, rescaled by r = exp(m_old - m_new) whenever the maximum grows, and one
@@ -373,7 +376,8 @@ def _online_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_k
     equal those of skipping them, as a kernel does."""
     mode, dt = emu.mode, emu.dtype
     kern = emu.kernel
-    k, v, kp, vp, cols, weights = _prepare(emu, q, k, v, qpos, scale, alibi, window, self_kv, fold=kern.base2)
+    k, v, kp, vp, cols, weights = _prepare(emu, a, fold=kern.base2)
+    self_kv = a.self_kv
     nk, dh = k.shape
     bc = min(kern.block, nk)  # a block wider than the keys is one block: the same bits, no padding
     nb = -(-nk // bc)
@@ -426,8 +430,8 @@ def _online_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_k
             out = emu.mul(o, jnp.broadcast_to(f[:, None], o.shape), A)
         return round_to(out, C, mode)
 
-    b, _ = _blocks(q.shape[0], nk * dh)
-    return _map_rows(block, (q, qpos, kp, vp), b)
+    b, _ = _blocks(a.q.shape[0], nk * dh)
+    return _map_rows(block, (a.q, a.qpos, kp, vp), b)
 
 
 def _fp8_inputs(emu: Emulator, E, qb, K, V, seen):
@@ -455,11 +459,12 @@ def _seen_amax(X, seen):
     return jnp.max(jnp.where(seen[:, :, None], jnp.abs(X), jnp.zeros((), X.dtype)), axis=(1, 2))
 
 
-def _certified_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, self_kv):
+def _certified_attention(emu: Emulator, a: AttentionInputs):
     """``(o, ok)``: attention from float64 matrix products (:func:`certified_matmul`),
     whole rows of scores at a time; ``ok`` (nq,) marks the query rows whose every dot
     product was certified. The others must be recomputed op by op."""
-    k, v, kp, vp, cols, weights = _prepare(emu, q, k, v, qpos, scale, alibi, window, self_kv)
+    k, v, kp, vp, cols, weights = _prepare(emu, a)
+    q, self_kv = a.q, a.self_kv
     nk = k.shape[0]
     bf = max(1, min(q.shape[0], _BLOCK_ELEMS // (4 * nk)))
     kstats, vstats = matmul_stats(emu, k.T), matmul_stats(emu, v)  # once for every block
@@ -480,20 +485,20 @@ def _certified_attention(emu: Emulator, q, k, v, qpos, scale, alibi, window, sel
         o, ok_o = certified_matmul(emu, alpha, v, extra, w_stats=vstats, x_quanta=False, two_norm=False)
         return o, jnp.all(ok_s, axis=-1) & ok_den & jnp.all(ok_o, axis=-1)
 
-    args = (q, qpos, kp, vp, *row_norms(emu, q))  # the query norms, too, once for every block
+    args = (q, a.qpos, kp, vp, *row_norms(emu, q))  # the query norms, too, once for every block
     return _map_rows(block, args, bf)
 
 
-def _fill_uncertified(emu: Emulator, o, ok, q, k, v, qpos, scale, alibi, window, self_kv):
+def _fill_uncertified(emu: Emulator, o, ok, a: AttentionInputs):
     """``o`` with every row that ``ok`` leaves uncertified recomputed op by op, in
     blocks of query rows over all keys (masked keys are exact zeros, which change no
     reduction order's result). The op-by-op code is compiled once per attention call,
     never per causal segment, and runs only for the blocks holding such a row."""
-    nk = k.shape[0] + (self_kv is not None)
+    nk = a.k.shape[0] + (a.self_kv is not None)
     b, _ = _blocks(o.shape[0], nk * o.shape[1])
 
     def redo(qb, pb, kpb, vpb):
-        skv = None if self_kv is None else (kpb, vpb)
-        return _op_by_op_attention(emu, qb, k, v, pb, scale, alibi, window, skv, "superacc")
+        skv = None if a.self_kv is None else (kpb, vpb)
+        return _op_by_op_attention(emu, dataclasses.replace(a, q=qb, qpos=pb, self_kv=skv), "superacc")
 
-    return _fill_rows(o, ok, (q, jnp.asarray(qpos), *_own_kv(q, self_kv)), redo, b)
+    return _fill_rows(o, ok, (a.q, jnp.asarray(a.qpos), *_own_kv(a)), redo, b)

@@ -16,6 +16,7 @@ import numpy as np
 from ...policy import BLOCK_KERNELS, Policy, StochasticRoundingError
 from ...rounding import Stochastic
 from .._jit import JaxBackendBase, run_jitted
+from ..inputs import AttentionInputs
 from .attention import _adaptive_attention, _emulated_attention, _linear, exact_path
 from .ops import Emulator, shared_class_refusal
 from .schedule import _causal_segments, _segment_count, _sharded
@@ -227,21 +228,20 @@ class EmulatedBackend(JaxBackendBase):
     def linear(self, x, w, stream_rows=None):
         return _linear(self.emu, x, w, stream_rows)
 
-    def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None, adaptive=None,
-                  stream_rows=None):
-        del kpos  # keys sit at positions 0..Nk-1
+    def attention(self, inputs: AttentionInputs, adaptive=None, stream_rows=None):
         # the scores' operands (docs/semantics.md §13.1): each query and key in blocks along d_h; per
         # tensor (§13.2.1) each query with the amax of the queries up to it (after the stream's,
         # ``stream_rows``, for probes), the keys per query row in the attention (attention.py)
-        q = self.emu.operand(q, -1, self.emu.prefix_amax(q, stream_rows))
+        a = dataclasses.replace(inputs, q=self.emu.operand(inputs.q, -1, self.emu.prefix_amax(inputs.q, stream_rows)))
         if not self.emu.per_tensor:
-            k = self.emu.operand(k)
-            if self_kv is not None:
-                self_kv = (self.emu.operand(self_kv[0]), self_kv[1])
+            skv = a.self_kv if a.self_kv is None else (self.emu.operand(a.self_kv[0]), a.self_kv[1])
+            a = dataclasses.replace(a, k=self.emu.operand(a.k), self_kv=skv)
+        qpos = a.qpos
         if adaptive is not None:  # adaptive temperature (docs/semantics.md §8.7): op by op, unsegmented, unsharded
-            return _adaptive_attention(self.emu, q, k, v, jnp.asarray(qpos), scale, alibi, window, self_kv, adaptive)
+            return _adaptive_attention(self.emu, dataclasses.replace(a, qpos=jnp.asarray(qpos)), adaptive)
         if self.shard:
-            return _sharded(self.emu, q, k, v, np.asarray(qpos), scale, alibi, window, self_kv)
-        if isinstance(qpos, np.ndarray) and np.all(np.diff(qpos) >= 0) and _segment_count(self.emu, qpos.size, q.shape[1]) > 1:
-            return _causal_segments(self.emu, q, k, v, qpos, scale, alibi, window, self_kv)
-        return _emulated_attention(self.emu, q, k, v, jnp.asarray(qpos), scale, alibi, window, self_kv)
+            return _sharded(self.emu, a)
+        if (isinstance(qpos, np.ndarray) and np.all(np.diff(qpos) >= 0)
+                and _segment_count(self.emu, qpos.size, a.q.shape[1]) > 1):
+            return _causal_segments(self.emu, a)
+        return _emulated_attention(self.emu, dataclasses.replace(a, qpos=jnp.asarray(qpos)))

@@ -6,6 +6,7 @@ segments depends on N.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -15,6 +16,7 @@ from jax import lax
 
 from .attention import (_certified_attention, _certified_scores, _emulated_attention, _fill_uncertified, _own_kv,
                         _terms, _uncertified_attention)
+from ..inputs import AttentionInputs
 from .ops import Emulator
 
 _SEGMENTS = 8  # at most this many query segments with their own causal key length (one compiled body each)
@@ -31,10 +33,9 @@ def _segment_count(emu: Emulator, nq: int, dh: int) -> int:
     return int(min(_SEGMENTS, max(1, round(nq / _QUERIES_PER_SEGMENT[_certified_scores(emu, nq * (nq + 1) * dh)]))))
 
 
-def _causal_segments(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, window, self_kv,
-                     segments: "int | None" = None):
+def _causal_segments(emu: Emulator, a: AttentionInputs, segments: "int | None" = None):
     """Causal attention in ``segments`` runs of queries (default :func:`_segment_count`),
-    each over the keys it can see.
+    each over the keys it can see (``a.qpos``: a numpy array, read on the host).
 
     Query positions are static and non-decreasing, so the queries of a segment need
     keys ``0..max(qpos)`` only. Dropping the trailing (masked, exactly zero) columns
@@ -42,28 +43,27 @@ def _causal_segments(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, win
     end, pairwise trees over any power-of-two padding at least as long agree, kahan
     skips masked terms and exact sums ignore zeros (proofs/reduction_orders.md). With
     S segments it saves (S - 1) / (2 S) of the work (44% at S = 8)."""
-    nq = q.shape[0]
-    segments = _segment_count(emu, nq, q.shape[1]) if segments is None else segments
+    nq, dh = a.q.shape
+    segments = _segment_count(emu, nq, dh) if segments is None else segments
     bounds = np.linspace(0, nq, segments + 1).astype(int)
-    certified = _certified_scores(emu, _terms(q, k))
+    certified = _certified_scores(emu, _terms(a.q, a.k))
     outs = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        if a == b:
+    for r0, r1 in zip(bounds[:-1], bounds[1:]):
+        if r0 == r1:
             continue
-        top = int(qpos[b - 1])
-        kl = min(k.shape[0], top if self_kv is not None else top + 1)
-        skv = None if self_kv is None else (self_kv[0][a:b], self_kv[1][a:b])
-        seg = (emu, q[a:b], k[:kl], v[:kl], jnp.asarray(qpos[a:b]), scale, alibi, window, skv)
+        top = int(a.qpos[r1 - 1])
+        seg = a.query_rows(r0, r1, keys=min(a.k.shape[0], top if a.self_kv is not None else top + 1))
+        seg = dataclasses.replace(seg, qpos=jnp.asarray(seg.qpos))
         if certified:
-            run = functools.partial(_certified_attention, *seg)
+            run = functools.partial(_certified_attention, emu, seg)
         else:
-            run = lambda seg=seg: (_uncertified_attention(*seg), None)  # noqa: E731
-        outs.append(_after(outs[-1][0] if outs else None, run, (b - a, q.shape[1]), certified))
+            run = lambda seg=seg: (_uncertified_attention(emu, seg), None)  # noqa: E731
+        outs.append(_after(outs[-1][0] if outs else None, run, (r1 - r0, dh), certified))
     o = jnp.concatenate([x for x, _ in outs], axis=0)
     if not certified:
         return o
     ok = jnp.concatenate([x for _, x in outs])
-    return _fill_uncertified(emu, o, ok, q, k, v, qpos, scale, alibi, window, self_kv)  # one op-by-op body for all
+    return _fill_uncertified(emu, o, ok, a)  # one op-by-op body for all
 
 
 def _after(dep, run, shape, with_ok: bool):
@@ -80,25 +80,27 @@ def _after(dep, run, shape, with_ok: bool):
     return lax.cond(jnp.sum(jnp.isnan(dep), dtype=jnp.int32) >= 0, run, never)
 
 
-def _sharded(emu: Emulator, q, k, v, qpos: np.ndarray, scale, alibi, window, self_kv):
+def _sharded(emu: Emulator, a: AttentionInputs):
     """The query axis split over every device (``jax.shard_map``), keys and values
-    replicated: each query row is computed exactly as unsharded, so the bits agree.
+    replicated: each query row is computed exactly as unsharded, so the bits agree
+    (``a.qpos``: a numpy array).
     Test on CPU with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``."""
     from jax.sharding import Mesh, PartitionSpec as P
 
     ndev = jax.device_count()
     mesh = Mesh(np.array(jax.devices()), ("q",))
+    q, qpos = a.q, np.asarray(a.qpos)
     nq = q.shape[0]
     pad = -nq % ndev
     qp = jnp.concatenate([q, jnp.zeros((pad, q.shape[1]), q.dtype)])
     pos = jnp.asarray(np.concatenate([qpos, np.full(pad, qpos[-1] if nq else 0)]))
-    kp, vp = _own_kv(q, self_kv)
+    kp, vp = _own_kv(a)
     kp = jnp.concatenate([kp, jnp.zeros((pad, kp.shape[1]), kp.dtype)])
     vp = jnp.concatenate([vp, jnp.zeros((pad, vp.shape[1]), vp.dtype)])
 
     def local(qs, ps, kps, vps, k_, v_):
-        skv = (kps, vps) if self_kv is not None else None
-        return _emulated_attention(emu, qs, k_, v_, ps, scale, alibi, window, skv)
+        skv = (kps, vps) if a.self_kv is not None else None
+        return _emulated_attention(emu, dataclasses.replace(a, q=qs, k=k_, v=v_, qpos=ps, self_kv=skv))
 
     f = jax.shard_map(local, mesh=mesh, in_specs=(P("q"), P("q"), P("q"), P("q"), P(), P()), out_specs=P("q"))
-    return f(qp, pos, kp, vp, k, v)[:nq]
+    return f(qp, pos, kp, vp, a.k, a.v)[:nq]

@@ -12,6 +12,7 @@ import numpy as np
 from ...mx import P_AMAX, ScaledFormat, mx_round, prefix_amax, scaled_values, tensor_amax
 from ...policy import BLOCK_KERNELS, Policy, PolicyError, weights_token
 from .._hooks import ArrayPlumbing
+from ..inputs import AttentionInputs
 from .arith import RefArith, Reference, ref_sum, times_log2e, to_float
 from .constants import ExactConstants
 
@@ -233,8 +234,9 @@ class ReferenceBackend(ObjectArrayBackend):
         with np.errstate(invalid="ignore"):  # a NaN tile's values: mpmath's NaN
             return np.frompyfunc(lambda v: mlib.from_float(float(v)), 1, 1)(q)
 
-    def attention(self, q, k, v, qpos, kpos, scale, alibi=None, window=None, self_kv=None, adaptive=None,
-                  stream_rows=None):
+    def attention(self, inputs: AttentionInputs, adaptive=None, stream_rows=None):
+        q, k, v, qpos, scale = inputs.q, inputs.k, inputs.v, inputs.qpos, inputs.scale
+        alibi, window, self_kv = inputs.alibi, inputs.window, inputs.self_kv
         ref, pol = self.ref, self.ref.policy
         c, smx = ref.compute, ref.softmax
         kern = pol.kernel
