@@ -375,7 +375,8 @@ class Policy:
         fields: dict[str, str] = {}
         for part in parts:
             if "=" not in part:
-                raise PolicyError(f"policy {text!r}: expected role=value, got {part!r}")
+                raise PolicyError(f"policy {text!r}: expected role=value, got {part!r}; a format among other keys is "
+                                  f"a role, e.g. compute={part.strip()} (alone, {part.strip()!r} is a policy by itself)")
             k, v = (s.strip() for s in part.split("=", 1))
             k = k.lower()
             if k in DESCRIPTION_KEYS:
@@ -387,6 +388,8 @@ class Policy:
             if k in _ROLES and _is_mx(v):
                 raise PolicyError(f"policy {text!r}: {k}={v} is not possible, an MX format is a weights role only "
                                   f"(or an operands role, the dot products' inputs); write weights={v} or operands={v}")
+            if k in fields:
+                raise PolicyError(f"policy {text!r} gives {k} twice ({fields[k]} and {v}); keep one")
             fields[k] = v
         if "compute" not in fields:
             raise PolicyError(f"policy {text!r} needs compute=FORMAT")

@@ -36,28 +36,14 @@ settings.register_profile("search", max_examples=2000, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
-#: Modules whose tests share one expensive module fixture (test_report_resume's toy report, ~90 s):
-#: with ``-n 2`` they run on one worker (xdist's ``loadgroup`` scheduling, chosen below), so the
-#: fixture is built once, and first, so that the other worker takes the rest of the suite meanwhile.
-FIRST_GROUPS = ("test_report_resume.py",)
-
-
-def pytest_cmdline_main(config):
-    """``-n K`` schedules with ``--dist loadgroup`` (xdist's default is ``load``, which may split a
-    module's tests, and so its module fixtures, over workers): after xdist's own hook (tryfirst),
-    before pytest's (which runs the session). Set here rather than in pyproject's addopts so that
-    ``-p no:xdist`` still runs."""
-    if getattr(config.option, "dist", "no") == "load":
-        config.option.dist = "loadgroup"
+#: Tests of a minute or more that share nothing with the rest: collected first, so that with
+#: ``-n 2`` (xdist's ``load`` scheduling hands out the first tests round robin) one worker starts
+#: on them while the other takes the rest of the suite, instead of one running them at the end.
+FIRST = ("tests/test_report_resume.py::test_toy_report_sections_resume_rerun_and_only",)
 
 
 def pytest_collection_modifyitems(config, items):
-    first = []
-    for item in items:
-        name = item.path.name
-        if name in FIRST_GROUPS:
-            item.add_marker(pytest.mark.xdist_group(name))
-            first.append(item)
+    first = [i for i in items if i.nodeid in FIRST]
     ids = {id(i) for i in first}
     items[:] = first + [i for i in items if id(i) not in ids]
 

@@ -59,6 +59,7 @@ def test_accumulator_orders_parse():
     ("compute=bf17", "unknown format"), ("compute=bf16,order=zigzag", "unknown reduction order"),
     ("compute=bf16,order=blocked", "block size"), ("accumulate=fp32", "needs compute"),
     ("compute=bf16,colour=red", "unknown key"), ("compute=bf16,mode=sr", "stochastic"),
+    ("compute=bf16,compute=fp16", "gives compute twice"), ("bf16,mode=rz", "e.g. compute=bf16"),
     ("", "empty"),
     ("compute=bf16,order=tcfma(0,23,rz)", "tcfma order needs k >= 1, got 0"),
     ("compute=bf16,order=tcfma(4,0,rz)", "tcfma order needs t >= 1, got 0"),

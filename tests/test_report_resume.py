@@ -1,6 +1,6 @@
 """``collapse-sim reproduce`` at toy sizes (experiments.paper.TINY): the report's sections, and
-a report that survives interruption. One uninterrupted run serves the whole module; the
-resumed runs start from copies of its stored units (OUT/.runs), with some of them removed."""
+a report that survives interruption. One test makes one uninterrupted run; the resumed
+runs start from copies of its stored units (OUT/.runs), with some of them removed."""
 
 from __future__ import annotations
 
@@ -29,12 +29,6 @@ def _outputs(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix in (".csv", ".png")}
 
 
-@pytest.fixture(scope="module")
-def whole(tmp_path_factory) -> Path:
-    """One uninterrupted report, every section at TINY sizes."""
-    out = tmp_path_factory.mktemp("whole") / "rep"
-    assert reproduce(str(out), sizes=TINY) == 0
-    return out
 
 
 def _copy_units(whole: Path, dst: Path, drop) -> list[str]:
@@ -51,7 +45,7 @@ def _copy_units(whole: Path, dst: Path, drop) -> list[str]:
     return dropped
 
 
-def test_report_has_every_section_verdict_and_figure(whole):
+def _every_section_verdict_and_figure(whole):
     """The whole report at toy sizes (every section, figure and table)."""
     out = whole
     text = (out / "report.md").read_text()
@@ -75,7 +69,7 @@ def test_report_has_every_section_verdict_and_figure(whole):
     assert "MISMATCH" not in text and "<!--" not in text and "Not run yet" not in text
 
 
-def test_interrupted_run_resumes_to_the_same_report(whole, tmp_path, monkeypatch, capsys):
+def _interrupted_run_resumes_to_the_same_report(whole, tmp_path, monkeypatch, capsys):
     """A run that stops (an exception in the remedies) keeps every unit it measured; the rerun
     measures only the units still missing and writes collapse.csv, every figure and report.md
     (but its timing lines) byte for byte as the uninterrupted run did."""
@@ -110,7 +104,7 @@ def test_interrupted_run_resumes_to_the_same_report(whole, tmp_path, monkeypatch
     assert _report(out) == _report(whole)
 
 
-def test_rerun_reuses_every_unit_without_measuring_or_compiling(whole, monkeypatch, capsys):
+def _rerun_reuses_every_unit_without_measuring_or_compiling(whole, monkeypatch, capsys):
     """The same command again into the same folder: every unit reused, no sweep, no XLA program
     compiled, and the same files."""
     import collapse_sim.experiments.captions as captions
@@ -134,7 +128,7 @@ def test_rerun_reuses_every_unit_without_measuring_or_compiling(whole, monkeypat
     assert (_outputs(whole), _report(whole)) == before
 
 
-def test_only_some_sections_the_others_from_stored_units_or_not_run_yet(whole, tmp_path, capsys):
+def _only_some_sections_the_others_from_stored_units_or_not_run_yet(whole, tmp_path, capsys):
     """``only=["fig9"]`` into a folder that holds every unit but the Fig. 8 decoder's: Fig. 9 and
     every other stored section are in the report, Fig. 8 is marked "not run yet" (its captions'
     part, measured, is rolled back with it), and collapse.csv holds exactly the other runs' rows."""
@@ -157,6 +151,22 @@ def test_only_some_sections_the_others_from_stored_units_or_not_run_yet(whole, t
             return list(csv.DictReader(fh))
 
     assert rows(out / "collapse.csv") == [r for r in rows(whole / "collapse.csv") if not r["experiment"].startswith("Fig. 8")]
+
+
+def test_toy_report_sections_resume_rerun_and_only(tmp_path_factory, monkeypatch, capsys):
+    """One uninterrupted report at TINY sizes (~90 s), then, from copies of its stored units, an
+    interrupted run resumed, the same command again, and one section alone. One test rather than
+    four sharing a module fixture: under pytest 9.2, pytest-xdist 3.8's ``--dist loadgroup`` does
+    not keep grouped tests on one worker (pytest-xdist#1386), and split over the two workers the
+    report was built twice."""
+    whole = tmp_path_factory.mktemp("whole") / "rep"
+    assert reproduce(str(whole), sizes=TINY) == 0
+    _every_section_verdict_and_figure(whole)
+    with monkeypatch.context() as m:
+        _interrupted_run_resumes_to_the_same_report(whole, tmp_path_factory.mktemp("resumed"), m, capsys)
+    with monkeypatch.context() as m:
+        _rerun_reuses_every_unit_without_measuring_or_compiling(whole, m, capsys)
+    _only_some_sections_the_others_from_stored_units_or_not_run_yet(whole, tmp_path_factory.mktemp("only"), capsys)
 
 
 @dataclasses.dataclass(frozen=True)
