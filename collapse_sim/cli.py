@@ -375,13 +375,17 @@ def build_parser() -> argparse.ArgumentParser:
     from .positional import KINDS
 
     p = command("collapse", help="distance between paired inputs for every n, per format; first collapse length")
-    p.add_argument("--family", required=True, choices=NAMES)
+    p.add_argument("--family", required=True, choices=NAMES,
+                   help="the paired inputs (docs/getting-started.md): e.g. repeat_last is v vs v* (v with its last "
+                        "token repeated), ones is 1^n vs 1^(n+1)")
     p.add_argument("--format", default=None, help="comma-separated formats (default bf16,fp16,fp32); custom ones in parentheses: '(p=5,emax=15)'")
     p.add_argument("--policy", default=None,
                    help="one precision policy (docs/policies.md) instead of --format, --order and --kernel, for the "
                         "emulated or reference backend, e.g. 'storage=bf16,compute=fp32,accumulate=fp32,"
                         "operands=mx(e4m3fn,32)'")
-    p.add_argument("--backend", default="emulated", choices=["emulated", "native", "reference"])
+    p.add_argument("--backend", default="emulated", choices=["emulated", "native", "reference"],
+                   help="emulated (default: every op rounded as the format says), native (the JAX dtype: what XLA "
+                        "does), or reference (mpmath at the format's precision; slow, short lengths)")
     p.add_argument("--order", default="pairwise", help="reduction order for emulated/reference (default pairwise)")
     p.add_argument("--kernel", default="naive",
                    help="attention kernel for emulated/reference: naive (default), online(b), key blocks of b "
@@ -389,8 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "recipe of it (§8.8.1), or flash3fp8(b), FlashAttention-3's FP8 recipe (§8.8.2)")
     p.add_argument("--shard", action="store_true",
                    help="split the emulated attention's queries over all JAX devices (same bits as unsharded)")
-    p.add_argument("--max-len", type=int, required=True)
-    p.add_argument("--pe", default="sinusoidal", choices=KINDS)
+    p.add_argument("--max-len", type=int, required=True, help="measure every n = 1..MAX_LEN")
+    p.add_argument("--pe", default="sinusoidal", choices=KINDS, help="positional encoding (default sinusoidal)")
     p.add_argument("--ape", default="residual", choices=["residual", "scores"],
                    help="absolute PE into the residual stream (default) or only into queries/keys")
     p.add_argument("--norm", default=None, choices=["layernorm", "rmsnorm", "none"],
@@ -412,32 +416,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adaptive-temperature", action="store_true",
                    help="adaptive temperature: each attention row's scores times β(entropy of its softmax), then the "
                         "softmax again (Veličković et al.; docs/semantics.md §8.7; naive kernel only)")
-    p.add_argument("--d", type=int, default=64)
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--heads", type=int, default=1)
-    p.add_argument("--d-ff", type=int, default=0)
-    p.add_argument("--vocab", type=int, default=16)
+    p.add_argument("--d", type=int, default=64, help="model width (default 64)")
+    p.add_argument("--layers", type=int, default=1, help="decoder layers (default 1)")
+    p.add_argument("--heads", type=int, default=1, help="attention heads; must divide --d (default 1)")
+    p.add_argument("--d-ff", type=int, default=0, help="MLP width (default 0: no MLP)")
+    p.add_argument("--vocab", type=int, default=16, help="vocabulary size (default 16)")
     p.add_argument("--window", type=int, default=None, help="sliding-window attention width")
     p.add_argument("--sep", type=int, default=None, help="insert a separator after every k tokens")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random weights and of the families' random tokens (default 0; recorded in "
+                        "collapse.json)")
     p.add_argument("--weights", default=None, help="PATH of PATH.json + PATH.npz to use instead of a random init")
     p.add_argument("--mem-limit", type=float, default=8.0, help="refuse runs estimated above this many GiB")
     p.add_argument("--time-limit", type=float, default=3600.0,
-                   help="refuse runs estimated to take longer than this many seconds (default 3600)")
-    p.add_argument("--out", default="collapse-out")
+                   help="refuse runs whose arithmetic is estimated to take longer than this many seconds (default 3600); "
+                        "compiling is not counted (seconds per program, none when the cache holds it)")
+    p.add_argument("--out", default="collapse-out", help="output folder (default collapse-out): collapse.csv, "
+                   "collapse.json (every setting), collapse.png")
     p.set_defaults(func=cmd_collapse)
 
     p = command("theorem", help="check one statement on random instances: observed vs bound")
     p.add_argument("name", nargs="?", help="statement name (see --list), or b10")
     p.add_argument("--list", action="store_true", help="list the statements")
-    p.add_argument("--instances", type=int, default=10)
-    p.add_argument("--max-n", type=int, default=24, help="largest length of a random instance")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--instances", type=int, default=10, help="random instances (models and inputs) to check (default 10)")
+    p.add_argument("--max-n", type=int, default=24, help="largest length of a random instance (default 24)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random instances (default 0)")
     p.add_argument("--format", default="e4m3fn", help="format for b10 (default e4m3fn, fp8; bf16 needs n in the thousands at d=8)")
     p.set_defaults(func=cmd_theorem)
 
     p = command("oversquash", help="sensitivity profile dy_n/dv_i over i per format, with the path-sum bound")
-    p.add_argument("--n", type=int, default=32)
+    p.add_argument("--n", type=int, default=32, help="sequence length: the profile over i = 1..n of dy_n/dv_i (default 32)")
     p.add_argument("--format", default="fp64,fp32,bf16,fp16", help="native dtypes to differentiate in")
     _small_model_args(p, pe="none", d_ff=0, out="oversquash-out")
     p.set_defaults(func=cmd_oversquash)
@@ -465,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let a changed spec extend the grid in --out when it only adds formats, families, pe or seeds")
     p.add_argument("--mem-limit", type=float, default=8.0, help="refuse cells estimated above this many GiB")
     p.add_argument("--time-limit", type=float, default=3600.0,
-                   help="refuse sweeps whose cells are estimated to take longer than this many seconds (default 3600)")
+                   help="refuse sweeps whose cells' arithmetic is estimated to take longer than this many seconds (default "
+                        "3600); compiling is not counted")
     p.set_defaults(func=cmd_sweep)
 
     p = command("reproduce", help="run the checks and experiments and write a report")

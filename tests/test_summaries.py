@@ -8,6 +8,8 @@ must not be (its enclosures overlap).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -104,6 +106,11 @@ def test_collapse_summary_table():
     assert lines[1].split()[:5] == ["bf16", "emulated", "4", "4", "1-2"]
     assert lines[2].split()[:4] == ["bf16", "emulated", "never", "(n"]
     assert "exact arithmetic" in lines[-1]
+    # under stochastic rounding the pair's members take different draws: the table says so
+    sr = dataclasses.replace(_result([T, F, F, F], [T, F, F, F]), fmt="compute=bf16,mode=sr(8,seed=1)")
+    said = collapse_summary([sr]).splitlines()[-1]
+    assert said.startswith("compute=bf16,mode=sr(8,seed=1): under stochastic rounding") and "noise" in said
+    assert "stochastic" not in text
 
 
 def test_sweep_summary_lists_every_cell():

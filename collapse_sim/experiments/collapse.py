@@ -45,6 +45,12 @@ def collapse_summary(results) -> str:
     lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
     lines.append("first collapse: smallest n whose pair is bitwise identical although it differs in exact arithmetic "
                  "(pairs equal exactly are identical in any format and are not counted)")
+    for r in results:
+        if "mode=sr(" in r.backend or "mode=sr(" in r.fmt:
+            lines.append(f"{r.fmt}: under stochastic rounding the two members of a pair take different random draws "
+                         "(the stream's rows and its probes'), so pairs equal in exact arithmetic differ too and "
+                         "bitwise identity does not measure collapse here; compare the distances with the rounding "
+                         "noise instead (docs/semantics.md §2, §10)")
     return "\n".join(lines)
 
 
