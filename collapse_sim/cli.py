@@ -223,7 +223,7 @@ def cmd_oversquash(args) -> int:
     from . import enable_x64
     from .experiments.oversquash import check_oversquash, run_oversquash
 
-    out = _check_out(args, "oversquash.csv", "oversquash.png")
+    out = _check_out(args, "oversquash.csv", "oversquash.json", "oversquash.png")
     enable_x64()
     fmts = check_oversquash(args.n, args.format)
     run = run_oversquash(_model_from_args(args, args.n), args.n, fmts, out, seed=args.seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -103,10 +104,14 @@ def test_oversquash_and_scaling_commands(tmp_path, capsys):
     # as Thm 5.1's check (default 2 layers): the bound with float64's γ_k for the forward's op count (the CSV keeps every float64 digit)
     assert all(float(r["fp64 (frozen)"]) <= float(r["path_sum_bound"]) * (1 + gamma(forward_ops(6, 4, 2), 2.0**-53)) for r in rows)
     assert (o / "oversquash.png").exists()
+    meta = json.loads((o / "oversquash.json").read_text())
+    assert meta["seed"] == 0 and meta["config"]["d"] == 4 and len(meta["tokens"]) == 6 and "provenance" in meta
     s = tmp_path / "sc"
     assert main(["scaling", "--p", "4..6", "--max-len", "64", "--out", str(s)]) == 0
     assert "predicted slope" in capsys.readouterr().out
     assert (s / "scaling.png").exists() and (s / "scaling.csv").exists()
+    meta = json.loads((s / "scaling.json").read_text())
+    assert meta["seed"] == 11 and meta["config"]["d"] == 4 and meta["p"] == [4, 5, 6]
 
 
 @pytest.mark.parametrize("argv,msg", [

@@ -69,7 +69,7 @@ class OversquashRun:
 
     result: OversquashResult
     fmts: list[str]
-    files: tuple[Path, ...]  # oversquash.csv, oversquash.png
+    files: tuple[Path, ...]  # oversquash.csv, oversquash.json, oversquash.png
 
     def summary(self) -> str:
         """The line the command prints: the first format's profile at three places, and the bound."""
@@ -84,19 +84,25 @@ class OversquashRun:
 def run_oversquash(params: Params, n: int, fmts: list[str], out: Path, *, seed: int = 0, log=None) -> OversquashRun:
     """The ``oversquash`` experiment: the sensitivity profile of ``n`` random tokens (drawn with
     ``seed``) through ``params`` in every format of ``fmts`` (from :func:`check_oversquash`);
-    writes oversquash.csv and oversquash.png into ``out`` (a folder already checked with
-    :func:`collapse_sim.results.check_output_dir`). ``log`` prints the progress lines."""
+    writes oversquash.csv, oversquash.json (the model's config, the tokens, the seed and the
+    provenance) and oversquash.png into ``out`` (a folder already checked with
+    :func:`collapse_sim.results.check_output_dir`; created once the profile is measured).
+    ``log`` prints the progress lines."""
+    import json
+
     from ..plots import plot_oversquash
     from ..progress import stage
-    from ..results import write_csv
+    from ..results import provenance, write_csv
 
     log = log or (lambda m: print(m, flush=True))
     toks = np.random.default_rng(seed).integers(0, params.config.vocab, n)
-    out.mkdir(parents=True, exist_ok=True)
     c = params.config
     with stage("[oversquash]", f"n={n}, d={c.d}, L={c.n_layers}, formats {', '.join(fmts)}"):
         r = oversquash_profile(params, toks, fmts, progress=lambda m: log(f"[oversquash]   {m}"))
-    files = (out / "oversquash.csv", out / "oversquash.png")
+    out.mkdir(parents=True, exist_ok=True)
+    files = (out / "oversquash.csv", out / "oversquash.json", out / "oversquash.png")
     write_csv(files[0], r.rows())
-    plot_oversquash(r, files[1], title=f"n={n}, pe={c.pe}, L={c.n_layers}")
+    files[1].write_text(json.dumps({"provenance": provenance(), "config": dataclasses.asdict(c), "n": n, "seed": seed,
+                                    "tokens": toks.tolist(), "formats": list(fmts)}, indent=1, default=str))
+    plot_oversquash(r, files[2], title=f"n={n}, pe={c.pe}, d={c.d}, L={c.n_layers}, seed={seed}")
     return OversquashRun(r, fmts, files)

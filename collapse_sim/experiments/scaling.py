@@ -7,6 +7,7 @@ check and writes ``scaling.csv``, ``scaling.json`` and ``scaling.png``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -21,16 +22,19 @@ def run_scaling(family: str, ps: list[int], max_len: int, out: Path, *, seed: in
     from ..plots import plot_scaling
     from ..progress import stage
     from ..results import provenance
-    from ..theory.scaling import scaling_model, scaling_sweep
+    from ..theory.scaling import scaling_model, scaling_sweep, slope_tolerance
 
     log = log or (lambda m: print(m, flush=True))
     params = scaling_model(seed)
-    out.mkdir(parents=True, exist_ok=True)
     with stage("[scaling]", f"family {family}, p = {ps[0]}..{ps[-1]}, n ≤ {max_len}, one attention layer, d = 4"):
         r = scaling_sweep(params, family, ps, max_len, seed=seed, progress=lambda m: log(f"[scaling]   {m}"))
+    out.mkdir(parents=True, exist_ok=True)  # only now: a stopped run leaves nothing behind
     write_csv(out / "scaling.csv", r.rows())
     (out / "scaling.json").write_text(json.dumps({"provenance": provenance(), "family": family, "p": list(ps),
-                                                  "max_len": max_len, "rate": r.rate, "slope": r.slope,
-                                                  "predicted_slope": r.predicted_slope}, indent=1, default=str))
+                                                  "max_len": max_len, "seed": seed,
+                                                  "config": dataclasses.asdict(params.config),
+                                                  "rate": r.rate, "slope": r.slope,
+                                                  "predicted_slope": r.predicted_slope,
+                                                  "slope_tolerance": slope_tolerance(ps, 1.5)}, indent=1, default=str))
     plot_scaling(r, out / "scaling.png")
     return r
