@@ -89,7 +89,8 @@ def figure_collapse(results, title: str = ""):
             exact_drawn = True
         cf = r.collapsed_from()
         if cf is not None:
-            ax.axvline(cf, color=c, ls=":", lw=1.0, label=f"{r.fmt}: identical from n = {cf}")
+            last = " (the last n only)" if cf == int(r.ns.max()) else ""
+            ax.axvline(cf, color=c, ls=":", lw=1.0, label=f"{r.fmt}: identical from n = {cf}{last}")
         if r.nonfinite.any():
             ax.plot(r.ns[r.nonfinite], np.full(int(r.nonfinite.sum()), 0.97), "x", color=c, transform=floor,
                     label=f"{r.fmt}: non-finite")

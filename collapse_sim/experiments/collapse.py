@@ -39,7 +39,8 @@ def collapse_summary(results) -> str:
         cf = r.collapsed_from()
         rows.append((r.fmt, r.backend.split(":")[0],
                      describe_first_collapse(r.ns, r.identical, r.nonfinite, r._exact()),
-                     str(cf) if cf is not None else "-", _ranges(r.ns[r._exact()]) or "none",
+                     "-" if cf is None else f"{cf} (the last n only)" if cf == int(r.ns.max()) else str(cf),
+                     _ranges(r.ns[r._exact()]) or "none",
                      str(int(r.nonfinite.sum()))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
