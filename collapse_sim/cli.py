@@ -310,8 +310,11 @@ def cmd_scaling(args) -> int:
     if r.slope is None:
         print(f"fewer than two formats collapsed within n ≤ {args.max_len}: no fit; raise --max-len")
     else:
-        print(f"exact distance decays like n^-{r.rate:.3f}: predicted slope 1/r = {r.predicted_slope:.3f}; "
-              f"fitted slope {r.slope:.3f} (±{slope_tolerance(ps, 1.5):.3f} for a 1.5-octave scatter)")
+        tol = slope_tolerance(ps, 1.5)
+        print(f"exact distance decays like n^-{r.rate:.3f}, so log2 n* should grow by 1/r = {r.predicted_slope:.3f} "
+              f"per bit of precision; the fitted slope is {r.slope:.3f}. If every measured log2 n* lies within 1.5 "
+              f"(a factor 2.8 in n) of the law's line, a fit over p = {ps[0]}..{ps[-1]} is within ±{tol:.3f} of its "
+              f"slope" + ("; a wider --p range narrows that" if tol > 0.5 * r.predicted_slope else ""))
     print(f"wrote {out / 'scaling.csv'}, {out / 'scaling.json'}, {out / 'scaling.png'}")
     return 0
 

@@ -108,7 +108,7 @@ def test_oversquash_and_scaling_commands(tmp_path, capsys):
     assert meta["seed"] == 0 and meta["config"]["d"] == 4 and len(meta["tokens"]) == 6 and "provenance" in meta
     s = tmp_path / "sc"
     assert main(["scaling", "--p", "4..6", "--max-len", "64", "--out", str(s)]) == 0
-    assert "predicted slope" in capsys.readouterr().out
+    assert "per bit of precision; the fitted slope is" in capsys.readouterr().out
     assert (s / "scaling.png").exists() and (s / "scaling.csv").exists()
     meta = json.loads((s / "scaling.json").read_text())
     assert meta["seed"] == 11 and meta["config"]["d"] == 4 and meta["p"] == [4, 5, 6]
