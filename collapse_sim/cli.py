@@ -142,7 +142,11 @@ def cmd_theorem(args) -> int:
     if args.name == "b10":
         return _theorem_b10(args)
     if args.name not in STATEMENTS:
-        raise UsageError(f"unknown statement {args.name!r}; run 'collapse-sim theorem --list'")
+        import difflib
+
+        near = difflib.get_close_matches(args.name.lower().replace(".", ""), [*STATEMENTS, "b10"], n=1)
+        raise UsageError(f"unknown statement {args.name!r}" + (f" (did you mean {near[0]}?)" if near else "")
+                         + "; run 'collapse-sim theorem --list'")
     from .experiments.theorems import draw_cases
 
     stmt = STATEMENTS[args.name]

@@ -34,7 +34,8 @@ class RefArith:
     def __init__(self, fmt: Format, mode: Mode = Mode.RNE):
         if mode is Mode.SR or isinstance(mode, Stochastic):
             raise StochasticRoundingError(f"the reference backend rounds deterministically and does not run {mode.value}; "
-                                          "use round_to(..., key=...) or the emulated ops for stochastic rounding")
+                                          "run it in the emulated backend (collapse --backend emulated; from Python, "
+                                          "make_backend('emulated', policy) or round_to(..., key=...))")
         self.fmt = fmt
         self.mode = mode
         self.work = 2 * fmt.p + 64
