@@ -104,6 +104,8 @@ def test_oversquash_and_scaling_commands(tmp_path, capsys):
     # as Thm 5.1's check (default 2 layers): the bound with float64's γ_k for the forward's op count (the CSV keeps every float64 digit)
     assert all(float(r["fp64 (frozen)"]) <= float(r["path_sum_bound"]) * (1 + gamma(forward_ops(6, 4, 2), 2.0**-53)) for r in rows)
     assert (o / "oversquash.png").exists()
+    said = capsys.readouterr().out
+    assert "fp64 (frozen): first token" in said and "within the path-sum bound at every i (the bound's own case" in said
     meta = json.loads((o / "oversquash.json").read_text())
     assert meta["seed"] == 0 and meta["config"]["d"] == 4 and len(meta["tokens"]) == 6 and "provenance" in meta
     s = tmp_path / "sc"
