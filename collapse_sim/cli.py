@@ -4,6 +4,9 @@ Every command reports bad input in one sentence on stderr and exits with
 status 2, without a traceback; nothing is written in that case. Where a command
 writes (``--out``), the location is checked before any work
 (``collapse_sim.results.check_output_dir``).
+
+(One module of ~540 lines on purpose: every command's flags, their checks and the few lines
+that call its experiment, read side by side so that the commands speak alike.)
 """
 
 from __future__ import annotations

@@ -44,6 +44,9 @@ Order(kind='blocked', block=32)
 Roles not named take the ``compute`` format (``storage`` too); a single
 format name (or description) sets every role. A custom format inside a
 policy string goes in parentheses: ``compute=(p=5,emax=15),accumulate=fp32``.
+
+(One module of ~510 lines on purpose: the policy grammar, every key's parser and their
+refusals are one definition, docs/policies.md, read and changed together.)
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """How a value becomes a number: ``round_to(x, fmt, mode)``.
 
-(One module of ~580 lines on purpose: every mode's rounding, its fast path, the traced
+(One module of ~790 lines on purpose: every mode's rounding, its fast paths, the traced
 formats' path and the format domains are one definition, docs/semantics.md §1, and must
 be read and changed together.)
 
