@@ -286,18 +286,14 @@ class LayerWeights:
       ``norm="none"``), ``n1_b``, ``n2_b``: (d,) their biases (layernorm only);
     * ``w1``: (d, d_ff), ``b1``: (d_ff,), ``w2``: (d_ff, d), ``b2``: (d,): the MLP (``d_ff > 0``)."""
 
-    wq: Array
+    wq: Array  # attention
     wk: Array
     wv: Array | None = None
     wo: Array | None = None
-    n1_g: Array | None = None
-    n1_b: Array | None = None
-    n2_g: Array | None = None
-    n2_b: Array | None = None
-    w1: Array | None = None
-    b1: Array | None = None
-    w2: Array | None = None
-    b2: Array | None = None
+    n1_g: Array | None = None; n1_b: Array | None = None  # noqa: E702  (a norm's gain and bias)
+    n2_g: Array | None = None; n2_b: Array | None = None  # noqa: E702
+    w1: Array | None = None; b1: Array | None = None  # noqa: E702  (the MLP's two layers)
+    w2: Array | None = None; b2: Array | None = None  # noqa: E702
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,13 +311,9 @@ class Weights:
 
     layers: tuple[LayerWeights, ...] = ()
     embed: Array | None = None
-    pos: Array | None = None
-    sinusoidal: Array | None = None
-    n3_g: Array | None = None
-    n3_b: Array | None = None
-    gauss_q: Array | None = None
-    gauss_k: Array | None = None
-    gauss_v: Array | None = None
+    pos: Array | None = None; sinusoidal: Array | None = None  # noqa: E702  (the position tables)
+    n3_g: Array | None = None; n3_b: Array | None = None  # noqa: E702
+    gauss_q: Array | None = None; gauss_k: Array | None = None; gauss_v: Array | None = None  # noqa: E702
 
     @classmethod
     def from_arrays(cls, c: ModelConfig, arrays: dict) -> "Weights":
