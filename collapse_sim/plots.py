@@ -89,8 +89,7 @@ def figure_collapse(results, title: str = ""):
             exact_drawn = True
         cf = r.collapsed_from()
         if cf is not None:
-            last = " (the last n only)" if cf == int(r.ns.max()) else ""
-            ax.axvline(cf, color=c, ls=":", lw=1.0, label=f"{r.fmt}: identical from n = {cf}{last}")
+            ax.axvline(cf, color=c, ls=":", lw=1.0, label=f"{r.fmt}: identical from n = {r.describe_collapsed_from()}")
         if r.nonfinite.any():
             ax.plot(r.ns[r.nonfinite], np.full(int(r.nonfinite.sum()), 0.97), "x", color=c, transform=floor,
                     label=f"{r.fmt}: non-finite")
@@ -123,13 +122,10 @@ def _wrap_label(label: str, width: int = 36) -> str:
     """A legend label on lines of at most ~``width`` characters, broken after the commas outside
     parentheses (a long policy string, e.g. storage=bf16,compute=fp32,...,kernel=flash3fp8(64),
     would otherwise widen the legend until it squeezes the axes)."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(label):
-        depth += (ch == "(") - (ch == ")")
-        if ch == "," and depth == 0:
-            parts.append(label[start:i + 1])
-            start = i + 1
-    parts.append(label[start:])
+    from .formats import split_top_level
+
+    parts = split_top_level(label, "a legend label")
+    parts = [p + "," for p in parts[:-1]] + parts[-1:]
     lines = [""]
     for part in parts:
         if lines[-1] and len(lines[-1]) + len(part) > width:
