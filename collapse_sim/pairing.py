@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from .backends import is_stochastic
 from .families import Pairs, make_pairs
 from .model import Params, forward, token_bound
 
@@ -63,6 +64,14 @@ class CollapseResult:
             return None
         bad = np.nonzero(~ok)[0]
         return int(ns[bad[-1] + 1]) if bad.size else int(ns[0])
+
+    def describe_collapsed_from(self) -> str | None:
+        """:meth:`collapsed_from` as the table and the figure say it: ``"n"``, or ``"n (the last
+        n only)"`` where it rests on the last length alone; None where there is none."""
+        cf = self.collapsed_from()
+        if cf is None:
+            return None
+        return f"{cf} (the last n only)" if cf == int(self.ns.max()) else str(cf)
 
     def rows(self) -> list[dict]:
         return [{"n": int(n), "backend": self.backend, "format": self.fmt, "dist_l1": float(a), "dist_linf": float(b),
@@ -133,7 +142,7 @@ def shares_probe_program(backend, n: int, bucket: int | None) -> bool:
     the probes' roundings too, nor natively, where XLA's bits depend on the whole program."""
     if not bucket or n > PROBE_PROGRAM_MAX_N or getattr(backend, "kind", None) != "emulated":
         return False
-    return not getattr(getattr(backend, "emu", None), "stochastic", True)
+    return not is_stochastic(backend)
 
 
 def pair_outputs(params: Params, pairs: Pairs, backend, *, raw: bool = False, progress=None,

@@ -42,6 +42,13 @@ def make_backend(kind: str, spec: str):
     raise CollapseSimError(f"unknown backend {kind!r}; use native, emulated, interval or reference")
 
 
+def is_stochastic(backend) -> bool:
+    """Whether ``backend`` rounds stochastically (an emulated backend under ``mode=sr(r,seed=s)``,
+    docs/semantics.md §2): its bits then depend on the draws, so what holds bit for bit in the
+    deterministic modes (one program for many runs, a traced tap) may not."""
+    return bool(getattr(getattr(backend, "emu", None), "stochastic", False))
+
+
 def kind_for_format(kind: str, fmt_name: str) -> str:
     """The backend :func:`backend_for_format` runs ``fmt_name`` on: ``kind``, except that
     the emulated backend runs fp64 natively."""

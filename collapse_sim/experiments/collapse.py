@@ -36,10 +36,9 @@ def collapse_summary(results) -> str:
     head = ("format", "backend", "first collapse n", "identical from n", "exactly equal at n", "non-finite")
     rows = [head]
     for r in results:
-        cf = r.collapsed_from()
         rows.append((r.fmt, r.backend.split(":")[0],
                      describe_first_collapse(r.ns, r.identical, r.nonfinite, r._exact()),
-                     "-" if cf is None else f"{cf} (the last n only)" if cf == int(r.ns.max()) else str(cf),
+                     r.describe_collapsed_from() or "-",
                      _ranges(r.ns[r._exact()]) or "none",
                      str(int(r.nonfinite.sum()))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -135,7 +134,7 @@ def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend:
     included). ``log`` prints the progress lines."""
     import json
 
-    from ..backends import backend_for_format
+    from ..backends import backend_for_format, is_stochastic
     from ..compilation import snapshot
     from ..families import make_pairs
     from ..formats import format_token
@@ -176,8 +175,7 @@ def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend:
         check_backend(c, be)
     if not time_limit_s > 0:
         raise UsageError(f"--time-limit must be a positive number of seconds, got {time_limit_s}")
-    per_format = [estimate.seconds(c, pairs, be.kind, order, stochastic=getattr(getattr(be, "emu", None), "stochastic", False))
-                  for be, _ in backends]
+    per_format = [estimate.seconds(c, pairs, be.kind, order, stochastic=is_stochastic(be)) for be, _ in backends]
     est = sum(per_format, estimate.Estimate(0.0, 0.0, 0))
     estimate.check(est, time_limit_s, f"this collapse run ({len(fmts)} format{'s' * (len(fmts) != 1)}, n <= {max_len})")
     log(f"[collapse] estimated time: {est.describe()}")

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import positional, require_x64
+from ..backends import is_stochastic
 from ..backends.inputs import AttentionInputs
 from ..backends.native import NativeBackend
 from ..model import Params, forward_tapped
@@ -147,7 +148,7 @@ def compiled_taps(params: Params, tokens: np.ndarray, backend, *, delta0=None, c
     attention matrices an AnalysisBackend keeps (else []))``. A backend in stochastic rounding is
     refused: this traces it directly, with its draw count and seed fixed at trace time, not on the
     fresh emulator per trace that its forward runs (docs/semantics.md §2)."""
-    if getattr(getattr(backend, "emu", None), "stochastic", False):
+    if is_stochastic(backend):
         from ..policy import StochasticRoundingError
 
         raise StochasticRoundingError(f"tapped forwards run in a deterministic mode, not {backend.emu.mode}; "
