@@ -317,6 +317,12 @@ class ScaledFormat:
         return f"scaled({self.element.name},{k}{f',{self.margin}' if self.margin else ''})"
 
 
+def is_per_tensor(operands) -> bool:
+    """Whether an operands role (an :class:`MXFormat`, a :class:`ScaledFormat` or None) scales each
+    operand tensor as one (docs/semantics.md §13.2.1); a probe then needs the stream's rows."""
+    return isinstance(operands, ScaledFormat) and operands.per_tensor
+
+
 def scaled_for_element(element: str, block: "int | None" = 128, margin: int = 0) -> ScaledFormat:
     """The scaled format with element ``element`` (a name of one of :data:`SCALED_ELEMENTS`);
     ``block=None``: per-tensor scales."""

@@ -36,7 +36,7 @@ from jax import lax
 
 from ... import require_x64
 from ...formats import Format
-from ...mx import ScaledFormat, mx_values, prefix_amax, scaled_values
+from ...mx import ScaledFormat, is_per_tensor, mx_values, prefix_amax, scaled_values
 from ...policy import Order, Policy, StochasticRoundingError
 from ...rounding import FormatClass, Stochastic, hash_draws, pow2 as _pow2, round_to, split_word
 from .carrier import CarrierError, carrier_add, carrier_for
@@ -213,7 +213,7 @@ class Emulator:
     @property
     def per_tensor(self) -> bool:
         """Whether the operands role scales each operand tensor as one (§13.2.1)."""
-        return isinstance(self.operands, ScaledFormat) and self.operands.per_tensor
+        return is_per_tensor(self.operands)
 
     def prefix_amax(self, x, stream_rows=None):
         """Under per-tensor scales (§13.2.1) the amax of each activation row of ``x`` (rows in

@@ -9,7 +9,7 @@ import jax
 import mpmath.libmp as mlib
 import numpy as np
 
-from ...mx import P_AMAX, ScaledFormat, mx_round, prefix_amax, scaled_values, tensor_amax
+from ...mx import P_AMAX, ScaledFormat, is_per_tensor, mx_round, prefix_amax, scaled_values, tensor_amax
 from ...policy import BLOCK_KERNELS, Policy, PolicyError, weights_token
 from .._hooks import ArrayPlumbing
 from ..inputs import AttentionInputs
@@ -205,8 +205,7 @@ class ReferenceBackend(ObjectArrayBackend):
     def needs_stream_rows(self) -> bool:
         """Whether a probe's linear layers and attention take the stream's rows (``stream_rows``):
         under per-tensor scaled operands (docs/semantics.md §13.2.1)."""
-        ops = self.policy.operands
-        return isinstance(ops, ScaledFormat) and ops.per_tensor
+        return is_per_tensor(self.policy.operands)
 
     def _prefix_amax(self, x, stream_rows=None):
         """Under per-tensor scales (§13.2.1) the amax of each activation row of ``x`` (after the
