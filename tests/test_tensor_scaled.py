@@ -229,3 +229,24 @@ def test_keys_and_values_per_query_row_equal_the_oracle(probes):
             for X, x, o in ((K, k, kpb), (V, v, vpb)):
                 cols = np.concatenate([x[:p], o[i:i + 1]]) if probes else x[:p + 1]
                 assert _same(X[i, :p + 1], oracle_tensor(cols, fmt, C)), (big, i)
+
+
+def test_collapse_estimate_counts_the_operands_role():
+    """The estimate printed before a collapse run scales the emulated arithmetic by the role's measured
+    cost (per-tensor scales above tiles, MX blocks at the cost of none); compilation is unchanged."""
+    from collapse_sim.experiments import estimate
+    from collapse_sim.families import make_pairs
+
+    c = CONFIGS[8]
+    pairs = make_pairs("ones", 20, c.vocab)
+    base = estimate.seconds(c, pairs, "emulated", "pairwise")
+    by_role = {r: estimate.seconds(c, pairs, "emulated", "pairwise", operands=Policy.parse(f"compute=fp32,operands={r}").operands)
+               for r in ("scaled(e4m3fn,tensor)", "scaled(e4m3fn,128)", "mx(e4m3fn,32)")}
+    tensor, tiles, mx = by_role.values()
+    u4 = 4 * 2.0**-53  # two float64 products each side, associated differently
+    assert tensor.arithmetic / base.arithmetic == pytest.approx(estimate.ROLE_COST["tensor"], rel=u4, abs=0)
+    assert mx.arithmetic / base.arithmetic == pytest.approx(estimate.ROLE_COST["mx"], rel=u4, abs=0)
+    assert tensor.arithmetic > tiles.arithmetic > base.arithmetic
+    assert {e.compile for e in by_role.values()} == {base.compile}
+    assert estimate.seconds(c, pairs, "native", operands=Policy.parse("compute=fp32,operands=mx(e4m3fn,32)").operands) \
+        == estimate.seconds(c, pairs, "native")

@@ -175,7 +175,8 @@ def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend:
         check_backend(c, be)
     if not time_limit_s > 0:
         raise UsageError(f"--time-limit must be a positive number of seconds, got {time_limit_s}")
-    per_format = [estimate.seconds(c, pairs, be.kind, order, stochastic=is_stochastic(be)) for be, _ in backends]
+    per_format = [estimate.seconds(c, pairs, be.kind, order, stochastic=is_stochastic(be),
+                                   operands=None if policy is None else pol.operands) for be, _ in backends]
     est = sum(per_format, estimate.Estimate(0.0, 0.0, 0))
     estimate.check(est, time_limit_s, f"this collapse run ({len(fmts)} format{'s' * (len(fmts) != 1)}, n <= {max_len})")
     log(f"[collapse] estimated time: {est.describe()}")

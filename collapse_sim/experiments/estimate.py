@@ -36,6 +36,11 @@ COST = {
     ("emulated", "sr"): 6.5e-8,
     ("reference", None): 4.0e-6,
 }
+# the emulated forward's cost with an operands role (docs/semantics.md §13.1, §13.2) against the same
+# policy without it, measured at N = 2,048, d = 64, L = 1 (2026-12-02, 2 cores shared): per-tensor
+# scales 2.5x wall, 3.0x CPU (keys and values scaled per query row); tiles of 128 1.8x; MX blocks of
+# 32, e4m3fn and e2m1fn elements, within the run-to-run noise of 1x (0.94x, 0.70x)
+ROLE_COST = {"tensor": 3.0, "tiles": 1.8, "mx": 1.0}
 # seconds to compile one forward program cold (no cache): native; emulated op-by-op orders; the
 # certified ones (exact, blocked), which compile the certified path, the op-by-op redo and the
 # superaccumulator; the stochastic forward, whose adds are made round-to-odd and whose every rounding
@@ -97,15 +102,28 @@ def forward_cost(backend: str, order: "str | None") -> float:
     return COST.get(("emulated", order_kind(order)), COST[("emulated", "sequential")])
 
 
+def role_cost(operands) -> float:
+    """The emulated forward's cost factor for an operands role (an :class:`~collapse_sim.mx.MXFormat`,
+    a :class:`~collapse_sim.mx.ScaledFormat` or None): :data:`ROLE_COST`."""
+    from ..mx import MXFormat, is_per_tensor
+
+    if operands is None:
+        return 1.0
+    return ROLE_COST["mx" if isinstance(operands, MXFormat) else "tensor" if is_per_tensor(operands) else "tiles"]
+
+
 def seconds(config, pairs, backend: str, order: "str | None" = None, *, formats: int = 1,
-            stochastic: bool = False) -> Estimate:
+            stochastic: bool = False, operands=None) -> Estimate:
     """The time of one collapse run per format: every run of ``pairs`` (a family's
     :class:`~collapse_sim.families.Pairs`) through the backend of kind ``backend``
     (``native``, ``emulated``, ``reference``: the kind that really runs the format, e.g.
     :func:`collapse_sim.backends.kind_for_format`), for ``formats`` formats; ``stochastic``: the
-    emulated forward in stochastic rounding (``mode=sr(r,seed=s)``)."""
+    emulated forward in stochastic rounding (``mode=sr(r,seed=s)``); ``operands``: the policy's
+    operands role (:func:`role_cost`; the compile estimate does not depend on it)."""
     stochastic = stochastic and backend == "emulated"
     cost = COST[("emulated", "sr")] if stochastic else forward_cost(backend, order)
+    if backend == "emulated":
+        cost *= role_cost(operands)
     shapes = set()
     work = 0.0
     for run in pairs.runs:
