@@ -1,9 +1,8 @@
-"""The pairwise order as XLA runs it (backends/emulated/orders.py): its first levels on strided
-slices of the terms, unrolled, then one array per level, and a dot product's products computed
-slice by slice. The tests of tests/test_policy_ops.py and tests/test_sr_draws.py reach these
-paths with at most 40 terms (two array levels at most) and sums only; here longer sums (several
-array levels after the unrolled ones, zero padding) and dot products, against exact rationals,
-and stochastic rounding's draws against the text of docs/semantics.md §2."""
+"""The pairwise order over long sums and dot products (backends/emulated/orders.py, ops.py):
+tests/test_policy_ops.py and tests/test_sr_draws.py check sums of at most 40 terms; here sums and
+dot products of 100 terms (zero padding to 128, seven levels) on adversarial bf16 inputs against
+exact rationals, and stochastic rounding's draws of a long sum and of a dot product (its products'
+rounding, then the levels) against the text of docs/semantics.md §2."""
 
 from __future__ import annotations
 
@@ -51,17 +50,15 @@ def _product(a: float, b: float, acc, mode: str) -> float:
 
 
 @pytest.mark.parametrize("mode", ["rne", "rd", "ro"])
-@pytest.mark.parametrize("n", [100, 256])
-def test_long_pairwise_sums_and_dots_match_rationals(mode, n):
-    """bf16 sums and dot products of n terms in the pairwise order (n = 100: padded to 128, 16
-    slices of 8, then three array levels; n = 256: four), every add and product rounded in
-    ``mode``, against the order written again with exact rationals."""
+def test_long_pairwise_sums_and_dots_match_rationals(mode, n=100):
+    """bf16 sums and dot products of n = 100 terms in the pairwise order (padded to 128), every
+    add and product rounded in ``mode``, against the order written again with exact rationals."""
     rng = np.random.default_rng(n)
     x, y = _adversarial(rng, (3, n)), _adversarial(rng, (3, n))
     emu = Emulator(Policy(BF16, BF16, BF16, BF16, Order("pairwise"), mode=Mode.parse(mode)))
     pw = Order("pairwise")
-    got_sum = np.asarray(emu.sum(jnp.asarray(x, emu.dtype)))
-    got_dot = np.asarray(emu.dot(jnp.asarray(x, emu.dtype), jnp.asarray(y, emu.dtype)))
+    got_sum, got_dot = (np.asarray(v) for v in jax.jit(lambda a, b: (emu.sum(a), emu.dot(a, b)))(
+        jnp.asarray(x, emu.dtype), jnp.asarray(y, emu.dtype)))
     for b in range(3):
         want = _py_sum(list(x[b]), pw, BF16, BF16, mode)
         assert _eq(got_sum[b], want), (mode, n, b, got_sum[b], want)
@@ -70,13 +67,11 @@ def test_long_pairwise_sums_and_dots_match_rationals(mode, n):
         assert _eq(got_dot[b], want), (mode, n, b, got_dot[b], want)
 
 
-@pytest.mark.parametrize("m", [40, 100])
-def test_long_pairwise_draws_as_the_text_says(m):
-    """A bf16 sum and a dot product of m terms over a batch of 3 rows under sr(8), pairwise,
+def test_long_pairwise_draws_as_the_text_says(m=100):
+    """A bf16 sum and a dot product of m = 100 terms over a batch of 3 rows under sr(8), pairwise,
     against the text's slots (docs/semantics.md §2) computed with plain integers: the dot
     product's products take one slot of (3, m) draws, each tree level one slot of (3, pairs)
-    draws, pair i of a row its element i, and the output rounding the next slot. m = 40 and 100
-    run unrolled levels, then one array per level: the draws of both kinds of level."""
+    draws, pair i of a row its element i, and the output rounding the next slot."""
     fmt, r, seed = BF16, 8, 6
     rng = np.random.default_rng(m)
     x = np.asarray(rng.integers(1, 256, (3, m)) * 2.0 ** rng.integers(-12, 0, (3, m)))  # bf16 values

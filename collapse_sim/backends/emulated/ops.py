@@ -42,8 +42,7 @@ from ...rounding import FormatClass, Stochastic, hash_draws, pow2 as _pow2, roun
 from .carrier import CarrierError, carrier_add, carrier_for
 from .certificates import certified_sum
 from .exact import exact_sum
-from .orders import (_blocked, _kahan, _pairwise, _promote, _rounded_add, _sequential, _tcfma, check_emulable,
-                     pairwise_slices)
+from .orders import _blocked, _kahan, _pairwise, _promote, _rounded_add, _sequential, _tcfma, check_emulable
 
 
 #: The formats one shared program emulates, with the formats as data (a jit argument, not
@@ -306,16 +305,10 @@ class Emulator:
         (``path``: how the exact and blocked orders take their exact sums, see :func:`reduce_sum`).
         """
         a, b = jnp.broadcast_arrays(jnp.asarray(a, self.dtype), jnp.asarray(b, self.dtype))
+        prod = a * b
         order = order or self.order
-        if order.kind == "pairwise" and a.shape[-1] > 0:  # each tree slice's products apart (XLA fuses them)
-            prod = [u * v for u, v in zip(pairwise_slices(a), pairwise_slices(b))]
-            draws = self.draws(a.shape)  # one rounding of every product: one slot, its draws sliced alike
-            draws = [None] * len(prod) if draws is None else pairwise_slices(draws)
-            prod = [round_to(p, self.accumulate, self.mode, draws=d) for p, d in zip(prod, draws)]
-        else:
-            prod = a * b
-            if not order.exact_products:
-                prod = self.rnd(prod, self.accumulate)
+        if not order.exact_products:
+            prod = self.rnd(prod, self.accumulate)
         return reduce_sum(prod, order, self.accumulate, self.compute if out_fmt is None else out_fmt, self.mode,
                           bounds=self.bounds, path=path, draws=self.draws)
 
@@ -376,8 +369,7 @@ _PATHS = ("certified", "float64", "superacc")
 
 def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, bounds=(-1074, 1024), nonneg=False,
                path: str = "certified", draws=None):
-    """Reduce the last axis (or, for the pairwise order, the terms given as their
-    :func:`orders.pairwise_slices`, a list). Masked-out terms must be zeros; ``valid`` (same shape)
+    """Reduce the last axis. Masked-out terms must be zeros; ``valid`` (same shape)
     is needed only by ``kahan``, whose state would change on trailing zeros.
     ``bounds`` = (kmin, kmax) of the terms for the exact superaccumulator; ``nonneg``:
     no term is negative (saves the exact and blocked orders a pass).
@@ -395,9 +387,7 @@ def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, boun
     if path not in _PATHS:
         raise ValueError(f"path must be one of {_PATHS}, not {path!r}")
     with_ok = path == "float64"
-    if isinstance(x, list) and order.kind != "pairwise":
-        raise ValueError(f"a sum given as pairwise slices takes the pairwise order, not {order}")
-    if not isinstance(x, list) and x.shape[-1] == 0:
+    if x.shape[-1] == 0:
         s = jnp.zeros(x.shape[:-1], x.dtype)
         return (s, jnp.ones(s.shape, bool)) if with_ok else s
     stochastic = isinstance(mode, Stochastic)
@@ -415,7 +405,7 @@ def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, boun
     if order.kind == "sequential":
         s = _sequential(x, add, draws((x.shape[-1] - 1, *x.shape[:-1])) if stochastic else None)
     elif order.kind == "pairwise":
-        s = _pairwise(x, add, draws if stochastic else None)
+        s = _pairwise(x, lambda u, v: add(u, v, draws(u.shape)))
     elif order.kind == "kahan":
         s = _kahan(x, add, valid)
     elif order.kind == "exact":

@@ -44,46 +44,13 @@ def _sequential(x, add, draws=None):
     return s
 
 
-#: The pairwise tree's first levels run on this many strided slices of the (zero-padded) terms,
-#: unrolled: slice i holds terms i, i + 16, i + 32, ..., and adding slices 2t and 2t + 1 is the
-#: tree's first level for every pair at once, so four levels take 15 adds of whole slices and
-#: XLA fuses them, with the products or exponentials they read, into one loop; the remaining
-#: levels halve one array each (``x[..., 0::2] + x[..., 1::2]``). With one array per level from
-#: the first, XLA:CPU kept the rounded products in memory and fused at most four levels (its
-#: limit on duplicated code): measured on 2 cores (benchmarks/README.md), the scores' 64-term
-#: bf16 dot products of 32 x 1,024 rows ran 3.7-4.1 ms against 9.3 ms, compiling in the same
-#: time. 32 slices ran 9.2 ms, and a tree unrolled term by term (64 slices of one term) 3.1 ms
-#: but compiled ~5x slower: ~2 s more per dot product in the forward.
-PAIRWISE_SLICES = 16
-
-
-def pairwise_slices(x) -> list:
-    """The last axis of ``x`` zero-padded to a power of two and cut into the :func:`_pairwise`
-    tree's strided slices: slice i holds entries i, i + g, i + 2g, ... (g = :data:`PAIRWISE_SLICES`,
-    or the padded length if shorter)."""
+def _pairwise(x, add):
     n = x.shape[-1]
     size = 1 << max(0, (n - 1).bit_length())
     if size != n:
         x = jnp.concatenate([x, jnp.zeros((*x.shape[:-1], size - n), x.dtype)], axis=-1)
-    g = min(PAIRWISE_SLICES, size)
-    return [x[..., i::g] for i in range(g)]
-
-
-def _pairwise(x, add, draws=None):
-    """The tree of §3.1 over the last axis of ``x`` zero-padded to a power of two, or over ``x``'s
-    :func:`pairwise_slices` (a list: :meth:`ops.Emulator.dot` computes each slice's products
-    apart, so that XLA fuses them with the first levels); ``add(u, v, d)`` adds with ``d``
-    stochastic rounding's draws: ``draws(shape)`` gives one array per level over (..., the
-    level's pairs), pair p taking element p (None: the deterministic modes)."""
-    terms = x if isinstance(x, list) else pairwise_slices(x)
-    *batch, m = terms[0].shape
-    while len(terms) > 1:  # the level's terms 2t, 2t + 1 of each group of g: its pair's term t of g/2
-        h = len(terms) // 2
-        d = None if draws is None else draws((*batch, h * m))
-        terms = [add(terms[2 * t], terms[2 * t + 1], None if d is None else d[..., t::h]) for t in range(h)]
-    x = terms[0]
     while x.shape[-1] > 1:
-        x = add(x[..., 0::2], x[..., 1::2], None if draws is None else draws((*batch, x.shape[-1] // 2)))
+        x = add(x[..., 0::2], x[..., 1::2])
     return x[..., 0]
 
 
