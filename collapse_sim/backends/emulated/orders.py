@@ -95,13 +95,13 @@ def _by_blocks(x, size: int):
     return jnp.moveaxis(x.reshape(*x.shape[:-1], nb, size), -2, 0)
 
 
-#: The accumulator models' scans (``tcfma``'s steps, ``promote``'s terms and chunks) run this many
-#: steps per loop iteration (``lax.scan``'s ``unroll``; the same steps, the same bits): XLA:CPU then
-#: fuses two steps' elementwise work into one loop and runs half the iterations. Measured on 2 cores
-#: (benchmarks/README.md), the emulated forward at d = 64, N = 1,024, L = 1: tcfma(4,24,rz) 2.05-2.24
-#: CPU s -> 1.27-1.31 s, compile 3.0-3.5 s -> 4.1-4.7 s; promote(14,128) 2.35-2.38 s -> 2.04-2.16 s,
-#: compile unchanged. Four steps ran tcfma in 1.38 s but doubled its compile seconds.
-ACCUMULATOR_UNROLL = 2
+#: tcfma's scan over its steps runs this many steps per loop iteration (``lax.scan``'s ``unroll``:
+#: the same steps, the same bits): XLA:CPU then fuses two steps' elementwise work into one loop and
+#: runs half the iterations. Measured on 2 shared cores (benchmarks/README.md): the emulated forward
+#: at d = 64, N = 1,024, L = 1 under tcfma(4,24,rz) 2.05-2.24 CPU s -> 1.27-1.31 s, compile 3.0-3.5 s
+#: -> 4.1-4.7 s; four steps ran in 1.38 s but compiled in 8.3 s. promote's scans stay one step per
+#: iteration: two ran its forward 10% faster at N = 1,024 but 20% slower at N = 4,096 (one run each).
+TCFMA_UNROLL = 2
 
 
 def check_emulable(order: Order) -> None:
@@ -132,7 +132,7 @@ def _tcfma(x, order: Order, acc):
         v = jnp.where(jnp.all(jnp.isfinite(y), axis=-1), S, jnp.sum(y, axis=-1))  # specials: the IEEE sum
         return jnp.where(jnp.all(block == 0, axis=-1), s, round_to(v, acc, order.rounding)), None
 
-    s, _ = lax.scan(step, jnp.zeros(x.shape[:-1], jnp.float64), _by_blocks(x, k), unroll=ACCUMULATOR_UNROLL)
+    s, _ = lax.scan(step, jnp.zeros(x.shape[:-1], jnp.float64), _by_blocks(x, k), unroll=TCFMA_UNROLL)
     return s
 
 
@@ -164,10 +164,10 @@ def _promote(x, order: Order, acc, mode):
         return round_to(add(c, v, order.rounding), short, order.rounding), None
 
     chunks = jnp.moveaxis(_by_blocks(x, order.block), -1, 0)  # (Nc, nc, ...)
-    c, _ = lax.scan(term, jnp.zeros(chunks.shape[1:], jnp.float64), chunks, unroll=ACCUMULATOR_UNROLL)
+    c, _ = lax.scan(term, jnp.zeros(chunks.shape[1:], jnp.float64), chunks)
 
     def promote(s, cv):
         return round_to(add(s, cv, mode), acc, mode), None
 
-    s, _ = lax.scan(promote, jnp.zeros(c.shape[1:], jnp.float64), c, unroll=ACCUMULATOR_UNROLL)
+    s, _ = lax.scan(promote, jnp.zeros(c.shape[1:], jnp.float64), c)
     return s
