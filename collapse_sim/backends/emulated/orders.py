@@ -95,6 +95,15 @@ def _by_blocks(x, size: int):
     return jnp.moveaxis(x.reshape(*x.shape[:-1], nb, size), -2, 0)
 
 
+#: tcfma's scan over its steps runs this many steps per loop iteration (``lax.scan``'s ``unroll``:
+#: the same steps, the same bits): XLA:CPU then fuses two steps' elementwise work into one loop and
+#: runs half the iterations. Measured on 2 shared cores (benchmarks/README.md): the emulated forward
+#: at d = 64, N = 1,024, L = 1 under tcfma(4,24,rz) 2.05-2.24 CPU s -> 1.27-1.31 s, compile 3.0-3.5 s
+#: -> 4.1-4.7 s; four steps ran in 1.38 s but compiled in 8.3 s. promote's scans stay one step per
+#: iteration: two ran its forward 10% faster at N = 1,024 but 20% slower at N = 4,096 (one run each).
+TCFMA_UNROLL = 2
+
+
 def check_emulable(order: Order) -> None:
     """Refuse, in one sentence, an accumulator model that float64 cannot run exactly
     (docs/semantics.md §12): tcfma's truncated terms must add exactly (t + ceil(log2(k+1))
@@ -123,7 +132,7 @@ def _tcfma(x, order: Order, acc):
         v = jnp.where(jnp.all(jnp.isfinite(y), axis=-1), S, jnp.sum(y, axis=-1))  # specials: the IEEE sum
         return jnp.where(jnp.all(block == 0, axis=-1), s, round_to(v, acc, order.rounding)), None
 
-    s, _ = lax.scan(step, jnp.zeros(x.shape[:-1], jnp.float64), _by_blocks(x, k))
+    s, _ = lax.scan(step, jnp.zeros(x.shape[:-1], jnp.float64), _by_blocks(x, k), unroll=TCFMA_UNROLL)
     return s
 
 
