@@ -55,7 +55,8 @@ def hlo_ops(modes):
             mode = parse_mode(m)
             if isinstance(mode, Mode) and mode is Mode.SR:
                 continue
-            kw = {"draws": np.zeros(64, np.uint64 if dt == jnp.float64 else np.uint32)} if mode.value.startswith("sr") else {}
+            stochastic = mode.value.startswith("sr")
+            kw = {"draws": np.zeros(64, np.uint64 if dt == jnp.float64 else np.uint32)} if stochastic else {}
             f = jax.jit(lambda v, kw=kw, mode=mode, fmt=fmt: round_to(v, fmt, mode, **kw))
             low = f.lower(x)
             before = _count(low.as_text(dialect="hlo"))
@@ -141,7 +142,8 @@ def main(argv=None) -> None:
                          "also run under rne")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--opt-level", default="0")
-    ap.add_argument("--hlo", action="store_true", help="forward: count the HLO instructions (an XLA dump) instead of timing")
+    ap.add_argument("--hlo", action="store_true",
+                    help="forward: count the HLO instructions (an XLA dump) instead of timing")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:

@@ -170,7 +170,8 @@ def test_fast_path_equals_general(name):
             got = fast[:, : len(pts)] if got is None else got
             for i, mode in enumerate(DET_MODES):
                 ok = _same(fast[i], general[i])
-                assert ok.all(), f"{dt.__name__} {mode}: {sample[~ok][:5]} -> {fast[i][~ok][:5]}, general {general[i][~ok][:5]}"
+                assert ok.all(), (f"{dt.__name__} {mode}: {sample[~ok][:5]} -> {fast[i][~ok][:5]}, "
+                                  f"general {general[i][~ok][:5]}")
         if dt == jnp.float32 and name not in EXHAUSTIVE:
             for i, mode in enumerate(DET_MODES):
                 want = _oracle_table(pts, fmt, mode, mpfr_round if fmt.subnormals else fraction_round)(pts)
@@ -376,7 +377,8 @@ def test_traced_formats_take_the_fast_path():
 
     fp = FormatClass().params("bf16")
     for mode in DET_MODES:
-        assert re.search(r"= clz ", str(jax.make_jaxpr(lambda v, m=mode: round_to(v, fp, m))(jnp.zeros(3)))) is None, mode
+        program = str(jax.make_jaxpr(lambda v, m=mode: round_to(v, fp, m))(jnp.zeros(3)))
+        assert re.search(r"= clz ", program) is None, mode
     with pytest.raises(RoundingError, match=r"qmin > -126"):
         FormatClass("float32", pmax=11, qmin=-126, emax=15)
     FormatClass("float32", pmax=11, qmin=-125, emax=15)
