@@ -1,24 +1,29 @@
 """How a value becomes a number: ``round_to(x, fmt, mode)``.
 
-(One module of ~790 lines on purpose: every mode's rounding, its fast paths, the traced
+(One module of ~850 lines on purpose: every mode's rounding, its fast paths, the traced
 formats' path and the format domains are one definition, docs/semantics.md §1, and must
 be read and changed together.)
 
-The rounding works on the IEEE bit pattern of the input with integer
-operations only, except for a fast round-to-nearest-even path
-(``_round_rne_fast``: ``lax.reduce_precision`` on the bit pattern in the normal
-range, a magic-constant add behind an optimisation barrier for the fixed-quantum
-subnormal range, then the format's overflow rule), used when the format's
-subnormals are normal carrier numbers (bf16 from float64, fp16 and fp8 from
-either). bf16 from float32 takes the fast path only for arrays with no element
-below bf16's normal range. This matters: XLA:CPU flushes subnormal floats in
-arithmetic (``jnp.float32(1e-40) * 2 == 0`` under jit), so any scheme that
-scales by powers of two would lose the subnormals of bf16 (which are float32
-subnormals) or of float64 inputs. Integer operations are also immune to the
-compiler's floating-point rewrites, so jit and eager agree bit for bit.
-Stochastic rounding ``sr(r)`` from float64 has a fast path too (``_round_sr_fast``: the
-draw added to the bit pattern, then a truncation; below the normal range an exact scaling
-by powers of two, where the float64 subnormals it would flush all round down anyway).
+The rounding is specified by ``_round_general``: integer operations on the IEEE bit
+pattern of the input (bit length, per-element shifts, remainders), every mode, every
+format. Every mode has a fast path with the same bits (``_round_fast``, no data-dependent
+branch and no per-element shift count), used when the format's normal range lies inside
+the carrier's and its subnormals are normal carrier numbers (bf16 from float64, fp16 and
+fp8 from either): in the normal range the quantum is fixed by the input's exponent, so one
+add to the bit pattern (which the mode decides; ``lax.reduce_precision`` for
+round-to-nearest-even) and a truncation round it, a carry into the exponent field being
+the next binade; below it, an exact scaling by a power of two and a floor give the integer
+significand (round-to-nearest-even: a magic-constant add behind an optimisation barrier);
+then the format's overflow rule. bf16 from float32 takes the fast path only for arrays with
+no element below bf16's normal range. This matters: XLA:CPU flushes subnormal floats in
+arithmetic (``jnp.float32(1e-40) * 2 == 0`` under jit), so any scheme that scales by
+powers of two would lose the subnormals of bf16 (which are float32 subnormals) or of
+float64 inputs (the fast path's scalings only ever meet carrier normals, or inputs whose
+flush to zero changes no result: ``_tiny_fast_ok``). Integer operations are also immune to
+the compiler's floating-point rewrites, so jit and eager agree bit for bit. Stochastic
+rounding ``sr(r)`` from float64 takes the fast path too: the draw is the add, and below the
+normal range it is added to the scaled value's floor (the float64 subnormals it would flush
+all round down anyway).
 
 The result has the dtype of the input (float32 or float64) and is exactly a
 value of ``fmt`` (or ±inf / NaN per the format's overflow policy), carried in
@@ -258,8 +263,8 @@ class FormatClass:
 
     def __post_init__(self) -> None:
         c = _Carrier(self.dtype)
-        if not (1 <= self.pmax < c.pc - 1 and self.qmin >= c.emin and self.emax < c.emax):
-            raise RoundingError(f"format class {self}: needs 1 <= pmax < {c.pc - 1}, qmin >= {c.emin} and emax < {c.emax} "
+        if not (1 <= self.pmax < c.pc - 1 and self.qmin > c.emin and self.emax < c.emax):
+            raise RoundingError(f"format class {self}: needs 1 <= pmax < {c.pc - 1}, qmin > {c.emin} and emax < {c.emax} "
                                 f"for {self.dtype}")
 
     def why_not(self, fmt: Format) -> "str | None":
@@ -418,107 +423,159 @@ def _signed(c: "_Carrier", fmt: "Format | FormatParams", pat, neg, lim: _Limits,
 
 
 def fast_path_applies(fmt: Format, dtype) -> bool:
-    """Whether round-to-nearest-even to ``fmt`` from ``dtype`` has the fast path: the
-    format's normal range lies inside the carrier's normal range and p < the carrier's."""
+    """Whether rounding to ``fmt`` from ``dtype`` has the fast path (:func:`_round_fast`) in the
+    format's normal range: that range lies inside the carrier's normal range and p < the
+    carrier's (then every mode but ``sr`` takes it, below the normal range too where
+    :func:`_tiny_fast_ok`; ``sr`` needs :func:`_sr_fast_applies`)."""
     c = _Carrier(dtype)
     return fmt.p < c.pc and fmt.emin >= c.emin and c.pattern_of_value(1, fmt.emin) is not None
 
 
-def _magic_tiny_ok(fmt: Format, c: "_Carrier") -> bool:
-    """The format's smallest subnormal is a normal carrier number (XLA:CPU flushes
-    carrier subnormals in arithmetic, so only then may the tiny range use float adds)."""
-    return fmt.subnormals and fmt.emin - fmt.p + 1 >= c.emin
+def _tiny_fast_ok(fmt: "Format | FormatClass", c: "_Carrier") -> bool:
+    """Whether the fast path may round below the format's normal range with carrier floats.
+    XLA:CPU flushes carrier subnormals in arithmetic (inputs and results), so: with subnormals,
+    the format's quantum 2^q (q = emin - p + 1) must be at least twice the carrier's smallest
+    normal (a carrier subnormal input then reads as 0, which is its rounding in the nearest
+    modes; the others compare patterns) and 2^-q a carrier normal; without subnormals, 2^emin
+    above the carrier's smallest normal (a carrier subnormal input then flushes to zero in
+    every mode). A :class:`FormatClass` keeps this for all its members (``qmin``)."""
+    if isinstance(fmt, FormatClass):
+        return fmt.qmin > c.emin
+    if not fmt.subnormals:
+        return fmt.emin > c.emin
+    q = fmt.emin - fmt.p + 1
+    return c.emin < q <= -c.emin
 
 
-def _round_rne_fast(x, fmt: "Format | FormatParams"):
-    """Round-to-nearest-even without data-dependent branches.
+def _pow2_carrier(c: "_Carrier", k):
+    """2^k in the carrier's float type, for a normal 2^k: a constant for a Python int, built
+    from the exponent field for a traced one."""
+    if isinstance(k, int):
+        return jnp.asarray(2.0**k, c.dtype)
+    return lax.bitcast_convert_type((_int(c, k) + c.bias).astype(c.u) << c.u(c.pc - 1), c.dtype)
 
-    Normal range of the format: the spacing is fixed by the input's own exponent, so
-    rounding is ``lax.reduce_precision`` to p bits at the carrier's exponent width (an
-    integer rounding of the bit pattern). Below it, with subnormals: the spacing is the
-    fixed quantum 2^q (q = emin − p + 1), and ``(x + C) − C`` with C = 1.5·2^(q + pc − 1)
-    rounds to a multiple of 2^q, ties to even (C's binade has spacing 2^q); the sign of
-    a zero result is restored from x. Without subnormals: results below 2^emin flush to
-    a zero of x's sign. Then the format's overflow rule, canonical NaN, unsigned zero.
-    Equal bit for bit to the general path (tests/test_rounding.py).
-    """
-    c = _Carrier(x.dtype)
+
+def _round_normal(c: "_Carrier", fmt: "Format | FormatParams", mode: Mode, x, mag, neg, draws, bits):
+    """``mag`` (a magnitude pattern) rounded to p significant bits at its own exponent: the
+    rounding of the format's normal range. The quantum is fixed by the input's exponent, so
+    the low D = pc - p bits of the pattern are dropped after an add that decides the mode:
+    nothing (rz, ro), 2^D - 1 (rounding away: ru above zero, rd below), 2^(D-1) (rna),
+    2^(D-1) - 1 (rnz), 2^(D-1) - 1 plus the kept significand's last bit (rne; p = 1 keeps
+    the hidden bit, odd), or the draw shifted to the top of the dropped bits (sr); a carry
+    into the exponent field is the next binade. Round to odd sets the kept significand's
+    last bit where anything was dropped (with p = 1 that bit is the hidden one: a truncation).
+    RNE with a static p > 1 is ``lax.reduce_precision`` at the carrier's exponent width, the
+    same rounding in one op. ±inf stays ±inf; NaN patterns are for the caller to replace."""
     U = c.u
-    W = c.width
-    sign_bit = U(1) << U(W - 1)
-    xbits = lax.bitcast_convert_type(x, U)
-    xsign = xbits & sign_bit
-    if isinstance(fmt, Format) and fmt.p > 1:
-        ebits = {32: 8, 64: 11}[c.width]
-        r = lax.reduce_precision(x, exponent_bits=ebits, mantissa_bits=fmt.p - 1)
-        rn_bits = lax.bitcast_convert_type(r, U)
-    else:  # what reduce_precision does, with a traced shift: round half to even at bit pc - p. With
-        # p = 1 the kept significand is the hidden bit, 1, odd: a tie goes up (reduce_precision with
-        # no mantissa bits looks at the exponent's last bit instead, and sends 3 to 2)
-        p = jnp.asarray(_int(c, fmt.p)).astype(U)
-        sh = U(c.pc) - p
-        mag = xbits & ~sign_bit
-        odd = jnp.where(p == U(1), U(1), (mag >> sh) & U(1))
-        rn_bits = xsign | (((mag + ((U(1) << (sh - U(1))) - U(1)) + odd) >> sh) << sh)
-    tiny_pat = _tiny_pattern(c, fmt)
-    if fmt.subnormals:
+    static = isinstance(fmt, Format)
+    if mode is Mode.RNE and static and fmt.p > 1:
+        r = lax.reduce_precision(x, exponent_bits={32: 8, 64: 11}[c.width], mantissa_bits=fmt.p - 1)
+        return lax.bitcast_convert_type(r, U) & ~(U(1) << U(c.width - 1))
+    p = fmt.p if static else jnp.asarray(_int(c, fmt.p)).astype(U)
+    D = U(c.pc) - U(p) if static else U(c.pc) - p
+    p1 = fmt.p == 1 if static else p == U(1)
+    half = U(1) << (D - U(1))
+    if mode is Mode.RNE:
+        add = half - U(1) + jnp.where(p1, U(1), (mag >> D) & U(1))
+    elif mode is Mode.RNA:
+        add = half
+    elif mode is Mode.RNZ:
+        add = half - U(1)
+    elif mode in (Mode.RU, Mode.RD):
+        add = jnp.where(mode.overflows_away(neg), (U(1) << D) - U(1), U(0))
+    elif mode is Mode.SR:
+        add = draws << (D - U(bits))
+    else:  # rz, ro
+        add = U(0)
+    pat = ((mag + add) >> D) << D
+    if mode is Mode.RO and not (static and fmt.p == 1):
+        inexact = pat != mag
+        pat = pat | ((inexact if static else inexact & ~p1).astype(U) << D)
+    return pat
+
+
+def _round_tiny(c: "_Carrier", fmt: "Format | FormatParams", mode: Mode, x, mag, neg, draws, bits):
+    """``mag`` (below the format's normal range, which has subnormals) rounded to a multiple of
+    the quantum 2^q (q = emin - p + 1), as a magnitude pattern. RNE: ``(x + C) - C`` with
+    C = 1.5·2^(q + pc - 1), whose binade has spacing 2^q (ties to even), behind an
+    optimisation barrier. The others: y = |x|·2^-q is exact (a carrier normal times a power of
+    two, below 2^(p-1)), its floor f the truncated significand; rna / rnz compare y - f with
+    1/2; rz is f·2^q; the directed modes and ro compare f·2^q's pattern with the input's
+    (inexact where they differ: a carrier subnormal input, read as 0, is inexact too), then
+    add 1 (rounding away) or set f's last bit (ro). sr: floor(|x|·2^(bits - q)) = N·2^bits + t
+    plus the draw, shifted right by ``bits``, is N (float64 subnormal inputs, flushed, have
+    t = 0 and N = 0 anyway: ``_sr_fast_applies``). See :func:`_tiny_fast_ok`."""
+    U = c.u
+    if mode is Mode.RNE:
         C = _magic(c, fmt, x.dtype)
         small = lax.optimization_barrier(x + C) - C
-        small_bits = lax.bitcast_convert_type(small, U) & ~sign_bit
-        r_bits = jnp.where((xbits & ~sign_bit) < tiny_pat, small_bits | xsign, rn_bits)
+        return lax.bitcast_convert_type(small, U) & ~(U(1) << U(c.width - 1))
+    q = fmt.emin - fmt.p + 1 if isinstance(fmt, Format) else _int(c, fmt.emin) - _int(c, fmt.p) + 1
+    ax = lax.bitcast_convert_type(mag, x.dtype)
+    if mode is Mode.SR:
+        n = (jnp.floor(ax * _pow2_carrier(c, bits - q)).astype(U) + draws) >> U(bits)
     else:
-        r_bits = jnp.where((rn_bits & ~sign_bit) < tiny_pat, xsign, rn_bits)
-    mag = r_bits & ~sign_bit
-    lim = _Limits(c, fmt)
-    pat = jnp.where(lim.over(mag), lim.overflow, mag)  # RNE always rounds away on overflow; ±inf lands here too
-    pat = jnp.where(jnp.isnan(x), lim.nan, pat)
-    pat = _domain(c, fmt, pat, xbits & ~sign_bit, xsign != 0, lim)
-    return _signed(c, fmt, pat, xsign != 0, lim, x.dtype)
+        y = ax * _pow2_carrier(c, -q)
+        f = jnp.floor(y)
+        if mode.nearest:
+            n = f + ((y - f >= 0.5) if mode is Mode.RNA else (y - f > 0.5)).astype(x.dtype)
+        else:
+            trunc = lax.bitcast_convert_type(f * _pow2_carrier(c, q), U)
+            if mode is Mode.RZ:
+                return trunc
+            inexact = trunc != mag
+            fi = f.astype(U)
+            n = fi | inexact.astype(U) if mode is Mode.RO else fi + (inexact & mode.overflows_away(neg)).astype(U)
+    return lax.bitcast_convert_type(n.astype(x.dtype) * _pow2_carrier(c, q), U)
 
 
-def _sr_fast_applies(fmt: Format, dtype, bits: int) -> bool:
-    """Whether ``sr(bits)`` to ``fmt`` from ``dtype`` has the fast path: a float64 input; the
-    format's normal range inside float64's, with subnormals that are float64 normals; ``bits``
-    within the 53 - p discarded bits of a normal input; and ``2^(q - bits)`` (q the quantum's
-    exponent below the normal range) a float64 normal, so that a float64 subnormal input,
-    which XLA may flush to 0, has t = 0 and rounds to 0 whatever the draw."""
-    c = _Carrier(dtype)
-    return (c.width == 64 and fast_path_applies(fmt, dtype) and _magic_tiny_ok(fmt, c) and bits <= c.pc - fmt.p
-            and fmt.emin - fmt.p + 1 - bits >= c.emin)
-
-
-def _round_sr_fast(x, draws, fmt: Format, bits: int):
-    """Stochastic rounding with ``bits`` random bits (docs/semantics.md §1) by one integer add.
-
-    In the format's normal range the quantum is fixed by the input's own exponent: the low
-    D = 53 - p bits of the bit pattern are the discarded part, whose top ``bits`` bits are t,
-    so adding ``draw << (D - bits)`` carries out of them iff t + draw >= 2^bits; truncating the
-    D bits then gives N·q, a carry into the exponent field being the next binade. Below it the
-    quantum is 2^q (q = emin - p + 1): ``|x| · 2^(bits - q)`` is exact (a power of two, the
-    product a float64 normal or a zero), its floor is N·2^bits + t, and adding the draw and
-    shifting right by ``bits`` gives N (float64 subnormal inputs, flushed to 0 by XLA, have
-    t = 0 and N = 0 anyway). Then the overflow rule (the overflow value when the draw rounded
-    up, else max) and the specials. Equal bit for bit to the general path (tests/test_sr.py)."""
+def _round_fast(x, fmt: "Format | FormatParams", mode: Mode, draws=None, bits: "int | None" = None, tiny: bool = True):
+    """Every mode's rounding without data-dependent branches or per-element shift counts,
+    equal bit for bit to :func:`_round_general` (tests/test_rounding.py, tests/test_sr.py):
+    the normal range by :func:`_round_normal`; below it, with subnormals, by
+    :func:`_round_tiny` (``tiny=False``: the caller knows no element lies there but zeros,
+    which the normal-range rounding keeps); without subnormals, a rounded magnitude below
+    2^emin flushes to a zero of x's sign. Then the overflow rule (the overflow value where the
+    mode carries overflow away from zero, for sr where the draw rounded up; else the largest
+    finite value), ±inf and NaN, the domain and the sign, as the general path.
+    For ``sr``, ``draws`` are the ``bits``-bit random integers."""
     c = _Carrier(x.dtype)
     U = c.u
     sign_bit = U(1) << U(c.width - 1)
     xbits = lax.bitcast_convert_type(x, U)
     neg = (xbits & sign_bit) != 0
     mag = xbits & ~sign_bit
-    D = c.pc - fmt.p
-    normal = ((mag + (draws << U(D - bits))) >> U(D)) << U(D)  # above mag iff the draw carried
-    q = fmt.emin - fmt.p + 1
-    y = jnp.floor(jnp.abs(x) * pow2(bits - q))  # N·2^bits + t, below 2^(p - 1 + bits)
-    N = (y.astype(U) + draws) >> U(bits)
-    tiny = lax.bitcast_convert_type(N.astype(x.dtype) * pow2(q), U)
+    normal = _round_normal(c, fmt, mode, x, mag, neg, draws, bits)
     tiny_pat = _tiny_pattern(c, fmt)
-    small = mag < tiny_pat
-    pat = jnp.where(small, tiny, normal)
+    if not fmt.subnormals:
+        pat = jnp.where(normal < tiny_pat, U(0), normal)
+    elif tiny:
+        pat = jnp.where(mag < tiny_pat, _round_tiny(c, fmt, mode, x, mag, neg, draws, bits), normal)
+    else:
+        pat = normal
     lim = _Limits(c, fmt)  # only the normal range overflows: below it a result is at most 2^emin
-    pat = jnp.where(lim.over(pat), jnp.where(normal > mag, lim.overflow, lim.xmax), pat)
+    over = lim.over(pat)
+    if mode.nearest:  # every nearest mode carries overflow away; ±inf lands here too
+        return _signed(c, fmt, _domain(c, fmt, jnp.where(mag > lim.inf, lim.nan, jnp.where(over, lim.overflow, pat)),
+                                      mag, neg, lim), neg, lim, x.dtype)
+    if mode in (Mode.RZ, Mode.RO):
+        pat = jnp.where(over, lim.xmax, pat)
+    else:
+        away = normal > mag if mode is Mode.SR else mode.overflows_away(neg)
+        pat = jnp.where(over, jnp.where(away, lim.overflow, lim.xmax), pat)
     pat = jnp.where(mag >= lim.inf, jnp.where(mag == lim.inf, lim.overflow, lim.nan), pat)
-    pat = _domain(c, fmt, pat, mag, neg, lim)
-    return _signed(c, fmt, pat, neg, lim, x.dtype)
+    return _signed(c, fmt, _domain(c, fmt, pat, mag, neg, lim), neg, lim, x.dtype)
+
+
+def _sr_fast_applies(fmt: Format, dtype, bits: int) -> bool:
+    """Whether ``sr(bits)`` to ``fmt`` from ``dtype`` has the fast path: a float64 input; the
+    format's normal range inside float64's, with subnormals that :func:`_tiny_fast_ok` takes;
+    ``bits`` within the 53 - p discarded bits of a normal input; and ``2^(q - bits)`` (q the
+    quantum's exponent below the normal range) a float64 normal, so that a float64 subnormal
+    input, which XLA may flush to 0, has t = 0 and rounds to 0 whatever the draw."""
+    c = _Carrier(dtype)
+    return (c.width == 64 and fast_path_applies(fmt, dtype) and fmt.subnormals and _tiny_fast_ok(fmt, c)
+            and bits <= c.pc - fmt.p and fmt.emin - fmt.p + 1 - bits >= c.emin)
 
 
 def _magic(c: "_Carrier", fmt: "Format | FormatParams", dtype):
@@ -588,27 +645,30 @@ def hash_draws(word, shape, bits: int):
 
 @partial(jax.jit, static_argnames=("mode", "bits"))
 def _round_traced(x, key, draws, fmt: FormatParams, mode: Mode, bits: "int | None"):
-    """Rounding to a traced format: every member of its class has the fast nearest path."""
-    if mode is Mode.RNE:
-        return _round_rne_fast(x, fmt)
-    return _round_general(x, _sr_draws(x, key, draws, bits), fmt, mode, bits)
+    """Rounding to a traced format: every member of its class has the fast path in every
+    deterministic mode (the class's bounds, :meth:`FormatClass.__post_init__`)."""
+    if mode is Mode.SR:
+        return _round_general(x, _sr_draws(x, key, draws, bits), fmt, mode, bits)
+    return _round_fast(x, fmt, mode)
 
 
 @partial(jax.jit, static_argnames=("fmt", "mode", "bits"))
 def _round_impl(x, key, draws, fmt: Format, mode: Mode, bits: "int | None"):
-    if mode is Mode.RNE and fast_path_applies(fmt, x.dtype):
-        c = _Carrier(x.dtype)
-        if not fmt.subnormals or _magic_tiny_ok(fmt, c):
-            return _round_rne_fast(x, fmt)
-        # the format's subnormals are carrier subnormals (bf16 from float32): arrays
-        # holding any value below the normal range take the general path
-        tiny_pat = c.u(c.pattern_of_value(1, fmt.emin))
-        mag = lax.bitcast_convert_type(x, c.u) & ~(c.u(1) << c.u(c.width - 1))
-        tiny = (mag < tiny_pat) & (mag != 0)
-        return lax.cond(jnp.any(tiny), lambda v: _round_general(v, None, fmt, mode), lambda v: _round_rne_fast(v, fmt), x)
-    if mode is Mode.SR and _sr_fast_applies(fmt, x.dtype, bits):
-        return _round_sr_fast(x, _sr_draws(x, key, draws, bits), fmt, bits)
-    return _round_general(x, _sr_draws(x, key, draws, bits), fmt, mode, bits)
+    if mode is Mode.SR:
+        if _sr_fast_applies(fmt, x.dtype, bits):
+            return _round_fast(x, fmt, mode, _sr_draws(x, key, draws, bits), bits)
+        return _round_general(x, _sr_draws(x, key, draws, bits), fmt, mode, bits)
+    if not fast_path_applies(fmt, x.dtype):
+        return _round_general(x, None, fmt, mode)
+    c = _Carrier(x.dtype)
+    if _tiny_fast_ok(fmt, c):
+        return _round_fast(x, fmt, mode)
+    # values below the format's normal range that carrier floats cannot round (bf16 from
+    # float32: its subnormals are float32 subnormals): arrays holding any take the general path
+    mag = lax.bitcast_convert_type(x, c.u) & ~(c.u(1) << c.u(c.width - 1))
+    tiny = (mag < _tiny_pattern(c, fmt)) & (mag != 0)
+    return lax.cond(jnp.any(tiny), lambda v: _round_general(v, None, fmt, mode),
+                    lambda v: _round_fast(v, fmt, mode, tiny=False), x)
 
 
 def _round_general(x, draws, fmt: "Format | FormatParams", mode: Mode, sr_bits: "int | None" = None):
