@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 
 import numpy as np
@@ -114,10 +115,21 @@ class Context:
     csv_rows: list[dict] = dataclasses.field(default_factory=list)
     noise: dict = dataclasses.field(default_factory=dict)  # run tag -> {format: SignalNoise} against float64
     store: UnitStore | None = None  # where measured units are kept between runs (None: measure everything)
+    # what this process measured, by its inputs without the unit's name: a section that runs the
+    # same sweep as an earlier one (Fig. 10's sinusoidal setups are Fig. 8's) takes its data
+    measured: dict = dataclasses.field(default_factory=dict)
 
     def stored(self, unit: str, key: dict, compute):
         """``compute()``, or the data of ``unit`` stored with the same inputs ``key`` (:attr:`store`)."""
         return compute() if self.store is None else self.store.get(unit, key, compute)
+
+    def once(self, key: dict, compute):
+        """``compute()``, measured once per process for equal inputs ``key`` (a JSON-able dict of
+        everything that decides the data): a later call with the same inputs returns the same data."""
+        canon = json.dumps(key, sort_keys=True, default=str)
+        if canon not in self.measured:
+            self.measured[canon] = compute()
+        return self.measured[canon]
 
     def checkpoint(self) -> tuple:
         """What the context holds now, for :meth:`rollback`."""
@@ -167,7 +179,13 @@ def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str
         log(f"{tag} / {name}: n ≤ {nn:,} in {time.time() - t0:.1f} s")
         return r
 
-    f64_run = functools.cache(lambda: sweep("fp64", make_backend("native", "fp64"), n, None, True))
+    def unit(name: str, key: dict, compute):
+        """One stored unit, measured once per process for its inputs whatever the tag (Context.once)."""
+        return ctx.stored(f"{tag} / {name}", key, lambda: ctx.once(dict(key, tag=None), compute))
+
+    f64_key = dict(inputs, n=n, backend="native:fp64")
+    f64_run = functools.cache(lambda: ctx.once(dict(f64_key, tag=None, outputs=True),
+                                               lambda: sweep("fp64", make_backend("native", "fp64"), n, None, True)))
 
     def measure(f):
         r = sweep(f, format_backend(ctx.sizes, f), n, BUCKET, True)
@@ -176,13 +194,13 @@ def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str
     out: dict[str, CollapseResult] = {}
     noise = {}
     for f in formats:
-        out[f], noise[f] = ctx.stored(f"{tag} / {f}", dict(inputs, n=n, backend=f"{ctx.sizes.backend}:{f}", bucket=BUCKET),
-                                      lambda f=f: measure(f))
-    out["fp64"] = ctx.stored(f"{tag} / fp64", dict(inputs, n=n, backend="native:fp64"), lambda: without_outputs(f64_run()))
+        out[f], noise[f] = unit(f, dict(inputs, n=n, backend=f"{ctx.sizes.backend}:{f}", bucket=BUCKET),
+                                lambda f=f: measure(f))
+    out["fp64"] = unit("fp64", f64_key, lambda: without_outputs(f64_run()))
     if ref and ref_n:
         nn = min(n, ref_n)
-        out[REF] = ctx.stored(f"{tag} / {REF}", dict(inputs, n=nn, backend=f"interval:{REF}"),
-                              lambda: sweep(REF, make_backend("interval", REF), nn, None, False))
+        out[REF] = unit(REF, dict(inputs, n=nn, backend=f"interval:{REF}"),
+                        lambda: sweep(REF, make_backend("interval", REF), nn, None, False))
     for r in out.values():
         for row in r.rows():
             row.update(experiment=tag, family=family)
