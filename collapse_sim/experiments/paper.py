@@ -165,11 +165,14 @@ def without_outputs(r: CollapseResult) -> CollapseResult:
 
 
 def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str, sep: int | None = None,
-                 ref: bool = True, ref_n: int | None = None) -> dict[str, CollapseResult]:
+                 ref: bool = True, ref_n: int | None = None, share_with=()) -> dict[str, CollapseResult]:
     """The collapse sweep of one model and family in every emulated policy (a format
     name or a policy string), native float64 and (up to ``ref_n``) the arb reference.
     Keys: the policies as given, "fp64", REF. Each backend's run is one stored unit
-    (:meth:`Context.stored`); a format's unit holds its signal-below-noise record too."""
+    (:meth:`Context.stored`); a format's unit holds its signal-below-noise record too.
+    A policy that shares the emulated shared program with another of ``formats`` or of
+    ``share_with`` (policies the caller runs on the same model, e.g. in other calls) runs
+    it from the first (``shared="first"``): one compiled program for all of them."""
     ref_n = ctx.sizes.ref_n if ref_n is None else ref_n
     inputs = dict(tag=tag, config=dataclasses.asdict(params.config), family=family, sep=sep, seed=0)
 
@@ -187,8 +190,12 @@ def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str
     f64_run = functools.cache(lambda: ctx.once(dict(f64_key, tag=None, outputs=True),
                                                lambda: sweep("fp64", make_backend("native", "fp64"), n, None, True)))
 
+    from ..backends.emulated.backend import shared_groups
+
+    grouped = set().union(*shared_groups([*formats, *share_with])) if ctx.sizes.backend == "emulated" else set()
+
     def measure(f):
-        r = sweep(f, format_backend(ctx.sizes, f), n, BUCKET, True)
+        r = sweep(f, format_backend(ctx.sizes, f, shared="first" if f in grouped else None), n, BUCKET, True)
         return without_outputs(r), noise_of(f64_run(), r, f)
 
     out: dict[str, CollapseResult] = {}
@@ -209,20 +216,23 @@ def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str
     return out
 
 
-def format_backend(sizes: Sizes, spec: str):
+def format_backend(sizes: Sizes, spec: str, shared: "str | None" = None):
     """The backend that runs a format name or policy string at these sizes: emulated, or
     natively in the JAX dtype of the policy's storage format (``sizes.backend == "native"``: the toy
     sizes, which test the report's plumbing; the dtype's arithmetic stands in for the policy's order
     and kernel). A weights role is applied to the weights on the host before any forward
     (docs/semantics.md §5.1), so a native run takes it too; an operands role (§13.1) is not, so
-    such a policy runs emulated at every size."""
+    such a policy runs emulated at every size. ``shared``: the emulated backend's program choice
+    (:class:`collapse_sim.backends.emulated.EmulatedBackend`; None: automatic)."""
     if sizes.backend == "native" and Policy.parse(spec).operands is None:
         pol = Policy.parse(spec)
         be = make_backend("native", pol.storage.name)
         if pol.weights is not None:
             be.policy = pol  # its weights role is read (quantize_weights)
         return be
-    return make_backend("emulated", spec)
+    from ..backends.emulated.backend import EmulatedBackend
+
+    return EmulatedBackend(spec, shared=shared)
 
 
 def ref_agreement(res: dict[str, CollapseResult]) -> float | None:
