@@ -186,9 +186,7 @@ def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str
         """One stored unit, measured once per process for its inputs whatever the tag (Context.once)."""
         return ctx.stored(f"{tag} / {name}", key, lambda: ctx.once(dict(key, tag=None), compute))
 
-    f64_key = dict(inputs, n=n, backend="native:fp64")
-    f64_run = functools.cache(lambda: ctx.once(dict(f64_key, tag=None, outputs=True),
-                                               lambda: sweep("fp64", make_backend("native", "fp64"), n, None, True)))
+    f64_run = functools.cache(lambda: sweep("fp64", make_backend("native", "fp64"), n, None, True))
 
     from ..backends.emulated.backend import shared_groups
 
@@ -203,7 +201,7 @@ def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str
     for f in formats:
         out[f], noise[f] = unit(f, dict(inputs, n=n, backend=f"{ctx.sizes.backend}:{f}", bucket=BUCKET),
                                 lambda f=f: measure(f))
-    out["fp64"] = unit("fp64", f64_key, lambda: without_outputs(f64_run()))
+    out["fp64"] = unit("fp64", dict(inputs, n=n, backend="native:fp64"), lambda: without_outputs(f64_run()))
     if ref and ref_n:
         nn = min(n, ref_n)
         out[REF] = unit(REF, dict(inputs, n=nn, backend=f"interval:{REF}"),
