@@ -56,8 +56,10 @@ print(time.perf_counter() - t0)
 
 
 def run_cli(cmd: str, cache: Path, tmp: Path) -> dict:
+    """One run of ``cmd`` in a fresh process, its outputs under the empty folder ``tmp``: a
+    warm run must not find the cold run's outputs (``reproduce`` would reuse its stored units)."""
+    tmp.mkdir(parents=True)
     stats = tmp / "stats.json"
-    stats.unlink(missing_ok=True)
     env = dict(os.environ, COLLAPSE_SIM_COMPILE_CACHE=str(cache), COLLAPSE_SIM_COMPILE_STATS=str(stats))
     argv = [sys.executable, "-m", "collapse_sim.cli", *shlex.split(cmd.format(tmp=tmp))]
     t0, c0 = time.perf_counter(), _children_cpu()
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
         for cmd, kind in cmds:
             cache = tmp / f"cache-{abs(hash(cmd))}"
             for run, limit in zip(("cold", "warm"), TARGETS[kind]):
-                r = run_cli(cmd, cache, tmp)
+                r = run_cli(cmd, cache, tmp / f"{abs(hash(cmd))}-{run}")
                 met = "met" if r["wall"] <= limit else "NOT met"
                 print(f"{cmd.format(tmp='T')[:70]:70s} {run:5s} {r['wall']:7.1f} {r['cpu']:7.1f} {r['wall'] / base:7.1f} "
                       f"{r.get('compiled', -1):8d} {r.get('compile_seconds', 0.0):9.1f} {r.get('cache_hits', 0):6d}  "
