@@ -224,3 +224,41 @@ def test_optimisation_level_changes_no_bit(tmp_path):
         outs[name] = np.load(tmp_path / f"{len(outs)}.npy")
     a, b = outs.values()
     assert np.isfinite(a).all() and np.array_equal(a.view(np.uint64), b.view(np.uint64))
+
+
+def test_shared_groups_are_policies_of_one_shared_program():
+    """Policies that differ only in their formats (within the shared class) form a group; a kernel,
+    a softmax format apart from the compute format, a format outside the class each stand alone."""
+    from collapse_sim.backends.emulated.backend import shared_groups
+
+    pols = ["bf16", "fp16", "compute=bf16,kernel=online(64)", "storage=bf16,compute=bf16,accumulate=fp32,softmax=fp32",
+            "fp32", "compute=e4m3fnuz", "storage=bf16,compute=fp32,accumulate=fp32,softmax=fp32"]
+    assert shared_groups(pols) == [{"bf16", "fp16", "fp32", "storage=bf16,compute=fp32,accumulate=fp32,softmax=fp32"}]
+    assert shared_groups(["bf16"]) == []
+
+
+def test_shared_first_compiles_one_program_for_a_group():
+    """``shared="first"``: the first policy at a shape runs the shared program, so a second of its
+    group compiles nothing (the automatic choice compiles a specialised program, then the
+    shared one); a policy that ran its specialised program at a shape keeps it."""
+    import numpy as np
+
+    from collapse_sim.backends.emulated import EmulatedBackend
+    from collapse_sim.model import ModelConfig, forward, init_params
+
+    def compiles(params, policy, shared):
+        before = snapshot()
+        forward(params, np.arange(10) % 5, EmulatedBackend(f"compute={policy},order=sequential", shared=shared)
+                ).block_until_ready()
+        new = snapshot().since(before)
+        return new.compiled + new.cache_hits
+
+    # configs of their own (vocab): no program of this test was seen before in the process
+    first = init_params(ModelConfig(d=4, n_layers=1, vocab=7, pe="none", seed=1))
+    assert compiles(first, "bf16", "first") >= 1
+    assert compiles(first, "fp16", "first") == 0
+    kept = init_params(ModelConfig(d=4, n_layers=1, vocab=9, pe="none", seed=1))
+    assert compiles(kept, "bf16", None) >= 1  # automatic: specialised
+    assert compiles(kept, "bf16", "first") == 0  # keeps it
+    with pytest.raises(ValueError, match="shared must be"):
+        EmulatedBackend("bf16", shared="always")

@@ -105,3 +105,29 @@ def test_identical_share_counts_finite_identical_pairs_from_n_min():
     assert r.identical_share(4) == 3 / 5  # n = 4..8: identical and finite at 4, 7, 8
     assert r.identical_share(9) == 0.0
     assert r.first_identical(3) == 4 and r.collapsed_from() == 7
+
+
+def test_equal_sweeps_of_two_sections_run_once(monkeypatch):
+    """Two sections that sweep the same model, family, length and backends (Fig. 10's sinusoidal
+    setups are Fig. 8's) measure it once: the second call runs no sweep and records the same
+    distances under its own experiment name."""
+    import dataclasses
+
+    from collapse_sim.experiments import paper
+
+    calls = []
+    real = paper.collapse_sweep
+    monkeypatch.setattr(paper, "collapse_sweep", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    ctx = paper.Context(dataclasses.replace(paper.TINY, ref_n=8))
+    params = paper.report_model(d=8, pe="sinusoidal", ape="scores")
+    first = paper.run_backends(ctx, params, "repeat_last", 12, ("bf16",), tag="A")
+    n_first = len(calls)
+    assert n_first == 3  # bf16, float64 and the reference
+    second = paper.run_backends(ctx, params, "repeat_last", 12, ("bf16",), tag="B")
+    assert len(calls) == n_first
+    assert set(first) == set(second) and all(second[k] is first[k] for k in first)
+    rows = {t: [{k: v for k, v in r.items() if k != "experiment"} for r in ctx.csv_rows if r["experiment"] == t]
+            for t in "AB"}
+    assert rows["A"] == rows["B"] and len(rows["A"]) == 12 + 12 + 8
+    paper.run_backends(ctx, params, "repeat_last", 13, ("bf16",), tag="C")  # another length is another sweep ...
+    assert len(calls) == n_first + 2  # ... but for the reference, which stops at ref_n = 8 either way

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 
 import numpy as np
@@ -114,10 +115,21 @@ class Context:
     csv_rows: list[dict] = dataclasses.field(default_factory=list)
     noise: dict = dataclasses.field(default_factory=dict)  # run tag -> {format: SignalNoise} against float64
     store: UnitStore | None = None  # where measured units are kept between runs (None: measure everything)
+    # what this process measured, by its inputs without the unit's name: a section that runs the
+    # same sweep as an earlier one (Fig. 10's sinusoidal setups are Fig. 8's) takes its data
+    measured: dict = dataclasses.field(default_factory=dict)
 
     def stored(self, unit: str, key: dict, compute):
         """``compute()``, or the data of ``unit`` stored with the same inputs ``key`` (:attr:`store`)."""
         return compute() if self.store is None else self.store.get(unit, key, compute)
+
+    def once(self, key: dict, compute):
+        """``compute()``, measured once per process for equal inputs ``key`` (a JSON-able dict of
+        everything that decides the data): a later call with the same inputs returns the same data."""
+        canon = json.dumps(key, sort_keys=True, default=str)
+        if canon not in self.measured:
+            self.measured[canon] = compute()
+        return self.measured[canon]
 
     def checkpoint(self) -> tuple:
         """What the context holds now, for :meth:`rollback`."""
@@ -153,11 +165,14 @@ def without_outputs(r: CollapseResult) -> CollapseResult:
 
 
 def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str, sep: int | None = None,
-                 ref: bool = True, ref_n: int | None = None) -> dict[str, CollapseResult]:
+                 ref: bool = True, ref_n: int | None = None, share_with=()) -> dict[str, CollapseResult]:
     """The collapse sweep of one model and family in every emulated policy (a format
     name or a policy string), native float64 and (up to ``ref_n``) the arb reference.
     Keys: the policies as given, "fp64", REF. Each backend's run is one stored unit
-    (:meth:`Context.stored`); a format's unit holds its signal-below-noise record too."""
+    (:meth:`Context.stored`); a format's unit holds its signal-below-noise record too.
+    A policy that shares the emulated shared program with another of ``formats`` or of
+    ``share_with`` (policies the caller runs on the same model, e.g. in other calls) runs
+    it from the first (``shared="first"``): one compiled program for all of them."""
     ref_n = ctx.sizes.ref_n if ref_n is None else ref_n
     inputs = dict(tag=tag, config=dataclasses.asdict(params.config), family=family, sep=sep, seed=0)
 
@@ -167,22 +182,30 @@ def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str
         log(f"{tag} / {name}: n ≤ {nn:,} in {time.time() - t0:.1f} s")
         return r
 
+    def unit(name: str, key: dict, compute):
+        """One stored unit, measured once per process for its inputs whatever the tag (Context.once)."""
+        return ctx.stored(f"{tag} / {name}", key, lambda: ctx.once(dict(key, tag=None), compute))
+
     f64_run = functools.cache(lambda: sweep("fp64", make_backend("native", "fp64"), n, None, True))
 
+    from ..backends.emulated.backend import shared_groups
+
+    grouped = set().union(*shared_groups([*formats, *share_with])) if ctx.sizes.backend == "emulated" else set()
+
     def measure(f):
-        r = sweep(f, format_backend(ctx.sizes, f), n, BUCKET, True)
+        r = sweep(f, format_backend(ctx.sizes, f, shared="first" if f in grouped else None), n, BUCKET, True)
         return without_outputs(r), noise_of(f64_run(), r, f)
 
     out: dict[str, CollapseResult] = {}
     noise = {}
     for f in formats:
-        out[f], noise[f] = ctx.stored(f"{tag} / {f}", dict(inputs, n=n, backend=f"{ctx.sizes.backend}:{f}", bucket=BUCKET),
-                                      lambda f=f: measure(f))
-    out["fp64"] = ctx.stored(f"{tag} / fp64", dict(inputs, n=n, backend="native:fp64"), lambda: without_outputs(f64_run()))
+        out[f], noise[f] = unit(f, dict(inputs, n=n, backend=f"{ctx.sizes.backend}:{f}", bucket=BUCKET),
+                                lambda f=f: measure(f))
+    out["fp64"] = unit("fp64", dict(inputs, n=n, backend="native:fp64"), lambda: without_outputs(f64_run()))
     if ref and ref_n:
         nn = min(n, ref_n)
-        out[REF] = ctx.stored(f"{tag} / {REF}", dict(inputs, n=nn, backend=f"interval:{REF}"),
-                              lambda: sweep(REF, make_backend("interval", REF), nn, None, False))
+        out[REF] = unit(REF, dict(inputs, n=nn, backend=f"interval:{REF}"),
+                        lambda: sweep(REF, make_backend("interval", REF), nn, None, False))
     for r in out.values():
         for row in r.rows():
             row.update(experiment=tag, family=family)
@@ -191,20 +214,23 @@ def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str
     return out
 
 
-def format_backend(sizes: Sizes, spec: str):
+def format_backend(sizes: Sizes, spec: str, shared: "str | None" = None):
     """The backend that runs a format name or policy string at these sizes: emulated, or
     natively in the JAX dtype of the policy's storage format (``sizes.backend == "native"``: the toy
     sizes, which test the report's plumbing; the dtype's arithmetic stands in for the policy's order
     and kernel). A weights role is applied to the weights on the host before any forward
     (docs/semantics.md §5.1), so a native run takes it too; an operands role (§13.1) is not, so
-    such a policy runs emulated at every size."""
+    such a policy runs emulated at every size. ``shared``: the emulated backend's program choice
+    (:class:`collapse_sim.backends.emulated.EmulatedBackend`; None: automatic)."""
     if sizes.backend == "native" and Policy.parse(spec).operands is None:
         pol = Policy.parse(spec)
         be = make_backend("native", pol.storage.name)
         if pol.weights is not None:
             be.policy = pol  # its weights role is read (quantize_weights)
         return be
-    return make_backend("emulated", spec)
+    from ..backends.emulated.backend import EmulatedBackend
+
+    return EmulatedBackend(spec, shared=shared)
 
 
 def ref_agreement(res: dict[str, CollapseResult]) -> float | None:
@@ -278,20 +304,28 @@ def tv_in_format(fmt: str, X: np.ndarray, Xs: np.ndarray, ns: np.ndarray) -> tup
     """The same δ with both softmaxes evaluated in ``fmt`` (inputs stored in the format,
     max subtracted, exp, pairwise denominator, one division: the attention's softmax);
     also whether the two weight vectors are bitwise identical. Rows: prefixes ns."""
-    import jax
     import jax.numpy as jnp
+
+    valid = jnp.asarray(np.arange(X.shape[1])[None, :] < ns[:, None])
+    A, B = (np.asarray(v, np.float64) for v in _softmax_pair(fmt)(jnp.asarray(X), jnp.asarray(Xs), valid))
+    return np.abs(A - B).sum(axis=1), np.all(A == B, axis=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _softmax_pair(fmt: str):
+    """The masked softmax of two batches in ``fmt`` under jit: one compiled program per format
+    and shape however many seeds call it (a function traced afresh per call is traced again)."""
+    import jax
 
     from ..backends.emulated import Emulator, masked_softmax
 
     emu = Emulator(Policy.uniform(fmt))
-    valid = jnp.asarray(np.arange(X.shape[1])[None, :] < ns[:, None])
 
     @jax.jit
-    def both(a, b):
+    def both(a, b, valid):
         return masked_softmax(emu, emu.store(a), valid), masked_softmax(emu, emu.store(b), valid)
 
-    A, B = (np.asarray(v, np.float64) for v in both(jnp.asarray(X), jnp.asarray(Xs)))
-    return np.abs(A - B).sum(axis=1), np.all(A == B, axis=1)
+    return both
 
 
 FIG9_K = 200  # the paper perturbs the first k = 200 entries

@@ -58,12 +58,14 @@ def remedy_mechanism(name: str) -> str | None:
 def run_remedies(ctx: Context) -> list[tuple[str, str, list[tuple[str, dict[str, CollapseResult], object]]]]:
     """(remedy, its emulated policy, [(family, runs, the policy's SignalNoise)]) on a RoPE decoder, for every remedy."""
     sz, out = ctx.sizes, []
-    for name, over, sep, pol in remedies(sz):
+    rows = remedies(sz)
+    for name, over, sep, pol in rows:
         params = report_model(pe="rope", **over)
+        same_model = [p for _, o, _, p in rows if o == over]
         runs = []
         for fam, _ in REMEDY_FAMILIES:
             tag = f"remedy {name}, {fam}"
-            res = run_backends(ctx, params, fam, sz.remedy_n, [pol], tag=tag, sep=sep, ref=False)
+            res = run_backends(ctx, params, fam, sz.remedy_n, [pol], tag=tag, sep=sep, ref=False, share_with=same_model)
             ctx.findings[("remedy", name, fam)] = res
             runs.append((fam, res, ctx.noise[tag][pol]))
         out.append((name, pol, runs))
@@ -147,7 +149,8 @@ def run_policies(ctx: Context, rows, what: str) -> list[tuple[str, str, list[tup
         runs = []
         for label, model, fam in RECIPE_RUNS[:sz.recipe_runs]:
             tag = f"{what} {name}, {label}"
-            res = run_backends(ctx, models[model], fam, sz.recipe_n, [pol], tag=tag, ref=False)
+            res = run_backends(ctx, models[model], fam, sz.recipe_n, [pol], tag=tag, ref=False,
+                               share_with=[p for _, p, _ in rows])
             ctx.findings[(what, name, label)] = res
             runs.append((label, res, ctx.noise[tag][pol]))
         out.append((name, pol, runs))

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ...errors import UsageError
 from ...policy import BLOCK_KERNELS, Policy, StochasticRoundingError
 from ...rounding import Stochastic
 from .._jit import JaxBackendBase, run_jitted
@@ -45,6 +46,20 @@ def _compiler_options() -> dict:
     the compile memory (a forward at N = 4096: 1.26 -> 0.57 GiB peak), a pairwise
     forward 1.8x faster, the certified orders as fast or faster."""
     return {"xla_cpu_use_fusion_emitters": False} if jax.default_backend() == "cpu" else {}
+
+
+def shared_groups(policies) -> list[set]:
+    """The policies (strings or :class:`Policy`) of ``policies`` that run one shared program
+    (formats as data) together, in groups of two or more: a caller that runs every policy of
+    a group on one model at one shape compiles one program for the group by building its
+    backends with ``shared="first"`` (:class:`EmulatedBackend`). Policies outside the shared
+    class, or under stochastic rounding, are in no group."""
+    groups: dict = {}
+    for p in policies:
+        pol = Policy.parse(p)
+        if shared_class_refusal(pol) is None and not isinstance(pol.mode, Stochastic):
+            groups.setdefault(Emulator(pol, shared=True), set()).add(p)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 class _SharedProgram:
@@ -93,8 +108,12 @@ class EmulatedBackend(JaxBackendBase):
     one (formats as data) for every later policy of the shared class at that shape, up
     to :data:`SHARED_MAX_N` tokens (a process that runs one format compiles one program
     of the cheaper kind; one that switches formats compiles two in all, never one per
-    format); ``True`` always the shared one (an error if the formats do not allow it);
-    ``False`` always the specialised one. Sharded backends use the specialised one.
+    format); ``"first"`` the same, but the shared one from the first policy at a shape
+    (for a caller that knows several policies of one shared program will run there:
+    :func:`shared_groups`; one program in all), a policy that already ran its specialised
+    program there keeping it; ``True`` always the shared one (an error if the formats do
+    not allow it); ``False`` always the specialised one. Sharded backends use the
+    specialised one.
 
     Under stochastic rounding (``mode=sr(r,seed=s)``, docs/semantics.md §2) every trace runs
     on a fresh emulator whose draw scopes follow the layers and row blocks (``draw_scope``,
@@ -105,7 +124,9 @@ class EmulatedBackend(JaxBackendBase):
     kind = "emulated"
     scans_layers = True  # one compiled layer, not n_layers copies (model._scan_layers): the same bits
 
-    def __init__(self, policy: "Policy | str | Emulator", *, shard: bool = False, shared: "bool | None" = None):
+    def __init__(self, policy: "Policy | str | Emulator", *, shard: bool = False, shared: "bool | str | None" = None):
+        if shared not in (None, True, False, "first"):
+            raise UsageError(f"shared must be None (automatic), 'first', True or False, got {shared!r}")
         self.emu = policy if isinstance(policy, Emulator) else Emulator(policy)
         self.policy = self.emu.policy
         self.dtype = self.emu.dtype
@@ -119,17 +140,18 @@ class EmulatedBackend(JaxBackendBase):
         # the compiled program's identity: under sr the seed is the program's argument (run)
         self._program = (f"emulated:{dataclasses.replace(self.policy, mode=Stochastic(self.emu.mode.bits))}"
                          if self.emu.stochastic else self.label)
-        if self.emu.stochastic and shared:
+        if self.emu.stochastic and shared is True:
             raise StochasticRoundingError(f"the emulated forward runs {self.emu.mode} in the program specialised to "
                                           "the policy's formats (docs/semantics.md §12.1), not the shared one; "
                                           "leave shared unset")
         if self.emu.shared or self.shard or shared is False or self.emu.stochastic:
             self.shared = None
-        elif shared or shared_class_refusal(self.policy) is None:
+        elif shared is True or shared_class_refusal(self.policy) is None:
             self.shared = Emulator(self.policy, shared=True)  # raises if the formats do not allow it
         else:
             self.shared = None
-        self.shared_max_n = np.inf if shared else SHARED_MAX_N
+        self.shared_max_n = np.inf if shared is True else SHARED_MAX_N
+        self.share_first = shared == "first"
 
     def describe(self) -> dict:
         return {"backend": "emulated", "policy": str(self.policy), "carrier": str(self.dtype),
@@ -170,13 +192,14 @@ class EmulatedBackend(JaxBackendBase):
 
     def _use_shared(self, fn, config, arrays, tokens, probe) -> bool:
         """``shared=True``: always. Automatic: once another policy of the shared class has
-        run at this shape in this process (a policy that ran specialised keeps its program)."""
+        run at this shape in this process; ``"first"``: from the first policy. Either way a
+        policy that ran specialised at this shape keeps its program."""
         if np.isinf(self.shared_max_n):
             return True
         key = (_SharedProgram(self.shared), fn, config.computation(), len(tokens), probe is None,
                tuple(sorted((k, np.shape(v)) for k, v in arrays.items())))
         seen = _POLICIES_RUN.setdefault(key, set())
-        use = bool(seen - {self.policy}) and self.policy not in seen
+        use = self.policy not in seen and (self.share_first or bool(seen))
         if not use:
             seen.add(self.policy)
         return use
