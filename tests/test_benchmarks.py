@@ -18,8 +18,15 @@ def _load(name: str):
 
 
 def test_every_benchmark_is_smoke_tested():
-    assert sorted(p.stem for p in BENCH.glob("bench_*.py")) == ["bench_formats", "bench_rounding", "bench_sweep",
-                                                                    "bench_time_to_result"]
+    assert sorted(p.stem for p in BENCH.glob("bench_*.py")) == ["bench_formats", "bench_modes", "bench_rounding",
+                                                                    "bench_sweep", "bench_time_to_result"]
+
+
+def test_bench_modes_runs(capsys):
+    # the forward part compiles one emulated forward per mode in a fresh process (~10 s each): left out
+    _load("bench_modes").main(["--parts", "ops", "--modes", "rne,rd"])
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("ops ")]
+    assert len(rows) == 3 * 2 and all("HLO instructions before optimisation" in r for r in rows)
 
 
 def test_bench_rounding_runs(capsys):
