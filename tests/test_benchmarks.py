@@ -53,9 +53,9 @@ def test_bench_time_to_result_runs(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("baseline: a fresh process")
     rows = [ln for ln in out if ln.startswith("round 65519")]
-    cold, warm = (r.split()[5:] for r in rows)  # run, wall s, x base, compiled, compile s, cached, ...
+    cold, warm = (r.split()[5:] for r in rows)  # run, wall s, cpu s, x base, compiled, compile s, cached, ...
     assert cold[0] == "cold" and warm[0] == "warm"
-    assert int(cold[3]) > 0 and int(warm[3]) == 0 and int(warm[5]) == int(cold[3])  # warm: compiled 0, all cached
+    assert int(cold[4]) > 0 and int(warm[4]) == 0 and int(warm[6]) == int(cold[4])  # warm: compiled 0, all cached
 
 
 def test_bench_formats_runs(capsys):
