@@ -233,7 +233,8 @@ def test_keys_and_values_per_query_row_equal_the_oracle(probes):
 
 def test_collapse_estimate_counts_the_operands_role():
     """The estimate printed before a collapse run scales the emulated arithmetic by the role's measured
-    cost (per-tensor scales above tiles, MX blocks at the cost of none); compilation is unchanged."""
+    cost (per-tensor scales above tiles, MX blocks at the cost of none), and the compile by its
+    measured compile cost (every role above none)."""
     from collapse_sim.experiments import estimate
     from collapse_sim.families import make_pairs
 
@@ -247,6 +248,8 @@ def test_collapse_estimate_counts_the_operands_role():
     assert tensor.arithmetic / base.arithmetic == pytest.approx(estimate.ROLE_COST["tensor"], rel=u4, abs=0)
     assert mx.arithmetic / base.arithmetic == pytest.approx(estimate.ROLE_COST["mx"], rel=u4, abs=0)
     assert tensor.arithmetic > tiles.arithmetic > base.arithmetic
-    assert {e.compile for e in by_role.values()} == {base.compile}
+    for role, e in zip(("tensor", "tiles", "mx"), by_role.values()):
+        assert e.compile / base.compile == pytest.approx(estimate.ROLE_COMPILE[role], rel=u4, abs=0), role
+        assert e.compile > base.compile and e.programs == base.programs
     assert estimate.seconds(c, pairs, "native", operands=Policy.parse("compute=fp32,operands=mx(e4m3fn,32)").operands) \
         == estimate.seconds(c, pairs, "native")

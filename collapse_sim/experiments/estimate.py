@@ -41,6 +41,11 @@ COST = {
 # scales 2.5x wall, 3.0x CPU (keys and values scaled per query row); tiles of 128 1.8x; MX blocks of
 # 32, e4m3fn and e2m1fn elements, within the run-to-run noise of 1x (0.94x, 0.70x)
 ROLE_COST = {"tensor": 3.0, "tiles": 1.8, "mx": 1.0}
+# the same for the compile: CPU seconds of a fresh process's first emulated forward (d = 64, N = 64,
+# L = 1, specialised program, no cache: the compile is nearly all of it) with the role against
+# without it, two runs each (2026-12-02, 2 cores shared, load ~10): without 5.2-5.6 s, per-tensor
+# scales 8.2-8.7 s, tiles of 128 7.8-8.7 s, MX blocks of 32 (e4m3fn) 7.4-7.6 s
+ROLE_COMPILE = {"tensor": 1.6, "tiles": 1.55, "mx": 1.4}
 # seconds to compile one forward program cold (no cache): native; emulated op-by-op orders; the
 # certified ones (exact, blocked), which compile the certified path, the op-by-op redo and the
 # superaccumulator; the stochastic forward, whose adds are made round-to-odd and whose every rounding
@@ -102,14 +107,16 @@ def forward_cost(backend: str, order: "str | None") -> float:
     return COST.get(("emulated", order_kind(order)), COST[("emulated", "sequential")])
 
 
-def role_cost(operands) -> float:
+def role_cost(operands, table: "dict | None" = None) -> float:
     """The emulated forward's cost factor for an operands role (an :class:`~collapse_sim.mx.MXFormat`,
-    a :class:`~collapse_sim.mx.ScaledFormat` or None): :data:`ROLE_COST`."""
+    a :class:`~collapse_sim.mx.ScaledFormat` or None) from ``table``: :data:`ROLE_COST` (its
+    arithmetic, the default) or :data:`ROLE_COMPILE` (its compile)."""
     from ..mx import MXFormat, is_per_tensor
 
     if operands is None:
         return 1.0
-    return ROLE_COST["mx" if isinstance(operands, MXFormat) else "tensor" if is_per_tensor(operands) else "tiles"]
+    table = ROLE_COST if table is None else table
+    return table["mx" if isinstance(operands, MXFormat) else "tensor" if is_per_tensor(operands) else "tiles"]
 
 
 def seconds(config, pairs, backend: str, order: "str | None" = None, *, formats: int = 1,
@@ -119,11 +126,13 @@ def seconds(config, pairs, backend: str, order: "str | None" = None, *, formats:
     (``native``, ``emulated``, ``reference``: the kind that really runs the format, e.g.
     :func:`collapse_sim.backends.kind_for_format`), for ``formats`` formats; ``stochastic``: the
     emulated forward in stochastic rounding (``mode=sr(r,seed=s)``); ``operands``: the policy's
-    operands role (:func:`role_cost`; the compile estimate does not depend on it)."""
+    operands role (:func:`role_cost`, which scales both the arithmetic and the compile)."""
     stochastic = stochastic and backend == "emulated"
     cost = COST[("emulated", "sr")] if stochastic else forward_cost(backend, order)
+    per_program = 1.0
     if backend == "emulated":
         cost *= role_cost(operands)
+        per_program = role_cost(operands, ROLE_COMPILE)
     shapes = set()
     work = 0.0
     for run in pairs.runs:
@@ -136,7 +145,7 @@ def seconds(config, pairs, backend: str, order: "str | None" = None, *, formats:
         kind = "emulated-certified"
     if stochastic:
         kind = "emulated-sr"
-    return Estimate(work * cost * formats, COMPILE[kind] * programs, programs)
+    return Estimate(work * cost * formats, COMPILE[kind] * per_program * programs, programs)
 
 
 def check(est: Estimate, limit: float, what: str, flag: str = "--time-limit") -> None:
