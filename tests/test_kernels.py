@@ -359,3 +359,41 @@ def test_a_later_value_never_reaches_an_earlier_row(kern, bad):
                      np.float64)
     want = r.to_numpy(r.attention(AttentionInputs(*(r.store(a) for a in (q, k, v)), np.arange(6), 0.5)))
     assert np.isfinite(want[:-1]).all() and _same(got, want), (got, want)
+
+
+@pytest.mark.parametrize("probes", [False, True], ids=["stream", "probes"])
+def test_flash3fp8_rows_sharing_scales_and_not_give_the_reference_bits(probes, monkeypatch):
+    """§8.8.2 1: each row's K and V scales come from its own prefix. The emulated kernel runs a
+    block of query rows in groups that share both amaxes (the stream's keys and values quantised
+    once per group); here blocks of 2 rows over keys whose running amax grows at positions 3 and 7
+    (and, with probes, at some probes' own keys), so some blocks are one group and some two, and
+    every row gives the reference's bits."""
+    import jax.numpy as jnp
+
+    from collapse_sim.backends.emulated import _emulated_attention
+    from collapse_sim.backends.emulated import attention as emulated_attention
+
+    n, dh = 12, 4
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.uniform(-1, 1, (n, dh)) for _ in range(3))
+    k[3, 1], v[3, 2], k[7, 0], v[7, 3] = 3.0, -5.0, -9.0, 17.0  # the running amaxes step at rows 3 and 7
+    skv = None
+    if probes:
+        kp, vp = (rng.uniform(-1, 1, (n, dh)) for _ in range(2))
+        kp[4, 2], vp[9, 1] = 40.0, -60.0  # a probe above its prefix's amax: a group of one row
+        skv = (kp, vp)
+    monkeypatch.setattr(emulated_attention, "_BLOCK_ELEMS", 2 * (n + probes) * dh)  # 2 query rows per block
+    pol = "storage=bf16,compute=fp32,accumulate=fp32,softmax=fp32,kernel=flash3fp8(5)"
+    e, r = make_backend("emulated", pol), make_backend("reference", pol)
+    pos = np.arange(n) + probes  # a probe after the stream's rows 0..n
+    amax_k = np.maximum.accumulate(np.abs(e.to_numpy(e.store(k))).max(axis=1))
+    groups = [len(set(amax_k[pos[i:i + 2] - probes])) for i in range(0, n, 2)]
+    assert 1 in groups and 2 in groups, groups  # blocks of one group and of two
+
+    def inputs(be, p):
+        st = lambda a: be.store(np.array(a))  # noqa: E731
+        return AttentionInputs(st(q), st(k), st(v), p, 0.5, self_kv=None if skv is None else (st(skv[0]), st(skv[1])))
+
+    got = np.asarray(_emulated_attention(e.emu, inputs(e, jnp.asarray(pos))), np.float64)
+    want = r.to_numpy(r.attention(inputs(r, pos)))
+    assert np.isfinite(want).all() and _same(got, want), (got, want)

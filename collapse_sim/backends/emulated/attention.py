@@ -17,7 +17,7 @@ import mpmath.libmp as mlib
 import numpy as np
 from jax import lax
 
-from ...mx import P_AMAX, amax_scale, scale_cast
+from ...mx import P_AMAX, amax_scale, prefix_amax, scale_cast
 from ...policy import BLOCK_KERNELS, PolicyError
 from ...rounding import round_to
 from ..reference.arith import times_log2e
@@ -222,18 +222,12 @@ def _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb):
 def _tensor_scaled_kv(emu: Emulator, k, v, cols, self_kv, pb, kpb, vpb, running):
     """The keys and values (B, nk, dh) of a block of query rows (:func:`_row_keys_values`) as
     per-tensor scaled operands (docs/semantics.md §13.2.1): each row's with the amax of its
-    columns 0..p_i, from ``running`` (the running amaxes of ``k``'s and ``v``'s rows,
-    :meth:`Emulator.prefix_amax`) at p_i, or for a probe at p_i − 1 and its own key's or value's.
+    columns 0..p_i (:func:`_prefix_amaxes`).
     Where the block's rows share both amaxes (the running maximum is a step function: most
     blocks), the stream's keys and values are quantised once and each row's own (a probe's)
     apart; otherwise every row's. The same bits either way: the quantisation is a function of
     each value and its amax."""
-    def amax(cm, own):
-        if self_kv is None:
-            return cm[pb, 0]
-        return jnp.maximum(cm[pb - 1, 0], jnp.max(jnp.abs(own), axis=-1))  # NaN propagates, as the running max
-
-    aK, aV = amax(running[0], kpb), amax(running[1], vpb)
+    aK, aV = _prefix_amaxes(running, self_kv, pb, kpb, vpb)
 
     def shared():
         q = lambda x, a: emu.operand(x, -1, a[0])  # noqa: E731
@@ -244,6 +238,19 @@ def _tensor_scaled_kv(emu: Emulator, k, v, cols, self_kv, pb, kpb, vpb, running)
         return emu.operand(K, -1, aK[:, None, None]), emu.operand(V, -1, aV[:, None, None])
 
     return lax.cond(jnp.all(aK == aK[0]) & jnp.all(aV == aV[0]), shared, per_row)  # a NaN amax: per row
+
+
+def _prefix_amaxes(running, self_kv, pb, kpb, vpb):
+    """The amaxes ((B,), (B,)) of the keys and of the values that query rows at positions ``pb``
+    see, columns 0..p_i: from ``running`` (the running amaxes of the keys' and values' rows, (nk, 1)
+    each, :func:`collapse_sim.mx.prefix_amax`) at p_i, or for a probe (``self_kv``) at p_i − 1 and
+    its own key's or value's (``kpb``, ``vpb``)."""
+    def amax(cm, own):
+        if self_kv is None:
+            return cm[pb, 0]
+        return jnp.maximum(cm[pb - 1, 0], jnp.max(jnp.abs(own), axis=-1))  # NaN propagates, as the running max
+
+    return amax(running[0], kpb), amax(running[1], vpb)
 
 
 def _value_operands(emu: Emulator, vq, v, pb, vpb=None):
@@ -385,44 +392,53 @@ def _online_attention(emu: Emulator, a: AttentionInputs, path: str = "certified"
     exp = emu.exp2 if kern.base2 else emu.exp
     tile = kern.fp8 or (emu.storage if kern.base2 else (None if emu.softmax_is_compute else C))  # None: e as it is
     neg_inf = jnp.asarray(-jnp.inf, dt)
+    if kern.fp8 is not None:  # the running amaxes of the keys' and values' rows (§8.8.2 1)
+        running = tuple(prefix_amax(jnp.asarray(x, jnp.float64), None, jnp) for x in (k, v))
 
     def block(args):
         qb, pb, kpb, vpb = args  # (B, dh), (B,), (B, dh), (B, dh)
+        if kern.fp8 is None:
+            return rows(qb, pb, *_row_keys_values(k, v, cols, self_kv, pb, kpb, vpb))
+        # §8.8.2 1: each row's query, and the keys and values of its prefix
+        return _fp8_rows(emu, kern.fp8, rows, qb, k, v, cols, self_kv, pb, kpb, vpb, running)
+
+    def rows(qb, pb, K, V, descale=None, v_descale=None):
+        """The outputs (B, dh) of query rows ``qb`` at positions ``pb`` over keys and values K, V
+        (B, nk, dh); for flash3fp8 all quantised, with their descales."""
         B = qb.shape[0]
-        K, V = _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb)
-        descale = v_descale = None
-        if kern.fp8 is not None:  # §8.8.2 1: each row's query, and the keys and values of its prefix
-            qb, K, V, descale, v_descale = _fp8_inputs(emu, kern.fp8, qb, K, V, cols[None, :] <= pb[:, None])
         s, valid = weights.scores(emu.dot(jnp.broadcast_to(qb[:, None, :], K.shape), K, path=path), pb, descale)
         if not emu.softmax_is_compute:
             s = round_to(s, M, mode)
         pad = nb * bc - nk  # columns past the last key: masked
-        s = jnp.pad(s, ((0, 0), (0, pad)))
-        valid = jnp.pad(valid, ((0, 0), (0, pad)))
-        V = jnp.pad(V, ((0, 0), (0, pad), (0, 0)))
-        split = lambda x: jnp.moveaxis(x.reshape(B, nb, bc, *x.shape[2:]), 1, 0)  # noqa: E731
+        s = jnp.pad(s, ((0, 0), (0, pad))).reshape(B, nb, bc)
+        valid = jnp.pad(valid, ((0, 0), (0, pad))).reshape(B, nb, bc)
+        V = jnp.pad(V, ((0, 0), (0, pad), (0, 0))).reshape(B * nb, bc, dh)
+        # Every block's state is a function of the running maximum before and after it, and the
+        # running maximum is the cumulative one of the blocks' maxima (exact): the blocks' exps,
+        # sums and products run at once, and only l and o go block by block.
+        m_new = lax.cummax(jnp.max(jnp.where(valid, s, neg_inf), axis=-1), axis=1, reverse=kern.reverse)
+        before = jnp.full((B, 1), -jnp.inf, dt)
+        m = (jnp.concatenate([m_new[:, 1:], before], axis=1) if kern.reverse
+             else jnp.concatenate([before, m_new[:, :-1]], axis=1))  # the maximum before each block
+        seen = m_new > neg_inf  # some column seen so far (else l = o = 0 stay)
+        m_safe = jnp.where(seen, m_new, jnp.zeros_like(m_new))
+        r = jnp.where(m > neg_inf, exp(emu.sub(jnp.where(m > neg_inf, m, m_safe), m_safe, M), M), jnp.zeros_like(m))
+        shift = emu.sub(m_safe, jnp.full_like(m_safe, kern.max_offset), M) if kern.max_offset else m_safe
+        e = exp(emu.sub(s, jnp.broadcast_to(shift[:, :, None], s.shape), M), M)
+        e = jnp.where(valid, e, jnp.zeros_like(e))
+        den = reduce_sum(e, emu.order, A, A, mode, valid, emu.bounds, nonneg=True, path=path)  # (B, nb)
+        P = _computed_once(e if tile is None else round_to(e, tile, mode))  # the probability tiles
+        pv = _weighted_values(emu, P.reshape(B * nb, bc), V, valid.reshape(B * nb, bc), A, path).reshape(B, nb, dh)
 
         def step(carry, blk):
-            m, l, o = carry
-            sb, vb, Vb = blk  # (B, bc), (B, bc), (B, bc, dh)
-            m_new = jnp.maximum(m, jnp.max(jnp.where(vb, sb, neg_inf), axis=-1))  # exact
-            seen = m_new > neg_inf  # some column seen so far (else l = o = 0 stay)
-            m_safe = jnp.where(seen, m_new, jnp.zeros_like(m_new))
-            r = jnp.where(m > neg_inf, exp(emu.sub(jnp.where(m > neg_inf, m, m_safe), m_safe, M), M),
-                          jnp.zeros_like(m))
-            shift = emu.sub(m_safe, jnp.full_like(m_safe, kern.max_offset), M) if kern.max_offset else m_safe
-            e = exp(emu.sub(sb, jnp.broadcast_to(shift[:, None], sb.shape), M), M)
-            e = jnp.where(vb, e, jnp.zeros_like(e))
-            den = reduce_sum(e, emu.order, A, A, mode, vb, emu.bounds, nonneg=True, path=path)
-            l = emu.add(emu.mul(l, r, A), den, A)
-            P = e if tile is None else round_to(e, tile, mode)  # the probability tile
-            pv = _weighted_values(emu, P, Vb, vb, A, path)
-            o = emu.add(emu.mul(o, jnp.broadcast_to(r[:, None], o.shape), A), pv, A)
-            return (m_new, l, o), None
+            l, o = carry
+            rb, db, ub = blk  # (B,), (B,), (B, dh)
+            l = emu.add(emu.mul(l, rb, A), db, A)
+            o = emu.add(emu.mul(o, jnp.broadcast_to(rb[:, None], o.shape), A), ub, A)
+            return (l, o), None
 
-        zero = jnp.zeros((B,), dt)
-        (m, l, o), _ = lax.scan(step, (jnp.full((B,), -jnp.inf, dt), zero, jnp.zeros((B, dh), dt)),
-                                (split(s), split(valid), split(V)), reverse=kern.reverse)
+        (l, o), _ = lax.scan(step, (jnp.zeros((B,), dt), jnp.zeros((B, dh), dt)),
+                             (r.T, den.T, jnp.moveaxis(pv, 1, 0)), reverse=kern.reverse)
         if v_descale is None:
             out = emu.div(o, jnp.broadcast_to(l[:, None], o.shape), A)
         else:  # §8.8.2 6: o · (1/l · s_V)
@@ -434,29 +450,53 @@ def _online_attention(emu: Emulator, a: AttentionInputs, path: str = "certified"
     return _map_rows(block, (a.q, a.qpos, kp, vp), b)
 
 
-def _fp8_inputs(emu: Emulator, E, qb, K, V, seen):
-    """flash3fp8's quantised inputs (docs/semantics.md §8.8.2 1-2) of a block of query rows:
-    ``(q̂, K̂, V̂, descale, s_V)``, each row's query, keys and values divided by their scale
-    ∘_A(amax / 448) (1 where amax = 0) in A and rounded to ``E``; the scales of K and V come
-    from the columns the row sees up to its position (``seen``: (B, nk)); ``descale`` is
-    ∘_A(s_Q · s_K), which the scores fold into their scale."""
-    A = emu.accumulate
-
-    def quantise(x, amax):  # x: (B, ...), amax: (B,); the rule of §8.8.2 1 and §13.2 (collapse_sim.mx)
-        s = amax_scale(amax, E, A, emu.mode).astype(emu.dtype)
-        return scale_cast(x, s.reshape(s.shape + (1,) * (x.ndim - 1)), E, A, emu.mode).astype(emu.dtype), s
-
-    qh, s_q = quantise(qb, jnp.max(jnp.abs(qb), axis=-1))
-    Kh, s_k = quantise(K, _seen_amax(K, seen))
-    Vh, s_v = quantise(V, _seen_amax(V, seen))
-    return qh, Kh, Vh, emu.mul(s_q, s_k, A), s_v
+def _computed_once(x):
+    """``x``, held in memory: XLA:CPU fuses a chain of cheap elementwise ops (a rounding, the
+    scaling of :meth:`Emulator.exp2`, back to the scores) into each of its consumers, and one that
+    broadcasts it (the weighted values' products, d_h of them per weight) then evaluates the chain
+    once per product (flash2(64), one call at N = 1,024: 1.8 s against online(64)'s 0.45 s). A
+    conditional on a predicate XLA cannot fold (the NaN count of ``x`` is not negative: always
+    true) ends the fusion there; an optimization barrier does not survive XLA's passes. The bits
+    are ``x``'s."""
+    return lax.cond(jnp.sum(jnp.isnan(x), dtype=jnp.int32) >= 0, lambda: x, lambda: jnp.zeros_like(x))
 
 
-def _seen_amax(X, seen):
-    """The largest magnitude (B,) of each row's keys or values ``X`` (B, nk, dh) over the columns
-    it has (``seen``: (B, nk), its prefix 0..p_i, visible through the window or not); NaN if one
-    of them holds a NaN."""
-    return jnp.max(jnp.where(seen[:, :, None], jnp.abs(X), jnp.zeros((), X.dtype)), axis=(1, 2))
+def _fp8_rows(emu: Emulator, E, rows, qb, k, v, cols, self_kv, pb, kpb, vpb, running):
+    """flash3fp8's outputs (B, dh) of a block of query rows at positions ``pb``: ``rows(q̂, pb, K̂,
+    V̂, descale, s_V)`` with its quantised inputs (docs/semantics.md §8.8.2 1-2), each row's query,
+    keys and values (B, nk, dh) (:func:`_row_keys_values`) divided by their scale ∘_A(amax / 448)
+    (1 where amax = 0) in A and rounded to ``E``, and ``descale`` = ∘_A(s_Q · s_K), which the scores
+    fold into their scale. The scales of K and V come from the columns the row sees up to its
+    position, visible through the window or not (:func:`_prefix_amaxes`; ``running``: the running
+    amaxes of ``k``'s and ``v``'s rows).
+
+    The rows run in groups that share both amaxes (bit for bit): the stream's keys and values are
+    quantised once per group (each row's own, a probe's, apart) and broadcast to its rows, every
+    row of the block computed and the group's kept. The running maximum is a step function, so
+    most blocks are one group; quantising every row's keys and values instead costs a division
+    and two roundings per key component and row, as many as the scores' products. The same bits
+    either way: the quantisation is a function of each value and its amax."""
+    A, dt = emu.accumulate, emu.dtype
+    scale = lambda amax: amax_scale(amax, E, A, emu.mode).astype(dt)  # noqa: E731  (§8.8.2 1, §13.2: collapse_sim.mx)
+    quantise = lambda x, amax: scale_cast(x, scale(amax), E, A, emu.mode).astype(dt)  # noqa: E731
+    aq = jnp.max(jnp.abs(qb), axis=-1)
+    qh, s_q = quantise(qb, aq[:, None]), scale(aq)
+    aK, aV = _prefix_amaxes(running, self_kv, pb, kpb, vpb)
+    bits = lambda x: lax.bitcast_convert_type(jnp.asarray(x, jnp.float64), jnp.uint64)  # noqa: E731
+    key = (bits(aK), bits(aV))
+
+    def group(state):
+        out, done = state
+        i = jnp.argmin(done)  # the first row not yet computed leads the next group
+        same = (key[0] == key[0][i]) & (key[1] == key[1][i])
+        tk, tv = (_computed_once(quantise(x, a[i])) for x, a in ((k, aK), (v, aV)))  # once, not per row
+        K, V = _row_keys_values(tk, tv, cols, self_kv, pb, quantise(kpb, aK[i]), quantise(vpb, aV[i]))
+        o = rows(qh, pb, K, V, emu.mul(s_q, jnp.broadcast_to(scale(aK[i]), s_q.shape), A),
+                 jnp.broadcast_to(scale(aV[i]), s_q.shape))
+        return jnp.where(same[:, None], o, out), done | same
+
+    out = jnp.zeros(qb.shape, dt)
+    return lax.while_loop(lambda st: ~jnp.all(st[1]), group, (out, jnp.zeros(pb.shape, bool)))[0]
 
 
 def _certified_attention(emu: Emulator, a: AttentionInputs):
