@@ -3,7 +3,9 @@ products (docs/semantics.md §3.3, §7, §8, §10).
 
 Where the policy's order is ``exact`` or ``blocked``, dot products come from float64
 matrix products certified by certificates.py; every row they leave uncertified is redone
-op by op, so the result is the op-by-op result bit for bit.
+op by op, so the result is the op-by-op result bit for bit. The redo is a program of its
+own (:func:`_linear_redo`, :func:`_attention_redo`), run from the forward by a host
+callback only where some row needs it (:func:`collapse_sim.backends._rows._fill_rows`).
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ def _blocks(n: int, per_row: int) -> tuple[int, int]:
 #: Same bits either way. Why: the certificates, their conditionals and the op-by-op redo
 #: of what they leave open are most of these orders' compiled code (a bf16 exact forward,
 #: d = 8, L = 2, with probes: 34,000 lines of HLO and 27 s to compile with them, 3,400
-#: lines and 4 s without), while the host superaccumulator costs ~0.15 us per term: at
-#: 2^22 terms a stage spends ~0.6 s there, and larger stages run faster certified.
+#: lines and 4 s without; measured while the redo was still inlined at every call site,
+#: before it became a program of its own, :func:`_fill_rows`), while the host
+#: superaccumulator costs ~0.15 us per term: at 2^22 terms a stage spends ~0.6 s there,
+#: and larger stages run faster certified.
 CERTIFIED_MIN_TERMS = 1 << 22
 
 
