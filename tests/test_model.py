@@ -388,7 +388,9 @@ def test_arb_attention_encloses_reference_in_every_block_layout(monkeypatch, hea
 def test_sharded_attention_equals_unsharded_on_four_fake_devices():
     """The emulated attention's query axis split over 4 devices (XLA's fake host
     devices, set before JAX starts, hence a subprocess) gives the same bits, probes
-    included (one policy: the split is of the query axis, which no policy changes)."""
+    included (one policy: the split is of the query axis, which no policy changes); and
+    a certified attention whose uncertified rows are redone (by the host callback, on
+    the devices that hold them) gives the unsharded bits too."""
     import os
     import subprocess
     import sys
@@ -408,6 +410,20 @@ for pol in ["compute=fp16,accumulate=fp32,order=sequential"]:
     for u, w in zip(forward(P, toks, a, probe=toks), forward(P, toks, b, probe=toks)):
         u, w = np.asarray(u), np.asarray(w)
         assert u.shape == w.shape and np.array_equal(u.view(np.uint64), w.view(np.uint64)), pol
+from collapse_sim.backends import emulated
+from collapse_sim.backends.inputs import AttentionInputs
+emulated.attention.CERTIFIED_MIN_TERMS = 0
+pol = "compute=(p=3,emax=100),order=exact"
+a, b = EmulatedBackend(pol), EmulatedBackend(pol, shard=True)
+rng = np.random.default_rng(5)
+q, k, v = (rng.standard_normal((40, 8)) for _ in range(3))
+q[:3, :2], q[30, :2], k[:, 0], k[:, 1] = 2.0**40, 2.0**40, 2.0**40, -(2.0**40)
+q, k, v = (a.store(x) for x in (q, k, v))
+_, ok = emulated._certified_attention(a.emu, AttentionInputs(q, k, v, jax.numpy.arange(40), 0.5))
+assert np.flatnonzero(~np.asarray(ok)).tolist() == [0, 1, 2, 30], ok  # rows redone on two devices
+att = lambda be: jax.jit(lambda q, k, v: be.attention(AttentionInputs(q, k, v, np.arange(40), 0.5)))(q, k, v)
+u, w = np.asarray(att(a)), np.asarray(att(b))
+assert np.array_equal(u.view(np.uint64), w.view(np.uint64)), pol
 print("ok")
 '''
     env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()}

@@ -1,8 +1,11 @@
 """Row blocking shared by the JAX backends: work on blocks of rows by ``lax.map`` (so
-memory stays bounded), and redo selected rows. Shape plumbing only: no arithmetic.
+memory stays bounded), and redo selected rows in a program of their own. Shape plumbing
+only: no arithmetic.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -42,32 +45,53 @@ def _map_rows(fn, args, b: int, scope=None):
     return jax.tree.map(lambda o: o.reshape(nb * b, *o.shape[2:])[:n], out)
 
 
-def _fill_rows(out, ok, args, redo, b: int):
-    """``out`` (n, m) with the rows that ``ok`` (n,) leaves false replaced by ``redo``,
-    which maps blocks of ``b`` rows of each of ``args`` (arrays of n rows) to (b, m)
-    rows. ``redo`` runs only for the blocks holding such a row: a Python loop on
-    concrete values, a ``fori_loop`` over exactly those blocks under a trace (a loop
-    with a cond per block would copy ``out`` each time)."""
+def _fill_rows(out, ok, args, redo, b: int, static=None, data=()):
+    """``out`` (n, m) with the rows that ``ok`` (n,) leaves false replaced by
+    ``redo(static, data, *blocks)``, which maps blocks of ``b`` rows of each of ``args``
+    (arrays of n rows) to (b, m) rows, each row a function of its own rows of ``args``
+    (and of ``data``) alone. ``redo`` must be a function of module level (its compiled
+    programs are cached on it), ``static`` hashable, ``data`` a pytree of arrays: a
+    traced value that ``redo`` captured would belong to the caller's trace.
+
+    The redo is not part of the caller's program: where some row is uncertified, a host
+    callback (``jax.pure_callback``) gathers those rows into blocks of ``b`` (the last one
+    padded with zero rows) and runs ``redo`` on each block as a program of its own
+    (:func:`_redo_program`), compiled on first need once per (``redo``, ``static``,
+    shapes) and cached like any jitted program (also in the persistent compilation
+    cache). Where every row is certified the callback is not taken (a conditional under
+    a trace, a Python branch on concrete values)."""
     n, m = out.shape
-    nb = -(-n // b)
-    rows = tuple(_pad_rows(a, nb, b).reshape(nb * b, *a.shape[1:]) for a in args)
-    okp = jnp.concatenate([ok, jnp.ones(nb * b - n, bool)])
-    outp = _pad_rows(out, nb, b).reshape(nb * b, m)
+    host = functools.partial(_redo_rows, redo, static, b)
+    if not isinstance(ok, jax.core.Tracer):
+        return jnp.asarray(host(out, ok, data, *args)) if not bool(np.all(ok)) else out
 
-    def one(i, out):
-        new = redo(*(lax.dynamic_slice_in_dim(a, i * b, b) for a in rows))
-        keep = lax.dynamic_slice_in_dim(okp, i * b, b)
-        old = lax.dynamic_slice_in_dim(out, i * b, b)
-        return lax.dynamic_update_slice_in_dim(out, jnp.where(keep[:, None], old, new), i * b, 0)
+    def call():
+        shape = jax.ShapeDtypeStruct(out.shape, out.dtype)
+        new = jax.pure_callback(host, shape, out, ok, data, *args, vmap_method="sequential")
+        return jnp.where(ok[:, None], out, new)  # the same values; of out's type also under shard_map
 
-    if not isinstance(okp, jax.core.Tracer):
-        for i in np.flatnonzero(~np.asarray(okp).reshape(nb, b).all(axis=1)):
-            outp = one(int(i), outp)
-        return outp[:n]
+    return _cond(jnp.all(ok), lambda: out, call)
 
-    def loop():
-        need = ~jnp.all(okp.reshape(nb, b), axis=1)
-        which = jnp.nonzero(need, size=nb, fill_value=0)[0]
-        return lax.fori_loop(0, jnp.sum(need), lambda j, out: one(which[j], out), outp)
 
-    return _cond(jnp.all(ok), lambda: outp, loop)[:n]
+@functools.lru_cache(maxsize=None)
+def _redo_program(redo):
+    """``redo`` jitted, its first argument static: one compiled program per (``static``,
+    shapes), compiled when first called."""
+    return jax.jit(redo, static_argnums=0)
+
+
+def _redo_rows(redo, static, b: int, out, ok, data, *args):
+    """The host side of :func:`_fill_rows` (numpy arrays in and out)."""
+    bad = np.flatnonzero(~np.asarray(ok, bool))
+    out = np.array(out)  # a writable copy
+    if bad.size == 0:
+        return out
+    program = _redo_program(redo)
+    for i in range(0, bad.size, b):
+        rows = bad[i:i + b]
+        blocks = []
+        for a in args:
+            a = np.asarray(a)[rows]
+            blocks.append(np.concatenate([a, np.zeros((b - rows.size, *a.shape[1:]), a.dtype)]))
+        out[rows] = np.asarray(program(static, data, *blocks))[:rows.size]
+    return out

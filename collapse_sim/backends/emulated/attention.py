@@ -3,13 +3,14 @@ products (docs/semantics.md §3.3, §7, §8, §10).
 
 Where the policy's order is ``exact`` or ``blocked``, dot products come from float64
 matrix products certified by certificates.py; every row they leave uncertified is redone
-op by op, so the result is the op-by-op result bit for bit.
+op by op, so the result is the op-by-op result bit for bit. The redo is a program of its
+own (:func:`_linear_redo`, :func:`_attention_redo`), run from the forward by a host
+callback only where some row needs it (:func:`collapse_sim.backends._rows._fill_rows`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
+import copy
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +42,10 @@ def _blocks(n: int, per_row: int) -> tuple[int, int]:
 #: Same bits either way. Why: the certificates, their conditionals and the op-by-op redo
 #: of what they leave open are most of these orders' compiled code (a bf16 exact forward,
 #: d = 8, L = 2, with probes: 34,000 lines of HLO and 27 s to compile with them, 3,400
-#: lines and 4 s without), while the host superaccumulator costs ~0.15 us per term: at
-#: 2^22 terms a stage spends ~0.6 s there, and larger stages run faster certified.
+#: lines and 4 s without; measured while the redo was still inlined at every call site,
+#: before it became a program of its own, :func:`_fill_rows`), while the host
+#: superaccumulator costs ~0.15 us per term: at 2^22 terms a stage spends ~0.6 s there,
+#: and larger stages run faster certified.
 CERTIFIED_MIN_TERMS = 1 << 22
 
 
@@ -68,15 +71,9 @@ def _linear(emu: Emulator, x, w, stream_rows=None):
     x, w = emu.operand(x, -1, emu.prefix_amax(x, stream_rows)), emu.operand(w, 0)
     n, din = x.shape
     dout = w.shape[1]
-    wt = w.T  # (dout, din)
-
-    def op_by_op(xb, path="certified"):
-        ae, be = jnp.broadcast_arrays(xb[:, None, :], wt[None, :, :])
-        return emu.dot(ae, be, path=path)
-
     if not _certified(emu, n * din * dout):
-        return _map_rows(lambda a: op_by_op(a[0], exact_path(n * din * dout)), (x,), _blocks(n, din * dout)[0],
-                         emu.stream)
+        path = exact_path(n * din * dout)
+        return _map_rows(lambda a: _linear_op_by_op(emu, a[0], w, path), (x,), _blocks(n, din * dout)[0], emu.stream)
     wstats = matmul_stats(emu, w)
 
     def block(a):
@@ -85,8 +82,37 @@ def _linear(emu: Emulator, x, w, stream_rows=None):
 
     r, ok = _map_rows(block, (x,), max(1, min(n, _BLOCK_ELEMS // (4 * dout))))
     b, _ = _blocks(n, din * dout)
-    redo = functools.partial(op_by_op, path="superacc")  # where the certificate failed
-    return _fill_rows(r, ok, (x,), redo, b)
+    static, roles = _detached(emu)
+    return _fill_rows(r, ok, (x,), _linear_redo, b, static, (roles, w))  # where the certificate failed
+
+
+def _linear_op_by_op(emu: Emulator, x, w, path: str):
+    """``x @ w`` op by op: every entry an :meth:`Emulator.dot` (``path``: :func:`reduce_sum`'s)."""
+    ae, be = jnp.broadcast_arrays(x[:, None, :], w.T[None, :, :])
+    return emu.dot(ae, be, path=path)
+
+
+def _linear_redo(static: Emulator, data, x):
+    """The op-by-op rows of :func:`_linear` that its certificate left open, every exact sum
+    from the superaccumulator: a program of its own (:func:`_fill_rows`)."""
+    roles, w = data
+    return _linear_op_by_op(_attached(static, roles), x, w, "superacc")
+
+
+def _detached(emu: Emulator):
+    """``(static, roles)``: ``emu`` without its formats where they are traced (a shared
+    program's, :meth:`Emulator.bind`), and those formats (None where they are static),
+    for a program of its own that :func:`_attached` rebinds them in."""
+    if not emu.shared:
+        return emu, None
+    static = copy.copy(emu)
+    static.roles = static.storage = static.compute = static.accumulate = static.softmax = None
+    return static, emu.roles
+
+
+def _attached(static: Emulator, roles) -> Emulator:
+    """The emulator that :func:`_detached` took apart, with the formats ``roles``."""
+    return static if roles is None else static.bind(roles)
 
 
 def masked_softmax(emu: Emulator, s, valid, path: str = "certified"):
@@ -530,15 +556,22 @@ def _certified_attention(emu: Emulator, a: AttentionInputs):
 
 
 def _fill_uncertified(emu: Emulator, o, ok, a: AttentionInputs):
-    """``o`` with every row that ``ok`` leaves uncertified recomputed op by op, in
-    blocks of query rows over all keys (masked keys are exact zeros, which change no
-    reduction order's result). The op-by-op code is compiled once per attention call,
-    never per causal segment, and runs only for the blocks holding such a row."""
+    """``o`` with every row that ``ok`` leaves uncertified recomputed op by op, over all
+    keys (masked keys are exact zeros, which change no reduction order's result). The
+    op-by-op code is a program of its own (:func:`_fill_rows`), compiled when a row first
+    needs it, once per (policy, shapes), never part of the forward's code."""
     nk = a.k.shape[0] + (a.self_kv is not None)
     b, _ = _blocks(o.shape[0], nk * o.shape[1])
+    static, roles = _detached(emu)
+    spec = (static, a.scale, a.alibi, a.window, a.self_kv is not None)
+    return _fill_rows(o, ok, (a.q, jnp.asarray(a.qpos), *_own_kv(a)), _attention_redo, b, spec, (roles, a.k, a.v))
 
-    def redo(qb, pb, kpb, vpb):
-        skv = None if a.self_kv is None else (kpb, vpb)
-        return _op_by_op_attention(emu, dataclasses.replace(a, q=qb, qpos=pb, self_kv=skv), "superacc")
 
-    return _fill_rows(o, ok, (a.q, jnp.asarray(a.qpos), *_own_kv(a)), redo, b)
+def _attention_redo(spec, data, qb, pb, kpb, vpb):
+    """Rows of :func:`_fill_uncertified`, op by op with every exact sum from the
+    superaccumulator: a program of its own (:func:`_fill_rows`)."""
+    static, scale, alibi, window, has_self = spec
+    roles, k, v = data
+    a = AttentionInputs(q=qb, k=k, v=v, qpos=pb, scale=scale, alibi=alibi, window=window,
+                        self_kv=(kpb, vpb) if has_self else None)
+    return _op_by_op_attention(_attached(static, roles), a, "superacc")
