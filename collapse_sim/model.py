@@ -143,23 +143,11 @@ class ModelConfig:
         return self.d // self.n_heads
 
     def computation(self) -> "ModelConfig":
-        """This config with the initialisation-only fields at their defaults and the options the
-        forward takes as data (:data:`DATA_OPTIONS`) at one value each: what the compiled forward
-        depends on (its key). Whether Scalable-Softmax is on stays: off, the forward has no
-        multiplication by a factor."""
+        """This config with the initialisation-only fields at their defaults: what the
+        forward pass depends on (the key of its compiled code)."""
         init_only = ("seed", "embed_std", "qk_std", "v_std", "ff_std", "qkv_var")
         defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in init_only}
-        return dataclasses.replace(self, **defaults, rope_fraction=1.0, window=None,
-                                   ssmax=None if self.ssmax is None else 1.0)
-
-
-#: The model options a forward takes as data, not as constants of its compiled program
-#: (:func:`forward_arrays` passes them with the weights): models that differ only in these share
-#: one compiled forward. p-RoPE's fraction is the RoPE tables' values; Scalable-Softmax's s is its
-#: factors' (whether it is on is the program's: off, there is no multiplication); the window is
-#: a number in the mask, "no window" the width :data:`NO_WINDOW` (every key a causal query sees:
-#: the same mask, docs/semantics.md §8.2). Every other field is static (docs/semantics.md §12.1).
-DATA_OPTIONS = ("rope_fraction", "ssmax", "window")
+        return dataclasses.replace(self, **defaults)
 
 
 #: The smallest value of each numeric ModelConfig field (None, where allowed, is always fine).
@@ -319,22 +307,13 @@ class Weights:
     * ``sinusoidal``: (need, d) the sinusoidal table for the positions a forward needs;
     * ``n3_g``, ``n3_b``: (d,) the output norm's gain and (layernorm) bias;
     * ``gauss_q``, ``gauss_k``, ``gauss_v``: (n_ids, d) the Gaussian model's draws per id
-      (with a sink, the sink's row first);
-    * ``rope_cos``, ``rope_sin``: (need, d_h/2) the RoPE (p-RoPE) tables for the positions a
-      forward needs (``pe="rope"``);
-    * ``ssmax``: (need,) Scalable-Softmax's factor per position (with ``ssmax``);
-    * ``window``: () the sliding window's width, an integer (:data:`NO_WINDOW` without one); not
-      rounded to storage.
-
-    The last four are model options as data (:data:`DATA_OPTIONS`), not weights."""
+      (with a sink, the sink's row first)."""
 
     layers: tuple[LayerWeights, ...] = ()
     embed: Array | None = None
     pos: Array | None = None; sinusoidal: Array | None = None  # noqa: E702  (the position tables)
     n3_g: Array | None = None; n3_b: Array | None = None  # noqa: E702
     gauss_q: Array | None = None; gauss_k: Array | None = None; gauss_v: Array | None = None  # noqa: E702
-    rope_cos: Array | None = None; rope_sin: Array | None = None  # noqa: E702
-    ssmax: Array | None = None; window: Array | None = None  # noqa: E702
 
     @classmethod
     def from_arrays(cls, c: ModelConfig, arrays: dict) -> "Weights":
@@ -351,13 +330,7 @@ class Weights:
         return cls(layers, **top)
 
 
-_FILE_NAMES = {"sinusoidal": SINUSOIDAL, "gauss_q": "gauss.q", "gauss_k": "gauss.k", "gauss_v": "gauss.v",
-               "rope_cos": positional.ROPE_COS, "rope_sin": positional.ROPE_SIN, "ssmax": "opt.ssmax",
-               "window": "opt.window"}
-ROPE_TABLES = (positional.ROPE_COS, positional.ROPE_SIN)
-SSMAX, WINDOW = _FILE_NAMES["ssmax"], _FILE_NAMES["window"]
-#: The window width that stands for "no window": every key a causal query sees is inside it.
-NO_WINDOW = 2**31 - 1
+_FILE_NAMES = {"sinusoidal": SINUSOIDAL, "gauss_q": "gauss.q", "gauss_k": "gauss.k", "gauss_v": "gauss.v"}
 for _cls in (LayerWeights, Weights):
     jax.tree_util.register_dataclass(_cls, data_fields=[f.name for f in dataclasses.fields(_cls)], meta_fields=[])
 
@@ -523,19 +496,11 @@ def forward_arrays(params: Params, need: int, n_ids: int = 0) -> dict:
     """The weights and, for sinusoidal positions, the table for ``need`` positions
     (under jit an argument, not a constant: a 65,536-row table embedded in the
     compiled program cost 0.27 GiB of compile memory); for the Gaussian model, its
-    q, k, v draws for token ids ``0..n_ids-1`` (:func:`gaussian_draws`). And the model
-    options as data (:data:`DATA_OPTIONS`, arguments of the compiled forward): for RoPE its
-    cos and sin tables for ``need`` positions (p-RoPE's fraction in them), Scalable-Softmax's
-    factor per position, and the window width (an integer; :data:`NO_WINDOW` without one)."""
+    q, k, v draws for token ids ``0..n_ids-1`` (:func:`gaussian_draws`)."""
     c = params.config
     out = dict(params.arrays)
     if c.pe == "sinusoidal":
         out[SINUSOIDAL] = positional.sinusoidal(need, c.d)
-    if c.pe == "rope":
-        out.update(zip(ROPE_TABLES, positional.rope_tables(np.arange(need), c.dh, fraction=c.rope_fraction)))
-    if c.ssmax is not None:
-        out[SSMAX] = ssmax_factors(c, np.arange(need))
-    out[WINDOW] = np.asarray(NO_WINDOW if c.window is None else min(c.window, NO_WINDOW), np.int64)
     if c.kind == "gaussian":  # whole blocks of ids: runs of nearby lengths share one compiled forward
         out.update(zip(GAUSS, gaussian_draws(c, -(-n_ids // _DRAW_BLOCK) * _DRAW_BLOCK)))
     if c.sink:  # row 0 of the token table is the sink (forward moves every id up by one)
@@ -554,9 +519,8 @@ def weight_axis(name: str) -> int | None:
     """The axis a policy's weights role blocks the array ``name`` of :func:`forward_arrays` along
     (docs/semantics.md §5.1): 0 (the contraction axis) for the matrices, 1 (along d) for the
     token and position tables (the sink is row 0 of the token table by then), 0 for the one-axis
-    gains and biases; None for the sinusoidal and RoPE tables and Scalable-Softmax's factors,
-    constants that stay in storage (§5.4, §5.5, §8.7), and for the window, no weight."""
-    if name in (SINUSOIDAL, *ROPE_TABLES, SSMAX, WINDOW):
+    gains and biases; None for the sinusoidal table, a constant that stays in storage (§5.4)."""
+    if name == SINUSOIDAL:
         return None
     if name.rsplit(".", 1)[-1] in MATRICES:
         return 0
@@ -636,7 +600,7 @@ def _forward_impl(c: ModelConfig, arrays, tokens, probe, B, delta0=None, scan=Fa
     program's shape (float32 excess precision inside it, none across a loop's carry)."""
     N = tokens.shape[0]
     need = N + (1 if probe is not None else 0)
-    W = _stored(c, arrays, B)
+    W = Weights.from_arrays(c, {k: B.store(v) for k, v in arrays.items()})
     pos = np.arange(N)
     x = B.take(W.embed, tokens)
     xp = None
@@ -659,18 +623,12 @@ def _forward_impl(c: ModelConfig, arrays, tokens, probe, B, delta0=None, scan=Fa
     else:
         for layer in range(c.n_layers):
             with B.draw_scope(layer):
-                x, xp = _layer(c, W, W.layers[layer], f"l{layer}.", x, xp, pos, B, pe, pe_p)
+                x, xp = _layer(c, W.layers[layer], f"l{layer}.", x, xp, pos, B, pe, pe_p)
     x = B.tap(f"l{c.n_layers}.x", x)
     y = _norm(c, W.n3_g, W.n3_b, "n3", x, B)
     if xp is None:
         return y
     return y, _norm(c, W.n3_g, W.n3_b, "n3", xp, B)
-
-
-def _stored(c: ModelConfig, arrays: dict, B) -> Weights:
-    """The forward's arrays (:func:`forward_arrays`) by role, each rounded to storage
-    (``B.store``) but the window, an integer."""
-    return Weights.from_arrays(c, {k: v if k == WINDOW else B.store(v) for k, v in arrays.items()})
 
 
 def _scan_layers(c: ModelConfig, W: Weights, x, xp, pos, B, pe, pe_p):
@@ -682,7 +640,7 @@ def _scan_layers(c: ModelConfig, W: Weights, x, xp, pos, B, pe, pe_p):
     def step(carry, lw):
         layer, Wl = lw
         with B.draw_scope(layer):
-            return _layer(c, W, Wl, "l0.", *carry, pos, B, pe, pe_p), None
+            return _layer(c, Wl, "l0.", *carry, pos, B, pe, pe_p), None
 
     (x, xp), _ = jax.lax.scan(step, (x, xp), (B.xp.arange(c.n_layers), stacked))
     return x, xp
@@ -707,10 +665,9 @@ def _norm(c: ModelConfig, g, b, name: str, x, B):
     return y
 
 
-def _layer(c: ModelConfig, top: Weights, W: LayerWeights, p: str, x, xp, pos, B, pe=None, pe_p=None):
+def _layer(c: ModelConfig, W: LayerWeights, p: str, x, xp, pos, B, pe=None, pe_p=None):
     """One decoder layer with weights ``W`` (``p``: its taps' prefix, ``l{ℓ}.``), over the
-    stream ``x`` and the probes ``xp`` (or None); ``top``: the model's :class:`Weights`, whose
-    options as data (RoPE tables, Scalable-Softmax factors, window) the heads read."""
+    stream ``x`` and the probes ``xp`` (or None)."""
     x = B.tap(p + "x", x)
     h = _norm(c, W.n1_g, W.n1_b, p + "n1", x, B)
     hp = _norm(c, W.n1_g, W.n1_b, p + "n1", xp, B) if xp is not None else None
@@ -730,7 +687,7 @@ def _layer(c: ModelConfig, top: Weights, W: LayerWeights, p: str, x, xp, pos, B,
     for hd in range(c.n_heads):
         sl = slice(hd * dh, (hd + 1) * dh)
         qkv_p = None if hp is None else (B.cols(qp, sl), B.cols(kp, sl), B.cols(vp, sl))
-        o, op = _head(c, B, top, f"{p}", hd, (B.cols(q, sl), B.cols(k, sl), B.cols(v, sl)), qkv_p, pos,
+        o, op = _head(c, B, f"{p}", hd, (B.cols(q, sl), B.cols(k, sl), B.cols(v, sl)), qkv_p, pos,
                       None if slopes is None else slopes[hd])
         heads.append(o)
         heads_p.append(op)
@@ -777,36 +734,33 @@ def alibi_slopes(c: ModelConfig) -> list[float] | None:
     return [float(x) for x in m]
 
 
-def _head(c: ModelConfig, B, W: Weights, p: str, hd: int, qkv, qkv_p, pos, slope):
+def _head(c: ModelConfig, B, p: str, hd: int, qkv, qkv_p, pos, slope):
     """One head's causal attention, for the decoder and the Gaussian model alike: RoPE on
     q and k (at the query's position), Scalable-Softmax's factor on q, then the backend's
     attention primitive over the stream (with adaptive temperature's constants where it is
     on, docs/semantics.md §8.7); with a probe (``qkv_p``: its q, k, v, one per prefix), each
-    probe at position n + 1 over the stream's keys 0..n and its own key. ``W``: the model's
-    :class:`Weights`, for its options as data (RoPE tables, Scalable-Softmax factors, window).
+    probe at position n + 1 over the stream's keys 0..n and its own key.
     Returns (out, out_probe or None)."""
-    qh, kh, vh = _queries_keys(c, B, W, *qkv, pos)
+    qh, kh, vh = _queries_keys(c, B, *qkv, pos)
     qh, kh, vh = B.tap(f"{p}q{hd}", qh), B.tap(f"{p}k{hd}", kh), B.tap(f"{p}v{hd}", vh)
     # adaptive temperature is passed only when on: backends that do not define it never see it
     kw = {"adaptive": ADAPTIVE_TEMPERATURE} if c.adaptive_temperature else {}
-    inputs = AttentionInputs(qh, kh, vh, pos, scale=1 / np.sqrt(c.dh), alibi=slope, window=W.window)
+    inputs = AttentionInputs(qh, kh, vh, pos, scale=1 / np.sqrt(c.dh), alibi=slope, window=c.window)
     out = B.attention(inputs, **kw)
     if qkv_p is None:
         return out, None
-    qph, kph, vph = _queries_keys(c, B, W, *qkv_p, pos + 1)
+    qph, kph, vph = _queries_keys(c, B, *qkv_p, pos + 1)
     probes = dataclasses.replace(inputs, q=qph, qpos=pos + 1, self_kv=(kph, vph))
     return out, B.attention(probes, **kw, **_stream_rows(B, qh))
 
 
-def _queries_keys(c: ModelConfig, B, W: Weights, q, k, v, pos):
+def _queries_keys(c: ModelConfig, B, q, k, v, pos):
     """q, k, v of tokens at positions ``pos`` as the scores take them (docs/semantics.md §8.5,
-    §8.7): RoPE (p-RoPE) rotates q and k; Scalable-Softmax multiplies each query by its factor.
-    The tables and factors are ``W``'s rows at ``pos`` (:func:`forward_arrays` makes them)."""
+    §8.7): RoPE (p-RoPE) rotates q and k; Scalable-Softmax multiplies each query by its factor."""
     if c.pe == "rope":
-        C, S = B.take(W.rope_cos, pos), B.take(W.rope_sin, pos)
-        q, k = _rope(q, C, S, B), _rope(k, C, S, B)
+        q, k = _rope(q, pos, B, c.rope_fraction), _rope(k, pos, B, c.rope_fraction)
     if c.ssmax is not None:
-        q = B.mul(q, B.col(B.take(W.ssmax, pos), like=q))
+        q = B.mul(q, B.col(B.store(ssmax_factors(c, pos)), like=q))
     return q, k, v
 
 
@@ -829,9 +783,9 @@ def ssmax_factors(c: ModelConfig, pos) -> np.ndarray:
     return c.ssmax * np.log(n)
 
 
-def _rope(x, C, S, B):
-    """``x`` (n, d_h) rotated by the stored cos and sin tables ``C``, ``S`` (n, d_h/2) of its rows'
-    positions (docs/semantics.md §8.5)."""
+def _rope(x, positions, B, fraction: float = 1.0):
+    cos, sin = positional.rope_tables(positions, B.ncols(x), fraction=fraction)
+    C, S = B.store(cos), B.store(sin)
     x0, x1 = B.cols(x, slice(0, None, 2)), B.cols(x, slice(1, None, 2))
     r0 = B.sub(B.mul(x0, C), B.mul(x1, S))
     r1 = B.add(B.mul(x0, S), B.mul(x1, C))
@@ -879,7 +833,7 @@ def _gaussian_impl(c: ModelConfig, arrays, tokens, probe, B):
     decoder's attention (:func:`_head`: RoPE, ALiBi, window, probes) and the output norm
     ``norm3`` (none by default for this model's readings). A probe after prefix n is
     id ``probe[n]`` at position n + 1."""
-    W = _stored(c, arrays, B)
+    W = Weights.from_arrays(c, {k: B.store(v) for k, v in arrays.items()})
     pos = np.arange(tokens.shape[0])
     draws = (W.gauss_q, W.gauss_k, W.gauss_v)
     qkv = [B.take(w, tokens) for w in draws]
@@ -894,6 +848,6 @@ def _gaussian_impl(c: ModelConfig, arrays, tokens, probe, B):
         qkv = place(qkv, pos)
         qkv_p = None if qkv_p is None else place(qkv_p, pos + 1)
     slopes = alibi_slopes(c)
-    out, out_p = _head(c, B, W, "l0.", 0, qkv, qkv_p, pos, None if slopes is None else slopes[0])
+    out, out_p = _head(c, B, "l0.", 0, qkv, qkv_p, pos, None if slopes is None else slopes[0])
     y = _norm(c, W.n3_g, W.n3_b, "n3", B.tap("l1.x", out), B)
     return y if out_p is None else (y, _norm(c, W.n3_g, W.n3_b, "n3", out_p, B))

@@ -14,7 +14,6 @@ import numpy as np
 
 KINDS = ("none", "sinusoidal", "learned", "rope", "alibi")
 SINUSOIDAL = "pe.sinusoidal"  # the key of the (need, d) sinusoidal table the model passes with its weights
-ROPE_COS, ROPE_SIN = "pe.rope_cos", "pe.rope_sin"  # the keys of the (need, d_h/2) RoPE tables, likewise
 
 
 def sinusoidal(n: int, d: int, base: float = 10000.0) -> np.ndarray:

@@ -107,38 +107,6 @@ def test_ssmax_factor_and_scores():
     assert np.max(np.abs(y - want)) <= 2 * e * np.max(np.abs(X))
 
 
-@pytest.mark.parametrize("backend", ["emulated:compute=bf16,order=pairwise", "native:fp64"])
-def test_options_as_data_share_one_compiled_forward(backend):
-    """p-RoPE's fraction, Scalable-Softmax's s and the window width (no window too) are data of the
-    compiled forward (model.DATA_OPTIONS): after the first of models that differ only in them,
-    the others compile and load no program, yet compute their own outputs. Turning
-    Scalable-Softmax on, a sink or adaptive temperature change the program: each compiles."""
-    from collapse_sim.compilation import snapshot
-
-    B = make_backend(*backend.split(":", 1))
-    toks, probe = np.arange(12) % 11, (np.arange(12) + 5) % 11
-    outs: dict = {}
-
-    def programs(**kw):  # vocab 11, d 6: configs of their own, no program of this test seen before in the process
-        P = init_params(ModelConfig(d=6, vocab=11, seed=3, pe="rope", **kw))
-        before = snapshot()
-        y, yp = forward(P, toks, B, probe=probe)
-        outs[tuple(sorted(kw.items()))] = np.concatenate([B.to_numpy(y), B.to_numpy(yp)])
-        new = snapshot().since(before)
-        return new.compiled + new.cache_hits
-
-    assert programs() >= 1
-    for kw in (dict(rope_fraction=0.34), dict(window=3), dict(rope_fraction=0.5, window=5), dict(rope_fraction=0.0)):
-        assert programs(**kw) == 0, kw
-    assert programs(ssmax=0.5) >= 1  # on: a multiplication the model without it does not have
-    for kw in (dict(ssmax=1.3), dict(ssmax=0.7, window=4, rope_fraction=0.5)):
-        assert programs(**kw) == 0, kw
-    assert programs(sink=True) >= 1  # one more token, one more table row: other shapes
-    assert programs(adaptive_temperature=True) >= 1  # another attention
-    # every option acted: no two of these models gave the same outputs
-    assert len({o.tobytes() for o in outs.values()}) == len(outs)
-
-
 def test_sink_is_row_zero_of_the_token_table():
     """With a sink, row i is the output for the sink followed by t_0..t_i: the same as a
     model without sink fed the sink's embedding as an extra first token."""

@@ -21,7 +21,7 @@ import pytest
 from collapse_sim import enable_x64
 from collapse_sim.backends import make_backend
 from collapse_sim.formats import parse as parse_format
-from collapse_sim.model import ModelConfig, Weights, _queries_keys, ssmax_factors
+from collapse_sim.model import ModelConfig, _queries_keys
 from collapse_sim.backends.inputs import AttentionInputs
 from collapse_sim.theory import gamma
 
@@ -38,9 +38,8 @@ def _weights(backend, s: float, n: int = N) -> np.ndarray:
     k[0] = 3.0
     v = np.zeros((n, 1))
     v[0] = 1.0
-    c = ModelConfig(d=1, vocab=2, pe="none", ssmax=s)
-    q, k, v = _queries_keys(c, backend, Weights(ssmax=backend.store(ssmax_factors(c, pos))),
-                            *(backend.store(x) for x in (np.ones((n, 1)), k, v)), pos)
+    q, k, v = _queries_keys(ModelConfig(d=1, vocab=2, pe="none", ssmax=s), backend, *(backend.store(x) for x in
+                                                                                  (np.ones((n, 1)), k, v)), pos)
     return np.asarray(backend.to_numpy(backend.attention(AttentionInputs(q, k, v, pos, scale=1.0))), np.float64)[:, 0]
 
 

@@ -512,7 +512,6 @@ def test_rope_formula():
     unrounded tables give other bits."""
     import jax
 
-    from collapse_sim import positional
     from collapse_sim.model import _rope
 
     spec = Spec(ROPE_POLICY)
@@ -534,8 +533,7 @@ def test_rope_formula():
         assert _differs(want, spec.rope(x, pos, table(rounded=False)))
         for backend in ("reference", "emulated"):
             B = make_backend(backend, ROPE_POLICY)
-            C, S = (B.store(t) for t in positional.rope_tables(np.array(pos), dh))  # the model's tables (forward_arrays)
-            run = (lambda X: _rope(X, C, S, B))
+            run = (lambda X: _rope(X, np.array(pos), B))
             got = (jax.jit(run) if backend == "emulated" else run)(B.store(raw))
             assert _same(B.to_numpy(got), want), backend
 

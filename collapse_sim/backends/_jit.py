@@ -25,12 +25,10 @@ def run_jitted(backend, fn, config, arrays: dict, tokens, probe, data=None):
     """``fn`` under jit, compiled once per (``backend``, config, shapes). ``data``: a pytree
     the compiled program takes as an argument; inside it the model runs on
     ``backend.bind(data)`` (backends equal on their static part then share the program)."""
-    config = config.computation()  # configs differing only in initialisation or options as data share compiled code
+    config = config.computation()  # configs differing only in initialisation share compiled code
     names = tuple(sorted(arrays))
-    x64 = jax.config.jax_enable_x64
-    dt, it = (jnp.float64, jnp.int64) if x64 else (jnp.float32, jnp.int32)
-    # floats in the weights' dtype; integers (a model option as data: the window) in the positions'
-    vals = tuple(jnp.asarray(a, it if a.dtype.kind in "iu" else dt) for a in (np.asarray(arrays[k]) for k in names))
+    dt = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    vals = tuple(jnp.asarray(np.asarray(arrays[k]), dt) for k in names)
     f = _compiled(backend, fn, config, names, probe is not None)
     t = jnp.asarray(tokens, jnp.int32)
     pr = jnp.asarray(probe, jnp.int32) if probe is not None else jnp.zeros_like(t)

@@ -3,9 +3,8 @@
 Every backend's ``attention(inputs, ...)`` and every emulated attention helper take an
 :class:`AttentionInputs` (docs/semantics.md §3.3, §8). It is a JAX pytree: the arrays are
 its leaves, and the numbers that are Python constants of the compiled program (the scale,
-the ALiBi slope) are its static aux data, so they stay static under a trace. The window is a
-leaf: the model passes its width as data (``model.DATA_OPTIONS``), so models that differ only
-in it share one compiled program.
+the ALiBi slope, the window) are its static aux data, so they stay static under a trace and
+a program compiles once per (policy, shape) as before.
 """
 
 from __future__ import annotations
@@ -32,14 +31,13 @@ class AttentionInputs:
       static: the emulated backend's causal segments read them on the host);
     * ``self_kv``: None, or the probes' own ``(k_p, v_p)``, each (n_q, d_h): query i is then a
       probe at position ``qpos[i]`` whose own key and value stand in column ``qpos[i]`` (the
-      stream's keys there are not its);
-    * ``window``: None (no window: no mask beyond the causal one), or the sliding window's
-      width w, an integer (a Python or numpy integer, or a traced integer scalar).
+      stream's keys there are not its).
 
     Static (Python numbers, the compiled program's constants):
 
     * ``scale``: the scores' factor (1/√d_h in the model);
-    * ``alibi``: None, or the ALiBi slope m (the bias ``−m·(i − j)`` is added to the scaled score)."""
+    * ``alibi``: None, or the ALiBi slope m (the bias ``−m·(i − j)`` is added to the scaled score);
+    * ``window``: None, or the sliding window's width w."""
 
     q: Array
     k: Array
@@ -59,5 +57,5 @@ class AttentionInputs:
                                    self_kv=skv)
 
 
-jax.tree_util.register_dataclass(AttentionInputs, data_fields=["q", "k", "v", "qpos", "self_kv", "window"],
-                                 meta_fields=["scale", "alibi"])
+jax.tree_util.register_dataclass(AttentionInputs, data_fields=["q", "k", "v", "qpos", "self_kv"],
+                                 meta_fields=["scale", "alibi", "window"])

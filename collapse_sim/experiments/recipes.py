@@ -59,12 +59,9 @@ def run_remedies(ctx: Context) -> list[tuple[str, str, list[tuple[str, dict[str,
     """(remedy, its emulated policy, [(family, runs, the policy's SignalNoise)]) on a RoPE decoder, for every remedy."""
     sz, out = ctx.sizes, []
     rows = remedies(sz)
-    # the rows whose models share one compiled forward (they differ at most in options as data:
-    # model.DATA_OPTIONS) run their policies' shared program together
-    program = [report_model(pe="rope", **over).config.computation() for _, over, _, _ in rows]
-    for i, (name, over, sep, pol) in enumerate(rows):
+    for name, over, sep, pol in rows:
         params = report_model(pe="rope", **over)
-        same_model = [p for (_, _, _, p), prog in zip(rows, program) if prog == program[i]]
+        same_model = [p for _, o, _, p in rows if o == over]
         runs = []
         for fam, _ in REMEDY_FAMILIES:
             tag = f"remedy {name}, {fam}"

@@ -9,7 +9,7 @@ import mpmath.libmp as mlib
 import numpy as np
 
 from ... import positional
-from ...positional import ROPE_COS, ROPE_SIN, SINUSOIDAL
+from ...positional import SINUSOIDAL
 from .arith import RefArith
 
 
@@ -45,11 +45,12 @@ class ExactConstants:
         if config.pe == "sinusoidal" and SINUSOIDAL in arrays:
             t = np.asarray(arrays[SINUSOIDAL], dtype=np.float64)
             out[(t.shape, t.tobytes())] = self.sinusoidal(need, config.d)
-        if config.pe == "rope" and ROPE_COS in arrays:  # the tables for positions 0..need-1 (model.forward_arrays)
-            ecos, esin = self.rope(np.arange(need), dh, config.rope_fraction)
-            for key, exact in ((ROPE_COS, ecos), (ROPE_SIN, esin)):
-                t = np.asarray(arrays[key], dtype=np.float64)
-                out[(t.shape, t.tobytes())] = exact
+        if config.pe == "rope":
+            for pos in [np.arange(n)] + ([np.arange(n) + 1] if probe else []):
+                cos, sin = positional.rope_tables(pos, dh, fraction=config.rope_fraction)
+                ecos, esin = self.rope(pos, dh, config.rope_fraction)
+                out[(cos.shape, cos.tobytes())] = ecos
+                out[(sin.shape, sin.tobytes())] = esin
         return out
 
     def _prec(self, largest: int) -> int:
