@@ -12,6 +12,7 @@ carrier (:func:`_tcfma`, :func:`_promote`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 from jax import lax
@@ -103,6 +104,14 @@ def _by_blocks(x, size: int):
 #: iteration: two ran its forward 10% faster at N = 1,024 but 20% slower at N = 4,096 (one run each).
 TCFMA_UNROLL = 2
 
+#: A tcfma sum of at most this many steps runs them as straight-line code on static slices of the
+#: terms (no loop): XLA:CPU then fuses every step into one loop over the rows, reading the terms where
+#: they lie, instead of transposing them into (steps, rows, k) first. The 64-term dot products (the
+#: scores and the linear layers at d_h = d = 64) have 16. Measured (benchmarks/README.md, CPU seconds,
+#: the forward's XLA options): the scores of 8 query rows at N = 4,096 (32,768 rows of 64 terms)
+#: 5.2-5.6 ms against 15-18 ms as a scan, compile ~1 s against ~0.3 s; 64 steps compiled in 4.3 s.
+TCFMA_STRAIGHT_STEPS = 16
+
 
 def check_emulable(order: Order) -> None:
     """Refuse, in one sentence, an accumulator model that float64 cannot run exactly
@@ -119,20 +128,43 @@ def _tcfma(x, order: Order, acc):
     """The running sum of ``tcfma(k,t,r)`` (docs/semantics.md §3.4.1) over the last axis of
     ``x`` (float64), before the final rounding. Each step: the running sum and the block's
     terms scaled by 2^(t - E) (exact: powers of two on normal float64 numbers), truncated to
-    integers, added (exact: fewer than 2^53 in all), scaled back and rounded once in r."""
+    integers, added (exact, in any order: fewer than 2^53 in all), scaled back and rounded
+    once in r.
+
+    ``E`` is the exponent of the largest magnitude among them (the exponent is monotone in the
+    magnitude, and a zero's, -1023, is below every other). With an infinity among them E is
+    1024 and the scale 2^(t - 1024) at most 1: the finite values stay finite, so the sum is the
+    IEEE sum of the specials (NaN for a NaN or both infinities, else that infinity), as §3.4.1
+    rule 2 asks, and the rounding takes it from there. A NaN makes the largest magnitude NaN
+    (XLA's maximum propagates it), so its block is never skipped as a block of zeros.
+
+    Up to :data:`TCFMA_STRAIGHT_STEPS` steps run as straight-line code on static slices of
+    ``x``; longer sums scan over the blocks (:func:`_by_blocks`), a step's terms reduced over
+    the block's axis, which ran faster there than slices of it."""
     k, t = order.block, order.bits
     check_emulable(order)
 
-    def step(s, block):
-        y = jnp.concatenate([s[..., None], block], axis=-1)
-        E = jnp.max(jnp.where(y != 0, _exponent(y), -1023), axis=-1)
-        up = jnp.clip(t - E, -1022, 1023)  # every E of a nonzero y is in range; a zero y is skipped
-        S = jnp.sum(jnp.trunc(y * _pow2(up)[..., None]), axis=-1) * _pow2(-up)
+    def step(s, block):  # block: (..., k), or a list of k arrays (..., ), the block's terms
+        if isinstance(block, list):
+            big = functools.reduce(jnp.maximum, [jnp.abs(w) for w in block])
+            terms = lambda f: functools.reduce(jnp.add, [jnp.trunc(w * f) for w in block])  # noqa: E731
+        else:
+            big = jnp.max(jnp.abs(block), axis=-1)
+            terms = lambda f: jnp.sum(jnp.trunc(block * f[..., None]), axis=-1)  # noqa: E731
+        up = jnp.clip(t - _exponent(jnp.maximum(big, jnp.abs(s))), -1022, 1023)
+        S = (jnp.trunc(s * _pow2(up)) + terms(_pow2(up))) * _pow2(-up)
         S = jnp.where(S == 0, jnp.zeros_like(S), S)  # +0
-        v = jnp.where(jnp.all(jnp.isfinite(y), axis=-1), S, jnp.sum(y, axis=-1))  # specials: the IEEE sum
-        return jnp.where(jnp.all(block == 0, axis=-1), s, round_to(v, acc, order.rounding)), None
+        return jnp.where(big == 0, s, round_to(S, acc, order.rounding)), None  # a block of zeros is skipped
 
-    s, _ = lax.scan(step, jnp.zeros(x.shape[:-1], jnp.float64), _by_blocks(x, k), unroll=TCFMA_UNROLL)
+    n = x.shape[-1]
+    steps = -(-n // k)
+    s = jnp.zeros(x.shape[:-1], jnp.float64)
+    if steps <= TCFMA_STRAIGHT_STEPS:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, steps * k - n)])  # the short last block: zeros
+        for j in range(steps):
+            s, _ = step(s, [x[..., i] for i in range(j * k, j * k + k)])
+        return s
+    s, _ = lax.scan(step, s, _by_blocks(x, k), unroll=TCFMA_UNROLL)
     return s
 
 
