@@ -139,8 +139,10 @@ def _tcfma(x, order: Order, acc):
     (XLA's maximum propagates it), so its block is never skipped as a block of zeros.
 
     Up to :data:`TCFMA_STRAIGHT_STEPS` steps run as straight-line code on static slices of
-    ``x``; longer sums scan over the blocks (:func:`_by_blocks`), a step's terms reduced over
-    the block's axis, which ran faster there than slices of it."""
+    ``x``, their sum held in memory (:func:`attention._computed_once`: XLA:CPU otherwise fused
+    the steps into each consumer of the sum, the scores' softmax maximum and exponentials, and
+    ran them twice); longer sums scan over the blocks (:func:`_by_blocks`), a step's terms
+    reduced over the block's axis, which ran faster there than slices of it."""
     k, t = order.block, order.bits
     check_emulable(order)
 
@@ -163,7 +165,9 @@ def _tcfma(x, order: Order, acc):
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, steps * k - n)])  # the short last block: zeros
         for j in range(steps):
             s, _ = step(s, [x[..., i] for i in range(j * k, j * k + k)])
-        return s
+        from .attention import _computed_once  # here: attention imports this module
+
+        return _computed_once(s)  # else XLA fuses the steps into each consumer of the sum, and runs them again
     s, _ = lax.scan(step, s, _by_blocks(x, k), unroll=TCFMA_UNROLL)
     return s
 
