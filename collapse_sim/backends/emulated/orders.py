@@ -109,7 +109,7 @@ TCFMA_UNROLL = 2
 #: they lie, instead of transposing them into (steps, rows, k) first. The 64-term dot products (the
 #: scores and the linear layers at d_h = d = 64) have 16. Measured (benchmarks/README.md, CPU seconds,
 #: the forward's XLA options): the scores of 8 query rows at N = 4,096 (32,768 rows of 64 terms)
-#: 5.2-5.6 ms against 15-18 ms as a scan, compile ~1 s against ~0.3 s; 64 steps compiled in 4.3 s.
+#: 5.2-6.7 ms against 15-18 ms as a scan, compile 1.0-1.2 s against 0.3-0.8 s; 64 steps compiled in 4.3 s.
 TCFMA_STRAIGHT_STEPS = 16
 
 
