@@ -20,12 +20,20 @@ from hypothesis import HealthCheck, settings
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-# CLI commands run in-process (tests/test_cli_runs.py) turn on the persistent compilation cache:
-# keep it in a folder of this test session, never the user's ~/.cache.
+# The whole test session shares one persistent compilation cache, in a folder of its own (never
+# the user's ~/.cache): made by the first process that imports this file (with ``-n 2``, the
+# controlling process, before its workers start; they inherit the variable) and removed when
+# that process exits. Tests that build the same program (the same HLO, flags and JAX version)
+# in either worker then load it instead of compiling it again. CLI commands run in-process
+# (tests/test_cli_runs.py) use the same folder.
 if "COLLAPSE_SIM_COMPILE_CACHE" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="collapse-sim-test-xla-")
     atexit.register(shutil.rmtree, _cache, True)
     os.environ["COLLAPSE_SIM_COMPILE_CACHE"] = _cache
+if os.environ.get("COLLAPSE_SIM_TEST_CACHE", "on") != "off":
+    from collapse_sim.compilation import use_cache  # noqa: E402
+
+    use_cache(os.environ["COLLAPSE_SIM_COMPILE_CACHE"])
 
 settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
