@@ -560,8 +560,9 @@ def _certified_attention(emu: Emulator, a: AttentionInputs, tighter: bool = Fals
             a_self = jnp.sum(jnp.where(is_self, alpha, jnp.zeros_like(alpha)), axis=-1)  # one nonzero term
             extra = (pb, a_self[:, None] * vpb)
             alpha = jnp.where(is_self, jnp.zeros_like(alpha), alpha)
-        o, ok_o = certified_matmul(emu, alpha, v, extra, w_stats=vstats, x_quanta=False, two_norm=False,
-                                   tighter=tighter)
+        # the weights' lowest bits, too: with them the exact sums that fall on a rounding boundary
+        # (rows over few keys, blocked's short blocks: products of few bits) are certified here
+        o, ok_o = certified_matmul(emu, alpha, v, extra, w_stats=vstats, two_norm=False, tighter=tighter)
         return o, jnp.all(ok_s, axis=-1) & ok_den & jnp.all(ok_o, axis=-1)
 
     args = (q, a.qpos, kp, vp, *row_norms(emu, q))  # the query norms, too, once for every block
