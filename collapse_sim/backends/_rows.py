@@ -45,7 +45,7 @@ def _map_rows(fn, args, b: int, scope=None):
     return jax.tree.map(lambda o: o.reshape(nb * b, *o.shape[2:])[:n], out)
 
 
-def _fill_rows(out, ok, args, redo, b: int, static=None, data=()):
+def _fill_rows(out, ok, args, redo, b: int, static=None, data=(), recheck=None):
     """``out`` (n, m) with the rows that ``ok`` (n,) leaves false replaced by
     ``redo(static, data, *blocks)``, which maps blocks of ``b`` rows of each of ``args``
     (arrays of n rows) to (b, m) rows, each row a function of its own rows of ``args``
@@ -53,15 +53,19 @@ def _fill_rows(out, ok, args, redo, b: int, static=None, data=()):
     programs are cached on it), ``static`` hashable, ``data`` a pytree of arrays: a
     traced value that ``redo`` captured would belong to the caller's trace.
 
+    ``recheck``: a function like ``redo`` that returns ``(rows, ok)`` ((b, m) and (b,)), a
+    second way to compute the rows that is right where its ``ok`` holds (a costlier
+    certificate); the open rows go through it first, and only those it leaves open
+    through ``redo``.
+
     The redo is not part of the caller's program: where some row is uncertified, a host
     callback (``jax.pure_callback``) gathers those rows into blocks of ``b`` (the last one
-    padded with zero rows) and runs ``redo`` on each block as a program of its own
-    (:func:`_redo_program`), compiled on first need once per (``redo``, ``static``,
-    shapes) and cached like any jitted program (also in the persistent compilation
-    cache). Where every row is certified the callback is not taken (a conditional under
-    a trace, a Python branch on concrete values)."""
-    n, m = out.shape
-    host = functools.partial(_redo_rows, redo, static, b)
+    padded with zero rows) and runs ``recheck``, then ``redo``, on each block as a
+    program of its own (:func:`_redo_program`), compiled on first need once per
+    (function, ``static``, shapes) and cached like any jitted program (also in the
+    persistent compilation cache). Where every row is certified the callback is not taken
+    (a conditional under a trace, a Python branch on concrete values)."""
+    host = functools.partial(_redo_rows, redo, recheck, static, b)
     if not isinstance(ok, jax.core.Tracer):
         return jnp.asarray(host(out, ok, data, *args)) if not bool(np.all(ok)) else out
 
@@ -80,18 +84,31 @@ def _redo_program(redo):
     return jax.jit(redo, static_argnums=0)
 
 
-def _redo_rows(redo, static, b: int, out, ok, data, *args):
+def _by_blocks(fn, static, b: int, rows, data, args):
+    """``fn``'s program on the rows ``rows`` of ``args`` (numpy arrays), in blocks of ``b``
+    (the last one padded with zero rows): each output's rows, in the order of ``rows``."""
+    program = _redo_program(fn)
+    outs = []
+    for i in range(0, rows.size, b):
+        r = rows[i:i + b]
+        blocks = []
+        for a in args:
+            a = a[r]
+            blocks.append(np.concatenate([a, np.zeros((b - r.size, *a.shape[1:]), a.dtype)]))
+        outs.append(jax.tree.map(lambda o: np.asarray(o)[:r.size], program(static, data, *blocks)))
+    return jax.tree.map(lambda *o: np.concatenate(o), *outs)
+
+
+def _redo_rows(redo, recheck, static, b: int, out, ok, data, *args):
     """The host side of :func:`_fill_rows` (numpy arrays in and out)."""
     bad = np.flatnonzero(~np.asarray(ok, bool))
     out = np.array(out)  # a writable copy
-    if bad.size == 0:
-        return out
-    program = _redo_program(redo)
-    for i in range(0, bad.size, b):
-        rows = bad[i:i + b]
-        blocks = []
-        for a in args:
-            a = np.asarray(a)[rows]
-            blocks.append(np.concatenate([a, np.zeros((b - rows.size, *a.shape[1:]), a.dtype)]))
-        out[rows] = np.asarray(program(static, data, *blocks))[:rows.size]
+    args = [np.asarray(a) for a in args]
+    if bad.size and recheck is not None:
+        rows, good = _by_blocks(recheck, static, b, bad, data, args)
+        good = np.asarray(good, bool)
+        out[bad[good]] = rows[good]
+        bad = bad[~good]
+    if bad.size:
+        out[bad] = _by_blocks(redo, static, b, bad, data, args)
     return out

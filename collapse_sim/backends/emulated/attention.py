@@ -77,19 +77,29 @@ def _linear(emu: Emulator, x, w, stream_rows=None):
     wstats = matmul_stats(emu, w)
 
     def block(a):
-        r, ok = certified_matmul(emu, a[0], w, w_stats=wstats)
+        r, ok = certified_matmul(emu, a[0], w, w_stats=wstats, tighter=False)
         return r, jnp.all(ok, axis=-1)
 
     r, ok = _map_rows(block, (x,), max(1, min(n, _BLOCK_ELEMS // (4 * dout))))
     b, _ = _blocks(n, din * dout)
     static, roles = _detached(emu)
-    return _fill_rows(r, ok, (x,), _linear_redo, b, static, (roles, w))  # where the certificate failed
+    # where the certificate failed: the tighter one, then op by op, in programs of their own
+    return _fill_rows(r, ok, (x,), _linear_redo, b, static, (roles, w), _linear_recheck)
 
 
 def _linear_op_by_op(emu: Emulator, x, w, path: str):
     """``x @ w`` op by op: every entry an :meth:`Emulator.dot` (``path``: :func:`reduce_sum`'s)."""
     ae, be = jnp.broadcast_arrays(x[:, None, :], w.T[None, :, :])
     return emu.dot(ae, be, path=path)
+
+
+def _linear_recheck(static: Emulator, data, x):
+    """Rows of :func:`_linear` that its first certificate left open, from the certificate
+    with its second stage (:func:`certified_matmul`): ``(r, ok)`` per row, a program of its
+    own (:func:`_fill_rows`)."""
+    roles, w = data
+    r, ok = certified_matmul(_attached(static, roles), x, w)
+    return r, jnp.all(ok, axis=-1)
 
 
 def _linear_redo(static: Emulator, data, x):
@@ -525,10 +535,12 @@ def _fp8_rows(emu: Emulator, E, rows, qb, k, v, cols, self_kv, pb, kpb, vpb, run
     return lax.while_loop(lambda st: ~jnp.all(st[1]), group, (out, jnp.zeros(pb.shape, bool)))[0]
 
 
-def _certified_attention(emu: Emulator, a: AttentionInputs):
+def _certified_attention(emu: Emulator, a: AttentionInputs, tighter: bool = False):
     """``(o, ok)``: attention from float64 matrix products (:func:`certified_matmul`),
     whole rows of scores at a time; ``ok`` (nq,) marks the query rows whose every dot
-    product was certified. The others must be recomputed op by op."""
+    product was certified. The others must be recomputed (:func:`_fill_uncertified`).
+    ``tighter``: with the matrix products' second certificate stage (the forward leaves
+    it to :func:`_fill_uncertified`, for the open rows only)."""
     k, v, kp, vp, cols, weights = _prepare(emu, a)
     q, self_kv = a.q, a.self_kv
     nk = k.shape[0]
@@ -538,7 +550,7 @@ def _certified_attention(emu: Emulator, a: AttentionInputs):
     def block(args):
         qb, pb, kpb, vpb, qn1, qn2 = args
         is_self = cols[None, :] == pb[:, None]
-        s, ok_s = certified_matmul(emu, qb, k.T, w_stats=kstats, x_norms=(qn1, qn2))
+        s, ok_s = certified_matmul(emu, qb, k.T, w_stats=kstats, x_norms=(qn1, qn2), tighter=tighter)
         if self_kv is not None:
             s = jnp.where(is_self, emu.dot(qb, kpb)[:, None], s)
             ok_s = ok_s | is_self
@@ -548,7 +560,9 @@ def _certified_attention(emu: Emulator, a: AttentionInputs):
             a_self = jnp.sum(jnp.where(is_self, alpha, jnp.zeros_like(alpha)), axis=-1)  # one nonzero term
             extra = (pb, a_self[:, None] * vpb)
             alpha = jnp.where(is_self, jnp.zeros_like(alpha), alpha)
-        o, ok_o = certified_matmul(emu, alpha, v, extra, w_stats=vstats, x_quanta=False, two_norm=False)
+        # the weights' lowest bits, too: with them the exact sums that fall on a rounding boundary
+        # (rows over few keys, blocked's short blocks: products of few bits) are certified here
+        o, ok_o = certified_matmul(emu, alpha, v, extra, w_stats=vstats, two_norm=False, tighter=tighter)
         return o, jnp.all(ok_s, axis=-1) & ok_den & jnp.all(ok_o, axis=-1)
 
     args = (q, a.qpos, kp, vp, *row_norms(emu, q))  # the query norms, too, once for every block
@@ -556,22 +570,36 @@ def _certified_attention(emu: Emulator, a: AttentionInputs):
 
 
 def _fill_uncertified(emu: Emulator, o, ok, a: AttentionInputs):
-    """``o`` with every row that ``ok`` leaves uncertified recomputed op by op, over all
-    keys (masked keys are exact zeros, which change no reduction order's result). The
-    op-by-op code is a program of its own (:func:`_fill_rows`), compiled when a row first
-    needs it, once per (policy, shapes), never part of the forward's code."""
+    """``o`` with every row that ``ok`` leaves uncertified recomputed over all keys (masked
+    keys are exact zeros, which change no reduction order's result): from the certificates
+    with their second stage (:func:`_attention_recheck`), then op by op for the rows still
+    open (:func:`_attention_redo`). Both are programs of their own (:func:`_fill_rows`),
+    compiled when a row first needs them, once per (policy, shapes), never part of the
+    forward's code."""
     nk = a.k.shape[0] + (a.self_kv is not None)
     b, _ = _blocks(o.shape[0], nk * o.shape[1])
     static, roles = _detached(emu)
     spec = (static, a.scale, a.alibi, a.window, a.self_kv is not None)
-    return _fill_rows(o, ok, (a.q, jnp.asarray(a.qpos), *_own_kv(a)), _attention_redo, b, spec, (roles, a.k, a.v))
+    return _fill_rows(o, ok, (a.q, jnp.asarray(a.qpos), *_own_kv(a)), _attention_redo, b, spec, (roles, a.k, a.v),
+                      _attention_recheck)
+
+
+def _redo_inputs(spec, data, qb, pb, kpb, vpb):
+    """The emulator and the attention inputs of a block of rows of :func:`_fill_uncertified`."""
+    static, scale, alibi, window, has_self = spec
+    roles, k, v = data
+    a = AttentionInputs(q=qb, k=k, v=v, qpos=pb, scale=scale, alibi=alibi, window=window,
+                        self_kv=(kpb, vpb) if has_self else None)
+    return _attached(static, roles), a
+
+
+def _attention_recheck(spec, data, qb, pb, kpb, vpb):
+    """Rows of :func:`_fill_uncertified` from the certified attention with the second
+    certificate stage: ``(o, ok)``, a program of its own (:func:`_fill_rows`)."""
+    return _certified_attention(*_redo_inputs(spec, data, qb, pb, kpb, vpb), tighter=True)
 
 
 def _attention_redo(spec, data, qb, pb, kpb, vpb):
     """Rows of :func:`_fill_uncertified`, op by op with every exact sum from the
     superaccumulator: a program of its own (:func:`_fill_rows`)."""
-    static, scale, alibi, window, has_self = spec
-    roles, k, v = data
-    a = AttentionInputs(q=qb, k=k, v=v, qpos=pb, scale=scale, alibi=alibi, window=window,
-                        self_kv=(kpb, vpb) if has_self else None)
-    return _op_by_op_attention(_attached(static, roles), a, "superacc")
+    return _op_by_op_attention(*_redo_inputs(spec, data, qb, pb, kpb, vpb), "superacc")

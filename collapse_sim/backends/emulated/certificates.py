@@ -175,7 +175,8 @@ def row_norms(emu: "Emulator", x, two_norm: bool = True):
     return jnp.sum(jnp.abs(xb), axis=-1), (jnp.sqrt(jnp.sum(xb * xb, axis=-1)) if two_norm else None)
 
 
-def certified_matmul(emu: "Emulator", x, w, extra=None, *, w_stats=None, x_norms=None, x_quanta=True, two_norm=True):
+def certified_matmul(emu: "Emulator", x, w, extra=None, *, w_stats=None, x_norms=None, x_quanta=True, two_norm=True,
+                     tighter=True):
     """``x @ w`` (x: (m, k), w: (k, n)) in the policy's ``exact`` or ``blocked(b)`` order,
     from float64 matrix products, and where it is certified.
 
@@ -192,7 +193,9 @@ def certified_matmul(emu: "Emulator", x, w, extra=None, *, w_stats=None, x_norms
     exactness test (every product is a multiple of 2^(lowest bit of its row of x +
     lowest bit of its column of w)) reads x's bits only if ``x_quanta`` (leave it off
     for a large x). Only if that leaves some entry uncertified is the product of
-    absolute values formed and the exactness test made in full, as a second try.
+    absolute values formed and the exactness test made in full, as a second try
+    (``tighter``; without it, a caller that redoes the open rows elsewhere keeps that
+    stage out of its compiled code and runs it there: :func:`attention._linear`).
     ``w_stats``: :func:`matmul_stats` of ``w``, when it serves many calls; ``x_norms``:
     :func:`row_norms` of ``x``, when they were computed for a larger batch of rows (then
     XLA does not fuse the row reductions with the bound, which would store the bound).
@@ -241,11 +244,11 @@ def certified_matmul(emu: "Emulator", x, w, extra=None, *, w_stats=None, x_norms
     A = with_extra(A)
     first = certify(S, A, terms + 3, fmt, mode, _exact_in_float64(A, quanta()) if x_quanta else None)
 
-    def tighter():
+    def second():
         A = with_extra(jnp.einsum("mcb,cbn->mnc", jnp.abs(xr), jnp.abs(wr), precision=hi))
         return _merge(first, certify(S, A, terms, fmt, mode, _exact_in_float64(A, quanta())))
 
-    r, ok = _cond(jnp.all(first[1]), lambda: first, tighter)
+    r, ok = _cond(jnp.all(first[1]), lambda: first, second) if tighter else first
     if emu.order.kind == "exact":
         return r[..., 0].astype(emu.dtype), ok[..., 0]
     r = round_to(_sequential(r, _rounded_add(emu.accumulate, mode)), emu.compute, mode)
