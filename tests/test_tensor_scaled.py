@@ -207,10 +207,10 @@ def test_prefix_trick_equals_separate_runs_with_tensor_scales(runs):
 def test_keys_and_values_per_query_row_equal_the_oracle(probes):
     """The emulated attention's keys and values of a block of query rows (positions 4..7, and a
     probe's own key and value at its position with ``probes``), each row's over its columns
-    0..p_i with their amax, equal the oracle on those columns, in both ways the block is
-    quantised: rows sharing their amaxes (the largest key and value at column 0: quantised once)
-    and rows with their own (a larger key and value at column 5)."""
-    from collapse_sim.backends.emulated.attention import _tensor_scaled_kv
+    0..p_i with their amax, equal the oracle on those columns, with the block's rows in one group
+    (the largest key and value at column 0: quantised once) and in two (a larger key and value at
+    column 5: rows 4 and 5..7)."""
+    from collapse_sim.backends.emulated.attention import _tensor_scaled_rows
 
     e = make_backend("emulated", ROLE)
     fmt, C = e.policy.operands, e.policy.compute
@@ -222,8 +222,9 @@ def test_keys_and_values_per_query_row_equal_the_oracle(probes):
         k[big, 1], v[big, 2] = 9.5, -7.25
         own = (rnd(rng.standard_normal((4, 3))), rnd(rng.standard_normal((4, 3)))) if probes else None
         kpb, vpb = own if probes else (np.zeros((4, 3)), np.zeros((4, 3)))
-        f = jax.jit(lambda k, v, kpb, vpb: _tensor_scaled_kv(e.emu, k, v, jnp.arange(9), own, jnp.asarray(pb), kpb,
-                                                             vpb, (e.emu.prefix_amax(k), e.emu.prefix_amax(v))))
+        f = jax.jit(lambda k, v, kpb, vpb: _tensor_scaled_rows(
+            e.emu, lambda K, V: (K, V), k, v, jnp.arange(9), own, jnp.asarray(pb), kpb, vpb,
+            (e.emu.prefix_amax(k), e.emu.prefix_amax(v)), (jnp.zeros((4, 9, 3)),) * 2))
         K, V = (np.asarray(a) for a in f(k, v, kpb, vpb))
         for i, p in enumerate(pb):
             for X, x, o in ((K, k, kpb), (V, v, vpb)):

@@ -38,14 +38,18 @@ COST = {
 }
 # the emulated forward's cost with an operands role (docs/semantics.md §13.1, §13.2) against the same
 # policy without it, measured at N = 2,048, d = 64, L = 1 (2026-12-02, 2 cores shared): per-tensor
-# scales 2.5x wall, 3.0x CPU (keys and values scaled per query row); tiles of 128 1.8x; MX blocks of
-# 32, e4m3fn and e2m1fn elements, within the run-to-run noise of 1x (0.94x, 0.70x)
-ROLE_COST = {"tensor": 3.0, "tiles": 1.8, "mx": 1.0}
+# scales 2.0-2.1x CPU since their keys and values are quantised once per group of rows that share
+# their amaxes (3.0x while every row of a block whose amaxes differ had its own; 1.84-1.88x at
+# N = 4,096, benchmarks/README.md); tiles of 128 1.8x; MX blocks of 32, e4m3fn and e2m1fn elements,
+# within the run-to-run noise of 1x (0.94x, 0.70x)
+ROLE_COST = {"tensor": 2.1, "tiles": 1.8, "mx": 1.0}
 # the same for the compile: CPU seconds of a fresh process's first emulated forward (d = 64, N = 64,
 # L = 1, specialised program, no cache: the compile is nearly all of it) with the role against
-# without it, two runs each (2026-12-02, 2 cores shared, load ~10): without 5.2-5.6 s, per-tensor
-# scales 8.2-8.7 s, tiles of 128 7.8-8.7 s, MX blocks of 32 (e4m3fn) 7.4-7.6 s
-ROLE_COMPILE = {"tensor": 1.6, "tiles": 1.55, "mx": 1.4}
+# without it, two runs each (2026-12-02, 2 cores shared, load ~10): without 5.2-5.6 s, tiles of 128
+# 7.8-8.7 s, MX blocks of 32 (e4m3fn) 7.4-7.6 s; per-tensor scales, the group loop's body holding the
+# block's whole attention, 8.7-9.1 s against 4.8-5.1 s without (load ~13; 7.3-8.8 s against 5.2-5.3 s
+# in the same runs before the group loop)
+ROLE_COMPILE = {"tensor": 1.8, "tiles": 1.55, "mx": 1.4}
 # seconds to compile one forward program cold (no cache): native; emulated op-by-op orders; the
 # certified ones (exact, blocked), which compile the certified path (the op-by-op redo of uncertified
 # rows and the superaccumulator are programs of their own, compiled where a row needs them); the stochastic forward, whose adds are made round-to-odd and whose every rounding

@@ -255,25 +255,43 @@ def _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb):
     return K, V
 
 
-def _tensor_scaled_kv(emu: Emulator, k, v, cols, self_kv, pb, kpb, vpb, running):
-    """The keys and values (B, nk, dh) of a block of query rows (:func:`_row_keys_values`) as
-    per-tensor scaled operands (docs/semantics.md §13.2.1): each row's with the amax of its
-    columns 0..p_i (:func:`_prefix_amaxes`).
-    Where the block's rows share both amaxes (the running maximum is a step function: most
-    blocks), the stream's keys and values are quantised once and each row's own (a probe's)
-    apart; otherwise every row's. The same bits either way: the quantisation is a function of
-    each value and its amax."""
+def _tensor_scaled_rows(emu: Emulator, rows, k, v, cols, self_kv, pb, kpb, vpb, running, out):
+    """``rows(K, V)`` of a block of query rows at positions ``pb`` with their keys and values
+    (B, nk, dh) (:func:`_row_keys_values`) as per-tensor scaled operands (docs/semantics.md
+    §13.2.1): each row's with the amax of its columns 0..p_i (:func:`_prefix_amaxes`), in groups of
+    rows that share both amaxes (:func:`_amax_groups`). ``out``: zeros shaped as ``rows``' result."""
+    q = lambda x, a: emu.operand(x, -1, a)  # noqa: E731
+    return _amax_groups(q, lambda K, V, aK, aV: rows(K, V), k, v, cols, self_kv, pb, kpb, vpb, running, out)
+
+
+def _amax_groups(quantise, rows, k, v, cols, self_kv, pb, kpb, vpb, running, out):
+    """``rows(K, V, a_K, a_V)`` of a block of query rows at positions ``pb`` whose keys and values
+    (B, nk, dh) (:func:`_row_keys_values`) are quantised with each row's amaxes of its columns
+    0..p_i, visible through the window or not (:func:`_prefix_amaxes`; ``running``: the running
+    amaxes of ``k``'s and ``v``'s rows), by ``quantise(x, amax)``, a function of each value and
+    the amax; ``a_K``, ``a_V``: those amaxes (scalars). ``out``: zeros shaped as ``rows``' result,
+    a pytree of arrays of B rows.
+
+    The rows run in groups that share both amaxes (bit for bit): the stream's keys and values are
+    quantised once per group (each row's own, a probe's, apart) and broadcast to its rows, every
+    row of the block computed and the group's kept. The running maximum is a step function, so
+    most blocks are one group; quantising every row's keys and values instead costs a division
+    and two roundings per key component and row, as many as the scores' products. The same bits
+    either way: the quantisation is a function of each value and its amax."""
     aK, aV = _prefix_amaxes(running, self_kv, pb, kpb, vpb)
+    bits = lambda x: lax.bitcast_convert_type(jnp.asarray(x, jnp.float64), jnp.uint64)  # noqa: E731
+    key = (bits(aK), bits(aV))
 
-    def shared():
-        q = lambda x, a: emu.operand(x, -1, a[0])  # noqa: E731
-        return _row_keys_values(q(k, aK), q(v, aV), cols, self_kv, pb, q(kpb, aK), q(vpb, aV))
+    def group(state):
+        out, done = state
+        i = jnp.argmin(done)  # the first row not yet computed leads the next group
+        same = (key[0] == key[0][i]) & (key[1] == key[1][i])
+        tk, tv = (_computed_once(quantise(x, a[i])) for x, a in ((k, aK), (v, aV)))  # once, not per row
+        K, V = _row_keys_values(tk, tv, cols, self_kv, pb, quantise(kpb, aK[i]), quantise(vpb, aV[i]))
+        keep = lambda o, old: jnp.where(same.reshape((-1,) + (1,) * (o.ndim - 1)), o, old)  # noqa: E731
+        return jax.tree.map(keep, rows(K, V, aK[i], aV[i]), out), done | same
 
-    def per_row():
-        K, V = _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb)
-        return emu.operand(K, -1, aK[:, None, None]), emu.operand(V, -1, aV[:, None, None])
-
-    return lax.cond(jnp.all(aK == aK[0]) & jnp.all(aV == aV[0]), shared, per_row)  # a NaN amax: per row
+    return lax.while_loop(lambda st: ~jnp.all(st[1]), group, (out, jnp.zeros(pb.shape, bool)))[0]
 
 
 def _prefix_amaxes(running, self_kv, pb, kpb, vpb):
@@ -354,23 +372,27 @@ def _op_by_op_attention(emu: Emulator, a: AttentionInputs, path: str = "certifie
 
     def block(args):
         qb, pb, kpb, vpb = args  # (B, dh), (B,), (B, dh), (B, dh)
+
+        def rows(K, V):
+            """The block's outputs (B, dh) over its keys and values K, V (B, nk, dh)."""
+            raw = emu.dot(jnp.broadcast_to(qb[:, None, :], K.shape), K, path=path)
+            if adaptive is None:
+                alpha, valid = weights(raw, pb, path)
+            else:
+                alpha, valid = _adaptive_weights(emu, weights.scores, raw, pb, path, *adaptive)
+            if emu.per_tensor:  # §13.2.1: the weights with the static amax 1 of their range
+                return _weighted_values(emu, emu.operand(alpha, -1, P_AMAX), V, valid, emu.compute, path)
+            if tiled:  # §13.1: P and V in key blocks, V's last block the row's own
+                V, last = _value_operands(emu, vq, v, pb, None if self_kv is None else vpb)
+                pad = ((0, 0), (0, V.shape[1] - nk))  # the keys padded to whole blocks, masked
+                alpha, valid = emu.operand(jnp.pad(alpha, pad), -1), jnp.pad(valid, pad)
+                return _weighted_values(emu, alpha, V, valid, emu.compute, path, last)
+            return _weighted_values(emu, alpha, V, valid, emu.compute, path)  # alpha: (B, nk), compute format
+
         if emu.per_tensor:  # §13.2.1: each row's keys and values with the amax of its columns 0..p_i
-            K, V = _tensor_scaled_kv(emu, k, v, cols, self_kv, pb, kpb, vpb, running)
-        else:
-            K, V = _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb)
-        raw = emu.dot(jnp.broadcast_to(qb[:, None, :], K.shape), K, path=path)
-        if adaptive is None:
-            alpha, valid = weights(raw, pb, path)
-        else:
-            alpha, valid = _adaptive_weights(emu, weights.scores, raw, pb, path, *adaptive)
-        if emu.per_tensor:  # §13.2.1: the weights with the static amax 1 of their range
-            return _weighted_values(emu, emu.operand(alpha, -1, P_AMAX), V, valid, emu.compute, path)
-        if tiled:  # §13.1: P and V in key blocks, V's last block the row's own
-            V, last = _value_operands(emu, vq, v, pb, None if self_kv is None else vpb)
-            pad = ((0, 0), (0, V.shape[1] - nk))  # the keys padded to whole blocks, masked
-            alpha, valid = emu.operand(jnp.pad(alpha, pad), -1), jnp.pad(valid, pad)
-            return _weighted_values(emu, alpha, V, valid, emu.compute, path, last)
-        return _weighted_values(emu, alpha, V, valid, emu.compute, path)  # alpha: (B, nk), compute format
+            return _tensor_scaled_rows(emu, rows, k, v, cols, self_kv, pb, kpb, vpb, running,
+                                       jnp.zeros(qb.shape, emu.dtype))
+        return rows(*_row_keys_values(k, v, cols, self_kv, pb, kpb, vpb))
 
     b, _ = _blocks(a.q.shape[0], nk * dh)
     return _map_rows(block, (a.q, a.qpos, kp, vp), b, emu.stream)
@@ -504,35 +526,19 @@ def _fp8_rows(emu: Emulator, E, rows, qb, k, v, cols, self_kv, pb, kpb, vpb, run
     (1 where amax = 0) in A and rounded to ``E``, and ``descale`` = ∘_A(s_Q · s_K), which the scores
     fold into their scale. The scales of K and V come from the columns the row sees up to its
     position, visible through the window or not (:func:`_prefix_amaxes`; ``running``: the running
-    amaxes of ``k``'s and ``v``'s rows).
-
-    The rows run in groups that share both amaxes (bit for bit): the stream's keys and values are
-    quantised once per group (each row's own, a probe's, apart) and broadcast to its rows, every
-    row of the block computed and the group's kept. The running maximum is a step function, so
-    most blocks are one group; quantising every row's keys and values instead costs a division
-    and two roundings per key component and row, as many as the scores' products. The same bits
-    either way: the quantisation is a function of each value and its amax."""
+    amaxes of ``k``'s and ``v``'s rows); the rows run in groups that share both
+    (:func:`_amax_groups`)."""
     A, dt = emu.accumulate, emu.dtype
     scale = lambda amax: amax_scale(amax, E, A, emu.mode).astype(dt)  # noqa: E731  (§8.8.2 1, §13.2: collapse_sim.mx)
     quantise = lambda x, amax: scale_cast(x, scale(amax), E, A, emu.mode).astype(dt)  # noqa: E731
     aq = jnp.max(jnp.abs(qb), axis=-1)
     qh, s_q = quantise(qb, aq[:, None]), scale(aq)
-    aK, aV = _prefix_amaxes(running, self_kv, pb, kpb, vpb)
-    bits = lambda x: lax.bitcast_convert_type(jnp.asarray(x, jnp.float64), jnp.uint64)  # noqa: E731
-    key = (bits(aK), bits(aV))
 
-    def group(state):
-        out, done = state
-        i = jnp.argmin(done)  # the first row not yet computed leads the next group
-        same = (key[0] == key[0][i]) & (key[1] == key[1][i])
-        tk, tv = (_computed_once(quantise(x, a[i])) for x, a in ((k, aK), (v, aV)))  # once, not per row
-        K, V = _row_keys_values(tk, tv, cols, self_kv, pb, quantise(kpb, aK[i]), quantise(vpb, aV[i]))
-        o = rows(qh, pb, K, V, emu.mul(s_q, jnp.broadcast_to(scale(aK[i]), s_q.shape), A),
-                 jnp.broadcast_to(scale(aV[i]), s_q.shape))
-        return jnp.where(same[:, None], o, out), done | same
+    def group(K, V, aK, aV):
+        return rows(qh, pb, K, V, emu.mul(s_q, jnp.broadcast_to(scale(aK), s_q.shape), A),
+                    jnp.broadcast_to(scale(aV), s_q.shape))
 
-    out = jnp.zeros(qb.shape, dt)
-    return lax.while_loop(lambda st: ~jnp.all(st[1]), group, (out, jnp.zeros(pb.shape, bool)))[0]
+    return _amax_groups(quantise, group, k, v, cols, self_kv, pb, kpb, vpb, running, jnp.zeros(qb.shape, dt))
 
 
 def _certified_attention(emu: Emulator, a: AttentionInputs, tighter: bool = False):
