@@ -22,7 +22,7 @@ from ...mx import P_AMAX, amax_scale, prefix_amax, scale_cast
 from ...policy import BLOCK_KERNELS, PolicyError
 from ...rounding import round_to
 from ..reference.arith import times_log2e
-from .._rows import _fill_rows, _map_rows
+from .._rows import _computed_once, _fill_rows, _map_rows
 from ..inputs import AttentionInputs
 from .certificates import certified_matmul, matmul_stats, row_norms
 from .ops import Emulator, reduce_sum
@@ -506,17 +506,6 @@ def _online_attention(emu: Emulator, a: AttentionInputs, path: str = "certified"
 
     b, _ = _blocks(a.q.shape[0], nk * dh)
     return _map_rows(block, (a.q, a.qpos, kp, vp), b)
-
-
-def _computed_once(x):
-    """``x``, held in memory: XLA:CPU fuses a chain of cheap elementwise ops (a rounding, the
-    scaling of :meth:`Emulator.exp2`, back to the scores) into each of its consumers, and one that
-    broadcasts it (the weighted values' products, d_h of them per weight) then evaluates the chain
-    once per product (flash2(64), one call at N = 1,024: 1.8 s against online(64)'s 0.45 s). A
-    conditional on a predicate XLA cannot fold (the NaN count of ``x`` is not negative: always
-    true) ends the fusion there; an optimization barrier does not survive XLA's passes. The bits
-    are ``x``'s."""
-    return lax.cond(jnp.sum(jnp.isnan(x), dtype=jnp.int32) >= 0, lambda: x, lambda: jnp.zeros_like(x))
 
 
 def _fp8_rows(emu: Emulator, E, rows, qb, k, v, cols, self_kv, pb, kpb, vpb, running):

@@ -20,6 +20,7 @@ from jax import lax
 from ...formats import Format
 from ...policy import Order
 from ...rounding import FormatParams, Mode, round_to
+from .._rows import _computed_once
 from .carrier import CarrierError, carrier_add
 from .exact import _exponent, _pow2
 
@@ -139,7 +140,7 @@ def _tcfma(x, order: Order, acc):
     (XLA's maximum propagates it), so its block is never skipped as a block of zeros.
 
     Up to :data:`TCFMA_STRAIGHT_STEPS` steps run as straight-line code on static slices of
-    ``x``, their sum held in memory (:func:`attention._computed_once`: XLA:CPU otherwise fused
+    ``x``, their sum held in memory (:func:`_rows._computed_once`: XLA:CPU otherwise fused
     the steps into each consumer of the sum, the scores' softmax maximum and exponentials, and
     ran them twice); longer sums scan over the blocks (:func:`_by_blocks`), a step's terms
     reduced over the block's axis, which ran faster there than slices of it."""
@@ -165,7 +166,6 @@ def _tcfma(x, order: Order, acc):
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, steps * k - n)])  # the short last block: zeros
         for j in range(steps):
             s, _ = step(s, [x[..., i] for i in range(j * k, j * k + k)])
-        from .attention import _computed_once  # here: attention imports this module
 
         return _computed_once(s)  # else XLA fuses the steps into each consumer of the sum, and runs them again
     s, _ = lax.scan(step, s, _by_blocks(x, k), unroll=TCFMA_UNROLL)
