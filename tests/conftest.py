@@ -31,7 +31,7 @@ if "COLLAPSE_SIM_COMPILE_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, _cache, True)
     os.environ["COLLAPSE_SIM_COMPILE_CACHE"] = _cache
 if os.environ.get("COLLAPSE_SIM_TEST_CACHE", "on") != "off":
-    from collapse_sim.compilation import use_cache  # noqa: E402
+    from collapse_sim.compilation import use_cache
 
     use_cache(os.environ["COLLAPSE_SIM_COMPILE_CACHE"])
 

@@ -435,10 +435,10 @@ print("ok")
 def test_one_compile_per_policy_and_shape():
     """Repeated forwards at one (policy, shape) compile once: XLA's backend compiles and the
     programs loaded from the persistent cache are counted (compilation.snapshot: jax.monitoring;
-    the suite shares one cache, so another test may have compiled the program first). The first native run at each length compiles the
-    shape's small eager helpers (token conversion); after it, a new emulated policy costs
-    exactly one compile per length, and repeated calls (other tokens, other weights of the
-    same architecture) none."""
+    the suite shares one cache, so another test may have compiled the program first). The first
+    native run at each length compiles the shape's small eager helpers (token conversion); after
+    it, a new emulated policy costs exactly one compile or load per length, and repeated calls
+    (other tokens, other weights of the same architecture) none."""
     cfg = ModelConfig(d=4, n_layers=1, vocab=6, pe="none", norm="none")
     weights = [init_params(ModelConfig(**{**cfg.__dict__, "seed": s})) for s in (0, 1)]
     rng = np.random.default_rng(0)

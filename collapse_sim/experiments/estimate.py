@@ -52,7 +52,8 @@ ROLE_COST = {"tensor": 2.1, "tiles": 1.8, "mx": 1.0}
 ROLE_COMPILE = {"tensor": 1.8, "tiles": 1.55, "mx": 1.4}
 # seconds to compile one forward program cold (no cache): native; emulated op-by-op orders; the
 # certified ones (exact, blocked), which compile the certified path (the op-by-op redo of uncertified
-# rows and the superaccumulator are programs of their own, compiled where a row needs them); the stochastic forward, whose adds are made round-to-odd and whose every rounding
+# rows is a program of its own, compiled where a row needs it; the superaccumulator runs on the
+# host); the stochastic forward, whose adds are made round-to-odd and whose every rounding
 # hashes its own draws (measured 2026-12-02 on 2 cores shared: one program at d = 64, N = 64 in 11.2 s
 # at load ~2.5 and 23.7 s at load ~6, against 2.3 s and 6.8 s under rne; ~23 s at N = 512; 58.5 s
 # and 172 s while its draws were threefry's, benchmarks/README.md)
