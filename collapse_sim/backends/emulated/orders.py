@@ -188,8 +188,10 @@ def _short_format(order: Order, acc: "Format | FormatParams"):
 #: A ``promote`` sum of at least this many terms in all (every row's, zeros in place included) runs
 #: its short accumulator by :func:`_chunk_sums_fast` where :func:`_fast_terms_ok` holds (the terms'
 #: check, one pass over them; :func:`_chunk_sums` otherwise, chosen by a conditional): smaller sums
-#: keep the one path, whose program compiles once instead of twice. The emulated forward's sums at
-#: d = 64 all reach it from N = 512 (the scores of a block of 8 query rows: 8·N rows of 64 terms).
+#: keep the one path, whose program compiles once instead of twice. In the emulated forward at d = 64
+#: (blocks of up to 2^21 products, attention._BLOCK_ELEMS) the attention's dot products reach it from
+#: N = 128 and the linear layers' (N·64·64 products) from N = 256; the softmax's denominators (N terms
+#: for each of a block's query rows) stay below it.
 PROMOTE_FAST_MIN_TERMS = 1 << 20
 
 
@@ -221,8 +223,9 @@ def _fast_limits(order: Order, acc: Format, nc: int):
     P's largest finite value less those two exponents, so no |y_k| passes P's largest value
     (a P value): no rounding reaches overflow (rounding is monotone). P must have subnormals
     (a sum below 2^emin is then exact, not flushed), zero and negative values (no rule of §1
-    for formats without them comes into play), r must be rz or rne and 2^q must be a normal float64 (XLA:CPU
-    flushes float64 subnormals), with room for the sums: 2^e well inside float64's range."""
+    for formats without them comes into play), r must be rz or rne, and 2^q must be a normal
+    float64 (XLA:CPU flushes float64 subnormals; the accumulate formats the carrier admits have
+    quanta far above 2^-1000)."""
     if not (acc.subnormals and acc.has_zero and acc.signed) or order.rounding not in (Mode.RZ, Mode.RNE):
         return None
     b = order.bits
@@ -231,7 +234,7 @@ def _fast_limits(order: Order, acc: Format, nc: int):
     e = top.numerator.bit_length() - top.denominator.bit_length()
     e = e if top >= Fraction(2) ** e else e - 1  # floor(log2(P's largest value))
     e -= (nc - 1).bit_length() + -(-3 * nc // 2 ** (b + 1))
-    if q < -1000 or e > 1000 or e < q:
+    if q < -1000 or e < q or e > 1023:  # 2^e a float64
         return None
     return q, e
 
@@ -240,7 +243,9 @@ def _fast_terms_ok(flat, q: int, e: int):
     """Whether every term is a multiple of 2^q (zeros included) and at most 2^e in magnitude
     (:func:`_fast_limits`); false for inf and NaN. Read from the bit patterns first (a float64
     subnormal, which XLA:CPU reads as 0 in arithmetic, is neither 0 nor >= 2^q there), then
-    x·2^-q (exact: a normal float64 times a power of two, no overflow below 2^e) an integer."""
+    x·2^-q an integer: exact for a normal float64 times a power of two, unless it overflows to
+    inf, which passes, but only for |x| >= 2^(1024 + q), whose last bit 2^(E - 52) >= 2^(q + 972)
+    makes x a multiple of 2^q anyway."""
     mag = lax.bitcast_convert_type(flat, jnp.uint64) & jnp.uint64(2**63 - 1)
     pat = lambda k: jnp.uint64((k + 1023) << 52)  # noqa: E731 - 2^k's pattern, a normal float64
     y = flat * 2.0**-q
