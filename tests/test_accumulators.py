@@ -15,10 +15,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from collapse_sim.backends.emulated import CarrierError, Emulator
+from collapse_sim.backends.emulated import CarrierError, Emulator, orders
 from collapse_sim.backends.reference.arith import Reference, ref_sum
-from collapse_sim.formats import Format
+from collapse_sim.formats import Format, parse
 from collapse_sim.policy import Order, Policy
+from collapse_sim.rounding import Mode
 from oracles import fraction_round
 
 N = 12  # terms per row: every row of a test has this length (one compiled program per policy)
@@ -191,10 +192,11 @@ def _same(x: float, y: float) -> bool:
     return (math.isnan(x) and math.isnan(y)) or x == y  # ±0 equal: the reference has no -0
 
 
-def check_rows(policy: Policy, a, b) -> int:
+def check_rows(policy: Policy, a, b, emulated=None) -> int:
     """Emulated and reference dot products and sums of each row against the oracle, bit for
-    bit; returns how many rows had a nonzero result."""
-    emu, run = _emulated(policy)
+    bit; returns how many rows had a nonzero result. ``emulated``: ``(emu, run)`` in place of
+    the cached jitted pair."""
+    emu, run = _emulated(policy) if emulated is None else emulated
     a = np.asarray(emu.store(np.asarray(a, np.float64)), np.float64)
     b = np.asarray(emu.store(np.asarray(b, np.float64)), np.float64)
     dots, sums = (np.asarray(v, np.float64) for v in run(a, b))
@@ -313,3 +315,140 @@ def test_forward_emulated_equals_reference(policy, d):
     from test_model import assert_emulated_equals_reference
 
     assert_emulated_equals_reference(ModelConfig(d=d, n_layers=2, vocab=4, seed=3, d_ff=2 * d), policy)
+
+
+# --- promote's bit-level short accumulator (orders._chunk_sums_fast) ----------------------
+
+#: (order, accumulate format): both roundings, b from 2 to 51, P's largest value below and at A's
+#: (b > p_A: bf16), a format of few bits whose range the terms' bound reaches.
+FAST = [("promote(14,128)", "fp32"), ("promote(14,128,rne)", "fp32"), ("promote(5,7)", "bf16"),
+        ("promote(5,7,rne)", "fp32"), ("promote(10,3,rne)", "bf16"), ("promote(24,64)", "fp32"),
+        ("promote(51,4,rne)", "fp32"), ("promote(2,5,rne)", "(p=6,emax=15)"), ("promote(2,6)", "(p=6,emax=15)")]
+
+
+def _fast_terms(order: Order, acc: Format, lanes: int, rng) -> np.ndarray:
+    """(Nc, lanes) terms that pass the check (multiples of P's quantum 2^q, at most 2^e): random
+    ones of up to b + 3 bits over the whole allowed range and over a few binades, then lanes
+    built on P's roundings: ties and near-ties of b bits, sums just below a power of two,
+    cancellation to zero and to P's subnormals, terms at the bound 2^e, binade crossings."""
+    nc, b = order.block, order.bits
+    q, e = orders._fast_limits(order, acc, nc)
+    m = rng.integers(-(2 ** (b + 3)), 2 ** (b + 3), (nc, lanes)).astype(np.float64)
+    wide = m * 2.0 ** rng.integers(q, e - b - 2, (nc, lanes))
+    near = m * 2.0 ** rng.integers(-b - 6, -b + 2, (nc, lanes))  # sums of similar size: many roundings
+    x = np.where(np.arange(lanes) % 2 == 0, wide, near)
+    x = np.where(rng.random((nc, lanes)) < 0.1, 0.0, x)  # zeros in place
+
+    u = 2.0 ** (1 - b)  # P's spacing above 1
+    special = [
+        [1.0, u / 2], [1.0, 3 * u / 2], [1.0, -u / 4], [1.0, u / 2, u / 2], [-1.0, -u / 2, u / 4],  # ties, near-ties
+        [2.0 - u, u / 2], [2.0 - u, u / 4, u / 4], [-(2.0 - u), -(u / 2)],  # up to the next binade
+        [1.0, -(2.0**-60)], [2.0, -(2.0**-40), 2.0**-41],  # just below a power of two (rz steps down)
+        [3.0, -3.0, 2.0**-30], [2.0**20, 1.0, -(2.0**20)], [1.0, -1.0],  # cancellation, to +0
+        [2.0**q, 3 * 2.0**q, -(2.0**q)], [2.0 ** (acc.emin - 1), 2.0 ** (acc.emin - 1), 2.0**q],  # P's subnormals
+        [2.0 ** (acc.emin) - 2.0**q, 2.0**q], [2.0**acc.emin, -(2.0**q)],  # across 2^emin, both ways
+        [2.0**e] * nc, [-(2.0**e)] * nc, [2.0**e, -(2.0**e), 2.0**e],  # the bound itself
+        [2.0**e, 2.0 ** (e - b - 3), 2.0 ** (e - b - 3)],
+    ]
+    for j, col in enumerate(special):  # each alone (zeros after it) and repeated through the chunk
+        for k, full in enumerate([col + [0.0] * nc, col * nc]):
+            full = np.round(np.asarray(full[:nc]) / 2.0**q) * 2.0**q  # onto P's quantum (small formats)
+            x[:, 2 * j + k] = np.clip(full, -(2.0**e), 2.0**e)
+    return x
+
+
+@pytest.mark.parametrize("spec,acc", FAST)
+def test_promote_bit_level_equals_scan(spec, acc):
+    """The bit-level short accumulator gives the scan's chunk sums (round_to of round-to-odd
+    adds, which the oracle tests above check) bit for bit on terms that pass its check:
+    random terms over the whole allowed range and lanes of ties, binade crossings,
+    cancellation, P's subnormals and the magnitude bound."""
+    order, A = Order.parse(spec), parse(acc)
+    short = order.chunk_format(A)
+    x = _fast_terms(order, A, 4096, np.random.default_rng(5))
+    assert bool(orders._fast_terms_ok(x, *orders._fast_limits(order, A, order.block)))
+    want = np.asarray(jax.jit(lambda v: orders._chunk_sums(v, order, short))(x))
+    got = np.asarray(jax.jit(lambda v: orders._chunk_sums_fast(v, order.bits, order.rounding))(x))
+    diff = np.flatnonzero(want.view(np.uint64) != got.view(np.uint64))
+    assert diff.size == 0, f"{spec} on {acc}: lane {diff[0]} {x[:, diff[0]].tolist()}: {got[diff[0]]!r}, scan {want[diff[0]]!r}"
+    assert np.any(want != 0) and np.any((want != 0) & (np.abs(want) < 2.0**A.emin))  # P's subnormals reached
+
+
+def test_promote_bit_level_check_refuses():
+    """The check fails on a term below or off P's quantum 2^q, above the bound 2^e, inf, NaN,
+    and a float64 subnormal (XLA:CPU reads it as 0 in arithmetic); formats without subnormals,
+    zero or negative values have no bit-level path."""
+    order, A = Order.parse("promote(14,128)"), parse("fp32")
+    q, e = orders._fast_limits(order, A, 128)
+    ok = [0.0, -0.0, 2.0**q, -(2.0**q), 2.0**e, 2.0**-100 + 2.0**q]
+    assert bool(orders._fast_terms_ok(np.asarray(ok), q, e))
+    for bad in [2.0 ** (q - 1), 2.0**-100 + 2.0 ** (q - 1), 3 * 2.0 ** (q - 1), 2.0**e * (1 + 2.0**-52), -(2.0 ** (e + 1)),
+                math.inf, -math.inf, math.nan, 5e-324]:
+        assert not bool(orders._fast_terms_ok(np.asarray(ok + [bad]), q, e)), bad
+    no_zero, no_subnormals = parse("e8m0fnu"), parse("(p=6,emax=15,subnormals=false)")
+    assert not (no_zero.has_zero or no_zero.signed) and not no_subnormals.subnormals
+    assert orders._fast_limits(order, no_zero, 128) is None and orders._fast_limits(order, no_subnormals, 128) is None
+    assert orders._fast_limits(order, parse("e4m3fn"), 128) is not None  # e4m3fn has subnormals, zero and signs
+
+
+def _count_paths(monkeypatch):
+    """Counts of each path of promote's chunk sums taken (eager calls branch in Python)."""
+    taken = {"fast": 0, "scan": 0}
+    fast, scan = orders._chunk_sums_fast, orders._chunk_sums
+
+    def counted(name, fn):
+        def run(*args):
+            taken[name] += 1
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(orders, "_chunk_sums_fast", counted("fast", fast))
+    monkeypatch.setattr(orders, "_chunk_sums", counted("scan", scan))
+    return taken
+
+
+@pytest.mark.parametrize("policy", PROMOTE)
+def test_promote_bit_level_equals_oracle(policy, monkeypatch):
+    """With the threshold lowered to one term, each row alone (eager calls: the check decides
+    per call) takes the bit-level path where its terms pass the check and the scan where they
+    do not (specials, overflow of P, terms below P's quantum): the oracle's bits either way."""
+    monkeypatch.setattr(orders, "PROMOTE_FAST_MIN_TERMS", 1)
+    taken = _count_paths(monkeypatch)
+    pol = Policy.parse(policy)
+    emu = Emulator(pol)
+    pair = (emu, lambda a, b: (emu.dot(a, b), emu.sum(a)))
+    adv = np.asarray(adversarial_rows(pol))
+    ra, rb = random_rows(np.random.default_rng(23), 8, 12)
+    a, b = np.concatenate([adv, ra]), np.concatenate([np.ones_like(adv), rb])
+    for i in range(len(a)):
+        check_rows(pol, a[i:i + 1], b[i:i + 1], emulated=pair)
+    assert taken["fast"] >= len(a) // 2 and taken["scan"] >= 4, taken  # both paths, each many times (of 2 per row)
+
+
+@pytest.mark.parametrize("spec", ["promote(14,128)", "promote(14,128,rne)"])
+def test_promote_bit_level_at_scale(spec, monkeypatch):
+    """A sum of 2^20 terms (the default threshold) under fp32 takes the bit-level path (the
+    scan only where a term fails the check) and gives the scan's bits: the chunk sums of
+    products of e4m3fn-like and fp32 values, and 2^20 terms with one NaN, which takes the scan."""
+    order, A = Order.parse(spec), parse("fp32")
+    rng = np.random.default_rng(9)
+    rows, n = 2**20 // 512, 512
+    assert rows * n >= orders.PROMOTE_FAST_MIN_TERMS
+    f32 = lambda v: np.asarray(v, np.float32).astype(np.float64)  # noqa: E731
+    x = f32(rng.standard_normal((rows, n)) * 2.0 ** rng.integers(-8, 8, (rows, n))) * f32(rng.standard_normal((rows, n)))
+    x[:, ::7] = 0.0
+    x[0, :2] = [2.0**20, -(2.0**20)]
+    y = x.copy()
+    y[1, 3] = math.nan
+    taken = _count_paths(monkeypatch)
+    fast = [np.asarray(orders._promote(jax.numpy.asarray(v), order, A, Mode.RNE)) for v in (x, y)]
+    assert taken == {"fast": 1, "scan": 1}, taken
+    monkeypatch.setattr(orders, "PROMOTE_FAST_MIN_TERMS", 2**62)
+    scan = [np.asarray(orders._promote(jax.numpy.asarray(v), order, A, Mode.RNE)) for v in (x, y)]
+    assert taken == {"fast": 1, "scan": 3}, taken
+    for f, s in zip(fast, scan):
+        assert np.array_equal(f.view(np.uint64), s.view(np.uint64))
+    assert math.isnan(fast[1][1]) and not np.isnan(fast[1][np.arange(rows) != 1]).any()
+    for i in (0, 2, rows - 1):  # and the oracle's running sum (before the final rounding: to A itself)
+        want = promote_oracle([Fraction(v) for v in x[i]], order.bits, order.block, order.rounding.value, A, A, "rne")
+        assert fast[0][i] == want, i

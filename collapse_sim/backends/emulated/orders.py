@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from fractions import Fraction
 
 import jax.numpy as jnp
 from jax import lax
@@ -20,7 +21,7 @@ from jax import lax
 from ...formats import Format
 from ...policy import Order
 from ...rounding import FormatParams, Mode, round_to
-from .._rows import _computed_once
+from .._rows import _computed_once, _cond
 from .carrier import CarrierError, carrier_add
 from .exact import _exponent, _pow2
 
@@ -184,29 +185,145 @@ def _short_format(order: Order, acc: "Format | FormatParams"):
     return FormatParams(jnp.int32(b), acc.emin, acc.emax, top_b, acc.overflow, cls=cls)
 
 
+#: A ``promote`` sum of at least this many terms in all (every row's, zeros in place included) runs
+#: its short accumulator by :func:`_chunk_sums_fast` where :func:`_fast_terms_ok` holds (the terms'
+#: check, one pass over them; :func:`_chunk_sums` otherwise, chosen by a conditional): smaller sums
+#: keep the one path, whose program compiles once instead of twice. In the emulated forward at d = 64
+#: (blocks of up to 2^21 products, attention._BLOCK_ELEMS) the attention's dot products reach it from
+#: N = 128 and the linear layers' (N·64·64 products) from N = 256; the softmax's denominators (N terms
+#: for each of a block's query rows) stay below it.
+PROMOTE_FAST_MIN_TERMS = 1 << 20
+
+
+def _chunk_sums(flat, order: Order, short):
+    """Every chunk's short sum (§3.4.2's ``c``), all chunks at once: ``flat`` (Nc, chunks) holds
+    term j of every chunk in row j. Each add is made round to odd at 53 bits
+    (:func:`carrier_add`'s TwoSum), which rounds on to b <= 51 bits as the exact sum does,
+    whatever the terms' widths (exact products); then :func:`round_to` ``short``."""
+
+    def term(c, v):
+        m = Mode.RO if order.rounding.nearest else order.rounding
+        return round_to(carrier_add(c, v, m), short, order.rounding), None
+
+    c, _ = lax.scan(term, jnp.zeros(flat.shape[1], jnp.float64), flat)
+    return c
+
+
+def _fast_limits(order: Order, acc: Format, nc: int):
+    """``(q, e)`` for :func:`_fast_terms_ok` (chunks of ``nc`` terms, a static accumulate
+    format ``acc``), or None where the bit-level accumulator cannot serve ``acc``.
+
+    ``2^q`` is the short format P's quantum (q = emin - b + 1) and ``2^e`` a bound on the
+    terms' magnitudes that keeps every partial sum inside P's range: with ``m = max|x| <= 2^e``
+    and a = 1 + 2^-b, a rounding in P's normal range moves a value by at most half its spacing,
+    |∘(y)| <= a|y| (rz: <= |y|; below the normal range the sums are exact, see
+    :func:`_chunk_sums_fast`), so the exact sums y_k = c_(k-1) + x_k obey
+    |y_k| <= m (1 + a + ... + a^(k-1)) <= nc · a^nc · m, with nc <= 2^ceil(log2 nc) and
+    a^nc <= exp(nc 2^-b) < 2^(1.5 nc 2^-b) <= 2^ceil(3 nc / 2^(b+1)). ``e`` is floor(log2) of
+    P's largest finite value less those two exponents, so no |y_k| passes P's largest value
+    (a P value): no rounding reaches overflow (rounding is monotone). P must have subnormals
+    (a sum below 2^emin is then exact, not flushed), zero and negative values (no rule of §1
+    for formats without them comes into play), r must be rz or rne, and 2^q must be a normal
+    float64 (XLA:CPU flushes float64 subnormals; the accumulate formats the carrier admits have
+    quanta far above 2^-1000)."""
+    if not (acc.subnormals and acc.has_zero and acc.signed) or order.rounding not in (Mode.RZ, Mode.RNE):
+        return None
+    b = order.bits
+    q = acc.emin - b + 1
+    top = order.chunk_format(acc).max_exact
+    e = top.numerator.bit_length() - top.denominator.bit_length()
+    e = e if top >= Fraction(2) ** e else e - 1  # floor(log2(P's largest value))
+    e -= (nc - 1).bit_length() + -(-3 * nc // 2 ** (b + 1))
+    if q < -1000 or e < q or e > 1023:  # 2^e a float64
+        return None
+    return q, e
+
+
+def _fast_terms_ok(flat, q: int, e: int):
+    """Whether every term is a multiple of 2^q (zeros included) and at most 2^e in magnitude
+    (:func:`_fast_limits`); false for inf and NaN. Read from the bit patterns first (a float64
+    subnormal, which XLA:CPU reads as 0 in arithmetic, is neither 0 nor >= 2^q there), then
+    x·2^-q an integer: exact for a normal float64 times a power of two, unless it overflows to
+    inf, which passes, but only for |x| >= 2^(1024 + q), whose last bit 2^(E - 52) >= 2^(q + 972)
+    makes x a multiple of 2^q anyway."""
+    mag = lax.bitcast_convert_type(flat, jnp.uint64) & jnp.uint64(2**63 - 1)
+    pat = lambda k: jnp.uint64((k + 1023) << 52)  # noqa: E731 - 2^k's pattern, a normal float64
+    y = flat * 2.0**-q
+    return jnp.all((mag <= pat(e)) & ((mag == 0) | (mag >= pat(q))) & (jnp.trunc(y) == y))
+
+
+def _chunk_sums_fast(flat, b: int, r: Mode):
+    """:func:`_chunk_sums` on terms that pass :func:`_fast_terms_ok`, the same bits, from the
+    float64 pattern of each sum instead of :func:`carrier_add` and :func:`round_to`.
+
+    Every c and term is a multiple of 2^q (q = P's emin - b + 1), so is the exact sum
+    y = c + v, and |y| stays at most P's largest value (:func:`_fast_limits`). TwoSum gives
+    s = fl(y) (round to nearest, 53 bits) and err = y - s exactly (no overflow; err is a
+    multiple of 2^q, a normal float64 or 0). Two cases:
+
+    * |y| < 2^emin (P's subnormals, and 0): y = k·2^q with |k| < 2^(b-1) is a float64 (b <= 51),
+      so s = y, err = 0; P holds y exactly (its rounding is y), and y has no bit below
+      2^(E-b+1) at its exponent E < emin: clearing or rounding those bits keeps it.
+    * 2^E <= |y| < 2^(E+1), E >= emin (P's normal range, no overflow): ∘_P(y) is y rounded
+      to b bits at its own exponent. Truncated to 53 bits, y is s where err is 0 or has s's
+      sign (|s| <= |y|), else the float64 one below s toward zero (|s| > |y|, s within half
+      a float64 spacing; the pattern's decrement, which also steps from 2^(E+1) down into y's
+      binade). rz: that truncation with its low 53 - b bits cleared is y truncated to b bits
+      (the truncation is at most y, and keeps y's bits down to 2^(E-52)). rne: the truncation
+      with its last bit set where err != 0 is y rounded to odd at 53 bits, in y's binade
+      (not a power of two when inexact), and its nearest-even rounding to b <= 51 bits equals
+      y's (Boldo & Melquiond 2008: two bits to spare; :func:`carrier_add` rests on the same),
+      here ``lax.reduce_precision``, which :func:`round_to` takes for rne in the normal range.
+
+    c starts at +0 and is never -0 (a zero sum of nonzero values is +0 under round to
+    nearest; a zero term leaves c), so no signed-zero rule comes into play."""
+    U = jnp.uint64
+    keep = U(~((1 << (53 - b)) - 1) & (2**64 - 1))
+
+    def term(c, v):
+        s = c + v
+        bb = s - c
+        err = (c - (s - bb)) + (v - bb)
+        sb, eb = lax.bitcast_convert_type(s, U), lax.bitcast_convert_type(err, U)
+        inexact = (eb << U(1)) != U(0)
+        sb = sb - (((sb ^ eb) >> U(63)) & inexact.astype(U))  # err opposite to s: one step toward zero
+        if r is Mode.RZ:
+            return lax.bitcast_convert_type(sb & keep, jnp.float64), None
+        ro = lax.bitcast_convert_type(sb | inexact.astype(U), jnp.float64)
+        return lax.reduce_precision(ro, exponent_bits=11, mantissa_bits=b - 1), None
+
+    c, _ = lax.scan(term, jnp.zeros(flat.shape[1], jnp.float64), flat)
+    return c
+
+
 def _promote(x, order: Order, acc, mode):
     """The running sum of ``promote(b,Nc,r)`` (docs/semantics.md §3.4.2) over the last axis of
     ``x`` (float64), before the final rounding: every chunk's short sum (all chunks at once,
-    term by term), then the chunk sums added into ``acc`` in ``mode``. Each add is made round
-    to odd at 53 bits (:func:`carrier_add`'s TwoSum), which rounds on to b <= 51 bits as the
-    exact sum does, whatever the terms' widths (exact products)."""
+    term by term: :func:`_chunk_sums`, or for a static accumulate format and at least
+    :data:`PROMOTE_FAST_MIN_TERMS` terms :func:`_chunk_sums_fast` where the terms allow it),
+    then the chunk sums added into ``acc`` in ``mode``. Each add is made round to odd at 53
+    bits (:func:`carrier_add`'s TwoSum), which rounds on to b <= 51 bits as the exact sum
+    does, whatever the terms' widths (exact products)."""
     check_emulable(order)
     short = _short_format(order, acc)
 
-    def add(a, b, m):
-        return carrier_add(a, b, Mode.RO if m.nearest else m)
-
-    def term(c, v):
-        return round_to(add(c, v, order.rounding), short, order.rounding), None
-
     # Both scans carry one flat axis: over the (nc, ...) carry of the batched shape, XLA:CPU ran the
     # same steps 3.5x slower (the terms of 32,768 rows of 64 terms: 41.8 ms against 12.1 ms per call).
-    chunks = jnp.moveaxis(_by_blocks(x.reshape(-1, x.shape[-1]), order.block), -1, 0)  # (Nc, nc, rows)
+    x2 = x.reshape(-1, x.shape[-1])
+    chunks = jnp.moveaxis(_by_blocks(x2, order.block), -1, 0)  # (Nc, nc, rows)
     Nc, nc, rows = chunks.shape
-    c, _ = lax.scan(term, jnp.zeros(nc * rows, jnp.float64), chunks.reshape(Nc, nc * rows))
+    flat = chunks.reshape(Nc, nc * rows)
+    lim = None
+    if isinstance(acc, Format) and x.size >= PROMOTE_FAST_MIN_TERMS:
+        lim = _fast_limits(order, acc, Nc)
+    if lim is None:
+        c = _chunk_sums(flat, order, short)
+    else:  # the check reads the terms as they lie: on the transposed chunks the forward ran ~10% slower
+        c = _cond(_fast_terms_ok(x2, *lim), lambda: _chunk_sums_fast(flat, order.bits, order.rounding),
+                  lambda: _chunk_sums(flat, order, short))
 
     def promote(s, cv):
-        return round_to(add(s, cv, mode), acc, mode), None
+        return round_to(carrier_add(s, cv, Mode.RO if mode.nearest else mode), acc, mode), None
 
     s, _ = lax.scan(promote, jnp.zeros(rows, jnp.float64), c.reshape(nc, rows))
     return s.reshape(x.shape[:-1])
