@@ -47,7 +47,8 @@ class _ApiVersion(ctypes.Structure):
                 ("major_version", ctypes.c_int), ("minor_version", ctypes.c_int)]
 
 
-_API_MAJOR, _API_MINOR = 0, 1  # XLA_FFI_API_MAJOR/MINOR of the header this follows (fields used: all of 0.1)
+# the FFI version this handler declares: every structure it reads has this layout since 0.1 (the header is 0.3)
+_API_MAJOR, _API_MINOR = 0, 1
 
 
 class _Metadata(ctypes.Structure):
@@ -90,8 +91,6 @@ class _ErrorCreateArgs(ctypes.Structure):
 
 
 _ERROR_INTERNAL = 13
-_ERROR_NOT_FOUND = 5
-_ERROR_INVALID_ARGUMENT = 3
 _ErrorCreate = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_ErrorCreateArgs))
 
 
@@ -202,6 +201,9 @@ def _run(frame: _CallFrame) -> None:
     if entry is None:
         raise HostCallError(f"no host function of the key {_describe(key)!r} in this process (it is registered "
                             f"when a program that calls it is traced)")
+    if any(frame.args.types[i] != _BUFFER for i in range(frame.args.size)) or any(
+            frame.rets.types[i] != _BUFFER for i in range(frame.rets.size)):
+        raise HostCallError(f"a call of host function {entry.name} with an argument or result that is not a buffer")
     args = [_array(ctypes.cast(frame.args.args[i], ctypes.POINTER(_Buffer)).contents, False)
             for i in range(frame.args.size)]
     outs = [_array(ctypes.cast(frame.rets.args[i], ctypes.POINTER(_Buffer)).contents, True)
