@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ._host import host_call
+
 
 def _cond(pred, if_true, if_false):
     """``lax.cond`` under a trace; a Python branch on concrete values (eager calls then
@@ -70,19 +72,21 @@ def _fill_rows(out, ok, args, redo, b: int, static=None, data=(), recheck=None):
     through ``redo``.
 
     The redo is not part of the caller's program: where some row is uncertified, a host
-    callback (``jax.pure_callback``) gathers those rows into blocks of ``b`` (the last one
-    padded with zero rows) and runs ``recheck``, then ``redo``, on each block as a
-    program of its own (:func:`_redo_program`), compiled on first need once per
-    (function, ``static``, shapes) and cached like any jitted program (also in the
-    persistent compilation cache). Where every row is certified the callback is not taken
-    (a conditional under a trace, a Python branch on concrete values)."""
-    host = functools.partial(_redo_rows, redo, recheck, static, b)
+    call (:func:`collapse_sim.backends._host.host_call`, keyed by ``redo``, ``recheck``,
+    ``static`` and ``b``, which therefore need host keys) gathers those rows into blocks of
+    ``b`` (the last one padded with zero rows) and runs ``recheck``, then ``redo``, on each
+    block as a program of its own (:func:`_redo_program`), compiled on first need once per
+    (function, ``static``, shapes) and cached like any jitted program. The caller's program
+    and the redo programs all go to the persistent compilation cache. Where every row is
+    certified the host call is not taken (a conditional under a trace, a Python branch on
+    concrete values)."""
     if not isinstance(ok, jax.core.Tracer):
-        return jnp.asarray(host(out, ok, data, *args)) if not bool(np.all(ok)) else out
+        return jnp.asarray(_redo_rows(redo, recheck, static, b, out, ok, data, *args)) if not bool(np.all(ok)) else out
 
     def call():
         shape = jax.ShapeDtypeStruct(out.shape, out.dtype)
-        new = jax.pure_callback(host, shape, out, ok, data, *args, vmap_method="sequential")
+        new = host_call(_redo_rows, (redo, recheck, static, b), shape, out, ok, data, *args, vmap_method="sequential",
+                        nested=True)
         return jnp.where(ok[:, None], out, new)  # the same values; of out's type also under shard_map
 
     return _cond(jnp.all(ok), lambda: out, call)

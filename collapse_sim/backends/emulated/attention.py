@@ -5,7 +5,7 @@ Where the policy's order is ``exact`` or ``blocked``, dot products come from flo
 matrix products certified by certificates.py; every row they leave uncertified is redone
 op by op, so the result is the op-by-op result bit for bit. The redo is a program of its
 own (:func:`_linear_redo`, :func:`_attention_redo`), run from the forward by a host
-callback only where some row needs it (:func:`collapse_sim.backends._rows._fill_rows`).
+call only where some row needs it (:func:`collapse_sim.backends._rows._fill_rows`).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 ``exact`` order of docs/semantics.md §3.1: one rounding of the exact sum), and the
 float64 bit-pattern helpers it shares with the certificates.
 
-The superaccumulator runs on the host, in numpy, called from compiled code by
-``jax.pure_callback``; only the final rounding to the format is compiled. Inlined into
+The superaccumulator runs on the host, in numpy, called from compiled code by a host
+call (:func:`collapse_sim.backends._host.host_call`, which the persistent compilation
+cache can hold); only the final rounding to the format is compiled. Inlined into
 XLA it was ~800 lines of HLO per call site, and the exact and blocked forwards hold
 dozens of call sites (each certified sum's fallback and the op-by-op redo of what the
 certificates leave open), which made their compiles 2-5x those of the other orders
@@ -12,14 +13,13 @@ while the code runs only where a certificate fails.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from ...formats import Format
+from .._host import host_call
 from ...rounding import float64_exponent as _exponent, pow2 as _pow2, round_to  # noqa: F401 (re-exported)
 _NO_BITS = 4096  # lowest-set-bit exponent given to zeros: above every real one
 
@@ -71,13 +71,19 @@ def exact_sum(x, out: Format, mode, kmin: int = -1074, kmax: int = 1024, chunk: 
     term outside them makes the result NaN, never a silently wrong number.
 
     The limb arithmetic runs on the host (:func:`sticky_sum`, numpy) through
-    ``jax.pure_callback``; ``out`` may be a traced format (the shared program).
+    a host call (:func:`collapse_sim.backends._host.host_call`); ``out`` may be a traced
+    format (the shared program).
     """
     dtype = x.dtype
     x64 = jnp.asarray(x).astype(jnp.float64)
-    host = functools.partial(sticky_sum, kmin=kmin, kmax=kmax, chunk=chunk, table=table)
-    val = jax.pure_callback(host, jax.ShapeDtypeStruct(x64.shape[:-1], jnp.float64), x64, vmap_method="expand_dims")
+    val = host_call(_host_sticky_sum, (kmin, kmax, chunk, table), jax.ShapeDtypeStruct(x64.shape[:-1], jnp.float64),
+                    x64, vmap_method="expand_dims")
     return round_to(val, out, mode).astype(dtype)
+
+
+def _host_sticky_sum(kmin: int, kmax: int, chunk: int, table: int, x):
+    """:func:`sticky_sum` with its static arguments first (:func:`host_call`'s order)."""
+    return sticky_sum(x, kmin, kmax, chunk, table)
 
 
 def _bit_length(v):

@@ -131,6 +131,11 @@ class Emulator:
     def __repr__(self) -> str:
         return f"Emulator({self.policy}{', shared=True' if self.shared else ''})"
 
+    def host_key(self) -> str:
+        """What :meth:`__eq__` compares (``key``) as text, the same in every process: the key
+        of a host call that takes this emulator as a static argument (backends/_host.py)."""
+        return f"Emulator{self.key!r}"
+
     # --- rounding --------------------------------------------------------
     def _scope_word(self):
         """The innermost draw scope's word; in the top scope ``split(s, 0)``, made where it is
