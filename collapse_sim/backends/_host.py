@@ -20,6 +20,7 @@ exception in the function becomes an error of the compiled call (a
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 import traceback
 import types
@@ -277,15 +278,13 @@ def host_call(fn, static: tuple, result, *args, vmap_method: str, nested: bool =
     pytree of :class:`jax.ShapeDtypeStruct` that ``fn``'s result (a pytree of arrays of that
     structure, shapes and dtypes) matches. ``fn`` is a function of module level and
     ``static`` its static arguments (each with a :func:`host_key`). ``vmap_method`` as in
-    :func:`jax.ffi.ffi_call`. ``nested``: ``fn`` runs compiled programs itself, which needs
-    JAX's CPU dispatch to be synchronous (set on this module's import; refused if JAX started
-    its CPU backend asynchronous before). CPU only."""
+    :func:`jax.ffi.ffi_call`. ``nested``: ``fn`` runs compiled programs itself, which through
+    the FFI target needs JAX's CPU dispatch to be synchronous (set on this module's import);
+    where JAX started its CPU backend asynchronous before, such a call goes through
+    ``jax.pure_callback`` instead: the same function and bits, but the program that holds it
+    is not written to the persistent compilation cache. CPU only."""
     if nested and not _dispatch_is_synchronous():
-        raise HostCallError(f"host function {host_key(fn)} runs compiled programs, which needs JAX's CPU dispatch "
-                            f"synchronous, and JAX started its CPU backend with {_ASYNC_OPTION}=True before "
-                            f"{__name__} was imported; import collapse_sim.backends before the first JAX "
-                            f"computation, or set jax.config.update({_ASYNC_OPTION!r}, False) (or the environment "
-                            f"variable {_ASYNC_OPTION.upper()}=0) before it")
+        return jax.pure_callback(functools.partial(fn, *static), result, *args, vmap_method=vmap_method)
     leaves, treedef = jax.tree.flatten(args)
     key = _register(fn, static, treedef)
     out_leaves, out_tree = jax.tree.flatten(result)
