@@ -280,6 +280,9 @@ def _chunk_sums_fast(flat, b: int, r: Mode):
     U = jnp.uint64
     keep = U(~((1 << (53 - b)) - 1) & (2**64 - 1))
 
+    # carrier_add(c, v, Mode.RO)'s TwoSum and round to odd, written out for finite terms: through
+    # carrier_add (its sign split and finiteness test) the promote recipe's forward at N = 4,096 ran
+    # 2.6-2.9x its baseline's CPU seconds against 2.1x (2026-12-03, quiet machine).
     def term(c, v):
         s = c + v
         bb = s - c
