@@ -133,7 +133,7 @@ class Format:
         x = Fraction(x)
         if x == 0:
             return Fraction(2) ** (self.emin - self.p + 1)
-        e = _floor_log2(abs(x))
+        e = floor_log2(abs(x))
         return Fraction(2) ** (max(e, self.emin) - self.p + 1)
 
     def spec(self) -> str:
@@ -166,7 +166,7 @@ class Format:
         return self.name
 
 
-def _floor_log2(x: Fraction) -> int:
+def floor_log2(x: Fraction) -> int:
     """floor(log2(x)) for a positive rational, exactly."""
     n, d = x.numerator, x.denominator
     e = n.bit_length() - d.bit_length()

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from fractions import Fraction
 
 import jax.numpy as jnp
 from jax import lax
 
-from ...formats import Format
+from ...formats import Format, floor_log2
 from ...policy import Order
 from ...rounding import FormatParams, Mode, round_to
 from .._rows import _computed_once, _cond
@@ -230,10 +229,7 @@ def _fast_limits(order: Order, acc: Format, nc: int):
         return None
     b = order.bits
     q = acc.emin - b + 1
-    top = order.chunk_format(acc).max_exact
-    e = top.numerator.bit_length() - top.denominator.bit_length()
-    e = e if top >= Fraction(2) ** e else e - 1  # floor(log2(P's largest value))
-    e -= (nc - 1).bit_length() + -(-3 * nc // 2 ** (b + 1))
+    e = floor_log2(order.chunk_format(acc).max_exact) - (nc - 1).bit_length() - -(-3 * nc // 2 ** (b + 1))
     if q < -1000 or e < q or e > 1023:  # 2^e a float64
         return None
     return q, e
