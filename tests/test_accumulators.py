@@ -302,7 +302,7 @@ def test_shared_program_equals_specialised(policy):
 
 @pytest.mark.parametrize("policy,d", [("storage=bf16,compute=fp32,accumulate=fp32,order=tcfma(4,12,rz)", 8),
                                       ("storage=e4m3fn,compute=fp32,accumulate=fp32,order=promote(14,4)", 9)])
-def test_forward_emulated_equals_reference(policy, d):
+def test_forward_emulated_equals_reference(policy, d, monkeypatch):
     """Full forwards (L = 2, N = 12, a probe after every prefix) under each model: every dot
     product and sum of the model (scores, weighted values, projections, MLP, norms' sums,
     softmax denominator) on both backends, bit for bit. d = 8 for one model and d = 9 (an odd
@@ -314,6 +314,7 @@ def test_forward_emulated_equals_reference(policy, d):
     from collapse_sim.model import ModelConfig
     from test_model import assert_emulated_equals_reference
 
+    monkeypatch.setattr(orders, "PROMOTE_FAST_MIN_TERMS", 1)
     assert_emulated_equals_reference(ModelConfig(d=d, n_layers=2, vocab=4, seed=3, d_ff=2 * d), policy)
 
 
@@ -366,7 +367,7 @@ def test_promote_bit_level_equals_scan(spec, acc):
     order, A = Order.parse(spec), parse(acc)
     short = order.chunk_format(A)
     x = _fast_terms(order, A, 4096, np.random.default_rng(5))
-    assert bool(orders._fast_terms_ok(x, *orders._fast_limits(order, A, order.block)))
+    assert bool(orders._fits(orders.term_bounds(x), *orders._fast_limits(order, A, order.block)))
     want = np.asarray(jax.jit(lambda v: orders._chunk_sums(v, order, short))(x))
     got = np.asarray(jax.jit(lambda v: orders._chunk_sums_fast(v, order.bits, order.rounding))(x))
     diff = np.flatnonzero(want.view(np.uint64) != got.view(np.uint64))
@@ -381,14 +382,67 @@ def test_promote_bit_level_check_refuses():
     order, A = Order.parse("promote(14,128)"), parse("fp32")
     q, e = orders._fast_limits(order, A, 128)
     ok = [0.0, -0.0, 2.0**q, -(2.0**q), 2.0**e, 2.0**-100 + 2.0**q]
-    assert bool(orders._fast_terms_ok(np.asarray(ok), q, e))
+    assert bool(orders._fits(orders.term_bounds(np.asarray(ok)), q, e))
     for bad in [2.0 ** (q - 1), 2.0**-100 + 2.0 ** (q - 1), 3 * 2.0 ** (q - 1), 2.0**e * (1 + 2.0**-52), -(2.0 ** (e + 1)),
                 math.inf, -math.inf, math.nan, 5e-324]:
-        assert not bool(orders._fast_terms_ok(np.asarray(ok + [bad]), q, e)), bad
+        assert not bool(orders._fits(orders.term_bounds(np.asarray(ok + [bad])), q, e)), bad
     no_zero, no_subnormals = parse("e8m0fnu"), parse("(p=6,emax=15,subnormals=false)")
     assert not (no_zero.has_zero or no_zero.signed) and not no_subnormals.subnormals
     assert orders._fast_limits(order, no_zero, 128) is None and orders._fast_limits(order, no_subnormals, 128) is None
     assert orders._fast_limits(order, parse("e4m3fn"), 128) is not None  # e4m3fn has subnormals, zero and signs
+
+
+#: Entries for the bounds' oracle: zeros of both signs, powers of two, float32 and float64 values of
+#: every binade, float64 subnormals, and the specials.
+_ENTRIES = st.one_of(st.sampled_from([0.0, -0.0, 1.0, -2.0**-1022, 2.0**1023, 5e-324, math.inf, -math.inf, math.nan]),
+                     st.floats(width=32, allow_nan=False, allow_infinity=False),
+                     st.floats(allow_nan=False, allow_infinity=False))
+
+
+def _bounds_oracle(values):
+    """(low, top, ok) of orders.TermBounds' definition with exact rationals: the largest l with every nonzero
+    value a multiple of 2^l, the least t with every |value| <= 2^t, ok: none special or a float64
+    subnormal; None for low and top with no nonzero value."""
+    ok = all(math.isfinite(v) and (v == 0 or abs(v) >= 2.0**-1022) for v in values)
+    nz = [abs(Fraction(v)) for v in values if math.isfinite(v) and v != 0]
+    if not nz:
+        return None, None, ok
+    low = min(_floor_log2(Fraction(x.numerator & -x.numerator, x.denominator)) for x in nz)
+    top = max(_ceil_log2(x) for x in nz)
+    return low, top, ok
+
+
+def _ceil_log2(a: Fraction) -> int:
+    e = _floor_log2(a)
+    return e if a == Fraction(2) ** e else e + 1
+
+
+_term_bounds = jax.jit(orders.term_bounds)
+
+
+@given(st.lists(_ENTRIES, min_size=6, max_size=6), st.lists(_ENTRIES, min_size=6, max_size=6))
+def test_term_bounds_against_exact_rationals(a, b):
+    """term_bounds reads, from the bit patterns, the exact (low, top, ok) of its entries; the bounds
+    product_bounds derives from two factors' bound every nonzero product of theirs (exact
+    rationals), and ok needs both factors' (0·inf is NaN)."""
+    a, b = np.asarray(a), np.asarray(b)
+    for x in (a, b):
+        low, top, ok = _bounds_oracle(x.tolist())
+        got = _term_bounds(x)
+        assert bool(got.ok) == ok, x
+        if low is None:
+            assert int(got.low) >= 1000 and int(got.top) <= -1000, x  # above and below every limit
+        elif ok:
+            assert (int(got.low), int(got.top)) == (low, top), x
+    pb = orders.product_bounds(_term_bounds(a), _term_bounds(b))
+    if bool(pb.ok):
+        for x in a:
+            for y in b:
+                z = Fraction(x) * Fraction(y)
+                if z:
+                    assert (z / Fraction(2) ** int(pb.low)).denominator == 1 and abs(z) <= Fraction(2) ** int(pb.top)
+    else:
+        assert not (_term_bounds(a).ok and _term_bounds(b).ok)
 
 
 def _count_paths(monkeypatch):

@@ -29,10 +29,10 @@ COST = {
     ("emulated", "exact"): 2.0e-9,
     ("emulated", "blocked"): 6.0e-9,
     ("emulated", "tcfma"): 5.5e-8,  # 3.7x pairwise (bench_sweep's recipes, N = 4,096)
-    # 1.6x pairwise (1.4-2.1x over the runs of 2026-12-03): bench_sweep's recipes at N = 4,096, CPU
-    # seconds, since the bit-level short accumulator (orders.PROMOTE_FAST_MIN_TERMS; 2.4-3.3x
-    # before, the same runs; 4.9x earlier)
-    ("emulated", "promote"): 2.5e-8,
+    # 1.5x pairwise (1.4-1.7x over the runs of 2026-12-03, its condition bounded from the dot
+    # products' factors): bench_sweep's recipes at N = 4,096, CPU seconds, since the bit-level short
+    # accumulator (orders.PROMOTE_FAST_MIN_TERMS; 2.4-3.3x before it; 4.9x earlier)
+    ("emulated", "promote"): 2.3e-8,
     # stochastic rounding (mode=sr(r,seed=s), pairwise, bf16): 1.09 s for one forward at N = 512,
     # d = 64, L = 1 against 0.27 s under rne (best of 3 after the compile; 2026-12-02, 2 cores shared,
     # load 3-5)

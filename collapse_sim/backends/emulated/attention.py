@@ -26,6 +26,7 @@ from .._rows import _computed_once, _fill_rows, _map_rows
 from ..inputs import AttentionInputs
 from .certificates import certified_matmul, matmul_stats, row_norms
 from .ops import Emulator, reduce_sum
+from .orders import term_bounds
 
 _BLOCK_ELEMS = 1 << 21  # elements of one (queries x keys x head-dim) block
 
@@ -89,8 +90,7 @@ def _linear(emu: Emulator, x, w, stream_rows=None):
 
 def _linear_op_by_op(emu: Emulator, x, w, path: str):
     """``x @ w`` op by op: every entry an :meth:`Emulator.dot` (``path``: :func:`reduce_sum`'s)."""
-    ae, be = jnp.broadcast_arrays(x[:, None, :], w.T[None, :, :])
-    return emu.dot(ae, be, path=path)
+    return emu.dot(x[:, None, :], w.T[None, :, :], path=path)
 
 
 def _linear_recheck(static: Emulator, data, x):
@@ -334,14 +334,16 @@ def _value_operands(emu: Emulator, vq, v, pb, vpb=None):
     return jnp.broadcast_to(pad(vq)[None], (pb.shape[0], nb * kb, dh)), (t * kb, last)
 
 
-def _weighted_values(emu: Emulator, P, V, valid, out, path: str, last=None):
+def _weighted_values(emu: Emulator, P, V, valid, out, path: str, last=None, v_src=None):
     """``Σ_j P_ij V_ij[c]`` for each row i and component c (§8.4): the products exact in the
     carrier, rounded to the accumulate format (except in the orders with exact products),
     reduced over the keys in the policy's order, the masked keys skipped, rounded to ``out``.
     A masked key's product is an exact zero (§3.3) whatever its value holds: 0·inf and 0·NaN
     of a later position must not reach an earlier row. ``last`` (an operands role's
     ``(start, V_last)``, :func:`_value_operands`): each row's values at columns
-    ``start..start + k − 1`` are ``V_last``'s, not ``V``'s."""
+    ``start..start + k − 1`` are ``V_last``'s, not ``V``'s. ``v_src``: arrays whose entries include
+    ``V``'s (:meth:`Emulator.product_terms`)."""
+    terms = None if v_src is None or last is not None else emu.product_terms(emu.order, (P,), v_src)
     zero = jnp.zeros((), P.dtype)
     prod = jnp.where(valid[:, :, None], P[:, :, None] * V, zero)
     if last is not None:
@@ -354,7 +356,8 @@ def _weighted_values(emu: Emulator, P, V, valid, out, path: str, last=None):
     if not emu.order.exact_products:
         prod = emu.rnd(prod, emu.accumulate)
     vmask = jnp.broadcast_to(valid[:, None, :], prod.shape)
-    return reduce_sum(prod, emu.order, emu.accumulate, out, emu.mode, vmask, emu.bounds, path=path, draws=emu.draws)
+    return reduce_sum(prod, emu.order, emu.accumulate, out, emu.mode, vmask, emu.bounds, path=path, draws=emu.draws,
+                      terms=terms)
 
 
 def _op_by_op_attention(emu: Emulator, a: AttentionInputs, path: str = "certified", adaptive=None):
@@ -369,13 +372,15 @@ def _op_by_op_attention(emu: Emulator, a: AttentionInputs, path: str = "certifie
     tiled = emu.operands is not None and not emu.per_tensor
     vq = emu.operand(v, 0) if tiled else v  # the values' full key blocks: the same for every row
     running = (emu.prefix_amax(k), emu.prefix_amax(v))  # per tensor: the keys' and values' running amaxes
+    kb, vb = (term_bounds(k), term_bounds(v)) if emu.bounds_products(emu.order) else (k, v)  # once, not per block
 
     def block(args):
         qb, pb, kpb, vpb = args  # (B, dh), (B,), (B, dh), (B, dh)
 
-        def rows(K, V):
-            """The block's outputs (B, dh) over its keys and values K, V (B, nk, dh)."""
-            raw = emu.dot(jnp.broadcast_to(qb[:, None, :], K.shape), K, path=path)
+        def rows(K, V, src=None):
+            """The block's outputs (B, dh) over its keys and values K, V (B, nk, dh); ``src``: arrays
+            whose entries include K's and V's (:meth:`Emulator.product_terms`)."""
+            raw = emu.dot(qb[:, None, :], K, path=path, factors=None if src is None else ((qb,), src[0]))
             if adaptive is None:
                 alpha, valid = weights(raw, pb, path)
             else:
@@ -387,12 +392,14 @@ def _op_by_op_attention(emu: Emulator, a: AttentionInputs, path: str = "certifie
                 pad = ((0, 0), (0, V.shape[1] - nk))  # the keys padded to whole blocks, masked
                 alpha, valid = emu.operand(jnp.pad(alpha, pad), -1), jnp.pad(valid, pad)
                 return _weighted_values(emu, alpha, V, valid, emu.compute, path, last)
-            return _weighted_values(emu, alpha, V, valid, emu.compute, path)  # alpha: (B, nk), compute format
+            return _weighted_values(emu, alpha, V, valid, emu.compute, path,  # alpha: (B, nk), compute format
+                                    v_src=None if src is None else src[1])
 
         if emu.per_tensor:  # §13.2.1: each row's keys and values with the amax of its columns 0..p_i
             return _tensor_scaled_rows(emu, rows, k, v, cols, self_kv, pb, kpb, vpb, running,
                                        jnp.zeros(qb.shape, emu.dtype))
-        return rows(*_row_keys_values(k, v, cols, self_kv, pb, kpb, vpb))
+        src = ((kb,), (vb,)) if self_kv is None else ((kb, kpb), (vb, vpb))
+        return rows(*_row_keys_values(k, v, cols, self_kv, pb, kpb, vpb), src=src)
 
     b, _ = _blocks(a.q.shape[0], nk * dh)
     return _map_rows(block, (a.q, a.qpos, kp, vp), b, emu.stream)

@@ -42,7 +42,8 @@ from ...rounding import FormatClass, Stochastic, hash_draws, pow2 as _pow2, roun
 from .carrier import CarrierError, carrier_add, carrier_for
 from .certificates import certified_sum
 from .exact import exact_sum
-from .orders import _blocked, _kahan, _pairwise, _promote, _rounded_add, _sequential, _tcfma, check_emulable
+from .orders import (_blocked, _kahan, _pairwise, _promote, _rounded_add, _sequential, _tcfma, check_emulable,
+                     product_bounds, term_bounds)
 
 
 #: The formats one shared program emulates, with the formats as data (a jit argument, not
@@ -301,21 +302,41 @@ class Emulator:
         return reduce_sum(x, order or self.order, self.accumulate, self.compute if out_fmt is None else out_fmt,
                           self.mode, bounds=self.bounds, path=path, draws=self.draws)
 
-    def dot(self, a, b, out_fmt: Format | None = None, order: Order | None = None, path: str = "certified"):
+    def dot(self, a, b, out_fmt: Format | None = None, order: Order | None = None, path: str = "certified",
+            factors=None):
         """Vector dot product over the last axis (batched over the rest).
 
         Products of two carrier values are exact in the carrier; each is rounded
         to ``accumulate`` (exact if that format has >= 2p bits), then reduced.
         The ``exact``, ``blocked``, ``tcfma`` and ``promote`` orders use the exact products
         (``path``: how the exact and blocked orders take their exact sums, see :func:`reduce_sum`).
+
+        ``factors``: two sequences of arrays whose entries include every entry of ``a`` and of
+        ``b`` (zeros aside), e.g. the keys a broadcast ``b`` was made of; ``promote`` bounds its
+        terms from them (:func:`~.orders.product_bounds`) instead of reading every product.
+        Default: ``a`` and ``b`` as given, before broadcasting (:meth:`product_terms`).
         """
+        order = order or self.order
+        terms = self.product_terms(order, *(((a,), (b,)) if factors is None else factors))
         a, b = jnp.broadcast_arrays(jnp.asarray(a, self.dtype), jnp.asarray(b, self.dtype))
         prod = a * b
-        order = order or self.order
         if not order.exact_products:
             prod = self.rnd(prod, self.accumulate)
         return reduce_sum(prod, order, self.accumulate, self.compute if out_fmt is None else out_fmt, self.mode,
-                          bounds=self.bounds, path=path, draws=self.draws)
+                          bounds=self.bounds, path=path, draws=self.draws, terms=terms)
+
+    def bounds_products(self, order: Order) -> bool:
+        """Whether :meth:`product_terms` bounds products under ``order``."""
+        return order.kind == "promote" and self.dtype == jnp.float64
+
+    def product_terms(self, order: Order, fa, fb):
+        """:class:`~.orders.TermBounds` of the products of entries of the arrays ``fa`` with entries
+        of the arrays ``fb`` (:func:`~.orders.product_bounds`), for the ``promote`` order in a
+        float64 carrier (its products exact: no overflow, no underflow); else None (the sum reads
+        its terms where it needs them)."""
+        if not self.bounds_products(order):
+            return None
+        return product_bounds(term_bounds(*fa), term_bounds(*fb))
 
     def matmul(self, a, b, out_fmt=None, order=None):
         """``a @ b`` for a: (..., m, k), b: (k, n), each entry a :meth:`dot`."""
@@ -373,7 +394,7 @@ _PATHS = ("certified", "float64", "superacc")
 
 
 def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, bounds=(-1074, 1024), nonneg=False,
-               path: str = "certified", draws=None):
+               path: str = "certified", draws=None, terms=None):
     """Reduce the last axis. Masked-out terms must be zeros; ``valid`` (same shape)
     is needed only by ``kahan``, whose state would change on trailing zeros.
     ``bounds`` = (kmin, kmax) of the terms for the exact superaccumulator; ``nonneg``:
@@ -388,7 +409,10 @@ def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, boun
 
     ``draws``: under stochastic rounding, ``draws(shape)`` gives the draws of one rounding
     (:meth:`Emulator.draws`): one call per pairwise level, one stacked array for the
-    sequential order's adds, one for the final rounding."""
+    sequential order's adds, one for the final rounding.
+
+    ``terms``: :class:`~.orders.TermBounds` of ``x``'s entries where the caller knows them
+    (``promote`` reads them from ``x`` otherwise)."""
     if path not in _PATHS:
         raise ValueError(f"path must be one of {_PATHS}, not {path!r}")
     with_ok = path == "float64"
@@ -423,7 +447,7 @@ def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, boun
         s = _sequential(blocks, add)
     elif order.kind in ("tcfma", "promote"):  # in float64 whatever the carrier (orders.py)
         x64 = x.astype(jnp.float64)
-        s = (_tcfma(x64, order, acc) if order.kind == "tcfma" else _promote(x64, order, acc, mode)).astype(x.dtype)
+        s = (_tcfma(x64, order, acc) if order.kind == "tcfma" else _promote(x64, order, acc, mode, terms)).astype(x.dtype)
     else:  # pragma: no cover - Order validates kinds
         raise ValueError(order)
     s = round_to(s, out, mode, draws=draws(s.shape))

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -185,8 +187,9 @@ def _short_format(order: Order, acc: "Format | FormatParams"):
 
 
 #: A ``promote`` sum of at least this many terms in all (every row's, zeros in place included) runs
-#: its short accumulator by :func:`_chunk_sums_fast` where :func:`_fast_terms_ok` holds (the terms'
-#: check, one pass over them; :func:`_chunk_sums` otherwise, chosen by a conditional): smaller sums
+#: its short accumulator by :func:`_chunk_sums_fast` where :func:`_fits` holds (the terms' bounds,
+#: from the dot product's factors or one pass over the terms; :func:`_chunk_sums` otherwise, chosen
+#: by a conditional): smaller sums
 #: keep the one path, whose program compiles once instead of twice. In the emulated forward at d = 64
 #: (blocks of up to 2^21 products, attention._BLOCK_ELEMS) the attention's dot products reach it from
 #: N = 128 and the linear layers' (N·64·64 products) from N = 256; the softmax's denominators (N terms
@@ -209,7 +212,7 @@ def _chunk_sums(flat, order: Order, short):
 
 
 def _fast_limits(order: Order, acc: Format, nc: int):
-    """``(q, e)`` for :func:`_fast_terms_ok` (chunks of ``nc`` terms, a static accumulate
+    """``(q, e)`` for :func:`_fits` (chunks of ``nc`` terms, a static accumulate
     format ``acc``), or None where the bit-level accumulator cannot serve ``acc``.
 
     ``2^q`` is the short format P's quantum (q = emin - b + 1) and ``2^e`` a bound on the
@@ -235,21 +238,64 @@ def _fast_limits(order: Order, acc: Format, nc: int):
     return q, e
 
 
-def _fast_terms_ok(flat, q: int, e: int):
-    """Whether every term is a multiple of 2^q (zeros included) and at most 2^e in magnitude
-    (:func:`_fast_limits`); false for inf and NaN. Read from the bit patterns first (a float64
-    subnormal, which XLA:CPU reads as 0 in arithmetic, is neither 0 nor >= 2^q there), then
-    x·2^-q an integer: exact for a normal float64 times a power of two, unless it overflows to
-    inf, which passes, but only for |x| >= 2^(1024 + q), whose last bit 2^(E - 52) >= 2^(q + 972)
-    makes x a multiple of 2^q anyway."""
-    mag = lax.bitcast_convert_type(flat, jnp.uint64) & jnp.uint64(2**63 - 1)
-    pat = lambda k: jnp.uint64((k + 1023) << 52)  # noqa: E731 - 2^k's pattern, a normal float64
-    y = flat * 2.0**-q
-    return jnp.all((mag <= pat(e)) & ((mag == 0) | (mag >= pat(q))) & (jnp.trunc(y) == y))
+class TermBounds(NamedTuple):
+    """What :func:`_chunk_sums_fast` needs to know of a sum's terms, as int32 / bool scalars:
+    every nonzero term is a multiple of ``2^low`` and at most ``2^top`` in magnitude, and
+    ``ok``: none is inf, NaN or a float64 subnormal (which XLA:CPU reads as 0 in arithmetic).
+    For no nonzero term, ``low`` and ``top`` are far above and below any limit."""
+
+    low: jax.Array
+    top: jax.Array
+    ok: jax.Array
+
+
+_NO_TERM = 1 << 14  # beyond every float64 exponent, and twice it fits int32
+
+
+def term_bounds(*items) -> TermBounds:
+    """:class:`TermBounds` of the entries of every array among ``items`` and of every
+    :class:`TermBounds` among them (bounds known already, e.g. of a loop's invariant operand),
+    read from the arrays' float64 bit patterns: exact for float32 and float64 entries. A normal
+    float64 with biased exponent E and significand S (53 bits) is S·2^(E-1075): a multiple of
+    2^(E-1075+tz(S)) (tz: trailing zeros), and at most 2^(E-1023) if S is 2^52 (a power of two),
+    else below 2^(E-1022)."""
+    U, I = jnp.uint64, jnp.int32
+    lows, tops, oks = [], [], []
+    for x in items:
+        if isinstance(x, TermBounds):
+            lows.append(x.low), tops.append(x.top), oks.append(x.ok)
+            continue
+        mag = lax.bitcast_convert_type(jnp.asarray(x, jnp.float64), U) & U(2**63 - 1)
+        E = (mag >> U(52)).astype(I)
+        frac = mag & U(2**52 - 1)
+        sig = frac | U(2**52)
+        tz = lax.population_count((sig & (~sig + U(1))) - U(1)).astype(I)
+        nz = mag != U(0)
+        lows.append(jnp.min(jnp.where(nz, E - 1075 + tz, _NO_TERM), initial=_NO_TERM))
+        tops.append(jnp.max(jnp.where(nz, E - 1023 + (frac != U(0)).astype(I), -_NO_TERM), initial=-_NO_TERM))
+        oks.append(jnp.all((E != 2047) & ((E != 0) | ~nz)))
+    return TermBounds(functools.reduce(jnp.minimum, lows), functools.reduce(jnp.maximum, tops),
+                      functools.reduce(jnp.logical_and, oks))
+
+
+def product_bounds(a: TermBounds, b: TermBounds) -> TermBounds:
+    """:class:`TermBounds` of the products x·y of entries x, y that ``a`` and ``b`` bound, each
+    exact or rounded to a format with no overflow (a rounding of a multiple of 2^l stays one, and
+    a value at most 2^t rounds to at most 2^t): :meth:`Emulator.dot` bounds its products from its
+    factors, O(N·d) entries for O(N²·d) products. A zero factor gives a zero product, but 0·inf and
+    0·NaN are NaN: ``ok`` needs both factors' ``ok``."""
+    return TermBounds(a.low + b.low, a.top + b.top, a.ok & b.ok)
+
+
+def _fits(tb: TermBounds, q: int, e: int):
+    """Whether terms with bounds ``tb`` may take :func:`_chunk_sums_fast`: every one a multiple of
+    2^q (zeros included) and at most 2^e in magnitude (:func:`_fast_limits`), none inf, NaN or a
+    float64 subnormal."""
+    return tb.ok & (tb.low >= q) & (tb.top <= e)
 
 
 def _chunk_sums_fast(flat, b: int, r: Mode):
-    """:func:`_chunk_sums` on terms that pass :func:`_fast_terms_ok`, the same bits, from the
+    """:func:`_chunk_sums` on terms that pass :func:`_fits`, the same bits, from the
     float64 pattern of each sum instead of :func:`carrier_add` and :func:`round_to`.
 
     Every c and term is a multiple of 2^q (q = P's emin - b + 1), so is the exact sum
@@ -295,14 +341,15 @@ def _chunk_sums_fast(flat, b: int, r: Mode):
     return c
 
 
-def _promote(x, order: Order, acc, mode):
+def _promote(x, order: Order, acc, mode, terms: TermBounds | None = None):
     """The running sum of ``promote(b,Nc,r)`` (docs/semantics.md §3.4.2) over the last axis of
     ``x`` (float64), before the final rounding: every chunk's short sum (all chunks at once,
     term by term: :func:`_chunk_sums`, or for a static accumulate format and at least
     :data:`PROMOTE_FAST_MIN_TERMS` terms :func:`_chunk_sums_fast` where the terms allow it),
     then the chunk sums added into ``acc`` in ``mode``. Each add is made round to odd at 53
     bits (:func:`carrier_add`'s TwoSum), which rounds on to b <= 51 bits as the exact sum
-    does, whatever the terms' widths (exact products)."""
+    does, whatever the terms' widths (exact products). ``terms``: bounds of the terms known
+    without reading them (:func:`product_bounds`), else they are read (:func:`term_bounds`)."""
     check_emulable(order)
     short = _short_format(order, acc)
 
@@ -317,8 +364,9 @@ def _promote(x, order: Order, acc, mode):
         lim = _fast_limits(order, acc, Nc)
     if lim is None:
         c = _chunk_sums(flat, order, short)
-    else:  # the check reads the terms as they lie: on the transposed chunks the forward ran ~10% slower
-        c = _cond(_fast_terms_ok(x2, *lim), lambda: _chunk_sums_fast(flat, order.bits, order.rounding),
+    else:  # a pass over the terms reads them as they lie: on the transposed chunks the forward ran ~10% slower
+        fits = _fits(term_bounds(x2) if terms is None else terms, *lim)
+        c = _cond(fits, lambda: _chunk_sums_fast(flat, order.bits, order.rounding),
                   lambda: _chunk_sums(flat, order, short))
 
     def promote(s, cv):
