@@ -516,13 +516,19 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if (getattr(args, "seed", 0) or 0) < 0:  # every command seeds numpy or JAX generators, which take seeds >= 0
             raise UsageError(f"--seed must be >= 0, got {args.seed}")
+        stored = False
         if args.command != "formats":  # the one command that compiles nothing
-            from .compilation import cache_dir_from, record_at_exit, snapshot, use_cache
+            from .compilation import cache_dir_from, record_at_exit, snapshot, stored_dir, use_cache, use_executables
 
-            use_cache(cache_dir_from(args.compile_cache))
+            cache = use_cache(cache_dir_from(args.compile_cache))
+            before, stored = use_executables(stored_dir(cache)), True
             snapshot()  # count compilations from here on (provenance, progress lines)
             record_at_exit(args.command)
-        rc = int(args.func(args) or 0)
+        try:
+            rc = int(args.func(args) or 0)
+        finally:
+            if stored:  # in-process callers (tests) get the library's default back
+                use_executables(before)
         sys.stdout.flush()
         return rc
     except CollapseSimError as e:

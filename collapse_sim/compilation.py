@@ -15,12 +15,16 @@ emulated forward takes seconds to run and can take a minute to compile). Two too
   events: tracing, lowering and the backend compile). :func:`snapshot` and
   :meth:`CompileCounts.since` give the counts of one stage; the report's provenance
   and ``collapse.json`` record them.
+* :func:`use_executables` keeps compiled forwards whole on disk (backends/_stored.py), so a
+  rerun loads them without tracing and lowering them first, which JAX's cache needs; the
+  CLI keeps them beside JAX's cache, in its folder's ``exe``.
 
 Small programs count too: JAX compiles every eager operation once per shape and dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -32,6 +36,7 @@ from .errors import CollapseSimError
 
 ENV = "COLLAPSE_SIM_COMPILE_CACHE"
 STATS_ENV = "COLLAPSE_SIM_COMPILE_STATS"  # a file path: the CLI writes its compile counts there as JSON at exit
+STORE_ENV = "COLLAPSE_SIM_STORE_PROGRAMS"  # "off": the CLI does not store compiled forwards whole
 OFF = ("off", "none", "0", "false", "no")
 
 _TRACE = "/jax/core/compile/jaxpr_trace_duration"
@@ -91,6 +96,55 @@ def use_cache(path: "str | Path | None") -> "Path | None":
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     compilation_cache.reset_cache()
     return path
+
+
+_EXECUTABLES: "Path | None" = None
+
+
+def use_executables(path: "str | Path | None") -> "Path | None":
+    """Keep compiled forwards whole in ``path`` (backends/_stored.py: a rerun loads them without
+    tracing or lowering them); None stops. The CLI keeps them in the compilation cache's folder,
+    under ``exe``. Returns the previous folder."""
+    global _EXECUTABLES
+    before = _EXECUTABLES
+    if path is not None:
+        path = Path(path).absolute()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CompileCacheError(f"cannot keep compiled programs in {str(path)!r} ({e.strerror or e}); give "
+                                    f"another directory with --compile-cache DIR or {ENV}=DIR, or turn it off "
+                                    f"with --compile-cache off") from None
+    _EXECUTABLES = path
+    return before
+
+
+def stored_dir(cache: "Path | None") -> "Path | None":
+    """Where the CLI stores compiled forwards: ``cache/exe``; None where the compilation cache is
+    off or ``$COLLAPSE_SIM_STORE_PROGRAMS`` is ``off`` (the test suite's in-process CLI runs: they
+    share one JAX cache with every other test, which stored programs, compiled with JAX's cache
+    off, would not fill)."""
+    if cache is None or os.environ.get(STORE_ENV, "on").strip().lower() in OFF:
+        return None
+    return Path(cache) / "exe"
+
+
+def executables_dir() -> "Path | None":
+    return _EXECUTABLES
+
+
+@contextlib.contextmanager
+def jax_cache_off():
+    """JAX's persistent cache off for the body's compiles (backends/_stored.py compiles the programs
+    it stores this way: an executable JAX loaded from its cache does not serialise whole)."""
+    import jax
+
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
 
 
 def cache_in_use() -> "str | None":
@@ -170,6 +224,12 @@ class _Stats:
                 else:
                     self._compiled += 1
                     self._seconds += seconds + pending
+
+    def loaded(self, seconds: float) -> None:
+        """A stored program loaded whole (backends/_stored.py): counted as loaded from the cache."""
+        with self._lock:
+            self._hits += 1
+            self._cache_seconds += seconds
 
     def forget_open(self) -> None:
         """Drop traces that never reached a backend step (``jax.eval_shape``, a trace that

@@ -30,6 +30,11 @@ if "COLLAPSE_SIM_COMPILE_CACHE" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="collapse-sim-test-xla-")
     atexit.register(shutil.rmtree, _cache, True)
     os.environ["COLLAPSE_SIM_COMPILE_CACHE"] = _cache
+# In-process CLI runs do not store whole forwards (collapse_sim.compilation.stored_dir): those are
+# compiled with JAX's cache off and would miss the programs other tests put there.
+# tests/test_stored.py turns the store on itself; tests/test_compilation.py's fresh processes run
+# the CLI's default.
+os.environ.setdefault("COLLAPSE_SIM_STORE_PROGRAMS", "off")
 if os.environ.get("COLLAPSE_SIM_TEST_CACHE", "on") != "off":
     from collapse_sim.compilation import use_cache
 

@@ -20,6 +20,7 @@ from collapse_sim.progress import stage
 
 def _cli(args, cache, stats, cwd):
     env = dict(os.environ, COLLAPSE_SIM_COMPILE_CACHE=str(cache), COLLAPSE_SIM_COMPILE_STATS=str(stats))
+    env.pop("COLLAPSE_SIM_STORE_PROGRAMS", None)  # the CLI's default: forwards stored whole
     proc = subprocess.run([sys.executable, "-m", "collapse_sim.cli", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -32,7 +33,9 @@ def _cli(args, cache, stats, cwd):
     ["theorem", "thm51", "--instances", "1", "--max-n", "6"],
 ], ids=["collapse", "theorem"])
 def test_rerun_compiles_nothing(tmp_path, args):
-    """A second run of the same command, in a new process, loads every program from the cache."""
+    """A second run of the same command, in a new process, loads every program from the cache
+    (the forwards whole, from the cache's ``exe`` folder: backends/_stored.py) and writes the
+    same results."""
     cache = tmp_path / "cache"
     first = _cli(args, cache, tmp_path / "a.json", tmp_path)
     if "--out" in args:
@@ -41,6 +44,9 @@ def test_rerun_compiles_nothing(tmp_path, args):
     assert first["compiled"] > 0 and first["cache"] == str(cache)
     assert second["compiled"] == 0, second
     assert second["cache_hits"] == first["compiled"] + first["cache_hits"]
+    if "--out" in args:
+        assert len(list((cache / "exe").glob("*.exe"))) == 2  # the bf16 and fp64 forwards
+        assert (tmp_path / "out" / "collapse.csv").read_bytes() == (tmp_path / "out1" / "collapse.csv").read_bytes()
 
 
 def test_cache_location_rules(tmp_path, monkeypatch):

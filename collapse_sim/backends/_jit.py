@@ -10,6 +10,7 @@ import numpy as np
 
 from ..progress import phase
 from ._hooks import ArrayPlumbing
+from ._stored import run_stored
 
 
 @functools.lru_cache(maxsize=64)
@@ -34,6 +35,9 @@ def run_jitted(backend, fn, config, arrays: dict, tokens, probe, data=None):
     pr = jnp.asarray(probe, jnp.int32) if probe is not None else jnp.zeros_like(t)
     key = (id(f), t.shape, tuple(v.shape for v in vals))
     what = f"the {backend.kind} forward, N = {t.shape[0]:,}{' with probes' if probe is not None else ''}"
+    out = run_stored(f, backend, fn, config, names, probe is not None, (vals, t, pr, data), what)
+    if out is not None:
+        return out
     with phase(("running " if key in _seen else "tracing, then compiling or loading ") + what):
         out = f(vals, t, pr, data)
     _seen.add(key)
@@ -67,6 +71,11 @@ class JaxBackendBase(ArrayPlumbing):
     def compiler_options(self) -> dict:
         """XLA options this backend compiles with (none: XLA's defaults)."""
         return {}
+
+    def program_key(self) -> str:
+        """The compiled forward's identity as text, the same in every process (backends/_stored.py):
+        backends with equal keys compile the same program."""
+        return f"{type(self).__qualname__}:{self.label}"
 
     def run(self, fn, config, arrays, tokens, probe):
         """Run a traceable model function under jit (cached per config and shape)."""

@@ -81,6 +81,9 @@ class _SharedProgram:
     def compiler_options(self) -> dict:
         return _compiler_options()
 
+    def program_key(self) -> str:
+        return f"shared:{self.emu.host_key()}"
+
     def bind(self, data) -> "EmulatedBackend":
         return EmulatedBackend(self.emu.bind(data).fresh())
 
@@ -176,6 +179,9 @@ class EmulatedBackend(JaxBackendBase):
 
     def __hash__(self) -> int:
         return hash((self.kind, self._program))
+
+    def program_key(self) -> str:
+        return f"{type(self).__qualname__}:{self._program}"
 
     def __eq__(self, other) -> bool:
         return type(other) is type(self) and other._program == self._program

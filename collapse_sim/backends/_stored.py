@@ -1,0 +1,121 @@
+"""Compiled forwards kept on disk whole, so that a rerun neither traces nor lowers them.
+
+JAX's persistent compilation cache (:mod:`collapse_sim.compilation`) finds a program by
+the hash of its lowered module: a process must trace and lower every forward before it can
+load it, about a second for an emulated forward (its module is several hundred kB of
+StableHLO), most of a warm command's wait. Where the CLI turns it on
+(:func:`collapse_sim.compilation.use_executables`), :func:`run_stored` keeps each forward's
+executable (``jax.experimental.serialize_executable``) in a folder beside JAX's cache, named
+by a key of everything the program is built from:
+
+* the text of every module of this package (any edit makes new keys),
+* JAX's and jaxlib's versions, ``XLA_FLAGS``, x64, the platform and device kind,
+* the backend's program identity (``program_key``: its policy, or the shared program's
+  static part), the model function (a function of module level: a closure or lambda is not
+  stored), the model's computation config, the arrays' names, whether the run has probes,
+  and the shapes, dtypes and tree of every argument.
+
+A program that calls the host (``backends/_host.py``: the exact and blocked orders' redo)
+is not kept: its host functions are registered when it is traced, which a stored program
+skips; it goes through JAX's cache as before. Programs are compiled here with JAX's cache
+off (an executable JAX loaded from its cache does not serialise whole on XLA:CPU: loading
+it again fails), so each stored program is compiled once, then loaded.
+
+Library use is unaffected unless it calls ``use_executables``; the test suite's in-process
+CLI runs turn it off again when the command ends (``cli.main``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import pickle
+import time
+from pathlib import Path
+
+import jax
+
+from .. import compilation
+from ..progress import phase
+
+_LOADED: dict = {}  # key -> this process's compiled executable (stored, loaded, or with a host call: neither)
+
+
+@functools.lru_cache(maxsize=1)
+def _code_hash() -> str:
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _key(backend, fn, config, names, with_probe, args) -> "str | None":
+    """The stored program's name, or None where the program's identity is not known as text."""
+    program = getattr(backend, "program_key", None)
+    name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '<none>')}"
+    cfg = repr(config)
+    if program is None or "<" in name or "..." in cfg or "array(" in cfg:  # a closure or lambda: no name of its own
+        return None
+    import jaxlib
+
+    dev = jax.devices()[0]
+    leaves, tree = jax.tree.flatten(args)
+    text = "\n".join([
+        _code_hash(), jax.__version__, jaxlib.__version__, os.environ.get("XLA_FLAGS", ""),
+        str(jax.config.jax_enable_x64), str(jax.config.jax_default_matmul_precision), dev.platform, dev.device_kind, str(getattr(dev.client, "platform_version", "")),
+        program(), repr(backend.compiler_options()), name, cfg, repr(names),
+        str(with_probe), str(tree), repr([(tuple(x.shape), str(x.dtype)) for x in leaves]),
+    ])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_stored(f, backend, fn, config, names, with_probe, args, what: str):
+    """``f(*args)`` (``f`` the jitted forward) from a stored executable where one is kept or can
+    be; None where executables are not stored or the program has no key (the caller then calls
+    ``f`` itself)."""
+    folder = compilation.executables_dir()
+    key = None if folder is None else _key(backend, fn, config, names, with_probe, args)
+    if key is None:
+        return None
+    if key not in _LOADED:
+        path = folder / f"{key}.exe"
+        if path.exists():
+            with phase("loading the stored " + what):
+                t0 = time.perf_counter()
+                try:
+                    payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+                    from jax.experimental.serialize_executable import deserialize_and_load
+
+                    _LOADED[key] = deserialize_and_load(payload, in_tree, out_tree)
+                except Exception as e:  # a stored file from another build or a torn write: compile again
+                    print(f"collapse-sim: the stored program {path.name} could not be loaded "
+                          f"({type(e).__name__}); compiling it again", flush=True)
+                    path.unlink(missing_ok=True)
+                else:
+                    compilation.STATS.loaded(time.perf_counter() - t0)
+        if key not in _LOADED:
+            _LOADED[key] = _compile_and_store(f, args, path, what)
+    exe = _LOADED[key]
+    with phase("running " + what):
+        return exe(*args)
+
+
+def _compile_and_store(f, args, path: Path, what: str):
+    with phase("tracing, then compiling " + what):
+        lowered = f.lower(*args)
+        if "collapse_sim_host_call" in lowered.as_text():  # JAX's cache, as before; not stored
+            return lowered.compile()
+        with compilation.jax_cache_off():
+            exe = lowered.compile()
+    from jax.experimental.serialize_executable import serialize
+
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(pickle.dumps(serialize(exe)))
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        print(f"collapse-sim: could not store the compiled program in {path.parent} ({e.strerror or e})", flush=True)
+    return exe
