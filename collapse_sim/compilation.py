@@ -133,18 +133,30 @@ def executables_dir() -> "Path | None":
     return _EXECUTABLES
 
 
+_OFF_LOCK = threading.Lock()
+_OFF_DEPTH = [0, None]  # bodies inside jax_cache_off now, and the setting before the first
+
+
 @contextlib.contextmanager
 def jax_cache_off():
     """JAX's persistent cache off for the body's compiles (backends/_stored.py compiles the programs
-    it stores this way: an executable JAX loaded from its cache does not serialise whole)."""
+    it stores this way: an executable JAX loaded from its cache does not serialise whole). JAX's
+    setting is global: bodies on several threads turn it off on the first entry and back to what
+    it was on the last exit (another thread's compile meanwhile skips the cache: slower, not wrong)."""
     import jax
 
-    before = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
+    with _OFF_LOCK:
+        if _OFF_DEPTH[0] == 0:
+            _OFF_DEPTH[1] = jax.config.jax_enable_compilation_cache
+            jax.config.update("jax_enable_compilation_cache", False)
+        _OFF_DEPTH[0] += 1
     try:
         yield
     finally:
-        jax.config.update("jax_enable_compilation_cache", before)
+        with _OFF_LOCK:
+            _OFF_DEPTH[0] -= 1
+            if _OFF_DEPTH[0] == 0:
+                jax.config.update("jax_enable_compilation_cache", _OFF_DEPTH[1])
 
 
 def cache_in_use() -> "str | None":

@@ -95,3 +95,27 @@ def test_key_names_the_program(monkeypatch):
     be = make_backend("emulated", "bf16")
     args = ((jnp.zeros((4, 8)),), jnp.zeros(12, jnp.int32), jnp.zeros(12, jnp.int32), None)
     assert _stored._key(be, lambda *a: None, CFG, ("embed",), False, args) is None  # a lambda: not stored
+
+
+def test_cache_off_on_several_threads_restores_the_setting():
+    """JAX's cache setting is global: bodies of jax_cache_off on several threads, overlapping in
+    every order, see it off, and it is back to what it was once the last one ends."""
+    import threading
+
+    import jax
+
+    start = jax.config.jax_enable_compilation_cache
+    inside, go = [], threading.Barrier(4)
+
+    def body(i):
+        go.wait()
+        with compilation.jax_cache_off():
+            inside.append(jax.config.jax_enable_compilation_cache)
+            threading.Event().wait(0.01 * i)
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert inside == [False] * 4 and jax.config.jax_enable_compilation_cache == start
