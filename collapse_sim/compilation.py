@@ -140,15 +140,19 @@ _OFF_DEPTH = [0, None]  # bodies inside jax_cache_off now, and the setting befor
 @contextlib.contextmanager
 def jax_cache_off():
     """JAX's persistent cache off for the body's compiles (backends/_stored.py compiles the programs
-    it stores this way: an executable JAX loaded from its cache does not serialise whole). JAX's
-    setting is global: bodies on several threads turn it off on the first entry and back to what
-    it was on the last exit (another thread's compile meanwhile skips the cache: slower, not wrong)."""
+    it stores this way: an executable JAX loaded from its cache does not serialise whole on
+    XLA:CPU). JAX decides once whether it uses its cache (``compilation_cache.is_cache_used``), so
+    the setting is changed and that decision reset on entry and again on exit. The setting is
+    global: bodies on several threads turn it off on the first entry and back to what it was on the
+    last exit (another thread's compile meanwhile skips the cache: slower, not wrong)."""
     import jax
+    from jax.experimental.compilation_cache import compilation_cache
 
     with _OFF_LOCK:
         if _OFF_DEPTH[0] == 0:
             _OFF_DEPTH[1] = jax.config.jax_enable_compilation_cache
             jax.config.update("jax_enable_compilation_cache", False)
+            compilation_cache.reset_cache()
         _OFF_DEPTH[0] += 1
     try:
         yield
@@ -157,6 +161,7 @@ def jax_cache_off():
             _OFF_DEPTH[0] -= 1
             if _OFF_DEPTH[0] == 0:
                 jax.config.update("jax_enable_compilation_cache", _OFF_DEPTH[1])
+                compilation_cache.reset_cache()
 
 
 def cache_in_use() -> "str | None":

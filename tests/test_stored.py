@@ -119,3 +119,62 @@ def test_cache_off_on_several_threads_restores_the_setting():
     for t in threads:
         t.join()
     assert inside == [False] * 4 and jax.config.jax_enable_compilation_cache == start
+
+
+
+def test_cache_off_is_off_after_jax_decided_to_use_it():
+    """JAX decides once whether it uses its cache (is_cache_used); jax_cache_off resets that
+    decision on entry and exit, so a compile inside it neither reads nor writes JAX's cache even
+    after earlier compiles used it (else a stored program could be one JAX loaded from its cache,
+    which does not load whole in another process: its run fails with NOT_FOUND)."""
+    import jax
+    from jax._src import compilation_cache as cc
+    from jax._src import xla_bridge
+
+    backend = xla_bridge.get_backend()
+    jax.jit(lambda x: x * 3)(1.0)
+    on = cc.is_cache_used(backend)
+    with compilation.jax_cache_off():
+        assert not cc.is_cache_used(backend)
+    assert cc.is_cache_used(backend) == on
+
+
+def test_program_jax_loaded_from_its_cache_is_not_stored(store, monkeypatch):
+    """Should JAX load the program from its cache all the same (a JAX whose setting does not
+    reach its decision), the program runs but is not stored."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def loads_from_jax_cache():
+        yield
+        compilation.STATS.loaded(0.0)  # what a load from JAX's cache records
+
+    monkeypatch.setattr(compilation, "jax_cache_off", loads_from_jax_cache)
+    got = _run("compute=fp16,order=kahan")
+    assert not list(store.glob("*.exe"))
+    compilation.use_executables(None)
+    assert np.array_equal(_bits(got), _bits(_run("compute=fp16,order=kahan")))
+
+
+def test_stored_program_that_fails_to_run_is_compiled_again(store, monkeypatch, capsys):
+    """A stored executable can load and then fail on its first run (one that JAX had loaded from
+    its cache: NOT_FOUND for its functions): said in one line, discarded, compiled again, and the
+    run gives the bits of a compiled one."""
+    import jax
+    from jax.experimental import serialize_executable
+
+    pol = "compute=bf16,order=sequential"
+    want = _run(pol)
+    (path,) = store.glob("*.exe")
+    _stored._LOADED.clear()
+
+    def broken(*args):
+        def run(*a):
+            raise jax.errors.JaxRuntimeError("NOT_FOUND: Function fusion_kernel not found (type id: 1)")
+        return run
+
+    monkeypatch.setattr(serialize_executable, "deserialize_and_load", broken)
+    got = _run(pol)
+    assert "could not be run (NOT_FOUND" in capsys.readouterr().out
+    assert np.array_equal(_bits(want), _bits(got)) and path.exists()
+    assert not _stored._UNTRIED

@@ -18,8 +18,10 @@ by a key of everything the program is built from:
 A program that calls the host (``backends/_host.py``: the exact and blocked orders' redo)
 is not kept: its host functions are registered when it is traced, which a stored program
 skips; it goes through JAX's cache as before. Programs are compiled here with JAX's cache
-off (an executable JAX loaded from its cache does not serialise whole on XLA:CPU: loading
-it again fails), so each stored program is compiled once, then loaded.
+off: an executable JAX loaded from its cache does not serialise whole on XLA:CPU (another
+process loads it, then its first run fails with NOT_FOUND for its functions). Should JAX load
+one from its cache all the same, it is not stored; a stored program whose first run fails
+is discarded and compiled again, in one line on stdout.
 
 Library use is unaffected unless it calls ``use_executables``; the test suite's in-process
 CLI runs turn it off again when the command ends (``cli.main``).
@@ -79,36 +81,60 @@ def run_stored(f, backend, fn, config, names, with_probe, args, what: str):
     key = None if folder is None else _key(backend, fn, config, names, with_probe, args)
     if key is None:
         return None
-    if key not in _LOADED:
-        path = folder / f"{key}.exe"
-        if path.exists():
-            with phase("loading the stored " + what):
-                t0 = time.perf_counter()
-                try:
-                    payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-                    from jax.experimental.serialize_executable import deserialize_and_load
+    path = folder / f"{key}.exe"
+    if key not in _LOADED and path.exists():
+        with phase("loading the stored " + what):
+            t0 = time.perf_counter()
+            try:
+                payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+                from jax.experimental.serialize_executable import deserialize_and_load
 
-                    _LOADED[key] = deserialize_and_load(payload, in_tree, out_tree)
-                except Exception as e:  # a stored file from another build or a torn write: compile again
-                    print(f"collapse-sim: the stored program {path.name} could not be loaded "
-                          f"({type(e).__name__}); compiling it again", flush=True)
-                    path.unlink(missing_ok=True)
-                else:
-                    compilation.STATS.loaded(time.perf_counter() - t0)
-        if key not in _LOADED:
-            _LOADED[key] = _compile_and_store(f, args, path, what)
-    exe = _LOADED[key]
+                _LOADED[key] = deserialize_and_load(payload, in_tree, out_tree)
+            except Exception as e:  # a stored file from another build or a torn write: compile again
+                _discard(path, f"could not be loaded ({type(e).__name__})")
+            else:
+                compilation.STATS.loaded(time.perf_counter() - t0)
+                _UNTRIED.add(key)
+    if key not in _LOADED:
+        _LOADED[key] = _compile_and_store(f, args, path, what)
     with phase("running " + what):
-        return exe(*args)
+        if key not in _UNTRIED:
+            return _LOADED[key](*args)
+        try:  # a stored program's first run: some faults of a stored executable show only here
+            out = _LOADED[key](*args)
+        except jax.errors.JaxRuntimeError as e:
+            _discard(path, f"could not be run ({str(e).splitlines()[0][:120]})")
+            del _LOADED[key]
+        else:
+            return out
+        finally:
+            _UNTRIED.discard(key)
+    _LOADED[key] = _compile_and_store(f, args, path, what)
+    with phase("running " + what):
+        return _LOADED[key](*args)
+
+
+_UNTRIED: set = set()  # keys loaded from disk and not yet run
+
+
+def _discard(path: Path, why: str) -> None:
+    print(f"collapse-sim: the stored program {path.name} {why}; compiling it again", flush=True)
+    path.unlink(missing_ok=True)
 
 
 def _compile_and_store(f, args, path: Path, what: str):
+    """Compile ``f`` for ``args`` with JAX's cache off, store it at ``path`` and return it. A
+    program with a host call is compiled through JAX's cache and not stored; so is one that JAX
+    loaded from its cache after all (its executable would not load whole in another process)."""
     with phase("tracing, then compiling " + what):
         lowered = f.lower(*args)
         if "collapse_sim_host_call" in lowered.as_text():  # JAX's cache, as before; not stored
             return lowered.compile()
+        hits = compilation.snapshot().cache_hits
         with compilation.jax_cache_off():
             exe = lowered.compile()
+        if compilation.snapshot().cache_hits != hits:
+            return exe
     from jax.experimental.serialize_executable import serialize
 
     tmp = path.with_suffix(f".tmp{os.getpid()}")
