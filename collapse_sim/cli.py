@@ -527,8 +527,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rc = int(args.func(args) or 0)
         finally:
-            if stored:  # in-process callers (tests) get the library's default back
+            if stored:  # in-process callers (tests) get the library's default back, and the programs' memory
                 use_executables(before)
+                from .backends._stored import forget
+
+                forget()
         sys.stdout.flush()
         return rc
     except CollapseSimError as e:

@@ -310,12 +310,26 @@ def test_forward_emulated_equals_reference(policy, d, monkeypatch):
     each case compiles its own forward (~20 s), so the two widths are not both run for both.
     t = 12 < p_A - 1 with fp32 products (48 bits): the truncation, the exactness of the
     products and the skipped blocks of masked columns all show in the bits. Nc = 4 < N, so
-    promotion happens in the attention's sums over keys."""
+    promotion happens in the attention's sums over keys. Every bound promote is given from the
+    factors is checked, at run time, to hold the terms it bounds."""
     from collapse_sim.model import ModelConfig
     from test_model import assert_emulated_equals_reference
 
     monkeypatch.setattr(orders, "PROMOTE_FAST_MIN_TERMS", 1)
+    loose = []  # per promote sum given bounds: whether they bound its actual terms (read at run time)
+    if "promote" in policy:
+        from collapse_sim.backends.emulated import ops
+
+        def checked(x, order, acc, mode, terms=None):
+            if terms is not None:
+                real = orders.term_bounds(x)
+                ok = (terms.low <= real.low) & (terms.top >= real.top) & (real.ok | ~terms.ok)
+                jax.debug.callback(lambda v: loose.append(bool(v)), ok)
+            return orders._promote(x, order, acc, mode, terms)
+
+        monkeypatch.setattr(ops, "_promote", checked)
     assert_emulated_equals_reference(ModelConfig(d=d, n_layers=2, vocab=4, seed=3, d_ff=2 * d), policy)
+    assert ("promote" not in policy) or (loose and all(loose)), loose  # the factors' bounds hold every product
 
 
 # --- promote's bit-level short accumulator (orders._chunk_sums_fast) ----------------------

@@ -74,6 +74,10 @@ def test_damaged_file_is_compiled_again(store, capsys):
     assert np.array_equal(_bits(want), _bits(got)) and path.read_bytes() != b"not a program"
 
 
+def _outside(config, arrays, tokens, probe, backend):
+    return tokens
+
+
 def test_key_names_the_program(monkeypatch):
     """Two policies, two shapes, two model configs, probes or not, and an edit of the package's
     code each give another key; the same program the same key."""
@@ -95,6 +99,7 @@ def test_key_names_the_program(monkeypatch):
     be = make_backend("emulated", "bf16")
     args = ((jnp.zeros((4, 8)),), jnp.zeros(12, jnp.int32), jnp.zeros(12, jnp.int32), None)
     assert _stored._key(be, lambda *a: None, CFG, ("embed",), False, args) is None  # a lambda: not stored
+    assert _stored._key(be, _outside, CFG, ("embed",), False, args) is None  # code outside the package's hash
 
 
 def test_cache_off_on_several_threads_restores_the_setting():

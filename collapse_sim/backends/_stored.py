@@ -10,10 +10,16 @@ by a key of everything the program is built from:
 
 * the text of every module of this package (any edit makes new keys),
 * JAX's and jaxlib's versions, ``XLA_FLAGS``, x64, the platform and device kind,
-* the backend's program identity (``program_key``: its policy, or the shared program's
-  static part), the model function (a function of module level: a closure or lambda is not
-  stored), the model's computation config, the arrays' names, whether the run has probes,
-  and the shapes, dtypes and tree of every argument.
+* JAX's settings that its own trace cache keys on,
+* the backend's class and program identity (``program_key``: its policy, or the shared
+  program's static part), the model function, the model's computation config, the arrays'
+  names, whether the run has probes, and the shapes, dtypes and tree of every argument.
+
+Only a function and a backend class of module level in this package are stored (their code is
+in the key); a closure, a lambda or code from elsewhere goes through JAX's cache. Values a
+caller changes at run time in this package's modules (tests patch thresholds) are not in the
+key: the CLI, the one user of the store, changes none. The files are pickles: keep the folder
+your own, as for any cache that holds code.
 
 A program that calls the host (``backends/_host.py``: the exact and blocked orders' redo)
 is not kept: its host functions are registered when it is traced, which a stored program
@@ -33,6 +39,7 @@ import functools
 import hashlib
 import os
 import pickle
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,12 +60,27 @@ def _code_hash() -> str:
     return h.hexdigest()
 
 
+_PACKAGE = __name__.split(".")[0] + "."
+
+
+def _trace_settings() -> str:
+    """JAX's settings that its own trace cache keys on (``trace_context``), less the objects among
+    them that print their address; empty where this JAX has no such function."""
+    try:
+        from jax._src.config import trace_context
+    except ImportError:  # pragma: no cover - another JAX: the versions in the key still tell
+        return ""
+    return repr([v for v in trace_context() if " at 0x" not in repr(v)])
+
+
 def _key(backend, fn, config, names, with_probe, args) -> "str | None":
     """The stored program's name, or None where the program's identity is not known as text."""
     program = getattr(backend, "program_key", None)
     name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '<none>')}"
+    cls = f"{type(backend).__module__}.{type(backend).__qualname__}"
     cfg = repr(config)
-    if program is None or "<" in name or "..." in cfg or "array(" in cfg:  # a closure or lambda: no name of its own
+    if (program is None or not (name.startswith(_PACKAGE) and cls.startswith(_PACKAGE)) or "<" in name + cls
+            or "..." in cfg or "array(" in cfg):  # code outside the package's hash, a closure or lambda: not stored
         return None
     import jaxlib
 
@@ -67,7 +89,7 @@ def _key(backend, fn, config, names, with_probe, args) -> "str | None":
     text = "\n".join([
         _code_hash(), jax.__version__, jaxlib.__version__, os.environ.get("XLA_FLAGS", ""),
         str(jax.config.jax_enable_x64), str(jax.config.jax_default_matmul_precision), dev.platform, dev.device_kind, str(getattr(dev.client, "platform_version", "")),
-        program(), repr(backend.compiler_options()), name, cfg, repr(names),
+        _trace_settings(), cls, program(), repr(backend.compiler_options()), name, cfg, repr(names),
         str(with_probe), str(tree), repr([(tuple(x.shape), str(x.dtype)) for x in leaves]),
     ])
     return hashlib.sha256(text.encode()).hexdigest()
@@ -117,6 +139,12 @@ def run_stored(f, backend, fn, config, names, with_probe, args, what: str):
 _UNTRIED: set = set()  # keys loaded from disk and not yet run
 
 
+def forget() -> None:
+    """Drop this process's stored programs from memory (``cli.main`` at the end of a command)."""
+    _LOADED.clear()
+    _UNTRIED.clear()
+
+
 def _discard(path: Path, why: str) -> None:
     print(f"collapse-sim: the stored program {path.name} {why}; compiling it again", flush=True)
     path.unlink(missing_ok=True)
@@ -128,7 +156,8 @@ def _compile_and_store(f, args, path: Path, what: str):
     loaded from its cache after all (its executable would not load whole in another process)."""
     with phase("tracing, then compiling " + what):
         lowered = f.lower(*args)
-        if "collapse_sim_host_call" in lowered.as_text():  # JAX's cache, as before; not stored
+        text = lowered.as_text()
+        if "collapse_sim_host_call" in text or "callback" in text:  # JAX's cache, as before; not stored
             return lowered.compile()
         hits = compilation.snapshot().cache_hits
         with compilation.jax_cache_off():
@@ -137,11 +166,16 @@ def _compile_and_store(f, args, path: Path, what: str):
             return exe
     from jax.experimental.serialize_executable import serialize
 
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp = None
     try:
-        tmp.write_bytes(pickle.dumps(serialize(exe)))
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        print(f"collapse-sim: could not store the compiled program in {path.parent} ({e.strerror or e})", flush=True)
+        blob = pickle.dumps(serialize(exe))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem[:16], suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(blob)
+        os.replace(tmp, path)
+    except Exception as e:  # not serialisable, or the folder not writable: run it unstored
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        print(f"collapse-sim: could not store the compiled {what} ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:120] if str(e) else ''}); it runs without being stored", flush=True)
     return exe
