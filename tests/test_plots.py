@@ -123,3 +123,24 @@ def test_plot_functions_write_pngs(tmp_path):
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp.png"))
+
+
+def test_curves_drawn_in_background_equal_those_drawn_here(tmp_path):
+    """Inside drawing_in_background plot_curves returns at once and a second process draws: the
+    files are there when the block ends, byte for byte those drawn in this process; a figure
+    that fails raises its error when the block ends, and the next block draws again."""
+    x = np.arange(1, 200)
+    series = [{"label": "bf16", "x": x, "y": np.where(x % 7 == 0, 0.0, 1.0 / x)}, {"label": "fp64", "x": x, "y": 1.0 / x**2}]
+    kw = dict(title="t", ylabel="d", hlines=[("eps", 2.0**-8, None)], smooth=True)
+    here = plots.plot_curves(series, tmp_path / "here.png", **kw)
+    with plots.drawing_in_background() as drawing:
+        there = plots.plot_curves(series, tmp_path / "there.png", **kw)
+        assert there == tmp_path / "there.png"
+        drawing.wait()
+        assert there.exists()
+        again = plots.plot_curves(series, tmp_path / "again.png", **kw)
+    assert here.read_bytes() == there.read_bytes() == again.read_bytes()
+    with pytest.raises(KeyError):
+        with plots.drawing_in_background():
+            plots.plot_curves([{"x": x, "y": x}], tmp_path / "bad.png", title="no label")
+    assert not (tmp_path / "bad.png").exists() and not plots._BACKGROUND

@@ -86,6 +86,7 @@ def reproduce(out: str = "collapse-report", quick: bool = False, sizes=None, *, 
     from ..experiments.paper import FULL, QUICK, Context, log, unit_types
     from ..progress import stage
     from ..results import NotStored, UnitStore, check_output_dir, environment, provenance, write_atomic, write_csv
+    from ..plots import drawing_in_background
     from . import basics, findings, verdicts
 
     only = list(NAMES) if only is None else [n for n in NAMES if n in set(only)]
@@ -113,32 +114,35 @@ def reproduce(out: str = "collapse-report", quick: bool = False, sizes=None, *, 
     before = snapshot()
     with stage("[reproduce]", f"formats (section 1 of {total})"):
         basics.section_formats(formats := [])
-    fns = _section_fns()
-    for i, (name, heading) in enumerate(SECTIONS, 2):
-        parts[name] = []
-        store.reuse_only = name not in only
-        with stage("[reproduce]", f"{heading} (section {i} of {total})" + ("" if name in only else ", stored units only")):
-            mark = ctx.checkpoint()
-            try:
-                fns[name](ctx, outdir, parts[name])
-            except NotStored as e:
-                ctx.rollback(mark)
-                parts[name] = _not_run(name, heading, command)
-                log(f"{heading}: not run yet ({e} is not stored)")
-    store.reuse_only = False
-    lines = head + formats + [ln for name in NAMES if name != "theorems" for ln in parts[name]]
-    with stage("[reproduce]", f"comparison, signal below noise, verdicts (section {total} of {total})"):
-        verdicts.noise(ctx, lines)
-        lines += parts["theorems"]
-        findings.section(ctx, lines)
-        if ctx.csv_rows:
-            path = write_csv(outdir / "collapse.csv", ctx.csv_rows)
-            lines += [f"Every pair distance of every run above is in `{path.name}` (columns: experiment, family, "
-                      "backend, format, n, L1, L∞, bitwise identical, non-finite, equal in exact arithmetic).", ""]
-        else:
-            (outdir / "collapse.csv").unlink(missing_ok=True)  # no run yet: no table of another run's distances
-        i = lines.index(verdicts.VERDICT_MARK)
-        lines[i:i + 1] = verdicts.verdict_table(ctx)
+    with drawing_in_background() as drawing:  # figures drawn by a second process while the sections compute
+        fns = _section_fns()
+        for i, (name, heading) in enumerate(SECTIONS, 2):
+            parts[name] = []
+            store.reuse_only = name not in only
+            with stage("[reproduce]", f"{heading} (section {i} of {total})" + ("" if name in only else ", stored units only")):
+                mark = ctx.checkpoint()
+                try:
+                    fns[name](ctx, outdir, parts[name])
+                except NotStored as e:
+                    ctx.rollback(mark)
+                    parts[name] = _not_run(name, heading, command)
+                    log(f"{heading}: not run yet ({e} is not stored)")
+        store.reuse_only = False
+        lines = head + formats + [ln for name in NAMES if name != "theorems" for ln in parts[name]]
+        with stage("[reproduce]", f"comparison, signal below noise, verdicts (section {total} of {total})"):
+            verdicts.noise(ctx, lines)
+            lines += parts["theorems"]
+            findings.section(ctx, lines)
+            if ctx.csv_rows:
+                path = write_csv(outdir / "collapse.csv", ctx.csv_rows)
+                lines += [f"Every pair distance of every run above is in `{path.name}` (columns: experiment, family, "
+                          "backend, format, n, L1, L∞, bitwise identical, non-finite, equal in exact arithmetic).", ""]
+            else:
+                (outdir / "collapse.csv").unlink(missing_ok=True)  # no run yet: no table of another run's distances
+            i = lines.index(verdicts.VERDICT_MARK)
+            lines[i:i + 1] = verdicts.verdict_table(ctx)
+        with stage("[reproduce]", "the figures still being drawn"):
+            drawing.wait()
     wall = time.time() - t0
     compiled = snapshot().since(before)
     prov = provenance()
