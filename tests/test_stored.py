@@ -182,4 +182,3 @@ def test_stored_program_that_fails_to_run_is_compiled_again(store, monkeypatch, 
     got = _run(pol)
     assert "could not be run (NOT_FOUND" in capsys.readouterr().out
     assert np.array_equal(_bits(want), _bits(got)) and path.exists()
-    assert not _stored._UNTRIED

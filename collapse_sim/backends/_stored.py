@@ -88,8 +88,8 @@ def _key(backend, fn, config, names, with_probe, args) -> "str | None":
     leaves, tree = jax.tree.flatten(args)
     text = "\n".join([
         _code_hash(), jax.__version__, jaxlib.__version__, os.environ.get("XLA_FLAGS", ""),
-        str(jax.config.jax_enable_x64), str(jax.config.jax_default_matmul_precision), dev.platform, dev.device_kind, str(getattr(dev.client, "platform_version", "")),
-        _trace_settings(), cls, program(), repr(backend.compiler_options()), name, cfg, repr(names),
+        str(jax.config.jax_enable_x64), str(jax.config.jax_default_matmul_precision),
+        dev.platform, dev.device_kind, str(getattr(dev.client, "platform_version", "")), _trace_settings(), cls, program(), repr(backend.compiler_options()), name, cfg, repr(names),
         str(with_probe), str(tree), repr([(tuple(x.shape), str(x.dtype)) for x in leaves]),
     ])
     return hashlib.sha256(text.encode()).hexdigest()
@@ -98,51 +98,50 @@ def _key(backend, fn, config, names, with_probe, args) -> "str | None":
 def run_stored(f, backend, fn, config, names, with_probe, args, what: str):
     """``f(*args)`` (``f`` the jitted forward) from a stored executable where one is kept or can
     be; None where executables are not stored or the program has no key (the caller then calls
-    ``f`` itself)."""
+    ``f`` itself). A program loaded from disk is checked by its first run: some faults of a stored
+    executable show only there, and it is then discarded and compiled again."""
     folder = compilation.executables_dir()
     key = None if folder is None else _key(backend, fn, config, names, with_probe, args)
     if key is None:
         return None
     path = folder / f"{key}.exe"
-    if key not in _LOADED and path.exists():
-        with phase("loading the stored " + what):
-            t0 = time.perf_counter()
-            try:
-                payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-                from jax.experimental.serialize_executable import deserialize_and_load
-
-                _LOADED[key] = deserialize_and_load(payload, in_tree, out_tree)
-            except Exception as e:  # a stored file from another build or a torn write: compile again
-                _discard(path, f"could not be loaded ({type(e).__name__})")
-            else:
-                compilation.STATS.loaded(time.perf_counter() - t0)
-                _UNTRIED.add(key)
+    untried = key not in _LOADED and _load(key, path, what)
     if key not in _LOADED:
         _LOADED[key] = _compile_and_store(f, args, path, what)
     with phase("running " + what):
-        if key not in _UNTRIED:
+        try:
             return _LOADED[key](*args)
-        try:  # a stored program's first run: some faults of a stored executable show only here
-            out = _LOADED[key](*args)
         except jax.errors.JaxRuntimeError as e:
+            if not untried:
+                raise
             _discard(path, f"could not be run ({str(e).splitlines()[0][:120]})")
-            del _LOADED[key]
-        else:
-            return out
-        finally:
-            _UNTRIED.discard(key)
     _LOADED[key] = _compile_and_store(f, args, path, what)
     with phase("running " + what):
         return _LOADED[key](*args)
 
 
-_UNTRIED: set = set()  # keys loaded from disk and not yet run
+def _load(key: str, path: Path, what: str) -> bool:
+    """Load the program stored at ``path`` into this process (counted as loaded from the cache);
+    whether it was (a file that cannot be loaded is discarded)."""
+    if not path.exists():
+        return False
+    with phase("loading the stored " + what):
+        t0 = time.perf_counter()
+        try:
+            payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+            from jax.experimental.serialize_executable import deserialize_and_load
+
+            _LOADED[key] = deserialize_and_load(payload, in_tree, out_tree)
+        except Exception as e:  # a stored file from another build or a torn write: compile again
+            _discard(path, f"could not be loaded ({type(e).__name__})")
+            return False
+    compilation.STATS.loaded(time.perf_counter() - t0)
+    return True
 
 
 def forget() -> None:
     """Drop this process's stored programs from memory (``cli.main`` at the end of a command)."""
     _LOADED.clear()
-    _UNTRIED.clear()
 
 
 def _discard(path: Path, why: str) -> None:

@@ -447,7 +447,8 @@ def reduce_sum(x, order: Order, acc: Format, out: Format, mode, valid=None, boun
         s = _sequential(blocks, add)
     elif order.kind in ("tcfma", "promote"):  # in float64 whatever the carrier (orders.py)
         x64 = x.astype(jnp.float64)
-        s = (_tcfma(x64, order, acc) if order.kind == "tcfma" else _promote(x64, order, acc, mode, terms)).astype(x.dtype)
+        s = _tcfma(x64, order, acc) if order.kind == "tcfma" else _promote(x64, order, acc, mode, terms)
+        s = s.astype(x.dtype)
     else:  # pragma: no cover - Order validates kinds
         raise ValueError(order)
     s = round_to(s, out, mode, draws=draws(s.shape))
