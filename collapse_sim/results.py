@@ -275,9 +275,27 @@ class UnitStore:
     def path(self, unit: str) -> Path:
         return self.folder / f"{_slug(unit)}.npz"
 
+    def _canon(self, key: dict) -> str:
+        return json.dumps({**key, "environment": self.environment} if self.environment else key, sort_keys=True,
+                          default=str)
+
+    def will_measure(self, unit: str, key: dict) -> bool:
+        """Whether :meth:`get` of ``unit`` with inputs ``key`` would call its ``compute``: not with
+        :attr:`reuse_only` (it raises :class:`NotStored` instead), nor where the unit's file holds
+        ``key`` and :attr:`fresh` does not ask for a new measurement. Reads the stored key only."""
+        if self.reuse_only:
+            return False
+        path = self.path(unit)
+        if self.fresh or not path.exists():
+            return True
+        try:
+            with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
+                return str(z["key"][()]) != self._canon(key)
+        except Exception:  # damaged: get measures it again
+            return True
+
     def get(self, unit: str, key: dict, compute):
-        canon = json.dumps({**key, "environment": self.environment} if self.environment else key,
-                           sort_keys=True, default=str)
+        canon = self._canon(key)
         path = self.path(unit)
         if self._keys.setdefault(path.name, canon) != canon:
             raise RuntimeError(f"two units of one run share the file {path.name}; name them apart")

@@ -193,7 +193,10 @@ def test_unit_store_round_trip_damage_other_inputs_fresh_and_reuse_only(tmp_path
         return UnitStore(tmp_path / ".runs", types=(_Unit,), log=said.append, **kw)
 
     key = {"n": 48, "formats": ("bf16",)}
+    assert store().will_measure("Fig. 8, a / bf16", key)
     assert store().get("Fig. 8, a / bf16", key, compute) is data and len(calls) == 1
+    assert not store().will_measure("Fig. 8, a / bf16", key) and store(fresh=True).will_measure("Fig. 8, a / bf16", key)
+    assert store().will_measure("Fig. 8, a / bf16", {**key, "n": 1536}) and store().will_measure("Fig. 8, b / bf16", key)
     got = store().get("Fig. 8, a / bf16", key, compute)
     assert len(calls) == 1 and said[-1] == "Fig. 8, a / bf16: reused"
     (unit, tail), = [got[("fig8", "residual")]]
@@ -205,6 +208,7 @@ def test_unit_store_round_trip_damage_other_inputs_fresh_and_reuse_only(tmp_path
     path = store().path("Fig. 8, a / bf16")
     good = path.read_bytes()
     path.write_bytes(good[: len(good) // 2])  # a file cut short
+    assert store().will_measure("Fig. 8, a / bf16", key)
     store().get("Fig. 8, a / bf16", key, compute)
     assert len(calls) == 2 and said[-1] == f"Fig. 8, a / bf16: {path.name} is unreadable (BadZipFile); recomputing"
     store().get("Fig. 8, a / bf16", {**key, "n": 1536}, compute)  # other sizes
@@ -222,6 +226,7 @@ def test_unit_store_round_trip_damage_other_inputs_fresh_and_reuse_only(tmp_path
     assert len(calls) == 7
     s = store()
     s.reuse_only = True
+    assert not s.will_measure("Fig. 8, b / bf16", key)  # reuse_only measures nothing
     assert s.get("Fig. 8, a / bf16", {**key, "n": 1536}, compute) is not None and len(calls) == 7
     with pytest.raises(NotStored):
         s.get("Fig. 8, b / bf16", key, compute)
@@ -245,3 +250,31 @@ def test_unit_folder_that_is_a_file_is_refused(tmp_path):
     (tmp_path / ".runs").write_text("")
     with pytest.raises(OutputError, match="is an existing file"):
         UnitStore(tmp_path / ".runs")
+
+
+def test_host_work_starts_ahead_only_where_it_will_be_measured(tmp_path):
+    """Context.ahead starts a unit's compute on the host thread where ``stored`` would measure it,
+    and hands back the compute itself, not started, where the unit is stored or already measured."""
+    import threading
+
+    from collapse_sim.experiments.paper import Context
+
+    ran: list[str] = []
+    gate = threading.Event()
+
+    def compute():
+        gate.wait(timeout=60)  # started, not finished, until this thread says so
+        ran.append(threading.current_thread().name)
+        return {"x": np.arange(3.0)}
+
+    ctx = Context(sizes=TINY, store=UnitStore(tmp_path / ".runs", log=lambda m: None))
+    key = {"tag": "t", "n": 16}
+    waiting = ctx.ahead("t / arb256", key, compute)
+    assert waiting is not compute and not ran
+    gate.set()
+    got = ctx.stored("t / arb256", key, lambda: ctx.once(dict(key, tag=None), waiting))
+    assert ran == [ran[0]] and ran[0].startswith("collapse-sim-host") and got["x"].tolist() == [0.0, 1.0, 2.0]
+    assert ctx.ahead("t / arb256", key, compute) is compute  # stored now
+    assert ctx.ahead("u / arb256", {**key, "tag": "u"}, compute) is compute  # measured in this process (once)
+    other = ctx.ahead("t / arb256", {**key, "n": 32}, compute)  # stored for other inputs: measured again
+    assert other is not compute and other()["x"].tolist() == [0.0, 1.0, 2.0] and len(ran) == 2

@@ -20,6 +20,7 @@ records); :mod:`collapse_sim.report` turns that into Markdown and figures.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -105,6 +106,11 @@ def unit_types() -> tuple[type, ...]:
 PAPER_READING = {"Fig. 8": "≈ 500", "Fig. 9": "≈ 2,400–2,500", "Fig. 10": "≈ 800–1,000 (ALiBi slightly later)"}
 
 
+#: One thread for host work that overlaps the XLA programs of the main thread (:meth:`Context.ahead`):
+#: the arb reference, in Python numbers, while XLA (which lets go of the interpreter lock) runs.
+HOST_WORK = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="collapse-sim-host")
+
+
 @dataclasses.dataclass
 class Context:
     """Everything one report's experiments measured, shared by its sections."""
@@ -130,6 +136,18 @@ class Context:
         if canon not in self.measured:
             self.measured[canon] = compute()
         return self.measured[canon]
+
+    def ahead(self, unit: str, key: dict, compute):
+        """What to measure ``unit`` with in place of ``compute`` (``stored(unit, key, lambda: once(dict(key,
+        tag=None), ...))``, as :func:`run_backends` does): where that would call it, ``compute`` starts now on
+        the host thread (:data:`HOST_WORK`) and the returned function waits for its result; otherwise
+        ``compute`` itself, not started. For host work, the arb reference in Python numbers, so that it runs
+        while this thread compiles and runs XLA programs; its result is used (and stored) only where
+        :meth:`stored` asks for it, so an interrupted run keeps nothing of it."""
+        canon = json.dumps(dict(key, tag=None), sort_keys=True, default=str)
+        if canon in self.measured or (self.store is not None and not self.store.will_measure(unit, key)):
+            return compute
+        return HOST_WORK.submit(compute).result
 
     def checkpoint(self) -> tuple:
         """What the context holds now, for :meth:`rollback`."""
@@ -196,6 +214,10 @@ def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str
         r = sweep(f, format_backend(ctx.sizes, f, shared="first" if f in grouped else None), n, BUCKET, True)
         return without_outputs(r), noise_of(f64_run(), r, f)
 
+    if ref and ref_n:  # the reference's host arithmetic starts first, to run beside the XLA programs below
+        nn = min(n, ref_n)
+        ref_key = dict(inputs, n=nn, backend=f"interval:{REF}")
+        ref_run = ctx.ahead(f"{tag} / {REF}", ref_key, lambda: sweep(REF, make_backend("interval", REF), nn, None, False))
     out: dict[str, CollapseResult] = {}
     noise = {}
     for f in formats:
@@ -203,9 +225,7 @@ def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str
                                 lambda f=f: measure(f))
     out["fp64"] = unit("fp64", dict(inputs, n=n, backend="native:fp64"), lambda: without_outputs(f64_run()))
     if ref and ref_n:
-        nn = min(n, ref_n)
-        out[REF] = unit(REF, dict(inputs, n=nn, backend=f"interval:{REF}"),
-                        lambda: sweep(REF, make_backend("interval", REF), nn, None, False))
+        out[REF] = unit(REF, ref_key, ref_run)
     for r in out.values():
         for row in r.rows():
             row.update(experiment=tag, family=family)
