@@ -20,10 +20,10 @@ records); :mod:`collapse_sim.report` turns that into Markdown and figures.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import json
+import threading
 import time
 
 import numpy as np
@@ -106,9 +106,27 @@ def unit_types() -> tuple[type, ...]:
 PAPER_READING = {"Fig. 8": "≈ 500", "Fig. 9": "≈ 2,400–2,500", "Fig. 10": "≈ 800–1,000 (ALiBi slightly later)"}
 
 
-#: One thread for host work that overlaps the XLA programs of the main thread (:meth:`Context.ahead`):
-#: the arb reference, in Python numbers, while XLA (which lets go of the interpreter lock) runs.
-HOST_WORK = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="collapse-sim-host")
+def in_background(compute):
+    """``compute()`` started now on a daemon thread of its own; returns the function that waits for
+    its result (or raises its exception). Daemon: an interrupted command exits without waiting for it."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = compute()
+        except BaseException as e:  # handed to the waiting thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="collapse-sim-host", daemon=True)
+    thread.start()
+
+    def result():
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    return result
 
 
 @dataclasses.dataclass
@@ -140,14 +158,14 @@ class Context:
     def ahead(self, unit: str, key: dict, compute):
         """What to measure ``unit`` with in place of ``compute`` (``stored(unit, key, lambda: once(dict(key,
         tag=None), ...))``, as :func:`run_backends` does): where that would call it, ``compute`` starts now on
-        the host thread (:data:`HOST_WORK`) and the returned function waits for its result; otherwise
+        a thread of its own (:func:`in_background`) and the returned function waits for its result; otherwise
         ``compute`` itself, not started. For host work, the arb reference in Python numbers, so that it runs
-        while this thread compiles and runs XLA programs; its result is used (and stored) only where
-        :meth:`stored` asks for it, so an interrupted run keeps nothing of it."""
+        while this thread compiles and runs XLA programs (which let go of the interpreter lock); its result
+        is used (and stored) only where :meth:`stored` asks for it, so an interrupted run keeps nothing of it."""
         canon = json.dumps(dict(key, tag=None), sort_keys=True, default=str)
         if canon in self.measured or (self.store is not None and not self.store.will_measure(unit, key)):
             return compute
-        return HOST_WORK.submit(compute).result
+        return in_background(compute)
 
     def checkpoint(self) -> tuple:
         """What the context holds now, for :meth:`rollback`."""
