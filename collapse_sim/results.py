@@ -282,7 +282,9 @@ class UnitStore:
     def will_measure(self, unit: str, key: dict) -> bool:
         """Whether :meth:`get` of ``unit`` with inputs ``key`` would call its ``compute``: not with
         :attr:`reuse_only` (it raises :class:`NotStored` instead), nor where the unit's file holds
-        ``key`` and :attr:`fresh` does not ask for a new measurement. Reads the stored key only."""
+        ``key`` and :attr:`fresh` does not ask for a new measurement. Reads the stored key only: a
+        file whose data are damaged behind an intact key counts as stored here, and :meth:`get` then
+        measures it again after all."""
         if self.reuse_only:
             return False
         path = self.path(unit)

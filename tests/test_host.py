@@ -151,6 +151,10 @@ q, k, v = (rng.standard_normal((40, 8)) for _ in range(3))
 q[:3, :2], q[30, :2], k[:, 0], k[:, 1] = 2.0**40, 2.0**40, 2.0**40, -(2.0**40)
 q, k, v = (be.store(x) for x in (q, k, v))
 outs.append(jax.jit(lambda q, k, v: be.attention(AttentionInputs(q, k, v, np.arange(40), 0.5)))(q, k, v))
+# a linear layer with rows that cancel (x's first two entries 2^40 and -2^40 against equal rows of w): its redo
+x, w = rng.standard_normal((6, 8)), rng.standard_normal((8, 5))
+x[:2, 0], x[:2, 1], w[1] = 2.0**40, -(2.0**40), w[0]
+outs.append(jax.jit(be.linear)(be.store(x), be.store(w)))
 # a whole forward, exact from its certificates and host exact sums
 P = init_params(ModelConfig(d=8, n_layers=1, n_heads=2, d_ff=8, vocab=5, pe="rope", seed=3))
 toks = np.array([1, 2, 3, 1, 4, 0, 2, 2])
@@ -163,8 +167,8 @@ json.dump({"counts": counts.as_dict(), "keys": sorted(_host._REGISTRY)}, open(sy
 
 
 def test_second_process_loads_every_program_and_gives_the_same_bits(tmp_path):
-    """An exact forward, and an attention call whose uncertified rows are redone (the
-    superaccumulator and the redo both host calls), in two fresh processes sharing a new
+    """An exact forward, and an attention call and a linear layer whose uncertified rows are redone
+    (the superaccumulator and the redo both host calls), in two fresh processes sharing a new
     compilation cache: the second compiles nothing, loads what the first compiled, registers
     the same host keys (under another string hash seed) and gives the same bits."""
     script = tmp_path / "fresh.py"
@@ -182,9 +186,10 @@ def test_second_process_loads_every_program_and_gives_the_same_bits(tmp_path):
     assert second["counts"]["compiled"] == 0, second
     assert second["counts"]["cache_hits"] == first["counts"]["compiled"] + first["counts"]["cache_hits"]
     redo = [k for k in first["keys"] if k.startswith("collapse_sim.backends._rows._redo_rows")]
+    assert any("attention._linear_redo" in k for k in redo) and any("attention._attention_redo" in k for k in redo)
     sums = [k for k in first["keys"] if k.startswith("collapse_sim.backends.emulated.exact._host_sticky_sum")]
     assert redo and sums and first["keys"] == second["keys"]
-    assert len(a.files) == len(b.files) == 3
+    assert len(a.files) == len(b.files) == 4
     for f in a.files:
         assert a[f].dtype == b[f].dtype and np.array_equal(a[f].view(np.uint8), b[f].view(np.uint8)), f
         assert not np.isnan(a[f]).all(), f

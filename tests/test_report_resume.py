@@ -260,17 +260,18 @@ def test_host_work_starts_ahead_only_where_it_will_be_measured(tmp_path):
     from collapse_sim.experiments.paper import Context
 
     ran: list[str] = []
-    gate = threading.Event()
+    started, gate = threading.Event(), threading.Event()
 
     def compute():
-        gate.wait(timeout=60)  # started, not finished, until this thread says so
+        started.set()
+        gate.wait(timeout=10)  # started, not finished, until this thread says so
         ran.append(threading.current_thread().name)
         return {"x": np.arange(3.0)}
 
     ctx = Context(sizes=TINY, store=UnitStore(tmp_path / ".runs", log=lambda m: None))
     key = {"tag": "t", "n": 16}
     waiting = ctx.ahead("t / arb256", key, compute)
-    assert waiting is not compute and not ran
+    assert started.wait(timeout=10) and waiting is not compute and not ran  # running before anyone waits for it
     gate.set()
     got = ctx.stored("t / arb256", key, lambda: ctx.once(dict(key, tag=None), waiting))
     assert ran == [ran[0]] and ran[0].startswith("collapse-sim-host") and got["x"].tolist() == [0.0, 1.0, 2.0]
@@ -278,3 +279,11 @@ def test_host_work_starts_ahead_only_where_it_will_be_measured(tmp_path):
     assert ctx.ahead("u / arb256", {**key, "tag": "u"}, compute) is compute  # measured in this process (once)
     other = ctx.ahead("t / arb256", {**key, "n": 32}, compute)  # stored for other inputs: measured again
     assert other is not compute and other()["x"].tolist() == [0.0, 1.0, 2.0] and len(ran) == 2
+
+    def fails():
+        raise ValueError("the reference failed")
+
+    failing = ctx.ahead("v / arb256", {**key, "tag": "v", "n": 64}, fails)
+    with pytest.raises(ValueError, match="the reference failed"):  # raised where the result is asked for
+        ctx.stored("v / arb256", {**key, "tag": "v", "n": 64}, failing)
+    assert ctx.store.will_measure("v / arb256", {**key, "tag": "v", "n": 64})  # nothing stored

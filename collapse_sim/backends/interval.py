@@ -17,12 +17,33 @@ enclosed is §11's, with no rounding.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import mpmath
 import numpy as np
 from mpmath.ctx_iv import MPIntervalContext
 
 from .inputs import AttentionInputs
 from .reference.backend import ObjectArrayBackend
+
+
+_FLINT_PREC = threading.RLock()
+
+
+@contextlib.contextmanager
+def flint_precision(flint, prec: int):
+    """python-flint's working precision at ``prec`` bits in the block, restored after it. The
+    precision is one setting of the whole process, not of a thread (the report runs the reference
+    on a thread of its own): one block at a time holds it."""
+    with _FLINT_PREC:
+        ctx = flint.ctx
+        old = ctx.prec
+        ctx.prec = prec
+        try:
+            yield
+        finally:
+            ctx.prec = old
 
 
 class IntervalBackend(ObjectArrayBackend):
@@ -176,13 +197,8 @@ class ArbBackend(IntervalBackend):
         return {"backend": "interval", "engine": "arb (python-flint)", "flint": self.flint.__version__, "prec": self.prec}
 
     def run(self, fn, config, arrays, tokens, probe):
-        ctx = self.flint.ctx
-        old = ctx.prec
-        ctx.prec = self.prec
-        try:
+        with flint_precision(self.flint, self.prec):
             return super().run(fn, config, arrays, tokens, probe)
-        finally:
-            ctx.prec = old
 
     def _relu1(self, x):
         if x >= 0:

@@ -212,12 +212,10 @@ def observed_distance(params: Params, tokens, prec: int = 256, engine: str = "mp
     if engine == "mpmath":
         dist = reference_row_distances(y, yp, prec)
     else:
-        ctx = r.flint.ctx
-        old, ctx.prec = ctx.prec, prec
-        try:
+        from ..backends.interval import flint_precision
+
+        with flint_precision(r.flint, prec):
             dist = np.linalg.norm(np.array([[float((u - v).mid()) for u, v in zip(ra, rb)] for ra, rb in zip(y, yp)]), axis=1)
-        finally:
-            ctx.prec = old
     y, yp = r.to_numpy(y), r.to_numpy(yp)
     return dist, np.maximum(np.max(np.abs(y), axis=1), np.max(np.abs(yp), axis=1))
 
