@@ -41,6 +41,12 @@ def _say(prefix: str, msg: str, stream) -> None:
         print(f"{prefix} {msg}", file=stream, flush=True)
 
 
+def say(prefix: str, msg: str, stream=None) -> None:
+    """Print the line ``prefix msg`` whole, never mixed with a line another thread prints (a stage's
+    heartbeat, the report's reference thread)."""
+    _say(prefix, msg, stream or sys.stdout)
+
+
 @contextlib.contextmanager
 def stage(prefix: str, what: str, *, estimate: "float | None" = None, every: float = EVERY, stream=None):
     """Run the body as one stage of a command whose lines start with ``prefix`` (e.g. ``[collapse]``)."""

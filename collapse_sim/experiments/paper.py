@@ -31,6 +31,7 @@ import numpy as np
 from ..backends import make_backend
 from ..model import ModelConfig, init_params
 from ..policy import Policy
+from ..progress import say
 from ..results import UnitStore
 from .collapse import CollapseResult, collapse_sweep
 from .fits import N_MIN, PAPER_LINE, Decay, decay_fit, eps, first_below  # noqa: F401  (Decay, eps: public here too)
@@ -192,7 +193,7 @@ class SetupRuns:
 
 
 def log(msg: str) -> None:
-    print(f"[reproduce]   {msg}", flush=True)
+    say("[reproduce]", f"  {msg}")  # whole lines: the reference's thread logs too
 
 
 def without_outputs(r: CollapseResult) -> CollapseResult:
