@@ -36,15 +36,11 @@ def phase(text: str):
 _print_lock = threading.Lock()
 
 
-def _say(prefix: str, msg: str, stream) -> None:
-    with _print_lock:  # the heartbeat thread and the main thread print to the same stream
-        print(f"{prefix} {msg}", file=stream, flush=True)
-
-
 def say(prefix: str, msg: str, stream=None) -> None:
     """Print the line ``prefix msg`` whole, never mixed with a line another thread prints (a stage's
     heartbeat, the report's reference thread)."""
-    _say(prefix, msg, stream or sys.stdout)
+    with _print_lock:
+        print(f"{prefix} {msg}", file=stream or sys.stdout, flush=True)
 
 
 @contextlib.contextmanager
@@ -55,7 +51,7 @@ def stage(prefix: str, what: str, *, estimate: "float | None" = None, every: flo
     before = snapshot()
     STATS.forget_open()
     est = f" (estimated {estimate:.0f} s)" if estimate else ""
-    _say(prefix, f"{what}{est} ...", stream)
+    say(prefix, f"{what}{est} ...", stream)
     done = threading.Event()
 
     def beat():
@@ -76,7 +72,7 @@ def stage(prefix: str, what: str, *, estimate: "float | None" = None, every: flo
                 parts.append("running")
             if estimate:
                 parts.append(f"estimate {estimate:.0f} s")
-            _say(prefix, "  " + ", ".join(parts), stream)
+            say(prefix, "  " + ", ".join(parts), stream)
 
     th = threading.Thread(target=beat, daemon=True)
     th.start()
@@ -90,5 +86,5 @@ def stage(prefix: str, what: str, *, estimate: "float | None" = None, every: flo
         STATS.forget_open()
         t = time.monotonic() - start
         if t >= every:
-            _say(prefix, f"  {what}: {'done in' if ok else 'stopped after'} {t:.0f} s; "
+            say(prefix, f"  {what}: {'done in' if ok else 'stopped after'} {t:.0f} s; "
                          f"{snapshot().since(before).describe()}", stream)

@@ -89,7 +89,8 @@ def _key(backend, fn, config, names, with_probe, args) -> "str | None":
     text = "\n".join([
         _code_hash(), jax.__version__, jaxlib.__version__, os.environ.get("XLA_FLAGS", ""),
         str(jax.config.jax_enable_x64), str(jax.config.jax_default_matmul_precision),
-        dev.platform, dev.device_kind, str(getattr(dev.client, "platform_version", "")), _trace_settings(), cls, program(), repr(backend.compiler_options()), name, cfg, repr(names),
+        dev.platform, dev.device_kind, str(getattr(dev.client, "platform_version", "")), _trace_settings(),
+        cls, program(), repr(backend.compiler_options()), name, cfg, repr(names),
         str(with_probe), str(tree), repr([(tuple(x.shape), str(x.dtype)) for x in leaves]),
     ])
     return hashlib.sha256(text.encode()).hexdigest()

@@ -107,6 +107,16 @@ def unit_types() -> tuple[type, ...]:
 PAPER_READING = {"Fig. 8": "≈ 500", "Fig. 9": "≈ 2,400–2,500", "Fig. 10": "≈ 800–1,000 (ALiBi slightly later)"}
 
 
+def _canon(key: dict) -> str:
+    """``key`` as text, the same for equal inputs (:meth:`Context.once`)."""
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def untagged(key: dict) -> dict:
+    """A unit's inputs without its tag: the key it is measured once per process under (:meth:`Context.once`)."""
+    return dict(key, tag=None)
+
+
 def in_background(compute):
     """``compute()`` started now on a daemon thread of its own; returns the function that waits for
     its result (or raises its exception). Daemon: an interrupted command exits without waiting for it."""
@@ -151,20 +161,20 @@ class Context:
     def once(self, key: dict, compute):
         """``compute()``, measured once per process for equal inputs ``key`` (a JSON-able dict of
         everything that decides the data): a later call with the same inputs returns the same data."""
-        canon = json.dumps(key, sort_keys=True, default=str)
+        canon = _canon(key)
         if canon not in self.measured:
             self.measured[canon] = compute()
         return self.measured[canon]
 
-    def ahead(self, unit: str, key: dict, compute):
-        """What to measure ``unit`` with in place of ``compute`` (``stored(unit, key, lambda: once(dict(key,
-        tag=None), ...))``, as :func:`run_backends` does): where that would call it, ``compute`` starts now on
+    def ahead(self, unit: str, key: dict, compute, *, once: dict | None = None):
+        """What to measure ``unit`` with in place of ``compute`` (``stored(unit, key, ...)``, inside
+        ``once(once, ...)`` where ``once`` is given): where that would call it, ``compute`` starts now on
         a thread of its own (:func:`in_background`) and the returned function waits for its result; otherwise
         ``compute`` itself, not started. For host work, the arb reference in Python numbers, so that it runs
         while this thread compiles and runs XLA programs (which let go of the interpreter lock); its result
         is used (and stored) only where :meth:`stored` asks for it, so an interrupted run keeps nothing of it."""
-        canon = json.dumps(dict(key, tag=None), sort_keys=True, default=str)
-        if canon in self.measured or (self.store is not None and not self.store.will_measure(unit, key)):
+        if ((once is not None and _canon(once) in self.measured)
+                or (self.store is not None and not self.store.will_measure(unit, key))):
             return compute
         return in_background(compute)
 
@@ -221,7 +231,7 @@ def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str
 
     def unit(name: str, key: dict, compute):
         """One stored unit, measured once per process for its inputs whatever the tag (Context.once)."""
-        return ctx.stored(f"{tag} / {name}", key, lambda: ctx.once(dict(key, tag=None), compute))
+        return ctx.stored(f"{tag} / {name}", key, lambda: ctx.once(untagged(key), compute))
 
     f64_run = functools.cache(lambda: sweep("fp64", make_backend("native", "fp64"), n, None, True))
 
@@ -236,7 +246,8 @@ def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str
     if ref and ref_n:  # the reference's host arithmetic starts first, to run beside the XLA programs below
         nn = min(n, ref_n)
         ref_key = dict(inputs, n=nn, backend=f"interval:{REF}")
-        ref_run = ctx.ahead(f"{tag} / {REF}", ref_key, lambda: sweep(REF, make_backend("interval", REF), nn, None, False))
+        ref_run = ctx.ahead(f"{tag} / {REF}", ref_key, once=untagged(ref_key),
+                            compute=lambda: sweep(REF, make_backend("interval", REF), nn, None, False))
     out: dict[str, CollapseResult] = {}
     noise = {}
     for f in formats:
