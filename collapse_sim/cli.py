@@ -445,7 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the random weights and of the families' random tokens (default 0; recorded in "
                         "collapse.json)")
     p.add_argument("--weights", default=None, help="PATH of PATH.json + PATH.npz to use instead of a random init")
-    p.add_argument("--mem-limit", type=float, default=8.0, help="refuse runs estimated above this many GiB")
+    p.add_argument("--mem-limit", type=float, default=8.0,
+                   help="refuse runs estimated above this many GiB; formats run two at a time where twice the "
+                        "estimate fits")
     p.add_argument("--time-limit", type=float, default=3600.0,
                    help="refuse runs whose arithmetic is estimated to take longer than this many seconds (default 3600); "
                         "compiling is not counted (seconds per program, none when the cache holds it)")

@@ -134,17 +134,53 @@ def executables_dir() -> "Path | None":
 
 
 _OFF_LOCK = threading.Lock()
-_OFF_DEPTH = [0, None]  # bodies inside jax_cache_off now, and the setting before the first
+_OFF_DEPTH = [0, None]  # bodies inside jax_cache_off now, and the setting before the first (fallback)
+_OFF_HERE = threading.local()  # .depth: this thread's bodies inside jax_cache_off
+_PER_THREAD: "list[bool | None]" = [None]  # whether JAX's cache decision is wrapped per thread (decided once)
+
+
+def _per_thread() -> bool:
+    """Wrap JAX's one decision whether a compile uses its persistent cache
+    (``jax._src.compilation_cache.is_cache_used``, which ``compiler._get_cache_key`` consults on every
+    compile) so that it answers no on a thread inside :func:`jax_cache_off`; once per process.
+    False where this JAX has no such function (then the setting is changed for the process)."""
+    with _OFF_LOCK:
+        if _PER_THREAD[0] is None:
+            try:
+                from jax._src import compilation_cache as cc
+                from jax._src import compiler
+            except ImportError:
+                _PER_THREAD[0] = False
+                return False
+            decide = getattr(cc, "is_cache_used", None)
+            if not callable(decide) or not hasattr(compiler, "compilation_cache"):
+                _PER_THREAD[0] = False
+                return False
+
+            def is_cache_used(backend):
+                return False if getattr(_OFF_HERE, "depth", 0) else decide(backend)
+
+            cc.is_cache_used = is_cache_used
+            _PER_THREAD[0] = True
+        return _PER_THREAD[0]
 
 
 @contextlib.contextmanager
 def jax_cache_off():
-    """JAX's persistent cache off for the body's compiles (backends/_stored.py compiles the programs
-    it stores this way: an executable JAX loaded from its cache does not serialise whole on
-    XLA:CPU). JAX decides once whether it uses its cache (``compilation_cache.is_cache_used``), so
-    the setting is changed and that decision reset on entry and again on exit. The setting is
-    global: bodies on several threads turn it off on the first entry and back to what it was on the
-    last exit (another thread's compile meanwhile skips the cache: slower, not wrong)."""
+    """JAX's persistent cache off for the body's compiles on this thread (backends/_stored.py compiles
+    the programs it stores this way: an executable JAX loaded from its cache does not serialise whole on
+    XLA:CPU). Compiles on other threads meanwhile read and write the cache as before (``collapse`` runs its
+    formats two at a time, :mod:`collapse_sim.lanes`): JAX's decision whether a compile
+    uses its cache is wrapped to answer no on a thread inside this body (:func:`_per_thread`). A JAX
+    without that decision: the setting is changed for the whole process and the decision reset on the
+    first entry and the last exit (another thread's compile meanwhile skips the cache: slower, not wrong)."""
+    if _per_thread():
+        _OFF_HERE.depth = getattr(_OFF_HERE, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            _OFF_HERE.depth -= 1
+        return
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
@@ -162,6 +198,12 @@ def jax_cache_off():
             if _OFF_DEPTH[0] == 0:
                 jax.config.update("jax_enable_compilation_cache", _OFF_DEPTH[1])
                 compilation_cache.reset_cache()
+
+
+def cache_off_here() -> bool:
+    """Whether a compile on this thread now skips JAX's cache for :func:`jax_cache_off` alone (so a
+    cache hit meanwhile on another thread is not this thread's)."""
+    return bool(_PER_THREAD[0]) and getattr(_OFF_HERE, "depth", 0) > 0
 
 
 def cache_in_use() -> "str | None":
@@ -249,10 +291,11 @@ class _Stats:
             self._cache_seconds += seconds
 
     def forget_open(self) -> None:
-        """Drop traces that never reached a backend step (``jax.eval_shape``, a trace that
-        raised): called where no compile can be under way, e.g. when a stage starts or ends."""
+        """Drop this thread's trace if it never reached a backend step (``jax.eval_shape``, a trace
+        that raised): called where no compile of this thread can be under way, e.g. when a stage starts
+        or ends, or a unit measured on another thread is done (the report's :class:`Lane`)."""
         with self._lock:
-            self._open.clear()
+            self._open.pop(threading.get_ident(), None)
 
     def counts(self) -> CompileCounts:
         self.ensure()

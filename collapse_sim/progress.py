@@ -18,19 +18,28 @@ import time
 from .compilation import STATS, snapshot
 
 EVERY = 5.0
-_phase: "str | None" = None  # what the main thread is doing inside a stage, when known (see phase())
+_phases: "dict[int, str]" = {}  # thread id -> what it is doing inside a stage, when known (see phase())
 
 
 @contextlib.contextmanager
 def phase(text: str):
     """Name what the body does (e.g. "tracing and compiling the bf16 forward, N = 2,048"),
-    so that a stage's heartbeat lines say it rather than "running"."""
-    global _phase
-    outer, _phase = _phase, text
+    so that a stage's heartbeat lines say it rather than "running". Each thread names its own."""
+    tid = threading.get_ident()
+    outer = _phases.get(tid)
+    _phases[tid] = text
     try:
         yield
     finally:
-        _phase = outer
+        if outer is None:
+            _phases.pop(tid, None)
+        else:
+            _phases[tid] = outer
+
+
+def _busy() -> "str | None":
+    """What a thread inside :func:`phase` is doing (the first named, if several)."""
+    return next(iter(list(_phases.values())), None)
 
 
 _print_lock = threading.Lock()
@@ -60,7 +69,7 @@ def stage(prefix: str, what: str, *, estimate: "float | None" = None, every: flo
             c = STATS.compiling_for()
             now = snapshot().since(before)
             parts = [f"{what}: {t:.0f} s"]
-            busy = _phase
+            busy = _busy()
             if c is not None:
                 parts.append(f"compiling an XLA program for {c:.0f} s" + (f" ({busy})" if busy else ""))
             elif busy:

@@ -17,7 +17,7 @@ PKG = Path(__file__).resolve().parents[1] / "collapse_sim"
 LAYERS = (
     ("errors",),
     ("compilation", "formats", "positional"),
-    ("rounding", "progress"),
+    ("rounding", "progress", "lanes"),
     ("collapse_sim", "mx"),
     ("policy", "results"),
     ("backends",),

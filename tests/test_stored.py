@@ -4,6 +4,8 @@ host call is not stored, a damaged file is compiled again, and the key names the
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -102,12 +104,60 @@ def test_key_names_the_program(monkeypatch):
     assert _stored._key(be, _outside, CFG, ("embed",), False, args) is None  # code outside the package's hash
 
 
-def test_cache_off_on_several_threads_restores_the_setting():
-    """JAX's cache setting is global: bodies of jax_cache_off on several threads, overlapping in
-    every order, see it off, and it is back to what it was once the last one ends."""
+def test_cache_off_is_off_for_its_own_thread_only():
+    """jax_cache_off turns JAX's persistent cache off for the compiles of its own thread: a program
+    compiled inside it is not written to the cache, while one compiled meanwhile on another thread is
+    (collapse_sim.lanes runs work on two threads), and JAX's decision is its own again after."""
+    import random
     import threading
 
     import jax
+    from jax._src import compilation_cache as cc
+    from jax._src import xla_bridge
+
+    if compilation.cache_in_use() is None:
+        pytest.skip("the test session runs without a compilation cache")
+    backend = xla_bridge.get_backend()
+    c = random.random()  # programs no earlier run has written
+
+    def lane_inside(x):
+        return x * c + 1.0
+
+    def lane_outside(x):
+        return x * c + 2.0
+
+    compiled, done, seen = threading.Event(), threading.Event(), {}
+
+    def body():
+        with compilation.jax_cache_off():
+            seen["inside"] = cc.is_cache_used(backend), compilation.cache_off_here()
+            jax.jit(lane_inside)(1.0)
+            compiled.set()
+            done.wait(timeout=60)
+        seen["after"] = cc.is_cache_used(backend), compilation.cache_off_here()
+
+    t = threading.Thread(target=body)
+    t.start()
+    assert compiled.wait(timeout=60)
+    seen["outside"] = cc.is_cache_used(backend), compilation.cache_off_here()
+    jax.jit(lane_outside)(1.0)
+    done.set()
+    t.join()
+    assert seen == {"inside": (False, True), "outside": (True, False), "after": (True, False)}
+    names = [p.name for p in Path(compilation.cache_in_use()).iterdir()]
+    assert any(n.startswith("jit_lane_outside-") for n in names)
+    assert not any(n.startswith("jit_lane_inside-") for n in names)
+
+
+def test_cache_off_without_a_per_thread_switch_restores_the_setting(monkeypatch):
+    """A JAX whose cache decision cannot be wrapped per thread: the setting is changed for the process;
+    bodies of jax_cache_off on several threads, overlapping in every order, see it off, and it is back
+    to what it was once the last one ends."""
+    import threading
+
+    import jax
+
+    monkeypatch.setattr(compilation, "_PER_THREAD", [False])
 
     start = jax.config.jax_enable_compilation_cache
     inside, go = [], threading.Barrier(4)

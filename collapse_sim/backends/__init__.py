@@ -58,12 +58,13 @@ def kind_for_format(kind: str, fmt_name: str) -> str:
 
 
 def backend_for_format(kind: str, fmt_name: str, order: str = "pairwise", *, shard: bool = False,
-                       kernel: str = "naive"):
+                       kernel: str = "naive", shared: "bool | str | None" = None):
     """The backend of ``kind`` that runs every op in one format: ``reference`` and
     ``emulated`` use the uniform policy of that format, reduction ``order`` and attention
     ``kernel``; ``native`` the format's JAX dtype (naive kernel only). fp64 always runs
     natively (its ops are IEEE binary64 already). ``shard`` splits emulated attention
-    over all JAX devices."""
+    over all JAX devices; ``shared``: the emulated backend's program choice
+    (:class:`~collapse_sim.backends.emulated.EmulatedBackend`; None: automatic)."""
     from ..formats import parse
     from ..policy import Kernel, Order, Policy
 
@@ -82,4 +83,4 @@ def backend_for_format(kind: str, fmt_name: str, order: str = "pairwise", *, sha
         return make_backend("native", fmt.name)
     from .emulated import EmulatedBackend
 
-    return EmulatedBackend(Policy.uniform(fmt, order, kernel=k), shard=shard)
+    return EmulatedBackend(Policy.uniform(fmt, order, kernel=k), shard=shard, shared=shared)

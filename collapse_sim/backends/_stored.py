@@ -162,7 +162,8 @@ def _compile_and_store(f, args, path: Path, what: str):
         hits = compilation.snapshot().cache_hits
         with compilation.jax_cache_off():
             exe = lowered.compile()
-        if compilation.snapshot().cache_hits != hits:
+            alone = compilation.cache_off_here()  # off for this thread alone: no hit meanwhile was this compile's
+        if not alone and compilation.snapshot().cache_hits != hits:
             return exe
     from jax.experimental.serialize_executable import serialize
 

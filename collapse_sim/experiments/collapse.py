@@ -10,6 +10,7 @@ use it too; its names are imported here as well.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,7 @@ def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend:
     from ..compilation import snapshot
     from ..families import make_pairs
     from ..formats import format_token
+    from ..lanes import in_order
     from ..model import check_backend, token_bound
     from ..plots import plot_collapse
     from ..progress import stage
@@ -160,6 +162,10 @@ def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend:
         if jax.device_count() < 2:
             raise UsageError("--shard needs more than one JAX device; on CPU set "
                              "XLA_FLAGS=--xla_force_host_platform_device_count=K before starting")
+    # two formats at a time (collapse_sim.lanes), where twice one forward's memory fits the limit; each in its own
+    # program (formats static), since which of two policies run side by side would take the shared one is timing
+    together = (policy is None and not shard and len(fmts) > 1
+                and 2 * memory_estimate(c, max_len, sep) <= mem_limit_gib * 2**30)
     if policy is not None:
         from ..backends import make_backend
         from ..backends.emulated import EmulatedBackend
@@ -169,8 +175,8 @@ def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend:
         order, kernel = str(pol.order), str(pol.kernel)
         backends = [(EmulatedBackend(pol, shard=shard) if backend == "emulated" else make_backend(backend, pol), str(pol))]
     else:
-        backends = [(backend_for_format(backend, format_token(f), order, shard=shard, kernel=kernel), f.name)
-                    for f in fmts]
+        backends = [(backend_for_format(backend, format_token(f), order, shard=shard, kernel=kernel,
+                                        shared=False if together else None), f.name) for f in fmts]
     for be, _ in backends:
         check_backend(c, be)
     if not time_limit_s > 0:
@@ -179,16 +185,18 @@ def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend:
                                    operands=None if policy is None else pol.operands) for be, _ in backends]
     est = sum(per_format, estimate.Estimate(0.0, 0.0, 0))
     estimate.check(est, time_limit_s, f"this collapse run ({len(fmts)} format{'s' * (len(fmts) != 1)}, n <= {max_len})")
-    log(f"[collapse] estimated time: {est.describe()}")
+    log(f"[collapse] estimated time: {est.describe()}" + ("; the formats run two at a time" if together else ""))
     before = snapshot()
-    results = []
-    for (be, fname), fest in zip(backends, per_format):
+
+    def sweep(be, fname, fest):
         how = be.kind + (f", {order} order" + (f", {kernel} kernel" if kernel != "naive" else "")
                          if be.kind in ("emulated", "reference") else "")
         with stage("[collapse]", f"{fname} ({how}): family {family}, n = 1..{max_len}", estimate=fest.total):
-            r = collapse_sweep(params, family, max_len, be, fname, seed=seed, sep=sep,
-                               progress=lambda m: log(f"[collapse]   {m.split(': ', 1)[-1]}"))
-        results.append(r)
+            return collapse_sweep(params, family, max_len, be, fname, seed=seed, sep=sep,
+                                  progress=lambda m: log(f"[collapse]   {fname}: {m.split(': ', 1)[-1]}"))
+
+    results = in_order([functools.partial(sweep, be, fname, fest) for (be, fname), fest in zip(backends, per_format)],
+                       together=together)
     compiled = snapshot().since(before)
     out.mkdir(parents=True, exist_ok=True)  # only now: a run stopped before its results leaves no folder behind
     files = (out / "collapse.csv", out / "collapse.json", out / "collapse.png")
