@@ -289,32 +289,81 @@ def plot_scaling(result, path: "str | Path", title: str = "") -> Path:
     return _save(figure_scaling(result, title), path)
 
 
-def plot_curves(series, path: "str | Path", **kw) -> Path:
-    """:func:`draw_curves` now, or in the background process inside :func:`drawing_in_background`
+def _drawn(draw, data, path: "str | Path", **kw) -> Path:
+    """``draw(data, path, **kw)`` now, or in the background process inside :func:`drawing_in_background`
     (the path is returned at once; the file is there when the block ends)."""
     if not _BACKGROUND:
-        return draw_curves(series, path, **kw)
+        return draw(data, path, **kw)
     drawing = _BACKGROUND[0]
-    drawing.futures.append(drawing.pool.submit(draw_curves, series, path, **kw))
+    drawing.futures.append(drawing.pool.submit(draw, data, path, **kw))
     return Path(path)
+
+
+def plot_curves(series, path: "str | Path", **kw) -> Path:
+    """:func:`draw_curves`, now or in the background process (:func:`_drawn`)."""
+    return _drawn(draw_curves, series, path, **kw)
 
 
 def draw_curves(series, path: "str | Path", *, title: str, xlabel: str = "n", ylabel: str = "",
                 hlines=(), bands=(), note: str = "", x_min: float | None = None, smooth: bool = False) -> Path:
     """Curves on log-log axes. ``series``: dicts with ``label``, ``x``, ``y`` and optional
-    ``color``, ``ls``, ``lw``; zeros (bitwise identical) cannot be drawn on a log axis
-    and are marked as ticks along the bottom edge in the curve's colour. ``hlines``:
+    ``color``, ``ls``, ``lw``, ``alpha``, ``zorder``; zeros (bitwise identical) cannot be drawn on a
+    log axis and are marked as ticks along the bottom edge in the curve's colour. ``hlines``:
     (label, y, color or None); ``bands``: dicts with ``label``, ``x``, ``lo``, ``hi``;
     ``x_min``: points left of it are not drawn; ``smooth``: each curve drawn faintly with
     its rolling median (:func:`rolling_median`) on top."""
-    import matplotlib
+    plt = _plt()
 
-    matplotlib.use("Agg")
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    _draw_axes(ax, series, bands, hlines, x_min, smooth)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=6, ncol=2)
+    if smooth:
+        note = (note + "; " if note else "") + "thick: rolling median over ±10% of n; faint: every n"
+    if note:  # below the axes, at the left: inside them a legend could hide it
+        fig.text(0.01, 0.01, note, fontsize=6, alpha=0.8)
+    return _save(fig, path)
+
+
+def plot_panels(panels, path: "str | Path", **kw) -> Path:
+    """:func:`draw_panels`, now or in the background process (:func:`_drawn`)."""
+    return _drawn(draw_panels, panels, path, **kw)
+
+
+def draw_panels(panels, path: "str | Path", *, title: str, xlabel: str = "n", ylabel: str = "", hlines=(),
+                x_min: float | None = None, smooth: bool = False, ncols: int = 3) -> Path:
+    """Small multiples: one log-log panel per ``(panel title, series)`` of ``panels``, each drawn as
+    :func:`draw_curves` draws its series, the axes shared, so that curves that would hide each other
+    on one panel are read side by side."""
+    plt = _plt()
+
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.5 * nrows + 0.6), sharex=True, sharey=True,
+                             squeeze=False)
+    for ax, (name, series) in zip(axes.flat, panels):
+        _draw_axes(ax, series, (), hlines, x_min, smooth)
+        ax.set_title(name, fontsize=8)
+        ax.legend(fontsize=5.5, loc="lower left")
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel(xlabel, fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel, fontsize=8)
+    note = "thick: rolling median over ±10% of n; faint: every n" if smooth else ""
+    fig.suptitle(title + (f"\n({note})" if note else ""), fontsize=10)
+    return _save(fig, path)
+
+
+def _draw_axes(ax, series, bands, hlines, x_min, smooth) -> None:
+    """``series``, ``bands`` and ``hlines`` of :func:`draw_curves` on ``ax``, log-log, with a grid."""
     import matplotlib.pyplot as plt
     import matplotlib.transforms as mtransforms
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     bottom = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
     for j, b in enumerate(bands):
@@ -324,15 +373,16 @@ def draw_curves(series, path: "str | Path", *, title: str, xlabel: str = "n", yl
                         alpha=0.25, lw=0, label=b["label"])
     for i, s in enumerate(series):
         c = s.get("color") or colors[(i + len(bands)) % len(colors)]
+        style = dict(color=c, ls=s.get("ls", "-"), alpha=s.get("alpha", 1.0), zorder=s.get("zorder", 2))
         x, y = np.asarray(s["x"], float), np.asarray(s["y"], float)
         keep = x >= (x_min or -np.inf)
         x, y = x[keep], y[keep]
         if smooth and x.size > 50:
-            ax.plot(x, np.where(y > 0, y, np.nan), color=c, ls=s.get("ls", "-"), lw=0.5, alpha=0.3)
+            ax.plot(x, np.where(y > 0, y, np.nan), lw=0.5, **{**style, "alpha": 0.3 * style["alpha"]})
             xm, ym = rolling_median(x, y)
-            ax.plot(xm, ym, color=c, ls=s.get("ls", "-"), lw=s.get("lw", 1.1) + 0.6, label=s["label"])
+            ax.plot(xm, ym, lw=s.get("lw", 1.1) + 0.6, label=s["label"], **style)
         else:
-            ax.plot(x, np.where(y > 0, y, np.nan), color=c, ls=s.get("ls", "-"), lw=s.get("lw", 1.1), label=s["label"])
+            ax.plot(x, np.where(y > 0, y, np.nan), lw=s.get("lw", 1.1), label=s["label"], **style)
         zero = y == 0
         if zero.any():
             ax.plot(x[zero], np.full(int(zero.sum()), 0.01), "|", color=c, ms=6, transform=bottom,
@@ -345,16 +395,7 @@ def draw_curves(series, path: "str | Path", *, title: str, xlabel: str = "n", yl
         ax.axhline(y, color=c or "k", ls="--", lw=0.9, alpha=0.8, label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=6, ncol=2)
-    if smooth:
-        note = (note + "; " if note else "") + "thick: rolling median over ±10% of n; faint: every n"
-    if note:
-        ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=6, alpha=0.8)
-    return _save(fig, path)
 
 
 def rolling_median(x, y, width: float = 0.1, points: int = 200):

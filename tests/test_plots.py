@@ -140,6 +140,11 @@ def test_curves_drawn_in_background_equal_those_drawn_here(tmp_path):
         assert there.exists()
         again = plots.plot_curves(series, tmp_path / "again.png", **kw)
     assert here.read_bytes() == there.read_bytes() == again.read_bytes()
+    panels = [(f"panel {i}", series[: 1 + i % 2]) for i in range(4)]  # 4 panels on 3 columns: two left empty
+    here = plots.plot_panels(panels, tmp_path / "panels_here.png", title="t", ylabel="d", smooth=True)
+    with plots.drawing_in_background():
+        there = plots.plot_panels(panels, tmp_path / "panels_there.png", title="t", ylabel="d", smooth=True)
+    assert here.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and here.read_bytes() == there.read_bytes()
     with pytest.raises(KeyError):
         with plots.drawing_in_background():
             plots.plot_curves([{"x": x, "y": x}], tmp_path / "bad.png", title="no label")

@@ -19,7 +19,7 @@ from ..experiments.paper import REF, Context, median_top, ref_agreement, run_fam
 from ..experiments.recipes import (ACCUMULATORS, KERNELS, RECIPE_RUNS, REMEDY_FAMILIES, remedy_mechanism, run_policies,
                                     run_remedies)
 from ..formats import parse as parse_format
-from ..plots import plot_curves
+from ..plots import plot_curves, plot_panels
 from ..policy import Policy
 
 #: Below this the 256-bit reference's distance counts as exactly 0: the two inputs are equal in exact
@@ -107,9 +107,11 @@ def _eps_lines(formats):
 
 
 def _setup_curves(setup: str, res: dict[str, CollapseResult], color: str) -> list[dict]:
-    """A setup's float64 curve (thick) and its bf16 curve (thin, dashed) in one colour."""
-    return [dict(label=f"{setup}: float64", x=res["fp64"].ns, y=res["fp64"].l1, color=color, lw=1.4),
-            dict(label=f"{setup}: bf16", x=res["bf16"].ns, y=res["bf16"].l1, color=color, lw=0.7, ls="--")]
+    """A setup's float64 curve (wide and pale, behind) and its bf16 curve (thin, dashed, on top) in one colour:
+    where bf16 follows float64 both stay visible."""
+    return [dict(label=f"{setup}: float64", x=res["fp64"].ns, y=res["fp64"].l1, color=color, lw=2.6, alpha=0.4,
+                 zorder=1),
+            dict(label=f"{setup}: bf16", x=res["bf16"].ns, y=res["bf16"].l1, color=color, lw=0.7, ls="--", zorder=3)]
 
 
 BF16_LINE = ("bf16 line 2^-7", PAPER_LINE, "k")
@@ -337,6 +339,25 @@ def _policy_curves(rows, run: str) -> list[dict]:
     return series
 
 
+def _remedy_panels(rows, run: str) -> list[tuple[str, list[dict]]]:
+    """A panel per remedy row (name, policy, runs): its own model's float64 curve (wide, pale, behind),
+    its policy's curve of ``run`` on top, and, from the second panel on, the first row's (the baseline's)
+    in light grey."""
+    panels = []
+    for i, (name, pol, runs) in enumerate(rows):
+        res = next(r for label, r, _ in runs if label == run)
+        series = [dict(label="float64 (native)", x=res["fp64"].ns, y=res["fp64"].l1, color="k", lw=2.4, alpha=0.3,
+                       zorder=1)]
+        if i:
+            _, base_pol, base_runs = rows[0]
+            base = next(r for label, r, _ in base_runs if label == run)[base_pol]
+            series.append(dict(label=f"{rows[0][0]}", x=base.ns, y=base.l1, color="0.4", lw=0.6, ls=":", zorder=2))
+        series.append(dict(label=pol if len(pol) <= 24 else "the remedy's policy", x=res[pol].ns, y=res[pol].l1,
+                           color=RECIPE_COLORS[i % len(RECIPE_COLORS)], zorder=3))
+        panels.append((name, series))
+    return panels
+
+
 def _recipe_table(ctx: Context, outdir: Path, lines: list[str], rows, what: str, png: str, title: str, says: str,
                   also: str = "") -> None:
     """A table of every recipe row (name, policy, why) of ``rows`` (:data:`KERNELS`, :data:`ACCUMULATORS`) by
@@ -390,7 +411,7 @@ def remedies(ctx: Context, outdir: Path, lines: list[str]) -> None:
             lines.append(_criteria_row(desc, name, pol, res, sn, n))
     lines.append("")
     lines += [f"- **{name}**: {why}." for name, _, _ in rows if (why := remedy_mechanism(name))]
-    png = plot_curves(_policy_curves(rows, REMEDY_FAMILIES[0][0]), outdir / "remedies.png",
+    png = plot_panels(_remedy_panels(rows, REMEDY_FAMILIES[0][0]), outdir / "remedies.png",
                       title=f"Remedies: {REMEDY_FAMILIES[0][1]}, RoPE decoder, d = 64", ylabel="L1 distance of the pair",
                       hlines=[BF16_LINE], x_min=N_MIN, smooth=True)
     lines += ["", f"![remedies]({png.name})", "",
