@@ -349,8 +349,11 @@ def draw_panels(panels, path: "str | Path", *, title: str, xlabel: str = "n", yl
         ax.tick_params(labelsize=7)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    for ax in axes[-1]:
-        ax.set_xlabel(xlabel, fontsize=8)
+    for col in range(ncols):  # the lowest drawn panel of each column carries the x axis's labels
+        drawn = [axes[r, col] for r in range(nrows) if r * ncols + col < len(panels)]
+        if drawn:
+            drawn[-1].xaxis.set_tick_params(labelbottom=True)
+            drawn[-1].set_xlabel(xlabel, fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel(ylabel, fontsize=8)
     note = "thick: rolling median over ±10% of n; faint: every n" if smooth else ""

@@ -327,22 +327,10 @@ def _criteria_row(run: str, name: str, pol: str, res: dict[str, CollapseResult],
             f"{_ident_cell(res[pol])} | {noise} | {median_top(f64):.2g} |")
 
 
-def _policy_curves(rows, run: str) -> list[dict]:
-    """Per row (name, policy, runs) the policy's L1 curve of ``run``; the first row's float64 curve in black."""
-    series = []
-    for i, (name, pol, runs) in enumerate(rows):
-        res = next(r for label, r, _ in runs if label == run)
-        if i == 0:
-            series.append(dict(label="float64 (native)", x=res["fp64"].ns, y=res["fp64"].l1, color="k", lw=0.8, ls="--"))
-        series.append(dict(label=name, x=res[pol].ns, y=res[pol].l1, color=RECIPE_COLORS[i % len(RECIPE_COLORS)],
-                           ls="-" if i < len(RECIPE_COLORS) else "--"))
-    return series
-
-
-def _remedy_panels(rows, run: str) -> list[tuple[str, list[dict]]]:
-    """A panel per remedy row (name, policy, runs): its own model's float64 curve (wide, pale, behind),
-    its policy's curve of ``run`` on top, and, from the second panel on, the first row's (the baseline's)
-    in light grey."""
+def _policy_panels(rows, run: str) -> list[tuple[str, list[dict]]]:
+    """A panel per row (name, policy, runs) of a remedy or recipe table: its own model's float64 curve of
+    ``run`` (wide, pale, behind), its policy's on top, and, from the second panel on, the first row's (the
+    baseline's) dotted, so that rows that would hide each other on one axes are read side by side."""
     panels = []
     for i, (name, pol, runs) in enumerate(rows):
         res = next(r for label, r, _ in runs if label == run)
@@ -352,7 +340,7 @@ def _remedy_panels(rows, run: str) -> list[tuple[str, list[dict]]]:
             _, base_pol, base_runs = rows[0]
             base = next(r for label, r, _ in base_runs if label == run)[base_pol]
             series.append(dict(label=f"{rows[0][0]}", x=base.ns, y=base.l1, color="0.4", lw=0.6, ls=":", zorder=2))
-        series.append(dict(label=pol if len(pol) <= 24 else "the remedy's policy", x=res[pol].ns, y=res[pol].l1,
+        series.append(dict(label=pol if len(pol) <= 24 else "the row's policy", x=res[pol].ns, y=res[pol].l1,
                            color=RECIPE_COLORS[i % len(RECIPE_COLORS)], zorder=3))
         panels.append((name, series))
     return panels
@@ -378,7 +366,7 @@ def _recipe_table(ctx: Context, outdir: Path, lines: list[str], rows, what: str,
             lines.append(_criteria_row(label, name, pol, res, sn, kn))
     lines.append("")
     lines += [f"- **{name}** (`{pol}`): {why}." for name, pol, why in rows]
-    path = plot_curves(_policy_curves(measured, RECIPE_RUNS[0][0]), outdir / png,
+    path = plot_panels(_policy_panels(measured, RECIPE_RUNS[0][0]), outdir / png,
                        title=f"{title}: {RECIPE_RUNS[0][0]}, d = 64", ylabel="L1 distance of the pair",
                        hlines=_eps_lines(["bf16", "e4m3fn"]), x_min=N_MIN, smooth=True)
     lines += ["", f"![{title}]({path.name})", ""]
@@ -411,7 +399,7 @@ def remedies(ctx: Context, outdir: Path, lines: list[str]) -> None:
             lines.append(_criteria_row(desc, name, pol, res, sn, n))
     lines.append("")
     lines += [f"- **{name}**: {why}." for name, _, _ in rows if (why := remedy_mechanism(name))]
-    png = plot_panels(_remedy_panels(rows, REMEDY_FAMILIES[0][0]), outdir / "remedies.png",
+    png = plot_panels(_policy_panels(rows, REMEDY_FAMILIES[0][0]), outdir / "remedies.png",
                       title=f"Remedies: {REMEDY_FAMILIES[0][1]}, RoPE decoder, d = 64", ylabel="L1 distance of the pair",
                       hlines=[BF16_LINE], x_min=N_MIN, smooth=True)
     lines += ["", f"![remedies]({png.name})", "",
