@@ -339,7 +339,8 @@ def _policy_panels(rows, run: str) -> list[tuple[str, list[dict]]]:
         if i:
             _, base_pol, base_runs = rows[0]
             base = next(r for label, r, _ in base_runs if label == run)[base_pol]
-            series.append(dict(label=f"{rows[0][0]}", x=base.ns, y=base.l1, color="0.4", lw=0.6, ls=":", zorder=2))
+            series.append(dict(label=f"{rows[0][0]}", x=base.ns, y=base.l1, color="0.4", lw=0.6, ls=":", zorder=2,
+                               faint=False))
         series.append(dict(label=pol if len(pol) <= 24 else "the row's policy", x=res[pol].ns, y=res[pol].l1,
                            color=RECIPE_COLORS[i % len(RECIPE_COLORS)], zorder=3))
         panels.append((name, series))
