@@ -200,12 +200,6 @@ def jax_cache_off():
                 compilation_cache.reset_cache()
 
 
-def cache_off_here() -> bool:
-    """Whether a compile on this thread now skips JAX's cache for :func:`jax_cache_off` alone (so a
-    cache hit meanwhile on another thread is not this thread's)."""
-    return bool(_PER_THREAD[0]) and getattr(_OFF_HERE, "depth", 0) > 0
-
-
 def cache_in_use() -> "str | None":
     import jax
 
@@ -252,6 +246,7 @@ class _Stats:
         self._seconds = 0.0
         self._cache_seconds = 0.0
         self._open: dict[int, list] = {}  # thread id -> [start (monotonic), seconds so far, was a hit]
+        self._threads: dict[int, list] = {}  # thread id -> [compiled, seconds, hits, cache seconds] of that thread
 
     def ensure(self) -> None:
         if self._registered:
@@ -265,10 +260,14 @@ class _Stats:
             mon.register_event_duration_secs_listener(self._duration)
             self._registered = True
 
+    def _mine(self, tid: int) -> list:
+        return self._threads.setdefault(tid, [0, 0.0, 0, 0.0])
+
     def _event(self, event: str, **_) -> None:
         if event == _HIT:
             with self._lock:
                 self._hits += 1
+                self._mine(threading.get_ident())[2] += 1
                 self._open.setdefault(threading.get_ident(), [time.monotonic(), 0.0, False])[2] = True
 
     def _duration(self, event: str, seconds: float, **_) -> None:
@@ -278,17 +277,24 @@ class _Stats:
                 self._open.setdefault(tid, [time.monotonic(), 0.0, False])[1] += seconds
             elif event == _BACKEND:
                 _, pending, hit = self._open.pop(tid, [0.0, 0.0, False])
+                mine = self._mine(tid)
                 if hit:
                     self._cache_seconds += seconds + pending
+                    mine[3] += seconds + pending
                 else:
                     self._compiled += 1
                     self._seconds += seconds + pending
+                    mine[0] += 1
+                    mine[1] += seconds + pending
 
     def loaded(self, seconds: float) -> None:
         """A stored program loaded whole (backends/_stored.py): counted as loaded from the cache."""
         with self._lock:
             self._hits += 1
             self._cache_seconds += seconds
+            mine = self._mine(threading.get_ident())
+            mine[2] += 1
+            mine[3] += seconds
 
     def forget_open(self) -> None:
         """Drop this thread's trace if it never reached a backend step (``jax.eval_shape``, a trace
@@ -297,24 +303,30 @@ class _Stats:
         with self._lock:
             self._open.pop(threading.get_ident(), None)
 
-    def counts(self) -> CompileCounts:
+    def counts(self, thread: "int | None" = None) -> CompileCounts:
+        """The process's counts, or those of the thread of id ``thread`` (``threading.get_ident()``)."""
         self.ensure()
         with self._lock:
+            if thread is not None:
+                return CompileCounts(*self._threads.get(thread, [0, 0.0, 0, 0.0]))
             return CompileCounts(self._compiled, self._seconds, self._hits, self._cache_seconds)
 
-    def compiling_for(self) -> "float | None":
-        """Seconds the longest-open trace or compile has run (None when none is open)."""
+    def compiling_for(self, thread: "int | None" = None) -> "float | None":
+        """Seconds the longest-open trace or compile has run (None when none is open); of the thread of
+        id ``thread`` only, where given."""
         with self._lock:
-            starts = [v[0] for v in self._open.values()]
+            starts = [v[0] for t, v in self._open.items() if thread is None or t == thread]
         return time.monotonic() - min(starts) if starts else None
 
 
 STATS = _Stats()
 
 
-def snapshot() -> CompileCounts:
-    """The process's compile counts now (listening starts on the first call)."""
-    return STATS.counts()
+def snapshot(thread: "int | None" = None) -> CompileCounts:
+    """The process's compile counts now, or those of the thread of id ``thread`` (listening starts on the
+    first call): a stage or a stored program's compile counts its own thread's, whatever another thread
+    compiles meanwhile (collapse_sim.lanes)."""
+    return STATS.counts(thread)
 
 
 def record_at_exit(command: str) -> None:

@@ -5,7 +5,9 @@ from a background thread, a line at least every ``every`` seconds until it ends,
 saying how long it has run, whether XLA is compiling right now (and for how long),
 and the estimate when one was given. A stage that ends within ``every`` seconds
 prints only its start line (and nothing more); a longer one prints its wall time and
-the compilations it caused when it ends ("stopped after" if it ended in an error).
+the compilations it caused when it ends ("stopped after" if it ended in an error). A stage
+speaks of its own thread: two stages side by side (collapse_sim.lanes) each report their
+own phase and compiles.
 """
 
 from __future__ import annotations
@@ -37,9 +39,6 @@ def phase(text: str):
             _phases[tid] = outer
 
 
-def _busy() -> "str | None":
-    """What a thread inside :func:`phase` is doing (the first named, if several)."""
-    return next(iter(list(_phases.values())), None)
 
 
 _print_lock = threading.Lock()
@@ -57,7 +56,8 @@ def stage(prefix: str, what: str, *, estimate: "float | None" = None, every: flo
     """Run the body as one stage of a command whose lines start with ``prefix`` (e.g. ``[collapse]``)."""
     stream = stream or sys.stdout
     start = time.monotonic()
-    before = snapshot()
+    tid = threading.get_ident()  # the stage's own thread: its phase and compiles, not another thread's
+    before = snapshot(tid)
     STATS.forget_open()
     est = f" (estimated {estimate:.0f} s)" if estimate else ""
     say(prefix, f"{what}{est} ...", stream)
@@ -66,10 +66,10 @@ def stage(prefix: str, what: str, *, estimate: "float | None" = None, every: flo
     def beat():
         while not done.wait(every):
             t = time.monotonic() - start
-            c = STATS.compiling_for()
-            now = snapshot().since(before)
+            c = STATS.compiling_for(tid)
+            now = snapshot(tid).since(before)
             parts = [f"{what}: {t:.0f} s"]
-            busy = _busy()
+            busy = _phases.get(tid)
             if c is not None:
                 parts.append(f"compiling an XLA program for {c:.0f} s" + (f" ({busy})" if busy else ""))
             elif busy:
@@ -96,4 +96,4 @@ def stage(prefix: str, what: str, *, estimate: "float | None" = None, every: flo
         t = time.monotonic() - start
         if t >= every:
             say(prefix, f"  {what}: {'done in' if ok else 'stopped after'} {t:.0f} s; "
-                         f"{snapshot().since(before).describe()}", stream)
+                         f"{snapshot(tid).since(before).describe()}", stream)

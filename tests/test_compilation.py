@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -95,6 +96,43 @@ def test_stage_beats_while_silent_work_runs():
     beats = [ln for ln in lines if "waiting:" in ln and "running" in ln]
     assert len(beats) >= 3  # one line every 0.2 s over 0.9 s
     assert "done in" in lines[-1]
+
+
+def test_stages_side_by_side_each_report_their_own_thread():
+    """Two stages on two threads at once (collapse_sim.lanes): each says its own phase while it beats
+    and counts its own compiles at the end, not the other thread's."""
+    import threading
+    import uuid
+
+    import jax
+
+    from collapse_sim.progress import phase
+
+    outs = {w: io.StringIO() for w in ("a", "b")}
+    go = threading.Barrier(2)
+    c = float(int(uuid.uuid4().hex[:6], 16))  # programs no earlier test compiled
+
+    def work(w, programs):
+        with stage("[t]", f"stage {w}", every=0.2, stream=outs[w]):
+            with phase(f"phase of {w}"):
+                go.wait(timeout=30)
+                time.sleep(0.5)
+            for k in range(programs):
+                jax.jit(lambda x, k=k: x * c + float(k + 10 * (w == "a")))(1.0)
+
+    t = threading.Thread(target=work, args=("b", 2))
+    t.start()
+    work("a", 1)
+    t.join()
+    for w, n in (("a", 1), ("b", 2)):
+        lines = outs[w].getvalue().splitlines()
+        other = "b" if w == "a" else "a"
+        assert any(f"phase of {w}" in ln for ln in lines) and not any(f"phase of {other}" in ln for ln in lines)
+        assert lines[-1].startswith(f"[t]   stage {w}: done in"), lines[-1]
+        # this thread's programs only, each compiled here or loaded from the cache
+        compiled = int(re.search(r"; (\d+) XLA program", lines[-1]).group(1))
+        loaded = re.search(r", (\d+) loaded", lines[-1])
+        assert compiled + (int(loaded.group(1)) if loaded else 0) == n, lines[-1]
 
 
 def test_short_stage_prints_only_its_start():

@@ -12,6 +12,13 @@ import pytest
 from collapse_sim.lanes import Lane, in_order
 
 
+@pytest.fixture(autouse=True)
+def _strict_promotion():
+    """Replaces the suite's fixture of that name: its dtype-promotion context is a thread-local JAX
+    setting, under which the lane's thread (the process's settings) would take no work."""
+    yield
+
+
 def test_two_at_a_time_side_by_side_values_in_order():
     """The first computation waits for the second to start: with two threads both finish (one
     thread alone would wait out the timeout), and the values come back in the order given."""
@@ -37,27 +44,96 @@ def test_one_after_the_other_on_this_thread():
     assert names == [threading.current_thread().name] * 3
 
 
-def test_errors_reach_the_waiter_in_order():
+def _on_the_lane(lane, compute):
+    """Submit ``compute`` and wait until the lane's thread has started it (it first sets an event)."""
+    started = threading.Event()
+
+    def job():
+        started.set()
+        return compute()
+
+    wait = lane.submit(job)
+    assert started.wait(timeout=30)
+    return wait
+
+
+def test_an_error_on_the_lane_reaches_the_waiter_and_stops_the_queue():
+    """A computation that fails on the lane's thread raises in the thread that waits for it, and the
+    lane takes nothing more from the queue (a later computation runs only where it is waited for)."""
+    lane, gate, ran = Lane(), threading.Event(), []
+
+    def bad():
+        gate.wait(timeout=30)
+        raise ValueError("failed on the lane")
+
+    wait = _on_the_lane(lane, bad)
+    later = lane.submit(lambda: ran.append(threading.current_thread().name) or "later")
+    gate.set()
+    lane.join()  # no one waits meanwhile (a waiting thread would take `later` itself)
+    assert ran == []  # dropped when the error came, not run by the lane
+    with pytest.raises(ValueError, match="failed on the lane"):
+        wait()
+    assert later() == "later" and ran == [threading.current_thread().name]
+
+
+def test_an_error_in_order_is_raised_after_the_lane_finishes_its_computation(monkeypatch):
+    """in_order raises the first error in order only once the lane's thread has finished the computation
+    it runs (a process that exits while that thread runs XLA aborts): it joins the lane, and a join waits
+    for that computation."""
+    joined = []
+    real = Lane.join
+    monkeypatch.setattr(Lane, "join", lambda self: joined.append(self) or real(self))
+
     def bad():
         raise ValueError("the second failed")
 
     with pytest.raises(ValueError, match="the second failed"):
         in_order([lambda: 1, bad, lambda: 3])
+    assert len(joined) == 1
+    lane, finished = Lane(), threading.Event()
+    _on_the_lane(lane, lambda: threading.Event().wait(0.3) or finished.set())
+    lane.join()
+    assert finished.is_set()
+
+
+def test_an_interrupt_in_a_computation_taken_while_waiting_is_raised_at_once():
+    """The waiting thread runs the next queued computation while the lane runs the one it waits for;
+    an interrupt there reaches it at once, and nothing more is taken from the queue."""
+    lane, gate, ran = Lane(), threading.Event(), []
+    first = _on_the_lane(lane, lambda: gate.wait(timeout=30))
+
+    def interrupted():
+        gate.set()
+        raise KeyboardInterrupt
+
+    lane.submit(interrupted)
+    lane.submit(lambda: ran.append("third"))
+    with pytest.raises(KeyboardInterrupt):
+        first()
+    lane.join()
+    assert ran == []
 
 
 def test_dropped_work_runs_where_it_is_waited_for_and_the_thread_ends():
-    lane = Lane()
-    gate = threading.Event()
-    first = lane.submit(lambda: gate.wait(timeout=30))
+    lane, gate = Lane(), threading.Event()
+    first = _on_the_lane(lane, lambda: gate.wait(timeout=30))
     later = lane.submit(lambda: threading.current_thread().name)
-    lane.drop()  # `later` no longer queued, unless the lane's thread already took it
+    lane.drop()
     gate.set()
-    assert first() is True and later() in (threading.current_thread().name, "collapse-sim-lane")
-    for _ in range(100):  # the daemon thread ends once nothing is queued
-        if lane._thread is None:
-            break
-        threading.Event().wait(0.05)
+    assert first() is True and later() == threading.current_thread().name
+    lane.join()
     assert lane._thread is None
+
+
+def test_work_submitted_under_other_jax_settings_stays_on_its_thread():
+    """The lane's thread runs only what was submitted under its own JAX settings: inside a thread-local
+    jax.enable_x64(False) every computation runs on the caller's thread, and float64 stays off there."""
+    import jax
+    import jax.numpy as jnp
+
+    with jax.enable_x64(False):
+        got = in_order([lambda: (threading.current_thread().name, str(jnp.ones(1).dtype))] * 3)
+    assert got == [(threading.current_thread().name, "float32")] * 3
 
 
 def test_collapse_formats_two_at_a_time_give_the_bits_of_one_after_the_other(tmp_path):

@@ -108,8 +108,8 @@ def test_cache_off_is_off_for_its_own_thread_only():
     """jax_cache_off turns JAX's persistent cache off for the compiles of its own thread: a program
     compiled inside it is not written to the cache, while one compiled meanwhile on another thread is
     (collapse_sim.lanes runs work on two threads), and JAX's decision is its own again after."""
-    import random
     import threading
+    import uuid
 
     import jax
     from jax._src import compilation_cache as cc
@@ -118,35 +118,36 @@ def test_cache_off_is_off_for_its_own_thread_only():
     if compilation.cache_in_use() is None:
         pytest.skip("the test session runs without a compilation cache")
     backend = xla_bridge.get_backend()
-    c = random.random()  # programs no earlier run has written
+    tag = uuid.uuid4().hex[:12]  # names no earlier run has written: the cache's files begin jit_<name>-
 
-    def lane_inside(x):
-        return x * c + 1.0
+    def inside(x):
+        return x * 3.0 + 1.0
 
-    def lane_outside(x):
-        return x * c + 2.0
+    def outside(x):
+        return x * 3.0 + 2.0
 
+    inside.__name__, outside.__name__ = f"lane_inside_{tag}", f"lane_outside_{tag}"
     compiled, done, seen = threading.Event(), threading.Event(), {}
 
     def body():
         with compilation.jax_cache_off():
-            seen["inside"] = cc.is_cache_used(backend), compilation.cache_off_here()
-            jax.jit(lane_inside)(1.0)
+            seen["inside"] = cc.is_cache_used(backend)
+            jax.jit(inside)(1.0)
             compiled.set()
             done.wait(timeout=60)
-        seen["after"] = cc.is_cache_used(backend), compilation.cache_off_here()
+        seen["after"] = cc.is_cache_used(backend)
 
     t = threading.Thread(target=body)
     t.start()
     assert compiled.wait(timeout=60)
-    seen["outside"] = cc.is_cache_used(backend), compilation.cache_off_here()
-    jax.jit(lane_outside)(1.0)
+    seen["outside"] = cc.is_cache_used(backend)
+    jax.jit(outside)(1.0)
     done.set()
     t.join()
-    assert seen == {"inside": (False, True), "outside": (True, False), "after": (True, False)}
+    assert seen == {"inside": False, "outside": True, "after": True}
     names = [p.name for p in Path(compilation.cache_in_use()).iterdir()]
-    assert any(n.startswith("jit_lane_outside-") for n in names)
-    assert not any(n.startswith("jit_lane_inside-") for n in names)
+    assert any(n.startswith(f"jit_lane_outside_{tag}-") for n in names)
+    assert not any(n.startswith(f"jit_lane_inside_{tag}-") for n in names)
 
 
 def test_cache_off_without_a_per_thread_switch_restores_the_setting(monkeypatch):
@@ -232,3 +233,4 @@ def test_stored_program_that_fails_to_run_is_compiled_again(store, monkeypatch, 
     got = _run(pol)
     assert "could not be run (NOT_FOUND" in capsys.readouterr().out
     assert np.array_equal(_bits(want), _bits(got)) and path.exists()
+

@@ -40,6 +40,7 @@ import hashlib
 import os
 import pickle
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -152,18 +153,22 @@ def _discard(path: Path, why: str) -> None:
 
 def _compile_and_store(f, args, path: Path, what: str):
     """Compile ``f`` for ``args`` with JAX's cache off, store it at ``path`` and return it. A
-    program with a host call is compiled through JAX's cache and not stored; so is one that JAX
-    loaded from its cache after all (its executable would not load whole in another process)."""
+    program with a host call is compiled through JAX's cache and not stored; so is one that JAX loaded
+    from its cache after all, on this thread (it would not load whole in another process). (JAX may
+    also hand back an executable it holds in memory, with no compile and no load counted: one this
+    process compiled for the store before, whose stored file was then damaged. A program that JAX had
+    loaded from its cache in this process and that reaches this function afterwards would be stored
+    too, and another process that loads it and cannot run it discards it and compiles it again.)"""
     with phase("tracing, then compiling " + what):
         lowered = f.lower(*args)
         text = lowered.as_text()
         if "collapse_sim_host_call" in text or "callback" in text:  # JAX's cache, as before; not stored
             return lowered.compile()
-        hits = compilation.snapshot().cache_hits
+        here = threading.get_ident()
+        before = compilation.snapshot(here)
         with compilation.jax_cache_off():
             exe = lowered.compile()
-            alone = compilation.cache_off_here()  # off for this thread alone: no hit meanwhile was this compile's
-        if not alone and compilation.snapshot().cache_hits != hits:
+        if compilation.snapshot(here).since(before).cache_hits:  # this thread's compile was a load from JAX's cache
             return exe
     from jax.experimental.serialize_executable import serialize
 
