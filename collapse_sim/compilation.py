@@ -299,7 +299,7 @@ class _Stats:
     def forget_open(self) -> None:
         """Drop this thread's trace if it never reached a backend step (``jax.eval_shape``, a trace
         that raised): called where no compile of this thread can be under way, e.g. when a stage starts
-        or ends, or a unit measured on another thread is done (the report's :class:`Lane`)."""
+        or ends, or a computation of :mod:`collapse_sim.lanes` is done."""
         with self._lock:
             self._open.pop(threading.get_ident(), None)
 

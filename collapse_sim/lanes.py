@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import threading
 
+from .compilation import STATS
+
 
 def _settings():
     """JAX's settings on this thread, as its own trace cache keys on them (``trace_context``); where this
@@ -35,8 +37,6 @@ class _Job:
         self.value, self.error = None, None
 
     def run(self) -> None:
-        from .compilation import STATS
-
         try:
             self.value = self.compute()
         except BaseException as e:  # handed to the waiting thread
@@ -97,9 +97,8 @@ class Lane:
     def _wait(self, job: _Job):
         settings = _settings()
         while not job.done.is_set():
-            with self._lock:
-                mine = self._take(settings, job) if not job.started else None if job.done.is_set() else \
-                    self._take(settings)
+            with self._lock:  # its own job if no thread started it, else the next one queued
+                mine = None if job.done.is_set() else self._take(settings, job)
             if mine is None:
                 job.done.wait()
                 continue

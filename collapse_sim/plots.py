@@ -290,6 +290,9 @@ def plot_scaling(result, path: "str | Path", title: str = "") -> Path:
     return _save(figure_scaling(result, title), path)
 
 
+_SMOOTH_NOTE = "thick: rolling median over ±10% of n; faint: every n"  # what smooth=True draws (rolling_median)
+
+
 def _drawn(draw, data, path: "str | Path", **kw) -> Path:
     """``draw(data, path, **kw)`` now, or in the background process inside :func:`drawing_in_background`
     (the path is returned at once; the file is there when the block ends)."""
@@ -308,8 +311,9 @@ def plot_curves(series, path: "str | Path", **kw) -> Path:
 def draw_curves(series, path: "str | Path", *, title: str, xlabel: str = "n", ylabel: str = "",
                 hlines=(), bands=(), note: str = "", x_min: float | None = None, smooth: bool = False) -> Path:
     """Curves on log-log axes. ``series``: dicts with ``label``, ``x``, ``y`` and optional
-    ``color``, ``ls``, ``lw``, ``alpha``, ``zorder``, ``faint`` (False: with ``smooth``, the median only); zeros (bitwise identical) cannot be drawn on a
-    log axis and are marked as ticks along the bottom edge in the curve's colour. ``hlines``:
+    ``color``, ``ls``, ``lw``, ``alpha``, ``zorder``, ``faint`` (False: with ``smooth``, the median only);
+    zeros (bitwise identical) cannot be drawn on a log axis and are marked as ticks along the bottom edge
+    in the curve's colour. ``hlines``:
     (label, y, color or None); ``bands``: dicts with ``label``, ``x``, ``lo``, ``hi``;
     ``x_min``: points left of it are not drawn; ``smooth``: each curve drawn faintly with
     its rolling median (:func:`rolling_median`) on top."""
@@ -322,7 +326,7 @@ def draw_curves(series, path: "str | Path", *, title: str, xlabel: str = "n", yl
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=6, ncol=2)
     if smooth:
-        note = (note + "; " if note else "") + "thick: rolling median over ±10% of n; faint: every n"
+        note = (note + "; " if note else "") + _SMOOTH_NOTE
     if note:  # below the axes, at the left: inside them a legend could hide it
         fig.text(0.01, 0.01, note, fontsize=6, alpha=0.8)
     return _save(fig, path)
@@ -360,8 +364,7 @@ def draw_panels(panels, path: "str | Path", *, title: str, xlabel: str = "n", yl
             drawn[-1].set_xlabel(xlabel, fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel(ylabel, fontsize=8)
-    note = "thick: rolling median over ±10% of n; faint: every n" if smooth else ""
-    fig.suptitle(title + (f"\n({note})" if note else ""), fontsize=10)
+    fig.suptitle(title + (f"\n({_SMOOTH_NOTE})" if smooth else ""), fontsize=10)
     return _save(fig, path, tight=False, dpi=100)  # a wide grid: 100 dpi is ~1,100 pixels across
 
 

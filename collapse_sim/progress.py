@@ -39,8 +39,6 @@ def phase(text: str):
             _phases[tid] = outer
 
 
-
-
 _print_lock = threading.Lock()
 
 

@@ -148,9 +148,9 @@ def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend:
 
     log = log or (lambda m: print(m, flush=True))
     c = params.config
-    est = memory_estimate(c, max_len, sep)  # before the pairs: an absurd --max-len must not allocate them
-    if est > mem_limit_gib * 2**30:
-        raise UsageError(f"estimated memory {est / 2**30:.1f} GiB exceeds --mem-limit {mem_limit_gib} GiB; lower --max-len")
+    mem = memory_estimate(c, max_len, sep)  # before the pairs: an absurd --max-len must not allocate them
+    if mem > mem_limit_gib * 2**30:
+        raise UsageError(f"estimated memory {mem / 2**30:.1f} GiB exceeds --mem-limit {mem_limit_gib} GiB; lower --max-len")
     if backend == "reference" and max_len > REFERENCE_MAX_LEN:
         raise UsageError(f"the reference backend is O(N^2 d) Python arithmetic; use --max-len <= {REFERENCE_MAX_LEN} with it")
     pairs = make_pairs(family, max_len, token_bound(params.config), seed=seed, sep=sep)
@@ -164,8 +164,7 @@ def run_collapse(params, family: str, max_len: int, fmts, out: Path, *, backend:
                              "XLA_FLAGS=--xla_force_host_platform_device_count=K before starting")
     # two formats at a time (collapse_sim.lanes), where twice one forward's memory fits the limit; each in its own
     # program (formats static), since which of two policies run side by side would take the shared one is timing
-    together = (policy is None and not shard and len(fmts) > 1
-                and 2 * memory_estimate(c, max_len, sep) <= mem_limit_gib * 2**30)
+    together = policy is None and not shard and len(fmts) > 1 and 2 * mem <= mem_limit_gib * 2**30
     if policy is not None:
         from ..backends import make_backend
         from ..backends.emulated import EmulatedBackend

@@ -331,15 +331,18 @@ def _policy_panels(rows, run: str) -> list[tuple[str, list[dict]]]:
     """A panel per row (name, policy, runs) of a remedy or recipe table: its own model's float64 curve of
     ``run`` (wide, pale, behind), its policy's on top, and, from the second panel on, the first row's (the
     baseline's) dotted, so that rows that would hide each other on one axes are read side by side."""
+    def of(runs):
+        return next(r for label, r, _ in runs if label == run)
+
+    base_name, base_pol, base_runs = rows[0]
+    base = of(base_runs)[base_pol]
     panels = []
     for i, (name, pol, runs) in enumerate(rows):
-        res = next(r for label, r, _ in runs if label == run)
+        res = of(runs)
         series = [dict(label="float64 (native)", x=res["fp64"].ns, y=res["fp64"].l1, color="k", lw=2.4, alpha=0.3,
                        zorder=1)]
         if i:
-            _, base_pol, base_runs = rows[0]
-            base = next(r for label, r, _ in base_runs if label == run)[base_pol]
-            series.append(dict(label=f"{rows[0][0]}", x=base.ns, y=base.l1, color="0.4", lw=0.6, ls=":", zorder=2,
+            series.append(dict(label=base_name, x=base.ns, y=base.l1, color="0.4", lw=0.6, ls=":", zorder=2,
                                faint=False))
         series.append(dict(label=pol if len(pol) <= 24 else "the row's policy", x=res[pol].ns, y=res[pol].l1,
                            color=RECIPE_COLORS[i % len(RECIPE_COLORS)], zorder=3))
