@@ -89,11 +89,12 @@ RECIPE_COLORS = SETUP_COLORS + ["tab:pink", "tab:gray", "tab:olive", "tab:cyan"]
 
 
 def _curves(res: dict[str, CollapseResult], metric: str = "l1"):
-    """Float64 thin and dashed in black so the formats' curves stay visible above it; each
-    format in its own colour (:data:`FORMAT_COLORS`)."""
+    """Float64 wide and pale in black, behind, so that a format's curve that follows it stays visible
+    on top and float64 shows around it (as :func:`_setup_curves` and :func:`_policy_panels` draw it);
+    each format in its own colour (:data:`FORMAT_COLORS`)."""
     series = []
     for name, r in sorted(res.items(), key=lambda kv: kv[0] not in ("fp64", REF)):  # formats drawn last, on top
-        style = {"fp64": dict(color="k", lw=0.8, ls="--"), REF: dict(color="tab:gray", ls=":", lw=2.2)}.get(
+        style = {"fp64": dict(color="k", lw=2.4, alpha=0.3, zorder=1), REF: dict(color="tab:gray", ls=":", lw=2.2)}.get(
             name, dict(color=FORMAT_COLORS.get(name, "tab:purple")))
         series.append(dict(label="float64 (native)" if name == "fp64" else
                            ("reference (256-bit arb)" if name == REF else f"{name} (emulated)"),
