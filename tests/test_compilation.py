@@ -12,6 +12,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from collapse_sim import compilation
@@ -85,6 +86,24 @@ def test_counts_follow_compiles():
     c = snapshot()
     assert b.since(a).compiled + b.since(a).cache_hits == 1
     assert c.since(b).compiled == 0 and c.since(b).cache_hits == 0
+
+
+@pytest.mark.parametrize("probe", [False, True], ids=["plain", "probed"])
+def test_a_forward_is_one_program(probe):
+    """A forward at a new length compiles (or loads) its one program and nothing besides: the tokens
+    and probes reach it without a program of their own, which two threads side by side
+    (collapse_sim.lanes) would each compile, making a rerun's counts differ from the first run's."""
+    from collapse_sim.backends import make_backend
+    from collapse_sim.model import ModelConfig, forward, init_params
+
+    cfg = ModelConfig(d=6, n_layers=1, vocab=5, seed=3, max_len=64)
+    n = 41 + probe  # lengths no other test runs: the process's own jit cache misses
+    tokens = np.arange(n, dtype=np.int64) % 5
+    a = snapshot()
+    out = forward(init_params(cfg), tokens, make_backend("native", "fp64"), probe=tokens % 2 if probe else None)
+    np.asarray(out)
+    got = snapshot().since(a)
+    assert got.compiled + got.cache_hits == 1, got
 
 
 def test_stage_beats_while_silent_work_runs():

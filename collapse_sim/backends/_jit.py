@@ -31,8 +31,10 @@ def run_jitted(backend, fn, config, arrays: dict, tokens, probe, data=None):
     dt = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
     vals = tuple(jnp.asarray(np.asarray(arrays[k]), dt) for k in names)
     f = _compiled(backend, fn, config, names, probe is not None)
-    t = jnp.asarray(tokens, jnp.int32)
-    pr = jnp.asarray(probe, jnp.int32) if probe is not None else jnp.zeros_like(t)
+    # converted on the host and copied: an XLA conversion (or jnp.asarray's lax.stage) is a program of its
+    # own, compiled by each thread of collapse_sim.lanes that reaches it first (counts then follow timing)
+    t = jax.device_put(np.asarray(tokens, np.int32))
+    pr = jax.device_put(np.asarray(probe, np.int32) if probe is not None else np.zeros(t.shape, np.int32))
     key = (id(f), t.shape, tuple(v.shape for v in vals))
     what = f"the {backend.kind} forward, N = {t.shape[0]:,}{' with probes' if probe is not None else ''}"
     out = run_stored(f, backend, fn, config, names, probe is not None, (vals, t, pr, data), what)
