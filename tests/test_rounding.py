@@ -131,6 +131,27 @@ def _fast_all_modes(fmt, dtype):
     return jax.jit(lambda x: jnp.stack([round_to(x, fmt, m) for m in modes]))
 
 
+@pytest.mark.parametrize("name", ["bf16", "fp16", "e4m3fn", "p=4,emax=6,overflow=saturate", "e5m2fnuz"])
+def test_nearest_even_takes_the_short_branch(name, monkeypatch):
+    """RNE to a format with negative numbers and a signed zero takes the fast path's short branch
+    (``rounding._round_rne``: ``reduce_precision`` and three compares), a program of fewer operations
+    than the branch every mode shares; the fnuz formats (one zero) keep the shared branch.
+    test_fast_path_equals_general and test_exhaustive_against_mpfr check its bits."""
+    from collapse_sim import rounding
+
+    fmt = parse(name)
+
+    def ops(n):  # a length of its own each time: the jit cache of round_to's inner program misses
+        return str(jax.make_jaxpr(lambda v: round_to(v, fmt, "rne"))(jnp.zeros(n))).count(" = ")
+
+    short = ops(3)
+    monkeypatch.setattr(rounding, "_short_rne", lambda f: False)
+    shared = ops(5)
+    monkeypatch.undo()
+    assert rounding._short_rne(fmt) == (fmt.signed_zero and fmt.signed)
+    assert (short < shared) == rounding._short_rne(fmt), (short, shared)
+
+
 @pytest.mark.parametrize("name", FAST)
 def test_fast_path_equals_general(name):
     """``round_to`` takes the fast path (``_round_fast``: no per-element shift counts, no bit
