@@ -193,6 +193,7 @@ class _Carrier:
         else:
             raise TypeError(f"round_to takes float32 or float64 arrays, got {self.dtype}")
         self.emin = 1 - self.bias
+        self.exponent_bits = self.width - self.pc
         self.qmin = self.emin - self.pc + 1  # exponent of the smallest subnormal
         self.emax = self.bias
 
@@ -276,6 +277,10 @@ class FormatClass:
             return f"{fmt.name} has p={fmt.p} > {self.pmax}"
         if fmt.min_exponent_of_quantum < self.qmin or fmt.emax > self.emax:
             return f"{fmt.name}'s exponent range [2^{fmt.min_exponent_of_quantum}, 2^{fmt.emax}] leaves [2^{self.qmin}, 2^{self.emax}]"
+        c = _Carrier(self.dtype)
+        if fmt.subnormals and fmt.min_exponent_of_quantum + c.pc - 1 > c.emax:  # _magic's C would overflow
+            return (f"{fmt.name}'s subnormal quantum 2^{fmt.min_exponent_of_quantum} is too large for a {c.dtype} "
+                    f"carrier (its rounding needs 2^{fmt.min_exponent_of_quantum + c.pc - 1} finite)")
         return None
 
     def params(self, fmt: "Format | str") -> "FormatParams":
@@ -436,15 +441,16 @@ def _tiny_fast_ok(fmt: "Format | FormatClass", c: "_Carrier") -> bool:
     XLA:CPU flushes carrier subnormals in arithmetic (inputs and results), so: with subnormals,
     the format's quantum 2^q (q = emin - p + 1) must be at least twice the carrier's smallest
     normal (a carrier subnormal input then reads as 0, which is its rounding in the nearest
-    modes; the others compare patterns) and 2^-q a carrier normal; without subnormals, 2^emin
-    above the carrier's smallest normal (a carrier subnormal input then flushes to zero in
-    every mode). A :class:`FormatClass` keeps this for all its members (``qmin``)."""
+    modes; the others compare patterns), 2^-q a carrier normal and RNE's constant
+    C = 1.5·2^(q + pc - 1) finite (:func:`_magic`); without subnormals, 2^emin above the carrier's
+    smallest normal (a carrier subnormal input then flushes to zero in every mode). A
+    :class:`FormatClass` keeps this for all its members (``qmin``, :meth:`FormatClass.why_not`)."""
     if isinstance(fmt, FormatClass):
         return fmt.qmin > c.emin
     if not fmt.subnormals:
         return fmt.emin > c.emin
     q = fmt.emin - fmt.p + 1
-    return c.emin < q <= -c.emin
+    return c.emin < q <= -c.emin and q + c.pc - 1 <= c.emax
 
 
 def _pow2_carrier(c: "_Carrier", k):
@@ -469,7 +475,7 @@ def _round_normal(c: "_Carrier", fmt: "Format | FormatParams", mode: Mode, x, ma
     U = c.u
     static = isinstance(fmt, Format)
     if mode is Mode.RNE and static and fmt.p > 1:
-        r = lax.reduce_precision(x, exponent_bits={32: 8, 64: 11}[c.width], mantissa_bits=fmt.p - 1)
+        r = lax.reduce_precision(x, exponent_bits=c.exponent_bits, mantissa_bits=fmt.p - 1)
         return lax.bitcast_convert_type(r, U) & ~(U(1) << U(c.width - 1))
     p = fmt.p if static else jnp.asarray(_int(c, fmt.p)).astype(U)
     D = U(c.pc) - U(p) if static else U(c.pc) - p
@@ -531,24 +537,24 @@ def _round_tiny(c: "_Carrier", fmt: "Format | FormatParams", mode: Mode, x, mag,
 
 def _short_rne(fmt: "Format | FormatParams") -> bool:
     """Whether rounding to nearest-even to ``fmt`` takes :func:`_round_rne`: a static format with
-    p > 1, negative numbers and a signed zero (bf16, fp16, fp32, tf32, the OCP fp8 formats, custom
-    formats), whatever its overflow rule and subnormals."""
-    return isinstance(fmt, Format) and fmt.p > 1 and fmt.signed and fmt.has_zero and fmt.signed_zero
+    p > 1 and a signed zero, so also negative numbers and a zero (bf16, fp16, fp32, tf32, the OCP fp8,
+    fp6 and fp4 formats, custom formats; not the fnuz ones), whatever its overflow rule and subnormals."""
+    return isinstance(fmt, Format) and fmt.p > 1 and fmt.signed_zero
 
 
 def _round_rne(c: "_Carrier", fmt: Format, x, xbits, mag, sign_bit, tiny: bool):
-    """:func:`_round_fast` to nearest-even for :func:`_short_rne`'s formats, in about half its
-    instructions, the same bits (tests/test_rounding.py): ``reduce_precision`` at the carrier's
+    """:func:`_round_fast` to nearest-even for :func:`_short_rne`'s formats, in ~25 % fewer
+    operations than its shared branch, the same bits (tests/test_rounding.py): ``reduce_precision`` at the carrier's
     exponent width rounds the significand (and keeps ±inf and NaN); a result beyond the largest finite
     value (an overflow, or ±inf) becomes the format's overflow value with x's sign (NaN unsigned);
-    below 2^emin, with subnormals, the result is :func:`_round_tiny`'s ``(|x| + C) - C`` with x's
-    sign, without, a rounded magnitude below 2^emin a zero of x's sign; a NaN becomes the canonical
-    NaN. (``reduce_precision`` at the format's own exponent width does the overflow itself, in fewer
+    below 2^emin, with subnormals, the result is ``(|x| + C) - C`` (:func:`_round_tiny`'s constant)
+    with x's sign, without, a rounded magnitude below 2^emin a zero of x's sign; a NaN becomes the
+    canonical NaN. (``reduce_precision`` at the format's own exponent width does the overflow itself, in fewer
     instructions still, but its exponent logic ran ~15 % slower on XLA:CPU.)"""
     U = c.u
     lim = _Limits(c, fmt)
     sign = xbits & sign_bit
-    r = lax.bitcast_convert_type(lax.reduce_precision(x, exponent_bits=c.width - c.pc, mantissa_bits=fmt.p - 1), U)
+    r = lax.bitcast_convert_type(lax.reduce_precision(x, exponent_bits=c.exponent_bits, mantissa_bits=fmt.p - 1), U)
     rmag = r & ~sign_bit
     out = jnp.where(lim.over(rmag), lim.nan if fmt.overflow == "nan" else sign | lim.overflow, r)
     if not fmt.subnormals:
@@ -562,8 +568,9 @@ def _round_rne(c: "_Carrier", fmt: Format, x, xbits, mag, sign_bit, tiny: bool):
 
 def _round_fast(x, fmt: "Format | FormatParams", mode: Mode, draws=None, bits: "int | None" = None, tiny: bool = True):
     """Every mode's rounding without data-dependent branches or per-element shift counts,
-    equal bit for bit to :func:`_round_general` (tests/test_rounding.py, tests/test_sr.py):
-    the normal range by :func:`_round_normal`; below it, with subnormals, by
+    equal bit for bit to :func:`_round_general` (tests/test_rounding.py, tests/test_sr.py).
+    RNE to most formats is :func:`_round_rne` (:func:`_short_rne`). Otherwise the normal range by
+    :func:`_round_normal`; below it, with subnormals, by
     :func:`_round_tiny` (``tiny=False``: the caller knows no element lies there but zeros,
     which the normal-range rounding keeps); without subnormals, a rounded magnitude below
     2^emin flushes to a zero of x's sign. Then the overflow rule (the overflow value where the

@@ -148,8 +148,26 @@ def test_nearest_even_takes_the_short_branch(name, monkeypatch):
     monkeypatch.setattr(rounding, "_short_rne", lambda f: False)
     shared = ops()
     monkeypatch.undo()
-    assert rounding._short_rne(fmt) == (fmt.signed_zero and fmt.signed)
-    assert (short < shared) == rounding._short_rne(fmt), (short, shared)
+    assert (short < shared) == rounding._short_rne(fmt) == fmt.signed_zero, (short, shared)
+    # NaN of either sign and any payload gives the canonical NaN (the bit tests take any NaN as equal)
+    for dt, u in ((jnp.float64, np.uint64), (jnp.float32, np.uint32)):
+        nans = np.array([np.nan, -np.nan, np.nan], dt)
+        nans.view(u)[2] |= 1  # a payload
+        got = np.asarray(round_to(jnp.asarray(nans), fmt, "rne")).view(u)
+        assert (got == np.array(np.nan, dt).view(u)).all(), (dt, got)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_formats_whose_tiny_rounding_constant_overflows_the_carrier(dtype):
+    """A format whose subnormal quantum 2^q is so large that RNE's constant 1.5·2^(q + pc - 1)
+    (rounding._magic) is beyond the carrier rounds its tiny values on the general path (below
+    2^emin, +0 included), as MPFR does; from float64 it traced to an OverflowError before."""
+    fmt = parse("p=2,emin=120,emax=125" if dtype == jnp.float32 else "p=3,emin=1000,emax=1010")
+    lo = 2.0**fmt.emin
+    x = np.array([0.0, -0.0, lo, -lo, lo * 0.75, lo * 0.25, lo * 0.5, lo * 0.375, 2 * lo], np.float64)
+    got = np.asarray(round_to(jnp.asarray(x, dtype), fmt, "rne")).astype(np.float64)
+    want = np.array([float(mpfr_round(v, fmt, "rne")) for v in x])
+    assert _same(got, want).all() and (np.signbit(got) == np.signbit(want)).all(), (got, want)
 
 
 @pytest.mark.parametrize("name", FAST)
