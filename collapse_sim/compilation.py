@@ -241,10 +241,6 @@ class _Stats:
     def __init__(self):
         self._lock = threading.Lock()
         self._registered = False
-        self._compiled = 0
-        self._hits = 0
-        self._seconds = 0.0
-        self._cache_seconds = 0.0
         self._open: dict[int, list] = {}  # thread id -> [start (monotonic), seconds so far, was a hit]
         self._threads: dict[int, list] = {}  # thread id -> [compiled, seconds, hits, cache seconds] of that thread
 
@@ -266,7 +262,6 @@ class _Stats:
     def _event(self, event: str, **_) -> None:
         if event == _HIT:
             with self._lock:
-                self._hits += 1
                 self._mine(threading.get_ident())[2] += 1
                 self._open.setdefault(threading.get_ident(), [time.monotonic(), 0.0, False])[2] = True
 
@@ -279,19 +274,14 @@ class _Stats:
                 _, pending, hit = self._open.pop(tid, [0.0, 0.0, False])
                 mine = self._mine(tid)
                 if hit:
-                    self._cache_seconds += seconds + pending
                     mine[3] += seconds + pending
                 else:
-                    self._compiled += 1
-                    self._seconds += seconds + pending
                     mine[0] += 1
                     mine[1] += seconds + pending
 
     def loaded(self, seconds: float) -> None:
         """A stored program loaded whole (backends/_stored.py): counted as loaded from the cache."""
         with self._lock:
-            self._hits += 1
-            self._cache_seconds += seconds
             mine = self._mine(threading.get_ident())
             mine[2] += 1
             mine[3] += seconds
@@ -309,7 +299,7 @@ class _Stats:
         with self._lock:
             if thread is not None:
                 return CompileCounts(*self._threads.get(thread, [0, 0.0, 0, 0.0]))
-            return CompileCounts(self._compiled, self._seconds, self._hits, self._cache_seconds)
+            return CompileCounts(*(sum(t[i] for t in self._threads.values()) for i in range(4)))
 
     def compiling_for(self, thread: "int | None" = None) -> "float | None":
         """Seconds the longest-open trace or compile has run (None when none is open); of the thread of
