@@ -80,6 +80,36 @@ def test_causal_segments_equal_full_attention(policy, certified_everywhere):
         assert _same(full(q, k, v, skv), seg(q, k, v, skv))
 
 
+@pytest.mark.parametrize("policy", ["compute=bf16", "storage=fp16,compute=fp16,accumulate=fp32", "compute=(p=5,emax=15)"])
+def test_padded_products_give_the_plain_bits(policy, monkeypatch):
+    """Under pairwise RNE the dot products' and the weighted values' factors are padded to the
+    tree's width before they are multiplied (``Emulator.pads_products``, docs/backends.md): the
+    padding's products are the tree's own +0 terms, so attention over 21 keys with head width 6
+    (neither a power of two), probes, ALiBi and a window gives the same bits, signs of zeros
+    included, as the plain formulation. The other modes and stochastic rounding keep it."""
+    import jax.numpy as jnp
+
+    from collapse_sim.backends.emulated import _emulated_attention
+    from collapse_sim.backends.emulated.ops import Emulator
+
+    e = make_backend("emulated", policy)
+    assert e.emu.pads_products(e.emu.order)
+    assert not any(make_backend("emulated", f"{policy},mode={m}").emu.pads_products(e.emu.order)
+                   for m in ("rd", "rna", "sr(2)"))
+    rng = np.random.default_rng(6)
+    n, dh = 21, 6
+    q, k, v, kp, vp = (e.store(rng.standard_normal((n, dh))) for _ in range(5))
+    v = v.at[3].set(-0.0)  # products of -0 and of tiny values: the signs of zero sums are compared too
+    def att():  # a new function each time: jit's cache does not see pads_products
+        return jax.jit(lambda q, k, v, skv: _emulated_attention(
+            e.emu, AttentionInputs(q, k, v, jnp.arange(n) + 1, 0.5, 0.25, 5, skv)))
+
+    padded = np.asarray(att()(q, k, v, (kp, vp)))
+    monkeypatch.setattr(Emulator, "pads_products", lambda self, order: False)
+    plain = np.asarray(att()(q, k, v, (kp, vp)))
+    assert np.array_equal(padded.view(np.uint8), plain.view(np.uint8))
+
+
 EAGER_CERTIFIED = "compute=bf16,order=exact"
 
 

@@ -26,7 +26,7 @@ from .._rows import _computed_once, _fill_rows, _map_rows
 from ..inputs import AttentionInputs
 from .certificates import certified_matmul, matmul_stats, row_norms
 from .ops import Emulator, reduce_sum
-from .orders import term_bounds
+from .orders import term_bounds, to_tree_width
 
 _BLOCK_ELEMS = 1 << 21  # elements of one (queries x keys x head-dim) block
 
@@ -255,6 +255,19 @@ def _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb):
     return K, V
 
 
+def _row_values_keys_last(vT, self_kv, pb, vpb):
+    """The values each query row of a block sees, keys last (B, dh, n): ``vT`` (dh, n), the values
+    transposed once per attention call (n >= nk: padded as :meth:`Emulator.pads_products` says), with
+    the row's own value in its own column ``pb`` (``self_kv``). The same entries as
+    :func:`_row_keys_values`' V; in this layout, made outside the loop over query blocks, the
+    weighted values' products read them contiguously (:func:`_weighted_values`; with V (B, nk, dh)
+    XLA:CPU computed them ~1.6× slower at N = 4,096, benchmarks/README.md)."""
+    V = jnp.broadcast_to(vT[None], (pb.shape[0], *vT.shape))
+    if self_kv is not None:
+        V = jnp.where((jnp.arange(vT.shape[1])[None, :] == pb[:, None])[:, None, :], vpb[:, :, None], V)
+    return V
+
+
 def _tensor_scaled_rows(emu: Emulator, rows, k, v, cols, self_kv, pb, kpb, vpb, running, out):
     """``rows(K, V)`` of a block of query rows at positions ``pb`` with their keys and values
     (B, nk, dh) (:func:`_row_keys_values`) as per-tensor scaled operands (docs/semantics.md
@@ -334,7 +347,7 @@ def _value_operands(emu: Emulator, vq, v, pb, vpb=None):
     return jnp.broadcast_to(pad(vq)[None], (pb.shape[0], nb * kb, dh)), (t * kb, last)
 
 
-def _weighted_values(emu: Emulator, P, V, valid, out, path: str, last=None, v_src=None):
+def _weighted_values(emu: Emulator, P, V, valid, out, path: str, last=None, v_src=None, keys_last=False):
     """``Σ_j P_ij V_ij[c]`` for each row i and component c (§8.4): the products exact in the
     carrier, rounded to the accumulate format (except in the orders with exact products),
     reduced over the keys in the policy's order, the masked keys skipped, rounded to ``out``.
@@ -342,17 +355,23 @@ def _weighted_values(emu: Emulator, P, V, valid, out, path: str, last=None, v_sr
     of a later position must not reach an earlier row. ``last`` (an operands role's
     ``(start, V_last)``, :func:`_value_operands`): each row's values at columns
     ``start..start + k − 1`` are ``V_last``'s, not ``V``'s. ``v_src``: arrays whose entries include
-    ``V``'s (:meth:`Emulator.product_terms`)."""
+    ``V``'s (:meth:`Emulator.product_terms`). ``keys_last``: V is given as (B, dh, n)
+    (:func:`_row_values_keys_last`, n >= nk padded), not (B, nk, dh); not with ``last``."""
     terms = None if v_src is None or last is not None else emu.product_terms(emu.order, (P,), v_src)
     zero = jnp.zeros((), P.dtype)
-    prod = jnp.where(valid[:, :, None], P[:, :, None] * V, zero)
-    if last is not None:
+    if last is None:  # the products as (B, dh, nk), reduced over the keys; padded as Emulator.pads_products says
+        V = V if keys_last else jnp.swapaxes(V, 1, 2)
+        if emu.pads_products(emu.order):
+            P, valid, V = to_tree_width(P), to_tree_width(valid), to_tree_width(V)
+        prod = jnp.where(valid[:, None, :], P[:, None, :] * V, zero)
+    else:
+        prod = jnp.where(valid[:, :, None], P[:, :, None] * V, zero)
         start, Vl = last
         at = lambda x, s: lax.dynamic_slice_in_dim(x, s, Vl.shape[1], axis=0)  # noqa: E731
         Pl, ok = jax.vmap(at)(P, start), jax.vmap(at)(valid, start)
         put = lambda x, y, s: lax.dynamic_update_slice_in_dim(x, y, s, axis=0)  # noqa: E731
         prod = jax.vmap(put)(prod, jnp.where(ok[:, :, None], Pl[:, :, None] * Vl, zero), start)
-    prod = jnp.swapaxes(prod, 1, 2)  # (B, dh, nk): reduce over keys
+        prod = jnp.swapaxes(prod, 1, 2)  # (B, dh, nk): reduce over keys
     if not emu.order.exact_products:
         prod = emu.rnd(prod, emu.accumulate)
     vmask = jnp.broadcast_to(valid[:, None, :], prod.shape)
@@ -373,13 +392,15 @@ def _op_by_op_attention(emu: Emulator, a: AttentionInputs, path: str = "certifie
     vq = emu.operand(v, 0) if tiled else v  # the values' full key blocks: the same for every row
     running = (emu.prefix_amax(k), emu.prefix_amax(v))  # per tensor: the keys' and values' running amaxes
     kb, vb = (term_bounds(k), term_bounds(v)) if emu.bounds_products(emu.order) else (k, v)  # once, not per block
+    vT = jnp.swapaxes(v, 0, 1)  # once per call, not per block (_row_values_keys_last)
+    vT = to_tree_width(vT) if emu.pads_products(emu.order) else vT
 
     def block(args):
         qb, pb, kpb, vpb = args  # (B, dh), (B,), (B, dh), (B, dh)
 
-        def rows(K, V, src=None):
-            """The block's outputs (B, dh) over its keys and values K, V (B, nk, dh); ``src``: arrays
-            whose entries include K's and V's (:meth:`Emulator.product_terms`)."""
+        def rows(K, V, src=None, keys_last=False):
+            """The block's outputs (B, dh) over its keys and values K, V (B, nk, dh; V (B, dh, nk) with
+            ``keys_last``); ``src``: arrays whose entries include K's and V's (:meth:`Emulator.product_terms`)."""
             raw = emu.dot(qb[:, None, :], K, path=path, factors=None if src is None else ((qb,), src[0]))
             if adaptive is None:
                 alpha, valid = weights(raw, pb, path)
@@ -393,13 +414,14 @@ def _op_by_op_attention(emu: Emulator, a: AttentionInputs, path: str = "certifie
                 alpha, valid = emu.operand(jnp.pad(alpha, pad), -1), jnp.pad(valid, pad)
                 return _weighted_values(emu, alpha, V, valid, emu.compute, path, last)
             return _weighted_values(emu, alpha, V, valid, emu.compute, path,  # alpha: (B, nk), compute format
-                                    v_src=None if src is None else src[1])
+                                    v_src=None if src is None else src[1], keys_last=keys_last)
 
         if emu.per_tensor:  # §13.2.1: each row's keys and values with the amax of its columns 0..p_i
             return _tensor_scaled_rows(emu, rows, k, v, cols, self_kv, pb, kpb, vpb, running,
                                        jnp.zeros(qb.shape, emu.dtype))
         src = ((kb,), (vb,)) if self_kv is None else ((kb, kpb), (vb, vpb))
-        return rows(*_row_keys_values(k, v, cols, self_kv, pb, kpb, vpb), src=src)
+        K, _ = _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb)
+        return rows(K, _row_values_keys_last(vT, self_kv, pb, vpb), src=src, keys_last=True)
 
     b, _ = _blocks(a.q.shape[0], nk * dh)
     return _map_rows(block, (a.q, a.qpos, kp, vp), b, emu.stream)

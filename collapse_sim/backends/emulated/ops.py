@@ -38,12 +38,12 @@ from ... import require_x64
 from ...formats import Format
 from ...mx import ScaledFormat, is_per_tensor, mx_values, prefix_amax, scaled_values
 from ...policy import Order, Policy, StochasticRoundingError
-from ...rounding import FormatClass, Stochastic, hash_draws, pow2 as _pow2, round_to, split_word
+from ...rounding import FormatClass, Mode, Stochastic, hash_draws, pow2 as _pow2, round_to, split_word
 from .carrier import CarrierError, carrier_add, carrier_for
 from .certificates import certified_sum
 from .exact import exact_sum
 from .orders import (_blocked, _kahan, _pairwise, _promote, _rounded_add, _sequential, _tcfma, check_emulable,
-                     product_bounds, term_bounds)
+                     product_bounds, term_bounds, to_tree_width)
 
 
 #: The formats one shared program emulates, with the formats as data (a jit argument, not
@@ -319,11 +319,25 @@ class Emulator:
         order = order or self.order
         terms = self.product_terms(order, *(((a,), (b,)) if factors is None else factors))
         a, b = jnp.broadcast_arrays(jnp.asarray(a, self.dtype), jnp.asarray(b, self.dtype))
+        if self.pads_products(order):
+            a, b = to_tree_width(a), to_tree_width(b)
         prod = a * b
         if not order.exact_products:
             prod = self.rnd(prod, self.accumulate)
         return reduce_sum(prod, order, self.accumulate, self.compute if out_fmt is None else out_fmt, self.mode,
                           bounds=self.bounds, path=path, draws=self.draws, terms=terms)
+
+    def pads_products(self, order: Order) -> bool:
+        """Whether a dot product in ``order`` pads its factors to the pairwise tree's width
+        (:func:`~.orders.to_tree_width`) before it multiplies them. The padding's products, +0 × +0
+        rounded, are the +0 terms the tree pads with itself: the same bits. XLA:CPU then computes the
+        products in a loop of its own, where a pad at the root of their fusion made it ~2× slower
+        (the weighted values of an emulated bf16 forward at N = 1,536: benchmarks/README.md).
+        Only under round to nearest-even: in the other modes an add reads its terms several times
+        (round to odd, ``carrier_add``; the general rounding path), and once the products fuse into
+        the tree's first level XLA computes each product as often (measured ~20 % slower under RD at
+        N = 1,536); stochastic rounding draws one draw per product (their count would change)."""
+        return order.kind == "pairwise" and self.mode is Mode.RNE
 
     def bounds_products(self, order: Order) -> bool:
         """Whether :meth:`product_terms` bounds products under ``order``."""

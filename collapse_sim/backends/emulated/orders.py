@@ -48,9 +48,22 @@ def _sequential(x, add, draws=None):
     return s
 
 
+def tree_width(n: int) -> int:
+    """The width of the pairwise tree over ``n`` terms: the next power of two (the terms past ``n`` are zeros)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def to_tree_width(x, axis: int = -1):
+    """``x`` padded with zeros (False for a mask) along ``axis`` to :func:`tree_width` of its length."""
+    n = x.shape[axis]
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, tree_width(n) - n)
+    return jnp.pad(x, pad)
+
+
 def _pairwise(x, add):
     n = x.shape[-1]
-    size = 1 << max(0, (n - 1).bit_length())
+    size = tree_width(n)
     if size != n:
         x = jnp.concatenate([x, jnp.zeros((*x.shape[:-1], size - n), x.dtype)], axis=-1)
     while x.shape[-1] > 1:
