@@ -54,8 +54,11 @@ def tree_width(n: int) -> int:
 
 
 def to_tree_width(x, axis: int = -1):
-    """``x`` padded with zeros (False for a mask) along ``axis`` to :func:`tree_width` of its length."""
+    """``x`` padded with zeros (False for a mask) along ``axis`` to :func:`tree_width` of its length
+    (an empty axis stays empty: an empty sum is 0 without a tree)."""
     n = x.shape[axis]
+    if n == 0:
+        return x
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, tree_width(n) - n)
     return jnp.pad(x, pad)
