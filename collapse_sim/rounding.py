@@ -278,7 +278,7 @@ class FormatClass:
         if fmt.min_exponent_of_quantum < self.qmin or fmt.emax > self.emax:
             return f"{fmt.name}'s exponent range [2^{fmt.min_exponent_of_quantum}, 2^{fmt.emax}] leaves [2^{self.qmin}, 2^{self.emax}]"
         c = _Carrier(self.dtype)
-        if fmt.subnormals and fmt.min_exponent_of_quantum + c.pc - 1 > c.emax:  # _magic's C would overflow
+        if fmt.subnormals and not _magic_finite(c, fmt.min_exponent_of_quantum):
             return (f"{fmt.name}'s subnormal quantum 2^{fmt.min_exponent_of_quantum} is too large for a {c.dtype} "
                     f"carrier (its rounding needs 2^{fmt.min_exponent_of_quantum + c.pc - 1} finite)")
         return None
@@ -450,7 +450,7 @@ def _tiny_fast_ok(fmt: "Format | FormatClass", c: "_Carrier") -> bool:
     if not fmt.subnormals:
         return fmt.emin > c.emin
     q = fmt.emin - fmt.p + 1
-    return c.emin < q <= -c.emin and q + c.pc - 1 <= c.emax
+    return c.emin < q <= -c.emin and _magic_finite(c, q)
 
 
 def _pow2_carrier(c: "_Carrier", k):
@@ -615,6 +615,11 @@ def _sr_fast_applies(fmt: Format, dtype, bits: int) -> bool:
     c = _Carrier(dtype)
     return (c.width == 64 and fast_path_applies(fmt, dtype) and fmt.subnormals and _tiny_fast_ok(fmt, c)
             and bits <= c.pc - fmt.p and fmt.emin - fmt.p + 1 - bits >= c.emin)
+
+
+def _magic_finite(c: "_Carrier", q: int) -> bool:
+    """Whether :func:`_magic`'s C = 1.5·2^(q + pc - 1) for a format of quantum 2^q is finite in the carrier."""
+    return q + c.pc - 1 <= c.emax
 
 
 def _magic(c: "_Carrier", fmt: "Format | FormatParams", dtype):

@@ -65,10 +65,7 @@ def to_tree_width(x, axis: int = -1):
 
 
 def _pairwise(x, add):
-    n = x.shape[-1]
-    size = tree_width(n)
-    if size != n:
-        x = jnp.concatenate([x, jnp.zeros((*x.shape[:-1], size - n), x.dtype)], axis=-1)
+    x = to_tree_width(x)
     while x.shape[-1] > 1:
         x = add(x[..., 0::2], x[..., 1::2])
     return x[..., 0]
