@@ -126,6 +126,10 @@ TCFMA_UNROLL = 2
 #: scores and the linear layers at d_h = d = 64) have 16. Measured (benchmarks/README.md, CPU seconds,
 #: the forward's XLA options): the scores of 8 query rows at N = 4,096 (32,768 rows of 64 terms)
 #: 5.2-6.7 ms against 15-18 ms as a scan, compile 1.0-1.2 s against 0.3-0.8 s; 64 steps compiled in 4.3 s.
+#: Only where the accumulate format is static (the specialised program): in the shared program each
+#: step's rounding is the general one, on traced parameters, and 16 inline copies of it per dot product
+#: site made the forward's compile 2-3x that of the scan (N = 4,096, d = 64, L = 2: 9.0-11.3 s against
+#: 4.1-4.8 s) for ~20-35 % more run time at the lengths that program serves (N <= SHARED_MAX_N).
 TCFMA_STRAIGHT_STEPS = 16
 
 
@@ -154,11 +158,12 @@ def _tcfma(x, order: Order, acc):
     rule 2 asks, and the rounding takes it from there. A NaN makes the largest magnitude NaN
     (XLA's maximum propagates it), so its block is never skipped as a block of zeros.
 
-    Up to :data:`TCFMA_STRAIGHT_STEPS` steps run as straight-line code on static slices of
-    ``x``, their sum held in memory (:func:`_rows._computed_once`: XLA:CPU otherwise fused
-    the steps into each consumer of the sum, the scores' softmax maximum and exponentials, and
-    ran them twice); longer sums scan over the blocks (:func:`_by_blocks`), a step's terms
-    reduced over the block's axis, which ran faster there than slices of it."""
+    Up to :data:`TCFMA_STRAIGHT_STEPS` steps in a static accumulate format run as straight-line
+    code on static slices of ``x``, their sum held in memory (:func:`_rows._computed_once`:
+    XLA:CPU otherwise fused the steps into each consumer of the sum, the scores' softmax maximum
+    and exponentials, and ran them twice); longer sums, and every sum in a traced format (the
+    shared program), scan over the blocks (:func:`_by_blocks`), a step's terms reduced over the
+    block's axis, which ran faster there than slices of it. The same steps either way: the same bits."""
     k, t = order.block, order.bits
     check_emulable(order)
 
@@ -177,7 +182,7 @@ def _tcfma(x, order: Order, acc):
     n = x.shape[-1]
     steps = -(-n // k)
     s = jnp.zeros(x.shape[:-1], jnp.float64)
-    if steps <= TCFMA_STRAIGHT_STEPS:
+    if steps <= TCFMA_STRAIGHT_STEPS and isinstance(acc, Format):  # traced formats: the scan (see the constant)
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, steps * k - n)])  # the short last block: zeros
         for j in range(steps):
             s, _ = step(s, [x[..., i] for i in range(j * k, j * k + k)])
