@@ -76,6 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .elementwise import replay
 from .errors import CollapseSimError
 from .formats import Format, parse
 
@@ -693,7 +694,8 @@ def _round_traced(x, key, draws, fmt: FormatParams, mode: Mode, bits: "int | Non
     deterministic mode (the class's bounds, :meth:`FormatClass.__post_init__`)."""
     if mode is Mode.SR:
         return _round_general(x, _sr_draws(x, key, draws, bits), fmt, mode, bits)
-    return _round_fast(x, fmt, mode)
+    leaves, tree = jax.tree.flatten(fmt)
+    return replay(lambda v, *ls: _round_fast(v, jax.tree.unflatten(tree, ls), mode), ("fast", tree, mode), x, *leaves)
 
 
 @partial(jax.jit, static_argnames=("fmt", "mode", "bits"))
@@ -703,10 +705,10 @@ def _round_impl(x, key, draws, fmt: Format, mode: Mode, bits: "int | None"):
             return _round_fast(x, fmt, mode, _sr_draws(x, key, draws, bits), bits)
         return _round_general(x, _sr_draws(x, key, draws, bits), fmt, mode, bits)
     if not fast_path_applies(fmt, x.dtype):
-        return _round_general(x, None, fmt, mode)
+        return replay(lambda v: _round_general(v, None, fmt, mode), ("general", fmt, mode), x)
     c = _Carrier(x.dtype)
     if _tiny_fast_ok(fmt, c):
-        return _round_fast(x, fmt, mode)
+        return replay(lambda v: _round_fast(v, fmt, mode), ("fast", fmt, mode), x)
     # values below the format's normal range that carrier floats cannot round (bf16 from
     # float32: its subnormals are float32 subnormals): arrays holding any take the general path
     mag = lax.bitcast_convert_type(x, c.u) & ~(c.u(1) << c.u(c.width - 1))

@@ -16,7 +16,7 @@ PKG = Path(__file__).resolve().parents[1] / "collapse_sim"
 #: ("collapse_sim" is the package's own __init__: the version, enable_x64).
 LAYERS = (
     ("errors",),
-    ("compilation", "formats", "positional"),
+    ("compilation", "elementwise", "formats", "positional"),
     ("rounding", "progress", "lanes"),
     ("collapse_sim", "mx"),
     ("policy", "results"),
