@@ -88,11 +88,12 @@ def replay(fn, key, x, *scalars):
     """``fn(x, *scalars)`` for an elementwise ``fn`` of one array ``x`` and scalar (shape ``()``)
     operands ``scalars`` (arrays or tracers), returning one array of ``x``'s shape. ``key`` names
     ``fn`` with everything static it closes over (hashable); the trace at shape ``()`` is kept
-    per ``key``, ``x``'s dtype, the scalars' dtypes and whether JAX's float64 is on."""
+    per ``key``, ``x``'s dtype, the scalars' dtypes and whether JAX's float64 is on. ``fn`` must
+    close over static values only (a traced value it closed over would be kept in the cached trace)."""
     if any(np.shape(s) != () for s in scalars) or any(_varying(a) for a in (x, *scalars)):
         return fn(x, *scalars)  # non-scalar operands; inside shard_map (jnp inserts the casts its axes need)
-    dtypes = tuple(jax.numpy.result_type(s) for s in scalars)
-    full = (key, jax.config.jax_enable_x64, jax.numpy.result_type(x), dtypes)
+    dtypes = tuple(jax.typeof(s).dtype for s in scalars)  # the operands' own dtypes (a weak type is not widened)
+    full = (key, jax.config.jax_enable_x64, jax.typeof(x).dtype, dtypes)
     with _LOCK:
         entry = _CACHE.get(full)
     if entry is None:

@@ -77,3 +77,16 @@ def test_replay_inlines_and_falls_back():
     centred = lambda v: v - jnp.max(v)  # noqa: E731
     x = np.arange(6.0).reshape(2, 3)
     _same(replay(centred, ("centred",), x), centred(x))
+
+
+def test_weakly_typed_input_keeps_its_dtype():
+    """A weakly typed float32 array under float64 (a Python float's type, kept float32) is rounded
+    as float32, with the bits of the rounding traced at its shape (its dtype, not the widened
+    default, keys the trace)."""
+    from jax._src.lax.lax import _convert_element_type
+
+    x = _convert_element_type(jnp.asarray([0.5, 1.1, 3.0, 465.0], jnp.float32), np.dtype("float32"), weak_type=True)
+    f = parse("e4m3fn")
+    got = R.round_to(x, f)
+    assert got.dtype == np.float32
+    _same(got, jax.jit(lambda v: R._round_fast(v, f, Mode.RNE))(np.asarray(x)))
