@@ -40,11 +40,16 @@ _CACHE: dict = {}
 _LOCK = threading.Lock()
 
 
+def _inner(e):
+    """The jaxpr a nested call equation ``e`` runs (a ClosedJaxpr or a Jaxpr), or None."""
+    return e.params.get("jaxpr") or e.params.get("call_jaxpr")
+
+
 def _replayable(jaxpr) -> bool:
     for e in jaxpr.eqns:
         name = e.primitive.name
         if name in _NESTED:
-            inner = e.params.get("jaxpr") or e.params.get("call_jaxpr")
+            inner = _inner(e)
             if inner is None or not _replayable(getattr(inner, "jaxpr", inner)):
                 return False
         elif name not in ELEMENTWISE and name not in PASS_THROUGH:
@@ -64,7 +69,7 @@ def _eval(jaxpr, consts, args):
         ins = [read(v) for v in e.invars]
         name = e.primitive.name
         if name in _NESTED:
-            inner = e.params.get("jaxpr") or e.params.get("call_jaxpr")
+            inner = _inner(e)
             outs = _eval(getattr(inner, "jaxpr", inner), getattr(inner, "consts", ()), ins)
         else:
             if name in ELEMENTWISE and len(ins) > 1:

@@ -50,15 +50,14 @@ def test_replayed_rounding_has_the_direct_bits(fmt, mode):
 
 @pytest.mark.parametrize("mode", [Mode.RNE, Mode.RU])
 def test_replayed_traced_format_has_the_direct_bits(mode):
-    """A format as data (the shared program's FormatParams leaves, scalar operands of the replay):
-    the same bits as the rounding traced with them at the input's shape, for several formats
-    through one compiled program."""
+    """A format as data (the shared program's FormatParams leaves, scalar operands of the replay in
+    round_to's traced-format path): the same bits as the rounding traced with them at the input's
+    shape, for several formats through one compiled program."""
     def direct(x, params):
         return R._round_fast(x, params, mode)
 
     def replayed(x, params):
-        leaves, tree = jax.tree.flatten(params)
-        return replay(lambda v, *ls: R._round_fast(v, jax.tree.unflatten(tree, ls), mode), ("p", tree, mode), x, *leaves)
+        return R._round_traced(x, None, None, params, mode, None)
 
     x = _inputs(np.float64, (4, 9), 5)
     for fmt in ["bf16", "fp16", "e4m3fn", "p=11,emax=15"]:
