@@ -50,12 +50,17 @@ def say(prefix: str, msg: str, stream=None) -> None:
 
 
 @contextlib.contextmanager
-def stage(prefix: str, what: str, *, estimate: "float | None" = None, every: float = EVERY, stream=None):
-    """Run the body as one stage of a command whose lines start with ``prefix`` (e.g. ``[collapse]``)."""
+def stage(prefix: str, what: str, *, estimate: "float | None" = None, every: float = EVERY, stream=None,
+          every_thread: bool = False):
+    """Run the body as one stage of a command whose lines start with ``prefix`` (e.g. ``[collapse]``).
+    ``every_thread``: the stage owns the process's XLA work while it runs (a report's section, whose
+    runs a lane shares out, :meth:`collapse_sim.experiments.paper.Context.queue`): its lines count the
+    compiles of every thread, and name another thread's phase where its own has none."""
     stream = stream or sys.stdout
     start = time.monotonic()
     tid = threading.get_ident()  # the stage's own thread: its phase and compiles, not another thread's
-    before = snapshot(tid)
+    counted = None if every_thread else tid
+    before = snapshot(counted)
     STATS.forget_open()
     est = f" (estimated {estimate:.0f} s)" if estimate else ""
     say(prefix, f"{what}{est} ...", stream)
@@ -64,10 +69,10 @@ def stage(prefix: str, what: str, *, estimate: "float | None" = None, every: flo
     def beat():
         while not done.wait(every):
             t = time.monotonic() - start
-            c = STATS.compiling_for(tid)
-            now = snapshot(tid).since(before)
+            c = STATS.compiling_for(counted)
+            now = snapshot(counted).since(before)
             parts = [f"{what}: {t:.0f} s"]
-            busy = _phases.get(tid)
+            busy = _phases.get(tid) or (next(iter(list(_phases.values())), None) if every_thread else None)
             if c is not None:
                 parts.append(f"compiling an XLA program for {c:.0f} s" + (f" ({busy})" if busy else ""))
             elif busy:
@@ -94,4 +99,4 @@ def stage(prefix: str, what: str, *, estimate: "float | None" = None, every: flo
         t = time.monotonic() - start
         if t >= every:
             say(prefix, f"  {what}: {'done in' if ok else 'stopped after'} {t:.0f} s; "
-                         f"{snapshot(tid).since(before).describe()}", stream)
+                         f"{snapshot(counted).since(before).describe()}", stream)

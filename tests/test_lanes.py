@@ -1,6 +1,6 @@
 """Independent work two at a time (collapse_sim.lanes): values in order whichever thread computed
 them, the two threads really side by side, errors handed to the waiter, and the collapse command's
-formats run so give the bits they give one after the other."""
+formats and the report's setups run so give the bits they give one after the other."""
 
 from __future__ import annotations
 
@@ -159,3 +159,49 @@ def test_collapse_formats_two_at_a_time_give_the_bits_of_one_after_the_other(tmp
     for x, y in zip(a.results, b.results):
         assert np.array_equal(x.l1.view(np.uint64), y.l1.view(np.uint64))
     assert a.files[0].read_bytes() == b.files[0].read_bytes()
+
+
+def test_started_setups_equal_setups_run_one_after_the_other(monkeypatch):
+    """A section's setups started together (``start_backends``, their runs two at a time on the
+    context's lane) measure what they measure one after the other, bit for bit, record their CSV
+    rows in the order of the calls, and run an equal sweep of two setups once (the float64 run
+    with outputs that two setups with one model and family read)."""
+    import dataclasses
+
+    from collapse_sim.experiments import paper
+
+    sizes = dataclasses.replace(paper.TINY, ref_n=0, backend="emulated")
+    setups = [(dict(pe="none"), "repeat_last"), (dict(pe="rope"), "repeat_last"), (dict(pe="none"), "ones"),
+              (dict(pe="none"), "repeat_last")]
+
+    real = paper.collapse_sweep
+
+    def run(together: bool):
+        calls, threads = [], set()
+
+        def spy(*a, **k):
+            calls.append((a[0].config.pe, a[1], a[4])), threads.add(threading.get_ident())
+            return real(*a, **k)
+
+        monkeypatch.setattr(paper, "collapse_sweep", spy)
+        ctx = paper.Context(sizes)
+        args = [(ctx, paper.report_model(d=8, **over), fam, 10, ("bf16", "fp16")) for over, fam in setups]
+        if together:
+            started = [paper.start_backends(*a, tag=f"T{i}", ref=False) for i, a in enumerate(args)]
+            res = [finish() for finish in started]
+        else:
+            res = [paper.run_backends(*a, tag=f"T{i}", ref=False) for i, a in enumerate(args)]
+        ctx.settle()
+        return res, ctx.csv_rows, calls, threads
+
+    alone, rows_alone, calls_alone, _ = run(False)
+    both, rows_both, calls_both, threads = run(True)
+    assert len(threads) == 2  # the lane's thread took some of the runs
+    assert sorted(calls_both) == sorted(set(calls_both))  # every sweep once: the fourth setup is the first's
+    assert len(calls_both) == len(calls_alone) == 3 * 3  # three setups, three backends each
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in rows_both] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in rows_alone]
+    for a, b in zip(alone, both):
+        assert set(a) == set(b) == {"bf16", "fp16", "fp64"}
+        for k in a:
+            assert np.array_equal(a[k].l1, b[k].l1) and np.array_equal(a[k].identical, b[k].identical)

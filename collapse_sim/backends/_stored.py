@@ -50,6 +50,13 @@ from .. import compilation
 from ..progress import phase
 
 _LOADED: dict = {}  # key -> this process's compiled executable (stored, loaded, or with a host call: neither)
+_GETTING: dict = {}  # key -> the lock of the thread that loads or compiles it (collapse_sim.lanes: two threads
+_GETTING_LOCK = threading.Lock()  # that need one program at once wait for one compile, not compile it twice)
+
+
+def _getting(key: str) -> threading.Lock:
+    with _GETTING_LOCK:
+        return _GETTING.setdefault(key, threading.Lock())
 
 
 @functools.lru_cache(maxsize=1)
@@ -107,9 +114,10 @@ def run_stored(f, backend, fn, config, names, with_probe, args, what: str):
     if key is None:
         return None
     path = folder / f"{key}.exe"
-    untried = key not in _LOADED and _load(key, path, what)
-    if key not in _LOADED:
-        _LOADED[key] = _compile_and_store(f, args, path, what)
+    with _getting(key):
+        untried = key not in _LOADED and _load(key, path, what)
+        if key not in _LOADED:
+            _LOADED[key] = _compile_and_store(f, args, path, what)
     with phase("running " + what):
         try:
             return _LOADED[key](*args)

@@ -160,44 +160,55 @@ def report_rows(ctx: Context) -> dict:
         return ctx.findings["captions"]
     sz = ctx.sizes
     fseeds = CAPTION_SEEDS[:sz.caption_fmt_seeds]
-    out = {}
-    for label, setup in ROWS:
+    units, runs = {}, {}
+    for label, setup in ROWS:  # every row's runs queued (Context.queue) before the first is waited for
         inputs = dict(label=label, setup=setup, d=D)
+        units[label] = {"fp64": (f"captions' model, {label} / fp64",
+                                 dict(inputs, n=sz.caption_n, seeds=CAPTION_SEEDS, backend="native:fp64"))}
+        for fmt in sz.caption_formats:
+            units[label][fmt] = (f"captions' model, {label} / {fmt}",
+                                 dict(inputs, n=sz.caption_fmt_n, seeds=fseeds, backend=f"{sz.backend}:{fmt}",
+                                      bucket=BUCKET))
+        if sz.caption_ref_n:
+            units[label][REF] = (f"captions' model, {label} / {REF}",
+                                 dict(inputs, n=sz.caption_ref_n, seed=CAPTION_SEEDS[0], backend=f"interval:{REF}"))
 
         def f64_measure(label=label, setup=setup):
             r = caption_row(label, setup, n_max=sz.caption_n, seeds=CAPTION_SEEDS, d=D, keep_runs=True)
             log(f"captions' model, {label}: float64 n ≤ {sz.caption_n:,}, {len(CAPTION_SEEDS)} seeds in {r.seconds:.1f} s")
             return r
 
-        f64_full = functools.cache(f64_measure)
+        def f64_queued(key=dict(units[label]["fp64"][1], outputs=True), f64_measure=f64_measure):
+            return ctx.queue(key, f64_measure)  # the float64 row with its outputs (the noise records read them)
 
-        def measure(fmt, label=label, setup=setup, f64_full=f64_full):
+        def measure(fmt, label=label, setup=setup, f64_queued=f64_queued):
             r = caption_row(label, setup, n_max=sz.caption_fmt_n, seeds=fseeds, d=D, fmt=fmt, backend=sz.backend,
                             keep_runs=True, bucket=BUCKET)
             log(f"captions' model, {label} / {fmt}: n ≤ {sz.caption_fmt_n:,}, {len(fseeds)} seed(s) in {r.seconds:.1f} s")
-            return _without_outputs(r), [noise_of(f, e, fmt) for f, e in zip(f64_full().runs, r.runs)]
+            return _without_outputs(r), [noise_of(f, e, fmt) for f, e in zip(f64_queued()().runs, r.runs)]
 
-        if sz.caption_ref_n:  # the reference's host arithmetic starts first, to run beside the XLA programs below
-            def ref_sweep(setup=setup):
-                params = init_params(gaussian_config(D, seed=CAPTION_SEEDS[0], **setup))
-                return collapse_sweep(params, "repeat_last", sz.caption_ref_n, make_backend("interval", REF), REF,
-                                      seed=CAPTION_SEEDS[0])
+        def ref_sweep(setup=setup):
+            params = init_params(gaussian_config(D, seed=CAPTION_SEEDS[0], **setup))
+            return collapse_sweep(params, "repeat_last", sz.caption_ref_n, make_backend("interval", REF), REF,
+                                  seed=CAPTION_SEEDS[0])
 
-            ref_unit = (f"captions' model, {label} / {REF}",
-                        dict(inputs, n=sz.caption_ref_n, seed=CAPTION_SEEDS[0], backend=f"interval:{REF}"))
-            ref_run = ctx.ahead(*ref_unit, ref_sweep)
-        row = {"fp64": ctx.stored(f"captions' model, {label} / fp64",
-                                  dict(inputs, n=sz.caption_n, seeds=CAPTION_SEEDS, backend="native:fp64"),
-                                  lambda f64_full=f64_full: _without_outputs(f64_full())),
-               "noise": {}}
+        computes = {"fp64": lambda f64_queued=f64_queued: _without_outputs(f64_queued()()),
+                    **{fmt: functools.partial(measure, fmt) for fmt in sz.caption_formats}}
+        will = [b for b, unit in units[label].items() if b != REF and ctx.will_compute(*unit)]
+        if sz.caption_ref_n:  # the reference's host arithmetic starts first, to run beside the XLA programs
+            runs[label, REF] = ctx.ahead(*units[label][REF], ref_sweep)
+        if will:
+            f64_queued()  # first in the queue: every format's noise records read it
+        for b, compute in computes.items():
+            runs[label, b] = ctx.queue(units[label][b][1], compute) if b in will else compute
+    out = {}
+    for label, _ in ROWS:
+        row = {"fp64": ctx.stored(*units[label]["fp64"], runs[label, "fp64"]), "noise": {}}
         for fmt in sz.caption_formats:
-            row[fmt], row["noise"][fmt] = ctx.stored(
-                f"captions' model, {label} / {fmt}",
-                dict(inputs, n=sz.caption_fmt_n, seeds=fseeds, backend=f"{sz.backend}:{fmt}", bucket=BUCKET),
-                lambda fmt=fmt, measure=measure: measure(fmt))
+            row[fmt], row["noise"][fmt] = ctx.stored(*units[label][fmt], runs[label, fmt])
         row["ref_agree"] = None
         if sz.caption_ref_n:
-            ref = ctx.stored(*ref_unit, ref_run)
+            ref = ctx.stored(*units[label][REF], runs[label, REF])
             row["ref_agree"] = ref_agreement({"fp64": row["fp64"].runs[0], REF: ref})
         out[label] = row
     ctx.findings["captions"] = out

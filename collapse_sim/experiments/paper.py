@@ -29,6 +29,7 @@ import time
 import numpy as np
 
 from ..backends import make_backend
+from ..lanes import Lane
 from ..model import ModelConfig, init_params
 from ..policy import Policy
 from ..progress import say
@@ -153,6 +154,9 @@ class Context:
     # what this process measured, by its inputs without the unit's name: a section that runs the
     # same sweep as an earlier one (Fig. 10's sinusoidal setups are Fig. 8's) takes its data
     measured: dict = dataclasses.field(default_factory=dict)
+    # the XLA runs of a section, two at a time (:meth:`queue`), and those queued, by their inputs
+    lane: Lane = dataclasses.field(default_factory=Lane)
+    queued: dict = dataclasses.field(default_factory=dict)
 
     def stored(self, unit: str, key: dict, compute):
         """``compute()``, or the data of ``unit`` stored with the same inputs ``key`` (:attr:`store`)."""
@@ -166,6 +170,12 @@ class Context:
             self.measured[canon] = compute()
         return self.measured[canon]
 
+    def will_compute(self, unit: str, key: dict, once: dict | None = None) -> bool:
+        """Whether ``stored(unit, key, ...)`` (inside ``once(once, ...)`` where ``once`` is given) would call
+        its ``compute``: not where this process measured ``once`` already, nor where the store serves the unit."""
+        return not ((once is not None and _canon(once) in self.measured)
+                    or (self.store is not None and not self.store.will_measure(unit, key)))
+
     def ahead(self, unit: str, key: dict, compute, *, once: dict | None = None):
         """What to measure ``unit`` with in place of ``compute`` (``stored(unit, key, ...)``, inside
         ``once(once, ...)`` where ``once`` is given): where that would call it, ``compute`` starts now on
@@ -173,10 +183,25 @@ class Context:
         ``compute`` itself, not started. For host work, the arb reference in Python numbers, so that it runs
         while this thread compiles and runs XLA programs (which let go of the interpreter lock); its result
         is used (and stored) only where :meth:`stored` asks for it, so an interrupted run keeps nothing of it."""
-        if ((once is not None and _canon(once) in self.measured)
-                or (self.store is not None and not self.store.will_measure(unit, key))):
-            return compute
-        return in_background(compute)
+        return in_background(compute) if self.will_compute(unit, key, once) else compute
+
+    def queue(self, key: dict, compute):
+        """``compute`` (XLA work) queued on :attr:`lane`, once per section for equal inputs ``key``: the
+        function that waits for its value, running queued work itself meanwhile. The lane runs a section's
+        programs two at a time (the caller's thread and the lane's), so one compiles while another compiles
+        or runs: XLA:CPU keeps one core busy compiling, and the other only in part running. Values do not
+        depend on the thread that computed them (:mod:`collapse_sim.lanes`); only progress lines' order does."""
+        canon = _canon(key)
+        if canon not in self.queued:
+            self.queued[canon] = self.lane.submit(compute)
+        return self.queued[canon]
+
+    def settle(self) -> None:
+        """End a section's queue: work no thread started is dropped (a section that failed), the lane's
+        thread finishes what it runs, and the values waited for are let go."""
+        self.lane.drop()
+        self.lane.join()
+        self.queued.clear()
 
     def checkpoint(self) -> tuple:
         """What the context holds now, for :meth:`rollback`."""
@@ -215,8 +240,18 @@ def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str
                  ref: bool = True, ref_n: int | None = None, share_with=()) -> dict[str, CollapseResult]:
     """The collapse sweep of one model and family in every emulated policy (a format
     name or a policy string), native float64 and (up to ``ref_n``) the arb reference.
-    Keys: the policies as given, "fp64", REF. Each backend's run is one stored unit
-    (:meth:`Context.stored`); a format's unit holds its signal-below-noise record too.
+    Keys: the policies as given, "fp64", REF. :func:`start_backends`, then its result."""
+    return start_backends(ctx, params, family, n, formats, tag=tag, sep=sep, ref=ref, ref_n=ref_n,
+                          share_with=share_with)()
+
+
+def start_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str, sep: int | None = None,
+                   ref: bool = True, ref_n: int | None = None, share_with=()):
+    """:func:`run_backends`'s work begun: the runs it will measure queued (:meth:`Context.queue`, the
+    reference on a thread of its own); returns the function that waits for them and records them, in
+    order, so that a section starts all its setups' runs before it waits for the first.
+    Each backend's run is one stored unit (:meth:`Context.stored`); a format's unit holds its
+    signal-below-noise record too.
     A policy that shares the emulated shared program with another of ``formats`` or of
     ``share_with`` (policies the caller runs on the same model, e.g. in other calls) runs
     it from the first (``shared="first"``): one compiled program for all of them."""
@@ -229,39 +264,55 @@ def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str
         log(f"{tag} / {name}: n ≤ {nn:,} in {time.time() - t0:.1f} s")
         return r
 
-    def unit(name: str, key: dict, compute):
-        """One stored unit, measured once per process for its inputs whatever the tag (Context.once)."""
-        return ctx.stored(f"{tag} / {name}", key, lambda: ctx.once(untagged(key), compute))
-
-    f64_run = functools.cache(lambda: sweep("fp64", make_backend("native", "fp64"), n, None, True))
-
     from ..backends.emulated.backend import shared_groups
 
     grouped = set().union(*shared_groups([*formats, *share_with])) if ctx.sizes.backend == "emulated" else set()
+    keys = {f: dict(inputs, n=n, backend=f"{ctx.sizes.backend}:{f}", bucket=BUCKET) for f in formats}
+    keys["fp64"] = dict(inputs, n=n, backend="native:fp64")
+    will = [name for name, key in keys.items() if ctx.will_compute(f"{tag} / {name}", key, untagged(key))]
+    runs = {}
+    if ref and ref_n:  # the reference's host arithmetic starts first, to run beside the XLA programs
+        nn = min(n, ref_n)
+        keys[REF] = dict(inputs, n=nn, backend=f"interval:{REF}")
+        runs[REF] = ctx.ahead(f"{tag} / {REF}", keys[REF], once=untagged(keys[REF]),
+                              compute=lambda: sweep(REF, make_backend("interval", REF), nn, None, False))
+    f64_key = dict(untagged(keys["fp64"]), outputs=True)  # the float64 run with its outputs (the noise records)
+
+    def f64_run():
+        return f64_queued()()
+
+    def f64_queued():
+        return ctx.queue(f64_key, lambda: sweep("fp64", make_backend("native", "fp64"), n, None, True))
+
+    if will:
+        f64_queued()  # first in the queue: every format's noise record reads it
 
     def measure(f):
         r = sweep(f, format_backend(ctx.sizes, f, shared="first" if f in grouped else None), n, BUCKET, True)
         return without_outputs(r), noise_of(f64_run(), r, f)
 
-    if ref and ref_n:  # the reference's host arithmetic starts first, to run beside the XLA programs below
-        nn = min(n, ref_n)
-        ref_key = dict(inputs, n=nn, backend=f"interval:{REF}")
-        ref_run = ctx.ahead(f"{tag} / {REF}", ref_key, once=untagged(ref_key),
-                            compute=lambda: sweep(REF, make_backend("interval", REF), nn, None, False))
-    out: dict[str, CollapseResult] = {}
-    noise = {}
-    for f in formats:
-        out[f], noise[f] = unit(f, dict(inputs, n=n, backend=f"{ctx.sizes.backend}:{f}", bucket=BUCKET),
-                                lambda f=f: measure(f))
-    out["fp64"] = unit("fp64", dict(inputs, n=n, backend="native:fp64"), lambda: without_outputs(f64_run()))
-    if ref and ref_n:
-        out[REF] = unit(REF, ref_key, ref_run)
-    for r in out.values():
-        for row in r.rows():
-            row.update(experiment=tag, family=family)
-            ctx.csv_rows.append(row)
-    ctx.noise[tag] = noise
-    return out
+    computes = {f: functools.partial(measure, f) for f in formats}
+    computes["fp64"] = lambda: without_outputs(f64_run())
+    for name in computes:  # queued where its unit will be measured; else only named (never called)
+        runs[name] = ctx.queue(untagged(keys[name]), computes[name]) if name in will else computes[name]
+
+    def finish() -> dict[str, CollapseResult]:
+        out: dict[str, CollapseResult] = {}
+        noise = {}
+        for name, key in keys.items():  # each unit measured once per process for its inputs whatever the tag
+            got = ctx.stored(f"{tag} / {name}", key, lambda: ctx.once(untagged(key), runs[name]))
+            if name in formats:
+                out[name], noise[name] = got
+            else:
+                out[name] = got
+        for r in out.values():
+            for row in r.rows():
+                row.update(experiment=tag, family=family)
+                ctx.csv_rows.append(row)
+        ctx.noise[tag] = noise
+        return out
+
+    return finish
 
 
 def format_backend(sizes: Sizes, spec: str, shared: "str | None" = None):
@@ -328,8 +379,10 @@ FIG8_SETUPS = [("sinusoidal APE in the residual stream", dict(pe="sinusoidal", a
 def run_fig8(ctx: Context) -> list[SetupRuns]:
     """The decoder variants of Fig. 8: v vs v*, sinusoidal positions in the residual or in q/k only."""
     sz, out = ctx.sizes, []
-    for setup, over in FIG8_SETUPS:
-        res = run_backends(ctx, report_model(**over), "repeat_last", sz.fig8_n, sz.fig8_formats, tag=f"Fig. 8, {setup}")
+    started = [start_backends(ctx, report_model(**over), "repeat_last", sz.fig8_n, sz.fig8_formats,
+                              tag=f"Fig. 8, {setup}") for setup, over in FIG8_SETUPS]
+    for (setup, over), finish in zip(FIG8_SETUPS, started):
+        res = finish()
         row = _comparison(ctx, "Fig. 8", f"decoder: {setup}", res, sz.fig8_n)
         ctx.findings[("fig8", over["ape"])] = res
         out.append(SetupRuns(setup, over, res, row))
@@ -455,8 +508,10 @@ FIG10_SETUPS = [("sinusoidal APE (residual)", dict(pe="sinusoidal", ape="residua
 def run_fig10(ctx: Context) -> list[SetupRuns]:
     """The decoder variants of Fig. 10: v vs v* under each positional encoding."""
     sz, out = ctx.sizes, []
-    for setup, over in FIG10_SETUPS:
-        res = run_backends(ctx, report_model(**over), "repeat_last", sz.fig10_n, sz.fig10_formats, tag=f"Fig. 10, {setup}")
+    started = [start_backends(ctx, report_model(**over), "repeat_last", sz.fig10_n, sz.fig10_formats,
+                              tag=f"Fig. 10, {setup}") for setup, over in FIG10_SETUPS]
+    for (setup, over), finish in zip(FIG10_SETUPS, started):
+        res = finish()
         row = _comparison(ctx, "Fig. 10", f"decoder: {setup}", res, sz.fig10_n)
         ctx.findings[("fig10", setup)] = res
         out.append(SetupRuns(setup, over, res, row))
@@ -477,11 +532,13 @@ FAMILIES = [("first_copy", "copy the first token: 0 1^n vs 1 1^n"),
 def run_families(ctx: Context) -> list[tuple[str, str, list[SetupRuns]]]:
     """(family, description, its runs in every setup of :data:`FAMILY_SETUPS`) for every family."""
     sz, out = ctx.sizes, []
+    started = {(fam, setup): start_backends(ctx, report_model(**over), fam, sz.family_n, sz.family_formats,
+                                            tag=f"{fam}, {setup}", ref_n=sz.family_ref_n)
+               for fam, _ in FAMILIES for setup, over in FAMILY_SETUPS}
     for fam, desc in FAMILIES:
         runs = []
         for setup, over in FAMILY_SETUPS:
-            res = run_backends(ctx, report_model(**over), fam, sz.family_n, sz.family_formats, tag=f"{fam}, {setup}",
-                               ref_n=sz.family_ref_n)
+            res = started[fam, setup]()
             ctx.findings[("family", fam, setup)] = res
             runs.append(SetupRuns(setup, over, res))
         out.append((fam, desc, runs))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..model import gaussian_config, init_params
 from .collapse import CollapseResult
-from .paper import Context, Sizes, report_model, run_backends
+from .paper import Context, Sizes, report_model, start_backends
 
 # --- remedies -----------------------------------------------------------------------------------
 REMEDY_FAMILIES = [("repeat_last", "v vs v*"), ("last_copy", "copy last"), ("ones", "count ones"),
@@ -59,13 +59,18 @@ def run_remedies(ctx: Context) -> list[tuple[str, str, list[tuple[str, dict[str,
     """(remedy, its emulated policy, [(family, runs, the policy's SignalNoise)]) on a RoPE decoder, for every remedy."""
     sz, out = ctx.sizes, []
     rows = remedies(sz)
+    started = {}
     for name, over, sep, pol in rows:
         params = report_model(pe="rope", **over)
         same_model = [p for _, o, _, p in rows if o == over]
+        for fam, _ in REMEDY_FAMILIES:
+            started[name, fam] = start_backends(ctx, params, fam, sz.remedy_n, [pol], tag=f"remedy {name}, {fam}",
+                                                sep=sep, ref=False, share_with=same_model)
+    for name, over, sep, pol in rows:
         runs = []
         for fam, _ in REMEDY_FAMILIES:
             tag = f"remedy {name}, {fam}"
-            res = run_backends(ctx, params, fam, sz.remedy_n, [pol], tag=tag, sep=sep, ref=False, share_with=same_model)
+            res = started[name, fam]()
             ctx.findings[("remedy", name, fam)] = res
             runs.append((fam, res, ctx.noise[tag][pol]))
         out.append((name, pol, runs))
@@ -145,12 +150,14 @@ def run_policies(ctx: Context, rows, what: str) -> list[tuple[str, str, list[tup
     ("kernel", "accumulator") begins the stored units' names."""
     sz, out = ctx.sizes, []
     models = {"gaussian": init_params(gaussian_config(d=64, pe="none", seed=0)), "decoder": report_model(pe="rope")}
+    started = {(name, label): start_backends(ctx, models[model], fam, sz.recipe_n, [pol], tag=f"{what} {name}, {label}",
+                                             ref=False, share_with=[p for _, p, _ in rows])
+               for name, pol, _ in rows for label, model, fam in RECIPE_RUNS[:sz.recipe_runs]}
     for name, pol, _ in rows:
         runs = []
         for label, model, fam in RECIPE_RUNS[:sz.recipe_runs]:
             tag = f"{what} {name}, {label}"
-            res = run_backends(ctx, models[model], fam, sz.recipe_n, [pol], tag=tag, ref=False,
-                               share_with=[p for _, p, _ in rows])
+            res = started[name, label]()
             ctx.findings[(what, name, label)] = res
             runs.append((label, res, ctx.noise[tag][pol]))
         out.append((name, pol, runs))

@@ -119,7 +119,8 @@ def reproduce(out: str = "collapse-report", quick: bool = False, sizes=None, *, 
         for i, (name, heading) in enumerate(SECTIONS, 2):
             parts[name] = []
             store.reuse_only = name not in only
-            with stage("[reproduce]", f"{heading} (section {i} of {total})" + ("" if name in only else ", stored units only")):
+            with stage("[reproduce]", f"{heading} (section {i} of {total})" + ("" if name in only else ", stored units only"),
+                       every_thread=True):
                 mark = ctx.checkpoint()
                 try:
                     fns[name](ctx, outdir, parts[name])
@@ -127,6 +128,8 @@ def reproduce(out: str = "collapse-report", quick: bool = False, sizes=None, *, 
                     ctx.rollback(mark)
                     parts[name] = _not_run(name, heading, command)
                     log(f"{heading}: not run yet ({e} is not stored)")
+                finally:
+                    ctx.settle()  # the section's runs two at a time (Context.queue): none outlives it
         store.reuse_only = False
         lines = head + formats + [ln for name in NAMES if name != "theorems" for ln in parts[name]]
         with stage("[reproduce]", f"comparison, signal below noise, verdicts (section {total} of {total})"):
