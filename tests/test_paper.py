@@ -131,3 +131,24 @@ def test_equal_sweeps_of_two_sections_run_once(monkeypatch):
     assert rows["A"] == rows["B"] and len(rows["A"]) == 12 + 12 + 8
     paper.run_backends(ctx, params, "repeat_last", 13, ("bf16",), tag="C")  # another length is another sweep ...
     assert len(calls) == n_first + 2  # ... but for the reference, which stops at ref_n = 8 either way
+
+
+def test_short_sweeps_of_one_model_share_one_program():
+    """The report pads the streams of sweeps up to n = SHORT to a multiple of SHORT (``bucket_for``):
+    families whose streams differ in length (``first_copy``, n + 1 tokens; ``sum_ones``, 2n + 1) then
+    run one compiled emulated forward, with the bits of their streams unpadded."""
+    from collapse_sim.compilation import snapshot
+    from collapse_sim.experiments import paper
+    from collapse_sim.pairing import collapse_sweep
+
+    n = 100
+    assert paper.bucket_for(n) == paper.SHORT and paper.bucket_for(paper.SHORT + 1) == paper.BUCKET
+    P = init_params(ModelConfig(d=4, n_layers=1, vocab=6, pe="rope", seed=3))
+    be = make_backend("emulated", "compute=bf16,order=pairwise")
+    collapse_sweep(P, "first_copy", n, be, "bf16", bucket=paper.bucket_for(n))
+    t0 = snapshot()
+    padded = collapse_sweep(P, "sum_ones", n, be, "bf16", bucket=paper.bucket_for(n), keep_outputs=True)
+    assert snapshot().since(t0).compiled == 0
+    plain = collapse_sweep(P, "sum_ones", n, be, "bf16", keep_outputs=True)
+    for a, b in zip(padded.outputs, plain.outputs):
+        assert np.array_equal(a.view(np.uint64), b.view(np.uint64))

@@ -34,7 +34,7 @@ from ..model import gaussian_config, init_params
 from .collapse import collapse_sweep
 from .fits import N_MIN, PAPER_LINE, Decay, decay_fit, first_below
 from .noise import noise_of
-from .paper import BUCKET, PAPER_READING, REF, Context, log, ref_agreement, without_outputs
+from .paper import PAPER_READING, REF, Context, bucket_for, log, ref_agreement, without_outputs
 
 ROWS: tuple[tuple[str, dict], ...] = (
     ("no PE", dict(pe="none")),
@@ -168,7 +168,7 @@ def report_rows(ctx: Context) -> dict:
         for fmt in sz.caption_formats:
             units[label][fmt] = (f"captions' model, {label} / {fmt}",
                                  dict(inputs, n=sz.caption_fmt_n, seeds=fseeds, backend=f"{sz.backend}:{fmt}",
-                                      bucket=BUCKET))
+                                      bucket=bucket_for(sz.caption_fmt_n)))
         if sz.caption_ref_n:
             units[label][REF] = (f"captions' model, {label} / {REF}",
                                  dict(inputs, n=sz.caption_ref_n, seed=CAPTION_SEEDS[0], backend=f"interval:{REF}"))
@@ -183,7 +183,7 @@ def report_rows(ctx: Context) -> dict:
 
         def measure(fmt, label=label, setup=setup, f64_queued=f64_queued):
             r = caption_row(label, setup, n_max=sz.caption_fmt_n, seeds=fseeds, d=D, fmt=fmt, backend=sz.backend,
-                            keep_runs=True, bucket=BUCKET)
+                            keep_runs=True, bucket=bucket_for(sz.caption_fmt_n))
             log(f"captions' model, {label} / {fmt}: n ≤ {sz.caption_fmt_n:,}, {len(fseeds)} seed(s) in {r.seconds:.1f} s")
             return _without_outputs(r), [noise_of(f, e, fmt) for f, e in zip(f64_queued()().runs, r.runs)]
 

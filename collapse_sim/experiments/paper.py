@@ -39,6 +39,13 @@ from .fits import N_MIN, PAPER_LINE, Decay, decay_fit, eps, first_below  # noqa:
 from .noise import noise_of
 
 BUCKET = 128  # emulated streams are padded to a multiple of this: runs of nearby lengths share a compiled forward
+SHORT = 512  # ... and those of sweeps up to n = SHORT to a multiple of SHORT: a short run's compile costs more
+#              than its arithmetic, so the families, remedies and recipes of a model share one program per policy
+
+
+def bucket_for(n: int) -> int:
+    """The multiple that an emulated sweep up to length ``n`` pads its streams to (:data:`BUCKET`, :data:`SHORT`)."""
+    return SHORT if n <= SHORT else BUCKET
 REF = "arb256"
 
 
@@ -267,7 +274,7 @@ def start_backends(ctx: Context, params, family: str, n: int, formats, *, tag: s
     from ..backends.emulated.backend import shared_groups
 
     grouped = set().union(*shared_groups([*formats, *share_with])) if ctx.sizes.backend == "emulated" else set()
-    keys = {f: dict(inputs, n=n, backend=f"{ctx.sizes.backend}:{f}", bucket=BUCKET) for f in formats}
+    keys = {f: dict(inputs, n=n, backend=f"{ctx.sizes.backend}:{f}", bucket=bucket_for(n)) for f in formats}
     keys["fp64"] = dict(inputs, n=n, backend="native:fp64")
     will = [name for name, key in keys.items() if ctx.will_compute(f"{tag} / {name}", key, untagged(key))]
     runs = {}
@@ -288,7 +295,7 @@ def start_backends(ctx: Context, params, family: str, n: int, formats, *, tag: s
         f64_queued()  # first in the queue: every format's noise record reads it
 
     def measure(f):
-        r = sweep(f, format_backend(ctx.sizes, f, shared="first" if f in grouped else None), n, BUCKET, True)
+        r = sweep(f, format_backend(ctx.sizes, f, shared="first" if f in grouped else None), n, bucket_for(n), True)
         return without_outputs(r), noise_of(f64_run(), r, f)
 
     computes = {f: functools.partial(measure, f) for f in formats}
