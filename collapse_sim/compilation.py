@@ -304,9 +304,18 @@ class _Stats:
     def compiling_for(self, thread: "int | None" = None) -> "float | None":
         """Seconds the longest-open trace or compile has run (None when none is open); of the thread of
         id ``thread`` only, where given."""
+        longest = self.longest_open(thread)
+        return None if longest is None else longest[0]
+
+    def longest_open(self, thread: "int | None" = None) -> "tuple[float, int] | None":
+        """(seconds, thread id) of the longest-open trace or compile (None when none is open); of the
+        thread of id ``thread`` only, where given."""
         with self._lock:
-            starts = [v[0] for t, v in self._open.items() if thread is None or t == thread]
-        return time.monotonic() - min(starts) if starts else None
+            starts = [(v[0], t) for t, v in self._open.items() if thread is None or t == thread]
+        if not starts:
+            return None
+        start, tid = min(starts)
+        return time.monotonic() - start, tid
 
 
 STATS = _Stats()

@@ -56,17 +56,21 @@ class Lane:
     (``KeyboardInterrupt``, ``SystemExit``) in one the waiting thread runs reaches it at once. The
     lane's thread ends when the queue is empty; :meth:`join` waits for it."""
 
-    def __init__(self):
+    def __init__(self, name: str = "collapse-sim-lane", *, jax_work: bool = True):
+        """``jax_work=False``: computations that use no JAX (host arithmetic), taken by either thread
+        whatever its JAX settings."""
         self._lock = threading.Lock()
         self._queue: list[_Job] = []
         self._thread: "threading.Thread | None" = None  # the lane's thread, while the queue holds work
+        self._name = name
+        self._settings = _settings if jax_work else (lambda: None)
 
     def submit(self, compute):
-        job = _Job(compute, _settings())
+        job = _Job(compute, self._settings())
         with self._lock:
             self._queue.append(job)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name="collapse-sim-lane", daemon=True)
+                self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
                 self._thread.start()
         return functools.partial(self._wait, job)
 
@@ -83,7 +87,7 @@ class Lane:
         return job
 
     def _work(self) -> None:
-        settings = _settings()
+        settings = self._settings()
         while True:
             with self._lock:
                 job = self._take(settings)
@@ -95,7 +99,7 @@ class Lane:
                 self.drop()
 
     def _wait(self, job: _Job):
-        settings = _settings()
+        settings = self._settings()
         while not job.done.is_set():
             with self._lock:  # its own job if no thread started it, else the next one queued
                 mine = None if job.done.is_set() else self._take(settings, job)

@@ -69,10 +69,13 @@ def stage(prefix: str, what: str, *, estimate: "float | None" = None, every: flo
     def beat():
         while not done.wait(every):
             t = time.monotonic() - start
-            c = STATS.compiling_for(counted)
+            longest = STATS.longest_open(counted)
+            c, busy_tid = (None, tid) if longest is None else longest
             now = snapshot(counted).since(before)
             parts = [f"{what}: {t:.0f} s"]
-            busy = _phases.get(tid) or (next(iter(list(_phases.values())), None) if every_thread else None)
+            # the compiling thread's phase; where none compiles, this thread's, or (every_thread) any thread's
+            busy = _phases.get(busy_tid) if c is not None else _phases.get(tid) or (
+                next(iter(list(_phases.values())), None) if every_thread else None)
             if c is not None:
                 parts.append(f"compiling an XLA program for {c:.0f} s" + (f" ({busy})" if busy else ""))
             elif busy:

@@ -83,7 +83,7 @@ def _interrupted_run_resumes_to_the_same_report(whole, tmp_path, monkeypatch, ca
     def interrupted(ctx):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(figures, "run_remedies", interrupted)
+    monkeypatch.setattr(figures, "start_remedies", interrupted)
     with pytest.raises(KeyboardInterrupt):
         reproduce(str(out), sizes=TINY)
     assert not (out / "report.md").exists() and not (out / "collapse.csv").exists()

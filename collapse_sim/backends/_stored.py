@@ -114,18 +114,16 @@ def run_stored(f, backend, fn, config, names, with_probe, args, what: str):
     if key is None:
         return None
     path = folder / f"{key}.exe"
-    with _getting(key):
-        untried = key not in _LOADED and _load(key, path, what)
+    with _getting(key):  # one thread loads it and runs it first (its check) or compiles it; another waits
+        if key not in _LOADED and _load(key, path, what):
+            with phase("running " + what):
+                try:
+                    return _LOADED[key](*args)
+                except jax.errors.JaxRuntimeError as e:
+                    del _LOADED[key]
+                    _discard(path, f"could not be run ({str(e).splitlines()[0][:120]})")
         if key not in _LOADED:
             _LOADED[key] = _compile_and_store(f, args, path, what)
-    with phase("running " + what):
-        try:
-            return _LOADED[key](*args)
-        except jax.errors.JaxRuntimeError as e:
-            if not untried:
-                raise
-            _discard(path, f"could not be run ({str(e).splitlines()[0][:120]})")
-    _LOADED[key] = _compile_and_store(f, args, path, what)
     with phase("running " + what):
         return _LOADED[key](*args)
 

@@ -79,7 +79,7 @@ class CaptionRow:
 def caption_row(label: str, setup: dict, *, n_max: int = 10_000, seeds=(0, 1, 2), d: int = 64, fmt: str = "fp64",
                 backend: str = "native", order: str = "pairwise", fit_from: int | None = None,
                 line: float = PAPER_LINE, progress=None, keep_runs: bool = False,
-                bucket: int | None = None) -> CaptionRow:
+                bucket: int | None = None, shared: "str | None" = None) -> CaptionRow:
     """Measure one setup: one forward per seed up to ``n_max``.
 
     ``keep_runs`` keeps each seed's CollapseResult with both members of every pair
@@ -89,9 +89,10 @@ def caption_row(label: str, setup: dict, *, n_max: int = 10_000, seeds=(0, 1, 2)
     ``fit_from``: the fit window is [fit_from, n_max] (default n_max/10; the fit
     never starts below n_max/10 or 5, :func:`collapse_sim.experiments.paper.decay_fit`).
     ``backend``: "native" or "emulated" (``fmt`` fp64 always runs natively) or
-    "reference" (op by op in mpmath; small n only)."""
+    "reference" (op by op in mpmath; small n only). ``shared``: the emulated backend's program
+    choice (:func:`collapse_sim.backends.backend_for_format`)."""
     t0 = time.time()
-    be = backend_for_format(backend, fmt, order)
+    be = backend_for_format(backend, fmt, order, shared=shared)
     curves, ident, share, nonfinite, runs = [], [], [], 0, []
     for s in seeds:
         params = init_params(gaussian_config(d, seed=s, **setup))
@@ -161,6 +162,11 @@ def report_rows(ctx: Context) -> dict:
     sz = ctx.sizes
     fseeds = CAPTION_SEEDS[:sz.caption_fmt_seeds]
     units, runs = {}, {}
+    # formats of one formats-as-data program run it from the first (as start_backends's do): run side by side,
+    # which of them would come first to an automatic choice is timing, and a warm rerun must find its programs
+    from ..backends.emulated.backend import shared_groups
+
+    grouped = set().union(*shared_groups(sz.caption_formats)) if sz.backend == "emulated" else set()
     for label, setup in ROWS:  # every row's runs queued (Context.queue) before the first is waited for
         inputs = dict(label=label, setup=setup, d=D)
         units[label] = {"fp64": (f"captions' model, {label} / fp64",
@@ -183,7 +189,8 @@ def report_rows(ctx: Context) -> dict:
 
         def measure(fmt, label=label, setup=setup, f64_queued=f64_queued):
             r = caption_row(label, setup, n_max=sz.caption_fmt_n, seeds=fseeds, d=D, fmt=fmt, backend=sz.backend,
-                            keep_runs=True, bucket=bucket_for(sz.caption_fmt_n))
+                            keep_runs=True, bucket=bucket_for(sz.caption_fmt_n),
+                            shared="first" if fmt in grouped else None)
             log(f"captions' model, {label} / {fmt}: n ≤ {sz.caption_fmt_n:,}, {len(fseeds)} seed(s) in {r.seconds:.1f} s")
             return _without_outputs(r), [noise_of(f, e, fmt) for f, e in zip(f64_queued()().runs, r.runs)]
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import threading
 import time
 
 import numpy as np
@@ -125,29 +124,6 @@ def untagged(key: dict) -> dict:
     return dict(key, tag=None)
 
 
-def in_background(compute):
-    """``compute()`` started now on a daemon thread of its own; returns the function that waits for
-    its result (or raises its exception). Daemon: an interrupted command exits without waiting for it."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = compute()
-        except BaseException as e:  # handed to the waiting thread
-            box["error"] = e
-
-    thread = threading.Thread(target=run, name="collapse-sim-host", daemon=True)
-    thread.start()
-
-    def result():
-        thread.join()
-        if "error" in box:
-            raise box["error"]
-        return box["value"]
-
-    return result
-
-
 @dataclasses.dataclass
 class Context:
     """Everything one report's experiments measured, shared by its sections."""
@@ -163,6 +139,8 @@ class Context:
     measured: dict = dataclasses.field(default_factory=dict)
     # the XLA runs of a section, two at a time (:meth:`queue`), and those queued, by their inputs
     lane: Lane = dataclasses.field(default_factory=Lane)
+    # host work (the arb reference, :meth:`ahead`), one computation at a time beside the lane's
+    host: Lane = dataclasses.field(default_factory=lambda: Lane("collapse-sim-host", jax_work=False))
     queued: dict = dataclasses.field(default_factory=dict)
 
     def stored(self, unit: str, key: dict, compute):
@@ -185,12 +163,14 @@ class Context:
 
     def ahead(self, unit: str, key: dict, compute, *, once: dict | None = None):
         """What to measure ``unit`` with in place of ``compute`` (``stored(unit, key, ...)``, inside
-        ``once(once, ...)`` where ``once`` is given): where that would call it, ``compute`` starts now on
-        a thread of its own (:func:`in_background`) and the returned function waits for its result; otherwise
-        ``compute`` itself, not started. For host work, the arb reference in Python numbers, so that it runs
-        while this thread compiles and runs XLA programs (which let go of the interpreter lock); its result
-        is used (and stored) only where :meth:`stored` asks for it, so an interrupted run keeps nothing of it."""
-        return in_background(compute) if self.will_compute(unit, key, once) else compute
+        ``once(once, ...)`` where ``once`` is given): where that would call it, ``compute`` is queued on
+        :attr:`host`, whose thread takes such computations one at a time in order, and the returned function
+        waits for its result (running it itself if no thread has started it); otherwise ``compute`` itself,
+        not started. For host work, the arb reference in Python numbers, so that it runs while the XLA
+        threads compile and run programs (which let go of the interpreter lock), one at a time so that it
+        takes the interpreter from them no more than one thread does; its result is used (and stored) only
+        where :meth:`stored` asks for it, so an interrupted run keeps nothing of it."""
+        return self.host.submit(compute) if self.will_compute(unit, key, once) else compute
 
     def queue(self, key: dict, compute):
         """``compute`` (XLA work) queued on :attr:`lane`, once per section for equal inputs ``key``: the
@@ -204,10 +184,11 @@ class Context:
         return self.queued[canon]
 
     def settle(self) -> None:
-        """End a section's queue: work no thread started is dropped (a section that failed), the lane's
-        thread finishes what it runs, and the values waited for are let go."""
-        self.lane.drop()
-        self.lane.join()
+        """End a section's queues: work no thread started is dropped (a section that failed), the lanes'
+        threads finish what they run, and the values waited for are let go."""
+        for lane in (self.lane, self.host):
+            lane.drop()
+            lane.join()
         self.queued.clear()
 
     def checkpoint(self) -> tuple:
@@ -385,15 +366,25 @@ FIG8_SETUPS = [("sinusoidal APE in the residual stream", dict(pe="sinusoidal", a
 
 def run_fig8(ctx: Context) -> list[SetupRuns]:
     """The decoder variants of Fig. 8: v vs v*, sinusoidal positions in the residual or in q/k only."""
-    sz, out = ctx.sizes, []
+    return start_fig8(ctx)()
+
+
+def start_fig8(ctx: Context):
+    """:func:`run_fig8`'s runs queued (:func:`start_backends`); returns the function that waits for them."""
+    sz = ctx.sizes
     started = [start_backends(ctx, report_model(**over), "repeat_last", sz.fig8_n, sz.fig8_formats,
                               tag=f"Fig. 8, {setup}") for setup, over in FIG8_SETUPS]
-    for (setup, over), finish in zip(FIG8_SETUPS, started):
-        res = finish()
-        row = _comparison(ctx, "Fig. 8", f"decoder: {setup}", res, sz.fig8_n)
-        ctx.findings[("fig8", over["ape"])] = res
-        out.append(SetupRuns(setup, over, res, row))
-    return out
+
+    def finish() -> list[SetupRuns]:
+        out = []
+        for (setup, over), done in zip(FIG8_SETUPS, started):
+            res = done()
+            row = _comparison(ctx, "Fig. 8", f"decoder: {setup}", res, sz.fig8_n)
+            ctx.findings[("fig8", over["ape"])] = res
+            out.append(SetupRuns(setup, over, res, row))
+        return out
+
+    return finish
 
 
 # --- Fig. 9 -------------------------------------------------------------------------------------

@@ -57,7 +57,12 @@ def remedy_mechanism(name: str) -> str | None:
 
 def run_remedies(ctx: Context) -> list[tuple[str, str, list[tuple[str, dict[str, CollapseResult], object]]]]:
     """(remedy, its emulated policy, [(family, runs, the policy's SignalNoise)]) on a RoPE decoder, for every remedy."""
-    sz, out = ctx.sizes, []
+    return start_remedies(ctx)()
+
+
+def start_remedies(ctx: Context):
+    """:func:`run_remedies`'s runs queued (:func:`start_backends`); returns the function that waits for them."""
+    sz = ctx.sizes
     rows = remedies(sz)
     started = {}
     for name, over, sep, pol in rows:
@@ -66,15 +71,20 @@ def run_remedies(ctx: Context) -> list[tuple[str, str, list[tuple[str, dict[str,
         for fam, _ in REMEDY_FAMILIES:
             started[name, fam] = start_backends(ctx, params, fam, sz.remedy_n, [pol], tag=f"remedy {name}, {fam}",
                                                 sep=sep, ref=False, share_with=same_model)
-    for name, over, sep, pol in rows:
-        runs = []
-        for fam, _ in REMEDY_FAMILIES:
-            tag = f"remedy {name}, {fam}"
-            res = started[name, fam]()
-            ctx.findings[("remedy", name, fam)] = res
-            runs.append((fam, res, ctx.noise[tag][pol]))
-        out.append((name, pol, runs))
-    return out
+
+    def finish():
+        out = []
+        for name, over, sep, pol in rows:
+            runs = []
+            for fam, _ in REMEDY_FAMILIES:
+                tag = f"remedy {name}, {fam}"
+                res = started[name, fam]()
+                ctx.findings[("remedy", name, fam)] = res
+                runs.append((fam, res, ctx.noise[tag][pol]))
+            out.append((name, pol, runs))
+        return out
+
+    return finish
 
 
 # --- kernels ------------------------------------------------------------------------------------

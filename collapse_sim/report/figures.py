@@ -15,9 +15,9 @@ from ..experiments import captions as cap
 from ..experiments.collapse import CollapseResult
 from ..experiments.fits import N_MIN, PAPER_LINE, Decay, eps, first_below
 from ..experiments.noise import SignalNoise
-from ..experiments.paper import REF, Context, median_top, ref_agreement, run_families, run_fig8, run_fig9, run_fig10
+from ..experiments.paper import REF, Context, median_top, ref_agreement, run_families, run_fig9, run_fig10, start_fig8
 from ..experiments.recipes import (ACCUMULATORS, KERNELS, RECIPE_RUNS, REMEDY_FAMILIES, remedy_mechanism, run_policies,
-                                    run_remedies)
+                                    start_remedies)
 from ..formats import parse as parse_format
 from ..plots import plot_curves, plot_panels
 from ..policy import Policy
@@ -193,6 +193,7 @@ def fig8(ctx: Context, outdir: Path, lines: list[str]) -> None:
     lines += ["## Fig. 8: v vs v* (last token repeated), sinusoidal positions", "",
               "Paper: one layer, d = 64, the last token copied, lengths 5…10,000; the distance crosses the bf16 "
               "line near n ≈ 500.", ""]
+    decoder = start_fig8(ctx)  # queued first: they run while the captions' rows are waited for
     _captions_part(ctx, outdir, lines, cap.FIG8_ROWS, "Fig. 8",
                    f"q_i, k_i, v_i ~ N(0, I/d) per position, d = {cap.D}, one head, no weights, the attention output, L1 "
                    "distance between v (length n) and v* (its last position repeated). The caption applies the original "
@@ -206,7 +207,7 @@ def fig8(ctx: Context, outdir: Path, lines: list[str]) -> None:
               "Distances between the last-token outputs of v (length n) and v* (length n+1). "
               "Whether the last token's own absolute position enters the residual stream decides whether the "
               "distance can vanish, so both placements run.", ""]
-    for run in run_fig8(ctx):
+    for run in decoder():
         setup, res = run.setup, run.res
         lines += [f"#### Decoder, {setup}", "", *_TABLE_HEAD, *_collapse_rows(res, sz.fig8_formats, n), "",
                   _fit_line(res, run.comparison["fit"]), ""]
@@ -391,13 +392,14 @@ def accumulators(ctx: Context, outdir: Path, lines: list[str]) -> None:
 def remedies(ctx: Context, outdir: Path, lines: list[str]) -> None:
     n = ctx.sizes.remedy_n
     lines += ["## Kernels and remedies", "", "### Kernel recipes", ""]
+    remedy_rows = start_remedies(ctx)  # queued first: they run while the kernels' rows are waited for
     _recipe_table(ctx, outdir, lines, KERNELS, "kernel", "kernels.png", "Kernel recipes",
                   "How the attention is evaluated (docs/semantics.md §8.8)",
                   also=" (and, in FlashAttention-3's recipe, the quantisation of Q, K and V to e4m3)")
     lines += ["### Remedies", "",
               f"RoPE (the positional scheme of most current decoders; it puts no positions in the residual stream), "
               f"one layer, d = 64, n = 1..{n:,}.", "", *(h.format(what="remedy") for h in _CRITERIA_HEAD)]
-    rows = run_remedies(ctx)
+    rows = remedy_rows()
     for fam, desc in REMEDY_FAMILIES:
         for name, pol, runs in rows:
             res, sn = next((r, s) for f, r, s in runs if f == fam)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,7 @@ SHARED_MAX_N = 2048
 #: (shared program's static part, model function, config, shape) -> the policies that ran
 #: the specialised program there (the automatic choice of :class:`EmulatedBackend`).
 _POLICIES_RUN: dict = {}
+_POLICIES_LOCK = threading.Lock()
 
 
 def _compiler_options() -> dict:
@@ -204,10 +206,11 @@ class EmulatedBackend(JaxBackendBase):
             return True
         key = (_SharedProgram(self.shared), fn, config.computation(), len(tokens), probe is None,
                tuple(sorted((k, np.shape(v)) for k, v in arrays.items())))
-        seen = _POLICIES_RUN.setdefault(key, set())
-        use = self.policy not in seen and (self.share_first or bool(seen))
-        if not use:
-            seen.add(self.policy)
+        with _POLICIES_LOCK:  # two threads at one shape (collapse_sim.lanes): one decides after the other
+            seen = _POLICIES_RUN.setdefault(key, set())
+            use = self.policy not in seen and (self.share_first or bool(seen))
+            if not use:
+                seen.add(self.policy)
         return use
 
     # data
