@@ -34,7 +34,7 @@ from ..model import gaussian_config, init_params
 from .collapse import collapse_sweep
 from .fits import N_MIN, PAPER_LINE, Decay, decay_fit, first_below
 from .noise import noise_of
-from .paper import PAPER_READING, REF, Context, bucket_for, log, ref_agreement, without_outputs
+from .paper import PAPER_READING, REF, Context, bucket_for, log, ref_agreement, shared_first, without_outputs
 
 ROWS: tuple[tuple[str, dict], ...] = (
     ("no PE", dict(pe="none")),
@@ -162,11 +162,7 @@ def report_rows(ctx: Context) -> dict:
     sz = ctx.sizes
     fseeds = CAPTION_SEEDS[:sz.caption_fmt_seeds]
     units, runs = {}, {}
-    # formats of one formats-as-data program run it from the first (as start_backends's do): run side by side,
-    # which of them would come first to an automatic choice is timing, and a warm rerun must find its programs
-    from ..backends.emulated.backend import shared_groups
-
-    grouped = set().union(*shared_groups(sz.caption_formats)) if sz.backend == "emulated" else set()
+    grouped = shared_first(sz, sz.caption_formats)
     for label, setup in ROWS:  # every row's runs queued (Context.queue) before the first is waited for
         inputs = dict(label=label, setup=setup, d=D)
         units[label] = {"fp64": (f"captions' model, {label} / fp64",
@@ -201,13 +197,10 @@ def report_rows(ctx: Context) -> dict:
 
         computes = {"fp64": lambda f64_queued=f64_queued: _without_outputs(f64_queued()()),
                     **{fmt: functools.partial(measure, fmt) for fmt in sz.caption_formats}}
-        will = [b for b, unit in units[label].items() if b != REF and ctx.will_compute(*unit)]
         if sz.caption_ref_n:  # the reference's host arithmetic starts first, to run beside the XLA programs
             runs[label, REF] = ctx.ahead(*units[label][REF], ref_sweep)
-        if will:
-            f64_queued()  # first in the queue: every format's noise records read it
-        for b, compute in computes.items():
-            runs[label, b] = ctx.queue(units[label][b][1], compute) if b in will else compute
+        xla = {b: (*units[label][b], None) for b in computes}  # the float64 row first in the queue
+        runs.update(((label, b), run) for b, run in ctx.start(xla, computes, first=f64_queued).items())
     out = {}
     for label, _ in ROWS:
         row = {"fp64": ctx.stored(*units[label]["fp64"], runs[label, "fp64"]), "noise": {}}

@@ -42,10 +42,12 @@ SHORT = 512  # ... and those of sweeps up to n = SHORT to a multiple of SHORT: a
 #              than its arithmetic, so the families, remedies and recipes of a model share one program per policy
 
 
+REF = "arb256"
+
+
 def bucket_for(n: int) -> int:
     """The multiple that an emulated sweep up to length ``n`` pads its streams to (:data:`BUCKET`, :data:`SHORT`)."""
     return SHORT if n <= SHORT else BUCKET
-REF = "arb256"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,9 +141,9 @@ class Context:
     measured: dict = dataclasses.field(default_factory=dict)
     # the XLA runs of a section, two at a time (:meth:`queue`), and those queued, by their inputs
     lane: Lane = dataclasses.field(default_factory=Lane)
+    queued: dict = dataclasses.field(default_factory=dict)
     # host work (the arb reference, :meth:`ahead`), one computation at a time beside the lane's
     host: Lane = dataclasses.field(default_factory=lambda: Lane("collapse-sim-host", jax_work=False))
-    queued: dict = dataclasses.field(default_factory=dict)
 
     def stored(self, unit: str, key: dict, compute):
         """``compute()``, or the data of ``unit`` stored with the same inputs ``key`` (:attr:`store`)."""
@@ -182,6 +184,17 @@ class Context:
         if canon not in self.queued:
             self.queued[canon] = self.lane.submit(compute)
         return self.queued[canon]
+
+    def start(self, units: dict, computes: dict, first=None) -> dict:
+        """What to measure each unit of ``units`` (name -> (unit, key, once): :meth:`stored` of ``unit`` with
+        inputs ``key``, inside :meth:`once` of ``once`` where it is not None) with: where that would measure it,
+        ``computes[name]`` queued (:meth:`queue`, under ``once``'s inputs, else ``key``'s), ``first()`` called
+        before any is (e.g. to queue a run they all read); elsewhere ``computes[name]`` itself, never called."""
+        will = [name for name, (unit, key, once) in units.items() if self.will_compute(unit, key, once)]
+        if will and first is not None:
+            first()
+        return {name: self.queue(key if once is None else once, computes[name]) if name in will else computes[name]
+                for name, (unit, key, once) in units.items()}
 
     def settle(self) -> None:
         """End a section's queues: work no thread started is dropped (a section that failed), the lanes'
@@ -235,8 +248,8 @@ def run_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str
 
 def start_backends(ctx: Context, params, family: str, n: int, formats, *, tag: str, sep: int | None = None,
                    ref: bool = True, ref_n: int | None = None, share_with=()):
-    """:func:`run_backends`'s work begun: the runs it will measure queued (:meth:`Context.queue`, the
-    reference on a thread of its own); returns the function that waits for them and records them, in
+    """:func:`run_backends`'s work begun: the runs it will measure queued (:meth:`Context.start`, the
+    reference on the host queue, :meth:`Context.ahead`); returns the function that waits for them and records them, in
     order, so that a section starts all its setups' runs before it waits for the first.
     Each backend's run is one stored unit (:meth:`Context.stored`); a format's unit holds its
     signal-below-noise record too.
@@ -252,37 +265,28 @@ def start_backends(ctx: Context, params, family: str, n: int, formats, *, tag: s
         log(f"{tag} / {name}: n ≤ {nn:,} in {time.time() - t0:.1f} s")
         return r
 
-    from ..backends.emulated.backend import shared_groups
-
-    grouped = set().union(*shared_groups([*formats, *share_with])) if ctx.sizes.backend == "emulated" else set()
+    grouped = shared_first(ctx.sizes, [*formats, *share_with])
     keys = {f: dict(inputs, n=n, backend=f"{ctx.sizes.backend}:{f}", bucket=bucket_for(n)) for f in formats}
     keys["fp64"] = dict(inputs, n=n, backend="native:fp64")
-    will = [name for name, key in keys.items() if ctx.will_compute(f"{tag} / {name}", key, untagged(key))]
+    units = {name: (f"{tag} / {name}", key, untagged(key)) for name, key in keys.items()}
     runs = {}
     if ref and ref_n:  # the reference's host arithmetic starts first, to run beside the XLA programs
         nn = min(n, ref_n)
         keys[REF] = dict(inputs, n=nn, backend=f"interval:{REF}")
         runs[REF] = ctx.ahead(f"{tag} / {REF}", keys[REF], once=untagged(keys[REF]),
                               compute=lambda: sweep(REF, make_backend("interval", REF), nn, None, False))
-    f64_key = dict(untagged(keys["fp64"]), outputs=True)  # the float64 run with its outputs (the noise records)
 
-    def f64_run():
-        return f64_queued()()
-
-    def f64_queued():
-        return ctx.queue(f64_key, lambda: sweep("fp64", make_backend("native", "fp64"), n, None, True))
-
-    if will:
-        f64_queued()  # first in the queue: every format's noise record reads it
+    def f64_queued():  # the float64 run with its outputs (every format's noise record reads them)
+        return ctx.queue(dict(untagged(keys["fp64"]), outputs=True),
+                         lambda: sweep("fp64", make_backend("native", "fp64"), n, None, True))
 
     def measure(f):
         r = sweep(f, format_backend(ctx.sizes, f, shared="first" if f in grouped else None), n, bucket_for(n), True)
-        return without_outputs(r), noise_of(f64_run(), r, f)
+        return without_outputs(r), noise_of(f64_queued()(), r, f)
 
     computes = {f: functools.partial(measure, f) for f in formats}
-    computes["fp64"] = lambda: without_outputs(f64_run())
-    for name in computes:  # queued where its unit will be measured; else only named (never called)
-        runs[name] = ctx.queue(untagged(keys[name]), computes[name]) if name in will else computes[name]
+    computes["fp64"] = lambda: without_outputs(f64_queued()())
+    runs.update(ctx.start(units, computes, first=f64_queued))  # the float64 run first in the queue
 
     def finish() -> dict[str, CollapseResult]:
         out: dict[str, CollapseResult] = {}
@@ -301,6 +305,17 @@ def start_backends(ctx: Context, params, family: str, n: int, formats, *, tag: s
         return out
 
     return finish
+
+
+def shared_first(sizes: Sizes, policies) -> set:
+    """The policies of ``policies`` that share an emulated formats-as-data program with another of them, so
+    that each runs it from the first (``shared="first"``): one program for all, and which of two run side by
+    side comes first (an automatic choice) cannot decide what a warm rerun must find."""
+    if sizes.backend != "emulated":
+        return set()
+    from ..backends.emulated.backend import shared_groups
+
+    return set().union(*shared_groups(policies))
 
 
 def format_backend(sizes: Sizes, spec: str, shared: "str | None" = None):
@@ -364,13 +379,9 @@ FIG8_SETUPS = [("sinusoidal APE in the residual stream", dict(pe="sinusoidal", a
                ("sinusoidal APE in q/k only", dict(pe="sinusoidal", ape="scores"))]
 
 
-def run_fig8(ctx: Context) -> list[SetupRuns]:
-    """The decoder variants of Fig. 8: v vs v*, sinusoidal positions in the residual or in q/k only."""
-    return start_fig8(ctx)()
-
-
 def start_fig8(ctx: Context):
-    """:func:`run_fig8`'s runs queued (:func:`start_backends`); returns the function that waits for them."""
+    """The decoder variants of Fig. 8: v vs v*, sinusoidal positions in the residual or in q/k only, their
+    runs queued (:func:`start_backends`); returns the function that waits for them (a :class:`SetupRuns` each)."""
     sz = ctx.sizes
     started = [start_backends(ctx, report_model(**over), "repeat_last", sz.fig8_n, sz.fig8_formats,
                               tag=f"Fig. 8, {setup}") for setup, over in FIG8_SETUPS]

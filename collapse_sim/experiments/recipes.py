@@ -3,8 +3,8 @@
 ``run_policies`` runs v vs v* (the captions' Gaussian model and a RoPE decoder) and a counting
 family (:data:`RECIPE_RUNS`) under each policy of a list: the attention recipes of
 :data:`KERNELS` (docs/semantics.md §8.8) and the accumulator models of :data:`ACCUMULATORS` (§3.4);
-``run_remedies`` runs the copying and counting families under each remedy of :func:`remedies`
-(§8.7, separators, windows, fp32 softmax). Both return data, each run stored as a unit of the
+``start_remedies`` queues the copying and counting families under each remedy of :func:`remedies`
+(§8.7, separators, windows, fp32 softmax) and returns the function that gives them. Both give data, each run stored as a unit of the
 report (:meth:`collapse_sim.experiments.paper.Context.stored`); :mod:`collapse_sim.report.figures`
 writes the tables, sentences and figures.
 """
@@ -55,13 +55,9 @@ def remedy_mechanism(name: str) -> str | None:
     return next((v for k, v in REMEDY_MECHANISMS.items() if name.startswith(k)), None)
 
 
-def run_remedies(ctx: Context) -> list[tuple[str, str, list[tuple[str, dict[str, CollapseResult], object]]]]:
-    """(remedy, its emulated policy, [(family, runs, the policy's SignalNoise)]) on a RoPE decoder, for every remedy."""
-    return start_remedies(ctx)()
-
-
 def start_remedies(ctx: Context):
-    """:func:`run_remedies`'s runs queued (:func:`start_backends`); returns the function that waits for them."""
+    """The remedies' runs queued (:func:`start_backends`); returns the function that waits for them and gives
+    (remedy, its emulated policy, [(family, runs, the policy's SignalNoise)]) on a RoPE decoder, for every remedy."""
     sz = ctx.sizes
     rows = remedies(sz)
     started = {}
@@ -72,7 +68,7 @@ def start_remedies(ctx: Context):
             started[name, fam] = start_backends(ctx, params, fam, sz.remedy_n, [pol], tag=f"remedy {name}, {fam}",
                                                 sep=sep, ref=False, share_with=same_model)
 
-    def finish():
+    def finish() -> list[tuple[str, str, list[tuple[str, dict[str, CollapseResult], object]]]]:
         out = []
         for name, over, sep, pol in rows:
             runs = []
