@@ -260,7 +260,9 @@ class TermBounds(NamedTuple):
     """What :func:`_chunk_sums_fast` needs to know of a sum's terms, as int32 / bool scalars:
     every nonzero term is a multiple of ``2^low`` and at most ``2^top`` in magnitude, and
     ``ok``: none is inf, NaN or a float64 subnormal (which XLA:CPU reads as 0 in arithmetic).
-    For no nonzero term, ``low`` and ``top`` are far above and below any limit."""
+    For no nonzero term, ``low`` and ``top`` are far above and below any limit. Where ``ok`` is
+    false they say nothing (a special's or a subnormal's exponent enters them): read them only
+    where ``ok`` holds, as every caller does."""
 
     low: jax.Array
     top: jax.Array
