@@ -110,6 +110,58 @@ def test_padded_products_give_the_plain_bits(policy, monkeypatch):
     assert np.array_equal(padded.view(np.uint8), plain.view(np.uint8))
 
 
+@pytest.mark.parametrize("policy,shared", [("compute=bf16", False), ("storage=fp16,compute=fp16,accumulate=fp32", False),
+                                           ("compute=(p=5,emax=15),mode=rd", False), ("compute=bf16", True)])
+def test_key_chunks_give_the_unchunked_bits(policy, shared, monkeypatch):
+    """The pairwise attention's keys in aligned chunks, a block of query rows visiting only the chunks
+    up to its last position (and from its window's first, ``attention.key_chunk``): the same bits, signs
+    of zeros included, as every block over all keys, with and without probes, ALiBi and a window, an inf
+    and a NaN among the later keys and values (masked for the earlier rows), in a directed mode and in
+    the shared program (formats as data). Chunks of 4 over 37 keys (tree width 64) in blocks of 4 rows."""
+    import jax.numpy as jnp
+
+    from collapse_sim.backends.emulated import _emulated_attention, attention
+    from collapse_sim.backends.emulated.ops import Emulator
+
+    emu = Emulator(policy, shared=shared)
+    rng = np.random.default_rng(7)
+    n, dh = 37, 6
+    q, k, v, kp, vp = (jnp.asarray(emu.store(rng.standard_normal((n, dh))), emu.dtype) for _ in range(5))
+    v = v.at[3].set(-0.0).at[30, 1].set(jnp.inf)
+    k = k.at[33, 2].set(jnp.nan)
+    cases = ((jnp.arange(n), None, None, None), (jnp.arange(n) + 1, (kp, vp), 0.25, 5))
+
+    def att(chunk, qpos, alibi, window):  # a new function each time: jit's cache does not see the patch
+        monkeypatch.setattr(attention, "KEY_CHUNK", chunk)
+        monkeypatch.setattr(attention, "KEY_CHUNK_ROWS", 4)
+
+        def f(q, k, v, skv, roles):
+            e = emu.bind(roles) if shared else emu
+            assert (attention.key_chunk(e, n) > 0) == (chunk == 4)
+            return _emulated_attention(e, AttentionInputs(q, k, v, qpos, 0.5, alibi, window, skv))
+
+        return jax.jit(f)
+
+    for qpos, skv, alibi, window in cases:
+        args = (q, k, v, skv, emu.data())
+        chunked = np.asarray(att(4, qpos, alibi, window)(*args))
+        whole = np.asarray(att(1 << 30, qpos, alibi, window)(*args))
+        assert np.isnan(chunked).any() == np.isnan(whole).any()
+        assert np.array_equal(chunked.view(np.uint8), whole.view(np.uint8))
+
+
+@pytest.mark.parametrize("cfg", [dict(pe="rope", n_heads=2), dict(pe="alibi", window=3)])
+def test_forward_in_key_chunks_equals_reference(cfg, monkeypatch):
+    """The forward whose attention takes its keys in chunks of 2 (12 tokens, blocks of 2 rows), with a
+    probe after every prefix, against the op-by-op mpmath reference: the same numbers (a model seed of its
+    own, so that no program stored by another test is the one that runs)."""
+    from collapse_sim.backends.emulated import attention
+
+    monkeypatch.setattr(attention, "KEY_CHUNK", 2)
+    monkeypatch.setattr(attention, "KEY_CHUNK_ROWS", 2)
+    assert_emulated_equals_reference(ModelConfig(d=8, n_layers=2, vocab=4, seed=11, **cfg), "compute=bf16")
+
+
 EAGER_CERTIFIED = "compute=bf16,order=exact"
 
 

@@ -6,6 +6,8 @@ matrix products certified by certificates.py; every row they leave uncertified i
 op by op, so the result is the op-by-op result bit for bit. The redo is a program of its
 own (:func:`_linear_redo`, :func:`_attention_redo`), run from the forward by a host
 call only where some row needs it (:func:`collapse_sim.backends._rows._fill_rows`).
+Under the pairwise order a block of query rows visits its keys in aligned chunks, only those
+up to its last position (:func:`key_chunk`): the same adds, the same bits.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from jax import lax
 
 from ...mx import P_AMAX, amax_scale, prefix_amax, scale_cast
 from ...policy import BLOCK_KERNELS, PolicyError
-from ...rounding import round_to
+from ...rounding import Stochastic, round_to
 from ..reference.arith import times_log2e
 from .._rows import _computed_once, _fill_rows, _map_rows
 from ..inputs import AttentionInputs
 from .certificates import certified_matmul, matmul_stats, row_norms
 from .ops import Emulator, reduce_sum
-from .orders import term_bounds, to_tree_width
+from .orders import term_bounds, to_tree_width, tree_width
 
 _BLOCK_ELEMS = 1 << 21  # elements of one (queries x keys x head-dim) block
 
@@ -394,6 +396,10 @@ def _op_by_op_attention(emu: Emulator, a: AttentionInputs, path: str = "certifie
     kb, vb = (term_bounds(k), term_bounds(v)) if emu.bounds_products(emu.order) else (k, v)  # once, not per block
     vT = jnp.swapaxes(v, 0, 1)  # once per call, not per block (_row_values_keys_last)
     vT = to_tree_width(vT) if emu.pads_products(emu.order) else vT
+    chunk = key_chunk(emu, nk) if adaptive is None else None
+    if chunk:  # keys and values padded with zero columns to the tree's width (whole chunks)
+        kc = jnp.pad(k, ((0, tree_width(nk) - nk), (0, 0)))
+        vTc = to_tree_width(vT)
 
     def block(args):
         qb, pb, kpb, vpb = args  # (B, dh), (B,), (B, dh), (B, dh)
@@ -416,6 +422,8 @@ def _op_by_op_attention(emu: Emulator, a: AttentionInputs, path: str = "certifie
             return _weighted_values(emu, alpha, V, valid, emu.compute, path,  # alpha: (B, nk), compute format
                                     v_src=None if src is None else src[1], keys_last=keys_last)
 
+        if chunk:  # the keys in chunks, those past the block's last position skipped (_key_chunk_rows)
+            return _key_chunk_rows(emu, weights, qb, pb, kpb, vpb, kc, vTc, nk, chunk, self_kv, a.window, path)
         if emu.per_tensor:  # §13.2.1: each row's keys and values with the amax of its columns 0..p_i
             return _tensor_scaled_rows(emu, rows, k, v, cols, self_kv, pb, kpb, vpb, running,
                                        jnp.zeros(qb.shape, emu.dtype))
@@ -423,8 +431,69 @@ def _op_by_op_attention(emu: Emulator, a: AttentionInputs, path: str = "certifie
         K, _ = _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb)
         return rows(K, _row_values_keys_last(vT, self_kv, pb, vpb), src=src, keys_last=True)
 
-    b, _ = _blocks(a.q.shape[0], nk * dh)
+    b = min(a.q.shape[0], KEY_CHUNK_ROWS) if chunk else _blocks(a.q.shape[0], nk * dh)[0]
     return _map_rows(block, (a.q, a.qpos, kp, vp), b, emu.stream)
+
+
+#: The op-by-op attention of the pairwise order takes its keys in aligned chunks of this many
+#: (a power of two) where a call has at least twice as many keys (:func:`key_chunk`), and a block
+#: of query rows visits only the chunks up to its last position (:func:`_key_chunk_rows`).
+KEY_CHUNK = 256
+#: ... in blocks of this many query rows. Measured (2 cores, d = 64, L = 1, N = 4,096, bf16, CPU s of one
+#: forward, benchmarks/README.md): chunks of 256 in blocks of 8, 16, 32 rows 2.16, 2.17, 2.21 s; chunks of 128
+#: and 512 (16 rows) 2.66 and 2.61 s; unchunked (two causal segments, blocks of 8 rows) 3.25 s.
+KEY_CHUNK_ROWS = 16
+
+
+def key_chunk(emu: Emulator, nk: int) -> int:
+    """The size of the key chunks of an op-by-op attention call over ``nk`` key columns (0: none).
+    Only the pairwise order in a deterministic mode, the naive kernel and no operands role: a pairwise
+    sum over aligned chunks of a power-of-two size is the tree of the chunks' subtrees (§3.1), a chunk
+    of masked zeros sums to +0 exactly as a subtree of them does, so the chunks past a row's position
+    need not be computed; the other orders carry state from chunk to chunk, stochastic rounding draws
+    per rounded array (its count would change), the block kernels and operands roles have blocks of
+    their own."""
+    if (emu.order.kind != "pairwise" or isinstance(emu.mode, Stochastic) or emu.kernel.kind != "naive"
+            or emu.operands is not None or nk < 2 * KEY_CHUNK):
+        return 0
+    return KEY_CHUNK
+
+
+def _key_chunk_rows(emu: Emulator, weights, qb, pb, kpb, vpb, kc, vTc, nk: int, chunk: int, self_kv, window, path):
+    """The outputs (B, dh) of a block of query rows ``qb`` at positions ``pb``, the keys in aligned
+    chunks of ``chunk`` columns (:func:`key_chunk`): ``kc`` (W, dh) and ``vTc`` (dh, W), the keys and
+    values zero-padded to the pairwise tree's width W. Only the chunks that hold a column some row
+    sees are computed (a loop with a traced trip count): the scores of the others stay zeros (masked),
+    the weighted values' chunk sums +0, as computing them would give. The weighted values' sum is the
+    pairwise tree over the chunk sums of the subtrees of each chunk, the same adds as the tree over
+    all W columns (§3.1), rounded once to the compute format; the softmax runs over all ``nk``
+    columns, as the unchunked rows do. The same bits as :func:`_op_by_op_attention`'s rows."""
+    B, dh = qb.shape
+    W = kc.shape[0]
+    first = 0 if window is None else jnp.maximum(jnp.min(pb) - window + 1, 0) // chunk
+    last = jnp.max(pb) // chunk + 1  # the chunk of the last column a row sees, and one past it
+    own = lambda j0, width: jnp.arange(width)[None, :] + j0 == pb[:, None]  # noqa: E731  (B, width)
+
+    def scores(c, s):
+        j0 = c * chunk
+        K = jnp.broadcast_to(lax.dynamic_slice_in_dim(kc, j0, chunk)[None], (B, chunk, dh))
+        if self_kv is not None:
+            K = jnp.where(own(j0, chunk)[:, :, None], kpb[:, None, :], K)
+        return lax.dynamic_update_slice_in_dim(s, emu.dot(qb[:, None, :], K, path=path), j0, axis=1)
+
+    raw = lax.fori_loop(first, last, scores, jnp.zeros((B, W), emu.dtype))
+    alpha, valid = weights(raw[:, :nk], pb, path)
+    alpha, valid = to_tree_width(alpha), to_tree_width(valid)
+
+    def weighted(c, sums):
+        j0 = c * chunk
+        V = _row_values_keys_last(lax.dynamic_slice_in_dim(vTc, j0, chunk, axis=1), self_kv, pb - j0, vpb)
+        at = lambda x: lax.dynamic_slice_in_dim(x, j0, chunk, axis=1)  # noqa: E731
+        part = _weighted_values(emu, at(alpha), V, at(valid), emu.accumulate, path, keys_last=True)
+        return lax.dynamic_update_index_in_dim(sums, part, c, axis=0)
+
+    sums = lax.fori_loop(first, last, weighted, jnp.zeros((W // chunk, B, dh), emu.dtype))
+    return reduce_sum(jnp.moveaxis(sums, 0, -1), emu.order, emu.accumulate, emu.compute, emu.mode, path=path)
 
 
 def _adaptive_attention(emu: Emulator, a: AttentionInputs, adaptive):

@@ -15,7 +15,7 @@ import numpy as np
 from jax import lax
 
 from .attention import (_certified_attention, _certified_scores, _emulated_attention, _fill_uncertified, _own_kv,
-                        _terms, _uncertified_attention)
+                        _terms, _uncertified_attention, key_chunk)
 from ..inputs import AttentionInputs
 from .ops import Emulator
 
@@ -29,7 +29,10 @@ _QUERIES_PER_SEGMENT = {False: 2400, True: 8400}
 
 
 def _segment_count(emu: Emulator, nq: int, dh: int) -> int:
-    """How many causal segments an attention over ``nq`` queries of width ``dh`` runs in (1: unsegmented)."""
+    """How many causal segments an attention over ``nq`` queries of width ``dh`` runs in (1: unsegmented;
+    always where its keys run in chunks, :func:`~.attention.key_chunk`, which skip the masked ones per block)."""
+    if key_chunk(emu, nq):
+        return 1
     return int(min(_SEGMENTS, max(1, round(nq / _QUERIES_PER_SEGMENT[_certified_scores(emu, nq * (nq + 1) * dh)]))))
 
 
