@@ -133,7 +133,7 @@ def _load(key: str, path: Path, what: str) -> bool:
     whether it was (a file that cannot be loaded is discarded)."""
     if not path.exists():
         return False
-    with phase("loading the stored " + what):
+    with phase("loading " + what + " (stored)"):
         t0 = time.perf_counter()
         try:
             payload, in_tree, out_tree = pickle.loads(path.read_bytes())
@@ -188,6 +188,6 @@ def _compile_and_store(f, args, path: Path, what: str):
     except Exception as e:  # not serialisable, or the folder not writable: run it unstored
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        print(f"collapse-sim: could not store the compiled {what} ({type(e).__name__}: "
+        print(f"collapse-sim: could not store {what}, compiled ({type(e).__name__}: "
               f"{str(e).splitlines()[0][:120] if str(e) else ''}); it runs without being stored", flush=True)
     return exe
