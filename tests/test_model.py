@@ -115,7 +115,7 @@ def test_padded_products_give_the_plain_bits(policy, monkeypatch):
 def test_key_chunks_give_the_unchunked_bits(policy, shared, monkeypatch):
     """The pairwise attention's keys in aligned chunks, a block of query rows visiting only the chunks
     up to its last position (and from its window's first, ``attention.key_chunk``): the same bits, signs
-    of zeros included, as every block over all keys, with and without probes, ALiBi and a window, an inf
+    of zeros included, as every block over all keys, with and without probes, ALiBi and windows, an inf
     and a NaN among the later keys and values (masked for the earlier rows), in a directed mode and in
     the shared program (formats as data). Chunks of 4 over 37 keys (tree width 64) in blocks of 4 rows."""
     import jax.numpy as jnp
@@ -129,7 +129,9 @@ def test_key_chunks_give_the_unchunked_bits(policy, shared, monkeypatch):
     q, k, v, kp, vp = (jnp.asarray(emu.store(rng.standard_normal((n, dh))), emu.dtype) for _ in range(5))
     v = v.at[3].set(-0.0).at[30, 1].set(jnp.inf)
     k = k.at[33, 2].set(jnp.nan)
-    cases = ((jnp.arange(n), None, None, None), (jnp.arange(n) + 1, (kp, vp), 0.25, 5))
+    # windows of 5 and 6 put a block's first visible column at each end of a chunk of 4
+    cases = ((jnp.arange(n), None, None, None), (jnp.arange(n) + 1, (kp, vp), 0.25, 5),
+             (jnp.arange(n), None, None, 6))
 
     def att(chunk, qpos, alibi, window):  # a new function each time: jit's cache does not see the patch
         monkeypatch.setattr(attention, "KEY_CHUNK", chunk)
