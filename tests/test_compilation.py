@@ -245,12 +245,16 @@ def test_segment_count_by_size():
     from collapse_sim.backends import make_backend
     from collapse_sim.backends.emulated.schedule import _SEGMENTS, _segment_count
 
-    pairwise = make_backend("emulated", "compute=bf16,order=pairwise").emu
-    exact = make_backend("emulated", "compute=bf16,order=exact").emu
-    assert _segment_count(pairwise, 2000, 64) == 1 and _segment_count(exact, 4096, 64) == 1
-    counts = [_segment_count(pairwise, n, 64) for n in range(1, 80_000, 997)]
+    emu = lambda policy: make_backend("emulated", policy).emu  # noqa: E731
+    sequential, exact = emu("compute=bf16,order=sequential"), emu("compute=bf16,order=exact")
+    assert _segment_count(sequential, 2000, 64) == 1 and _segment_count(exact, 4096, 64) == 1
+    sizes = range(1, 80_000, 997)
+    counts = [_segment_count(sequential, n, 64) for n in sizes]
     assert counts == sorted(counts) and max(counts) == _SEGMENTS and min(counts) == 1
-    assert all(_segment_count(exact, n, 64) <= _segment_count(pairwise, n, 64) for n in range(1, 80_000, 997))
+    assert all(_segment_count(exact, n, 64) <= _segment_count(sequential, n, 64) for n in sizes)
+    # pairwise in a deterministic mode takes its keys in chunks instead; under stochastic rounding it keeps the rule
+    assert all(_segment_count(emu(f"compute=bf16,mode={m}"), n, 64) == 1 for n in sizes for m in ("rne", "rd"))
+    assert [_segment_count(emu("compute=bf16,mode=sr(4,seed=1)"), n, 64) for n in sizes] == counts
 
 
 _LEVEL_SCRIPT = """
