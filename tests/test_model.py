@@ -156,12 +156,18 @@ def test_key_chunks_give_the_unchunked_bits(policy, shared, monkeypatch):
 def test_forward_in_key_chunks_equals_reference(cfg, monkeypatch):
     """The forward whose attention takes its keys in chunks of 2 (12 tokens, blocks of 2 rows), with a
     probe after every prefix, against the op-by-op mpmath reference: the same numbers (a model seed of its
-    own, so that no program stored by another test is the one that runs)."""
+    own, so that no program stored by another test is the one that runs; the process's compiled forwards
+    forgotten before and after, as their key does not hold the chunk size)."""
+    from collapse_sim.backends import _jit
     from collapse_sim.backends.emulated import attention
 
+    _jit._compiled.cache_clear()
     monkeypatch.setattr(attention, "KEY_CHUNK", 2)
     monkeypatch.setattr(attention, "KEY_CHUNK_ROWS", 2)
-    assert_emulated_equals_reference(ModelConfig(d=8, n_layers=2, vocab=4, seed=11, **cfg), "compute=bf16")
+    try:
+        assert_emulated_equals_reference(ModelConfig(d=8, n_layers=2, vocab=4, seed=11, **cfg), "compute=bf16")
+    finally:
+        _jit._compiled.cache_clear()
 
 
 EAGER_CERTIFIED = "compute=bf16,order=exact"
