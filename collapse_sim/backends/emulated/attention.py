@@ -396,7 +396,7 @@ def _op_by_op_attention(emu: Emulator, a: AttentionInputs, path: str = "certifie
     kb, vb = (term_bounds(k), term_bounds(v)) if emu.bounds_products(emu.order) else (k, v)  # once, not per block
     vT = jnp.swapaxes(v, 0, 1)  # once per call, not per block (_row_values_keys_last)
     vT = to_tree_width(vT) if emu.pads_products(emu.order) else vT
-    chunk = key_chunk(emu, nk) if adaptive is None else None
+    chunk = key_chunk(emu, nk) if adaptive is None else 0
     if chunk:  # keys and values padded with zero columns to the tree's width (whole chunks)
         kc = jnp.pad(k, ((0, tree_width(nk) - nk), (0, 0)))
         vTc = to_tree_width(vT)
@@ -431,7 +431,7 @@ def _op_by_op_attention(emu: Emulator, a: AttentionInputs, path: str = "certifie
         K, _ = _row_keys_values(k, v, cols, self_kv, pb, kpb, vpb)
         return rows(K, _row_values_keys_last(vT, self_kv, pb, vpb), src=src, keys_last=True)
 
-    b = min(a.q.shape[0], KEY_CHUNK_ROWS) if chunk else _blocks(a.q.shape[0], nk * dh)[0]
+    b = max(1, min(a.q.shape[0], KEY_CHUNK_ROWS)) if chunk else _blocks(a.q.shape[0], nk * dh)[0]
     return _map_rows(block, (a.q, a.qpos, kp, vp), b, emu.stream)
 
 
