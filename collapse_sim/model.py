@@ -601,10 +601,11 @@ def _forward_impl(c: ModelConfig, arrays, tokens, probe, B, delta0=None, scan=Fa
     N = tokens.shape[0]
     need = N + (1 if probe is not None else 0)
     W = Weights.from_arrays(c, {k: B.store(v) for k, v in arrays.items()})
-    pos = np.arange(N)
-    x = B.take(W.embed, tokens)
+    merged = _merges_probes(B, probe)
+    ids, pos = _rows(tokens, probe if merged else None)
+    x = B.take(W.embed, ids)
     xp = None
-    if probe is not None:
+    if probe is not None and not merged:
         xp = B.take(W.embed, probe)
     pe = pe_p = None
     if c.pe in ("sinusoidal", "learned"):
@@ -619,19 +620,45 @@ def _forward_impl(c: ModelConfig, arrays, tokens, probe, B, delta0=None, scan=Fa
     if delta0 is not None:
         x = B.add(x, delta0)
     if scan and c.n_layers > 1 and getattr(B, "scans_layers", False):
-        x, xp = _scan_layers(c, W, x, xp, pos, B, pe, pe_p)
+        x, xp = _scan_layers(c, W, x, xp, pos, B, pe, pe_p, merged)
     else:
         for layer in range(c.n_layers):
             with B.draw_scope(layer):
-                x, xp = _layer(c, W.layers[layer], f"l{layer}.", x, xp, pos, B, pe, pe_p)
+                x, xp = _layer(c, W.layers[layer], f"l{layer}.", x, xp, pos, B, pe, pe_p, merged)
     x = B.tap(f"l{c.n_layers}.x", x)
     y = _norm(c, W.n3_g, W.n3_b, "n3", x, B)
+    if merged:
+        return y[0::2], y[1::2]
     if xp is None:
         return y
     return y, _norm(c, W.n3_g, W.n3_b, "n3", xp, B)
 
 
-def _scan_layers(c: ModelConfig, W: Weights, x, xp, pos, B, pe, pe_p):
+def _merges_probes(B, probe) -> bool:
+    """Whether the stream and its probes run as one set of rows (:func:`_rows`): where the backend
+    says so (``B.merges_probes``: the emulated one in a deterministic mode, docs/semantics.md §10),
+    the program then holds one copy of every op instead of one for the stream and one for the
+    probes, which halves its compile time."""
+    return probe is not None and getattr(B, "merges_probes", False)
+
+
+def _rows(tokens, probe):
+    """The ids and positions of the rows a forward computes: the stream's (``probe`` None), or the
+    stream's and the probes' interleaved, ``t_0, π_0, t_1, π_1, ...`` at positions ``0, 1, 1, 2,
+    2, 3, ...`` (sorted, so causal segments still split them, docs/semantics.md §3.3)."""
+    pos = np.arange(tokens.shape[0])
+    if probe is None:
+        return tokens, pos
+    return _interleave(tokens, probe), _interleave(pos, pos + 1)
+
+
+def _interleave(a, b):
+    """Rows ``a_0, b_0, a_1, b_1, ...`` of two arrays of one shape (numpy or traced)."""
+    xp = np if isinstance(a, np.ndarray) and isinstance(b, np.ndarray) else jax.numpy
+    return xp.stack([a, b], axis=1).reshape((-1, *a.shape[1:]))
+
+
+def _scan_layers(c: ModelConfig, W: Weights, x, xp, pos, B, pe, pe_p, merged=False):
     """Every layer of :func:`_layer` as one ``lax.scan`` step over the layers' stacked weights
     (one :class:`LayerWeights` whose arrays have a leading layer axis), each in its backend's
     draw scope (``B.draw_scope(layer)``, the layer index traced)."""
@@ -640,7 +667,7 @@ def _scan_layers(c: ModelConfig, W: Weights, x, xp, pos, B, pe, pe_p):
     def step(carry, lw):
         layer, Wl = lw
         with B.draw_scope(layer):
-            return _layer(c, Wl, "l0.", *carry, pos, B, pe, pe_p), None
+            return _layer(c, Wl, "l0.", *carry, pos, B, pe, pe_p, merged), None
 
     (x, xp), _ = jax.lax.scan(step, (x, xp), (B.xp.arange(c.n_layers), stacked))
     return x, xp
@@ -665,9 +692,10 @@ def _norm(c: ModelConfig, g, b, name: str, x, B):
     return y
 
 
-def _layer(c: ModelConfig, W: LayerWeights, p: str, x, xp, pos, B, pe=None, pe_p=None):
+def _layer(c: ModelConfig, W: LayerWeights, p: str, x, xp, pos, B, pe=None, pe_p=None, merged=False):
     """One decoder layer with weights ``W`` (``p``: its taps' prefix, ``l{ℓ}.``), over the
-    stream ``x`` and the probes ``xp`` (or None)."""
+    stream ``x`` and the probes ``xp`` (or None); ``merged``: ``x`` holds the stream's rows and
+    the probes' interleaved (:func:`_rows`)."""
     x = B.tap(p + "x", x)
     h = _norm(c, W.n1_g, W.n1_b, p + "n1", x, B)
     hp = _norm(c, W.n1_g, W.n1_b, p + "n1", xp, B) if xp is not None else None
@@ -688,7 +716,7 @@ def _layer(c: ModelConfig, W: LayerWeights, p: str, x, xp, pos, B, pe=None, pe_p
         sl = slice(hd * dh, (hd + 1) * dh)
         qkv_p = None if hp is None else (B.cols(qp, sl), B.cols(kp, sl), B.cols(vp, sl))
         o, op = _head(c, B, f"{p}", hd, (B.cols(q, sl), B.cols(k, sl), B.cols(v, sl)), qkv_p, pos,
-                      None if slopes is None else slopes[hd])
+                      None if slopes is None else slopes[hd], merged)
         heads.append(o)
         heads_p.append(op)
     o = B.concat_cols(heads)
@@ -734,18 +762,23 @@ def alibi_slopes(c: ModelConfig) -> list[float] | None:
     return [float(x) for x in m]
 
 
-def _head(c: ModelConfig, B, p: str, hd: int, qkv, qkv_p, pos, slope):
+def _head(c: ModelConfig, B, p: str, hd: int, qkv, qkv_p, pos, slope, merged=False):
     """One head's causal attention, for the decoder and the Gaussian model alike: RoPE on
     q and k (at the query's position), Scalable-Softmax's factor on q, then the backend's
     attention primitive over the stream (with adaptive temperature's constants where it is
     on, docs/semantics.md §8.7); with a probe (``qkv_p``: its q, k, v, one per prefix), each
-    probe at position n + 1 over the stream's keys 0..n and its own key.
+    probe at position n + 1 over the stream's keys 0..n and its own key. ``merged``: the rows
+    of ``qkv`` are the stream's and the probes' interleaved (:func:`_rows`, ``qkv_p`` None), in one
+    call over the stream's keys, every row's own key and value in its own column (a stream row's
+    are the stream's there: the same entries, so the same bits, docs/semantics.md §10).
     Returns (out, out_probe or None)."""
     qh, kh, vh = _queries_keys(c, B, *qkv, pos)
     qh, kh, vh = B.tap(f"{p}q{hd}", qh), B.tap(f"{p}k{hd}", kh), B.tap(f"{p}v{hd}", vh)
     # adaptive temperature is passed only when on: backends that do not define it never see it
     kw = {"adaptive": ADAPTIVE_TEMPERATURE} if c.adaptive_temperature else {}
     inputs = AttentionInputs(qh, kh, vh, pos, scale=1 / np.sqrt(c.dh), alibi=slope, window=c.window)
+    if merged:
+        return B.attention(dataclasses.replace(inputs, k=kh[0::2], v=vh[0::2], self_kv=(kh, vh)), **kw), None
     out = B.attention(inputs, **kw)
     if qkv_p is None:
         return out, None
@@ -834,10 +867,11 @@ def _gaussian_impl(c: ModelConfig, arrays, tokens, probe, B):
     ``norm3`` (none by default for this model's readings). A probe after prefix n is
     id ``probe[n]`` at position n + 1."""
     W = Weights.from_arrays(c, {k: B.store(v) for k, v in arrays.items()})
-    pos = np.arange(tokens.shape[0])
+    merged = _merges_probes(B, probe)
+    ids, pos = _rows(tokens, probe if merged else None)
     draws = (W.gauss_q, W.gauss_k, W.gauss_v)
-    qkv = [B.take(w, tokens) for w in draws]
-    qkv_p = None if probe is None else [B.take(w, probe) for w in draws]
+    qkv = [B.take(w, ids) for w in draws]
+    qkv_p = None if probe is None or merged else [B.take(w, probe) for w in draws]
     if c.pe == "sinusoidal":
         placed = {"keys": (1,), "qk": (0, 1), "values": (2,)}[c.sin_at]
 
@@ -848,6 +882,8 @@ def _gaussian_impl(c: ModelConfig, arrays, tokens, probe, B):
         qkv = place(qkv, pos)
         qkv_p = None if qkv_p is None else place(qkv_p, pos + 1)
     slopes = alibi_slopes(c)
-    out, out_p = _head(c, B, "l0.", 0, qkv, qkv_p, pos, None if slopes is None else slopes[0])
+    out, out_p = _head(c, B, "l0.", 0, qkv, qkv_p, pos, None if slopes is None else slopes[0], merged)
     y = _norm(c, W.n3_g, W.n3_b, "n3", B.tap("l1.x", out), B)
+    if merged:
+        return y[0::2], y[1::2]
     return y if out_p is None else (y, _norm(c, W.n3_g, W.n3_b, "n3", out_p, B))

@@ -562,3 +562,36 @@ def test_scanned_layers_equal_the_unrolled_loop():
     unrolled = run_jitted(be, _forward_impl, c, arrays, t, pr)
     for a, b in zip(scanned, unrolled):
         assert np.array_equal(np.asarray(a), np.asarray(b)[1:])
+
+
+@pytest.mark.parametrize("cfg,policy", [
+    (dict(pe="rope", n_heads=2, d_ff=8, n_layers=2), "compute=bf16,order=pairwise"),
+    (dict(pe="alibi", window=5, ssmax=0.5), "compute=(p=6,emax=20),accumulate=(p=12,emax=40),order=blocked(3)"),
+    (dict(pe="sinusoidal", ape="scores", sink=True), "compute=fp16,accumulate=fp32,softmax=fp32,order=sequential"),
+    (dict(pe="learned", max_len=32, adaptive_temperature=True), "compute=bf16,order=kahan,mode=rz"),
+    (dict(pe="rope", rope_fraction=0.5), "compute=bf16,kernel=online(4)"),
+    (dict(pe="none"), "storage=bf16,compute=fp32,accumulate=fp32,softmax=fp32,kernel=flash2(4)"),
+    (dict(pe="rope"), "compute=bf16,operands=mx(e4m3fn,4)"),
+    (dict(kind="gaussian", pe="sinusoidal", sin_at="qk", norm="none"), "compute=bf16,order=exact"),
+])
+def test_merged_probe_rows_give_the_separate_bits(cfg, policy, monkeypatch):
+    """The emulated backend computes probes as rows of the stream's calls (model._rows,
+    docs/semantics.md §10): every output bit, the sign of zero included, is that of the stream
+    and the probes computed as separate calls (the path kept for stochastic rounding)."""
+    from collapse_sim.backends import _jit
+    from collapse_sim.backends.emulated import EmulatedBackend
+
+    c = ModelConfig(d=8, vocab=4, seed=5, **cfg)
+    P, probe = init_params(c), np.roll(TOKS, -1)
+    assert make_backend("emulated", policy).merges_probes
+    _jit._compiled.cache_clear()  # the compiled forwards' key does not hold the merging
+    try:
+        merged = forward(P, TOKS, make_backend("emulated", policy), probe=probe)
+        monkeypatch.setattr(EmulatedBackend, "merges_probes", False)
+        _jit._compiled.cache_clear()
+        separate = forward(P, TOKS, make_backend("emulated", policy), probe=probe)
+    finally:
+        _jit._compiled.cache_clear()
+    for a, b in zip(merged, separate):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()

@@ -75,7 +75,7 @@ def test_layers_draw_afresh(monkeypatch):
     float64 carrier: 2·xp + r); with the layer index folded in, the two layers' outcomes differ
     somewhere among 64 roundings (all equal with probability 2^-64)."""
 
-    def layer(c, W, p, x, xp, pos, B, pe=None, pe_p=None):
+    def layer(c, W, p, x, xp, pos, B, pe=None, pe_p=None, merged=False):
         return x, 2 * xp + B.add(x, W.wq)
 
     monkeypatch.setattr(model, "_layer", layer)

@@ -257,6 +257,15 @@ class EmulatedBackend(JaxBackendBase):
         under per-tensor scaled operands (docs/semantics.md §13.2.1), also in the shared program."""
         return self.emu.per_tensor
 
+    @property
+    def merges_probes(self) -> bool:
+        """Whether the model runs a forward's probes as rows of the stream's calls (model._rows; one
+        copy of every op in the program, not two): in every deterministic mode (docs/semantics.md §10),
+        but not under stochastic rounding (the probes' draws are their own calls', §2), per-tensor
+        scaled operands or flash3fp8 (a probe's scales then cover the stream's rows before it and its
+        own, §8.8.2, §13.2.1), or sharded (the shards split the stream's rows)."""
+        return not (self.emu.stochastic or self.emu.per_tensor or self.shard or self.emu.kernel.kind == "flash3fp8")
+
     def linear(self, x, w, stream_rows=None):
         return _linear(self.emu, x, w, stream_rows)
 
