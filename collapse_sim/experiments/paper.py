@@ -267,7 +267,7 @@ def start_backends(ctx: Context, params, family: str, n: int, formats, *, tag: s
 
     grouped = shared_first(ctx.sizes, [*formats, *share_with])
     keys = {f: dict(inputs, n=n, backend=f"{ctx.sizes.backend}:{f}", bucket=bucket_for(n)) for f in formats}
-    keys["fp64"] = dict(inputs, n=n, backend="native:fp64")
+    keys["fp64"] = dict(inputs, n=n, backend="native:fp64", bucket=bucket_for(n))
     units = {name: (f"{tag} / {name}", key, untagged(key)) for name, key in keys.items()}
     runs = {}
     if ref and ref_n:  # the reference's host arithmetic starts first, to run beside the XLA programs
@@ -278,7 +278,7 @@ def start_backends(ctx: Context, params, family: str, n: int, formats, *, tag: s
 
     def f64_queued():  # the float64 run with its outputs (every format's noise record reads them)
         return ctx.queue(dict(untagged(keys["fp64"]), outputs=True),
-                         lambda: sweep("fp64", make_backend("native", "fp64"), n, None, True))
+                         lambda: sweep("fp64", make_backend("native", "fp64"), n, bucket_for(n), True))
 
     def measure(f):
         r = sweep(f, format_backend(ctx.sizes, f, shared="first" if f in grouped else None), n, bucket_for(n), True)
