@@ -139,10 +139,16 @@ def shares_probe_program(backend, n: int, bucket: int | None) -> bool:
     bucketed runs of the emulated backend up to :data:`PROBE_PROGRAM_MAX_N`: there every
     stream row's bits are defined without the probes (docs/semantics.md §10), so they are the
     same either way (tests/test_pairing.py); not under stochastic rounding, whose draws count
-    the probes' roundings too, nor natively, where XLA's bits depend on the whole program."""
-    if not bucket or n > PROBE_PROGRAM_MAX_N or getattr(backend, "kind", None) != "emulated":
+    the probes' roundings too. Natively only in float64: XLA's bits depend on the whole
+    program, and a float64 stream row computed beside probes may differ from one computed
+    without them in its last bits, far below anything a sweep measures (the report's float64
+    runs, docs/reproduce.md "Speed"); a narrower native dtype keeps its own program."""
+    if not bucket or n > PROBE_PROGRAM_MAX_N:
         return False
-    return not is_stochastic(backend)
+    kind = getattr(backend, "kind", None)
+    if kind == "native":
+        return getattr(backend, "dtype", None) == np.float64
+    return kind == "emulated" and not is_stochastic(backend)
 
 
 def pair_outputs(params: Params, pairs: Pairs, backend, *, raw: bool = False, progress=None,

@@ -118,3 +118,4 @@ def test_runs_without_probes_share_the_program_with_probes():
     assert not shares_probe_program(make_backend("emulated", "compute=bf16,mode=sr(4,seed=1)"), 16, 16)
     assert not shares_probe_program(be, pairing_max + 1, 16) and not shares_probe_program(be, 16, None)
     assert not shares_probe_program(make_backend("native", "bf16"), 16, 16)
+    assert shares_probe_program(make_backend("native", "fp64"), 16, 16)  # float64: last bits only (its docstring)
