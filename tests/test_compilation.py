@@ -243,7 +243,7 @@ def test_a_trace_that_never_compiles_is_not_compiling_forever():
 
 def test_segment_count_by_size():
     from collapse_sim.backends import make_backend
-    from collapse_sim.backends.emulated.schedule import _SEGMENTS, _segment_count
+    from collapse_sim.backends.emulated.schedule import _SEGMENTS, _segment_count, _segments_of
 
     emu = lambda policy: make_backend("emulated", policy).emu  # noqa: E731
     sequential, exact = emu("compute=bf16,order=sequential"), emu("compute=bf16,order=exact")
@@ -255,6 +255,12 @@ def test_segment_count_by_size():
     # pairwise in a deterministic mode takes its keys in chunks instead; under stochastic rounding it keeps the rule
     assert all(_segment_count(emu(f"compute=bf16,mode={m}"), n, 64) == 1 for n in sizes for m in ("rne", "rd"))
     assert [_segment_count(emu("compute=bf16,mode=sr(4,seed=1)"), n, 64) for n in sizes] == counts
+    # a stream's rows and its probes' in one call (model._rows: positions 0, 1, 1, 2, ...) run in as many
+    # segments as the stream alone, so the program holds no more copies of the attention
+    for n in (2000, 4096, 9000, 30_000):
+        merged = np.stack([np.arange(n), np.arange(1, n + 1)], axis=1).ravel()
+        assert _segments_of(sequential, merged, 64) == _segment_count(sequential, n + 1, 64) > 0
+        assert _segments_of(sequential, np.arange(n), 64) == _segment_count(sequential, n, 64)
 
 
 _LEVEL_SCRIPT = """

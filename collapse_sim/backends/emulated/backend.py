@@ -21,7 +21,7 @@ from .._jit import JaxBackendBase, run_jitted
 from ..inputs import AttentionInputs
 from .attention import _adaptive_attention, _emulated_attention, _linear, exact_path
 from .ops import Emulator, shared_class_refusal
-from .schedule import _causal_segments, _segment_count, _sharded
+from .schedule import _causal_segments, _segments_of, _sharded
 
 
 #: The longest stream (tokens) the emulated forward runs in the shared program (formats as
@@ -283,6 +283,6 @@ class EmulatedBackend(JaxBackendBase):
         if self.shard:
             return _sharded(self.emu, a)
         if (isinstance(qpos, np.ndarray) and np.all(np.diff(qpos) >= 0)
-                and _segment_count(self.emu, qpos.size, a.q.shape[1]) > 1):
+                and _segments_of(self.emu, qpos, a.q.shape[1]) > 1):
             return _causal_segments(self.emu, a)
         return _emulated_attention(self.emu, dataclasses.replace(a, qpos=jnp.asarray(qpos)))

@@ -36,8 +36,16 @@ def _segment_count(emu: Emulator, nq: int, dh: int) -> int:
     return int(min(_SEGMENTS, max(1, round(nq / _QUERIES_PER_SEGMENT[_certified_scores(emu, nq * (nq + 1) * dh)]))))
 
 
+def _segments_of(emu: Emulator, qpos: np.ndarray, dh: int) -> int:
+    """:func:`_segment_count` for queries at the static positions ``qpos``, counted by their distinct
+    positions: a forward's stream and its probes as rows of one call (model._rows, positions
+    0, 1, 1, 2, ...) run in as many segments as the stream alone, so the program holds as many
+    copies of the attention as a forward without probes."""
+    return _segment_count(emu, int(np.unique(qpos).size), dh)
+
+
 def _causal_segments(emu: Emulator, a: AttentionInputs, segments: "int | None" = None):
-    """Causal attention in ``segments`` runs of queries (default :func:`_segment_count`),
+    """Causal attention in ``segments`` runs of queries (default :func:`_segments_of`),
     each over the keys it can see (``a.qpos``: a numpy array, read on the host).
 
     Query positions are static and non-decreasing, so the queries of a segment need
@@ -47,7 +55,7 @@ def _causal_segments(emu: Emulator, a: AttentionInputs, segments: "int | None" =
     skips masked terms and exact sums ignore zeros (proofs/reduction_orders.md). With
     S segments it saves (S - 1) / (2 S) of the work (44% at S = 8)."""
     nq, dh = a.q.shape
-    segments = _segment_count(emu, nq, dh) if segments is None else segments
+    segments = _segments_of(emu, np.asarray(a.qpos), dh) if segments is None else segments
     bounds = np.linspace(0, nq, segments + 1).astype(int)
     certified = _certified_scores(emu, _terms(a.q, a.k))
     outs = []
