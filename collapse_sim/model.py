@@ -628,7 +628,7 @@ def _forward_impl(c: ModelConfig, arrays, tokens, probe, B, delta0=None, scan=Fa
     x = B.tap(f"l{c.n_layers}.x", x)
     y = _norm(c, W.n3_g, W.n3_b, "n3", x, B)
     if merged:
-        return y[0::2], y[1::2]
+        return _split_rows(y)
     if xp is None:
         return y
     return y, _norm(c, W.n3_g, W.n3_b, "n3", xp, B)
@@ -638,7 +638,7 @@ def _merges_probes(B, probe) -> bool:
     """Whether the stream and its probes run as one set of rows (:func:`_rows`): where the backend
     says so (``B.merges_probes``: the emulated one in a deterministic mode, docs/semantics.md §10),
     the program then holds one copy of every op instead of one for the stream and one for the
-    probes, which halves its compile time."""
+    probes (about half the compile time, docs/backends.md)."""
     return probe is not None and getattr(B, "merges_probes", False)
 
 
@@ -652,10 +652,15 @@ def _rows(tokens, probe):
     return _interleave(tokens, probe), _interleave(pos, pos + 1)
 
 
+def _split_rows(y):
+    """The stream's rows and the probes' of an output over :func:`_rows`' interleaved rows."""
+    return y[0::2], y[1::2]
+
+
 def _interleave(a, b):
     """Rows ``a_0, b_0, a_1, b_1, ...`` of two arrays of one shape (numpy or traced)."""
-    xp = np if isinstance(a, np.ndarray) and isinstance(b, np.ndarray) else jax.numpy
-    return xp.stack([a, b], axis=1).reshape((-1, *a.shape[1:]))
+    mod = np if isinstance(a, np.ndarray) and isinstance(b, np.ndarray) else jax.numpy
+    return mod.stack([a, b], axis=1).reshape((-1, *a.shape[1:]))
 
 
 def _scan_layers(c: ModelConfig, W: Weights, x, xp, pos, B, pe, pe_p, merged=False):
@@ -770,7 +775,7 @@ def _head(c: ModelConfig, B, p: str, hd: int, qkv, qkv_p, pos, slope, merged=Fal
     probe at position n + 1 over the stream's keys 0..n and its own key. ``merged``: the rows
     of ``qkv`` are the stream's and the probes' interleaved (:func:`_rows`, ``qkv_p`` None), in one
     call over the stream's keys, every row's own key and value in its own column (a stream row's
-    are the stream's there: the same entries, so the same bits, docs/semantics.md §10).
+    are the stream's there: the same entries, so the same bits, ±0 aside, docs/semantics.md §10).
     Returns (out, out_probe or None)."""
     qh, kh, vh = _queries_keys(c, B, *qkv, pos)
     qh, kh, vh = B.tap(f"{p}q{hd}", qh), B.tap(f"{p}k{hd}", kh), B.tap(f"{p}v{hd}", vh)
@@ -885,5 +890,5 @@ def _gaussian_impl(c: ModelConfig, arrays, tokens, probe, B):
     out, out_p = _head(c, B, "l0.", 0, qkv, qkv_p, pos, None if slopes is None else slopes[0], merged)
     y = _norm(c, W.n3_g, W.n3_b, "n3", B.tap("l1.x", out), B)
     if merged:
-        return y[0::2], y[1::2]
+        return _split_rows(y)
     return y if out_p is None else (y, _norm(c, W.n3_g, W.n3_b, "n3", out_p, B))

@@ -127,7 +127,7 @@ def pad_stream(tokens: np.ndarray, probe: np.ndarray | None, bucket: int | None)
     return pad(tokens), pad(probe)
 
 
-#: Bucketed emulated runs without probes up to this many tokens run the program with probes
+#: Bucketed runs without probes up to this many tokens run the program with probes
 #: (:func:`shares_probe_program`): below it a run's arithmetic costs less than a compile.
 PROBE_PROGRAM_MAX_N = 1024
 
@@ -141,8 +141,9 @@ def shares_probe_program(backend, n: int, bucket: int | None) -> bool:
     same either way (tests/test_pairing.py); not under stochastic rounding, whose draws count
     the probes' roundings too. Natively only in float64: XLA's bits depend on the whole
     program, and a float64 stream row computed beside probes may differ from one computed
-    without them in its last bits, far below anything a sweep measures (the report's float64
-    runs, docs/reproduce.md "Speed"); a narrower native dtype keeps its own program."""
+    without them in its last bits; that moves distances that are roundoff only (families whose
+    exact distance is 0) visibly and the others in their last bits (the report's float64
+    runs, docs/reproduce.md "Speed"). A narrower native dtype keeps its own program."""
     if not bucket or n > PROBE_PROGRAM_MAX_N:
         return False
     kind = getattr(backend, "kind", None)
@@ -155,8 +156,8 @@ def pair_outputs(params: Params, pairs: Pairs, backend, *, raw: bool = False, pr
                  bucket: int | None = None):
     """Both members of every pair, ``(A, B)``, each (n, d): float64 arrays, or the
     backend's own numbers with ``raw=True`` (e.g. intervals). One forward per run;
-    ``bucket`` pads each run's stream (see :func:`pad_stream`), and a short emulated run
-    without probes may run the program with probes (:func:`shares_probe_program`)."""
+    ``bucket`` pads each run's stream (see :func:`pad_stream`), and a short emulated or native
+    float64 run without probes may run the program with probes (:func:`shares_probe_program`)."""
     convert = (lambda a: a) if raw else backend.to_numpy
     outs = []
     for i, run in enumerate(pairs.runs):

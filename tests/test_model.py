@@ -564,34 +564,57 @@ def test_scanned_layers_equal_the_unrolled_loop():
         assert np.array_equal(np.asarray(a), np.asarray(b)[1:])
 
 
-@pytest.mark.parametrize("cfg,policy", [
-    (dict(pe="rope", n_heads=2, d_ff=8, n_layers=2), "compute=bf16,order=pairwise"),
-    (dict(pe="alibi", window=5, ssmax=0.5), "compute=(p=6,emax=20),accumulate=(p=12,emax=40),order=blocked(3)"),
-    (dict(pe="sinusoidal", ape="scores", sink=True), "compute=fp16,accumulate=fp32,softmax=fp32,order=sequential"),
-    (dict(pe="learned", max_len=32, adaptive_temperature=True), "compute=bf16,order=kahan,mode=rz"),
-    (dict(pe="rope", rope_fraction=0.5), "compute=bf16,kernel=online(4)"),
-    (dict(pe="none"), "storage=bf16,compute=fp32,accumulate=fp32,softmax=fp32,kernel=flash2(4)"),
-    (dict(pe="rope"), "compute=bf16,operands=mx(e4m3fn,4)"),
-    (dict(kind="gaussian", pe="sinusoidal", sin_at="qk", norm="none"), "compute=bf16,order=exact"),
+_FORCED = {  # model-independent paths that otherwise take sizes beyond a small test
+    "certified": lambda mp, attention, schedule: mp.setattr(attention, "CERTIFIED_MIN_TERMS", 0),
+    "key chunks": lambda mp, attention, schedule: (mp.setattr(attention, "KEY_CHUNK", 4),
+                                                   mp.setattr(attention, "KEY_CHUNK_ROWS", 4)),
+    "segments": lambda mp, attention, schedule: mp.setattr(schedule, "_QUERIES_PER_SEGMENT", {False: 4, True: 4}),
+}
+
+
+@pytest.mark.parametrize("cfg,policy,force,shared", [
+    (dict(pe="rope", n_heads=2, d_ff=8, n_layers=2), "compute=bf16,order=pairwise", None, None),
+    (dict(pe="alibi", window=5, ssmax=0.5), "compute=(p=6,emax=20),accumulate=(p=12,emax=40),order=blocked(3)",
+     None, None),
+    (dict(pe="sinusoidal", ape="scores", sink=True), "compute=fp16,accumulate=fp32,softmax=fp32,order=sequential",
+     None, None),
+    (dict(pe="learned", max_len=32, adaptive_temperature=True), "compute=bf16,order=kahan,mode=rz", None, None),
+    (dict(pe="rope", rope_fraction=0.5), "compute=bf16,kernel=online(4)", None, None),
+    (dict(pe="none"), "storage=bf16,compute=fp32,accumulate=fp32,softmax=fp32,kernel=flash2(4)", None, None),
+    (dict(pe="rope"), "compute=bf16,operands=mx(e4m3fn,4)", None, None),
+    (dict(kind="gaussian", pe="sinusoidal", sin_at="qk", norm="none"), "compute=bf16,order=exact", None, None),
+    (dict(pe="rope", n_heads=2, d_ff=8), "compute=bf16,order=exact", "certified", None),
+    (dict(pe="alibi", window=6), "compute=bf16,mode=rd", "key chunks", None),
+    (dict(pe="rope", d_ff=8), "storage=fp16,compute=fp16,accumulate=fp32,order=tcfma-v100", "segments", None),
+    (dict(pe="sinusoidal"), "storage=e4m3fn,compute=fp32,accumulate=fp32,softmax=fp32,order=promote-h800",
+     "segments", None),
+    (dict(pe="rope", sink=True), "compute=fp16", None, True),
 ])
-def test_merged_probe_rows_give_the_separate_bits(cfg, policy, monkeypatch):
+def test_merged_probe_rows_give_the_separate_bits(cfg, policy, force, shared, monkeypatch):
     """The emulated backend computes probes as rows of the stream's calls (model._rows,
-    docs/semantics.md §10): every output bit, the sign of zero included, is that of the stream
-    and the probes computed as separate calls (the path kept for stochastic rounding)."""
+    docs/semantics.md §10): every output bit, ±0 aside (a merged stream row has one more trailing
+    masked column, §3.3), is that of the stream and the probes computed as separate calls (the path
+    kept for stochastic rounding), on every kernel, several orders, the certified path, key chunks,
+    causal segments and the shared program (formats as data)."""
     from collapse_sim.backends import _jit
-    from collapse_sim.backends.emulated import EmulatedBackend
+    from collapse_sim.backends.emulated import EmulatedBackend, attention, schedule
 
     c = ModelConfig(d=8, vocab=4, seed=5, **cfg)
     P, probe = init_params(c), np.roll(TOKS, -1)
-    assert make_backend("emulated", policy).merges_probes
-    _jit._compiled.cache_clear()  # the compiled forwards' key does not hold the merging
+    if force:
+        _FORCED[force](monkeypatch, attention, schedule)
+    emu = EmulatedBackend(policy, shared=shared).emu
+    assert EmulatedBackend(policy, shared=shared).merges_probes
+    assert (attention.key_chunk(emu, TOKS.size + 1) > 0) == (force == "key chunks")
+    assert (schedule._segments_of(emu, np.arange(TOKS.size), 8) > 1) == (force == "segments")
+    _jit._compiled.cache_clear()  # the compiled forwards' key holds neither the merging nor the forced paths
     try:
-        merged = forward(P, TOKS, make_backend("emulated", policy), probe=probe)
+        merged = forward(P, TOKS, EmulatedBackend(policy, shared=shared), probe=probe)
         monkeypatch.setattr(EmulatedBackend, "merges_probes", False)
         _jit._compiled.cache_clear()
-        separate = forward(P, TOKS, make_backend("emulated", policy), probe=probe)
+        separate = forward(P, TOKS, EmulatedBackend(policy, shared=shared), probe=probe)
     finally:
         _jit._compiled.cache_clear()
     for a, b in zip(merged, separate):
-        a, b = np.asarray(a), np.asarray(b)
+        a, b = (np.where(np.asarray(x) == 0, 0.0, np.asarray(x)).astype(np.asarray(x).dtype) for x in (a, b))
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()

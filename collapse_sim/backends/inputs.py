@@ -29,9 +29,10 @@ class AttentionInputs:
     * ``k``, ``v``: (n_k, d_h), the stream's keys and values;
     * ``qpos``: (n_q,) integers, each query's position (a numpy array where the positions are
       static: the emulated backend's causal segments read them on the host);
-    * ``self_kv``: None, or the probes' own ``(k_p, v_p)``, each (n_q, d_h): query i is then a
-      probe at position ``qpos[i]`` whose own key and value stand in column ``qpos[i]`` (the
-      stream's keys there are not its).
+    * ``self_kv``: None, or every query's own ``(k_p, v_p)``, each (n_q, d_h): query i's own key
+      and value stand in column ``qpos[i]`` (the stream's keys there are not a probe's; a stream
+      row's own are the stream's, where a forward's probes are rows of the stream's call,
+      model._rows).
 
     Static (Python numbers, the compiled program's constants):
 
