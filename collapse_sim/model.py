@@ -783,7 +783,8 @@ def _head(c: ModelConfig, B, p: str, hd: int, qkv, qkv_p, pos, slope, merged=Fal
     kw = {"adaptive": ADAPTIVE_TEMPERATURE} if c.adaptive_temperature else {}
     inputs = AttentionInputs(qh, kh, vh, pos, scale=1 / np.sqrt(c.dh), alibi=slope, window=c.window)
     if merged:
-        return B.attention(dataclasses.replace(inputs, k=kh[0::2], v=vh[0::2], self_kv=(kh, vh)), **kw), None
+        keys, values = _split_rows(kh)[0], _split_rows(vh)[0]  # the stream's
+        return B.attention(dataclasses.replace(inputs, k=keys, v=values, self_kv=(kh, vh)), **kw), None
     out = B.attention(inputs, **kw)
     if qkv_p is None:
         return out, None
