@@ -603,13 +603,13 @@ def test_merged_probe_rows_give_the_separate_bits(cfg, policy, force, shared, mo
     P, probe = init_params(c), np.roll(TOKS, -1)
     if force:
         _FORCED[force](monkeypatch, attention, schedule)
-    emu = EmulatedBackend(policy, shared=shared).emu
-    assert EmulatedBackend(policy, shared=shared).merges_probes
-    assert (attention.key_chunk(emu, TOKS.size + 1) > 0) == (force == "key chunks")
-    assert (schedule._segments_of(emu, np.arange(TOKS.size), 8) > 1) == (force == "segments")
+    be = EmulatedBackend(policy, shared=shared)
+    assert be.merges_probes
+    assert (attention.key_chunk(be.emu, TOKS.size + 1) > 0) == (force == "key chunks")
+    assert (schedule._segments_of(be.emu, np.arange(TOKS.size), 8) > 1) == (force == "segments")
     _jit._compiled.cache_clear()  # the compiled forwards' key holds neither the merging nor the forced paths
     try:
-        merged = forward(P, TOKS, EmulatedBackend(policy, shared=shared), probe=probe)
+        merged = forward(P, TOKS, be, probe=probe)
         monkeypatch.setattr(EmulatedBackend, "merges_probes", False)
         _jit._compiled.cache_clear()
         separate = forward(P, TOKS, EmulatedBackend(policy, shared=shared), probe=probe)

@@ -121,7 +121,7 @@ def test_runs_without_probes_share_the_program_with_probes():
     assert shares_probe_program(make_backend("native", "fp64"), 16, 16)  # float64: last bits only (its docstring)
 
 
-def test_native_float64_runs_without_probes_agree_with_the_program_with_probes():
+def test_native_float64_runs_without_probes_agree_with_the_program_with_probes(monkeypatch):
     """A native float64 run of a family without probes in the program with probes (pairing.shares_probe_program)
     gives the outputs of the program without them to within what two float64 evaluations of one forward may
     differ by: each is within γ_k of the exact outputs (k = theory.forward_ops), so they differ by at most
@@ -135,12 +135,8 @@ def test_native_float64_runs_without_probes_agree_with_the_program_with_probes()
     c = ModelConfig(d=8, n_layers=2, vocab=6, pe="rope", d_ff=8, seed=12)
     P, be, n = init_params(c), make_backend("native", "fp64"), 13
     shared = collapse_sweep(P, "ones", n, be, "fp64", bucket=16, keep_outputs=True)
-    pairing_max = pairing.PROBE_PROGRAM_MAX_N
-    try:
-        pairing.PROBE_PROGRAM_MAX_N = 0  # the program without probes
-        alone = collapse_sweep(P, "ones", n, be, "fp64", bucket=16, keep_outputs=True)
-    finally:
-        pairing.PROBE_PROGRAM_MAX_N = pairing_max
+    monkeypatch.setattr(pairing, "PROBE_PROGRAM_MAX_N", 0)  # the program without probes
+    alone = collapse_sweep(P, "ones", n, be, "fp64", bucket=16, keep_outputs=True)
     tol = 2 * gamma(forward_ops(16, c.d, c.n_layers), 2.0 ** -53)
     for a, b in zip(shared.outputs, alone.outputs):
         assert np.all(np.abs(a - b) <= tol * np.max(np.abs(b)))

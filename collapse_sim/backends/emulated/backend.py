@@ -282,7 +282,8 @@ class EmulatedBackend(JaxBackendBase):
             return _adaptive_attention(self.emu, dataclasses.replace(a, qpos=jnp.asarray(qpos)), adaptive)
         if self.shard:
             return _sharded(self.emu, a)
-        if (isinstance(qpos, np.ndarray) and np.all(np.diff(qpos) >= 0)
-                and _segments_of(self.emu, qpos, a.q.shape[1]) > 1):
-            return _causal_segments(self.emu, a)
+        if isinstance(qpos, np.ndarray) and np.all(np.diff(qpos) >= 0):
+            segments = _segments_of(self.emu, qpos, a.q.shape[1])
+            if segments > 1:
+                return _causal_segments(self.emu, a, segments)
         return _emulated_attention(self.emu, dataclasses.replace(a, qpos=jnp.asarray(qpos)))
